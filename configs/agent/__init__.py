@@ -1,0 +1,1 @@
+"""Agent configs: one yaml per agent, selected with ``agent=<name>``."""

@@ -1,0 +1,1 @@
+"""Env configs: one yaml per task family, selected with ``env=<task>``."""

@@ -1,0 +1,3 @@
+"""Zero-shot evaluation tasks beyond the dm_control suite (placeholder; filled in by the tasks work)."""
+
+CUSTOM_TASKS: dict = {}

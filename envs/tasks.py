@@ -1,0 +1,164 @@
+"""Tasks: reward functions of the MuJoCo physics state, by name.
+
+A task name is ``"<domain>-<task>"``: every dm_control suite task (``walker-walk``,
+``ball_in_cup-catch``, ...) plus the zero-shot evaluation tasks of the TD-JEPA / ExoRL protocol
+defined in :mod:`latentrl.envs.custom_tasks` (``walker-spin``, ``cheetah-run_backward``,
+``quadruped-jump``, ``point_mass_maze-reach_top_left``, ...).
+
+Because a reward is a function of the physics state, any stored transition can be relabelled
+with any task of its domain later (:meth:`Task.rewards_from_states`): the basis of zero-shot
+evaluation on rewards never seen in training.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
+
+import mujoco
+import numpy as np
+from dm_control import suite
+from dm_control.rl import control
+
+from latentrl.envs import custom_tasks
+
+__all__ = ["Task", "get_task", "list_tasks", "list_domain_tasks", "PHYSICS_STATE", "get_physics_state", "set_physics_state"]
+
+# mj_getState spec of the ``physics`` key: time, qpos, qvel, act, plugin state, mocap, ...
+PHYSICS_STATE = mujoco.mjtState.mjSTATE_PHYSICS
+
+# Per-domain default camera (quadruped's camera 0 looks at a corner; ExoRL/URLB render camera 2).
+DEFAULT_CAMERA = {"quadruped": 2}
+
+
+def get_physics_state(physics) -> np.ndarray:
+    """The full physics state ``[P]`` (float64) of a dm_control ``Physics``."""
+    model, data = physics.model.ptr, physics.data.ptr
+    out = np.empty(mujoco.mj_stateSize(model, PHYSICS_STATE), dtype=np.float64)
+    mujoco.mj_getState(model, data, out, PHYSICS_STATE)
+    return out
+
+
+def set_physics_state(physics, state: np.ndarray, action: np.ndarray | None = None) -> None:
+    """Set ``state`` ``[P]`` (and the control) and recompute every derived quantity a reward reads.
+
+    As in the TD-JEPA / Meta Motivo relabeller: ``mj_forward`` then the position, velocity-sensor
+    and subtree-velocity stages, so ``subtree_linvel``/``subtree_angmom`` and sensors are current.
+    """
+    model, data = physics.model.ptr, physics.data.ptr
+    mujoco.mj_setState(model, data, np.asarray(state, dtype=np.float64), PHYSICS_STATE)
+    if action is not None:
+        data.ctrl[:] = np.asarray(action, dtype=np.float64)[: model.nu]
+    mujoco.mj_forward(model, data)
+    mujoco.mj_fwdPosition(model, data)
+    mujoco.mj_sensorVel(model, data)
+    mujoco.mj_subtreeVel(model, data)
+
+
+def _suite_loader(domain: str, task: str) -> Callable[..., control.Environment]:
+    def load(time_limit=None, random=None, environment_kwargs=None):
+        task_kwargs = {"random": random}
+        if time_limit is not None:
+            task_kwargs["time_limit"] = time_limit
+        return suite.load(domain, task, task_kwargs=task_kwargs, environment_kwargs=environment_kwargs)
+
+    return load
+
+
+def _all_loaders() -> dict[str, Callable[..., control.Environment]]:
+    loaders = {f"{d}-{t}": _suite_loader(d, t) for d, t in suite.ALL_TASKS}
+    for (domain, task), loader in custom_tasks.CUSTOM_TASKS.items():
+        loaders[f"{domain}-{task}"] = loader
+    return loaders
+
+
+_LOADERS = _all_loaders()
+
+
+@dataclass(frozen=True)
+class Task:
+    """A named task: how to build its dm_control environment and its reward of the physics state."""
+
+    name: str
+
+    @property
+    def domain(self) -> str:
+        return self.name.split("-", 1)[0]
+
+    @property
+    def task(self) -> str:
+        return self.name.split("-", 1)[1]
+
+    @property
+    def default_camera(self) -> int:
+        return DEFAULT_CAMERA.get(self.domain, 0)
+
+    def make_dm_env(self, seed: int | np.random.RandomState | None = None, time_limit: float | None = None,
+                    environment_kwargs: dict | None = None) -> control.Environment:
+        """A fresh dm_control ``Environment`` of this task (``seed`` drives its initial states)."""
+        random = seed if isinstance(seed, np.random.RandomState) else np.random.RandomState(seed)
+        return _LOADERS[self.name](time_limit=time_limit, random=random, environment_kwargs=environment_kwargs)
+
+    @cached_property
+    def _relabel_env(self) -> control.Environment:
+        env = self.make_dm_env(seed=0)
+        env.reset()
+        return env
+
+    def reward(self, physics) -> float:
+        """The task reward of a dm_control ``physics`` whose derived quantities are current."""
+        return float(self._relabel_env.task.get_reward(physics))
+
+    def rewards_from_states(self, states: np.ndarray, actions: np.ndarray | None = None) -> np.ndarray:
+        """Rewards ``[N]`` (float32) of physics states ``[N, P]`` (optionally with the controls ``[N, A]``).
+
+        Note: tasks whose target lives in the model rather than the physics state (reacher's and
+        manipulator's randomised targets) are relabelled with the target of this task's own
+        environment, not the one of the episode that stored the state.
+        """
+        env = self._relabel_env
+        states = np.asarray(states, dtype=np.float64)
+        expected = mujoco.mj_stateSize(env.physics.model.ptr, PHYSICS_STATE)
+        if states.ndim != 2 or states.shape[1] != expected:
+            raise ValueError(
+                f"task {self.name!r} expects physics states of shape [N, {expected}], got {list(states.shape)}; "
+                "were they stored from another domain?"
+            )
+        out = np.empty(len(states), dtype=np.float32)
+        for i, state in enumerate(states):
+            set_physics_state(env.physics, state, None if actions is None else actions[i])
+            out[i] = env.task.get_reward(env.physics)
+        return out
+
+
+def list_tasks(domain: str | None = None) -> list[str]:
+    """Every task name, or those of one domain."""
+    names = sorted(_LOADERS)
+    return [n for n in names if domain is None or n.split("-", 1)[0] == domain]
+
+
+def list_domain_tasks(domain: str) -> list[str]:
+    """Task names of ``domain`` (raises on an unknown domain)."""
+    names = list_tasks(domain)
+    if not names:
+        domains = sorted({n.split("-", 1)[0] for n in _LOADERS})
+        close = difflib.get_close_matches(domain, domains, n=3, cutoff=0.5)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown domain {domain!r}.{hint} Valid domains: {', '.join(domains)}")
+    return names
+
+
+def get_task(name: str) -> Task:
+    """The task called ``name`` (``"walker-walk"``); an unknown name lists the closest valid ones."""
+    if name not in _LOADERS:
+        close = difflib.get_close_matches(name, _LOADERS, n=5, cutoff=0.5)
+        if not close and "-" in name:
+            close = list_tasks(name.split("-", 1)[0])[:10]
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise ValueError(
+            f"unknown task {name!r}.{hint} Task names are '<domain>-<task>'; "
+            "latentrl.envs.list_tasks() names all of them."
+        )
+    return Task(name)

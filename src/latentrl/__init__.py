@@ -1,0 +1,13 @@
+"""latentrl: latent-space agents that learn from pixels in simulated robots and act zero-shot.
+
+The subpackages are the architecture (see DESIGN.md):
+
+- :mod:`latentrl.envs`          ``make_env``, tasks as reward functions of the physics state
+- :mod:`latentrl.replay`        the one ``ReplayBuffer`` (memory or on-disk), offline datasets
+- :mod:`latentrl.world_models`  the ``WorldModel`` protocol and shared encoders
+- :mod:`latentrl.agents`        the ``Agent`` / ``Policy`` protocols, one module per agent, ``make_agent``
+- :mod:`latentrl.training`      the one training loop, evaluation, logging, checkpoints
+- :mod:`latentrl.control`       robot control loops
+"""
+
+__version__ = "0.1.0"
