@@ -1,0 +1,61 @@
+"""Simulated robots with pixels: ``make_env``, tasks as reward functions of physics, gymnasium ids."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("MUJOCO_GL", "egl")  # before mujoco / dm_control pick a GL backend
+
+import torch  # noqa: E402
+from torchrl.envs import EnvBase  # noqa: E402
+
+from latentrl.envs.tasks import Task, get_task, list_domain_tasks, list_tasks  # noqa: E402
+
+__all__ = ["make_env", "get_task", "list_tasks", "list_domain_tasks", "Task", "BACKENDS"]
+
+BACKENDS = ("dmc", "mjwarp")
+
+
+def make_env(task: str, *, obs=("pixels", "state"), image_size: int = 64, camera: int | None = None,
+             action_repeat: int = 1, num_envs: int = 1, backend: str = "dmc", device: str | torch.device = "cpu",
+             seed: int = 0, floor: str = "default", episode_length: int | None = None,
+             num_workers: int | None = None) -> EnvBase:
+    """A batch of ``num_envs`` envs of ``task`` (``"walker-walk"``) as a TorchRL env, ``batch_size=[num_envs]``.
+
+    Args:
+        task: ``"<domain>-<task>"``; :func:`list_tasks` names them all.
+        obs: which of ``"pixels"`` (uint8 [N, 3, H, W], newest frame only), ``"state"`` (float32
+            [N, D]) and ``"physics"`` (float64 [N, P], the full MuJoCo state) to return.
+        image_size: square frame size in pixels.
+        camera: camera id; ``None`` picks the domain's default (quadruped: 2, others: 0).
+        action_repeat: physics control steps per agent step (rewards are summed).
+        num_envs: envs in the batch.
+        backend: ``"dmc"`` (dm_control on the CPU, envs in worker processes) or ``"mjwarp"``
+            (MuJoCo Warp, all envs in one batch; GPU or CPU).
+        device: where returned tensors live.
+        seed: seeds every env (env i gets an independent stream derived from ``seed``).
+        floor: ``"default"`` or ``"gradient"`` (recoloured so that position shows in pixels).
+        episode_length: agent steps per episode; ``None`` keeps the task's own (1000 control
+            steps divided by ``action_repeat`` for most tasks).
+        num_workers: worker processes for the ``dmc`` backend; ``None``: none for one env, else
+            ``min(num_envs, cpu_count)``; 0 steps everything in this process.
+    """
+    if not obs:
+        raise ValueError("obs must name at least one of 'pixels', 'state', 'physics'")
+    if backend == "dmc":
+        from latentrl.envs.dmc import DMCEnv
+
+        return DMCEnv(task, obs=obs, image_size=image_size, camera=camera, action_repeat=action_repeat,
+                      num_envs=num_envs, num_workers=num_workers, seed=seed, floor=floor,
+                      episode_length=episode_length, device=device)
+    if backend == "mjwarp":
+        try:
+            from latentrl.envs.mjwarp import MJWarpEnv
+        except ModuleNotFoundError as err:
+            if err.name in ("mujoco_warp", "warp"):
+                raise ModuleNotFoundError(
+                    "backend='mjwarp' needs MuJoCo Warp: pip install \"latentrl[gpu]\"") from err
+            raise NotImplementedError("backend='mjwarp' is not built yet (see the GPU-batched envs issue)") from err
+        return MJWarpEnv(task, obs=obs, image_size=image_size, camera=camera, action_repeat=action_repeat,
+                         num_envs=num_envs, seed=seed, floor=floor, episode_length=episode_length, device=device)
+    raise ValueError(f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}")

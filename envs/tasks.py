@@ -49,8 +49,8 @@ def set_physics_state(physics, state: np.ndarray, action: np.ndarray | None = No
     """
     model, data = physics.model.ptr, physics.data.ptr
     mujoco.mj_setState(model, data, np.asarray(state, dtype=np.float64), PHYSICS_STATE)
-    if action is not None:
-        data.ctrl[:] = np.asarray(action, dtype=np.float64)[: model.nu]
+    # The control is not part of the physics state; rewards with a control term read it.
+    data.ctrl[:] = 0.0 if action is None else np.asarray(action, dtype=np.float64)[: model.nu]
     mujoco.mj_forward(model, data)
     mujoco.mj_fwdPosition(model, data)
     mujoco.mj_sensorVel(model, data)

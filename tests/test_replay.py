@@ -1,0 +1,438 @@
+"""ReplayBuffer: transitions, frame stacks, slices, goals, wrap-around, relabelling, save / load.
+
+Synthetic env streams encode (env, episode, step) in every observation (pixels channels, state,
+physics), so each check compares what came back with explicit indexing of the ground truth.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from latentrl.replay import ReplayBuffer
+from tensordict import MemoryMappedTensor, TensorDict
+
+
+class FakeEnvs:
+    """``num_envs`` envs whose episode ``i`` of env ``e`` lasts ``lengths[e][i % len(lengths[e])]`` steps.
+
+    Records the ground truth: the rows a frame-once buffer must hold per env, as (episode, step,
+    is_transition) with the final observation of each finished episode as its own row.
+    """
+
+    def __init__(self, lengths, size=4, reward=True, ids=True):
+        self.lengths, self.size, self.reward, self.ids = lengths, size, reward, ids
+        self.num_envs = len(lengths)
+        self.episode = [0] * self.num_envs
+        self.t = [0] * self.num_envs
+        self.rows = [[] for _ in lengths]
+
+    def length(self, env, episode):
+        return self.lengths[env][episode % len(self.lengths[env])]
+
+    def obs(self, env, episode, t):
+        pixels = torch.empty(3, self.size, self.size, dtype=torch.uint8)
+        pixels[0], pixels[1], pixels[2] = env, episode, t
+        code = [env, episode, t]
+        return {"pixels": pixels, "state": torch.tensor(code, dtype=torch.float32),
+                "physics": torch.tensor(code, dtype=torch.float64)}
+
+    def step(self) -> TensorDict:
+        steps = []
+        for env in range(self.num_envs):
+            episode, t = self.episode[env], self.t[env]
+            done = t + 1 == self.length(env, episode)
+            nxt = self.obs(env, episode, t + 1) | {
+                "terminated": torch.tensor([False]),
+                "truncated": torch.tensor([done]),
+                "done": torch.tensor([done]),
+            }
+            if self.reward:
+                nxt["reward"] = torch.tensor([float(t)])
+            data = self.obs(env, episode, t) | {
+                "action": torch.tensor([env, episode, t], dtype=torch.float32),
+                "skill": torch.full((2,), float(episode)),
+                "next": nxt,
+            }
+            if self.ids:
+                data |= {"episode": torch.tensor(100 * env + episode), "step": torch.tensor(t)}
+            steps.append(TensorDict(data, []))
+            self.rows[env].append((episode, t, True))
+            if done:
+                self.rows[env].append((episode, t + 1, False))
+                self.episode[env], self.t[env] = episode + 1, 0
+            else:
+                self.t[env] = t + 1
+        return torch.stack(steps)
+
+    def rollout(self, steps: int) -> TensorDict:
+        return torch.stack([self.step() for _ in range(steps)], 1)
+
+    def stored(self, env, per_env):
+        """Rows of ``env`` a ring of ``per_env`` rows holds (including the pending next observation)."""
+        rows = list(self.rows[env])
+        if self.t[env] > 0:
+            rows.append((self.episode[env], self.t[env], False))
+        return rows[-per_env:]
+
+
+def decode(pixels: torch.Tensor) -> torch.Tensor:
+    """(env, episode, step) of each frame of a stack ``[..., 3k, H, W]`` -> ``[..., k, 3]``."""
+    frames = pixels.unflatten(-3, (-1, 3))
+    assert (frames == frames[..., :1, :1]).all(), "a frame mixes pixels of different steps"
+    return frames[..., 0, 0].long()
+
+
+def check_batch(batch, envs: FakeEnvs, per_env: int, frame_stack: int, horizon: int):
+    """Every sampled element against the ground truth; returns the sampled (env, episode, step) starts."""
+    flat = batch.reshape(-1) if horizon > 1 else batch
+    code = flat["state"].long()
+    stored = {env: set(envs.stored(env, per_env)) for env in range(envs.num_envs)}
+    for i, (env, episode, t) in enumerate(code.tolist()):
+        assert (episode, t, True) in stored[env], "sampled a transition that is not stored"
+        assert (episode, t + 1) in {(e, s) for e, s, _ in stored[env]}
+        assert flat["next", "state"][i].tolist() == [env, episode, t + 1]
+        assert flat["action"][i].tolist() == [env, episode, t]
+        assert flat["skill"][i].tolist() == [episode, episode]
+        assert int(flat["episode"][i]) == 100 * env + episode and int(flat["step"][i]) == t
+        done = t + 1 == envs.length(env, episode)
+        assert bool(flat["next", "done"][i]) == done == bool(flat["next", "truncated"][i])
+        assert float(flat["next", "reward"][i]) == t
+        expected = [[env, episode, max(t - j, 0)] for j in range(frame_stack - 1, -1, -1)]
+        assert decode(flat["pixels"][i]).tolist() == expected
+        expected_next = [[env, episode, max(t + 1 - j, 0)] for j in range(frame_stack - 1, -1, -1)]
+        assert decode(flat["next", "pixels"][i]).tolist() == expected_next
+        for _, _, s in expected:  # the stack read no overwritten frame
+            assert (episode, s) in {(e, s) for e, s, _ in stored[env]}
+    if horizon > 1:
+        code = code.view(len(batch), horizon, 3)
+        assert (code[:, :, :2] == code[:, :1, :2]).all(), "a slice crosses an episode"
+        assert (code[:, 1:, 2] - code[:, :-1, 2] == 1).all(), "a slice is not contiguous"
+        return {tuple(c) for c in code[:, 0].tolist()}
+    return {tuple(c) for c in code.tolist()}
+
+
+def valid_starts(envs: FakeEnvs, per_env: int, frame_stack: int, horizon: int):
+    """(env, episode, step) of every sample start whose frames and slice are all stored."""
+    out = set()
+    for env in range(envs.num_envs):
+        stored = envs.stored(env, per_env)
+        keys = {(e, s) for e, s, _ in stored}
+        transitions = {(e, s) for e, s, is_t in stored if is_t}
+        for episode, t, is_t in stored:
+            if not is_t:
+                continue
+            stack_ok = (episode, max(t - frame_stack + 1, 0)) in keys
+            slice_ok = all((episode, t + i) in transitions for i in range(horizon))
+            if stack_ok and slice_ok:
+                out.add((env, episode, t))
+    return out
+
+
+LENGTHS = [[5, 3], [7], [4, 6, 2]]
+
+
+def assert_same(a: TensorDict, b: TensorDict):
+    assert set(a.keys(True, True)) == set(b.keys(True, True))
+    for key in a.keys(True, True):
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, equal_nan=True, msg=f"{key} differs")
+
+
+def test_transitions_and_frame_stacks():
+    envs = FakeEnvs(LENGTHS)
+    buffer = ReplayBuffer(1000)
+    for _ in range(40):
+        buffer.extend(envs.step())
+    assert len(buffer) == 120
+    assert buffer.num_rows == sum(len(envs.stored(e, 1000)) for e in range(3))
+    assert buffer.num_episodes == sum(envs.episode) + 3 - sum(t == 0 for t in envs.t)
+    for k in (1, 2, 4):
+        torch.manual_seed(k)
+        batch = buffer.sample(2000, frame_stack=k)
+        assert batch.batch_size == (2000,)
+        assert batch["pixels"].shape == batch["next", "pixels"].shape == (2000, 3 * k, 4, 4)
+        seen = check_batch(batch, envs, 1000, k, 1)
+        assert seen == valid_starts(envs, 1000, k, 1)  # every transition comes back, the newest ones too
+
+
+def test_slices_stay_in_one_episode():
+    envs = FakeEnvs(LENGTHS)
+    buffer = ReplayBuffer(1000)
+    buffer.extend(envs.rollout(40))
+    torch.manual_seed(0)
+    batch = buffer.sample(1500, frame_stack=3, horizon=4)
+    assert batch.batch_size == (1500, 4)
+    assert batch["pixels"].shape == (1500, 4, 9, 4, 4) and batch["next", "state"].shape == (1500, 4, 3)
+    seen = check_batch(batch, envs, 1000, 3, 4)
+    assert seen == valid_starts(envs, 1000, 3, 4)
+
+
+def test_goals():
+    envs = FakeEnvs([[120, 12], [25]])
+    buffer = ReplayBuffer(1000)
+    buffer.extend(envs.rollout(150))
+    torch.manual_seed(0)
+    batch = buffer.sample(6000, frame_stack=2, goal="future", future_discount=0.8)
+    obs, goal = batch["state"].long(), batch["goal", "state"].long()
+    assert (goal[:, :2] == obs[:, :2]).all(), "a future goal left its episode"
+    offset = goal[:, 2] - obs[:, 2]
+    assert (offset >= 1).all()
+    last = {}  # the last stored observation of each episode
+    for env in range(envs.num_envs):
+        for episode, t, _ in envs.stored(env, 1000):
+            last[env, episode] = max(t, last.get((env, episode), 0))
+    ends = torch.tensor([last[e, ep] for e, ep in obs[:, :2].tolist()])
+    assert (goal[:, 2] <= ends).all()
+    assert (goal[:, 2] == ends).any(), "goals never reach a clamped episode end"
+    unclamped = offset[obs[:, 2] + 40 < ends].float()
+    assert len(unclamped) > 1000
+    assert abs(unclamped.mean().item() - 1 / (1 - 0.8)) < 0.5  # geometric with p = 0.2: mean 5, s.e. ~0.13
+    goal_pixels = decode(batch["goal", "pixels"])
+    assert (goal_pixels[:, -1] == goal).all()
+    assert (goal_pixels[:, 0, 2] == (goal[:, 2] - 1).clamp_min(0)).all()
+    assert (batch["goal", "step"] == goal[:, 2]).all()
+
+    batch = buffer.sample(3000, goal="random", keys=("state",))
+    assert set(batch["goal"].keys()) == {"state", "episode", "step"}
+    stored = {(env, e, s) for env in range(2) for e, s, _ in envs.stored(env, 1000)}
+    codes = {tuple(c) for c in batch["goal", "state"].long().tolist()}
+    assert codes <= stored
+    assert len(codes) > 0.9 * len(stored)  # any stored observation, final ones included
+
+    for mode in ("future", "random"):
+        sliced = buffer.sample(200, horizon=5, frame_stack=2, goal=mode)
+        assert sliced["goal", "state"].shape == (200, 5, 3)
+        assert sliced["goal", "pixels"].shape == (200, 5, 6, 4, 4)
+        assert (decode(sliced["goal", "pixels"])[..., -1, :] == sliced["goal", "state"].long()).all()
+    assert (sliced["goal", "state"][..., 2] > sliced["state"][..., 2]).any()
+    sliced = buffer.sample(200, horizon=5, goal="future")
+    assert (sliced["goal", "state"][..., :2] == sliced["state"][..., :2]).all()
+    assert (sliced["goal", "state"][..., 2] > sliced["state"][..., 2]).all()
+
+
+def test_wrap_around():
+    envs = FakeEnvs([[7, 5], [9], [3, 11]])
+    per_env = 16
+    buffer = ReplayBuffer(3 * per_env + 2)  # 16 rows per env stream
+    for chunk in (1, 5, 1, 1, 12, 3, 20, 1):  # [num_envs] and [num_envs, T] steps, several wraps
+        buffer.extend(envs.rollout(chunk) if chunk > 1 else envs.step())
+        stored = [envs.stored(e, per_env) for e in range(3)]
+        assert len(buffer) == sum(is_t for rows in stored for *_, is_t in rows)
+        assert buffer.num_episodes == len({(e, ep) for e, rows in enumerate(stored) for ep, *_ in rows})
+    for k, horizon in ((1, 1), (3, 1), (4, 1), (2, 3), (3, 5)):
+        torch.manual_seed(k)
+        batch = buffer.sample(1500, frame_stack=k, horizon=horizon)
+        seen = check_batch(batch, envs, per_env, k, horizon)
+        assert seen == valid_starts(envs, per_env, k, horizon)
+    batch = buffer.sample(500, frame_stack=3, goal="future")
+    assert (batch["goal", "state"][:, :2] == batch["state"][:, :2]).all()
+    stored = {(env, e, s) for env in range(3) for e, s, _ in envs.stored(env, per_env)}
+    assert {tuple(c) for c in batch["goal", "state"].long().tolist()} <= stored
+    goals = decode(batch["goal", "pixels"]).flatten(0, 1)
+    assert {tuple(c) for c in goals.tolist()} <= stored, "a goal stack read an overwritten frame"
+
+
+def test_one_rollout_equals_single_steps():
+    a, b, c = FakeEnvs(LENGTHS), FakeEnvs(LENGTHS), FakeEnvs(LENGTHS)
+    by_step, by_rollout, by_chunks = ReplayBuffer(90), ReplayBuffer(90), ReplayBuffer(90)
+    for _ in range(37):
+        by_step.extend(a.step())
+    by_rollout.extend(b.rollout(37))
+    for steps in (10, 1, 26):
+        by_chunks.extend(c.rollout(steps))
+    reference = by_step.state_dict()
+    for other in (by_rollout, by_chunks):
+        state = other.state_dict()
+        assert state["layout"] == reference["layout"]
+        assert_same(TensorDict(state["storage"], [90]), TensorDict(reference["storage"], [90]))
+
+
+def test_flat_dataset_and_synthesized_ids(tmp_path):
+    envs = FakeEnvs([[6, 4]], ids=False)
+    steps = envs.rollout(23)[0]  # [23] consecutive steps of one env, no episode / step keys
+    dataset = ReplayBuffer.from_dataset(steps)
+    assert len(dataset) == 23 and dataset.num_episodes == 5
+    torch.manual_seed(0)
+    batch = dataset.sample(300, frame_stack=2, horizon=2)
+    assert (batch["step"] == batch["state"][..., 2].long()).all()
+    assert (batch["episode"][:, 0] == batch["state"][:, 0, 1].long()).all()  # numbered 0, 1, ... here
+    assert (decode(batch["pixels"])[..., 1, :] == batch["state"].long()).all()
+
+    steps.memmap(tmp_path / "flat")
+    loaded = ReplayBuffer.load(tmp_path / "flat")
+    torch.manual_seed(0)
+    assert (loaded.sample(300, frame_stack=2, horizon=2) == batch).all()
+
+    with pytest.raises(ValueError, match="num_envs"):
+        dataset.extend(FakeEnvs([[6], [6]]).step())
+
+
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_save_load_round_trip(tmp_path, on_disk):
+    envs = FakeEnvs(LENGTHS, size=8)
+    buffer = ReplayBuffer(60, path=tmp_path / "live" if on_disk else None)
+    buffer.extend(envs.rollout(30))  # wraps around
+    buffer.extend(envs.step())
+    buffer.save(tmp_path / "saved")
+    if on_disk:
+        buffer.save(tmp_path / "live")  # in place: metadata only
+    loaded = ReplayBuffer.load(tmp_path / "saved")
+    assert isinstance(loaded._storage._storage["pixels"], MemoryMappedTensor)
+    assert len(loaded) == len(buffer) and loaded.num_episodes == buffer.num_episodes
+    settings = ({"frame_stack": 3}, {"frame_stack": 2, "horizon": 3, "goal": "future"}, {"goal": "random"})
+    for kwargs in settings:
+        torch.manual_seed(7)
+        expected = buffer.sample(64, **kwargs)
+        torch.manual_seed(7)
+        assert (loaded.sample(64, **kwargs) == expected).all()
+    if on_disk:
+        reopened = ReplayBuffer.load(tmp_path / "live")
+        torch.manual_seed(7)
+        expected = buffer.sample(64, frame_stack=3)
+        torch.manual_seed(7)
+        assert (reopened.sample(64, frame_stack=3) == expected).all()
+
+
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_state_dict_round_trip(tmp_path, on_disk):
+    envs = FakeEnvs(LENGTHS)
+    path = tmp_path / "buffer" if on_disk else None
+    buffer = ReplayBuffer(200, path=path)
+    buffer.extend(envs.rollout(20))
+    state = torch.load(_saved(tmp_path, buffer.state_dict()), weights_only=True)  # plain tensors only
+    restored = ReplayBuffer(200, path=path)
+    restored.load_state_dict(state)
+    assert len(restored) == len(buffer)
+    torch.manual_seed(3)
+    expected = buffer.sample(100, frame_stack=2, horizon=2)
+    torch.manual_seed(3)
+    assert (restored.sample(100, frame_stack=2, horizon=2) == expected).all()
+    restored.extend(envs.step())  # carries on where the checkpoint stopped
+    assert len(restored) == len(buffer) + 3
+
+
+def _saved(tmp_path, obj):
+    torch.save(obj, tmp_path / "state.pt")
+    return tmp_path / "state.pt"
+
+
+def test_memory_is_about_one_frame_per_step():
+    envs = FakeEnvs([[50]] * 4, size=64)
+    buffer = ReplayBuffer(4 * 102)
+    buffer.extend(envs.rollout(100))
+    data = buffer._storage._storage
+    stored = sum(x.numel() * x.element_size() for x in data.values(True, True))
+    frame = 3 * 64 * 64
+    assert data["pixels"].shape[0] == buffer.capacity  # one frame per row, no stacked or next frames
+    assert stored / len(buffer) < 1.05 * frame
+
+
+def test_keys_restrict_observations():
+    buffer = ReplayBuffer(100)
+    buffer.extend(FakeEnvs(LENGTHS).rollout(10))
+    batch = buffer.sample(8, keys=("pixels",))
+    assert "pixels" in batch.keys() and "state" not in batch.keys() and "physics" not in batch.keys()
+    assert set(batch["next"].keys()) == {"pixels", "reward", "terminated", "truncated", "done"}
+
+
+def test_reward_free_data_and_cut_episodes():
+    envs = FakeEnvs([[6]], reward=False)
+    buffer = ReplayBuffer(100)
+    buffer.extend(envs.rollout(3))
+    envs.episode[0], envs.t[0] = 5, 0  # the env was reset without a done flag
+    buffer.extend(envs.rollout(2))
+    assert "reward" not in buffer.sample(4)["next"].keys()
+    assert buffer.num_episodes == 2
+    with pytest.raises(ValueError, match="longer than every stored episode"):
+        buffer.sample(4, horizon=4)
+    batch = buffer.sample(200, horizon=2, frame_stack=2)
+    assert (batch["episode"][:, 0] == batch["episode"][:, 1]).all()
+    last = buffer.sample(200, goal="future")
+    # the cut episode ends at its last stored (pending) observation
+    assert ((last["episode"] != 0) | (last["goal", "step"] <= 3)).all()
+
+
+def test_errors(tmp_path):
+    buffer = ReplayBuffer(100)
+    with pytest.raises(RuntimeError, match="empty"):
+        buffer.sample(4)
+    with pytest.raises(RuntimeError, match="empty"):
+        buffer.save(tmp_path / "x")
+    envs = FakeEnvs(LENGTHS)
+    with pytest.raises(ValueError, match="batch"):
+        buffer.extend(envs.rollout(2).unsqueeze(0))
+    with pytest.raises(KeyError, match="next"):
+        buffer.extend(envs.step().exclude("next"))
+    with pytest.raises(KeyError, match="action"):
+        buffer.extend(envs.step().exclude("action"))
+    buffer.extend(envs.rollout(8))
+    with pytest.raises(KeyError, match="unknown observation keys"):
+        buffer.sample(4, keys=("pixels", "rgb"))
+    with pytest.raises(ValueError, match="longer than every stored episode"):
+        buffer.sample(4, horizon=8)
+    with pytest.raises(ValueError, match="frame_stack"):
+        buffer.sample(4, frame_stack=0)
+    with pytest.raises(ValueError, match="goal"):
+        buffer.sample(4, goal="past")
+    with pytest.raises(ValueError, match="future_discount"):
+        buffer.sample(4, goal="future", future_discount=1.0)
+    with pytest.raises(ValueError, match="env streams"):
+        buffer.extend(FakeEnvs([[5]]).step())
+    with pytest.raises(KeyError, match="observation keys"):
+        buffer.extend(envs.step().exclude("physics", ("next", "physics")))
+    with pytest.raises(ValueError, match="dtype"):
+        step = envs.step()
+        step["action"] = step["action"].double()
+        buffer.extend(step)
+    with pytest.raises(ValueError, match="capacity"):
+        ReplayBuffer(5).extend(envs.step())
+    with pytest.raises(KeyError, match="physics"):
+        ReplayBuffer.relabel(None, buffer.sample(4, keys=("state",)))
+    with pytest.raises(FileNotFoundError):
+        ReplayBuffer.load(tmp_path / "missing")
+    buffer.save(tmp_path / "saved")
+    with pytest.raises(FileExistsError):
+        ReplayBuffer(100, path=tmp_path / "saved")
+
+
+def test_relabel_matches_rewards_at_collection():
+    from latentrl.envs.tasks import get_physics_state, get_task
+
+    task = get_task("point_mass-easy")
+    env = task.make_dm_env(seed=0)
+    rng = np.random.default_rng(0)
+    buffer = ReplayBuffer(200)
+    for _ in range(2):  # two short episodes, truncated by hand
+        env.reset()
+        for t in range(40):
+            physics = torch.as_tensor(get_physics_state(env.physics))
+            action = rng.uniform(-1, 1, size=env.action_spec().shape).astype(np.float32)
+            time_step = env.step(action)
+            done = t == 39
+            buffer.extend(TensorDict({
+                "physics": physics, "action": torch.as_tensor(action), "episode": torch.tensor(0), "step": t,
+                "next": {"physics": torch.as_tensor(get_physics_state(env.physics)),
+                         "reward": torch.tensor([time_step.reward], dtype=torch.float32),
+                         "done": torch.tensor([done]), "terminated": torch.tensor([False]),
+                         "truncated": torch.tensor([done])},
+            }, []).unsqueeze(0))
+    torch.manual_seed(0)
+    for horizon in (1, 3):
+        batch = buffer.sample(64, horizon=horizon)
+        collected = batch["next", "reward"].clone()
+        assert collected.std() > 0  # the check below can fail
+        batch["next", "reward"].fill_(float("nan"))
+        out = buffer.relabel(task, batch)
+        assert out is batch and out["next", "reward"].shape == collected.shape
+        torch.testing.assert_close(out["next", "reward"], collected, atol=1e-5, rtol=1e-5)
+    other = buffer.relabel(get_task("point_mass-hard"), buffer.sample(16).exclude(("next", "reward")))
+    assert other["next", "reward"].shape == (16, 1) and torch.isfinite(other["next", "reward"]).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_samples_on_device():
+    buffer = ReplayBuffer(100, device="cuda")
+    buffer.extend(FakeEnvs(LENGTHS).rollout(10))
+    batch = buffer.sample(8, frame_stack=2, goal="future")
+    assert batch["pixels"].is_cuda and batch["goal", "pixels"].is_cuda
