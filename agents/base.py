@@ -141,6 +141,10 @@ class Policy:
         """Actions ``[N, A]`` in [-1, 1] from observations with stacked ``pixels``."""
         raise NotImplementedError
 
+    def extras(self) -> dict[str, Tensor]:
+        """Per-env tensors ``[N, ...]`` stored with each collected step (e.g. METRA's ``skill``)."""
+        return {}
+
     @torch.no_grad()
     def __call__(self, obs: TensorDict) -> Tensor:
         return self.act(self.stack(obs))
@@ -155,6 +159,13 @@ class Agent(nn.Module):
 
     world_model: WorldModel
     name: str = "agent"
+    env_steps: int = 0
+    """Env steps collected so far (all envs together); the trainer keeps it current."""
+
+    @classmethod
+    def required_obs(cls, preset: str = "paper", **overrides: Any) -> tuple[str, ...]:
+        """Observation keys the agent reads with these settings (the trainer builds its env with them)."""
+        return ("pixels",)
 
     def sample_spec(self) -> SampleSpec:
         raise NotImplementedError

@@ -90,11 +90,12 @@ class RNDConfig:
     stddev_clip: float = 0.3
     """Clip of the target-policy smoothing noise (critic target and actor loss)."""
     num_seed_steps: int = 4000
-    """Env (agent) steps with uniform random actions before the policy acts; the trainer also waits this
-    long before the first update. URLB: ``num_seed_frames`` 4000 / action repeat (1 for states; its pixel
-    runs use action repeat 2, i.e. 2000 steps)."""
+    """Env (agent) steps with uniform random actions before the exploring policy uses the actor. URLB:
+    ``num_seed_frames`` 4000 / action repeat (1 for states; its pixel runs use 2, i.e. 2000 steps), and
+    no updates before then (latentrl's trainer: ``learning_starts``, 4000 by default)."""
     update_every_steps: int = 2
-    """The trainer calls :meth:`RNDAgent.update` once every this many env steps."""
+    """URLB's cadence: one update every this many env steps (latentrl's trainer: ``updates_per_step``
+    = 1 / update_every_steps, 0.5 by default)."""
 
     def __post_init__(self) -> None:
         if self.obs_type not in OBS_TYPES:
@@ -247,6 +248,11 @@ class RNDAgent(Agent):
             )
         obs_shape = tuple(spec[key].shape[-3:]) if key == "pixels" else (spec[key].shape[-1],)
         return cls(config, obs_shape, env.action_spec.shape[-1], device=device)
+
+    @classmethod
+    def required_obs(cls, preset: str = "paper", **overrides: Any) -> tuple[str, ...]:
+        """The observation key this configuration reads: ``("state",)`` or ``("pixels",)``."""
+        return (config_from_preset(RNDConfig, PRESETS, preset, overrides).obs_type,)
 
     @property
     def actor(self) -> DeterministicActor:

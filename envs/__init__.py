@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import os
+import torch
+from torchrl.envs import EnvBase
 
-os.environ.setdefault("MUJOCO_GL", "egl")  # before mujoco / dm_control pick a GL backend
-
-import torch  # noqa: E402
-from torchrl.envs import EnvBase  # noqa: E402
-
-from latentrl.envs.tasks import Task, get_task, list_domain_tasks, list_tasks  # noqa: E402
+from latentrl.envs.tasks import Task, get_task, list_domain_tasks, list_tasks
 
 __all__ = ["make_env", "get_task", "list_tasks", "list_domain_tasks", "Task", "BACKENDS"]
 

@@ -4,47 +4,63 @@ Each task is a reward function of the physics state (qpos, qvel, the control, an
 ``mj_forward`` / ``mj_subtreeVel`` derive from them), built on dm_control's own domain ``Physics`` and
 ``Task`` classes, so that :mod:`latentrl.envs.tasks` can relabel any stored state with any task.
 
-Tasks (1000 control steps per episode each):
+The TD-JEPA protocol is Meta Motivo's task list (``metamotivo/envs/dmc_tasks/__init__.py``): walker
+stand / walk / run / spin, cheetah walk / walk_backward / run / run_backward, quadruped stand / walk / run /
+jump, and the point-mass maze's eight tasks. Meta Motivo loads every name dm_control's suite has from the
+suite itself (walker stand / walk / run, cheetah run, quadruped walk / run), so those are not redefined
+here; the rest are below, with Meta Motivo's definitions. Tasks (1000 control steps per episode each):
 
-- ``walker-spin``: URLB's walker ``flip``. ``stand * (5 * spin + 1) / 6`` with the suite's stand reward
-  ``(3 * tolerance(torso_z, (1.2, inf), margin=0.6) + (1 + torso_zz) / 2) / 4`` and
-  ``spin = tolerance(subtree_angmom['torso'][1], (5, inf), margin=5, linear, value_at_margin=0)``.
-  25 s at a control timestep of 0.025 s. (Meta Motivo's walker also has a task called ``spin``, which is
-  a different one: ``tolerance(angmom, (10, inf), margin=10, linear)`` with no stand term; its ``flip``
-  is URLB's flip, i.e. our ``spin``.)
+- ``walker-spin``: Meta Motivo's walker ``spin``, ``tolerance(L, (10, inf), margin=10, linear,
+  value_at_margin=0)`` with ``L = subtree_angmom['torso'][1]`` (the walker's angular momentum about +y,
+  about its centre of mass), and no stand term: the walker is paid for spinning in any posture.
+- ``walker-flip``: URLB's (and Meta Motivo's) walker ``flip``: ``stand * (5 * flip + 1) / 6`` with the
+  suite's stand reward ``(3 * tolerance(torso_z, (1.2, inf), margin=0.6) + (1 + torso_zz) / 2) / 4`` and
+  ``flip = tolerance(L, (5, inf), margin=5, linear, value_at_margin=0)``. Not in the TD-JEPA list.
+  Both walker tasks: the suite's walker model, 25 s at a control timestep of 0.025 s.
 - ``cheetah-walk`` / ``-walk_backward`` / ``-run_backward``:
   ``tolerance(d * v_x, (s, inf), margin=s, linear, value_at_margin=0)`` on the torso subtree's linear
   velocity ``v_x``, with direction ``d = +1 / -1 / -1`` and speed ``s = 2 / 2 / 10``. 10 s at the model's
-  0.01 s timestep. The ground is lengthened to URLB's 400 m (x in [-102, 298]) so that a cheetah running
-  backwards stays on the rendered grid; MuJoCo planes collide everywhere, so dynamics are the suite's.
+  0.01 s timestep. The ground is lengthened to URLB's and Meta Motivo's 400 m (x in [-102, 298]) so that a
+  cheetah running backwards stays on the rendered grid; MuJoCo planes collide everywhere, so dynamics are
+  the suite's. (``cheetah-run`` is the suite's, on its 200 m ground, as in Meta Motivo.)
 - ``quadruped-stand``: the suite's upright reward ``tolerance(torso_zz, (1, inf), margin=2, linear,
   value_at_margin=0)``. ``quadruped-jump``: ``upright * tolerance(com_z, (1, inf), margin=1, linear,
   value_at_margin=0.5)`` with ``com_z`` the height of the torso subtree's centre of mass. Both on the
   suite's model as ``quadruped.make_model(floor_size=10)`` builds it for ``walk``; 20 s at 0.02 s.
-  The suite's ``quadruped-walk`` / ``-run`` are URLB's: URLB loads them from dm_control itself (its
-  ``dmc.py`` falls back on ``suite.load`` and its ``quadruped.py`` defines no walk/run), its
-  ``quadruped.xml`` is the suite's, and ExoRL's multitask walk/run use the same formula and speeds
-  (``upright * tolerance(v_x, (s, inf), margin=s, linear, value_at_margin=0.5)``, s = 0.5 / 5). So they
-  are not redefined here.
-- ``point_mass_maze-*``: a point mass in a four-room maze (``assets/point_mass_maze.xml``), starting in
-  the top-left room; 20 s at 0.02 s. ``reach_<corner>`` (ExoRL):
-  ``tolerance(|p - target|, (0, 0.015), margin=0.015) * (4 + mean(tolerance(ctrl, margin=1, quadratic,
-  value_at_margin=0))) / 5`` with targets at (+-0.15, +-0.15). Meta Motivo (and so TD-JEPA) compute the
-  same reach reward with ``margin=6 * 0.015 = 0.09``, a much wider basin; :class:`PointMassMazeReach`
-  takes the margin as an argument. ``reach_bottom_left_long``, ``loop``, ``square`` and ``fast_slow`` are
-  Meta Motivo's (formulas on their classes below); ``reach_bottom_left_long`` pays negative rewards (down
-  to -10) for going the wrong way round the maze, so its range is [-10, 1], not [0, 1].
+  The suite's ``quadruped-walk`` / ``-run`` are URLB's and Meta Motivo's: both load them from dm_control
+  itself, and ExoRL's multitask walk/run use the same formula and speeds (``upright * tolerance(v_x,
+  (s, inf), margin=s, linear, value_at_margin=0.5)``, s = 0.5 / 5). So they are not redefined here.
+- ``point_mass_maze-*`` (Meta Motivo's domain ``pointmass``): a point mass in a four-room maze
+  (``assets/point_mass_maze.xml``), starting at rest at a uniform position in the top-left room
+  (x in [-0.29, -0.15], y in [0.15, 0.29]) drawn from the task's own ``random``; 20 s at the model's
+  0.02 s timestep. ``reach_<corner>``: ``tolerance(|p - target|, (0, 0.015), margin=0.09) * (4 +
+  mean(tolerance(ctrl, margin=1, quadratic, value_at_margin=0))) / 5`` with targets at (+-0.15, +-0.15).
+  ``reach_bottom_left_long``, ``loop``, ``square`` and ``fast_slow`` are Meta Motivo's only (formulas on
+  their classes below); ``reach_bottom_left_long`` pays negative rewards (down to -10) for going the wrong
+  way round the maze, so its range is [-10, 1], not [0, 1].
 
-Because the reach rewards read the control, relabel them with the actions
-(``Task.rewards_from_states(states, actions)``).
+  Where ExoRL's point-mass maze (which the reach tasks come from) differs, we follow Meta Motivo:
+  ExoRL's reach margin is the target size, 0.015 (Meta Motivo: ``6 * 0.015 = 0.09``, a much wider basin;
+  :class:`PointMassMazeReach` takes the margin as an argument); ExoRL draws the start position from
+  NumPy's global generator, so its task seed does not set it (Meta Motivo: the task's ``random``); ExoRL
+  builds one model per reach task with its target visible (Meta Motivo: one model, ``pointmass_nogoal``,
+  whose one target geom is parked out of view at (-1, -1)); ExoRL measures the distance in 3-D to a target
+  at the mass's height, which equals Meta Motivo's 2-D distance. Episode length (20 s) and control timestep
+  (0.02 s, the model's) are the same in both.
+
+The reach rewards read the control: relabel them with the actions
+(``Task.rewards_from_states(states, actions)``), as TD-JEPA's relabeller does. Without actions the
+control is zero, so the control term is 1.
 
 Sources (read for facts, not copied): rll-research/url_benchmark ``custom_dmc_tasks/{walker,cheetah,
 quadruped}.py``; denisyarats/exorl ``custom_dmc_tasks/point_mass_maze.py`` and
 ``point_mass_maze_reach_*.xml`` (URLB itself has no point-mass maze); Meta Motivo's
-``metamotivo/envs/dmc_tasks/{pointmass,cheetah,walker,quadruped}.py`` as published in the TD-JEPA code
-(marbaga/td_jepa_public; facebookresearch/metamotivo's snapshot here has no ``dmc_tasks``). Meta
-Motivo's maze model (``pointmass_nogoal.xml``) was not available; our model follows ExoRL's geometry
-with hidden targets, which is what its name suggests.
+``metamotivo/envs/dmc_tasks/{__init__,dmc,pointmass,cheetah,walker,quadruped}.py`` and its
+``{walker,cheetah,quadruped,pointmass_nogoal}.xml`` as published in the TD-JEPA code
+(marbaga/td_jepa_public; facebookresearch/metamotivo's snapshot here has no ``dmc_tasks``). Meta Motivo's
+walker and quadruped models are the suite's, its cheetah's is the suite's with URLB's ground; its maze
+model has the same bodies, joints, actuators and walls as ours (walls written with ``zaxis``), so the
+dynamics are identical, and one extra collision-free target geom out of view.
 """
 
 from __future__ import annotations
@@ -88,26 +104,44 @@ def _loader(
     return load
 
 
-# --- walker (URLB custom_dmc_tasks/walker.py, task "flip") ------------------------------------------------
+# --- walker (Meta Motivo dmc_tasks/walker.py "spin" and "flip"; URLB custom_dmc_tasks/walker.py "flip") -----
 
 _WALKER_TIME_LIMIT = 25
 _WALKER_CONTROL_TIMESTEP = 0.025
-_WALKER_SPIN_SPEED = 5
+_WALKER_SPIN_MOMENTUM = 10  # Meta Motivo's spin
+_WALKER_FLIP_MOMENTUM = 5  # URLB's and Meta Motivo's flip (their _SPIN_SPEED)
+
+
+def _walker_angular_momentum(physics: walker.Physics) -> float:
+    """Angular momentum about +y of the whole walker (the torso's subtree) about its centre of mass."""
+    return float(physics.named.data.subtree_angmom["torso"][1])
 
 
 class WalkerSpin(walker.PlanarWalker):
-    """Stand up and spin: the suite's stand reward times a reward on the torso's angular momentum about y."""
+    """Spin with angular momentum ``momentum`` or more about world +y (top towards +x), in any posture."""
 
-    def __init__(self, spin_speed: float = _WALKER_SPIN_SPEED, random=None):
+    def __init__(self, momentum: float = _WALKER_SPIN_MOMENTUM, random=None):
+        super().__init__(move_speed=0, random=random)
+        self._momentum = momentum
+
+    def get_reward(self, physics: walker.Physics) -> float:
+        momentum = _walker_angular_momentum(physics)
+        return _linear(momentum, (self._momentum, float("inf")), margin=self._momentum)
+
+
+class WalkerFlip(walker.PlanarWalker):
+    """Stand up and flip: the suite's stand reward times a reward on the angular momentum about y."""
+
+    def __init__(self, momentum: float = _WALKER_FLIP_MOMENTUM, random=None):
         # move_speed=0 makes the suite's get_reward the plain stand reward, reused below.
         super().__init__(move_speed=0, random=random)
-        self._spin_speed = spin_speed
+        self._momentum = momentum
 
     def get_reward(self, physics: walker.Physics) -> float:
         stand_reward = super().get_reward(physics)
-        angmom = physics.named.data.subtree_angmom["torso"][1]
-        spin_reward = _linear(angmom, (self._spin_speed, float("inf")), margin=self._spin_speed)
-        return stand_reward * (5 * spin_reward + 1) / 6
+        flip_reward = _linear(_walker_angular_momentum(physics), (self._momentum, float("inf")),
+                              margin=self._momentum)
+        return stand_reward * (5 * flip_reward + 1) / 6
 
 
 def _walker_physics() -> walker.Physics:
@@ -198,8 +232,9 @@ def _quadruped_physics() -> QuadrupedPhysics:
 _MAZE_XML = Path(__file__).parent / "assets" / "point_mass_maze.xml"
 _MAZE_TIME_LIMIT = 20
 _MAZE_TARGET_SIZE = 0.015
+_MAZE_REACH_MARGIN = 6 * _MAZE_TARGET_SIZE  # Meta Motivo's (and so TD-JEPA's); ExoRL's is _MAZE_TARGET_SIZE
 _MAZE_CORNERS = ("top_left", "top_right", "bottom_left", "bottom_right")
-# Start room (top left), as both ExoRL and Meta Motivo sample it.
+# Start room (top left), as both ExoRL and Meta Motivo sample it (Meta Motivo with the task's random).
 _MAZE_START_X = (-0.29, -0.15)
 _MAZE_START_Y = (0.15, 0.29)
 
@@ -224,7 +259,7 @@ class PointMassMaze(base.Task):
     """Episodes start at rest in the top-left room; observations are the position and velocity."""
 
     def initialize_episode(self, physics: PointMassMazePhysics) -> None:
-        # Randomise first (then overwrite), as ExoRL and Meta Motivo do, so seeds draw the same starts.
+        # Randomise first (then overwrite), as Meta Motivo does, so seeds draw the same starts.
         randomizers.randomize_limited_and_rotational_joints(physics, self.random)
         physics.data.qpos[0] = self.random.uniform(*_MAZE_START_X)
         physics.data.qpos[1] = self.random.uniform(*_MAZE_START_Y)
@@ -247,9 +282,9 @@ def _reach_reward(physics: PointMassMazePhysics, corner: str, margin: float) -> 
 
 
 class PointMassMazeReach(PointMassMaze):
-    """Reach the target in ``corner``; ``margin`` is ExoRL's 0.015 by default (Meta Motivo: 0.09)."""
+    """Reach the target in ``corner``; ``margin`` is Meta Motivo's 0.09 by default (ExoRL's: 0.015)."""
 
-    def __init__(self, corner: str, margin: float = _MAZE_TARGET_SIZE, random=None):
+    def __init__(self, corner: str, margin: float = _MAZE_REACH_MARGIN, random=None):
         if corner not in _MAZE_CORNERS:
             raise ValueError(f"unknown corner {corner!r}; valid corners: {', '.join(_MAZE_CORNERS)}")
         super().__init__(random=random)
@@ -274,7 +309,7 @@ class PointMassMazeReachLong(PointMassMaze):
     """
 
     def get_reward(self, physics: PointMassMazePhysics) -> float:
-        reward = _reach_reward(physics, "bottom_left", 6 * _MAZE_TARGET_SIZE)
+        reward = _reach_reward(physics, "bottom_left", _MAZE_REACH_MARGIN)
         if reward >= 0.01:
             return reward
         (x, y), (vx, vy) = physics.position(), physics.velocity()
@@ -356,6 +391,7 @@ def _build_registry() -> dict[tuple[str, str], Callable[..., control.Environment
 
     registry = {
         ("walker", "spin"): walker_load(WalkerSpin),
+        ("walker", "flip"): walker_load(WalkerFlip),
         ("quadruped", "stand"): quadruped_load(QuadrupedStand),
         ("quadruped", "jump"): quadruped_load(QuadrupedJump),
     }

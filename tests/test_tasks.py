@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from dm_control import suite
+from latentrl.envs import custom_tasks
 from latentrl.envs.custom_tasks import CUSTOM_TASKS
-from latentrl.envs.tasks import get_physics_state, get_task, list_tasks
+from latentrl.envs.tasks import get_physics_state, get_task, list_tasks, set_physics_state
 
 CUSTOM_NAMES = sorted(f"{domain}-{task}" for domain, task in CUSTOM_TASKS)
 # Meta Motivo's reach_bottom_left_long pays down to -10 for going the wrong way round the maze.
@@ -33,14 +34,23 @@ def _states(task, settings: list[dict]) -> np.ndarray:
     return np.stack(states)
 
 
+MAZE_TASKS = ["reach_top_left", "reach_top_right", "reach_bottom_left", "reach_bottom_right",
+              "reach_bottom_left_long", "loop", "square", "fast_slow"]
+# The TD-JEPA protocol's tasks (Meta Motivo's dmc_tasks ALL_TASKS; its domain "pointmass" is ours
+# "point_mass_maze"): the suite's where it has the name, ours otherwise.
+TD_JEPA_TASKS = {"walker": ["stand", "walk", "run", "spin"],
+                 "cheetah": ["walk", "walk_backward", "run", "run_backward"],
+                 "quadruped": ["stand", "walk", "run", "jump"], "point_mass_maze": MAZE_TASKS}
+
+
 def test_custom_names_are_new_and_registered():
     assert not set(CUSTOM_TASKS) & set(suite.ALL_TASKS), "a custom task must not shadow a suite task"
     assert set(CUSTOM_NAMES) <= set(list_tasks())
-    assert {"walker-spin", "cheetah-walk", "cheetah-walk_backward", "cheetah-run_backward", "quadruped-stand",
-            "quadruped-jump", "point_mass_maze-reach_top_left", "point_mass_maze-reach_top_right",
-            "point_mass_maze-reach_bottom_left", "point_mass_maze-reach_bottom_right",
-            "point_mass_maze-reach_bottom_left_long", "point_mass_maze-loop", "point_mass_maze-square",
-            "point_mass_maze-fast_slow"} == set(CUSTOM_NAMES)
+    assert {"walker-spin", "walker-flip", "cheetah-walk", "cheetah-walk_backward", "cheetah-run_backward",
+            "quadruped-stand", "quadruped-jump",
+            *(f"point_mass_maze-{task}" for task in MAZE_TASKS)} == set(CUSTOM_NAMES)
+    td_jepa = {f"{domain}-{task}" for domain, tasks in TD_JEPA_TASKS.items() for task in tasks}
+    assert td_jepa <= set(list_tasks())
 
 
 @pytest.mark.parametrize("name", CUSTOM_NAMES)
@@ -93,9 +103,12 @@ def test_cheetah_ground_reaches_a_backward_run():
     assert model.geom_pos["ground", 0] - model.geom_size["ground", 0] <= -100
 
 
-def test_walker_spin_rewards_of_angular_momentum():
-    task = get_task("walker-spin")
-    physics = task.make_dm_env(seed=0).physics
+@pytest.fixture(scope="module")
+def walker_spinning():
+    """``spinning(angmom, torso_drop=0)``: a walker state with the body rotating rigidly about rooty so that
+    its angular momentum about world y (about its centre of mass) is ``angmom``, torso lowered by
+    ``torso_drop`` from its default height of 1.3 m."""
+    physics = get_task("walker-spin").make_dm_env(seed=0).physics
     with physics.reset_context():
         physics.data.qpos[:] = 0
     # Moment of inertia about y through the centre of mass, summed by hand over the bodies (all in the
@@ -114,12 +127,40 @@ def test_walker_spin_rewards_of_angular_momentum():
         angular_velocity = angmom / inertia_yy / axis_y
         return {("qpos", None): 0.0, ("qpos", "rootz"): -torso_drop, ("qvel", "rooty"): angular_velocity}
 
-    # Upright with the torso at 1.3 m (>= _STAND_HEIGHT 1.2): stand reward 1, reward (5 * spin + 1) / 6 with
-    # spin = clip(1 - (5 - L) / 5, 0, 1). Torso dropped to 0.6 m (one margin, 0.6, below 1.2): standing is
+    return spinning
+
+
+def test_walker_states_have_the_set_angular_momentum(walker_spinning):
+    # Guards the hand-computed inertia the reward tests rely on: the sign and size of the y component.
+    task = get_task("walker-spin")
+    env = task.make_dm_env(seed=0)
+    for angmom in (-5.0, 2.5, 10.0):
+        state = _states(task, [walker_spinning(angmom)])[0]
+        set_physics_state(env.physics, state)
+        assert env.physics.named.data.subtree_angmom["torso", "y"] == pytest.approx(angmom, rel=1e-6)
+
+
+def test_walker_spin_rewards_of_angular_momentum(walker_spinning):
+    # Meta Motivo's spin: clip(1 - (10 - L) / 10, 0, 1) = clip(L / 10, 0, 1), whatever the posture (no stand
+    # term: the torso dropped to 0.6 m, where walker-flip's stand reward is 0.325, changes nothing).
+    task = get_task("walker-spin")
+    cases = [(walker_spinning(20.0), 1.0), (walker_spinning(10.0), 1.0), (walker_spinning(7.5), 0.75),
+             (walker_spinning(5.0), 0.5), (walker_spinning(2.5), 0.25), (walker_spinning(0.0), 0.0),
+             (walker_spinning(-10.0), 0.0), (walker_spinning(5.0, torso_drop=0.7), 0.5),
+             (walker_spinning(10.0, torso_drop=0.7), 1.0)]
+    states = _states(task, [setting for setting, _ in cases])
+    np.testing.assert_allclose(task.rewards_from_states(states), [r for _, r in cases], atol=1e-6)
+
+
+def test_walker_flip_rewards_of_angular_momentum(walker_spinning):
+    task = get_task("walker-flip")
+    # Upright with the torso at 1.3 m (>= _STAND_HEIGHT 1.2): stand reward 1, reward (5 * flip + 1) / 6 with
+    # flip = clip(1 - (5 - L) / 5, 0, 1). Torso dropped to 0.6 m (one margin, 0.6, below 1.2): standing is
     # the gaussian's value at the margin, 0.1, so stand = (3 * 0.1 + 1) / 4 = 0.325.
-    cases = [(spinning(10.0), 1.0), (spinning(5.0), 1.0), (spinning(2.5), (5 * 0.5 + 1) / 6),
-             (spinning(0.0), 1 / 6), (spinning(-5.0), 1 / 6), (spinning(5.0, torso_drop=0.7), 0.325),
-             (spinning(2.5, torso_drop=0.7), 0.325 * 3.5 / 6)]
+    cases = [(walker_spinning(10.0), 1.0), (walker_spinning(5.0), 1.0),
+             (walker_spinning(2.5), (5 * 0.5 + 1) / 6), (walker_spinning(0.0), 1 / 6),
+             (walker_spinning(-5.0), 1 / 6), (walker_spinning(5.0, torso_drop=0.7), 0.325),
+             (walker_spinning(2.5, torso_drop=0.7), 0.325 * 3.5 / 6)]
     states = _states(task, [setting for setting, _ in cases])
     np.testing.assert_allclose(task.rewards_from_states(states), [r for _, r in cases], atol=1e-6)
 
@@ -164,18 +205,70 @@ def _maze_states(task, points):
     return _states(task, [{("qpos", None): p[:2], ("qvel", None): p[2:]} for p in points])
 
 
+# Gaussian tolerance outside bounds (0, 0.015) with margin m: 0.1 ** (((distance - 0.015) / m) ** 2).
+REACH_MARGIN = 6 * 0.015  # Meta Motivo's (TD-JEPA's); ExoRL's is 0.015
+
+
 @pytest.mark.parametrize("corner", list(CORNERS))
 def test_maze_reach_rewards(corner):
     task = get_task(f"point_mass_maze-reach_{corner}")
     x, y = CORNERS[corner]
-    states = _maze_states(task, [(x, y, 0, 0)] * 4 + [(x + 0.03, y, 0, 0), (-x, -y, 0, 0)]
+    inward = -np.sign(x)  # towards the centre along x, staying in the corner's room's half-plane
+
+    def off_target(distance):
+        return (x + inward * distance, y, 0, 0)
+
+    states = _maze_states(task, [(x, y, 0, 0)] * 4 + [off_target(0.01), off_target(0.015 + REACH_MARGIN),
+                                                       off_target(0.015 + REACH_MARGIN / 2), (-x, -y, 0, 0)]
                           + [(*CORNERS[other], 0, 0) for other in CORNERS if other != corner])
-    actions = np.array([[0, 0], [1, 1], [0.5, 0], [-1, 0]] + [[0, 0]] * 5, dtype=np.float64)
+    actions = np.array([[0, 0], [1, 1], [0.5, 0], [-1, 0]] + [[0, 0]] * 7, dtype=np.float64)
     rewards = task.rewards_from_states(states, actions)
-    # near_target: 1 inside 0.015 of the target, the gaussian's 0.1 at one margin (0.015) beyond.
-    # small_control = (4 + mean(1 - u**2)) / 5: 1 at rest, 0.8 at full thrust, (4 + 0.875) / 5 = 0.975.
-    np.testing.assert_allclose(rewards[:5], [1.0, 0.8, 0.975, 0.9, 0.1], atol=1e-6)
-    assert np.all(rewards[5:] < 1e-3), "far from the target (another corner) the reward must vanish"
+    # near_target: 1 inside 0.015 of the target, the gaussian's 0.1 at one margin (0.09) beyond, 0.1 ** 0.25
+    # at half a margin. small_control = (4 + mean(1 - u**2)) / 5: 1 at rest, 0.8 at full thrust,
+    # (4 + 0.875) / 5 = 0.975, 0.9 with one control at full thrust.
+    np.testing.assert_allclose(rewards[:7], [1.0, 0.8, 0.975, 0.9, 1.0, 0.1, 0.1 ** 0.25], atol=1e-6)
+    # The opposite corner (0.42 away) and the other targets (0.3 away) are > 3 margins off: 0.1 ** 10.
+    assert np.all(rewards[7:] < 1e-9), "far from the target (another corner) the reward must vanish"
+
+
+def test_maze_reach_margin_is_an_argument():
+    # ExoRL's margin (0.015): 0.1 at 0.03 from the target, where Meta Motivo's (0.09, the registered task's)
+    # still pays 0.1 ** (((0.03 - 0.015) / 0.09) ** 2) = 0.1 ** (1 / 36).
+    task = get_task("point_mass_maze-reach_top_left")
+    env = task.make_dm_env(seed=0)
+    x, y = CORNERS["top_left"]
+    state = _maze_states(task, [(x + 0.03, y, 0, 0)])[0]
+    set_physics_state(env.physics, state)
+    exorl = custom_tasks.PointMassMazeReach("top_left", margin=0.015)
+    meta_motivo = custom_tasks.PointMassMazeReach("top_left")
+    assert exorl.get_reward(env.physics) == pytest.approx(0.1, abs=1e-6)
+    assert meta_motivo.get_reward(env.physics) == pytest.approx(0.1 ** (1 / 36), abs=1e-6)
+    assert task.rewards_from_states(state[None])[0] == pytest.approx(0.1 ** (1 / 36), abs=1e-6)
+
+
+def test_maze_reach_without_actions_relabels_with_zero_control():
+    task = get_task("point_mass_maze-reach_bottom_right")
+    states = _maze_states(task, [(*CORNERS["bottom_right"], 0, 0)] * 2)
+    thrust = np.ones((2, 2))
+    np.testing.assert_allclose(task.rewards_from_states(states, thrust), [0.8, 0.8], atol=1e-6)
+    # No actions: the control is zeroed (not the last one set), so the control term is 1.
+    np.testing.assert_allclose(task.rewards_from_states(states), [1.0, 1.0], atol=1e-6)
+
+
+def test_maze_episodes_start_at_rest_in_the_top_left_room():
+    def start(seed):
+        env = get_task("point_mass_maze-loop").make_dm_env(seed=seed)
+        env.reset()
+        assert env.control_timestep() == pytest.approx(0.02)
+        return env.physics.data.qpos.copy(), env.physics.data.qvel.copy()
+
+    starts = [start(seed) for seed in range(8)]
+    for qpos, qvel in starts:
+        assert -0.29 <= qpos[0] <= -0.15 and 0.15 <= qpos[1] <= 0.29
+        np.testing.assert_array_equal(qvel, 0.0)
+    # Meta Motivo draws the start from the task's random (ExoRL from NumPy's global one): seeded starts.
+    np.testing.assert_array_equal(start(3)[0], starts[3][0])
+    assert len({tuple(qpos) for qpos, _ in starts}) == len(starts)
 
 
 def test_maze_reach_bottom_left_long_rewards():

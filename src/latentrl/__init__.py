@@ -10,4 +10,10 @@ The subpackages are the architecture (see DESIGN.md):
 - :mod:`latentrl.control`       robot control loops
 """
 
+import os
+
+# Headless rendering by default; must be set before mujoco or dm_control is first imported.
+# MUJOCO_GL=osmesa is the fallback where EGL is missing.
+os.environ.setdefault("MUJOCO_GL", "egl")
+
 __version__ = "0.1.0"

@@ -1,1 +1,0 @@
-"""Env configs: one yaml per task family, selected with ``env=<task>``."""

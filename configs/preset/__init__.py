@@ -1,0 +1,1 @@
+"""Whole-run presets (``preset=smoke``, ``preset=small``)."""

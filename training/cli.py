@@ -1,0 +1,208 @@
+"""Command-line entry points: ``train_agent.py`` and ``collect_dataset.py`` (Hydra overrides).
+
+Configs ship inside the package (``latentrl.configs``) and are composed with Hydra's compose API,
+so the scripts work from any folder after ``pip install``. Overrides are validated before
+composition so that a misspelled key, agent or task names the valid choices.
+"""
+
+from __future__ import annotations
+
+import difflib
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hydra import compose, initialize_config_module
+from hydra.core.config_store import ConfigStore
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+
+__all__ = ["train_main", "collect_main", "load_config", "ConfigError"]
+
+_AGENT_KEYS = ("name", "preset", "overrides")
+
+
+class ConfigError(ValueError):
+    """A command-line override that does not name a valid key or choice."""
+
+
+@dataclass
+class EnvSettings:
+    """The env of a run (see ``latentrl.envs.make_env`` for each field)."""
+
+    task: str = "walker-walk"
+    obs: Any = "auto"  # "auto": what the agent reads plus state and physics; or a list of keys
+    image_size: int = 64
+    camera: Any = None
+    action_repeat: int = 1
+    num_envs: int = 1
+    num_workers: Any = None
+    backend: str = "dmc"
+    floor: str = "default"
+    episode_length: Any = None
+
+
+def _register_env_group() -> None:
+    from latentrl.envs import list_tasks
+
+    cs = ConfigStore.instance()
+    for task in list_tasks():
+        cs.store(group="env", name=task, node=EnvSettings(task=task))
+
+
+def _validate_overrides(overrides: list[str], base: DictConfig) -> list[str]:
+    """Check override keys and choices against the composed defaults; rewrite agent fields.
+
+    ``agent.<field>=v`` for an agent config field becomes ``+agent.overrides.<field>=v``; the agent
+    then refuses unknown fields with the list of valid ones.
+    """
+    from latentrl.agents.registry import list_agents
+    from latentrl.envs import get_task
+
+    out = []
+    flat = _flat_keys(OmegaConf.to_container(base, resolve=False))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value")
+        key, value = item.split("=", 1)
+        plain = key.lstrip("+~")
+        if plain == "env":
+            get_task(value)  # raises with the closest task names
+        elif plain == "agent":
+            if value not in list_agents():
+                close = difflib.get_close_matches(value, list_agents(), n=3, cutoff=0.4)
+                hint = f" Did you mean {', '.join(close)}?" if close else ""
+                raise ConfigError(f"unknown agent {value!r}.{hint} Valid agents: {', '.join(list_agents())}")
+        elif plain.startswith("agent.") and plain.split(".")[1] not in _AGENT_KEYS:
+            item = f"+agent.overrides.{plain[len('agent.'):]}={value}"
+        elif plain in ("preset",):
+            pass
+        elif plain not in flat and not key.startswith("+"):
+            close = difflib.get_close_matches(plain, flat, n=3, cutoff=0.5)
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise ConfigError(
+                f"unknown config key {plain!r}.{hint} Valid keys: {', '.join(sorted(flat))}"
+            )
+        out.append(item)
+    return out
+
+
+def _flat_keys(node: Any, prefix: str = "") -> list[str]:
+    keys = []
+    if isinstance(node, dict):
+        for k, v in node.items():
+            name = f"{prefix}{k}"
+            keys.append(name)
+            keys.extend(_flat_keys(v, name + "."))
+    return keys
+
+
+def load_config(overrides: list[str], config_name: str = "train") -> DictConfig:
+    """Compose ``latentrl.configs/<config_name>.yaml`` with command-line ``overrides``."""
+    _register_env_group()
+    with initialize_config_module(config_module="latentrl.configs", version_base="1.3"):
+        base = compose(config_name=config_name)
+        checked = _validate_overrides(overrides, base)
+        try:
+            cfg = compose(config_name=config_name, overrides=checked)
+        except HydraException as err:
+            raise ConfigError(str(err)) from None
+    return cfg
+
+
+def _resolve_run_dir(cfg: DictConfig) -> Path:
+    if cfg.run_dir:
+        return Path(cfg.run_dir)
+    prefix = f"{cfg.agent.name}-{cfg.env.task}-"
+    if cfg.resume:
+        candidates = sorted(p for p in Path("runs").glob(prefix + "*") if (p / "checkpoints" / "latest.pt").exists())
+        if candidates:
+            return candidates[-1]
+    return Path("runs") / (prefix + time.strftime("%Y%m%d-%H%M%S"))
+
+
+def _resolve_obs(cfg: DictConfig) -> None:
+    if cfg.env.obs != "auto":
+        return
+    from latentrl.agents.registry import agent_class
+
+    reads = agent_class(cfg.agent.name).required_obs(cfg.agent.preset, **cfg.agent.get("overrides", {}))
+    cfg.env.obs = list(dict.fromkeys([*reads, "state", "physics"]))
+
+
+def _prepare(argv: list[str] | None, config_name: str = "train") -> tuple[DictConfig, Path]:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        print("Keys (set with key=value):\n")
+        print(OmegaConf.to_yaml(load_config([], config_name)))
+        raise SystemExit(0)
+    cfg = load_config(argv, config_name)
+    OmegaConf.set_struct(cfg, False)
+    _resolve_obs(cfg)
+    run_dir = _resolve_run_dir(cfg)
+    cfg.run_dir = str(run_dir)
+    return cfg, run_dir
+
+
+def _fail(err: Exception) -> None:
+    print(f"error: {err}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def train_main(argv: list[str] | None = None) -> dict:
+    """``train_agent.py``: train an agent online or offline; prints where results went."""
+    from latentrl.training.trainer import Trainer
+
+    try:
+        cfg, run_dir = _prepare(argv)
+        trainer = Trainer(cfg, run_dir, agent_overrides=dict(cfg.agent.get("overrides", {})))
+    except (ValueError, KeyError, FileNotFoundError) as err:
+        _fail(err)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    mode = f"offline on {cfg.data}" if cfg.data else f"online on {cfg.env.task} x{cfg.env.num_envs}"
+    print(f"[latentrl] training {cfg.agent.name} ({cfg.agent.preset}) {mode}; device {trainer.device}; "
+          f"run dir {run_dir}")
+    result = trainer.train()
+    print(f"[latentrl] done: {trainer.env_steps} env steps, {trainer.updates} updates")
+    print(f"[latentrl] logs:       {run_dir / 'metrics.csv'} and {run_dir / 'tb'} (tensorboard --logdir {run_dir})")
+    print(f"[latentrl] checkpoint: {trainer.checkpoint_path}")
+    if getattr(trainer, "last_video", None):
+        print(f"[latentrl] video:      {trainer.last_video}")
+    if result:
+        print("[latentrl] evaluation: " + ", ".join(f"{k}={v:.3g}" for k, v in result.items()))
+    return result
+
+
+def collect_main(argv: list[str] | None = None) -> Path:
+    """``collect_dataset.py``: train an exploration agent online and save everything it collected.
+
+    ``out=<folder>`` receives a reward-free dataset with physics states (``ReplayBuffer.save``)
+    that ``ReplayBuffer.load`` and ``train_agent.py data=<folder>`` read back.
+    """
+    from latentrl.training.trainer import Trainer
+
+    try:
+        cfg, run_dir = _prepare(argv)
+        if not cfg.out:
+            raise ConfigError("collect_dataset.py needs out=<folder> for the dataset")
+        if cfg.data:
+            raise ConfigError("collect_dataset.py collects online; drop data=...")
+        if "physics" not in cfg.env.obs:
+            raise ConfigError("datasets must store physics states (env.obs must include physics)")
+        out = Path(cfg.out)
+        if out.exists() and any(out.iterdir()):
+            raise ConfigError(f"{out} exists and is not empty; choose another out=...")
+        cfg.buffer_capacity = max(int(cfg.buffer_capacity), int(cfg.steps * 1.1) + 1000 * cfg.env.num_envs)
+        trainer = Trainer(cfg, run_dir, agent_overrides=dict(cfg.agent.get("overrides", {})))
+    except (ValueError, KeyError, FileNotFoundError) as err:
+        _fail(err)
+    print(f"[latentrl] collecting {cfg.steps} steps of {cfg.env.task} with {cfg.agent.name}; run dir {run_dir}")
+    trainer.train()
+    trainer.buffer.save(out)
+    print(f"[latentrl] dataset: {out} ({len(trainer.buffer)} transitions, {trainer.buffer.num_episodes} episodes, "
+          f"keys {list(cfg.env.obs)})")
+    return out

@@ -1,0 +1,279 @@
+"""The one training loop: online (collect -> buffer -> update) or offline (dataset -> update).
+
+Agents never own a loop; they expose ``sample_spec``, ``update`` and ``policy`` and this module
+drives them, evaluates them with videos, logs, and checkpoints atomically so that ``resume=true``
+continues a killed run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from latentrl.agents import make_agent
+from latentrl.agents.base import Agent, Policy
+from latentrl.envs import make_env
+from latentrl.replay import ReplayBuffer
+from latentrl.training.checkpoint import load_checkpoint, save_checkpoint
+from latentrl.training.logger import RunLogger, write_video
+
+__all__ = ["Trainer", "NonFiniteLossError", "EvalResult", "evaluate_policy", "resolve_device", "seed_everything"]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """An update produced a NaN or infinite loss; training stops instead of continuing silently."""
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` is CUDA when present, else the CPU; anything else is passed to ``torch.device``."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class EvalResult:
+    returns: list[float]
+    lengths: list[int]
+    frames: np.ndarray | None  # [T, 3, H, W] uint8 of the first episode, when recorded
+
+    @property
+    def mean_return(self) -> float:
+        return float(np.mean(self.returns))
+
+
+@torch.no_grad()
+def evaluate_policy(env, policy: Policy, episodes: int, *, record: bool = False,
+                    reward_fn=None) -> EvalResult:
+    """Run ``episodes`` full episodes of ``policy`` on ``env`` (all its envs in parallel).
+
+    ``reward_fn`` (a task from ``get_task``) replaces the env's own reward, computed from
+    ``("next", "physics")``; otherwise the env's reward is summed. Records the first env's frames.
+    """
+    n = env.batch_size[0]
+    returns, lengths, frames = [], [], []
+    while len(returns) < episodes:
+        td = env.reset()
+        policy.reset()
+        ret = torch.zeros(n, dtype=torch.float64)
+        length = torch.zeros(n, dtype=torch.int64)
+        alive = torch.ones(n, dtype=torch.bool)
+        if record and not returns and "pixels" in td.keys():
+            frames.append(td["pixels"][0].cpu().numpy())
+        while alive.any():
+            td["action"] = policy(td.exclude("action"))
+            td = env.step(td)
+            nxt = td["next"]
+            if reward_fn is not None:
+                r = reward_fn.rewards_from_states(nxt["physics"].cpu().numpy(), td["action"].cpu().numpy())
+                reward = torch.as_tensor(r, dtype=torch.float64)
+            else:
+                reward = nxt["reward"].reshape(-1).double().cpu()
+            ret += reward * alive
+            length += alive.long()
+            if record and not returns and "pixels" in nxt.keys() and alive[0]:
+                frames.append(nxt["pixels"][0].cpu().numpy())
+            alive &= ~nxt["done"].reshape(-1).cpu()
+            td = nxt.clone(False)
+        returns.extend(ret.tolist())
+        lengths.extend(length.tolist())
+    return EvalResult(returns[:episodes], lengths[:episodes], np.stack(frames) if frames else None)
+
+
+def _check_finite(metrics: dict[str, float], update: int, env_steps: int) -> None:
+    bad = {k: v for k, v in metrics.items() if not math.isfinite(float(v))}
+    if bad:
+        raise NonFiniteLossError(
+            f"non-finite values at update {update} (env step {env_steps}): "
+            + ", ".join(f"{k}={v}" for k, v in bad.items())
+            + ". Training stopped; the last checkpoint holds the state before this update. Lower the "
+            "learning rate, check the inputs, or resume from the checkpoint with another seed."
+        )
+
+
+class Trainer:
+    """Builds env, buffer and agent from a run config and trains, evaluates, logs and checkpoints."""
+
+    def __init__(self, cfg: DictConfig, run_dir: str | Path, *, agent_overrides: dict[str, Any] | None = None):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.device = resolve_device(cfg.device)
+        self.offline = cfg.data is not None
+        seed_everything(cfg.seed)
+        self.agent_overrides = dict(agent_overrides or {})
+        e = cfg.env
+        obs = tuple(e.obs)
+        self.env = make_env(e.task, obs=obs, image_size=e.image_size, camera=e.camera,
+                            action_repeat=e.action_repeat, num_envs=1 if self.offline else e.num_envs,
+                            backend=e.backend, seed=cfg.seed, floor=e.floor, episode_length=e.episode_length,
+                            num_workers=0 if self.offline else e.num_workers)
+        eval_obs = tuple(dict.fromkeys((*obs, "pixels"))) if cfg.eval.video else obs
+        self.eval_env = make_env(e.task, obs=eval_obs, image_size=e.image_size, camera=e.camera,
+                                 action_repeat=e.action_repeat, num_envs=1, backend=e.backend,
+                                 seed=cfg.seed + 10_000, floor=e.floor, episode_length=e.episode_length,
+                                 num_workers=0)
+        self.agent: Agent = make_agent(cfg.agent.name, self.env, preset=cfg.agent.preset,
+                                       device=str(self.device), **self.agent_overrides)
+        if self.offline:
+            self.buffer = ReplayBuffer.load(cfg.data, device=self.device)
+        else:
+            self.buffer = ReplayBuffer(cfg.buffer_capacity, device=self.device)
+        self.spec = dataclasses.asdict(self.agent.sample_spec())
+        self.env_steps = 0
+        self.updates = 0
+        self.episodes = 0
+        self.checkpoint_path = self.run_dir / "checkpoints" / "latest.pt"
+        self.logger = RunLogger(self.run_dir, tensorboard=cfg.log.tensorboard, wandb_project=cfg.log.wandb_project,
+                                config=OmegaConf.to_container(cfg, resolve=True))
+        if cfg.resume and self.checkpoint_path.exists():
+            self._resume()
+
+    # --------------------------------------------------------------------------------- checkpoints
+    def _config_dict(self) -> dict:
+        out = OmegaConf.to_container(self.cfg, resolve=True)
+        out["agent"]["overrides"] = dict(self.agent_overrides)
+        return out
+
+    def save(self) -> Path:
+        buffer_state = None if self.offline else self.buffer.state_dict()
+        return save_checkpoint(self.checkpoint_path, self.agent,
+                               counters={"env_steps": self.env_steps, "updates": self.updates,
+                                         "episodes": self.episodes},
+                               config=self._config_dict(), buffer_state=buffer_state)
+
+    def _resume(self) -> None:
+        payload = load_checkpoint(self.checkpoint_path, self.agent)
+        counters = payload["counters"]
+        self.env_steps, self.updates, self.episodes = counters["env_steps"], counters["updates"], counters["episodes"]
+        if payload["buffer"] is not None and not self.offline:
+            self.buffer.load_state_dict(payload["buffer"])
+        # Episodes in flight when the run stopped are lost; the env starts fresh ones with new ids.
+        self.env.set_seed(self.cfg.seed + 1_000_003 * (self.env_steps + 1))
+        print(f"[latentrl] resumed from {self.checkpoint_path} at env step {self.env_steps}, update {self.updates}")
+
+    # ----------------------------------------------------------------------------------------- loop
+    def _update(self) -> dict[str, float]:
+        batch = self.buffer.sample(**self.spec)
+        metrics = self.agent.update(batch)
+        self.updates += 1
+        _check_finite(metrics, self.updates, self.env_steps)
+        return metrics
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        cfg = self.cfg.eval
+        self.agent.eval()
+        result = evaluate_policy(self.eval_env, self.agent.policy(explore=False), cfg.episodes, record=cfg.video)
+        self.agent.train()
+        metrics = {"eval/return": result.mean_return, "eval/episode_length": float(np.mean(result.lengths))}
+        if cfg.video and result.frames is not None:
+            path = write_video(self.run_dir / "videos" / f"eval_{step:09d}.mp4", result.frames, fps=cfg.video_fps)
+            self.last_video = path
+        return metrics
+
+    def train(self) -> dict[str, float]:
+        """Run until ``cfg.steps`` (env steps online, updates offline); returns the last eval metrics."""
+        cfg = self.cfg
+        total = cfg.steps
+        unit = "updates" if self.offline else "env steps"
+        progress = tqdm(total=total, initial=self.updates if self.offline else self.env_steps, unit=unit,
+                        dynamic_ncols=True, disable=not cfg.log.progress, mininterval=1.0)
+        last_eval: dict[str, float] = {}
+        next_eval = _next_multiple(self.current, cfg.eval.every) if self.current > 0 else 0
+        next_log = _next_multiple(self.current, cfg.log.every)
+        next_ckpt = _next_multiple(self.current, cfg.checkpoint_every)
+        metrics: dict[str, float] = {}
+        started, start_count = time.time(), self.current
+        try:
+            if self.offline:
+                loop = self._offline_steps()
+            else:
+                loop = self._online_steps()
+            for step_metrics in loop:
+                metrics.update(step_metrics)
+                progress.update(self.current - progress.n)
+                if self.current >= next_log:
+                    rate = (self.current - start_count) / max(time.time() - started, 1e-9)
+                    self.logger.log(self.env_steps, {**metrics, "updates": self.updates, "env_steps": self.env_steps,
+                                                     f"{unit.replace(' ', '_')}_per_s": rate})
+                    progress.set_postfix({k: f"{v:.3g}" for k, v in list(metrics.items())[:3]})
+                    next_log = _next_multiple(self.current, cfg.log.every)
+                if self.current >= next_eval and cfg.eval.every > 0:
+                    last_eval = self.evaluate(self.current)
+                    self.logger.log(self.env_steps, last_eval)
+                    next_eval = _next_multiple(self.current, cfg.eval.every)
+                if self.current >= next_ckpt:
+                    self.save()
+                    next_ckpt = _next_multiple(self.current, cfg.checkpoint_every)
+                if self.current >= total:
+                    break
+            progress.n = self.current
+            progress.close()
+            if cfg.eval.every > 0 or cfg.eval.at_end:
+                last_eval = self.evaluate(self.current)
+                self.logger.log(self.env_steps, last_eval)
+            self.save()
+        finally:
+            progress.close()
+            self.logger.close()
+        return last_eval
+
+    @property
+    def current(self) -> int:
+        return self.updates if self.offline else self.env_steps
+
+    def _offline_steps(self):
+        while True:
+            yield self._update()
+
+    def _online_steps(self):
+        cfg = self.cfg
+        env, agent = self.env, self.agent
+        policy = agent.policy(explore=True)
+        td = env.reset()
+        policy.reset()
+        n = env.batch_size[0]
+        update_debt = 0.0
+        while True:
+            obs = td.exclude("action", "next")
+            td["action"] = policy(obs)
+            for key, value in policy.extras().items():
+                td[key] = value
+            td, td_next = env.step_and_maybe_reset(td)
+            self.buffer.extend(td)
+            done = td["next", "done"].reshape(-1)
+            if done.any():
+                policy.reset(done)
+                self.episodes += int(done.sum())
+            self.env_steps += n
+            agent.env_steps = self.env_steps
+            metrics: dict[str, float] = {}
+            if self.env_steps >= cfg.learning_starts and len(self.buffer) > 0:
+                update_debt += n * cfg.updates_per_step
+                while update_debt >= 1:
+                    metrics = self._update()
+                    update_debt -= 1
+            td = td_next
+            yield metrics
+
+
+def _next_multiple(x: int, every: int) -> int:
+    if every <= 0:
+        return 1 << 62
+    return (x // every + 1) * every
