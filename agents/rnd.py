@@ -36,6 +36,10 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+from tensordict import TensorDict
+from torch import Tensor, nn
+from torchrl.envs import EnvBase
+
 from latentrl.agents.base import Agent, Policy, SampleSpec, Task, UnsupportedTaskError, config_from_preset
 from latentrl.agents.common import (
     DDPGActorCritic,
@@ -48,9 +52,6 @@ from latentrl.agents.common import (
     weight_init,
 )
 from latentrl.world_models.encoders import ObservationEncoder, RandomShiftsAug, make_encoder
-from tensordict import TensorDict
-from torch import Tensor, nn
-from torchrl.envs import EnvBase
 
 __all__ = ["PRESETS", "RNDAgent", "RNDConfig", "RNDPolicy", "RandomNetworkDistillation"]
 

@@ -55,3 +55,12 @@ def make_env(task: str, *, obs=("pixels", "state"), image_size: int = 64, camera
         return MJWarpEnv(task, obs=obs, image_size=image_size, camera=camera, action_repeat=action_repeat,
                          num_envs=num_envs, seed=seed, floor=floor, episode_length=episode_length, device=device)
     raise ValueError(f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
+
+
+def _register_gymnasium() -> None:
+    from latentrl.envs.gym import register_envs
+
+    register_envs()
+
+
+_register_gymnasium()

@@ -17,7 +17,9 @@ import atexit
 import colorsys
 import math
 import multiprocessing as mp
+import os
 import traceback
+import weakref
 from dataclasses import dataclass
 from multiprocessing import shared_memory
 
@@ -60,9 +62,12 @@ def apply_gradient_floor(model: mujoco.MjModel, period: float = 40.0) -> None:
     along y, spanning ``period`` metres before it repeats (METRA recolours the floor with a
     gradient for the same reason; the exact colours here are ours).
     """
-    floor = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_GEOM, "floor")
-    if floor < 0:
-        raise ValueError("floor='gradient' needs a geom named 'floor' in the model")
+    names = [mujoco.mj_id2name(model, mujoco.mjtObj.mjOBJ_GEOM, i) for i in range(model.ngeom)]
+    planes = [i for i in range(model.ngeom) if model.geom_type[i] == mujoco.mjtGeom.mjGEOM_PLANE]
+    named = [i for i in planes if names[i] in ("floor", "ground")]
+    if not (named or planes):
+        raise ValueError("floor='gradient' needs a floor: a plane geom (named 'floor' or 'ground')")
+    floor = (named or planes)[0]
     mat = model.geom_matid[floor]
     if mat < 0:
         raise ValueError("floor='gradient' needs the floor geom to have a material")
@@ -83,6 +88,25 @@ def apply_gradient_floor(model: mujoco.MjModel, period: float = 40.0) -> None:
     model.mat_texrepeat[mat] = 1.0 / period
     model.mat_rgba[mat] = 1.0
     model.mat_reflectance[mat] = 0.0
+
+
+def _use_configured_gl_backend() -> None:
+    """Make ``mujoco.Renderer`` use ``MUJOCO_GL`` (egl by default) even if mujoco was imported first.
+
+    MuJoCo picks its GL backend when it is first imported; a library imported before latentrl
+    (torchrl does so) freezes the default (GLFW, which fails headless). Point it at the
+    backend named now.
+    """
+    from mujoco.rendering.classic import gl_context
+
+    backend = os.environ.get("MUJOCO_GL", "egl").lower()
+    if backend == "egl":
+        from mujoco.egl import GLContext
+    elif backend == "osmesa":
+        from mujoco.osmesa import GLContext
+    else:
+        return
+    gl_context.GLContext = GLContext
 
 
 class _Slots:
@@ -107,10 +131,13 @@ class _Slots:
                 model.vis.quality.offsamples = 0
                 global _RENDERED_IN_THIS_PROCESS
                 _RENDERED_IN_THIS_PROCESS = True
+                _use_configured_gl_backend()
                 renderer = mujoco.Renderer(model, cfg.image_size, cfg.image_size)
                 renderer.scene.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = 0
                 renderer.scene.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
                 self.renderers.append(renderer)
+        # Free GL contexts before MuJoCo's own exit hook tears down the EGL display.
+        atexit.register(_close_slots, weakref.ref(self))
         self.episode = np.full(len(self.envs), -1, dtype=np.int64)
         self.step_count = np.zeros(len(self.envs), dtype=np.int64)
         self.num_episodes = np.zeros(len(self.envs), dtype=np.int64)
@@ -173,6 +200,12 @@ class _Slots:
         for renderer in self.renderers:
             renderer.close()
         self.renderers = []
+
+
+def _close_slots(ref) -> None:
+    slots = ref()
+    if slots is not None:
+        slots.close()
 
 
 def _worker(conn, cfg: EnvConfig, env_ids, seeds, shm_specs) -> None:

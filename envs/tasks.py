@@ -24,7 +24,9 @@ from dm_control.rl import control
 
 from latentrl.envs import custom_tasks
 
-__all__ = ["Task", "get_task", "list_tasks", "list_domain_tasks", "PHYSICS_STATE", "get_physics_state", "set_physics_state"]
+__all__ = [
+    "PHYSICS_STATE", "Task", "get_physics_state", "get_task", "list_domain_tasks", "list_tasks", "set_physics_state",
+]
 
 # mj_getState spec of the ``physics`` key: time, qpos, qvel, act, plugin state, mocap, ...
 PHYSICS_STATE = mujoco.mjtState.mjSTATE_PHYSICS

@@ -25,9 +25,10 @@ from pathlib import Path
 
 import torch
 import torchrl
-from latentrl.replay import ReplayBuffer
 from tensordict import TensorDict
 from torchrl.data import LazyTensorStorage, TensorDictReplayBuffer
+
+from latentrl.replay import ReplayBuffer
 
 REPO = Path(__file__).resolve().parents[1]
 ACTION_DIM = 6

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from tensordict import TensorDict
+
 from latentrl.world_models import (
     DreamerEncoder,
     DrQEncoder,
@@ -14,7 +16,6 @@ from latentrl.world_models import (
     WorldModel,
     make_encoder,
 )
-from tensordict import TensorDict
 
 
 def _pixels(batch: int, channels: int, size: int = 64) -> torch.Tensor:

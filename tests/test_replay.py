@@ -9,8 +9,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from latentrl.replay import ReplayBuffer
 from tensordict import MemoryMappedTensor, TensorDict
+
+from latentrl.replay import ReplayBuffer
 
 
 class FakeEnvs:

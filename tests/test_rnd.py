@@ -10,6 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
+from tensordict import TensorDict
+from torchrl.data import Bounded, Composite, Unbounded
+
 from latentrl.agents import UnsupportedTaskError, make_agent
 from latentrl.agents.base import RewardSamples, Task
 from latentrl.agents.common import (
@@ -22,9 +26,6 @@ from latentrl.agents.common import (
     soft_update_params,
 )
 from latentrl.agents.rnd import PRESETS, RNDAgent, RNDConfig
-from omegaconf import OmegaConf
-from tensordict import TensorDict
-from torchrl.data import Bounded, Composite, Unbounded
 
 STATE_DIM, ACTION_DIM, IMAGE = 24, 6, 64
 TINY = {"hidden_dim": 64, "feature_dim": 16, "rnd_rep_dim": 32, "batch_size": 8}
@@ -369,8 +370,9 @@ def test_smoke_collects_into_the_replay_buffer_and_trains():
     """make_env -> explore policy -> ReplayBuffer -> update on ``buffer.sample(**asdict(sample_spec()))``."""
     pytest.importorskip("latentrl.envs.dmc")
     replay = pytest.importorskip("latentrl.replay")
-    from latentrl.envs import make_env
     from torchrl.envs.utils import step_mdp
+
+    from latentrl.envs import make_env
 
     torch.manual_seed(0)
     env = make_env("walker-walk", obs=("state",), num_envs=2, seed=0, num_workers=0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from dm_control import suite
+
 from latentrl.envs import custom_tasks
 from latentrl.envs.custom_tasks import CUSTOM_TASKS
 from latentrl.envs.tasks import get_physics_state, get_task, list_tasks, set_physics_state

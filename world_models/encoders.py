@@ -19,9 +19,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from latentrl.world_models.base import WorldModel
 from tensordict import TensorDict
 from torch import Tensor, nn
+
+from latentrl.world_models.base import WorldModel
 
 __all__ = [
     "DrQEncoder",

@@ -1,0 +1,378 @@
+"""Benchmark: pixel frames per second of latentrl's envs against TorchRL's dm_control wrapper.
+
+Both sides step the same dm_control task with random actions and return 64x64 RGB frames:
+
+- ours: ``latentrl.envs.make_env(task, obs=("pixels",), image_size=64, num_envs=W, num_workers=W)``
+  (one ``mujoco.Renderer`` per env with a 64x64 buffer, no shadows / reflections / multisampling);
+- TorchRL: ``DMControlWrapper`` over dm_control's ``pixels.Wrapper(env, pixels_only=True,
+  render_kwargs={"height": 64, "width": 64, "camera_id": C})`` with dm_control's default render
+  settings, and ``ParallelEnv(W, make_fn)`` for W > 1 (its default start method, spawn).
+
+Every configuration runs in a fresh interpreter (this script with ``--run-one``): our workers are
+forked only from a process that has not rendered yet, and the baseline's ``ParallelEnv`` spawns.
+Configurations are interleaved over ``--rounds`` rounds so that load from other processes on the
+machine hits both sides alike; each run builds its env, resets once, warms up, then times
+``--segments`` segments of ``--steps`` steps (no reset inside). Frames/s are env steps per second
+summed over the envs; the table reports medians over all timed segments of all rounds. It also saves
+one frame of each side, rendered from the same physics state, to ``--frames-dir`` as PNG.
+
+    python scripts/bench_envs.py                      # a few minutes: walker-walk, 3 rounds
+    python scripts/bench_envs.py --quick              # ~1 minute
+    python scripts/bench_envs.py --tasks walker-walk cheetah-run quadruped-walk
+    python scripts/bench_envs.py --backend mjwarp     # once the MuJoCo Warp backend exists
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# Before dm_control / mujoco are imported (they are imported only inside the functions below).
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+REPO = Path(__file__).resolve().parents[1]
+RESULT_TAG = "BENCH_ENVS_RESULT "
+TARGET_PER_WORKER = 8.0  # ours per worker must reach this multiple of TorchRL's per worker
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", nargs="+", default=["walker-walk"],
+                        help="tasks to measure (e.g. walker-walk cheetah-run quadruped-walk)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2],
+                        help="worker counts W (one env each)")
+    parser.add_argument("--backend", default="dmc", choices=["dmc", "mjwarp"], help="our backend")
+    parser.add_argument("--device", default="cpu", help="device of our env's tensors (mjwarp: where it runs)")
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=200, help="timed env steps per segment (per env)")
+    parser.add_argument("--segments", type=int, default=3, help="timed segments per run")
+    parser.add_argument("--rounds", type=int, default=3, help="fresh-process runs per configuration")
+    parser.add_argument("--warmup", type=int, default=20, help="untimed steps after the reset")
+    parser.add_argument("--quick", action="store_true",
+                        help="~1 minute run: 1 round of 3 segments of 100 steps")
+    parser.add_argument("--frames-dir", type=Path, default=Path("/tmp"),
+                        help="where one frame of each side is saved as PNG (empty string: skip)")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "bench_envs.md", help="markdown report")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds allowed per run")
+    parser.add_argument("--run-one", default=None, help=argparse.SUPPRESS)  # internal: JSON of one run
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds, args.segments, args.steps, args.warmup = 1, 3, 100, 10
+    if min(args.steps, args.segments, args.rounds) < 1 or args.warmup < 0 or min(args.workers) < 1:
+        parser.error("--steps, --segments, --rounds and --workers must be >= 1, --warmup >= 0")
+    return args
+
+
+# --------------------------------------------------------------------------------------- one run
+def camera_of(task: str) -> int:
+    from latentrl.envs import get_task
+
+    return get_task(task).default_camera
+
+
+def make_dm_pixel_env(task: str, seed: int, image_size: int, camera: int):
+    """dm_control env of ``task`` wrapped in dm_control's pixel wrapper (default render settings)."""
+    from dm_control import suite
+    from dm_control.suite.wrappers import pixels
+
+    domain, name = task.split("-", 1)
+    # Infinite time limit, as in ours: no episode ends (and no auto-reset) inside a timed run.
+    if (domain, name) in suite.ALL_TASKS:
+        env = suite.load(domain, name, task_kwargs={"random": seed, "time_limit": float("inf")})
+    else:  # a latentrl custom task: its own dm_control loader
+        from latentrl.envs import get_task
+
+        env = get_task(task).make_dm_env(seed=seed, time_limit=float("inf"))
+    return pixels.Wrapper(env, pixels_only=True,
+                          render_kwargs={"height": image_size, "width": image_size, "camera_id": camera})
+
+
+def make_torchrl_env(task: str, seed: int, image_size: int, camera: int):
+    from torchrl.envs.libs.dm_control import DMControlWrapper
+
+    return DMControlWrapper(make_dm_pixel_env(task, seed, image_size, camera))
+
+
+def build_env(spec: dict):
+    task, w, size = spec["task"], spec["workers"], spec["image_size"]
+    if spec["side"] == "ours":
+        from latentrl.envs import make_env
+
+        kwargs = {"num_workers": w} if spec["backend"] == "dmc" else {}
+        return make_env(task, obs=("pixels",), image_size=size, num_envs=w, backend=spec["backend"],
+                        device=spec["device"], **kwargs)
+    camera = camera_of(task)
+    if w == 1:
+        return make_torchrl_env(task, 0, size, camera)
+    from torchrl.envs import ParallelEnv
+
+    fns = [functools.partial(make_torchrl_env, task, i, size, camera) for i in range(w)]
+    return ParallelEnv(w, fns)
+
+
+def run_one(spec: dict) -> dict:
+    """Build, reset, warm up and time one configuration (in this fresh process)."""
+    t0 = time.perf_counter()
+    env = build_env(spec)
+    td = env.reset()
+    startup = time.perf_counter() - t0
+    try:
+        for _ in range(spec["warmup"]):
+            td["action"] = env.action_spec.rand()
+            td = env.step(td)["next"]
+        fps = []
+        for _ in range(spec["segments"]):
+            t = time.perf_counter()
+            for _ in range(spec["steps"]):
+                td["action"] = env.action_spec.rand()
+                td = env.step(td)["next"]
+            fps.append(spec["steps"] * spec["workers"] / (time.perf_counter() - t))
+        shape = list(td["pixels"].shape)
+    finally:
+        env.close()
+    return {"fps": fps, "startup_s": startup, "pixels_shape": shape}
+
+
+def check_backend(spec: dict) -> dict:
+    """Whether our env can be built with ``spec["backend"]`` at all (in this fresh process)."""
+    from latentrl.envs import make_env
+
+    try:
+        env = make_env(spec["task"], obs=("pixels",), image_size=spec["image_size"], num_envs=1,
+                       backend=spec["backend"], device=spec["device"])
+    except (NotImplementedError, ModuleNotFoundError) as err:
+        return {"ok": False, "error": f"{type(err).__name__}: {err}"}
+    env.close()
+    return {"ok": True}
+
+
+def save_frames(spec: dict) -> dict:
+    """One frame of each side from the same physics state: PNGs at 64x64 and a 4x side-by-side."""
+    import imageio.v3 as iio
+    import numpy as np
+    import torch
+
+    from latentrl.envs import make_env
+    from latentrl.envs.tasks import set_physics_state
+
+    task, size, out = spec["task"], spec["image_size"], Path(spec["frames_dir"])
+    ours = make_env(task, obs=("pixels", "physics"), image_size=size, num_envs=1, num_workers=0)
+    td = ours.reset()
+    torch.manual_seed(0)
+    for _ in range(30):  # move away from the initial pose so that the limbs are spread out
+        td["action"] = ours.action_spec.rand()
+        td = ours.step(td)["next"]
+    ours_frame = td["pixels"][0].permute(1, 2, 0).numpy()
+    state = td["physics"][0].numpy()
+    ours.close()
+
+    base = make_dm_pixel_env(task, 0, size, camera_of(task))
+    base.reset()
+    set_physics_state(base.physics, state)
+    base_frame = base.physics.render(**base._render_kwargs)  # exactly what pixels.Wrapper returns
+
+    slug = task.replace("-", "_")
+    paths = {"ours": out / f"bench_envs_{slug}_ours.png", "torchrl": out / f"bench_envs_{slug}_torchrl.png",
+             "side_by_side": out / f"bench_envs_{slug}_side_by_side.png"}
+    iio.imwrite(paths["ours"], ours_frame)
+    iio.imwrite(paths["torchrl"], base_frame)
+    gap = np.full((size, 2, 3), 255, dtype=np.uint8)
+    both = np.concatenate([ours_frame, gap, base_frame], axis=1)
+    iio.imwrite(paths["side_by_side"], both.repeat(4, axis=0).repeat(4, axis=1))
+    diff = np.abs(ours_frame.astype(np.int16) - base_frame.astype(np.int16))
+    return {"paths": {k: str(v) for k, v in paths.items()}, "mean_abs_diff": float(diff.mean()),
+            "frac_pixels_diff_gt_32": float((diff.max(axis=-1) > 32).mean()),
+            "mean_ours": ours_frame.reshape(-1, 3).mean(0).round(1).tolist(),
+            "mean_torchrl": base_frame.reshape(-1, 3).mean(0).round(1).tolist()}
+
+
+def child_main(payload: str) -> None:
+    spec = json.loads(payload)
+    job = {"run": run_one, "check": check_backend, "frames": save_frames}[spec["job"]]
+    print(RESULT_TAG + json.dumps(job(spec)), flush=True)
+
+
+# ------------------------------------------------------------------------------------------- parent
+def spawn(spec: dict, timeout: float) -> dict:
+    """Run one job in a fresh interpreter and return its result."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--run-one", json.dumps(spec)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    except subprocess.TimeoutExpired as err:
+        raise RuntimeError(f"{spec} did not finish in {timeout:.0f} s") from err
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_TAG):
+            return json.loads(line[len(RESULT_TAG):])
+    raise RuntimeError(f"{spec} failed (exit code {proc.returncode}):\n"
+                       f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+
+
+def versions() -> str:
+    import mujoco
+    import torch
+    import torchrl
+
+    try:
+        from importlib.metadata import version
+
+        dmc = version("dm_control")
+    except Exception:  # noqa: BLE001
+        dmc = "?"
+    return (f"{platform.platform()}, {platform.machine()}, {os.cpu_count()} CPUs, "
+            f"python {platform.python_version()}, "
+            f"torch {torch.__version__}, torchrl {torchrl.__version__}, mujoco {mujoco.__version__}, "
+            f"dm_control {dmc}, MUJOCO_GL={os.environ.get('MUJOCO_GL')}")
+
+
+def gl_renderer() -> str:
+    """The OpenGL renderer string (a child process: this one must not render)."""
+    code = ("import os; os.environ.setdefault('MUJOCO_GL', 'egl'); import mujoco; "
+            "from dm_control import suite; e = suite.load('cartpole', 'balance'); e.physics.render(8, 8); "
+            "from OpenGL import GL; print(GL.glGetString(GL.GL_RENDERER).decode(), '/', "
+            "GL.glGetString(GL.GL_VERSION).decode())")
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        return out.stdout.strip().splitlines()[-1]
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
+def fmt(x: float) -> str:
+    return f"{x:,.0f}" if x >= 100 else f"{x:,.1f}"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, REPO), *sys.argv[1:]])
+    base = {"image_size": args.image_size, "backend": args.backend, "device": args.device}
+
+    if args.backend != "dmc":
+        check = spawn({**base, "job": "check", "task": args.tasks[0]}, args.timeout)
+        if not check["ok"]:
+            print(f"backend={args.backend!r} is not built yet, nothing to measure ({check['error']}). "
+                  f"Run with --backend dmc.")
+            return 1
+
+    started = datetime.datetime.now().isoformat(timespec="seconds")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    t_start = time.perf_counter()
+    configs = [(task, w, side) for task in args.tasks for w in args.workers for side in ("ours", "torchrl")]
+    fps = {c: [] for c in configs}
+    startup = {c: [] for c in configs}
+    for r in range(args.rounds):
+        for task, w, side in configs:
+            spec = {**base, "job": "run", "task": task, "workers": w, "side": side, "steps": args.steps,
+                    "segments": args.segments, "warmup": args.warmup}
+            res = spawn(spec, args.timeout)
+            fps[(task, w, side)] += res["fps"]
+            startup[(task, w, side)].append(res["startup_s"])
+            print(f"round {r + 1}/{args.rounds} {task} W={w} {side:7s}: frames/s "
+                  + ", ".join(fmt(x) for x in res["fps"]) + f" (startup {res['startup_s']:.1f} s, pixels "
+                  f"{res['pixels_shape']})", flush=True)
+
+    frames = {}
+    if str(args.frames_dir):
+        args.frames_dir.mkdir(parents=True, exist_ok=True)
+        for task in args.tasks:
+            frames[task] = spawn({**base, "job": "frames", "task": task, "frames_dir": str(args.frames_dir)},
+                                 args.timeout)
+            print(f"{task}: frames saved to {frames[task]['paths']}")
+    elapsed = time.perf_counter() - t_start
+
+    ours_name = f"ours ({args.backend})"
+    rows = ["| task | workers | ours frames/s | TorchRL frames/s | ratio | ours per worker | "
+            "TorchRL per worker | startup s (ours / TorchRL) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    verdicts = []
+    for task in args.tasks:
+        for w in args.workers:
+            o = statistics.median(fps[(task, w, "ours")])
+            b = statistics.median(fps[(task, w, "torchrl")])
+            so = statistics.median(startup[(task, w, "ours")])
+            sb = statistics.median(startup[(task, w, "torchrl")])
+            ratio = o / b
+            rows.append(f"| {task} | {w} | {fmt(o)} | {fmt(b)} | {ratio:.1f}x | {fmt(o / w)} | "
+                        f"{fmt(b / w)} | {so:.1f} / {sb:.1f} |")
+            ok = "met" if ratio >= TARGET_PER_WORKER else "NOT met"
+            verdicts.append(f"{task}, {w} worker(s): {ok} ({ratio:.1f}x per worker)")
+    table = "\n".join(rows)
+    n = args.rounds * args.segments
+
+    size = f"{args.image_size}x{args.image_size}"
+    lines = [
+        "# Env benchmark: pixel frames per second",
+        "",
+        f"- date: {started}",
+        f"- machine: {versions()}; OpenGL: {gl_renderer()}; load average at start {load:.2f} (the machine "
+        "is shared with other work, so absolute figures move from run to run; both sides are interleaved "
+        "so that they see the same load)",
+        f"- command: `{command}` (took {elapsed:.0f} s)",
+        f"- setup: {size} RGB frames, random actions from `env.action_spec.rand()`, "
+        "`td = env.step(td)[\"next\"]` loop; each run is a fresh process that builds the env, resets "
+        f"once, takes {args.warmup} warm-up steps, then times {args.segments} segment(s) of {args.steps} "
+        f"steps per env (no reset inside); medians over {n} segments ({args.rounds} round(s) x "
+        f"{args.segments}). Frames/s = env steps per second summed over the envs (one env per worker); "
+        "per worker = frames/s / workers. Startup = building the env plus the first reset (worker "
+        "processes included).",
+        f"- {ours_name}: `latentrl.envs.make_env(task, obs=(\"pixels\",), image_size={args.image_size}, "
+        "num_envs=W, num_workers=W)`: one worker process per env (forked), one `mujoco.Renderer` per env "
+        f"with a {size} offscreen buffer, shadows, reflections and multisampling off; frames come back "
+        "through shared memory.",
+        "- TorchRL: `DMControlWrapper(pixels.Wrapper(env, pixels_only=True, render_kwargs={\"height\": "
+        f"{args.image_size}, \"width\": {args.image_size}, \"camera_id\": C}}))` with dm_control's "
+        "default render settings (shadows, reflections, multisampled offscreen buffer of the model's "
+        "size); `ParallelEnv(W, make_fn)` (spawned workers) for W > 1. Same task (dm_control suite "
+        "loader, seeds 0..W-1, infinite time limit like ours), same camera C (the task's default: 0, "
+        "quadruped 2), same frame size, same number of steps.",
+        "",
+        table,
+        "",
+        f"Target (ours per worker >= {TARGET_PER_WORKER:.0f}x TorchRL's per worker): "
+        + "; ".join(verdicts) + ".",
+        "",
+    ]
+    if frames:
+        lines += [
+            "## Same scene?",
+            "",
+            "One frame of each side, rendered from the same physics state (ours after 30 random steps, "
+            "copied into the baseline's dm_control physics with `set_physics_state`), saved as PNG and "
+            "compared by eye: same body, pose, camera and floor. The differences are the render "
+            "settings, by design: ours draws no shadows and no floor reflection and does not "
+            "multisample, so edges are stair-stepped and the floor under the body is plain; "
+            "dm_control's frame has the body's shadow and its mirror image in the floor, smoothed "
+            "edges, and is a little brighter overall (mean RGB below).",
+            "",
+        ]
+        for task, f in frames.items():
+            lines.append(
+                f"- {task}: `{f['paths']['ours']}`, `{f['paths']['torchrl']}`, 4x side by side (ours "
+                f"left) `{f['paths']['side_by_side']}`; mean absolute difference "
+                f"{f['mean_abs_diff']:.1f} / 255, {100 * f['frac_pixels_diff_gt_32']:.1f}% of pixels "
+                f"differ by more than 32 in some channel; mean RGB ours {f['mean_ours']}, TorchRL "
+                f"{f['mean_torchrl']}.")
+        lines.append("")
+    report = "\n".join(lines)
+    print()
+    print(report)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(report)
+    print(f"written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    if "--run-one" in sys.argv:
+        child_main(parse_args().run_one)
+    else:
+        sys.exit(main())
