@@ -471,6 +471,12 @@ class ReplayBuffer:
         self._pending = self._pending & ~envs
         self._refresh_bounds()
 
+    def end_episodes(self) -> None:
+        """End every running episode at its last stored observation (e.g. after resuming a run, whose
+        envs start new episodes that must not be joined to the ones in flight when it stopped)."""
+        if self.num_envs is not None and bool(self._pending.any()):
+            self._close_pending(self._pending.clone())
+
     # ------------------------------------------------------------------ sampling
     def sample(self, batch_size: int, *, frame_stack: int = 1, horizon: int = 1, goal: str | None = None,
                keys: Sequence[str] | None = None, future_discount: float = 0.99) -> TensorDict:

@@ -437,3 +437,27 @@ def test_samples_on_device():
     buffer.extend(FakeEnvs(LENGTHS).rollout(10))
     batch = buffer.sample(8, frame_stack=2, goal="future")
     assert batch["pixels"].is_cuda and batch["goal", "pixels"].is_cuda
+
+
+def test_end_episodes_keeps_a_restarted_stream_from_joining_the_old_episode():
+    from tensordict import TensorDict
+
+    def step(ep, t, done=False):
+        obs = {"state": torch.full((1, 2), float(100 * ep + t)), "episode": torch.tensor([ep]),
+               "step": torch.tensor([t])}
+        nxt = {"state": torch.full((1, 2), float(100 * ep + t + 1)), "episode": torch.tensor([ep]),
+               "step": torch.tensor([t + 1]), "reward": torch.zeros(1, 1),
+               "done": torch.tensor([[done]]), "terminated": torch.tensor([[False]]),
+               "truncated": torch.tensor([[done]])}
+        return TensorDict({**obs, "action": torch.zeros(1, 1), "next": TensorDict(nxt, [1])}, [1])
+
+    buffer = ReplayBuffer(100)
+    for t in range(3):
+        buffer.extend(step(0, t))
+    buffer.end_episodes()  # the run stopped here; a resumed env starts episode 0 again
+    for t in range(3):
+        buffer.extend(step(0, t))
+    batch = buffer.sample(500)
+    # every transition moves one step forward within its episode: none joins old step 3 to new step 0
+    assert torch.equal(batch["next", "state"][:, 0] - batch["state"][:, 0], torch.ones(500))
+    assert buffer.num_episodes == 2

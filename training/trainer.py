@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -115,6 +116,7 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.device = resolve_device(cfg.device)
+        torch.set_num_threads(_resolve_threads(cfg.get("threads", "auto")))
         self.offline = cfg.data is not None
         seed_everything(cfg.seed)
         self.agent_overrides = dict(agent_overrides or {})
@@ -164,6 +166,7 @@ class Trainer:
         self.env_steps, self.updates, self.episodes = counters["env_steps"], counters["updates"], counters["episodes"]
         if payload["buffer"] is not None and not self.offline:
             self.buffer.load_state_dict(payload["buffer"])
+            self.buffer.end_episodes()
         # Episodes in flight when the run stopped are lost; the env starts fresh ones with new ids.
         self.env.set_seed(self.cfg.seed + 1_000_003 * (self.env_steps + 1))
         print(f"[latentrl] resumed from {self.checkpoint_path} at env step {self.env_steps}, update {self.updates}")
@@ -271,6 +274,12 @@ class Trainer:
                     update_debt -= 1
             td = td_next
             yield metrics
+
+
+def _resolve_threads(threads) -> int:
+    if threads == "auto":
+        return max(1, (os.cpu_count() or 2) // 2)
+    return int(threads)
 
 
 def _next_multiple(x: int, every: int) -> int:

@@ -1,0 +1,65 @@
+"""Both install modes give the `latentrl` namespace (and configs) and install no top-level `envs`/`agents`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import venv
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SUBPACKAGES = ["envs", "replay", "world_models", "agents", "training", "control", "configs"]
+
+CHECK = """
+import importlib.util, json, sys
+import latentrl.envs, latentrl.replay, latentrl.world_models, latentrl.agents, latentrl.training
+from latentrl.training.cli import load_config
+from latentrl.envs.tasks import get_task
+cfg = load_config(["agent=rnd", "env=point_mass_maze-loop"])
+get_task("point_mass_maze-loop").make_dm_env(0)  # the maze XML ships as package data
+print(json.dumps({
+    "envs_file": latentrl.envs.__file__,
+    "top_level": [m for m in ("envs", "agents", "replay", "training") if importlib.util.find_spec(m)],
+    "task": cfg.env.task, "agent": cfg.agent.name,
+}))
+"""
+
+
+def _check(python: str, env: dict | None, cwd: Path) -> dict:
+    import json
+
+    proc = subprocess.run([python, "-c", CHECK], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_wheel_maps_folders_into_the_namespace(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path / "dist")], check=True, capture_output=True, timeout=300)
+    wheel = next((tmp_path / "dist").glob("latentrl-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert all(n.startswith(("latentrl/", "latentrl-")) for n in names), sorted({n.split("/")[0] for n in names})
+    for sub in SUBPACKAGES:
+        assert f"latentrl/{sub}/__init__.py" in names
+    assert "latentrl/configs/train.yaml" in names and "latentrl/configs/agent/rnd.yaml" in names
+    assert "latentrl/envs/assets/point_mass_maze.xml" in names
+
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+                   check=True, capture_output=True, timeout=300)
+    assert not (target / "envs").exists() and not (target / "agents").exists()
+    env = {"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin", "MUJOCO_GL": "egl"}
+    out = _check(sys.executable, env, tmp_path)
+    assert out["envs_file"].startswith(str(target)), out
+    assert out["top_level"] == [] and out["task"] == "point_mass_maze-loop" and out["agent"] == "rnd"
+
+
+def test_editable_install_maps_folders_into_the_namespace(tmp_path):
+    venv.EnvBuilder(system_site_packages=True, with_pip=False).create(tmp_path / "venv")
+    python = str(tmp_path / "venv" / "bin" / "python")
+    subprocess.run([sys.executable, "-m", "pip", "--python", python, "install", "--no-deps",
+                    "--no-build-isolation", "-q", "-e", str(ROOT)], check=True, capture_output=True, timeout=300)
+    out = _check(python, None, tmp_path)
+    assert out["envs_file"] == str(ROOT / "envs" / "__init__.py"), out
+    assert out["top_level"] == [] and out["agent"] == "rnd"

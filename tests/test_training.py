@@ -1,0 +1,146 @@
+"""train_agent.py / collect_dataset.py end to end: smoke run, resume after a kill, offline data,
+non-finite losses, and config errors that name the valid choices."""
+
+from __future__ import annotations
+
+import csv
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from latentrl.replay import ReplayBuffer
+from latentrl.training.cli import ConfigError, collect_main, load_config, train_main
+from latentrl.training.trainer import NonFiniteLossError, Trainer, resolve_device
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ["preset=smoke", "log.progress=false", "log.tensorboard=false"]
+
+
+def _run_script(script: str, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_train_agent_smoke_end_to_end(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = _run_script("train_agent.py", "agent=rnd", "env=walker-walk", "preset=smoke", f"run_dir={run_dir}",
+                       "log.progress=false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (run_dir / "checkpoints" / "latest.pt").exists()
+    assert list((run_dir / "videos").glob("*.mp4"))
+    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+    assert (run_dir / "config.yaml").exists()
+    rows = _rows(run_dir / "metrics.csv")
+    assert any(r.get("critic_loss") for r in rows) and any(r.get("eval/return") for r in rows)
+    assert "checkpoint:" in proc.stdout and "video:" in proc.stdout
+    payload = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=False)
+    assert payload["counters"]["env_steps"] == 300 and payload["counters"]["updates"] > 0
+
+
+def test_resume_continues_a_killed_run(tmp_path):
+    run_dir = tmp_path / "run"
+    ckpt = run_dir / "checkpoints" / "latest.pt"
+    args = [sys.executable, str(ROOT / "scripts" / "train_agent.py"), *SMOKE, f"run_dir={run_dir}",
+            "steps=100000", "checkpoint_every=100"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 180
+        while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+        assert ckpt.exists(), "no checkpoint written before the deadline"
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    killed_at = torch.load(ckpt, weights_only=False)["counters"]
+    assert 0 < killed_at["env_steps"] < 100000
+    target = killed_at["env_steps"] + 200
+    out = _run_script("train_agent.py", *SMOKE, f"run_dir={run_dir}", f"steps={target}", "resume=true")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"resumed from {ckpt} at env step {killed_at['env_steps']}" in out.stdout
+    final = torch.load(ckpt, weights_only=False)
+    assert final["counters"]["env_steps"] == target
+    assert final["counters"]["updates"] > killed_at["updates"]
+    assert final["buffer"] is not None  # the replay buffer travels with the checkpoint
+    steps = [int(float(r["step"])) for r in _rows(run_dir / "metrics.csv")]
+    assert max(steps) >= target and min(steps) < killed_at["env_steps"]  # one log across both processes
+
+
+def test_collect_dataset_then_train_offline(tmp_path):
+    data = tmp_path / "walker-rnd"
+    collect_main([*SMOKE, "env.obs=[state,physics]", "steps=250", f"out={data}", f"run_dir={tmp_path / 'c'}"])
+    buffer = ReplayBuffer.load(data)
+    assert len(buffer) >= 240 and buffer.num_episodes >= 2
+    batch = buffer.sample(8)
+    assert batch["next", "physics"].dtype == torch.float64 and batch["state"].shape == (8, 24)
+
+    result = train_main([*SMOKE, f"data={data}", "steps=30", "env.obs=[state,physics]",
+                         f"run_dir={tmp_path / 'offline'}"])
+    assert "eval/return" in result
+    payload = torch.load(tmp_path / "offline" / "checkpoints" / "latest.pt", weights_only=False)
+    assert payload["counters"]["updates"] == 30 and payload["counters"]["env_steps"] == 0
+
+
+def test_non_finite_loss_is_reported_with_the_step(tmp_path, monkeypatch):
+    from latentrl.agents.rnd import RNDAgent
+
+    calls = {"n": 0}
+    original = RNDAgent.update
+
+    def update(self, batch):
+        calls["n"] += 1
+        metrics = original(self, batch)
+        if calls["n"] == 3:
+            metrics["critic_loss"] = math.nan
+        return metrics
+
+    monkeypatch.setattr(RNDAgent, "update", update)
+    cfg = load_config([*SMOKE, "env.obs=[state,physics]", f"run_dir={tmp_path}"])
+    trainer = Trainer(cfg, tmp_path)
+    with pytest.raises(NonFiniteLossError, match=r"update 3 \(env step \d+\).*critic_loss=nan"):
+        trainer.train()
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [("stepz=10", "steps"), ("agent=rdn", "rnd"), ("env=walker-wlk", "walker-walk"),
+     ("eval.episods=3", "eval.episodes")],
+)
+def test_config_errors_name_valid_choices(override, named):
+    with pytest.raises((ConfigError, ValueError), match=named):
+        load_config([override])
+
+
+def test_unknown_agent_field_names_valid_fields(tmp_path):
+    with pytest.raises(SystemExit):
+        train_main([*SMOKE, "agent.batchsize=8", f"run_dir={tmp_path}"])
+    proc = _run_script("train_agent.py", *SMOKE, "agent.batchsize=8", f"run_dir={tmp_path}")
+    assert proc.returncode == 2
+    assert "batch_size" in proc.stderr
+
+
+def test_device_auto_and_agent_fields_reach_the_agent(tmp_path):
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = load_config([*SMOKE, "agent.batch_size=7", "env.obs=[state,physics]"])
+    trainer = Trainer(cfg, tmp_path, agent_overrides=dict(cfg.agent.overrides))
+    assert trainer.agent.config.batch_size == 7 and trainer.spec["batch_size"] == 7
+    trainer.env.close()
+    trainer.eval_env.close()
+
+
+def test_help_lists_keys():
+    proc = _run_script("train_agent.py", "--help")
+    assert proc.returncode == 0 and "buffer_capacity" in proc.stdout and "learning_starts" in proc.stdout
