@@ -309,11 +309,21 @@ def main(argv=None) -> int:
     n = args.rounds * args.segments
 
     size = f"{args.image_size}x{args.image_size}"
+    renderer = gl_renderer()
+    notes = ["Ratio = ours frames/s / TorchRL frames/s; both sides run the same W, so it is also the ratio "
+             "of the per-worker figures."]
+    if "llvmpipe" in renderer or "softpipe" in renderer:
+        notes.append("No GPU here: EGL is Mesa's software rasterizer, so every frame is drawn by the CPU "
+                     "(llvmpipe uses all cores for each draw), and extra render passes and buffer size "
+                     "(dm_control's shadow map, reflection pass and multisampled buffer) cost CPU time "
+                     "directly, shared with the physics. With llvmpipe already spreading each draw over the "
+                     "cores, and other work on the same cores, neither side need gain from a second worker "
+                     "here; a machine with a GPU or more cores is where W > 1 pays.")
     lines = [
         "# Env benchmark: pixel frames per second",
         "",
         f"- date: {started}",
-        f"- machine: {versions()}; OpenGL: {gl_renderer()}; load average at start {load:.2f} (the machine "
+        f"- machine: {versions()}; OpenGL: {renderer}; load average at start {load:.2f} (the machine "
         "is shared with other work, so absolute figures move from run to run; both sides are interleaved "
         "so that they see the same load)",
         f"- command: `{command}` (took {elapsed:.0f} s)",
@@ -340,6 +350,7 @@ def main(argv=None) -> int:
         f"Target (ours per worker >= {TARGET_PER_WORKER:.0f}x TorchRL's per worker): "
         + "; ".join(verdicts) + ".",
         "",
+        *[line for note in notes for line in (note, "")],
     ]
     if frames:
         lines += [
