@@ -135,18 +135,19 @@ def test_default_camera_and_explicit_camera():
 
 
 def test_gradient_floor_changes_pixels_with_position():
-    plain = make_env("cheetah-run", obs=("pixels",), seed=0, num_workers=0)
-    grad = make_env("cheetah-run", obs=("pixels", "physics"), seed=0, floor="gradient", num_workers=0)
-    p, g = plain.reset(), grad.reset()
-    assert not torch.equal(p["pixels"], g["pixels"])
-    # Move the cheetah 10 m along x: with the gradient floor the background colour changes.
-    state = g["physics"].clone()
-    frame0 = grad.set_physics_state(state)["pixels"].float()
-    state[0, 0] += 10.0  # qpos[0] is cheetah's rootx
-    frame1 = grad.set_physics_state(state)["pixels"].float()
-    assert (frame0 - frame1).abs().mean() > 5.0
-    plain.close()
-    grad.close()
+    def floor_change(floor: str) -> float:
+        env = make_env("cheetah-run", obs=("pixels", "physics"), seed=0, floor=floor, num_workers=0)
+        state = env.reset()["physics"].clone()
+        frame0 = env.set_physics_state(state)["pixels"].float()
+        state[0, 0] += 10.0  # qpos[0] is cheetah's rootx; the camera follows the body
+        frame1 = env.set_physics_state(state)["pixels"].float()
+        env.close()
+        return (frame0 - frame1).abs().mean(dim=(0, 1, 3)).max().item()  # largest change of a row
+
+    # The tracking camera sees the same scene 10 m further on the default floor; the gradient floor
+    # shows a different colour there.
+    assert floor_change("default") < 2.0
+    assert floor_change("gradient") > 5.0
 
 
 def test_set_physics_state_renders_the_pose():

@@ -52,6 +52,10 @@ class RunLogger:
             self._tb = TensorboardLogger(exp_name="tb", log_dir=str(self.run_dir))
         self._wandb = None
         if wandb_project:
+            try:
+                import wandb  # noqa: F401
+            except ImportError as err:
+                raise ImportError("log.wandb_project is set but wandb is not installed: pip install wandb") from err
             from torchrl.record.loggers import WandbLogger
 
             self._wandb = WandbLogger(exp_name=self.run_dir.name, project=wandb_project, config=config or {})
