@@ -183,6 +183,12 @@ class Agent(nn.Module):
             "use an agent that does (td_jepa, fb, metra for goals)"
         )
 
+    def evaluate(self, env, *, step: int, out_dir) -> dict[str, float]:
+        """Agent-specific evaluation the trainer runs at every evaluation (e.g. METRA's state coverage);
+        ``env`` is the evaluation env, ``out_dir`` a folder for plots. Returns metrics to log."""
+        del env, step, out_dir
+        return {}
+
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         """Named optimizers, saved and restored with checkpoints."""
         return {}

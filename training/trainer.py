@@ -182,9 +182,13 @@ class Trainer:
     def evaluate(self, step: int) -> dict[str, float]:
         cfg = self.cfg.eval
         self.agent.eval()
-        result = evaluate_policy(self.eval_env, self.agent.policy(explore=False), cfg.episodes, record=cfg.video)
-        self.agent.train()
+        try:
+            result = evaluate_policy(self.eval_env, self.agent.policy(explore=False), cfg.episodes, record=cfg.video)
+            extra = self.agent.evaluate(self.eval_env, step=step, out_dir=self.run_dir / "eval")
+        finally:
+            self.agent.train()
         metrics = {"eval/return": result.mean_return, "eval/episode_length": float(np.mean(result.lengths))}
+        metrics.update({f"eval/{k}": float(v) for k, v in extra.items()})
         if cfg.video and result.frames is not None:
             path = write_video(self.run_dir / "videos" / f"eval_{step:09d}.mp4", result.frames, fps=cfg.video_fps)
             self.last_video = path
