@@ -25,7 +25,8 @@ from dm_control.rl import control
 from latentrl.envs import custom_tasks
 
 __all__ = [
-    "PHYSICS_STATE", "Task", "get_physics_state", "get_task", "list_domain_tasks", "list_tasks", "set_physics_state",
+    "PHYSICS_STATE", "Task", "ZERO_SHOT_TASKS", "get_physics_state", "get_task", "list_domain_tasks",
+    "list_tasks", "resolve_task_list", "set_physics_state",
 ]
 
 # mj_getState spec of the ``physics`` key: time, qpos, qvel, act, plugin state, mocap, ...
@@ -133,6 +134,32 @@ class Task:
             set_physics_state(env.physics, state, None if actions is None else actions[i])
             out[i] = env.task.get_reward(env.physics)
         return out
+
+
+# The zero-shot evaluation tasks of the TD-JEPA / Meta Motivo protocol, per domain (``tasks=<domain>/all``).
+ZERO_SHOT_TASKS: dict[str, list[str]] = {
+    "walker": ["walker-stand", "walker-walk", "walker-run", "walker-spin"],
+    "cheetah": ["cheetah-walk", "cheetah-run", "cheetah-walk_backward", "cheetah-run_backward"],
+    "quadruped": ["quadruped-stand", "quadruped-walk", "quadruped-run", "quadruped-jump"],
+    "point_mass_maze": [f"point_mass_maze-{t}" for t in (
+        "reach_top_left", "reach_top_right", "reach_bottom_left", "reach_bottom_right",
+        "reach_bottom_left_long", "loop", "square", "fast_slow")],
+}
+
+
+def resolve_task_list(spec: str) -> list[str]:
+    """``"walker/all"`` -> the domain's zero-shot tasks (or all its tasks outside the protocol);
+    ``"walker-run,walker-walk"`` -> those tasks. Unknown names raise with the closest valid ones."""
+    names: list[str] = []
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        if part.endswith("/all"):
+            domain = part[: -len("/all")]
+            names += ZERO_SHOT_TASKS.get(domain) or list_domain_tasks(domain)
+        else:
+            names.append(get_task(part).name)
+    if not names:
+        raise ValueError(f"no tasks in {spec!r}; use '<domain>/all' or comma-separated task names")
+    return list(dict.fromkeys(names))
 
 
 def list_tasks(domain: str | None = None) -> list[str]:

@@ -206,3 +206,69 @@ def collect_main(argv: list[str] | None = None) -> Path:
     print(f"[latentrl] dataset: {out} ({len(trainer.buffer)} transitions, {trainer.buffer.num_episodes} episodes, "
           f"keys {list(cfg.env.obs)})")
     return out
+
+
+EVAL_DEFAULTS = {
+    "checkpoint": None,     # a training checkpoint (runs/<run>/checkpoints/latest.pt); required
+    "tasks": None,          # "<domain>/all" or comma-separated task names; default: the training domain's
+    "mode": "reward",       # reward | goal | both
+    "data": None,           # dataset to sample and relabel; default: the one the agent trained on
+    "samples": 10000,       # relabelled transitions per reward task
+    "episodes": 10,         # evaluation episodes per reward task
+    "goals": 10,            # goal episodes (goal mode)
+    "success_radius": 1.0,  # goal mode: success when the final position is this close to the goal
+    "episode_length": None,  # agent steps per evaluation episode; default: the task's own (1000 for most)
+    "out": None,            # default: <run dir>/zero_shot
+    "device": "cpu",
+    "seed": 0,
+}
+
+
+def eval_main(argv: list[str] | None = None) -> list:
+    """``eval_zero_shot.py checkpoint=<path> tasks=<domain>/all``: zero-shot reward / goal evaluation."""
+    from latentrl.envs.tasks import resolve_task_list
+    from latentrl.replay import ReplayBuffer
+    from latentrl.training.checkpoint import load_agent
+    from latentrl.training.zero_shot import evaluate_goals, evaluate_reward_tasks, write_report
+
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(eval_main.__doc__)
+        for key, value in EVAL_DEFAULTS.items():
+            print(f"  {key}={value}")
+        raise SystemExit(0)
+    try:
+        args = dict(EVAL_DEFAULTS)
+        for item in argv:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ConfigError(f"argument {item!r} is not key=value")
+            if key not in args:
+                close = difflib.get_close_matches(key, args, n=2, cutoff=0.5)
+                hint = f" Did you mean {', '.join(close)}?" if close else ""
+                raise ConfigError(f"unknown key {key!r}.{hint} Valid keys: {', '.join(args)}")
+            args[key] = OmegaConf.create({"v": value}).v if value else None
+        if not args["checkpoint"]:
+            raise ConfigError("eval_zero_shot.py needs checkpoint=<path to checkpoints/latest.pt>")
+        if args["mode"] not in ("reward", "goal", "both"):
+            raise ConfigError(f"mode must be reward, goal or both, got {args['mode']!r}")
+        agent, cfg = load_agent(args["checkpoint"], device=args["device"])
+        env_cfg = {**cfg["env"], "episode_length": args["episode_length"]}
+        data = args["data"] or cfg.get("data")
+        if not data:
+            raise ConfigError("the agent was trained online: pass data=<dataset folder> to sample tasks from")
+        buffer = ReplayBuffer.load(data, device=args["device"])
+        tasks = resolve_task_list(str(args["tasks"] or f"{env_cfg['task'].split('-', 1)[0]}/all"))
+    except (ValueError, KeyError, FileNotFoundError) as err:
+        _fail(err)
+    out = Path(args["out"] or Path(cfg["run_dir"]) / "zero_shot")
+    results = []
+    if args["mode"] in ("reward", "both"):
+        results += evaluate_reward_tasks(agent, buffer, tasks, env_cfg, num_samples=int(args["samples"]),
+                                         episodes=int(args["episodes"]), seed=int(args["seed"]))
+    if args["mode"] in ("goal", "both"):
+        results.append(evaluate_goals(agent, buffer, env_cfg, num_goals=int(args["goals"]),
+                                      success_radius=float(args["success_radius"]), seed=int(args["seed"])))
+    paths = write_report(results, out)
+    print(f"[latentrl] zero-shot results: {paths['json']}, {paths['csv']}, {paths['plot']}")
+    return results
