@@ -16,6 +16,9 @@ __all__ = ["AGENTS", "make_agent", "list_agents"]
 # down (or break) another's.
 AGENTS: dict[str, str] = {
     "rnd": "latentrl.agents.rnd:RNDAgent",
+    "td_jepa": "latentrl.agents.td_jepa:TDJEPAAgent",
+    "fb": "latentrl.agents.fb:FBAgent",
+    "metra": "latentrl.agents.metra:METRAAgent",
 }
 
 

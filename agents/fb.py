@@ -1,0 +1,282 @@
+"""FB: forward-backward representations (Touati & Ollivier, 2021), the baseline TD-JEPA is compared with.
+
+Configured as in the TD-JEPA codebase (``algorithms/td_jepa.md`` §7; reference
+``metamotivo/agents/fb/{agent,model}.py`` and ``scripts/train/{pixel,proprio}/launch_fb_dmc.py``). FB
+learns a forward map ``F(L(s), a, z) -> R^{d_z}`` and a backward map ``B(s') -> R^{d_z}`` so that
+``F(s, a, z)^T B(s')`` is the successor measure of ``pi_z``, with ``pi_z`` maximising ``F^T z``. It is
+built from TD-JEPA's parts (:class:`~latentrl.world_models.td_jepa.TDJEPAModel`): the left encoder
+``L`` is ``phi``, ``B`` is ``psi`` and ``F`` is ``T_phi``; there is no ``T_psi``. For pixels ``L`` and
+``B`` each have their own DrQ-v2 trunk (``fw`` and ``bw``), without target copies.
+
+One update on ``(s, a, s', terminated')`` (§7)::
+
+    hF = fw(s) (grad);  hF' = fw(s') (no grad);  g = bw(s') (grad: trains B and the bw trunk)
+    z  = sample_mixed_z(B(g)): uniform on the sphere, or project(B(g_perm)) with prob. train_goal_ratio
+    no grad: l' = L-(hF');  a' = pi(l', z).sample(clip);  M' = mean_e F-(l', a', z)[e] B-(g)^T      [B, B]
+    M = F(L(hF), a, z) B(g)^T                                                                    [E, B, B]
+    diff = M - gamma_t M'          (gamma_t [B, 1] scales row i)
+    L_FB = sum_e [0.5 sum_{i != j} diff[e,i,j]^2 / (B (B - 1)) - mean_i diff[e,i,i]]
+    loss = L_FB + ortho_coef * Reg(B(g));  Adam on F + L + fw trunk (lr_f) and on B + bw trunk (lr_b)
+    actor: l = L(hF) (no grad);  -mean_b mean_e F(l, a~, z)[e]^T z;  then EMA of F, L (tau_F) and B (tau_B)
+
+Zero-shot: ``z_r = project(sum_i r_i B(s'_i))`` (no covariance inverse, unlike TD-JEPA's lstsq) and
+``z_g = project(B(g))``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from tensordict import TensorDict
+from torch import Tensor, nn
+
+from latentrl.agents.common import ZConditionedActor, ZeroShotAgent, soft_update_params, weight_init
+from latentrl.world_models.encoders import RandomShiftsAug
+from latentrl.world_models.sphere import project_to_sphere, sample_mixed_z
+from latentrl.world_models.td_jepa import ForwardMap, TDJEPAModel, make_latent_encoder, orthonormality_loss
+
+__all__ = ["FBAgent", "FBConfig", "PIXEL_PRESETS", "PRESETS", "fb_loss", "weighted_sum_task"]
+
+
+@dataclass
+class FBConfig:
+    """FB hyperparameters; the defaults are the TD-JEPA codebase's pixel-DMC FB launcher (§7)."""
+
+    obs_type: Literal["pixels", "state"] = "pixels"
+    """Observation the agent reads: ``"pixels"`` or ``"state"`` (proprio)."""
+    frame_stack: int = 3
+    """Frames stacked along channels for pixels (ignored for states)."""
+    image_pad: int = 2
+    """Random-shift augmentation pad (DrQ-v2 shift; pixels only)."""
+    feature_dim: int = 256
+    """Output of each pixel trunk's projection (``fw`` and ``bw``) after the DrQ-v2 conv net."""
+    L_dim: int = 256
+    """Output of the left encoder ``L`` (sphere-normalised), the input of ``F`` and of the actor."""
+    left_hidden_dim: int = 256
+    """Width of ``L``'s hidden layers (unused with ``left_hidden_layers=0``)."""
+    left_hidden_layers: int = 0
+    """Hidden layers of ``L``: 0 is Linear + sphere norm (the launchers' "shallow" left encoder)."""
+    z_dim: int = 50
+    """d_z: output of ``B`` and of ``F``, and the task vectors ``z`` (norm ``sqrt(d_z)``)."""
+    backward_hidden_dim: int = 256
+    """Width of ``B``'s hidden layers."""
+    backward_hidden_layers: int = 2
+    """Hidden layers of ``B`` (Linear-LN-Tanh, then Linear-ReLU)."""
+    forward_hidden_dim: int = 1024
+    """Width of ``F`` (its two embeddings output half of it)."""
+    forward_hidden_layers: int = 1
+    """Hidden layers of ``F`` after the embeddings."""
+    forward_embedding_layers: int = 2
+    """Layers of each embedding of ``F``."""
+    ensemble_size: int = 2
+    """Members E of ``F``; the target uses the ensemble mean (pessimism 0)."""
+    actor_hidden_dim: int = 1024
+    """Width of the actor."""
+    actor_hidden_layers: int = 1
+    """Hidden layers of the actor after the embeddings."""
+    actor_embedding_layers: int = 2
+    """Layers of each actor embedding."""
+    actor_std: float = 0.2
+    """Std of the actor's truncated-normal noise."""
+    stddev_clip: float = 0.3
+    """Clip of that noise in the FB target and the actor loss."""
+    lr_f: float = 1e-4
+    """Adam learning rate of ``F``, ``L`` and the ``fw`` trunk."""
+    lr_b: float = 1e-4
+    """Adam learning rate of ``B`` and the ``bw`` trunk; the paper sweeps {1e-4, 1e-5}."""
+    lr_actor: float = 1e-4
+    """Adam learning rate of the actor (the proprio pointmass launcher uses 1e-6)."""
+    f_target_tau: float = 1e-3
+    """EMA rate of the target ``F`` and ``L`` (class default 0.01)."""
+    b_target_tau: float = 1e-3
+    """EMA rate of the target ``B`` (class default 0.01)."""
+    ortho_coef: float = 1.0
+    """Weight of the orthonormality loss on ``B``; the paper sweeps {0.1, 1, 10}."""
+    train_goal_ratio: float = 0.5
+    """Fraction of pre-training ``z`` replaced by ``project(B(s'_perm))``."""
+    batch_size: int = 512
+    """Transitions per update: 512 for pixels, 1024 for states."""
+    discount: float = 0.98
+    """Discount gamma (pointmass: 0.99)."""
+
+    def __post_init__(self) -> None:
+        if self.obs_type not in ("pixels", "state"):
+            raise ValueError(f"FBConfig.obs_type must be 'pixels' or 'state', got {self.obs_type!r}")
+        if self.frame_stack < 1:
+            raise ValueError(f"FBConfig.frame_stack must be >= 1, got {self.frame_stack}")
+        if self.batch_size < 2:
+            raise ValueError(f"FBConfig.batch_size must be >= 2 (the FB loss pairs rows), got {self.batch_size}")
+        if not 0.0 <= self.train_goal_ratio <= 1.0:
+            raise ValueError(f"FBConfig.train_goal_ratio must be in [0, 1], got {self.train_goal_ratio}")
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # launch_fb_dmc.py (pixel/; with obs_type=state the proprio launcher, batch 1024).
+    "paper": {},
+    # §10: the TD-JEPA small shrink for FB (CPU proprio by default).
+    "small": {
+        "obs_type": "state", "L_dim": 64, "z_dim": 16, "backward_hidden_dim": 128, "forward_hidden_dim": 256,
+        "actor_hidden_dim": 256, "f_target_tau": 5e-3, "b_target_tau": 5e-3, "batch_size": 256,
+    },
+    # Tiny networks for end-to-end smoke tests.
+    "smoke": {
+        "obs_type": "state", "feature_dim": 16, "L_dim": 16, "z_dim": 8, "backward_hidden_dim": 32,
+        "forward_hidden_dim": 32, "actor_hidden_dim": 32, "f_target_tau": 5e-3, "b_target_tau": 5e-3,
+        "batch_size": 32,
+    },
+}
+# Applied on top of PRESETS when the agent reads pixels / states (as in agents/td_jepa.py).
+PIXEL_PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {"batch_size": 512},
+    "small": {"feature_dim": 64, "batch_size": 64},
+    "smoke": {"batch_size": 16},
+}
+STATE_PRESETS: dict[str, dict[str, Any]] = {"paper": {"batch_size": 1024}}
+
+
+def fb_loss(m: Tensor, target_m: Tensor, discount: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The FB temporal-difference loss on successor-measure matrices (§7).
+
+    ``m`` ``[E, B, B]`` (``F(s_i, a_i, z_i)^T B(s'_j)``), ``target_m`` ``[B, B]``, ``discount`` ``[B, 1]``.
+    Returns ``(loss, diag, offdiag)`` with ``diff = m - discount * target_m``,
+    ``offdiag = 0.5 sum_{e, i != j} diff^2 / (B (B - 1))`` and ``diag = -E * mean_{e, i} diff[e, i, i]``.
+    """
+    ensemble, batch = m.shape[0], m.shape[-1]
+    diff = m - discount * target_m
+    diagonal = diff.diagonal(dim1=-2, dim2=-1)
+    offdiag = 0.5 * (diff.square().sum() - diagonal.square().sum()) / (batch * (batch - 1))
+    diag = -diagonal.mean() * ensemble
+    return offdiag + diag, diag, offdiag
+
+
+def weighted_sum_task(backward: Tensor, reward: Tensor) -> Tensor:
+    """FB's reward inference ``project(sum_i r_i B(s'_i))``: ``backward`` ``[N, d]``, ``reward`` ``[N, 1]``
+    -> ``[d]`` (norm ``sqrt(d)``)."""
+    return project_to_sphere(reward.reshape(1, -1).to(backward.dtype) @ backward).reshape(-1)
+
+
+class FBAgent(ZeroShotAgent):
+    """FB trained offline (or online) from replay batches; zero-shot by ``sum r B`` or goals.
+
+    ``world_model.encode`` is ``L(fw(s))``, ``world_model.encode_task`` is ``B(bw(s))`` and
+    ``world_model.successor`` is ``F`` ``[E, B, d_z]``. ``targets`` holds the EMA copies of ``F``,
+    ``B`` and ``L`` (not of the trunks).
+    """
+
+    name = "fb"
+    config_class = FBConfig
+    presets = PRESETS
+    pixel_presets = PIXEL_PRESETS
+    state_presets = STATE_PRESETS
+
+    def __init__(self, config: FBConfig, obs_shape: tuple[int, ...], action_dim: int,
+                 device: str | torch.device = "cpu"):
+        super().__init__(config, obs_shape, action_dim, device)
+        cfg = self.config
+        kwargs = {"feature_dim": cfg.feature_dim}
+        left = make_latent_encoder(cfg.obs_type, self.model_input_shape, cfg.L_dim, hidden_dim=cfg.left_hidden_dim,
+                                   hidden_layers=cfg.left_hidden_layers, **kwargs)
+        backward = make_latent_encoder(cfg.obs_type, self.model_input_shape, cfg.z_dim,
+                                       hidden_dim=cfg.backward_hidden_dim,
+                                       hidden_layers=cfg.backward_hidden_layers, **kwargs)
+        forward = ForwardMap(cfg.L_dim, self.action_dim, cfg.z_dim, cfg.z_dim, cfg.forward_hidden_dim,
+                             cfg.forward_hidden_layers, cfg.forward_embedding_layers, cfg.ensemble_size)
+        aug = RandomShiftsAug(cfg.image_pad) if cfg.obs_type == "pixels" else None
+        self.world_model = TDJEPAModel(left, forward, psi_encoder=backward, obs_key=cfg.obs_type, aug=aug)
+        self.actor = ZConditionedActor(cfg.L_dim, cfg.z_dim, self.action_dim, cfg.actor_hidden_dim,
+                                       cfg.actor_hidden_layers, cfg.actor_embedding_layers)
+        self.world_model.apply(weight_init)
+        self.actor.apply(weight_init)
+        online = {"left_head": left.head, "forward_map": forward, "backward_head": backward.head}
+        self.targets = nn.ModuleDict({k: copy.deepcopy(m).requires_grad_(False) for k, m in online.items()})
+        self.to(self.device)
+
+        adam = torch.optim.Adam
+        self._optimizers = {
+            "forward": adam([*forward.parameters(), *left.parameters()], lr=cfg.lr_f),
+            "backward": adam(backward.parameters(), lr=cfg.lr_b),
+            "actor": adam(self.actor.parameters(), lr=cfg.lr_actor),
+        }
+
+    @property
+    def left(self):
+        """``L`` with the ``fw`` trunk."""
+        return self.world_model.phi_encoder
+
+    @property
+    def backward_map(self):
+        """``B`` with the ``bw`` trunk."""
+        return self.world_model.psi_encoder
+
+    @property
+    def forward_map(self):
+        return self.world_model.phi_predictor
+
+    def reward_inference(self, features: Tensor, reward: Tensor) -> tuple[Tensor, dict[str, Any]]:
+        return weighted_sum_task(features, reward), {}
+
+    @torch.no_grad()
+    def fb_target(self, next_left_features: Tensor, backward_features: Tensor, z: Tensor,
+                  discount: Tensor) -> tuple[Tensor, Tensor]:
+        """``M'`` ``[B, B]`` = ``mean_e F-(L-(s'), a', z)[e] B-(s')^T`` and the next actions ``[B, A]``."""
+        cfg, targets = self.config, self.targets
+        next_left = targets["left_head"](next_left_features)
+        next_action = self.actor(next_left, z, cfg.actor_std).sample(clip=cfg.stddev_clip)
+        target_f = targets["forward_map"](next_left, next_action, z)
+        target_b = targets["backward_head"](backward_features)
+        return (target_f @ target_b.T).mean(0), next_action
+
+    def update(self, batch: TensorDict) -> dict[str, float]:
+        cfg = self.config
+        obs, next_obs, action, discount = self.unpack_batch(batch)
+        h_fw = self.left.trunk(obs)
+        with torch.no_grad():
+            next_h_fw = self.left.trunk(next_obs)
+        goal = self.backward_map.trunk(next_obs)
+        with torch.no_grad():
+            z, is_goal = sample_mixed_z(self.backward_map.head(goal), cfg.train_goal_ratio)
+        target_m, _ = self.fb_target(next_h_fw, goal, z, discount)
+
+        f = self.forward_map(self.left.head(h_fw), action, z)  # [E, B, d]
+        b = self.backward_map.head(goal)  # [B, d]
+        fb, fb_diag, fb_offdiag = fb_loss(f @ b.T, target_m, discount)
+        orth, orth_diag, orth_offdiag = orthonormality_loss(b)
+        loss = fb + cfg.ortho_coef * orth
+        for name in ("forward", "backward"):
+            self._optimizers[name].zero_grad(set_to_none=True)
+        loss.backward()
+        for name in ("forward", "backward"):
+            self._optimizers[name].step()
+
+        actor_loss, q = self.actor_step(h_fw.detach(), z)
+        self.update_targets()
+        return self.to_floats({
+            "fb_loss": fb, "fb_diag": fb_diag, "fb_offdiag": fb_offdiag, "orth_loss": orth,
+            "orth_loss_diag": orth_diag, "orth_loss_offdiag": orth_offdiag, "total_loss": loss,
+            "target_m": target_m.mean(), "actor_loss": actor_loss, "q": q, "b_norm": b.norm(dim=-1).mean(),
+            "z_goal_fraction": is_goal.float().mean(),
+        })
+
+    def actor_step(self, left_features: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
+        """One actor step on ``-mean_b mean_e F(L(s), a~, z)[e]^T z`` (encoders detached)."""
+        cfg = self.config
+        with torch.no_grad():
+            left = self.left.head(left_features)
+        action = self.actor(left, z, cfg.actor_std).sample(clip=cfg.stddev_clip)
+        q = (self.forward_map(left, action, z) * z).sum(-1).mean(0)
+        loss = -q.mean()
+        opt = self._optimizers["actor"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.detach(), q.detach().mean()
+
+    def update_targets(self) -> None:
+        """EMA of ``F`` and ``L`` (``f_target_tau``) and of ``B`` (``b_target_tau``)."""
+        cfg = self.config
+        soft_update_params(self.forward_map, self.targets["forward_map"], cfg.f_target_tau)
+        soft_update_params(self.backward_map.head, self.targets["backward_head"], cfg.b_target_tau)
+        soft_update_params(self.left.head, self.targets["left_head"], cfg.f_target_tau)
