@@ -159,7 +159,7 @@ def train_main(argv: list[str] | None = None) -> dict:
     try:
         cfg, run_dir = _prepare(argv)
         trainer = Trainer(cfg, run_dir, agent_overrides=dict(cfg.agent.get("overrides", {})))
-    except (ValueError, KeyError, FileNotFoundError) as err:
+    except (ValueError, KeyError, FileNotFoundError, MemoryError) as err:
         _fail(err)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
@@ -196,9 +196,10 @@ def collect_main(argv: list[str] | None = None) -> Path:
         out = Path(cfg.out)
         if out.exists() and any(out.iterdir()):
             raise ConfigError(f"{out} exists and is not empty; choose another out=...")
-        cfg.buffer_capacity = max(int(cfg.buffer_capacity), int(cfg.steps * 1.1) + 1000 * cfg.env.num_envs)
+        # every collected step is kept: one row per step plus one per episode end
+        cfg.buffer_capacity = int(cfg.steps * 1.05) + 1000 * cfg.env.num_envs + 1000
         trainer = Trainer(cfg, run_dir, agent_overrides=dict(cfg.agent.get("overrides", {})))
-    except (ValueError, KeyError, FileNotFoundError) as err:
+    except (ValueError, KeyError, FileNotFoundError, MemoryError) as err:
         _fail(err)
     print(f"[latentrl] collecting {cfg.steps} steps of {cfg.env.task} with {cfg.agent.name}; run dir {run_dir}")
     trainer.train()
@@ -259,7 +260,7 @@ def eval_main(argv: list[str] | None = None) -> list:
             raise ConfigError("the agent was trained online: pass data=<dataset folder> to sample tasks from")
         buffer = ReplayBuffer.load(data, device=args["device"])
         tasks = resolve_task_list(str(args["tasks"] or f"{env_cfg['task'].split('-', 1)[0]}/all"))
-    except (ValueError, KeyError, FileNotFoundError) as err:
+    except (ValueError, KeyError, FileNotFoundError, MemoryError) as err:
         _fail(err)
     out = Path(args["out"] or Path(cfg["run_dir"]) / "zero_shot")
     results = []

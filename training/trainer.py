@@ -136,6 +136,7 @@ class Trainer:
         if self.offline:
             self.buffer = ReplayBuffer.load(cfg.data, device=self.device)
         else:
+            _check_buffer_fits(cfg.buffer_capacity, self.env)
             self.buffer = ReplayBuffer(cfg.buffer_capacity, device=self.device)
         self.spec = dataclasses.asdict(self.agent.sample_spec())
         self.env_steps = 0
@@ -278,6 +279,23 @@ class Trainer:
                     update_debt -= 1
             td = td_next
             yield metrics
+
+
+def _check_buffer_fits(capacity: int, env) -> None:
+    """Refuse a replay capacity whose storage would not fit in memory (it is allocated on first write)."""
+    row = sum(int(np.prod(spec.shape[1:])) * spec.dtype.itemsize for spec in env.observation_spec.values())
+    row += int(np.prod(env.action_spec.shape[1:])) * 4 + 16
+    need = capacity * row
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return
+    if need > 0.8 * available:
+        raise MemoryError(
+            f"buffer_capacity={capacity} needs about {need / 2**30:.1f} GiB ({row} bytes per step) but only "
+            f"{available / 2**30:.1f} GiB of memory is free; lower buffer_capacity (e.g. "
+            f"buffer_capacity={int(0.5 * available / row)})"
+        )
 
 
 def _resolve_threads(threads) -> int:
