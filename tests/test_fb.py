@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fakes import ACTION_DIM, IMAGE, SpecEnv, replay_batch
 from omegaconf import OmegaConf
 from tensordict import TensorDict
-from torchrl.data import Bounded, Composite, Unbounded
 
 from latentrl.agents import GoalObservation, RewardSamples, Task, make_agent
 from latentrl.agents.fb import PRESETS, FBAgent, FBConfig, fb_loss, weighted_sum_task
@@ -21,44 +21,7 @@ from latentrl.agents.td_jepa import lstsq_task
 from latentrl.world_models.sphere import project_to_sphere, sample_sphere
 from latentrl.world_models.td_jepa import orthonormality_loss
 
-STATE_DIM, ACTION_DIM, IMAGE = 24, 6, 64
 SMOKE = ["preset=smoke", "log.progress=false", "log.tensorboard=false", "eval.video=false"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-class SpecEnv:
-    """Just the specs of a ``make_env`` env with one env: what ``from_env`` reads."""
-
-    def __init__(self, keys=("pixels", "state")):
-        spec = Composite(shape=(1,))
-        if "pixels" in keys:
-            spec["pixels"] = Bounded(0, 255, shape=(1, 3, IMAGE, IMAGE), dtype=torch.uint8)
-        if "state" in keys:
-            spec["state"] = Unbounded(shape=(1, STATE_DIM), dtype=torch.float32)
-        self.observation_spec = spec
-        self.action_spec = Bounded(-1.0, 1.0, shape=(1, ACTION_DIM), dtype=torch.float32)
-
-
-def _obs(obs_type: str, n: int, frames: int = 3, generator: torch.Generator | None = None) -> dict:
-    if obs_type == "pixels":
-        return {"pixels": torch.randint(0, 256, (n, 3 * frames, IMAGE, IMAGE), dtype=torch.uint8, generator=generator)}
-    return {"state": torch.randn(n, STATE_DIM, generator=generator)}
-
-
-def _batch(obs_type: str, n: int, seed: int = 0) -> TensorDict:
-    g = torch.Generator().manual_seed(seed)
-    return TensorDict({
-        **_obs(obs_type, n, generator=g),
-        "action": torch.rand(n, ACTION_DIM, generator=g) * 2 - 1,
-        "next": {**_obs(obs_type, n, generator=g), "terminated": torch.zeros(n, 1, dtype=torch.bool)},
-    }, batch_size=[n])
 
 
 def _agent(obs_type: str = "state", **overrides) -> FBAgent:
@@ -109,7 +72,7 @@ def test_shapes_norms_and_zero_shot_tasks(obs_type):
     agent = _agent(obs_type)
     cfg, wm, n = agent.config, agent.world_model, 6
     assert wm.capabilities == {"encode", "successor"} and not wm.symmetric
-    batch = _batch(obs_type, n)
+    batch = replay_batch(obs_type, n)
     left, b = wm.encode(batch), agent.task_embedding(batch["next"])
     assert left.shape == (n, cfg.L_dim) and b.shape == (n, cfg.z_dim)
     torch.testing.assert_close(left.norm(dim=-1), torch.full((n,), math.sqrt(cfg.L_dim)))
@@ -140,7 +103,7 @@ def test_ema_moves_only_the_target_maps():
     expected = {k: [p.detach().clone() for p in agent.targets[k].parameters()] for k in online}
     trunk_before = copy.deepcopy(agent.backward_map.trunk.state_dict())
     for seed in range(2):
-        metrics = agent.update(_batch("pixels", 4, seed))
+        metrics = agent.update(replay_batch("pixels", 4, seed))
         for key, module in online.items():
             expected[key] = [t.lerp(p.detach(), tau[key]) for t, p in zip(expected[key], module.parameters(),
                                                                              strict=True)]
@@ -155,7 +118,7 @@ def test_update_trains_each_network_with_its_optimizer():
     agent = _agent("state", batch_size=8)
     assert set(agent.optimizers()) == {"forward", "backward", "actor"}
     before = copy.deepcopy(agent.state_dict())
-    metrics = agent.update(_batch("state", 8))
+    metrics = agent.update(replay_batch("state", 8))
     expected_metrics = {"fb_loss", "fb_diag", "fb_offdiag", "orth_loss", "actor_loss", "q", "z_goal_fraction"}
     assert expected_metrics <= set(metrics)
     changed = {".".join(k.split(".")[:3]) for k, v in agent.state_dict().items() if not torch.equal(v, before[k])}
@@ -164,7 +127,7 @@ def test_update_trains_each_network_with_its_optimizer():
     # the orthonormality term acts on B: its diagonal is the constant -d_z on the sphere
     assert metrics["orth_loss_diag"] == pytest.approx(-agent.z_dim, rel=1e-5)
     with torch.no_grad():
-        b = agent.task_embedding(_batch("state", 8)["next"])
+        b = agent.task_embedding(replay_batch("state", 8)["next"])
     assert orthonormality_loss(b)[1].item() == pytest.approx(-agent.z_dim, rel=1e-5)
 
 
@@ -183,7 +146,7 @@ def test_goal_z_come_from_online_b_of_next_states(monkeypatch):
         return z, is_goal
 
     monkeypatch.setattr(fb_module, "sample_mixed_z", spy)
-    batch = _batch("state", 64)
+    batch = replay_batch("state", 64)
     with torch.no_grad():
         b_next = agent.task_embedding(batch["next"])
     agent.update(batch)

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fakes import ACTION_DIM, IMAGE, STATE_DIM, SpecEnv, random_obs
 from omegaconf import OmegaConf
 from tensordict import TensorDict
-from torchrl.data import Bounded, Composite, Unbounded
 
 from latentrl.agents import UnsupportedTaskError, make_agent
 from latentrl.agents.base import RewardSamples, Task
@@ -27,37 +27,7 @@ from latentrl.agents.common import (
 )
 from latentrl.agents.rnd import PRESETS, RNDAgent, RNDConfig
 
-STATE_DIM, ACTION_DIM, IMAGE = 24, 6, 64
 TINY = {"hidden_dim": 64, "feature_dim": 16, "rnd_rep_dim": 32, "batch_size": 8}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small networks on a shared 2-core machine run fastest (and reproducibly) on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-class SpecEnv:
-    """Just the specs of a ``make_env`` env with one env: what ``from_env`` reads."""
-
-    def __init__(self, keys=("pixels", "state")):
-        spec = Composite(shape=(1,))
-        if "pixels" in keys:
-            spec["pixels"] = Bounded(0, 255, shape=(1, 3, IMAGE, IMAGE), dtype=torch.uint8)
-        if "state" in keys:
-            spec["state"] = Unbounded(shape=(1, STATE_DIM), dtype=torch.float32)
-        self.observation_spec = spec
-        self.action_spec = Bounded(-1.0, 1.0, shape=(1, ACTION_DIM), dtype=torch.float32)
-
-
-def _obs(obs_type: str, n: int, frames: int = 3, generator: torch.Generator | None = None) -> dict:
-    if obs_type == "pixels":
-        shape = (n, 3 * frames, IMAGE, IMAGE)
-        return {"pixels": torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator)}
-    return {"state": torch.randn(n, STATE_DIM, generator=generator)}
 
 
 def _batch(obs_type: str, n: int, seed: int = 0) -> TensorDict:
@@ -65,10 +35,10 @@ def _batch(obs_type: str, n: int, seed: int = 0) -> TensorDict:
     g = torch.Generator().manual_seed(seed)
     return TensorDict(
         {
-            **_obs(obs_type, n, generator=g),
+            **random_obs(obs_type, n, generator=g),
             "action": torch.rand(n, ACTION_DIM, generator=g) * 2 - 1,
             "next": {
-                **_obs(obs_type, n, generator=g),
+                **random_obs(obs_type, n, generator=g),
                 "reward": torch.full((n, 1), float("nan")),
                 "terminated": torch.zeros(n, 1, dtype=torch.bool),
                 "truncated": torch.zeros(n, 1, dtype=torch.bool),
@@ -116,7 +86,7 @@ def test_intrinsic_reward_is_normalised_by_running_std():
     agent = _agent("state")
     for seed in range(3):
         agent.update(_batch("state", 8, seed))
-    obs = TensorDict(_obs("state", 5), [5])
+    obs = TensorDict(random_obs("state", 5), [5])
     with torch.no_grad():
         error = agent.rnd(obs["state"])
     expected = agent.config.rnd_scale * error / (agent.intrinsic_reward_rms.var.sqrt() + 1e-8)
@@ -217,7 +187,7 @@ def test_checkpoint_round_trip(obs_type):
         torch.testing.assert_close(
             getattr(restored.intrinsic_reward_rms, name), getattr(agent.intrinsic_reward_rms, name)
         )
-    obs = TensorDict(_obs(obs_type, 4), [4])
+    obs = TensorDict(random_obs(obs_type, 4), [4])
     torch.testing.assert_close(restored.intrinsic_reward(obs), agent.intrinsic_reward(obs))
     frame = obs.copy()
     if obs_type == "pixels":
@@ -246,7 +216,7 @@ def test_extra_state_loads_into_an_agent_without_the_buffers():
 def test_policy_explores_uniformly_during_seed_steps_then_follows_the_actor():
     torch.manual_seed(0)
     agent = _agent("state", num_seed_steps=10)
-    obs = TensorDict(_obs("state", 256), [256])
+    obs = TensorDict(random_obs("state", 256), [256])
     explore, greedy = agent.policy(explore=True), agent.policy()
     random_actions = explore(obs)
     assert random_actions.shape == (256, ACTION_DIM)
@@ -280,7 +250,7 @@ def test_rnd_takes_no_tasks():
     with pytest.raises(UnsupportedTaskError, match="not task-conditioned"):
         agent.policy(Task(z=torch.zeros(1)))
     with pytest.raises(UnsupportedTaskError, match="rnd"):
-        agent.infer_task(RewardSamples(obs=TensorDict(_obs("state", 2), [2]), reward=torch.zeros(2, 1)))
+        agent.infer_task(RewardSamples(obs=TensorDict(random_obs("state", 2), [2]), reward=torch.zeros(2, 1)))
 
 
 # ------------------------------------------------------------------------------------ construction

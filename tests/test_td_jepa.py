@@ -11,54 +11,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fakes import IMAGE, STATE_DIM, SpecEnv, random_obs, replay_batch
 from omegaconf import OmegaConf
 from tensordict import TensorDict
-from torchrl.data import Bounded, Composite, Unbounded
 
 from latentrl.agents import GoalObservation, RewardSamples, Task, UnsupportedTaskError, make_agent
 from latentrl.agents.td_jepa import PRESETS, TDJEPAAgent, TDJEPAConfig, effective_rank, lstsq_task
 from latentrl.world_models.sphere import project_to_sphere, sample_mixed_z, sample_sphere
 from latentrl.world_models.td_jepa import TDJEPAModel, orthonormality_loss, predictive_loss
 
-STATE_DIM, ACTION_DIM, IMAGE = 24, 6, 64
 SMOKE = ["preset=smoke", "log.progress=false", "log.tensorboard=false", "eval.video=false"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-class SpecEnv:
-    """Just the specs of a ``make_env`` env with one env: what ``from_env`` reads."""
-
-    def __init__(self, keys=("pixels", "state")):
-        spec = Composite(shape=(1,))
-        if "pixels" in keys:
-            spec["pixels"] = Bounded(0, 255, shape=(1, 3, IMAGE, IMAGE), dtype=torch.uint8)
-        if "state" in keys:
-            spec["state"] = Unbounded(shape=(1, STATE_DIM), dtype=torch.float32)
-        self.observation_spec = spec
-        self.action_spec = Bounded(-1.0, 1.0, shape=(1, ACTION_DIM), dtype=torch.float32)
-
-
-def _obs(obs_type: str, n: int, frames: int = 3, generator: torch.Generator | None = None) -> dict:
-    if obs_type == "pixels":
-        return {"pixels": torch.randint(0, 256, (n, 3 * frames, IMAGE, IMAGE), dtype=torch.uint8, generator=generator)}
-    return {"state": torch.randn(n, STATE_DIM, generator=generator)}
-
-
-def _batch(obs_type: str, n: int, seed: int = 0) -> TensorDict:
-    """A reward-free replay batch as ``ReplayBuffer.sample(n, frame_stack=3)`` returns it."""
-    g = torch.Generator().manual_seed(seed)
-    return TensorDict({
-        **_obs(obs_type, n, generator=g),
-        "action": torch.rand(n, ACTION_DIM, generator=g) * 2 - 1,
-        "next": {**_obs(obs_type, n, generator=g), "terminated": torch.zeros(n, 1, dtype=torch.bool)},
-    }, batch_size=[n])
 
 
 def _agent(obs_type: str = "state", **overrides) -> TDJEPAAgent:
@@ -86,7 +48,7 @@ def test_lstsq_recovers_a_planted_z_from_synthetic_features():
 def test_infer_task_regresses_rewards_on_psi_of_next_observations(obs_type):
     torch.manual_seed(0)
     agent = _agent(obs_type)
-    next_obs = TensorDict(_obs(obs_type, 64), [64])
+    next_obs = TensorDict(random_obs(obs_type, 64), [64])
     psi = agent.task_embedding(next_obs)
     assert psi.shape == (64, agent.z_dim)
     torch.testing.assert_close(psi.norm(dim=-1), torch.full((64,), math.sqrt(agent.z_dim)))
@@ -162,7 +124,7 @@ def test_predictor_and_td_target_shapes(symmetric):
     cfg, wm, b = agent.config, agent.world_model, 8
     assert isinstance(wm, TDJEPAModel) and wm.capabilities == {"encode", "successor"}
     d_phi = cfg.psi_dim if symmetric else cfg.phi_dim
-    batch = _batch("state", b)
+    batch = replay_batch("state", b)
     obs, next_obs, action, discount = agent.unpack_batch(batch)
     assert discount.shape == (b, 1) and torch.all(discount == cfg.discount)
     phi = wm.encode(batch)
@@ -199,7 +161,7 @@ def test_predictor_and_td_target_shapes(symmetric):
 
 def test_termination_zeroes_the_discount():
     agent = _agent("state")
-    batch = _batch("state", 4)
+    batch = replay_batch("state", 4)
     batch["next", "terminated"][1] = True
     discount = agent.unpack_batch(batch)[3]
     assert discount.reshape(-1).tolist() == pytest.approx([0.98, 0.0, 0.98, 0.98])
@@ -222,7 +184,7 @@ def test_ema_moves_only_the_target_heads_and_predictors():
     expected = {k: [p.detach().clone() for p in agent.targets[k].parameters()] for k in online}
     trunk_before = copy.deepcopy(wm.phi_encoder.trunk.state_dict())
     for seed in range(3):  # after k updates, the targets follow the EMA recursion exactly
-        agent.update(_batch("pixels", 4, seed))
+        agent.update(replay_batch("pixels", 4, seed))
         for key, module in online.items():
             expected[key] = [t.lerp(p.detach(), tau[key]) for t, p in zip(expected[key], module.parameters(),
                                                                              strict=True)]
@@ -235,7 +197,7 @@ def test_ema_moves_only_the_target_heads_and_predictors():
 def test_actor_step_trains_the_actor_only():
     torch.manual_seed(0)
     agent = _agent("state")
-    batch = _batch("state", 8)
+    batch = replay_batch("state", 8)
     obs, next_obs, _, _ = agent.unpack_batch(batch)
     h = agent.trunk_features(obs, next_obs)
     z = sample_sphere(8, agent.z_dim)
@@ -252,7 +214,7 @@ def test_update_returns_finite_metrics_and_trains_every_network(obs_type, symmet
     torch.manual_seed(0)
     agent = _agent(obs_type, symmetric=symmetric, batch_size=8)
     before = copy.deepcopy(agent.state_dict())
-    metrics = agent.update(_batch(obs_type, 8))
+    metrics = agent.update(replay_batch(obs_type, 8))
     assert all(isinstance(v, float) and np.isfinite(v) for v in metrics.values()), metrics
     assert {"phi_loss", "phi_ortho_loss", "actor_loss", "q", "total_loss", "z_goal_fraction"} <= set(metrics)
     assert ("psi_loss" in metrics) != symmetric
@@ -317,7 +279,7 @@ def test_policy_holds_the_task_z_and_acts_with_the_actor_mean():
     torch.manual_seed(0)
     agent = _agent("state")
     z = sample_sphere(1, agent.z_dim)[0]
-    obs = TensorDict(_obs("state", 5), [5])
+    obs = TensorDict(random_obs("state", 5), [5])
     policy = agent.policy(Task(z=z))
     action = policy(obs)
     torch.testing.assert_close(action, agent.act(obs, z.expand(5, -1), mean=True))
@@ -330,7 +292,7 @@ def test_policy_holds_the_task_z_and_acts_with_the_actor_mean():
 def test_policy_without_task_draws_z_per_episode():
     torch.manual_seed(0)
     agent = _agent("state")
-    obs = TensorDict(_obs("state", 4), [4])
+    obs = TensorDict(random_obs("state", 4), [4])
     policy = agent.policy()
     first = policy(obs)
     z = policy.z.clone()
