@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fakes import ACTION_DIM, IMAGE, SpecEnv, replay_batch
 from omegaconf import OmegaConf
 from tensordict import TensorDict
 
@@ -20,6 +19,8 @@ from latentrl.agents.fb import PRESETS, FBAgent, FBConfig, fb_loss, weighted_sum
 from latentrl.agents.td_jepa import lstsq_task
 from latentrl.world_models.sphere import project_to_sphere, sample_sphere
 from latentrl.world_models.td_jepa import orthonormality_loss
+
+from fakes import ACTION_DIM, IMAGE, SpecEnv, replay_batch
 
 SMOKE = ["preset=smoke", "log.progress=false", "log.tensorboard=false", "eval.video=false"]
 

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fakes import ACTION_DIM, IMAGE, STATE_DIM, SpecEnv, random_obs
 from omegaconf import OmegaConf
 from tensordict import TensorDict
 
@@ -26,6 +25,8 @@ from latentrl.agents.common import (
     soft_update_params,
 )
 from latentrl.agents.rnd import PRESETS, RNDAgent, RNDConfig
+
+from fakes import ACTION_DIM, IMAGE, STATE_DIM, SpecEnv, random_obs
 
 TINY = {"hidden_dim": 64, "feature_dim": 16, "rnd_rep_dim": 32, "batch_size": 8}
 

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fakes import IMAGE, STATE_DIM, SpecEnv, random_obs, replay_batch
 from omegaconf import OmegaConf
 from tensordict import TensorDict
 
@@ -19,6 +18,8 @@ from latentrl.agents import GoalObservation, RewardSamples, Task, UnsupportedTas
 from latentrl.agents.td_jepa import PRESETS, TDJEPAAgent, TDJEPAConfig, effective_rank, lstsq_task
 from latentrl.world_models.sphere import project_to_sphere, sample_mixed_z, sample_sphere
 from latentrl.world_models.td_jepa import TDJEPAModel, orthonormality_loss, predictive_loss
+
+from fakes import IMAGE, STATE_DIM, SpecEnv, random_obs, replay_batch
 
 SMOKE = ["preset=smoke", "log.progress=false", "log.tensorboard=false", "eval.video=false"]
 
