@@ -162,10 +162,50 @@ class Agent(nn.Module):
     env_steps: int = 0
     """Env steps collected so far (all envs together); the trainer keeps it current."""
 
+    # Construction from a config dataclass with an ``obs_type`` field ("pixels" | "state") and named
+    # presets; agents that follow the constructor ``cls(config, obs_shape, action_dim, device=...)``
+    # get make_config / from_env / required_obs from here.
+    config_class: type | None = None
+    presets: dict[str, dict[str, Any]] = {"paper": {}}
+    pixel_presets: dict[str, dict[str, Any]] = {}
+    """Values applied on top of a preset when the agent reads pixels."""
+    state_presets: dict[str, dict[str, Any]] = {}
+    """Values applied on top of a preset when the agent reads states."""
+
+    @classmethod
+    def make_config(cls, preset: str = "paper", **overrides: Any):
+        """The config of ``preset`` (plus the pixel / state preset values for its ``obs_type``) and overrides."""
+        if cls.config_class is None:
+            raise NotImplementedError(f"{cls.__name__} sets no config_class")
+        field_default = cls.config_class.__dataclass_fields__["obs_type"].default
+        obs_type = overrides.get("obs_type", cls.presets.get(preset, {}).get("obs_type", field_default))
+        extra = cls.pixel_presets if obs_type == "pixels" else cls.state_presets
+        presets = {name: {**values, **extra.get(name, {})} for name, values in cls.presets.items()}
+        return config_from_preset(cls.config_class, presets, preset, overrides)
+
+    @classmethod
+    def from_env(cls, env, *, preset: str = "paper", device: str = "cpu", **overrides: Any) -> Agent:
+        """Build from a TorchRL env's specs: ``pixels`` ``[*, 3, H, W]`` or ``state`` ``[*, D]``; actions
+        ``[*, A]`` in [-1, 1]."""
+        config = cls.make_config(preset, **overrides)
+        spec = env.observation_spec
+        key = config.obs_type
+        if key not in spec.keys():
+            other = [k for k in ("pixels", "state") if k in spec.keys()]
+            hint = f" or pass obs_type={other[0]!r}" if other else ""
+            raise ValueError(
+                f"{cls.name} with obs_type={key!r} needs the env to observe {key!r}, but its observation keys are "
+                f"{sorted(map(str, spec.keys()))}; build it with make_env(..., obs=({key!r},)){hint}"
+            )
+        obs_shape = tuple(spec[key].shape[-3:]) if key == "pixels" else (spec[key].shape[-1],)
+        return cls(config, obs_shape, env.action_spec.shape[-1], device=device)
+
     @classmethod
     def required_obs(cls, preset: str = "paper", **overrides: Any) -> tuple[str, ...]:
         """Observation keys the agent reads with these settings (the trainer builds its env with them)."""
-        return ("pixels",)
+        if cls.config_class is None:
+            return ("pixels",)
+        return (cls.make_config(preset, **overrides).obs_type,)
 
     def sample_spec(self) -> SampleSpec:
         raise NotImplementedError

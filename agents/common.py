@@ -40,7 +40,6 @@ from latentrl.agents.base import (
     SampleSpec,
     Task,
     UnsupportedTaskError,
-    config_from_preset,
 )
 from latentrl.world_models.sphere import project_to_sphere, sample_sphere
 from latentrl.world_models.td_jepa import TDJEPAModel, mlp_embedding
@@ -530,10 +529,6 @@ class ZeroShotAgent(Agent):
     :meth:`reward_inference`. Goals are ``project(encode_task(g))``.
     """
 
-    config_class: type
-    presets: dict[str, dict[str, Any]] = {}
-    pixel_presets: dict[str, dict[str, Any]] = {}
-    state_presets: dict[str, dict[str, Any]] = {}
     world_model: TDJEPAModel
     actor: ZConditionedActor
     inference_chunk_size: int = 4096
@@ -550,38 +545,6 @@ class ZeroShotAgent(Agent):
             want = "a frame shape [3, H, W]" if expected == 3 else "a state shape [D]"
             raise ValueError(f"obs_type={config.obs_type!r} needs {want}, got {list(self.obs_shape)}")
         self._optimizers: dict[str, torch.optim.Optimizer] = {}
-
-    # ----------------------------------------------------------------------------------- construction
-    @classmethod
-    def make_config(cls, preset: str = "paper", **overrides: Any):
-        """The config of ``preset`` (plus the pixel / state preset values for its ``obs_type``) and overrides."""
-        default = cls.config_class.__dataclass_fields__["obs_type"].default
-        obs_type = overrides.get("obs_type", cls.presets.get(preset, {}).get("obs_type", default))
-        extra = cls.pixel_presets if obs_type == "pixels" else cls.state_presets
-        presets = {name: {**values, **extra.get(name, {})} for name, values in cls.presets.items()}
-        return config_from_preset(cls.config_class, presets, preset, overrides)
-
-    @classmethod
-    def from_env(cls, env, *, preset: str = "paper", device: str = "cpu", **overrides: Any):
-        """Build from a TorchRL env's specs: ``pixels`` ``[*, 3, H, W]`` or ``state`` ``[*, D]``; actions
-        ``[*, A]`` in [-1, 1]."""
-        config = cls.make_config(preset, **overrides)
-        spec = env.observation_spec
-        key = config.obs_type
-        if key not in spec.keys():
-            other = [k for k in ("pixels", "state") if k in spec.keys()]
-            hint = f" or pass obs_type={other[0]!r}" if other else ""
-            raise ValueError(
-                f"{cls.name} with obs_type={key!r} needs the env to observe {key!r}, but its observation keys are "
-                f"{sorted(map(str, spec.keys()))}; build it with make_env(..., obs=({key!r},)){hint}"
-            )
-        obs_shape = tuple(spec[key].shape[-3:]) if key == "pixels" else (spec[key].shape[-1],)
-        return cls(config, obs_shape, env.action_spec.shape[-1], device=device)
-
-    @classmethod
-    def required_obs(cls, preset: str = "paper", **overrides: Any) -> tuple[str, ...]:
-        """The observation key this configuration reads: ``("pixels",)`` or ``("state",)``."""
-        return (cls.make_config(preset, **overrides).obs_type,)
 
     @property
     def frame_stack(self) -> int:

@@ -38,9 +38,8 @@ from typing import Any, Literal
 import torch
 from tensordict import TensorDict
 from torch import Tensor, nn
-from torchrl.envs import EnvBase
 
-from latentrl.agents.base import Agent, Policy, SampleSpec, Task, UnsupportedTaskError, config_from_preset
+from latentrl.agents.base import Agent, Policy, SampleSpec, Task, UnsupportedTaskError
 from latentrl.agents.common import (
     DDPGActorCritic,
     DeterministicActor,
@@ -179,6 +178,9 @@ class RNDAgent(Agent):
     exploration schedule and ends the uniform-random seed phase.
     """
 
+    config_class = RNDConfig
+    presets = PRESETS
+
     name = "rnd"
 
     def __init__(
@@ -230,30 +232,6 @@ class RNDAgent(Agent):
         self._optimizers["actor"] = adam(self.actor.parameters())
         self._optimizers["critic"] = adam(self.actor_critic.critic.parameters())
         self._optimizers["rnd"] = adam(self.rnd.predictor.parameters())
-
-    @classmethod
-    def from_env(
-        cls, env: EnvBase, *, preset: str = "paper", device: str = "cpu", **overrides: Any
-    ) -> RNDAgent:
-        """Build from a TorchRL env's specs: ``pixels`` ``[*, 3, H, W]`` or ``state`` ``[*, D]``; actions
-        ``[*, A]`` in [-1, 1]."""
-        config = config_from_preset(RNDConfig, PRESETS, preset, overrides)
-        spec = env.observation_spec
-        key = config.obs_type
-        if key not in spec.keys():
-            other = [k for k in OBS_TYPES if k in spec.keys()]
-            hint = f" or pass obs_type={other[0]!r}" if other else ""
-            raise ValueError(
-                f"RND with obs_type={key!r} needs the env to observe {key!r}, but its observation keys are "
-                f"{sorted(map(str, spec.keys()))}; build it with make_env(..., obs=({key!r},)){hint}"
-            )
-        obs_shape = tuple(spec[key].shape[-3:]) if key == "pixels" else (spec[key].shape[-1],)
-        return cls(config, obs_shape, env.action_spec.shape[-1], device=device)
-
-    @classmethod
-    def required_obs(cls, preset: str = "paper", **overrides: Any) -> tuple[str, ...]:
-        """The observation key this configuration reads: ``("state",)`` or ``("pixels",)``."""
-        return (config_from_preset(RNDConfig, PRESETS, preset, overrides).obs_type,)
 
     @property
     def actor(self) -> DeterministicActor:
