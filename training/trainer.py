@@ -122,13 +122,15 @@ class Trainer:
         self.agent_overrides = dict(agent_overrides or {})
         e = cfg.env
         obs = tuple(e.obs)
+        # MuJoCo Warp steps and renders on the learner's device; dm_control always on the CPU.
+        env_device = str(self.device) if e.backend == "mjwarp" else "cpu"
         self.env = make_env(e.task, obs=obs, image_size=e.image_size, camera=e.camera,
                             action_repeat=e.action_repeat, num_envs=1 if self.offline else e.num_envs,
-                            backend=e.backend, seed=cfg.seed, floor=e.floor, episode_length=e.episode_length,
-                            num_workers=0 if self.offline else e.num_workers)
+                            backend=e.backend, device=env_device, seed=cfg.seed, floor=e.floor,
+                            episode_length=e.episode_length, num_workers=0 if self.offline else e.num_workers)
         eval_obs = tuple(dict.fromkeys((*obs, "pixels"))) if cfg.eval.video else obs
         self.eval_env = make_env(e.task, obs=eval_obs, image_size=e.image_size, camera=e.camera,
-                                 action_repeat=e.action_repeat, num_envs=1, backend=e.backend,
+                                 action_repeat=e.action_repeat, num_envs=1, backend=e.backend, device=env_device,
                                  seed=cfg.seed + 10_000, floor=e.floor, episode_length=e.episode_length,
                                  num_workers=0)
         self.agent: Agent = make_agent(cfg.agent.name, self.env, preset=cfg.agent.preset,
