@@ -32,7 +32,7 @@ from torchrl.envs import EnvBase
 
 from latentrl.envs.tasks import PHYSICS_STATE, Task, get_physics_state, get_task, set_physics_state
 
-__all__ = ["DMCEnv", "EnvConfig"]
+__all__ = ["DMCEnv", "EnvConfig", "env_seeds", "set_env_specs"]
 
 OBS_KEYS = ("pixels", "state", "physics")
 
@@ -239,6 +239,30 @@ def _worker(conn, cfg: EnvConfig, env_ids, seeds, shm_specs) -> None:
             shm.close()
 
 
+def set_env_specs(env: EnvBase, obs, n: int, size: int, action_dim: int, state_dim: int, physics_dim: int) -> None:
+    """The specs every latentrl env shares (dmc and mjwarp backends): see :class:`DMCEnv` for the keys."""
+    dev = env.device
+    spec = Composite(shape=(n,))
+    if "pixels" in obs:
+        spec["pixels"] = Bounded(0, 255, shape=(n, 3, size, size), dtype=torch.uint8, device=dev)
+    if "state" in obs:
+        spec["state"] = Unbounded(shape=(n, state_dim), dtype=torch.float32, device=dev)
+    if "physics" in obs:
+        spec["physics"] = Unbounded(shape=(n, physics_dim), dtype=torch.float64, device=dev)
+    spec["episode"] = Unbounded(shape=(n,), dtype=torch.int64, device=dev)
+    spec["step"] = Unbounded(shape=(n,), dtype=torch.int64, device=dev)
+    env.observation_spec = spec
+    env.action_spec = Bounded(-1.0, 1.0, shape=(n, action_dim), dtype=torch.float32, device=dev)
+    env.reward_spec = Unbounded(shape=(n, 1), dtype=torch.float32, device=dev)
+    flag = Categorical(2, shape=(n, 1), dtype=torch.bool, device=dev)
+    env.done_spec = Composite(done=flag, terminated=flag.clone(), truncated=flag.clone(), shape=(n,))
+
+
+def env_seeds(seed: int, num_envs: int) -> list[int]:
+    """Independent seeds for envs 0..num_envs-1 derived from ``seed`` (the same in every backend)."""
+    return [int(c.generate_state(1)[0]) for c in np.random.SeedSequence(seed).spawn(num_envs)]
+
+
 class DMCEnv(EnvBase):
     """A batch of ``num_envs`` dm_control envs of one task as a TorchRL env (``batch_size=[num_envs]``).
 
@@ -290,8 +314,8 @@ class DMCEnv(EnvBase):
         if "physics" in obs:
             shapes["physics"] = ((num_envs, physics_dim), np.float64)
 
-        self._make_specs(obs, num_envs, image_size, action_dim, state_dim, physics_dim)
-        seeds = self._env_seeds(seed)
+        set_env_specs(self, obs, num_envs, image_size, action_dim, state_dim, physics_dim)
+        seeds = env_seeds(seed, num_envs)
         if num_workers is None:
             num_workers = 0 if num_envs == 1 else min(num_envs, mp.cpu_count())
         self.num_workers = min(num_workers, num_envs)
@@ -311,26 +335,6 @@ class DMCEnv(EnvBase):
         atexit.register(self.close)
 
     # ----------------------------------------------------------------------------------------- setup
-    def _make_specs(self, obs, n, size, action_dim, state_dim, physics_dim) -> None:
-        spec = Composite(shape=(n,))
-        if "pixels" in obs:
-            spec["pixels"] = Bounded(0, 255, shape=(n, 3, size, size), dtype=torch.uint8, device=self.device)
-        if "state" in obs:
-            spec["state"] = Unbounded(shape=(n, state_dim), dtype=torch.float32, device=self.device)
-        if "physics" in obs:
-            spec["physics"] = Unbounded(shape=(n, physics_dim), dtype=torch.float64, device=self.device)
-        spec["episode"] = Unbounded(shape=(n,), dtype=torch.int64, device=self.device)
-        spec["step"] = Unbounded(shape=(n,), dtype=torch.int64, device=self.device)
-        self.observation_spec = spec
-        self.action_spec = Bounded(-1.0, 1.0, shape=(n, action_dim), dtype=torch.float32, device=self.device)
-        self.reward_spec = Unbounded(shape=(n, 1), dtype=torch.float32, device=self.device)
-        flag = Categorical(2, shape=(n, 1), dtype=torch.bool, device=self.device)
-        self.done_spec = Composite(done=flag, terminated=flag.clone(), truncated=flag.clone(), shape=(n,))
-
-    def _env_seeds(self, seed: int) -> list[int]:
-        children = np.random.SeedSequence(seed).spawn(self.num_envs)
-        return [int(c.generate_state(1)[0]) for c in children]
-
     def _start_workers(self, shapes, seeds) -> None:
         self._arrays = {}
         specs = {}
@@ -431,7 +435,7 @@ class DMCEnv(EnvBase):
         return out.to(self.device)
 
     def _set_seed(self, seed: int | None) -> int | None:
-        seeds = self._env_seeds(0 if seed is None else seed)
+        seeds = env_seeds(0 if seed is None else seed, self.num_envs)
         if self._slots is not None:
             self._slots.seed(seeds)
         else:

@@ -37,11 +37,10 @@ import numpy as np
 import torch
 import warp as wp
 from tensordict import TensorDict
-from torchrl.data import Bounded, Categorical, Composite, Unbounded
 from torchrl.envs import EnvBase
 
 from latentrl.envs.batched_tasks import BatchedTask, PhysicsBatch, make_batched_task
-from latentrl.envs.dmc import OBS_KEYS, apply_gradient_floor
+from latentrl.envs.dmc import OBS_KEYS, apply_gradient_floor, env_seeds, set_env_specs
 from latentrl.envs.tasks import PHYSICS_STATE, Task, get_physics_state, get_task
 
 __all__ = ["MJWarpEnv"]
@@ -169,8 +168,9 @@ class MJWarpEnv(EnvBase):
             print(f"[latentrl] MuJoCo Warp kernels for {self.task.domain} ready on {self._wp_device} after "
                   f"{time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
 
-        self._make_specs(obs, num_envs, image_size, mjm.nu, sum(n for _, n in self.state_layout), physics_dim)
-        self._randoms = [np.random.RandomState(s) for s in self._env_seeds(seed)]
+        set_env_specs(self, obs, num_envs, image_size, mjm.nu, sum(n for _, n in self.state_layout), physics_dim)
+        # as DMCEnv: world i draws like dm_control env i
+        self._randoms = [np.random.RandomState(s) for s in env_seeds(seed, num_envs)]
         self._num_episodes = np.zeros(num_envs, dtype=np.int64)
         self._episode = torch.full((num_envs,), -1, dtype=torch.int64, device=device)
         self._step_count = torch.zeros(num_envs, dtype=torch.int64, device=device)
@@ -187,26 +187,6 @@ class MJWarpEnv(EnvBase):
                   f"use of a model on a device compiles them (about 1-2 minutes on {where}, more with pixels); "
                   f"later runs load them from Warp's cache ({wp.config.kernel_cache_dir}) in seconds.",
                   file=sys.stderr, flush=True)
-
-    def _make_specs(self, obs, n, size, action_dim, state_dim, physics_dim) -> None:
-        spec = Composite(shape=(n,))
-        if "pixels" in obs:
-            spec["pixels"] = Bounded(0, 255, shape=(n, 3, size, size), dtype=torch.uint8, device=self.device)
-        if "state" in obs:
-            spec["state"] = Unbounded(shape=(n, state_dim), dtype=torch.float32, device=self.device)
-        if "physics" in obs:
-            spec["physics"] = Unbounded(shape=(n, physics_dim), dtype=torch.float64, device=self.device)
-        spec["episode"] = Unbounded(shape=(n,), dtype=torch.int64, device=self.device)
-        spec["step"] = Unbounded(shape=(n,), dtype=torch.int64, device=self.device)
-        self.observation_spec = spec
-        self.action_spec = Bounded(-1.0, 1.0, shape=(n, action_dim), dtype=torch.float32, device=self.device)
-        self.reward_spec = Unbounded(shape=(n, 1), dtype=torch.float32, device=self.device)
-        flag = Categorical(2, shape=(n, 1), dtype=torch.bool, device=self.device)
-        self.done_spec = Composite(done=flag, terminated=flag.clone(), truncated=flag.clone(), shape=(n,))
-
-    def _env_seeds(self, seed: int) -> list[int]:
-        children = np.random.SeedSequence(seed).spawn(self.num_envs)  # as DMCEnv: world i = dm_control env i
-        return [int(c.generate_state(1)[0]) for c in children]
 
     # -------------------------------------------------------------------------------------- physics
     @contextlib.contextmanager
@@ -387,7 +367,7 @@ class MJWarpEnv(EnvBase):
         return out
 
     def _set_seed(self, seed: int | None) -> int | None:
-        self._randoms = [np.random.RandomState(s) for s in self._env_seeds(0 if seed is None else seed)]
+        self._randoms = [np.random.RandomState(s) for s in env_seeds(0 if seed is None else seed, self.num_envs)]
         return seed
 
     # ------------------------------------------------------------------------------------- extras
