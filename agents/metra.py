@@ -55,6 +55,7 @@ travel (the official state envs expose all of ``qpos``).
 Evaluation: :func:`evaluate_coverage` (unique 1x1 cells visited by the torso over 48 deterministic
 skill rollouts, with a trajectory plot) and :func:`evaluate_goal_reaching`;
 :meth:`METRAAgent.evaluate` runs them at the trainer's evaluations (logged as ``eval/coverage``, ...).
+Measured on cheetah-run from states: 35 cells against 3 for random actions (docs/bench_metra.md).
 """
 
 from __future__ import annotations
