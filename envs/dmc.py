@@ -32,7 +32,7 @@ from torchrl.envs import EnvBase
 
 from latentrl.envs.tasks import PHYSICS_STATE, Task, get_physics_state, get_task, set_physics_state
 
-__all__ = ["DMCEnv", "EnvConfig", "env_seeds", "set_env_specs"]
+__all__ = ["DMCEnv", "EnvConfig", "check_env_args", "env_seeds", "set_env_specs"]
 
 OBS_KEYS = ("pixels", "state", "physics")
 
@@ -258,6 +258,19 @@ def set_env_specs(env: EnvBase, obs, n: int, size: int, action_dim: int, state_d
     env.done_spec = Composite(done=flag, terminated=flag.clone(), truncated=flag.clone(), shape=(n,))
 
 
+def check_env_args(obs, floor: str, action_repeat: int, num_envs: int, image_size: int) -> tuple[str, ...]:
+    """Validate the ``make_env`` arguments every backend shares; returns ``obs`` as a tuple."""
+    obs = tuple(obs)
+    unknown = [k for k in obs if k not in OBS_KEYS]
+    if unknown or not obs:
+        raise ValueError(f"obs must be a non-empty subset of {OBS_KEYS}, got {obs}")
+    if floor not in ("default", "gradient"):
+        raise ValueError(f"floor must be 'default' or 'gradient', got {floor!r}")
+    if action_repeat < 1 or num_envs < 1 or image_size < 1:
+        raise ValueError("action_repeat, num_envs and image_size must be >= 1")
+    return obs
+
+
 def env_seeds(seed: int, num_envs: int) -> list[int]:
     """Independent seeds for envs 0..num_envs-1 derived from ``seed`` (the same in every backend)."""
     return [int(c.generate_state(1)[0]) for c in np.random.SeedSequence(seed).spawn(num_envs)]
@@ -280,14 +293,7 @@ class DMCEnv(EnvBase):
     def __init__(self, task: str, *, obs=("pixels", "state"), image_size: int = 64, camera: int | None = None,
                  action_repeat: int = 1, num_envs: int = 1, num_workers: int | None = None, seed: int = 0,
                  floor: str = "default", episode_length: int | None = None, device: str | torch.device = "cpu"):
-        obs = tuple(obs)
-        unknown = [k for k in obs if k not in OBS_KEYS]
-        if unknown or not obs:
-            raise ValueError(f"obs must be a non-empty subset of {OBS_KEYS}, got {obs}")
-        if floor not in ("default", "gradient"):
-            raise ValueError(f"floor must be 'default' or 'gradient', got {floor!r}")
-        if action_repeat < 1 or num_envs < 1 or image_size < 1:
-            raise ValueError("action_repeat, num_envs and image_size must be >= 1")
+        obs = check_env_args(obs, floor, action_repeat, num_envs, image_size)
         self.task: Task = get_task(task)
         super().__init__(device=device, batch_size=torch.Size([num_envs]))
         self.num_envs = num_envs

@@ -40,7 +40,7 @@ from tensordict import TensorDict
 from torchrl.envs import EnvBase
 
 from latentrl.envs.batched_tasks import BatchedTask, PhysicsBatch, make_batched_task
-from latentrl.envs.dmc import OBS_KEYS, apply_gradient_floor, env_seeds, set_env_specs
+from latentrl.envs.dmc import apply_gradient_floor, check_env_args, env_seeds, set_env_specs
 from latentrl.envs.tasks import PHYSICS_STATE, Task, get_physics_state, get_task
 
 __all__ = ["MJWarpEnv"]
@@ -85,14 +85,7 @@ class MJWarpEnv(EnvBase):
     def __init__(self, task: str, *, obs=("pixels", "state"), image_size: int = 64, camera: int | None = None,
                  action_repeat: int = 1, num_envs: int = 1, seed: int = 0, floor: str = "default",
                  episode_length: int | None = None, device: str | torch.device = "cpu"):
-        obs = tuple(obs)
-        unknown = [k for k in obs if k not in OBS_KEYS]
-        if unknown or not obs:
-            raise ValueError(f"obs must be a non-empty subset of {OBS_KEYS}, got {obs}")
-        if floor not in ("default", "gradient"):
-            raise ValueError(f"floor must be 'default' or 'gradient', got {floor!r}")
-        if action_repeat < 1 or num_envs < 1 or image_size < 1:
-            raise ValueError("action_repeat, num_envs and image_size must be >= 1")
+        obs = check_env_args(obs, floor, action_repeat, num_envs, image_size)
         self.task: Task = get_task(task)
         device = torch.device(device)
         if device.type == "cuda" and device.index is None and torch.cuda.is_available():
