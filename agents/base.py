@@ -25,6 +25,7 @@ __all__ = [
     "RewardSamples",
     "SampleSpec",
     "Task",
+    "UniformRandomPolicy",
     "UnsupportedTaskError",
     "FrameStack",
 ]
@@ -148,6 +149,18 @@ class Policy:
     @torch.no_grad()
     def __call__(self, obs: TensorDict) -> Tensor:
         return self.act(self.stack(obs))
+
+
+class UniformRandomPolicy(Policy):
+    """Uniform random actions in [-1, 1]: the baseline for coverage, goal reaching and zero-shot returns."""
+
+    def __init__(self, action_dim: int, generator: torch.Generator | None = None):
+        super().__init__()
+        self.action_dim = action_dim
+        self.generator = generator
+
+    def act(self, obs: TensorDict) -> Tensor:
+        return torch.rand(obs.batch_size[0], self.action_dim, generator=self.generator) * 2.0 - 1.0
 
 
 class Agent(nn.Module):

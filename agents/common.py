@@ -55,6 +55,8 @@ __all__ = [
     "ZConditionedActor",
     "ZPolicy",
     "ZeroShotAgent",
+    "check_zero_shot_config",
+    "heldout_linear_r2",
     "mlp",
     "resolve_device",
     "sac_actor_loss",
@@ -519,6 +521,40 @@ class ZPolicy(Policy):
         return (dist.sample() if self.explore else dist.mean).to(out_device)
 
 
+def check_zero_shot_config(config: Any, pairs_why: str) -> None:
+    """The checks shared by the zero-shot agents' configs (TD-JEPA, FB): ``obs_type``, ``frame_stack``,
+    ``batch_size`` (>= 2, since ``pairs_why``) and ``train_goal_ratio``; errors name the config class."""
+    name = type(config).__name__
+    if config.obs_type not in ("pixels", "state"):
+        raise ValueError(f"{name}.obs_type must be 'pixels' or 'state', got {config.obs_type!r}")
+    if config.frame_stack < 1:
+        raise ValueError(f"{name}.frame_stack must be >= 1, got {config.frame_stack}")
+    if config.batch_size < 2:
+        raise ValueError(f"{name}.batch_size must be >= 2 ({pairs_why}), got {config.batch_size}")
+    if not 0.0 <= config.train_goal_ratio <= 1.0:
+        raise ValueError(f"{name}.train_goal_ratio must be in [0, 1], got {config.train_goal_ratio}")
+
+
+def heldout_linear_r2(features: Tensor, reward: Tensor, seed: int = 0) -> float:
+    """How much of a reward the task features explain linearly: the R^2, on a held-out random half of
+    the samples, of the least-squares fit ``features @ w ~ reward`` made on the other half.
+
+    ``features`` ``[N, d]``, ``reward`` ``[N, 1]``. TD-JEPA's health check (spec §12.5) wants it > 0
+    for every task; near 1 the reward lies in the span of the features. NaN with fewer than
+    ``2 * (d + 1)`` samples.
+    """
+    n, d = features.shape
+    if n < 2 * (d + 1):
+        return float("nan")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(features.device)
+    fit, held = order[: n // 2], order[n // 2:]
+    x, r = features.double(), reward.double().reshape(-1, 1)
+    w = torch.linalg.lstsq(x[fit], r[fit]).solution
+    residual = ((x[held] @ w - r[held]) ** 2).sum()
+    total = ((r[held] - r[held].mean()) ** 2).sum()
+    return float(1.0 - residual / total) if total > 0 else float("nan")
+
+
 class ZeroShotAgent(Agent):
     """Shared by TD-JEPA and FB: a z-conditioned actor on a :class:`TDJEPAModel`, zero-shot by inference.
 
@@ -628,7 +664,8 @@ class ZeroShotAgent(Agent):
                 raise ValueError("the rewards hold NaN or inf (reward-free data?): relabel the samples first "
                                  "with ReplayBuffer.relabel(get_task(name), td)")
             z, info = self.reward_inference(features, reward.to(features.device))
-            return Task(z=z, info={"kind": "reward", "num_samples": int(features.shape[0]), **info})
+            return Task(z=z, info={"kind": "reward", "num_samples": int(features.shape[0]),
+                                   "reward_r2": heldout_linear_r2(features, reward.to(features.device)), **info})
         if isinstance(spec, GoalObservation):
             return Task(z=project_to_sphere(self.task_embedding(spec.obs)), goal=spec.obs, info={"kind": "goal"})
         raise UnsupportedTaskError(f"{self.name} infers tasks from RewardSamples or GoalObservation, "

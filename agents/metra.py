@@ -82,6 +82,7 @@ from latentrl.agents.base import (
     RewardSamples,
     SampleSpec,
     Task,
+    UniformRandomPolicy,
     UnsupportedTaskError,
     config_from_preset,
 )
@@ -983,19 +984,6 @@ def plot_skill_trajectories(trajectories: list[np.ndarray], skills: np.ndarray, 
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
-
-
-class UniformRandomPolicy(Policy):
-    """Uniform random actions in [-1, 1]: the coverage and goal-reaching baseline."""
-
-    def __init__(self, action_dim: int, generator: torch.Generator | None = None):
-        super().__init__()
-        self.action_dim = action_dim
-        self.generator = generator
-
-    def act(self, obs: TensorDict) -> Tensor:
-        n = obs.batch_size[0]
-        return torch.rand(n, self.action_dim, generator=self.generator) * 2.0 - 1.0
 
 
 @torch.no_grad()

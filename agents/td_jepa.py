@@ -41,7 +41,13 @@ import torch
 from tensordict import TensorDict
 from torch import Tensor, nn
 
-from latentrl.agents.common import ZConditionedActor, ZeroShotAgent, soft_update_params, weight_init
+from latentrl.agents.common import (
+    ZConditionedActor,
+    ZeroShotAgent,
+    check_zero_shot_config,
+    soft_update_params,
+    weight_init,
+)
 from latentrl.world_models.encoders import RandomShiftsAug
 from latentrl.world_models.sphere import project_to_sphere, sample_mixed_z
 from latentrl.world_models.td_jepa import (
@@ -124,15 +130,7 @@ class TDJEPAConfig:
     """Discount gamma (pointmass: 0.99). §6."""
 
     def __post_init__(self) -> None:
-        if self.obs_type not in ("pixels", "state"):
-            raise ValueError(f"TDJEPAConfig.obs_type must be 'pixels' or 'state', got {self.obs_type!r}")
-        if self.frame_stack < 1:
-            raise ValueError(f"TDJEPAConfig.frame_stack must be >= 1, got {self.frame_stack}")
-        if self.batch_size < 2:
-            raise ValueError(f"TDJEPAConfig.batch_size must be >= 2 (the orthonormality loss pairs rows), "
-                             f"got {self.batch_size}")
-        if not 0.0 <= self.train_goal_ratio <= 1.0:
-            raise ValueError(f"TDJEPAConfig.train_goal_ratio must be in [0, 1], got {self.train_goal_ratio}")
+        check_zero_shot_config(self, "the orthonormality loss pairs rows")
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -1,152 +1,255 @@
 #!/usr/bin/env python
 """Small-scale zero-shot benchmark: an RND dataset, then TD-JEPA vs FB vs a random policy.
 
-    python scripts/bench_zero_shot.py --domain walker --dataset-steps 20000 --updates 3000 --seeds 0 1 2
+    python scripts/bench_zero_shot.py --domain walker --dataset-steps 100000 --updates 20000 --seeds 0 1 2 --jobs 2
 
-1. ``collect_dataset.py agent=rnd`` writes a reward-free walker dataset (states + physics).
+1. ``collect_dataset.py agent=rnd`` writes a reward-free dataset (states + physics) of
+   ``--dataset-steps`` transitions (1000-step episodes), RND making ``--collect-updates-per-step``
+   updates per env step.
 2. ``train_agent.py agent=td_jepa|fb data=<dataset>`` trains each agent offline (``small`` preset,
-   states) for ``--updates`` updates per seed.
-3. The zero-shot harness relabels ``--samples`` transitions per task, infers the task and rolls out
-   ``--episodes`` 1000-step episodes; a uniform random policy is evaluated on the same tasks.
+   states) for ``--updates`` updates per seed, keeping ``--eval-points`` evenly spaced checkpoints;
+   ``--jobs`` runs train in parallel processes (one torch thread each).
+3. For every kept checkpoint the zero-shot harness relabels ``--samples`` transitions per task,
+   infers the task and rolls out ``--episodes`` 1000-step episodes; a uniform random policy is
+   evaluated on the same tasks.
 
-Writes a markdown report (per-task means +- std over seeds, domain averages, the paper's Table 1
-proprio figures beside them for scale) to ``--out`` and the raw numbers to ``<workdir>/results.json``.
+Writes a markdown report (per-task mean +- s.e. over seeds at the last checkpoint, the domain average
+along training, the paper's Table 1 proprio figures beside them for scale) to ``--out``, a plot of
+the domain average against updates beside it (``.png``), and the raw numbers to
+``<workdir>/results.json``. Finished runs and evaluations are reused, so an interrupted benchmark
+continues where it stopped.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import platform
+import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from latentrl.agents.base import Policy
+from latentrl.agents.base import UniformRandomPolicy
 from latentrl.envs import make_env
 from latentrl.envs.tasks import resolve_task_list
 from latentrl.replay import ReplayBuffer
 from latentrl.training.checkpoint import load_agent
-from latentrl.training.cli import collect_main, train_main
 from latentrl.training.trainer import evaluate_policy
 from latentrl.training.zero_shot import evaluate_reward_tasks
 
+ROOT = Path(__file__).resolve().parents[1]
 # TD-JEPA paper, Table 1 (DMC proprio, mean +- s.e.; 5,000 RND episodes, 2M updates), for scale.
 PAPER_PROPRIO = {"walker": {"fb": "811.5 +- 5.9", "td_jepa": "785.2 +- 6.7"},
                  "point_mass_maze": {"fb": "513.0", "td_jepa": "479.3"}}
 QUIET = ["log.progress=false", "log.tensorboard=false", "eval.every=0", "eval.at_end=false", "eval.video=false"]
 
 
-class RandomPolicy(Policy):
-    def __init__(self, action_dim: int, seed: int):
-        super().__init__()
-        self.action_dim = action_dim
-        self.generator = torch.Generator().manual_seed(seed)
+def collect_task(domain: str) -> str:
+    return "point_mass_maze-reach_top_left" if domain == "point_mass_maze" else f"{domain}-walk"
 
-    def act(self, obs):
-        return torch.rand(obs.batch_size[0], self.action_dim, generator=self.generator) * 2 - 1
+
+def env_config(domain: str) -> dict:
+    return {"task": collect_task(domain), "obs": ["state", "physics"], "image_size": 64, "action_repeat": 1,
+            "floor": "default", "camera": None, "episode_length": None}
+
+
+def train_and_evaluate(job: dict) -> dict:
+    """One (agent, seed): train offline in a child process (kept checkpoints), evaluate each checkpoint.
+
+    Runs in a worker process; evaluations already on disk (``zero_shot.json``) are reused.
+    """
+    torch.set_num_threads(1)
+
+    run = Path(job["run"])
+    points = job["points"]
+    cache = run / "zero_shot.json"
+    done = json.loads(cache.read_text()) if cache.exists() else {"scores": {}, "train_seconds": None}
+    ckpts = {u: run / "checkpoints" / f"{u:09d}.pt" for u in points}
+    if not all(p.exists() for p in ckpts.values()):
+        started = time.time()
+        cmd = [sys.executable, str(ROOT / "scripts" / "train_agent.py"), f"agent={job['agent']}", "agent.preset=small",
+               "agent.obs_type=state", f"data={job['data']}", f"env={collect_task(job['domain'])}",
+               "env.obs=[state,physics]", f"steps={points[-1]}", f"seed={job['seed']}", "threads=1",
+               f"checkpoint_every={points[0]}", "keep_checkpoints=true", "resume=true", f"run_dir={run}", *QUIET]
+        run.mkdir(parents=True, exist_ok=True)
+        with open(run / "train.log", "a") as log:
+            subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
+        done["train_seconds"] = time.time() - started
+    buffer = ReplayBuffer.load(job["data"])
+    tasks = resolve_task_list(f"{job['domain']}/all")
+    for updates, path in ckpts.items():
+        if str(updates) in done["scores"]:
+            continue
+        agent, _ = load_agent(path)
+        torch.manual_seed(job["seed"])
+        results = evaluate_reward_tasks(agent, buffer, tasks, env_config(job["domain"]), num_samples=job["samples"],
+                                        episodes=job["episodes"], seed=job["seed"], progress=lambda *_: None)
+        done["scores"][str(updates)] = {r.task: r.mean for r in results}
+        done.setdefault("reward_r2", {})[str(updates)] = {r.task: r.reward_r2 for r in results}
+        cache.write_text(json.dumps(done, indent=2))
+        avg = np.mean(list(done["scores"][str(updates)].values()))
+        print(f"[bench] {job['agent']} seed {job['seed']} at {updates} updates: {job['domain']} average {avg:.1f}",
+              flush=True)
+    return {**job, **done}
+
+
+def random_scores(domain: str, seeds: list[int], episodes: int) -> dict[str, list[float]]:
+
+    out: dict[str, list[float]] = {}
+    for seed in seeds:
+        for task in resolve_task_list(f"{domain}/all"):
+            env = make_env(task, obs=("state", "physics"), num_envs=episodes, seed=seed, num_workers=0)
+            policy = UniformRandomPolicy(env.action_spec.shape[-1], torch.Generator().manual_seed(seed))
+            result = evaluate_policy(env, policy, episodes)
+            env.close()
+            out.setdefault(task, []).append(float(np.mean(result.returns)))
+    return out
+
+
+def mean_se(values) -> str:
+    values = np.asarray(values, dtype=float)
+    se = values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else 0.0
+    return f"{values.mean():.1f} +- {se:.1f}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--domain", default="walker")
-    parser.add_argument("--dataset-steps", type=int, default=20000)
-    parser.add_argument("--updates", type=int, default=3000)
+    parser.add_argument("--domain", default="walker", choices=["walker", "point_mass_maze", "cheetah", "quadruped"])
+    parser.add_argument("--dataset-steps", type=int, default=100000)
+    parser.add_argument("--collect-updates-per-step", type=float, default=0.25,
+                        help="RND updates per env step while collecting (URLB: 0.5)")
+    parser.add_argument("--updates", type=int, default=20000)
+    parser.add_argument("--eval-points", type=int, default=4, help="evenly spaced checkpoints evaluated per run")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--agents", nargs="+", default=["td_jepa", "fb"])
     parser.add_argument("--episodes", type=int, default=5)
     parser.add_argument("--samples", type=int, default=10000)
+    parser.add_argument("--jobs", type=int, default=2, help="runs trained and evaluated in parallel")
     parser.add_argument("--workdir", default="runs/bench_zero_shot")
     parser.add_argument("--out", default="docs/bench_zero_shot.md")
     args = parser.parse_args()
+    if args.updates % args.eval_points:
+        parser.error(f"--updates ({args.updates}) must be a multiple of --eval-points ({args.eval_points})")
     torch.set_num_threads(1)
     started = time.time()
     work = Path(args.workdir)
     data = work / "data"
-    collect_task = f"{args.domain}-walk" if args.domain != "point_mass_maze" else "point_mass_maze-reach_top_left"
     if not (data / "replay.json").exists():
-        print(f"[bench] collecting {args.dataset_steps} RND steps of {collect_task} -> {data}", flush=True)
-        collect_main(["agent=rnd", f"env={collect_task}", "agent.preset=small", f"steps={args.dataset_steps}",
-                      "learning_starts=1000", "env.obs=[state,physics]", f"out={data}",
-                      f"run_dir={work / 'collect'}", *QUIET])
+        print(f"[bench] collecting {args.dataset_steps} RND steps of {collect_task(args.domain)} -> {data}",
+              flush=True)
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "collect_dataset.py"), "agent=rnd",
+                        f"env={collect_task(args.domain)}", "agent.preset=small", f"steps={args.dataset_steps}",
+                        "learning_starts=1000", f"updates_per_step={args.collect_updates_per_step}", "threads=1",
+                        "env.obs=[state,physics]", f"out={data}", f"run_dir={work / 'collect'}", *QUIET], check=True)
+    points = [args.updates // args.eval_points * (i + 1) for i in range(args.eval_points)]
+    jobs = [{"agent": a, "seed": s, "run": str(work / f"{a}-s{s}"), "data": str(data), "domain": args.domain,
+             "points": points, "samples": args.samples, "episodes": args.episodes}
+            for s in args.seeds for a in args.agents]
+    with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
+        random_future = pool.submit(random_scores, args.domain, args.seeds, args.episodes)
+        results = list(pool.map(train_and_evaluate, jobs))
+        random = random_future.result()
+
     buffer = ReplayBuffer.load(data)
-    tasks = resolve_task_list(f"{args.domain}/all")
-    env_cfg = {"task": collect_task, "obs": ["state", "physics"], "image_size": 64, "action_repeat": 1,
-               "floor": "default", "camera": None, "episode_length": None}
-    scores: dict[str, dict[str, list[float]]] = {}
-    timings: dict[str, list[float]] = {}
-    for agent_name in args.agents:
-        for seed in args.seeds:
-            run = work / f"{agent_name}-s{seed}"
-            ckpt = run / "checkpoints" / "latest.pt"
-            t0 = time.time()
-            if not ckpt.exists():
-                print(f"[bench] training {agent_name} seed {seed} for {args.updates} updates", flush=True)
-                train_main([f"agent={agent_name}", "agent.preset=small", "agent.obs_type=state", f"data={data}",
-                            f"env={collect_task}", "env.obs=[state,physics]", f"steps={args.updates}",
-                            f"seed={seed}", f"checkpoint_every={args.updates}", f"run_dir={run}", *QUIET])
-            timings.setdefault(agent_name, []).append(time.time() - t0)
-            agent, _ = load_agent(ckpt)
-            torch.manual_seed(seed)
-            for r in evaluate_reward_tasks(agent, buffer, tasks, env_cfg, num_samples=args.samples,
-                                           episodes=args.episodes, seed=seed):
-                scores.setdefault(agent_name, {}).setdefault(r.task, []).append(r.mean)
-    probe = make_env(collect_task, obs=("state",), num_workers=0)
-    action_dim = probe.action_spec.shape[-1]
-    probe.close()
-    for seed in args.seeds:
+    raw = {"random": random, "runs": results, "points": points}
+    (work / "results.json").write_text(json.dumps(raw, indent=2))
+    write_report(args, raw, time.time() - started, buffer)
+
+
+def write_report(args, raw: dict, seconds: float, buffer) -> None:
+    points, random = raw["points"], raw["random"]
+    tasks = list(random)
+    final = str(points[-1])
+    scores = {"random": random}  # agent -> task -> [per seed], at the last checkpoint
+    curves: dict[str, dict[int, list[float]]] = {}  # agent -> updates -> [domain average per seed]
+    train_min: dict[str, list[float]] = {}
+    for run in raw["runs"]:
         for task in tasks:
-            env = make_env(task, obs=("state", "physics"), num_envs=args.episodes, seed=seed, num_workers=0)
-            out = evaluate_policy(env, RandomPolicy(action_dim, seed), args.episodes)
-            env.close()
-            scores.setdefault("random", {}).setdefault(task, []).append(float(np.mean(out.returns)))
-            print(f"[bench] random seed {seed} {task}: {np.mean(out.returns):.1f}", flush=True)
-
-    work.mkdir(parents=True, exist_ok=True)
-    (work / "results.json").write_text(json.dumps({"scores": scores, "train_seconds": timings}, indent=2))
-    write_markdown(args, scores, timings, tasks, time.time() - started, buffer)
-
-
-def write_markdown(args, scores, timings, tasks, seconds, buffer) -> None:
+            scores.setdefault(run["agent"], {}).setdefault(task, []).append(run["scores"][final][task])
+        for u in points:
+            curves.setdefault(run["agent"], {}).setdefault(u, []).append(
+                float(np.mean([run["scores"][str(u)][t] for t in tasks])))
+        if run["train_seconds"]:
+            train_min.setdefault(run["agent"], []).append(run["train_seconds"] / 60)
     names = ["random", *args.agents]
-
-    def cell(values):
-        return f"{np.mean(values):.1f} +- {np.std(values):.1f}"
-
+    random_avg = [float(np.mean([random[t][i] for t in tasks])) for i in range(len(args.seeds))]
+    averages = {"random": random_avg, **{a: curves[a][points[-1]] for a in args.agents}}
+    machine = (f"{platform.platform()}, {platform.machine()}, {mp.cpu_count()} cores, 1 torch thread per run, "
+               f"python {platform.python_version()}, torch {torch.__version__}")
     lines = [
         f"# Zero-shot benchmark: {args.domain}, TD-JEPA vs FB vs random (small scale, CPU)",
         "",
         f"- date: {time.strftime('%Y-%m-%d %H:%M')}",
-        f"- machine: {platform.platform()}, {platform.machine()}, {torch.get_num_threads()} torch thread(s), "
-        f"python {platform.python_version()}, torch {torch.__version__}",
-        f"- command: `python {' '.join(sys.argv)}` (took {seconds / 60:.0f} min)",
-        f"- data: RND (`small` preset) on {args.domain}, {len(buffer)} transitions in {buffer.num_episodes} "
-        "episodes, states + physics, reward-free",
-        f"- training: `small` presets from states, {args.updates} updates per seed, seeds {args.seeds}; mean train "
-        "time per run: " + ", ".join(f"{k} {np.mean(v) / 60:.1f} min" for k, v in timings.items()),
+        f"- machine: {machine}",
+        f"- command: `python {' '.join(sys.argv)}` (this invocation took {seconds / 60:.0f} min; finished runs "
+        "are reused)",
+        f"- data: RND (`small` preset, {args.collect_updates_per_step} updates per env step) on "
+        f"{collect_task(args.domain)}, {len(buffer)} transitions in {buffer.num_episodes} episodes, states + physics, "
+        "reward-free",
+        f"- training: `small` presets from states, {points[-1]} updates per run, seeds {args.seeds}, "
+        f"{args.jobs} runs in parallel; train time per run: "
+        + ", ".join(f"{k} {np.mean(v):.1f} min" for k, v in train_min.items()),
         f"- evaluation: {args.samples} relabelled samples per task, lstsq (TD-JEPA) / sum r B (FB) task inference, "
-        f"{args.episodes} deterministic 1000-step episodes per task and seed; mean +- std over seeds",
+        f"{args.episodes} deterministic 1000-step episodes per task and seed; mean +- s.e. over seeds",
+        "",
+        f"Returns after {points[-1]} updates:",
         "",
         "| task | " + " | ".join(names) + " |",
         "|---|" + "---:|" * len(names),
     ]
     for task in tasks:
-        lines.append(f"| {task} | " + " | ".join(cell(scores[n][task]) for n in names) + " |")
-    averages = {n: [float(np.mean([scores[n][t][i] for t in tasks])) for i in range(len(args.seeds))]
-                for n in names}
-    lines.append(f"| **{args.domain} average** | " + " | ".join(f"**{cell(averages[n])}**" for n in names) + " |")
+        lines.append(f"| {task} | " + " | ".join(mean_se(scores[n][task]) for n in names) + " |")
+    lines.append(f"| **{args.domain} average** | " + " | ".join(f"**{mean_se(averages[n])}**" for n in names) + " |")
     paper = PAPER_PROPRIO.get(args.domain, {})
     if paper:
         lines.append("| paper Table 1 (proprio, 2M updates, 5k episodes) | - | "
                      + " | ".join(paper.get(n, "-") for n in args.agents) + " |")
-    lines += ["", "Scale: the paper trains 2M updates on 5,000 RND episodes; this run is a few thousand updates on "
-              "a dataset collected in minutes, so absolute returns are far below Table 1 and only the ordering "
-              "against random is meaningful at this budget."]
+    lines += ["", "Held-out R^2 of each task's relabelled reward on the agent's task features (TD-JEPA: psi(s'), "
+              f"FB: B(s'); fit on {args.samples // 2} samples, scored on the other {args.samples - args.samples // 2}; "
+              "spec §12.5 wants > 0), mean over seeds:",
+              "", "| task | " + " | ".join(args.agents) + " |", "|---|" + "---:|" * len(args.agents)]
+    for task in tasks:
+        lines.append(f"| {task} | " + " | ".join(
+            f"{np.mean([r['reward_r2'][final][task] for r in raw['runs'] if r['agent'] == a]):.2f}"
+            for a in args.agents) + " |")
+    lines += ["", f"{args.domain} average along training (random: {mean_se(random_avg)}):", "",
+              "| updates | " + " | ".join(args.agents) + " |", "|---:|" + "---:|" * len(args.agents)]
+    for u in points:
+        lines.append(f"| {u} | " + " | ".join(mean_se(curves[a][u]) for a in args.agents) + " |")
+    plot = Path(args.out).with_suffix(".png")
+    plot_curves(plot, args, points, curves, random_avg)
+    lines += ["", f"![{args.domain} average against updates]({plot.name})", ""]
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def plot_curves(path: Path, args, points: list[int], curves: dict, random_avg: list[float]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for agent, curve in curves.items():
+        values = np.array([curve[u] for u in points])  # [points, seeds]
+        mean = values.mean(1)
+        se = values.std(1, ddof=1) / np.sqrt(values.shape[1]) if values.shape[1] > 1 else 0 * mean
+        ax.plot(points, mean, "o-", label=agent)
+        ax.fill_between(points, mean - se, mean + se, alpha=0.2)
+    ax.axhline(float(np.mean(random_avg)), color="gray", ls="--", label="uniform random")
+    ax.set_xlabel("offline updates")
+    ax.set_ylabel(f"{args.domain} average return")
+    ax.set_title(f"zero-shot {args.domain} (4 tasks), {len(args.seeds)} seeds, mean +- s.e.", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

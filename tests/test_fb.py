@@ -4,7 +4,6 @@ policies, presets, and offline training through train_agent.py (states and pixel
 from __future__ import annotations
 
 import copy
-import csv
 import math
 from pathlib import Path
 
@@ -197,41 +196,3 @@ def test_presets_and_construction():
 
     yaml = OmegaConf.load(Path(latentrl.configs.__file__).parent / "agent" / "fb.yaml")
     assert yaml.name == "fb" and yaml.preset == "paper" and dict(yaml.overrides) == {}
-
-
-# ---------------------------------------------------------------------------------------- training
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    from latentrl.training.cli import collect_main
-
-    root = tmp_path_factory.mktemp("fb_data")
-    out = root / "walker-rnd"
-    collect_main([*SMOKE, "env.obs=[pixels,state,physics]", "steps=150", f"out={out}", f"run_dir={root / 'c'}"])
-    return out
-
-
-@pytest.mark.parametrize("obs_type", ["state", "pixels"])
-def test_offline_training_from_a_collected_dataset(dataset, tmp_path, obs_type):
-    from latentrl.envs import get_task
-    from latentrl.replay import ReplayBuffer
-    from latentrl.training.checkpoint import load_agent
-    from latentrl.training.cli import train_main
-
-    env_obs = "env.obs=[state,physics]" if obs_type == "state" else "env.obs=[pixels,state,physics]"
-    run_dir = tmp_path / "run"
-    result = train_main(["agent=fb", f"data={dataset}", *SMOKE, env_obs, f"agent.obs_type={obs_type}", "steps=12",
-                         "log.every=4", f"run_dir={run_dir}"])
-    assert "eval/return" in result
-    payload = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=False)
-    assert payload["counters"]["updates"] == 12 and payload["agent_name"] == "fb"
-    with open(run_dir / "metrics.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    assert any(r.get("fb_loss") and np.isfinite(float(r["fb_loss"])) for r in rows)
-
-    agent, _ = load_agent(run_dir / "checkpoints" / "latest.pt")
-    samples = ReplayBuffer.load(dataset).sample(100, frame_stack=agent.frame_stack, keys=(obs_type, "physics"))
-    ReplayBuffer.relabel(get_task("walker-run"), samples)
-    task = agent.infer_task(RewardSamples(obs=samples["next"], reward=samples["next", "reward"]))
-    assert task.z.shape == (agent.z_dim,) and torch.isfinite(task.z).all()

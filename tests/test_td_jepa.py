@@ -4,7 +4,6 @@ relabelling, policies, presets, and offline training through train_agent.py (sta
 from __future__ import annotations
 
 import copy
-import csv
 import math
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from omegaconf import OmegaConf
 from tensordict import TensorDict
 
 from latentrl.agents import GoalObservation, RewardSamples, Task, UnsupportedTaskError, make_agent
+from latentrl.agents.common import heldout_linear_r2
 from latentrl.agents.td_jepa import PRESETS, TDJEPAAgent, TDJEPAConfig, effective_rank, lstsq_task
 from latentrl.world_models.sphere import project_to_sphere, sample_mixed_z, sample_sphere
 from latentrl.world_models.td_jepa import TDJEPAModel, orthonormality_loss, predictive_loss
@@ -45,6 +45,17 @@ def test_lstsq_recovers_a_planted_z_from_synthetic_features():
     torch.testing.assert_close(lstsq_task(psi, -reward)[0], -z, atol=1e-5, rtol=0)
 
 
+def test_heldout_r2_is_one_for_rewards_in_the_span_of_the_features_and_near_zero_for_noise():
+    g = torch.Generator().manual_seed(0)
+    psi = project_to_sphere(torch.randn(2000, 16, generator=g))
+    in_span = psi @ torch.randn(16, 1, generator=g)
+    assert heldout_linear_r2(psi, in_span) == pytest.approx(1.0, abs=1e-9)
+    noise = torch.randn(2000, 1, generator=g)
+    assert -0.05 < heldout_linear_r2(psi, noise) < 0.05  # fitted on one half, scored on the other
+    assert heldout_linear_r2(psi, 0.7 * in_span + 0.7 * in_span.std() * noise) == pytest.approx(0.5, abs=0.05)
+    assert math.isnan(heldout_linear_r2(psi[:20], in_span[:20]))
+
+
 @pytest.mark.parametrize("obs_type", ["state", "pixels"])
 def test_infer_task_regresses_rewards_on_psi_of_next_observations(obs_type):
     torch.manual_seed(0)
@@ -56,6 +67,7 @@ def test_infer_task_regresses_rewards_on_psi_of_next_observations(obs_type):
     z_true = torch.randn(agent.z_dim)
     task = agent.infer_task(RewardSamples(obs=next_obs, reward=psi @ z_true[:, None]))
     assert isinstance(task, Task) and task.info["kind"] == "reward" and task.z.shape == (agent.z_dim,)
+    assert task.info["reward_r2"] == pytest.approx(1.0, abs=1e-6)  # the planted reward is linear in psi
     torch.testing.assert_close(task.info["z_lstsq"], z_true, atol=1e-3, rtol=0)
     torch.testing.assert_close(task.z, project_to_sphere(z_true), atol=1e-4, rtol=0)
     scaled = agent.infer_task(RewardSamples(obs=next_obs, reward=5.0 * psi @ z_true[:, None]))
@@ -395,45 +407,3 @@ def test_relabelled_rewards_equal_the_rewards_the_env_returned(task_name):
     batch["next", "reward"].fill_(float("nan"))
     relabelled = ReplayBuffer.relabel(get_task(task_name), batch)["next", "reward"]
     assert (relabelled - logged).abs().max().item() < 1e-6
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    """A tiny reward-free dataset with pixels, states and physics, written by collect_dataset.py."""
-    from latentrl.training.cli import collect_main
-
-    root = tmp_path_factory.mktemp("td_jepa_data")
-    out = root / "walker-rnd"
-    collect_main([*SMOKE, "env.obs=[pixels,state,physics]", "steps=150", f"out={out}", f"run_dir={root / 'c'}"])
-    return out
-
-
-@pytest.mark.parametrize("obs_type", ["state", "pixels"])
-def test_offline_training_from_a_collected_dataset(dataset, tmp_path, obs_type):
-    from latentrl.envs import get_task
-    from latentrl.replay import ReplayBuffer
-    from latentrl.training.checkpoint import load_agent
-    from latentrl.training.cli import train_main
-
-    env_obs = "env.obs=[state,physics]" if obs_type == "state" else "env.obs=[pixels,state,physics]"
-    run_dir = tmp_path / "run"
-    result = train_main(["agent=td_jepa", f"data={dataset}", *SMOKE, env_obs, f"agent.obs_type={obs_type}",
-                         "steps=12", "log.every=4", "checkpoint_every=6", f"run_dir={run_dir}"])
-    assert "eval/return" in result
-    payload = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=False)
-    assert payload["counters"]["updates"] == 12 and payload["agent_name"] == "td_jepa"
-    with open(run_dir / "metrics.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    assert any(r.get("phi_loss") and np.isfinite(float(r["phi_loss"])) for r in rows)
-
-    # The checkpoint reloads and infers a task from relabelled samples of its own training data.
-    agent, _ = load_agent(run_dir / "checkpoints" / "latest.pt")
-    assert agent.config.obs_type == obs_type
-    samples = ReplayBuffer.load(dataset).sample(100, frame_stack=agent.frame_stack, keys=(obs_type, "physics"))
-    ReplayBuffer.relabel(get_task("walker-stand"), samples)
-    task = agent.infer_task(RewardSamples(obs=samples["next"], reward=samples["next", "reward"]))
-    assert task.z.shape == (agent.z_dim,) and torch.isfinite(task.z).all()
-    frame = samples["next"].select(obs_type)[:2]
-    if obs_type == "pixels":
-        frame["pixels"] = frame["pixels"][:, -3:]
-    assert agent.policy(task)(frame).shape == (2, 6)

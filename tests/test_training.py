@@ -87,11 +87,19 @@ def test_collect_dataset_then_train_offline(tmp_path):
     batch = buffer.sample(8)
     assert batch["next", "physics"].dtype == torch.float64 and batch["state"].shape == (8, 24)
 
-    result = train_main([*SMOKE, f"data={data}", "steps=30", "env.obs=[state,physics]",
-                         f"run_dir={tmp_path / 'offline'}"])
+    result = train_main([*SMOKE, f"data={data}", "steps=30", "env.obs=[state,physics]", "checkpoint_every=10",
+                         "keep_checkpoints=true", "log.every=10", f"run_dir={tmp_path / 'offline'}"])
     assert "eval/return" in result
-    payload = torch.load(tmp_path / "offline" / "checkpoints" / "latest.pt", weights_only=False)
+    checkpoints = tmp_path / "offline" / "checkpoints"
+    payload = torch.load(checkpoints / "latest.pt", weights_only=False)
     assert payload["counters"]["updates"] == 30 and payload["counters"]["env_steps"] == 0
+    # keep_checkpoints keeps each one under its update count; later saves do not overwrite earlier ones
+    kept = sorted(p.name for p in checkpoints.glob("0*.pt"))
+    assert kept == ["000000010.pt", "000000020.pt", "000000030.pt"]
+    assert [torch.load(checkpoints / k, weights_only=False)["counters"]["updates"] for k in kept] == [10, 20, 30]
+    # offline runs log against the update count (the env step stays 0)
+    logged = {int(float(r["step"])) for r in _rows(tmp_path / "offline" / "metrics.csv") if r.get("critic_loss")}
+    assert {10, 20, 30} <= logged
 
 
 def test_non_finite_loss_is_reported_with_the_step(tmp_path, monkeypatch):

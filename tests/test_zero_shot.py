@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import numpy as np
@@ -111,3 +112,34 @@ def test_task_lists_and_bad_keys():
         resolve_task_list("walker-wlk")
     with pytest.raises(SystemExit):
         eval_main(["checkpont=x"])
+
+
+@pytest.mark.parametrize("obs_type", ["state", "pixels"])
+@pytest.mark.parametrize(("agent_name", "loss_key"), [("td_jepa", "phi_loss"), ("fb", "fb_loss")])
+def test_offline_training_from_a_collected_dataset(walker_dataset, tmp_path, agent_name, loss_key, obs_type):
+    """train_agent.py data=<collect_dataset.py output> trains from states and pixels; the checkpoint
+    reloads, infers a task from relabelled samples of its own data and acts."""
+    from latentrl.training.checkpoint import load_agent
+
+    env_obs = "env.obs=[state,physics]" if obs_type == "state" else "env.obs=[pixels,state,physics]"
+    run_dir = tmp_path / "run"
+    result = train_main([f"agent={agent_name}", f"data={walker_dataset}", "preset=smoke", "log.progress=false",
+                         "log.tensorboard=false", "eval.video=false", env_obs, f"agent.obs_type={obs_type}",
+                         "steps=12", "log.every=4", "checkpoint_every=6", f"run_dir={run_dir}"])
+    assert "eval/return" in result
+    payload = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=False)
+    assert payload["counters"]["updates"] == 12 and payload["agent_name"] == agent_name
+    with open(run_dir / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert any(r.get(loss_key) and np.isfinite(float(r[loss_key])) for r in rows)
+
+    agent, _ = load_agent(run_dir / "checkpoints" / "latest.pt")
+    assert agent.config.obs_type == obs_type
+    samples = ReplayBuffer.load(walker_dataset).sample(100, frame_stack=agent.frame_stack, keys=(obs_type, "physics"))
+    ReplayBuffer.relabel(get_task("walker-stand"), samples)
+    task = agent.infer_task(RewardSamples(obs=samples["next"], reward=samples["next", "reward"]))
+    assert task.z.shape == (agent.z_dim,) and torch.isfinite(task.z).all()
+    frame = samples["next"].select(obs_type)[:2]
+    if obs_type == "pixels":
+        frame["pixels"] = frame["pixels"][:, -3:]
+    assert agent.policy(task)(frame).shape == (2, 6)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +37,12 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(path: str | Path, agent: Agent, *, counters: dict[str, int], config: dict,
-                    buffer_state: dict | None = None) -> Path:
-    """Write everything needed to continue training to ``path`` atomically."""
+                    buffer_state: dict | None = None, keep_as: str | None = None) -> Path:
+    """Write everything needed to continue training to ``path`` atomically.
+
+    ``keep_as`` also keeps this checkpoint under that file name beside ``path`` (a hard link where the
+    file system allows, else a copy), so that later checkpoints do not replace it.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -54,6 +59,13 @@ def save_checkpoint(path: str | Path, agent: Agent, *, counters: dict[str, int],
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(payload, tmp)
     os.replace(tmp, path)
+    if keep_as is not None:
+        kept = path.with_name(keep_as)
+        kept.unlink(missing_ok=True)
+        try:
+            os.link(path, kept)
+        except OSError:
+            shutil.copy2(path, kept)
     return path
 
 

@@ -161,7 +161,8 @@ class Trainer:
         return save_checkpoint(self.checkpoint_path, self.agent,
                                counters={"env_steps": self.env_steps, "updates": self.updates,
                                          "episodes": self.episodes},
-                               config=self._config_dict(), buffer_state=buffer_state)
+                               config=self._config_dict(), buffer_state=buffer_state,
+                               keep_as=f"{self.current:09d}.pt" if self.cfg.keep_checkpoints else None)
 
     def _resume(self) -> None:
         payload = load_checkpoint(self.checkpoint_path, self.agent)
@@ -220,13 +221,13 @@ class Trainer:
                 progress.update(self.current - progress.n)
                 if self.current >= next_log:
                     rate = (self.current - start_count) / max(time.time() - started, 1e-9)
-                    self.logger.log(self.env_steps, {**metrics, "updates": self.updates, "env_steps": self.env_steps,
+                    self.logger.log(self.current, {**metrics, "updates": self.updates, "env_steps": self.env_steps,
                                                      f"{unit.replace(' ', '_')}_per_s": rate})
                     progress.set_postfix({k: f"{v:.3g}" for k, v in list(metrics.items())[:3]})
                     next_log = _next_multiple(self.current, cfg.log.every)
                 if self.current >= next_eval and cfg.eval.every > 0:
                     last_eval = self.evaluate(self.current)
-                    self.logger.log(self.env_steps, last_eval)
+                    self.logger.log(self.current, last_eval)
                     next_eval = _next_multiple(self.current, cfg.eval.every)
                 if self.current >= next_ckpt:
                     self.save()
@@ -237,7 +238,7 @@ class Trainer:
             progress.close()
             if cfg.eval.every > 0 or cfg.eval.at_end:
                 last_eval = self.evaluate(self.current)
-                self.logger.log(self.env_steps, last_eval)
+                self.logger.log(self.current, last_eval)
             self.save()
         finally:
             progress.close()

@@ -35,6 +35,7 @@ class TaskResult:
     values: list[float] = field(default_factory=list)  # per-episode returns or final distances
     final_distance: float | None = None
     unsupported: str | None = None
+    reward_r2: float | None = None  # held-out R^2 of the reward on the agent's task features, if it reports one
 
     @property
     def domain(self) -> str:
@@ -76,8 +77,11 @@ def evaluate_reward_tasks(agent: Agent, buffer: ReplayBuffer, tasks: list[str], 
         finally:
             env.close()
         returns = [float(r) for r in out.returns]
-        results.append(TaskResult(name, "reward", float(np.mean(returns)), float(np.std(returns)), returns))
-        progress(f"[zero-shot] {name}: return {np.mean(returns):.1f} +- {np.std(returns):.1f} over {episodes}")
+        r2 = inferred.info.get("reward_r2")
+        results.append(TaskResult(name, "reward", float(np.mean(returns)), float(np.std(returns)), returns,
+                                  reward_r2=r2))
+        fit = f"; reward R^2 on task features {r2:.2f}" if r2 is not None else ""
+        progress(f"[zero-shot] {name}: return {np.mean(returns):.1f} +- {np.std(returns):.1f} over {episodes}{fit}")
     return results
 
 
@@ -137,7 +141,8 @@ def write_report(results: list[TaskResult], out_dir: str | Path) -> dict[str, Pa
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = [{"domain": r.domain, "task": r.task, "kind": r.kind, "mean": r.mean, "std": r.std,
-             "final_distance": r.final_distance, "unsupported": r.unsupported} for r in results]
+             "final_distance": r.final_distance, "reward_r2": r.reward_r2, "unsupported": r.unsupported}
+            for r in results]
     domains: dict[str, list[float]] = {}
     for r in results:
         if r.kind == "reward" and r.mean is not None:

@@ -140,7 +140,11 @@ class DreamerEncoder(nn.Module):
         self.repr_dim = in_ch * h * w
 
     def forward(self, pixels: Tensor) -> Tensor:
-        return self.convnet(pixels.float() / 255.0).flatten(1)
+        # channels_last: oneDNN's strided 4x4 convolutions are faster in that layout on the CPU (a whole
+        # METRA small_pixels update took 12% less time on the 2-core VM); same values, and the flatten
+        # below is in [C, H, W] order either way.
+        x = (pixels.float() / 255.0).contiguous(memory_format=torch.channels_last)
+        return self.convnet(x).flatten(1)
 
 
 class StateEncoder(nn.Module):
