@@ -189,82 +189,66 @@ def check_backend(spec: dict) -> dict:
     return {"ok": True}
 
 
-def save_frames(spec: dict) -> dict:
-    """One frame of each side from the same physics state: PNGs at 64x64 and a 4x side-by-side."""
-    import imageio.v3 as iio
-    import numpy as np
+def _dmc_pose(task: str, size: int):
+    """Our dmc env after 30 random steps (limbs spread out): its frame ``[H, W, 3]`` and physics state."""
     import torch
 
     from latentrl.envs import make_env
-    from latentrl.envs.tasks import set_physics_state
 
-    task, size, out = spec["task"], spec["image_size"], Path(spec["frames_dir"])
-    ours = make_env(task, obs=("pixels", "physics"), image_size=size, num_envs=1, num_workers=0)
-    td = ours.reset()
+    env = make_env(task, obs=("pixels", "physics"), image_size=size, num_envs=1, num_workers=0)
+    td = env.reset()
     torch.manual_seed(0)
-    for _ in range(30):  # move away from the initial pose so that the limbs are spread out
-        td["action"] = ours.action_spec.rand()
-        td = ours.step(td)["next"]
-    ours_frame = td["pixels"][0].permute(1, 2, 0).numpy()
-    state = td["physics"][0].numpy()
-    ours.close()
+    for _ in range(30):
+        td["action"] = env.action_spec.rand()
+        td = env.step(td)["next"]
+    env.close()
+    return td["pixels"][0].permute(1, 2, 0).numpy(), td["physics"]
 
-    base = make_dm_pixel_env(task, 0, size, camera_of(task))
-    base.reset()
-    set_physics_state(base.physics, state)
-    base_frame = base.physics.render(**base._render_kwargs)  # exactly what pixels.Wrapper returns
+
+def _write_pair(out: Path, task: str, names: tuple[str, str], frames: tuple, suffix: str) -> dict:
+    """Both frames as PNGs plus a 4x side-by-side; the mean frame colours and their difference."""
+    import imageio.v3 as iio
+    import numpy as np
 
     slug = task.replace("-", "_")
-    paths = {"ours": out / f"bench_envs_{slug}_ours.png", "torchrl": out / f"bench_envs_{slug}_torchrl.png",
-             "side_by_side": out / f"bench_envs_{slug}_side_by_side.png"}
-    iio.imwrite(paths["ours"], ours_frame)
-    iio.imwrite(paths["torchrl"], base_frame)
-    gap = np.full((size, 2, 3), 255, dtype=np.uint8)
-    both = np.concatenate([ours_frame, gap, base_frame], axis=1)
-    iio.imwrite(paths["side_by_side"], both.repeat(4, axis=0).repeat(4, axis=1))
-    diff = np.abs(ours_frame.astype(np.int16) - base_frame.astype(np.int16))
+    paths = {names[0]: out / f"bench_envs_{slug}_{names[0]}.png", names[1]: out / f"bench_envs_{slug}_{names[1]}.png",
+             "side_by_side": out / f"bench_envs_{slug}_{suffix}.png"}
+    for name, frame in zip(names, frames, strict=True):
+        iio.imwrite(paths[name], frame)
+    gap = np.full((frames[0].shape[0], 2, 3), 255, dtype=np.uint8)
+    iio.imwrite(paths["side_by_side"],
+                np.concatenate([frames[0], gap, frames[1]], axis=1).repeat(4, axis=0).repeat(4, axis=1))
+    diff = np.abs(frames[0].astype(np.int16) - frames[1].astype(np.int16))
     return {"paths": {k: str(v) for k, v in paths.items()}, "mean_abs_diff": float(diff.mean()),
             "frac_pixels_diff_gt_32": float((diff.max(axis=-1) > 32).mean()),
-            "mean_ours": ours_frame.reshape(-1, 3).mean(0).round(1).tolist(),
-            "mean_torchrl": base_frame.reshape(-1, 3).mean(0).round(1).tolist()}
+            **{f"mean_{n}": f.reshape(-1, 3).mean(0).round(1).tolist() for n, f in zip(names, frames, strict=True)}}
+
+
+def save_frames(spec: dict) -> dict:
+    """One frame of each side (ours, TorchRL's dm_control pixels) from the same physics state."""
+    from latentrl.envs.tasks import set_physics_state
+
+    task, size = spec["task"], spec["image_size"]
+    ours_frame, state = _dmc_pose(task, size)
+    base = make_dm_pixel_env(task, 0, size, camera_of(task))
+    base.reset()
+    set_physics_state(base.physics, state[0].numpy())
+    base_frame = base.physics.render(**base._render_kwargs)  # exactly what pixels.Wrapper returns
+    return _write_pair(Path(spec["frames_dir"]), task, ("ours", "torchrl"), (ours_frame, base_frame), "side_by_side")
 
 
 def save_frames_mjwarp(spec: dict) -> dict:
-    """One frame of each backend (mjwarp, dmc) from the same physics state, as PNGs and 4x side by side."""
-    import imageio.v3 as iio
-    import numpy as np
-    import torch
-
+    """One frame of each backend (mjwarp, dmc) from the same physics state."""
     from latentrl.envs import make_env
 
-    task, size, out = spec["task"], spec["image_size"], Path(spec["frames_dir"])
-    dmc = make_env(task, obs=("pixels", "physics"), image_size=size, num_envs=1, num_workers=0)
-    td = dmc.reset()
-    torch.manual_seed(0)
-    for _ in range(30):  # move away from the initial pose so that the limbs are spread out
-        td["action"] = dmc.action_spec.rand()
-        td = dmc.step(td)["next"]
-    state = td["physics"]
-    dmc_frame = td["pixels"][0].permute(1, 2, 0).numpy()
-    dmc.close()
+    task, size = spec["task"], spec["image_size"]
+    dmc_frame, state = _dmc_pose(task, size)
     warp = make_env(task, obs=("pixels", "physics"), image_size=size, num_envs=1, backend="mjwarp",
                     device=spec["device"])
     warp.reset()
     warp_frame = warp.set_physics_state(state.to(warp.device))["pixels"][0].permute(1, 2, 0).cpu().numpy()
     warp.close()
-
-    slug = task.replace("-", "_")
-    paths = {"mjwarp": out / f"bench_envs_{slug}_mjwarp.png", "dmc": out / f"bench_envs_{slug}_dmc.png",
-             "side_by_side": out / f"bench_envs_{slug}_mjwarp_dmc.png"}
-    iio.imwrite(paths["mjwarp"], warp_frame)
-    iio.imwrite(paths["dmc"], dmc_frame)
-    gap = np.full((size, 2, 3), 255, dtype=np.uint8)
-    iio.imwrite(paths["side_by_side"],
-                np.concatenate([warp_frame, gap, dmc_frame], axis=1).repeat(4, axis=0).repeat(4, axis=1))
-    diff = np.abs(warp_frame.astype(np.int16) - dmc_frame.astype(np.int16))
-    return {"paths": {k: str(v) for k, v in paths.items()}, "mean_abs_diff": float(diff.mean()),
-            "mean_mjwarp": warp_frame.reshape(-1, 3).mean(0).round(1).tolist(),
-            "mean_dmc": dmc_frame.reshape(-1, 3).mean(0).round(1).tolist()}
+    return _write_pair(Path(spec["frames_dir"]), task, ("mjwarp", "dmc"), (warp_frame, dmc_frame), "mjwarp_dmc")
 
 
 def device_name(device: str) -> str:

@@ -145,7 +145,7 @@ PARTS = {
               "learning_starts": 10000, "buffer_capacity": 1000000},
     # A short pixel run: 64x64 frames on the gradient floor, the CPU pixel preset.
     "pixels": {"preset": "small_pixels", "obs_type": "pixels", "floor": "gradient", "num_skills": 16,
-               "learning_starts": 2000, "buffer_capacity": 30000},
+               "learning_starts": 4000, "buffer_capacity": 30000},
 }
 
 
