@@ -31,14 +31,6 @@ STATE_DIM, ACTION_DIM, IMAGE = 2, 3, 64
 TINY = {"hidden_dim": 16, "batch_size": 4}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class SpecEnv:
     """Just the specs of a ``make_env`` env with one env: what ``from_env`` reads."""
 
