@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from tensordict import TensorDict
 from torchrl.data import Bounded, Composite, Unbounded
 
@@ -323,6 +324,25 @@ def test_config_presets_and_required_obs():
     assert agent.critic1.encoder.convnet[0].out_channels == 4
     fixed = _agent(alpha_lr=0.0)
     assert "alpha" not in fixed.optimizers()
+
+
+def test_paper_preset_updates_at_its_published_size():
+    """The defaults (pixel quadruped: 4-D skills, 2 x 1024 MLPs, depth-48 CNNs) build and update;
+    only the minibatch is shrunk to keep the test fast."""
+    torch.manual_seed(0)
+    agent = METRAAgent.from_env(SpecEnv(), preset="paper", batch_size=4)
+    assert agent.critic1.encoder.convnet[0].out_channels == 48 and agent.config.hidden_dim == 1024
+    n, g = 4, torch.Generator().manual_seed(0)
+
+    def frames():
+        return torch.randint(0, 256, (n, 9, IMAGE, IMAGE), dtype=torch.uint8, generator=g)
+
+    batch = TensorDict({"pixels": frames(), "action": torch.rand(n, ACTION_DIM, generator=g) * 2 - 1,
+                        "skill": F.normalize(torch.randn(n, 4, generator=g), dim=-1),
+                        "next": {"pixels": frames(), "terminated": torch.zeros(n, 1, dtype=torch.bool)}},
+                       batch_size=[n])
+    metrics = agent.update(batch)
+    assert all(np.isfinite(v) for v in metrics.values())
 
 
 # --------------------------------------------------------------------------- envs, coverage, training

@@ -143,3 +143,18 @@ def test_offline_training_from_a_collected_dataset(walker_dataset, tmp_path, age
     if obs_type == "pixels":
         frame["pixels"] = frame["pixels"][:, -3:]
     assert agent.policy(task)(frame).shape == (2, 6)
+
+
+@pytest.mark.parametrize("agent_name", ["td_jepa", "fb"])
+def test_paper_preset_updates_at_its_published_size(agent_name):
+    """The pixel defaults (DrQ-v2 trunk, 1024-wide predictors / forward maps and actor) build and
+    update; only the batch is shrunk to keep the test fast."""
+    from latentrl.agents import make_agent
+
+    from fakes import SpecEnv, replay_batch
+
+    torch.manual_seed(0)
+    agent = make_agent(agent_name, SpecEnv(), preset="paper", batch_size=4)
+    assert agent.config.obs_type == "pixels" and agent.config.actor_hidden_dim == 1024
+    metrics = agent.update(replay_batch("pixels", 4))
+    assert all(np.isfinite(v) for v in metrics.values())
