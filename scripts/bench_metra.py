@@ -55,15 +55,28 @@ class CoverageRecordingBuffer(ReplayBuffer):
         self.cells.update(map(tuple, np.floor(coords / self.bin_size).astype(np.int64)))
         super().extend(td, flat=flat)
 
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "cells": sorted(self.cells)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        if "cells" not in state_dict:
+            print("[bench_metra] this checkpoint keeps no cell set (written before resume support): total coverage "
+                  "restarts from the cells visited after the resume", flush=True)
+        self.cells = set(map(tuple, state_dict.get("cells", [])))
+
 
 class CoverageTrainer(Trainer):
     """The trainer with METRA's evaluation hook (``agent.evaluate``) and total-coverage bookkeeping."""
 
-    def __init__(self, cfg, run_dir, *, agent_overrides, bin_size: float = 1.0):
+    def __init__(self, cfg, run_dir, *, agent_overrides, bin_size: float = 1.0, curve: list[dict] | None = None):
+        self.bin_size = bin_size
         super().__init__(cfg, run_dir, agent_overrides=agent_overrides)
-        self.buffer = CoverageRecordingBuffer(cfg.buffer_capacity, cfg.env.task, bin_size, device=self.device)
-        self.curve: list[dict[str, float]] = []
-        self.started = time.time()
+        self.curve: list[dict[str, float]] = list(curve or [])  # a resumed run continues its curve
+        self.started = time.time() - (self.curve[-1]["wall_s"] if self.curve else 0.0)
+
+    def make_buffer(self) -> CoverageRecordingBuffer:
+        return CoverageRecordingBuffer(self.cfg.buffer_capacity, self.cfg.env.task, self.bin_size, device=self.device)
 
     def evaluate(self, step: int) -> dict[str, float]:
         metrics = super().evaluate(step)  # runs METRAAgent.evaluate through the trainer's hook
@@ -171,11 +184,17 @@ def run_part(part: str, args: argparse.Namespace) -> dict:
 
     OmegaConf.set_struct(cfg, False)
     cfg.env.obs = ["pixels", "physics"] if setting["obs_type"] == "pixels" else [setting["obs_type"]]
-    trainer = CoverageTrainer(cfg, run_dir, agent_overrides=dict(cfg.agent.get("overrides", {})))
+    previous = {}
+    if args.resume:
+        cfg.resume = True
+        previous_path = out / f"results_{part}.json"
+        previous = json.loads(previous_path.read_text()) if previous_path.exists() else {}
+    trainer = CoverageTrainer(cfg, run_dir, agent_overrides=dict(cfg.agent.get("overrides", {})),
+                              curve=previous.get("curve"))
     print(f"[bench_metra] {part}: training METRA on {args.task} for {steps} env steps; run dir {run_dir}", flush=True)
     started = time.time()
     trainer.train()
-    train_s = time.time() - started
+    train_s = time.time() - started + previous.get("train_seconds", 0.0)
     agent, env = trainer.agent, trainer.eval_env
     agent.eval()
 
@@ -240,6 +259,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="docs/bench_metra", help="folder for figures and results JSON")
     parser.add_argument("--run-root", default="runs/bench_metra", help="folder for the training runs")
     parser.add_argument("--override", nargs="*", default=[], help="extra train_agent.py overrides (key=value)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --run-root from its checkpoint up to --steps (raise --steps), "
+                             "keeping the curve in --out/results_<part>.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     for part in (["state", "pixels"] if args.part == "all" else [args.part]):

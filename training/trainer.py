@@ -135,11 +135,7 @@ class Trainer:
                                  num_workers=0)
         self.agent: Agent = make_agent(cfg.agent.name, self.env, preset=cfg.agent.preset,
                                        device=str(self.device), **self.agent_overrides)
-        if self.offline:
-            self.buffer = ReplayBuffer.load(cfg.data, device=self.device)
-        else:
-            _check_buffer_fits(cfg.buffer_capacity, self.env)
-            self.buffer = ReplayBuffer(cfg.buffer_capacity, device=self.device)
+        self.buffer = self.make_buffer()
         self.spec = dataclasses.asdict(self.agent.sample_spec())
         self.env_steps = 0
         self.updates = 0
@@ -149,6 +145,17 @@ class Trainer:
                                 config=OmegaConf.to_container(cfg, resolve=True))
         if cfg.resume and self.checkpoint_path.exists():
             self._resume()
+
+    def make_buffer(self) -> ReplayBuffer:
+        """The run's replay buffer: the dataset (offline) or an empty buffer of ``buffer_capacity`` rows.
+
+        Built before a resume restores its contents, so a subclass that overrides this gets its own
+        buffer type back from the checkpoint.
+        """
+        if self.offline:
+            return ReplayBuffer.load(self.cfg.data, device=self.device)
+        _check_buffer_fits(self.cfg.buffer_capacity, self.env)
+        return ReplayBuffer(self.cfg.buffer_capacity, device=self.device)
 
     # --------------------------------------------------------------------------------- checkpoints
     def _config_dict(self) -> dict:
