@@ -338,27 +338,9 @@ def main(argv=None) -> int:
     started = datetime.datetime.now().isoformat(timespec="seconds")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     t_start = time.perf_counter()
-    configs = [(task, w, side) for task in args.tasks for w in args.workers for side in ("ours", "torchrl")]
-    fps = {c: [] for c in configs}
-    startup = {c: [] for c in configs}
-    for r in range(args.rounds):
-        for task, w, side in configs:
-            spec = {**base, "job": "run", "task": task, "workers": w, "side": side, "steps": args.steps,
-                    "segments": args.segments, "warmup": args.warmup}
-            res = spawn(spec, args.timeout)
-            fps[(task, w, side)] += res["fps"]
-            startup[(task, w, side)].append(res["startup_s"])
-            print(f"round {r + 1}/{args.rounds} {task} W={w} {side:7s}: frames/s "
-                  + ", ".join(fmt(x) for x in res["fps"]) + f" (startup {res['startup_s']:.1f} s, pixels "
-                  f"{res['pixels_shape']})", flush=True)
-
-    frames = {}
-    if str(args.frames_dir):
-        args.frames_dir.mkdir(parents=True, exist_ok=True)
-        for task in args.tasks:
-            frames[task] = spawn({**base, "job": "frames", "task": task, "frames_dir": str(args.frames_dir)},
-                                 args.timeout)
-            print(f"{task}: frames saved to {frames[task]['paths']}")
+    configs = [(task, side, w) for task in args.tasks for w in args.workers for side in ("ours", "torchrl")]
+    fps, startup = measure(args, base, configs, lambda side, w: f"W={w} {side:7s}")
+    frames = save_all_frames(args, base, "frames")
     elapsed = time.perf_counter() - t_start
 
     ours_name = f"ours ({args.backend})"
@@ -368,10 +350,10 @@ def main(argv=None) -> int:
     verdicts = []
     for task in args.tasks:
         for w in args.workers:
-            o = statistics.median(fps[(task, w, "ours")])
-            b = statistics.median(fps[(task, w, "torchrl")])
-            so = statistics.median(startup[(task, w, "ours")])
-            sb = statistics.median(startup[(task, w, "torchrl")])
+            o = statistics.median(fps[(task, "ours", w)])
+            b = statistics.median(fps[(task, "torchrl", w)])
+            so = statistics.median(startup[(task, "ours", w)])
+            sb = statistics.median(startup[(task, "torchrl", w)])
             ratio = o / b
             rows.append(f"| {task} | {w} | {fmt(o)} | {fmt(b)} | {ratio:.1f}x | {fmt(o / w)} | "
                         f"{fmt(b / w)} | {so:.1f} / {sb:.1f} |")
@@ -454,13 +436,13 @@ def main(argv=None) -> int:
     return 0
 
 
-def main_mjwarp(args: argparse.Namespace, command: str, base: dict) -> int:
-    """``--backend mjwarp``: ours on MuJoCo Warp (N worlds) against ours on dm_control (W workers)."""
-    started = datetime.datetime.now().isoformat(timespec="seconds")
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    t_start = time.perf_counter()
-    configs = [(task, side, n) for task in args.tasks
-               for side, counts in (("mjwarp", args.num_envs), ("dmc", args.workers)) for n in counts]
+def measure(args: argparse.Namespace, base: dict, configs: list[tuple[str, str, int]], label) -> tuple[dict, dict]:
+    """Run every ``(task, side, n)`` configuration ``args.rounds`` times, each in a fresh process.
+
+    ``n`` is the worker count (dm_control sides) or the number of worlds (mjwarp); ``label(side, n)``
+    names a configuration in the progress lines. Returns frames/s per segment and startup seconds
+    per round, both keyed by configuration.
+    """
     fps = {c: [] for c in configs}
     startup = {c: [] for c in configs}
     for r in range(args.rounds):
@@ -470,18 +452,33 @@ def main_mjwarp(args: argparse.Namespace, command: str, base: dict) -> int:
             res = spawn(spec, args.timeout)
             fps[(task, side, n)] += res["fps"]
             startup[(task, side, n)].append(res["startup_s"])
-            what = f"N={n} worlds on {args.device}" if side == "mjwarp" else f"W={n} workers"
-            print(f"round {r + 1}/{args.rounds} {task} {side} {what}: frames/s "
+            print(f"round {r + 1}/{args.rounds} {task} {label(side, n)}: frames/s "
                   + ", ".join(fmt(x) for x in res["fps"]) + f" (startup {res['startup_s']:.1f} s, pixels "
                   f"{res['pixels_shape']})", flush=True)
+    return fps, startup
 
+
+def save_all_frames(args: argparse.Namespace, base: dict, job: str) -> dict:
+    """The side-by-side frames of every task (``job`` "frames" or "frames_mjwarp"); none without --frames-dir."""
     frames = {}
     if str(args.frames_dir):
         args.frames_dir.mkdir(parents=True, exist_ok=True)
         for task in args.tasks:
-            frames[task] = spawn({**base, "job": "frames_mjwarp", "task": task,
-                                  "frames_dir": str(args.frames_dir)}, args.timeout)
+            frames[task] = spawn({**base, "job": job, "task": task, "frames_dir": str(args.frames_dir)}, args.timeout)
             print(f"{task}: frames saved to {frames[task]['paths']}")
+    return frames
+
+
+def main_mjwarp(args: argparse.Namespace, command: str, base: dict) -> int:
+    """``--backend mjwarp``: ours on MuJoCo Warp (N worlds) against ours on dm_control (W workers)."""
+    started = datetime.datetime.now().isoformat(timespec="seconds")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    t_start = time.perf_counter()
+    configs = [(task, side, n) for task in args.tasks
+               for side, counts in (("mjwarp", args.num_envs), ("dmc", args.workers)) for n in counts]
+    fps, startup = measure(args, base, configs, lambda side, n: f"{side} N={n} worlds on {args.device}"
+                           if side == "mjwarp" else f"{side} W={n} workers")
+    frames = save_all_frames(args, base, "frames_mjwarp")
     elapsed = time.perf_counter() - t_start
 
     rows = ["| task | backend | envs | device | frames/s | vs best dmc | startup s (first run / median) |",
