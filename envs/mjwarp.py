@@ -364,16 +364,21 @@ class MJWarpEnv(EnvBase):
         return seed
 
     # ------------------------------------------------------------------------------------- extras
+    def _check_states(self, states: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Physics states as float64 ``[N, P]``; a wrong shape is an error naming the expected one."""
+        states = torch.as_tensor(states, dtype=torch.float64)
+        size = self._nq + self._nv + self._na
+        if states.shape != (self.num_envs, size):
+            raise ValueError(f"expected physics states of shape [{self.num_envs}, {size}], got {list(states.shape)}")
+        return states
+
     def set_physics_state(self, states: torch.Tensor | np.ndarray) -> TensorDict:
         """Put every world in the given physics states ``[N, P]`` and return the observations there.
 
         As the ``dmc`` backend's: zero control, then the forward dynamics (``mj_forward`` and the
         subtree velocities), so rewards, observations and frames are those of the states.
         """
-        states = torch.as_tensor(states, dtype=torch.float64)
-        if states.shape != (self.num_envs, self._nq + self._nv + self._na):
-            raise ValueError(f"expected physics states of shape [{self.num_envs}, {self._nq + self._nv + self._na}], "
-                             f"got {list(states.shape)}")
+        states = self._check_states(states)
         with self._on_device():
             self._set_worlds(torch.arange(self.num_envs, device=self.device), states)
             self._forward()
@@ -392,10 +397,7 @@ class MJWarpEnv(EnvBase):
         those of the worlds' current episodes.
         """
         batched = self._batched if task is None or task == self.task.name else self._other_task(task)
-        states = torch.as_tensor(states, dtype=torch.float64)
-        if states.shape != (self.num_envs, self._nq + self._nv + self._na):
-            raise ValueError(f"expected physics states of shape [{self.num_envs}, {self._nq + self._nv + self._na}], "
-                             f"got {list(states.shape)}")
+        states = self._check_states(states)
         with self._on_device():
             self._set_worlds(torch.arange(self.num_envs, device=self.device), states)
             if actions is not None:
