@@ -663,9 +663,10 @@ class ZeroShotAgent(Agent):
             if not torch.isfinite(reward).all():
                 raise ValueError("the rewards hold NaN or inf (reward-free data?): relabel the samples first "
                                  "with ReplayBuffer.relabel(get_task(name), td)")
-            z, info = self.reward_inference(features, reward.to(features.device))
+            reward = reward.to(features.device)
+            z, info = self.reward_inference(features, reward)
             return Task(z=z, info={"kind": "reward", "num_samples": int(features.shape[0]),
-                                   "reward_r2": heldout_linear_r2(features, reward.to(features.device)), **info})
+                                   "reward_r2": heldout_linear_r2(features, reward), **info})
         if isinstance(spec, GoalObservation):
             return Task(z=project_to_sphere(self.task_embedding(spec.obs)), goal=spec.obs, info={"kind": "goal"})
         raise UnsupportedTaskError(f"{self.name} infers tasks from RewardSamples or GoalObservation, "

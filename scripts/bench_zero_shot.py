@@ -54,11 +54,6 @@ def collect_task(domain: str) -> str:
     return "point_mass_maze-reach_top_left" if domain == "point_mass_maze" else f"{domain}-walk"
 
 
-def env_config(domain: str) -> dict:
-    return {"task": collect_task(domain), "obs": ["state", "physics"], "image_size": 64, "action_repeat": 1,
-            "floor": "default", "camera": None, "episode_length": None}
-
-
 def train_and_evaluate(job: dict) -> dict:
     """One (agent, seed): train offline in a child process (kept checkpoints), evaluate each checkpoint.
 
@@ -86,9 +81,9 @@ def train_and_evaluate(job: dict) -> dict:
     for updates, path in ckpts.items():
         if str(updates) in done["scores"]:
             continue
-        agent, _ = load_agent(path)
+        agent, cfg = load_agent(path)  # its env settings are the evaluation's, as in eval_zero_shot.py
         torch.manual_seed(job["seed"])
-        results = evaluate_reward_tasks(agent, buffer, tasks, env_config(job["domain"]), num_samples=job["samples"],
+        results = evaluate_reward_tasks(agent, buffer, tasks, cfg["env"], num_samples=job["samples"],
                                         episodes=job["episodes"], seed=job["seed"], progress=lambda *_: None)
         done["scores"][str(updates)] = {r.task: r.mean for r in results}
         done.setdefault("reward_r2", {})[str(updates)] = {r.task: r.reward_r2 for r in results}
