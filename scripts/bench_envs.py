@@ -36,6 +36,7 @@ import functools
 import json
 import os
 import platform
+import re
 import shlex
 import statistics
 import subprocess
@@ -68,7 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=20, help="untimed steps after the reset")
     parser.add_argument("--quick", action="store_true",
                         help="~1 minute run: 1 round of 3 segments of 100 steps")
-    parser.add_argument("--frames-dir", type=Path, default=Path("/tmp"),
+    parser.add_argument("--frames-dir", type=lambda s: Path(s) if s else None, default=Path("/tmp"),
                         help="where one frame of each side is saved as PNG (empty string: skip)")
     parser.add_argument("--out", type=Path, default=None,
                         help="markdown report (default: docs/bench_envs.md, or docs/bench_envs_mjwarp.md "
@@ -339,7 +340,7 @@ def main(argv=None) -> int:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     t_start = time.perf_counter()
     configs = [(task, side, w) for task in args.tasks for w in args.workers for side in ("ours", "torchrl")]
-    fps, startup = measure(args, base, configs, lambda side, w: f"W={w} {side:7s}")
+    fps, startup, failed = measure(args, base, configs, lambda side, w: f"W={w} {side:7s}")
     frames = save_all_frames(args, base, "frames")
     elapsed = time.perf_counter() - t_start
 
@@ -350,6 +351,12 @@ def main(argv=None) -> int:
     verdicts = []
     for task in args.tasks:
         for w in args.workers:
+            if (task, "ours", w) in failed or (task, "torchrl", w) in failed:
+                cells = ["failed (below)" if (task, side, w) in failed else fmt(statistics.median(fps[(task, side, w)]))
+                         for side in ("ours", "torchrl")]
+                rows.append(f"| {task} | {w} | {cells[0]} | {cells[1]} | - | - | - | - |")
+                verdicts.append(f"{task}, {w} worker(s): not measured (a run failed)")
+                continue
             o = statistics.median(fps[(task, "ours", w)])
             b = statistics.median(fps[(task, "torchrl", w)])
             so = statistics.median(startup[(task, "ours", w)])
@@ -405,6 +412,7 @@ def main(argv=None) -> int:
         + "; ".join(verdicts) + ".",
         "",
         *[line for note in notes for line in (note, "")],
+        *failures_section(failed),
     ]
     if frames:
         lines += [
@@ -436,35 +444,71 @@ def main(argv=None) -> int:
     return 0
 
 
-def measure(args: argparse.Namespace, base: dict, configs: list[tuple[str, str, int]], label) -> tuple[dict, dict]:
+def measure(args: argparse.Namespace, base: dict, configs: list[tuple[str, str, int]],
+            label) -> tuple[dict, dict, dict]:
     """Run every ``(task, side, n)`` configuration ``args.rounds`` times, each in a fresh process.
 
     ``n`` is the worker count (dm_control sides) or the number of worlds (mjwarp); ``label(side, n)``
     names a configuration in the progress lines. Returns frames/s per segment and startup seconds
-    per round, both keyed by configuration.
+    per round, both keyed by configuration, and the error of each configuration that failed (it is
+    not retried; the others still run, so one side that cannot render here loses no measurement).
     """
     fps = {c: [] for c in configs}
     startup = {c: [] for c in configs}
+    failed: dict[tuple[str, str, int], str] = {}
     for r in range(args.rounds):
         for task, side, n in configs:
+            if (task, side, n) in failed:
+                continue
             spec = {**base, "job": "run", "task": task, "workers": n, "side": side, "steps": args.steps,
                     "segments": args.segments, "warmup": args.warmup}
-            res = spawn(spec, args.timeout)
+            try:
+                res = spawn(spec, args.timeout)
+            except RuntimeError as err:
+                failed[(task, side, n)] = last_error_line(err)
+                print(f"round {r + 1}/{args.rounds} {task} {label(side, n)}: FAILED: {failed[(task, side, n)]}",
+                      flush=True)
+                continue
             fps[(task, side, n)] += res["fps"]
             startup[(task, side, n)].append(res["startup_s"])
             print(f"round {r + 1}/{args.rounds} {task} {label(side, n)}: frames/s "
                   + ", ".join(fmt(x) for x in res["fps"]) + f" (startup {res['startup_s']:.1f} s, pixels "
                   f"{res['pixels_shape']})", flush=True)
-    return fps, startup
+    return fps, startup, failed
+
+
+def last_error_line(err: Exception) -> str:
+    """The most telling part of a child's failure: its last exception line, with the lines that continue it."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    for i in range(len(lines) - 1, -1, -1):
+        if re.match(r"^[\w.]*(Error|Exception)\b", lines[i]):
+            cont = [line for line in lines[i + 1:i + 4] if not line.startswith(("File ", "Traceback"))]
+            return " ".join([lines[i], *cont])[:300]
+    return lines[-1][:300] if lines else type(err).__name__
+
+
+def failures_section(failed: dict) -> list[str]:
+    """Report lines naming each configuration that failed and why."""
+    if not failed:
+        return []
+    return ["## Failed runs", "", *[f"- {task} {side} {n}: `{why}`" for (task, side, n), why in failed.items()], ""]
 
 
 def save_all_frames(args: argparse.Namespace, base: dict, job: str) -> dict:
-    """The side-by-side frames of every task (``job`` "frames" or "frames_mjwarp"); none without --frames-dir."""
+    """The side-by-side frames of every task (``job`` "frames" or "frames_mjwarp"); none without --frames-dir.
+
+    A task whose frames cannot be made (a side cannot render here) is left out with a message.
+    """
     frames = {}
-    if str(args.frames_dir):
+    if args.frames_dir is not None:
         args.frames_dir.mkdir(parents=True, exist_ok=True)
         for task in args.tasks:
-            frames[task] = spawn({**base, "job": job, "task": task, "frames_dir": str(args.frames_dir)}, args.timeout)
+            try:
+                frames[task] = spawn({**base, "job": job, "task": task, "frames_dir": str(args.frames_dir)},
+                                     args.timeout)
+            except RuntimeError as err:
+                print(f"{task}: no frames: {last_error_line(err)}", flush=True)
+                continue
             print(f"{task}: frames saved to {frames[task]['paths']}")
     return frames
 
@@ -476,7 +520,7 @@ def main_mjwarp(args: argparse.Namespace, command: str, base: dict) -> int:
     t_start = time.perf_counter()
     configs = [(task, side, n) for task in args.tasks
                for side, counts in (("mjwarp", args.num_envs), ("dmc", args.workers)) for n in counts]
-    fps, startup = measure(args, base, configs, lambda side, n: f"{side} N={n} worlds on {args.device}"
+    fps, startup, failed = measure(args, base, configs, lambda side, n: f"{side} N={n} worlds on {args.device}"
                            if side == "mjwarp" else f"{side} W={n} workers")
     frames = save_all_frames(args, base, "frames_mjwarp")
     elapsed = time.perf_counter() - t_start
@@ -484,13 +528,18 @@ def main_mjwarp(args: argparse.Namespace, command: str, base: dict) -> int:
     rows = ["| task | backend | envs | device | frames/s | vs best dmc | startup s (first run / median) |",
             "|---|---|---:|---|---:|---:|---:|"]
     for task in args.tasks:
-        best_dmc = max(statistics.median(fps[(task, "dmc", w)]) for w in args.workers)
+        dmc = [statistics.median(fps[(task, "dmc", w)]) for w in args.workers if (task, "dmc", w) not in failed]
+        best_dmc = max(dmc, default=None)
         for side, counts in (("mjwarp", args.num_envs), ("dmc", args.workers)):
             for n in counts:
+                where = args.device if side == "mjwarp" else f"cpu, {n} worker(s)"
+                if (task, side, n) in failed:
+                    rows.append(f"| {task} | {side} | {n} | {where} | failed (below) | - | - |")
+                    continue
                 f = statistics.median(fps[(task, side, n)])
                 s = startup[(task, side, n)]
-                where = args.device if side == "mjwarp" else f"cpu, {n} worker(s)"
-                rows.append(f"| {task} | {side} | {n} | {where} | {fmt(f)} | {f / best_dmc:.2f}x | "
+                ratio = f"{f / best_dmc:.2f}x" if best_dmc else "-"
+                rows.append(f"| {task} | {side} | {n} | {where} | {fmt(f)} | {ratio} | "
                             f"{s[0]:.1f} / {statistics.median(s):.1f} |")
     size = f"{args.image_size}x{args.image_size}"
     lines = [
@@ -528,6 +577,7 @@ def main_mjwarp(args: argparse.Namespace, command: str, base: dict) -> int:
                          f"state); mean absolute difference {f['mean_abs_diff']:.1f} / 255, mean RGB mjwarp "
                          f"{f['mean_mjwarp']}, dmc {f['mean_dmc']}.")
         lines.append("")
+    lines += failures_section(failed)
     report = "\n".join(lines)
     print()
     print(report)

@@ -1,0 +1,72 @@
+"""The benchmark scripts' reporting logic, with their measurement runs faked (no envs are built)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def bench_envs():
+    return _load("bench_envs")
+
+
+EGL_FAILURE = ("{...} failed (exit code 1):\nTraceback (most recent call last):\n  File \"x.py\", line 1\n"
+               "OpenGL.raw.EGL._errors.EGLError: EGLError(\n\terr = EGL_BAD_ALLOC,\n"
+               "\tbaseOperation = eglCreateContext,\n)")
+
+
+def test_last_error_line_keeps_the_exception_and_its_continuation(bench_envs):
+    line = bench_envs.last_error_line(RuntimeError(EGL_FAILURE))
+    assert line.startswith("OpenGL.raw.EGL._errors.EGLError") and "EGL_BAD_ALLOC" in line
+    assert "eglCreateContext" in line
+    assert bench_envs.last_error_line(RuntimeError("plain message")) == "plain message"
+
+
+def test_mjwarp_report_keeps_the_runs_that_worked_when_one_side_fails(bench_envs, tmp_path, monkeypatch):
+    def fake_spawn(spec, timeout):
+        if spec["job"] == "check":
+            return {"ok": True}
+        if spec.get("side") == "dmc" or spec["job"] == "frames_mjwarp":
+            raise RuntimeError(EGL_FAILURE)
+        return {"fps": [1000.0 * spec["workers"], 1100.0 * spec["workers"]], "startup_s": 2.0,
+                "pixels_shape": [spec["workers"], 3, 64, 64]}
+
+    monkeypatch.setattr(bench_envs, "spawn", fake_spawn)
+    monkeypatch.setattr(bench_envs, "device_name", lambda device: "fake GPU")
+    out = tmp_path / "report.md"
+    assert bench_envs.main(["--backend", "mjwarp", "--device", "cpu", "--num-envs", "4", "16", "--workers", "1",
+                            "--rounds", "2", "--out", str(out), "--frames-dir", str(tmp_path / "frames")]) == 0
+    report = out.read_text()
+    assert "| walker-walk | mjwarp | 16 | cpu | 16,800 | - |" in report  # median of 2 rounds x 2 segments
+    assert "| walker-walk | dmc | 1 | cpu, 1 worker(s) | failed (below) |" in report
+    assert "## Failed runs" in report and "EGL_BAD_ALLOC" in report
+
+
+def test_dmc_report_marks_a_failed_worker_count_and_keeps_the_rest(bench_envs, tmp_path, monkeypatch):
+    def fake_spawn(spec, timeout):
+        if spec["side"] == "torchrl" and spec["workers"] == 2:
+            raise RuntimeError(EGL_FAILURE)
+        return {"fps": [100.0 * spec["workers"]], "startup_s": 1.0, "pixels_shape": [spec["workers"], 3, 64, 64]}
+
+    monkeypatch.setattr(bench_envs, "spawn", fake_spawn)
+    monkeypatch.setattr(bench_envs, "gl_renderer", lambda: "fake GL")
+    out = tmp_path / "report.md"
+    assert bench_envs.main(["--workers", "1", "2", "--rounds", "1", "--segments", "1", "--out", str(out),
+                            "--frames-dir", ""]) == 0
+    report = out.read_text()
+    assert "| walker-walk | 1 | 100 | 100 | 1.0x |" in report
+    assert "| walker-walk | 2 | 200 | failed (below) | - |" in report
+    assert "walker-walk, 2 worker(s): not measured (a run failed)" in report
+    assert "- walker-walk torchrl 2: `OpenGL.raw.EGL._errors.EGLError" in report
