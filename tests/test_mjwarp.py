@@ -338,12 +338,17 @@ def test_pixels_of_every_domain(task_name):
 
 # ---------------------------------------------------------------------------------------- training
 @pytest.mark.slow
-def test_agent_trains_on_mjwarp(tmp_path):
+@pytest.mark.parametrize("agent, extra", [("rnd", ["env.obs=[state,physics]"]),
+                                          ("metra", ["eval.every=300"])])  # METRA: pixels + physics, evaluated
+def test_agent_trains_on_mjwarp(tmp_path, agent, extra):
     from latentrl.training.cli import train_main
 
-    train_main(["agent=rnd", "preset=smoke", "env=cheetah-run", "env.backend=mjwarp", "env.num_envs=2",
-                "env.obs=[state,physics]", "log.progress=false", "log.tensorboard=false", f"run_dir={tmp_path}"])
+    train_main([f"agent={agent}", "preset=smoke", "env=cheetah-run", "env.backend=mjwarp", "env.num_envs=2",
+                *extra, "log.progress=false", "log.tensorboard=false", f"run_dir={tmp_path}"])
     assert (tmp_path / "checkpoints" / "latest.pt").exists()
+    if agent == "metra":  # the coverage evaluation ran on the batched env
+        assert "eval/coverage" in (tmp_path / "metrics.csv").read_text().splitlines()[0]
+        assert list((tmp_path / "eval").glob("skills_*.png"))
 
 
 # --------------------------------------------------------------------------------------------- GPU

@@ -35,14 +35,16 @@ def _rows(path: Path) -> list[dict]:
 def test_train_agent_smoke_end_to_end(tmp_path):
     run_dir = tmp_path / "run"
     proc = _run_script("train_agent.py", "agent=rnd", "env=walker-walk", "preset=smoke", f"run_dir={run_dir}",
-                       "log.progress=false")
+                       "log.progress=false", "eval.every=150")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (run_dir / "checkpoints" / "latest.pt").exists()
     assert list((run_dir / "videos").glob("*.mp4"))
     assert list((run_dir / "tb").glob("events.out.tfevents.*"))
     assert (run_dir / "config.yaml").exists()
     rows = _rows(run_dir / "metrics.csv")
-    assert any(r.get("critic_loss") for r in rows) and any(r.get("eval/return") for r in rows)
+    assert any(r.get("critic_loss") for r in rows)
+    eval_steps = [int(r["step"]) for r in rows if r.get("eval/return")]
+    assert eval_steps == [1, 150, 300]  # at the start, every 150 steps, and the last step only once
     assert "checkpoint:" in proc.stdout and "video:" in proc.stdout
     payload = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=False)
     assert payload["counters"]["env_steps"] == 300 and payload["counters"]["updates"] > 0

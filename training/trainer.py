@@ -213,6 +213,7 @@ class Trainer:
         progress = tqdm(total=total, initial=self.updates if self.offline else self.env_steps, unit=unit,
                         dynamic_ncols=True, disable=not cfg.log.progress, mininterval=1.0)
         last_eval: dict[str, float] = {}
+        last_eval_at = None
         next_eval = _next_multiple(self.current, cfg.eval.every) if self.current > 0 else 0
         next_log = _next_multiple(self.current, cfg.log.every)
         next_ckpt = _next_multiple(self.current, cfg.checkpoint_every)
@@ -233,7 +234,7 @@ class Trainer:
                     progress.set_postfix({k: f"{v:.3g}" for k, v in list(metrics.items())[:3]})
                     next_log = _next_multiple(self.current, cfg.log.every)
                 if self.current >= next_eval and cfg.eval.every > 0:
-                    last_eval = self.evaluate(self.current)
+                    last_eval, last_eval_at = self.evaluate(self.current), self.current
                     self.logger.log(self.current, last_eval)
                     next_eval = _next_multiple(self.current, cfg.eval.every)
                 if self.current >= next_ckpt:
@@ -243,7 +244,7 @@ class Trainer:
                     break
             progress.n = self.current
             progress.close()
-            if cfg.eval.every > 0 or cfg.eval.at_end:
+            if (cfg.eval.every > 0 or cfg.eval.at_end) and last_eval_at != self.current:  # not twice at one step
                 last_eval = self.evaluate(self.current)
                 self.logger.log(self.current, last_eval)
             self.save()
