@@ -18,6 +18,7 @@ import colorsys
 import math
 import multiprocessing as mp
 import os
+import signal
 import traceback
 import weakref
 from dataclasses import dataclass
@@ -209,6 +210,9 @@ def _close_slots(ref) -> None:
 
 
 def _worker(conn, cfg: EnvConfig, env_ids, seeds, shm_specs) -> None:
+    # Ctrl-C reaches the whole process group: the parent decides (a trainer finishes its step and saves),
+    # and closes its workers; a worker that died on the signal would break that last step.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     shms = {k: shared_memory.SharedMemory(name=name) for k, (name, _, _) in shm_specs.items()}
     arrays = {k: np.ndarray(shape, dtype=dtype, buffer=shms[k].buf) for k, (_, shape, dtype) in shm_specs.items()}
     slots = None

@@ -13,7 +13,9 @@ Alongside it measures, with the same env settings:
 
 Two parts: ``state`` (METRA from the physics state, root position included; default cheetah-run,
 the note's CPU setting) and ``pixels`` (a short run from 64x64 frames on the gradient floor).
-Results go to ``<out>/results_<part>.json`` and figures to ``<out>/*.png``.
+Results go to ``<out>/results_<part>.json`` and figures to ``<out>/*.png``. The run is checkpointed at
+every evaluation; Ctrl-C (or SIGTERM) stops it after the current step, saves a checkpoint, and still writes
+the results so far; ``--resume`` with a larger ``--steps`` continues it.
 
     python scripts/bench_metra.py --part state --steps 200000
     python scripts/bench_metra.py --part pixels --steps 20000
@@ -174,7 +176,7 @@ def run_part(part: str, args: argparse.Namespace) -> dict:
         f"env.action_repeat={args.action_repeat}", f"env.episode_length={args.episode_length}",
         f"env.floor={setting['floor']}", f"steps={steps}", f"learning_starts={setting['learning_starts']}",
         f"updates_per_step={args.updates_per_step}", f"buffer_capacity={setting['buffer_capacity']}",
-        f"eval.every={eval_every}", "eval.episodes=1", "eval.video=false", f"checkpoint_every={steps}",
+        f"eval.every={eval_every}", "eval.episodes=1", "eval.video=false", f"checkpoint_every={eval_every}",
         f"log.every={max(eval_every // 10, 1)}", "log.progress=false", "log.tensorboard=false",
         f"threads={args.threads}", f"seed={args.seed}", f"run_dir={run_dir}",
         *args.override,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -79,6 +80,39 @@ def test_resume_continues_a_killed_run(tmp_path):
     assert final["buffer"] is not None  # the replay buffer travels with the checkpoint
     steps = [int(float(r["step"])) for r in _rows(run_dir / "metrics.csv")]
     assert max(steps) >= target and min(steps) < killed_at["env_steps"]  # one log across both processes
+
+
+def test_ctrl_c_stops_on_a_whole_step_and_saves_a_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    ckpt = run_dir / "checkpoints" / "latest.pt"
+    args = [sys.executable, str(ROOT / "scripts" / "train_agent.py"), *SMOKE, f"run_dir={run_dir}", "steps=100000",
+            "checkpoint_every=100000", "env.num_envs=2", "env.num_workers=2"]
+    # its own process group, signalled as a whole like a terminal's Ctrl-C (env workers included)
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None:
+            metrics = run_dir / "metrics.csv"
+            if metrics.exists() and any(int(float(r["step"])) >= 150 for r in _rows(metrics)):
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 128 + signal.SIGINT, err[-3000:]
+    assert "SIGINT: stopping after this step" in err and "checkpoint saved" in err
+    stopped_at = torch.load(ckpt, weights_only=False)["counters"]
+    assert 150 <= stopped_at["env_steps"] < 100000 and stopped_at["updates"] > 0
+    target = stopped_at["env_steps"] + 100
+    refused = _run_script("train_agent.py", *SMOKE, f"run_dir={run_dir}", f"steps={target}", "resume=true")
+    assert refused.returncode == 2 and "env.num_envs: 2 there, 1 now" in refused.stderr, refused.stderr[-3000:]
+    resumed = _run_script("train_agent.py", *SMOKE, f"run_dir={run_dir}", f"steps={target}", "resume=true",
+                          "env.num_envs=2")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert torch.load(ckpt, weights_only=False)["counters"]["env_steps"] == target
 
 
 def test_collect_dataset_then_train_offline(tmp_path):

@@ -76,16 +76,21 @@ def load_checkpoint(path: str | Path, agent: Agent | None = None, *, restore_rng
         raise FileNotFoundError(f"no checkpoint at {path}")
     payload = torch.load(path, map_location="cpu", weights_only=False)
     if agent is not None:
-        if payload["agent_name"] != agent.name:
-            raise ValueError(f"checkpoint {path} holds agent {payload['agent_name']!r}, not {agent.name!r}")
-        agent.load_state_dict(payload["agent"])
-        optimizers = agent.optimizers()
-        for name, state in payload["optimizers"].items():
-            optimizers[name].load_state_dict(state)
-        agent.load_extra_state(payload["agent_extra"])
+        restore_agent(payload, agent, path)
     if restore_rng_state:
         restore_rng(payload["rng"])
     return payload
+
+
+def restore_agent(payload: dict, agent: Agent, path: str | Path = "the checkpoint") -> None:
+    """Put a loaded checkpoint's parameters, optimizer states and extra state into ``agent``."""
+    if payload["agent_name"] != agent.name:
+        raise ValueError(f"checkpoint {path} holds agent {payload['agent_name']!r}, not {agent.name!r}")
+    agent.load_state_dict(payload["agent"])
+    optimizers = agent.optimizers()
+    for name, state in payload["optimizers"].items():
+        optimizers[name].load_state_dict(state)
+    agent.load_extra_state(payload["agent_extra"])
 
 
 def load_agent(path: str | Path, *, device: str = "cpu") -> tuple[Agent, dict]:

@@ -8,6 +8,7 @@ composition so that a misspelled key, agent or task names the valid choices.
 from __future__ import annotations
 
 import difflib
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -152,6 +153,12 @@ def _fail(err: Exception) -> None:
     raise SystemExit(2)
 
 
+def _exit_if_stopped(trainer) -> None:
+    """A run stopped by SIGINT/SIGTERM (checkpoint saved) exits as shells expect of that signal: 128 + its number."""
+    if trainer.stopped_by is not None:
+        raise SystemExit(128 + int(getattr(signal, trainer.stopped_by)))
+
+
 def train_main(argv: list[str] | None = None) -> dict:
     """``train_agent.py``: train an agent online or offline; prints where results went."""
     from latentrl.training.trainer import Trainer
@@ -167,6 +174,7 @@ def train_main(argv: list[str] | None = None) -> dict:
     print(f"[latentrl] training {cfg.agent.name} ({cfg.agent.preset}) {mode}; device {trainer.device}; "
           f"run dir {run_dir}")
     result = trainer.train()
+    _exit_if_stopped(trainer)
     print(f"[latentrl] done: {trainer.env_steps} env steps, {trainer.updates} updates")
     print(f"[latentrl] logs:       {run_dir / 'metrics.csv'} and {run_dir / 'tb'} (tensorboard --logdir {run_dir})")
     print(f"[latentrl] checkpoint: {trainer.checkpoint_path}")
@@ -203,6 +211,7 @@ def collect_main(argv: list[str] | None = None) -> Path:
         _fail(err)
     print(f"[latentrl] collecting {cfg.steps} steps of {cfg.env.task} with {cfg.agent.name}; run dir {run_dir}")
     trainer.train()
+    _exit_if_stopped(trainer)  # a partial dataset is not written: resume=true finishes the collection
     trainer.buffer.save(out)
     print(f"[latentrl] dataset: {out} ({len(trainer.buffer)} transitions, {trainer.buffer.num_episodes} episodes, "
           f"keys {list(cfg.env.obs)})")

@@ -11,6 +11,9 @@ import dataclasses
 import math
 import os
 import random
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,14 +28,51 @@ from latentrl.agents import make_agent
 from latentrl.agents.base import Agent, Policy
 from latentrl.envs import make_env
 from latentrl.replay import ReplayBuffer
-from latentrl.training.checkpoint import load_checkpoint, save_checkpoint
+from latentrl.training.checkpoint import load_checkpoint, restore_agent, save_checkpoint
 from latentrl.training.logger import RunLogger, write_video
 
 __all__ = ["Trainer", "NonFiniteLossError", "EvalResult", "evaluate_policy", "resolve_device", "seed_everything"]
 
 
+# Settings a resumed run must share with the run that wrote the checkpoint: they shape the networks
+# (agent, preset, its overrides, observations) or the saved replay buffer (env streams, capacity).
+RESUME_MUST_MATCH = ("agent.name", "agent.preset", "agent.overrides", "env.task", "env.num_envs", "env.obs",
+                     "env.image_size", "env.action_repeat", "buffer_capacity", "data")
+
+
 class NonFiniteLossError(FloatingPointError):
     """An update produced a NaN or infinite loss; training stops instead of continuing silently."""
+
+
+class GracefulStop:
+    """Within the block, the first SIGINT (Ctrl-C) or SIGTERM only sets ``requested``; a second SIGINT aborts.
+
+    The training loop checks ``requested`` between steps, so a stopped run ends on a whole step with a
+    checkpoint, instead of dying inside an update or a buffer write (schedulers send SIGTERM before killing).
+    Outside the main thread signals cannot be caught, and the block changes nothing.
+    """
+
+    def __init__(self):
+        self.requested: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> GracefulStop:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        print(f"\n[latentrl] {self.requested}: stopping after this step and saving a checkpoint "
+              "(Ctrl-C again aborts without saving)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
 
 
 def resolve_device(device: str) -> torch.device:
@@ -172,7 +212,9 @@ class Trainer:
                                keep_as=f"{self.current:09d}.pt" if self.cfg.keep_checkpoints else None)
 
     def _resume(self) -> None:
-        payload = load_checkpoint(self.checkpoint_path, self.agent)
+        payload = load_checkpoint(self.checkpoint_path)  # also restores the RNG states
+        self._check_resume_config(payload.get("config") or {})
+        restore_agent(payload, self.agent, self.checkpoint_path)
         counters = payload["counters"]
         self.env_steps, self.updates, self.episodes = counters["env_steps"], counters["updates"], counters["episodes"]
         if payload["buffer"] is not None and not self.offline:
@@ -181,6 +223,28 @@ class Trainer:
         # Episodes in flight when the run stopped are lost; the env starts fresh ones with new ids.
         self.env.set_seed(self.cfg.seed + 1_000_003 * (self.env_steps + 1))
         print(f"[latentrl] resumed from {self.checkpoint_path} at env step {self.env_steps}, update {self.updates}")
+
+    def _check_resume_config(self, saved: dict) -> None:
+        """Refuse to resume with settings that change the networks or the replay buffer's layout."""
+        current = self._config_dict()
+
+        def get(cfg: dict, key: str):
+            for part in key.split("."):
+                cfg = cfg.get(part) if isinstance(cfg, dict) else None
+            return cfg
+
+        differ = [(k, get(saved, k), get(current, k)) for k in RESUME_MUST_MATCH
+                  if get(saved, k) is not None and get(saved, k) != get(current, k)]
+        if differ:
+            def arg(key, value) -> str:
+                if isinstance(value, dict):  # agent.overrides: one agent.<field>=v each
+                    return " ".join(f"agent.{f}={v}" for f, v in value.items()) or "(no agent.<field>=... overrides)"
+                return f"{key}=[{','.join(map(str, value))}]" if isinstance(value, list) else f"{key}={value}"
+
+            fix = " ".join(arg(k, v) for k, v, _ in differ)
+            raise ValueError(f"cannot resume {self.checkpoint_path}: the run was started with other settings ("
+                             + "; ".join(f"{k}: {v!r} there, {c!r} now" for k, v, c in differ)
+                             + f"). Resume with the run's settings: {fix}")
 
     # ----------------------------------------------------------------------------------------- loop
     def _update(self) -> dict[str, float]:
@@ -219,35 +283,42 @@ class Trainer:
         next_ckpt = _next_multiple(self.current, cfg.checkpoint_every)
         metrics: dict[str, float] = {}
         started, start_count = time.time(), self.current
+        self.stopped_by: str | None = None  # the signal that stopped this run early, if one did
         try:
             if self.offline:
                 loop = self._offline_steps()
             else:
                 loop = self._online_steps()
-            for step_metrics in loop:
-                metrics.update(step_metrics)
-                progress.update(self.current - progress.n)
-                if self.current >= next_log:
-                    rate = (self.current - start_count) / max(time.time() - started, 1e-9)
-                    self.logger.log(self.current, {**metrics, "updates": self.updates, "env_steps": self.env_steps,
-                                                     f"{unit.replace(' ', '_')}_per_s": rate})
-                    progress.set_postfix({k: f"{v:.3g}" for k, v in list(metrics.items())[:3]})
-                    next_log = _next_multiple(self.current, cfg.log.every)
-                if self.current >= next_eval and cfg.eval.every > 0:
-                    last_eval, last_eval_at = self.evaluate(self.current), self.current
-                    self.logger.log(self.current, last_eval)
-                    next_eval = _next_multiple(self.current, cfg.eval.every)
-                if self.current >= next_ckpt:
-                    self.save()
-                    next_ckpt = _next_multiple(self.current, cfg.checkpoint_every)
-                if self.current >= total:
-                    break
+            with GracefulStop() as stop:
+                for step_metrics in loop:
+                    metrics.update(step_metrics)
+                    progress.update(self.current - progress.n)
+                    if self.current >= next_log:
+                        rate = (self.current - start_count) / max(time.time() - started, 1e-9)
+                        self.logger.log(self.current, {**metrics, "updates": self.updates, "env_steps": self.env_steps,
+                                                         f"{unit.replace(' ', '_')}_per_s": rate})
+                        progress.set_postfix({k: f"{v:.3g}" for k, v in list(metrics.items())[:3]})
+                        next_log = _next_multiple(self.current, cfg.log.every)
+                    if self.current >= next_eval and cfg.eval.every > 0:
+                        last_eval, last_eval_at = self.evaluate(self.current), self.current
+                        self.logger.log(self.current, last_eval)
+                        next_eval = _next_multiple(self.current, cfg.eval.every)
+                    if self.current >= next_ckpt:
+                        self.save()
+                        next_ckpt = _next_multiple(self.current, cfg.checkpoint_every)
+                    if self.current >= total or stop.requested:
+                        break
+            self.stopped_by = stop.requested
             progress.n = self.current
             progress.close()
-            if (cfg.eval.every > 0 or cfg.eval.at_end) and last_eval_at != self.current:  # not twice at one step
+            at_end = (cfg.eval.every > 0 or cfg.eval.at_end) and last_eval_at != self.current  # not twice at one step
+            if at_end and self.stopped_by is None:
                 last_eval = self.evaluate(self.current)
                 self.logger.log(self.current, last_eval)
             self.save()
+            if self.stopped_by is not None:
+                print(f"[latentrl] stopped by {self.stopped_by} at {self.current} {unit}; checkpoint saved. Continue "
+                      f"with resume=true run_dir={self.run_dir}", file=sys.stderr, flush=True)
         finally:
             progress.close()
             self.logger.close()
