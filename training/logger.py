@@ -73,11 +73,22 @@ class RunLogger:
                     if logger is not None:
                         logger.log_scalar(key, float(value), step=step)
 
-    def _rewrite_with_columns(self, columns: list[str]) -> None:
-        rows = []
-        if self.csv_path.exists():
+    def drop_rows_after(self, step: int) -> int:
+        """Remove ``metrics.csv`` rows logged after ``step`` (a resumed run repeats them); returns how many."""
+        if not self.csv_path.exists():
+            return 0
+        with open(self.csv_path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        kept = [r for r in rows if not r.get("step") or float(r["step"]) <= step]
+        if len(kept) < len(rows):
+            self._rewrite_with_columns(self._columns, kept)
+        return len(rows) - len(kept)
+
+    def _rewrite_with_columns(self, columns: list[str], rows: list[dict] | None = None) -> None:
+        if rows is None and self.csv_path.exists():
             with open(self.csv_path, newline="") as f:
                 rows = list(csv.DictReader(f))
+        rows = rows or []
         self._columns = columns
         tmp = self.csv_path.with_suffix(".tmp")
         with open(tmp, "w", newline="") as f:

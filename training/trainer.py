@@ -220,6 +220,10 @@ class Trainer:
         if payload["buffer"] is not None and not self.offline:
             self.buffer.load_state_dict(payload["buffer"])
             self.buffer.end_episodes()
+        # Rows the lost stretch after the checkpoint logged would be logged again: metrics.csv keeps one history.
+        dropped = self.logger.drop_rows_after(self.current)
+        if dropped:
+            print(f"[latentrl] metrics.csv: dropped {dropped} rows logged after the checkpoint's step {self.current}")
         # Episodes in flight when the run stopped are lost; the env starts fresh ones with new ids.
         self.env.set_seed(self.cfg.seed + 1_000_003 * (self.env_steps + 1))
         print(f"[latentrl] resumed from {self.checkpoint_path} at env step {self.env_steps}, update {self.updates}")
