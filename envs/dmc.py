@@ -110,6 +110,25 @@ def _use_configured_gl_backend() -> None:
     gl_context.GLContext = GLContext
 
 
+def _make_renderer(model, size: int) -> mujoco.Renderer:
+    """``mujoco.Renderer`` of ``size`` x ``size``, with an error that says what to install when GL is missing."""
+    try:
+        return mujoco.Renderer(model, size, size)
+    except Exception as err:  # noqa: BLE001 - EGLError, GLError, RuntimeError... all mean the same here
+        try:
+            detail = f"{type(err).__name__}: {err}"
+        except Exception:  # noqa: BLE001 - PyOpenGL's EGLError can fail to print itself
+            detail = f"{type(err).__name__} {getattr(err, 'err', '')}".strip()
+        backend = os.environ.get("MUJOCO_GL", "egl")
+        raise RuntimeError(
+            f"MuJoCo could not open an offscreen OpenGL context with MUJOCO_GL={backend} ({detail[:300]}). "
+            "Pixels from the dmc backend need headless OpenGL: on a CPU machine Mesa's EGL (Debian/Ubuntu: "
+            "apt-get install libegl1 libgl1); in an NVIDIA container the driver's graphics libraries "
+            "(NVIDIA_DRIVER_CAPABILITIES must include 'graphics'); or MUJOCO_GL=osmesa with libosmesa6. Without "
+            "OpenGL, use obs=('state',) / ('physics',), or backend='mjwarp', which renders without OpenGL."
+        ) from err
+
+
 class _Slots:
     """A group of dm_control envs that write their outputs into shared arrays.
 
@@ -133,7 +152,7 @@ class _Slots:
                 global _RENDERED_IN_THIS_PROCESS
                 _RENDERED_IN_THIS_PROCESS = True
                 _use_configured_gl_backend()
-                renderer = mujoco.Renderer(model, cfg.image_size, cfg.image_size)
+                renderer = _make_renderer(model, cfg.image_size)
                 renderer.scene.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = 0
                 renderer.scene.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
                 self.renderers.append(renderer)

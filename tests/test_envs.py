@@ -207,3 +207,20 @@ def test_gymnasium_env_checker(obs_type):
     assert env.observation_space.contains(obs)
     assert info["physics"].dtype == np.float64
     env.close()
+
+
+def test_missing_opengl_gives_an_error_that_says_what_to_install(monkeypatch):
+    import mujoco
+
+    class BrokenEGL(Exception):
+        def __str__(self):  # PyOpenGL's EGLError can fail to print itself, as it did on a GPU host
+            raise TypeError("cannot print")
+
+    def no_gl(*args, **kwargs):
+        raise BrokenEGL()
+
+    monkeypatch.setattr(mujoco, "Renderer", no_gl)
+    with pytest.raises(RuntimeError, match=r"could not open an offscreen OpenGL context.*BrokenEGL.*libegl1"):
+        make_env("cartpole-balance", obs=("pixels",), num_envs=1, num_workers=0)
+    env = make_env("cartpole-balance", obs=("state",), num_envs=1, num_workers=0)  # no renderer: still fine
+    env.close()
