@@ -85,8 +85,6 @@ class CoverageTrainer(Trainer):
         metrics["eval/total_coverage"] = float(len(self.buffer.cells))
         row = {"env_steps": self.env_steps, "updates": self.updates, "wall_s": time.time() - self.started,
                **{k.removeprefix("eval/"): v for k, v in metrics.items()}}
-        if self.curve and self.curve[-1]["env_steps"] == row["env_steps"]:
-            self.curve.pop()  # the trainer's at-end evaluation repeats the last periodic one: keep the newer
         self.curve.append(row)
         print("[bench_metra] " + ", ".join(f"{k}={v:.4g}" for k, v in row.items()), flush=True)
         return metrics
