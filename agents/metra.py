@@ -851,7 +851,7 @@ def rollout(env: EnvBase, make_policy: Callable[[int, int], Policy], num_episode
             obs = nxt.exclude("reward", "done", "terminated", "truncated")
             stacked = policy.stack(obs)
             if keep_obs:
-                last = torch.where(alive.reshape(-1, *[1] * (stacked[keep_obs].dim() - 1)),
+                last = torch.where(alive.to(stacked.device).reshape(-1, *[1] * (stacked[keep_obs].dim() - 1)),
                                    stacked[keep_obs], last[keep_obs])
                 last = TensorDict({keep_obs: last}, batch_size=[n])
             alive &= ~nxt["done"].reshape(-1).cpu()
@@ -1010,7 +1010,7 @@ def evaluate_goal_reaching(agent: METRAAgent, env: EnvBase, num_goals: int = 50,
         _require_physics(td)
         goals = (torch.rand(n, len(index), generator=rng, dtype=torch.float64) * 2 - 1) * goal_range
         state = td["physics"].clone().double()
-        state[:, index] = goals
+        state[:, index] = goals.to(state.device)
         goal_obs = env.set_physics_state(state)
         if controller == "goal":
             policy = agent.policy(agent.infer_task(GoalObservation(goal_obs)))

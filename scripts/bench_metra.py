@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import time
 from pathlib import Path
 
@@ -92,27 +94,43 @@ class CoverageTrainer(Trainer):
 
 @torch.no_grad()
 def random_total_coverage(task: str, checkpoints: list[int], *, episode_length: int, action_repeat: int,
-                          bin_size: float, seed: int) -> list[int]:
-    """Cells visited by uniform random actions after each of ``checkpoints`` env steps (one env)."""
+                          bin_size: float, seed: int, num_envs: int = 1, backend: str = "dmc",
+                          device: str = "cpu") -> list[int]:
+    """Cells visited by uniform random actions after each of ``checkpoints`` env steps.
+
+    ``num_envs`` episodes run side by side (env steps count all of them); episodes are independent,
+    so this only changes how fast the baseline runs, e.g. ``backend="mjwarp"`` on a GPU.
+    """
     env = make_env(task, obs=("physics",), action_repeat=action_repeat, episode_length=episode_length, seed=seed,
-                   num_workers=0)
+                   num_envs=num_envs, num_workers=0, backend=backend, device=device)
     gen = torch.Generator().manual_seed(seed)
     action_dim = env.action_spec.shape[-1]
     cells: set[tuple[int, ...]] = set()
+    pending = sorted(checkpoints)
     out = []
     try:
         td = env.reset()
-        for step in range(1, max(checkpoints) + 1):
-            td["action"] = torch.rand(1, action_dim, generator=gen) * 2 - 1
+        step = 0
+        while pending:
+            td["action"] = torch.rand(num_envs, action_dim, generator=gen) * 2 - 1
             td, td_next = env.step_and_maybe_reset(td)
             coords = torso_coordinates(task, td["next", "physics"])
             cells.update(map(tuple, np.floor(coords / bin_size).astype(np.int64)))
             td = td_next
-            if step in checkpoints:
+            step += num_envs
+            while pending and step >= pending[0]:
+                pending.pop(0)
                 out.append(len(cells))
     finally:
         env.close()
     return out
+
+
+def machine_description(device: torch.device) -> str:
+    """The machine a result was measured on, for the results JSON."""
+    gpu = f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
+    return (f"{platform.platform()}, {os.cpu_count()} CPUs{gpu}, python {platform.python_version()}, "
+            f"torch {torch.__version__}")
 
 
 def random_eval_coverage(env, episodes: int, bin_size: float, seed: int) -> tuple[int, list[np.ndarray]]:
@@ -198,17 +216,14 @@ def run_part(part: str, args: argparse.Namespace) -> dict:
     agent, env = trainer.agent, trainer.eval_env
     agent.eval()
 
-    random_eval, random_traj = random_eval_coverage(env, setting["num_skills"], 1.0, args.seed)
+    num_skills = agent.config.eval_num_skills  # the part's default or an agent.eval_num_skills override
+    random_eval, random_traj = random_eval_coverage(env, num_skills, 1.0, args.seed)
     checkpoints = [r["env_steps"] for r in trainer.curve]
+    e = trainer.cfg.env
     random_total = random_total_coverage(args.task, checkpoints, episode_length=args.episode_length,
-                                         action_repeat=args.action_repeat, bin_size=1.0, seed=args.seed)
-    goals = {}
-    if args.goals > 0:
-        for controller in ("goal", "random_skill", "random_action"):
-            goals[controller] = evaluate_goal_reaching(agent, env, args.goals, goal_range=args.goal_range,
-                                                       threshold=args.goal_threshold, seed=args.seed,
-                                                       controller=controller)
-            print(f"[bench_metra] goal reaching ({controller}): {goals[controller]}", flush=True)
+                                         action_repeat=args.action_repeat, bin_size=1.0, seed=args.seed,
+                                         num_envs=args.baseline_envs, backend=e.backend,
+                                         device=str(trainer.device) if e.backend == "mjwarp" else "cpu")
     final = trainer.curve[-1]
     skills_png = out / f"skills_{part}.png"
     last_plot = Path(run_dir) / "eval" / f"skills_{final['env_steps']:09d}.png"
@@ -225,17 +240,26 @@ def run_part(part: str, args: argparse.Namespace) -> dict:
     result = {
         "part": part, "task": args.task, "steps": steps, "seed": args.seed, "train_seconds": train_s,
         "updates": trainer.updates, "updates_per_step": args.updates_per_step, "threads": args.threads,
-        "preset": setting["preset"], "obs_type": setting["obs_type"], "num_skills": setting["num_skills"],
+        "preset": setting["preset"], "obs_type": setting["obs_type"], "num_skills": num_skills,
         "curve": trainer.curve, "random_eval_coverage": random_eval, "random_total_coverage": random_total,
         "final_coverage_ratio": final["coverage"] / max(random_eval, 1),
         "final_total_coverage_ratio": final["total_coverage"] / max(random_total[-1], 1),
-        "goal_reaching": goals,
+        "goal_reaching": {},
+        "machine": machine_description(trainer.device),
         "figures": [str(out / f"coverage_{part}.png"), str(skills_png), str(out / f"random_{part}.png")],
     }
-    (out / f"results_{part}.json").write_text(json.dumps(result, indent=2))
+    results_path = out / f"results_{part}.json"
+    results_path.write_text(json.dumps(result, indent=2))  # before the goals: a failure there loses nothing
     print(f"[bench_metra] {part}: METRA eval coverage {final['coverage']:.0f} cells vs random {random_eval} "
           f"({result['final_coverage_ratio']:.2f}x); total {final['total_coverage']:.0f} vs {random_total[-1]} "
           f"({result['final_total_coverage_ratio']:.2f}x); {train_s / 60:.1f} min", flush=True)
+    if args.goals > 0:
+        for controller in ("goal", "random_skill", "random_action"):
+            result["goal_reaching"][controller] = goal = evaluate_goal_reaching(
+                agent, env, args.goals, goal_range=args.goal_range, threshold=args.goal_threshold, seed=args.seed,
+                controller=controller)
+            print(f"[bench_metra] goal reaching ({controller}): {goal}", flush=True)
+        results_path.write_text(json.dumps(result, indent=2))
     trainer.env.close()
     trainer.eval_env.close()
     return result
@@ -256,6 +280,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--goal-threshold", type=float, default=1.0, help="success: final distance below this")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the learner")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--baseline-envs", type=int, default=1,
+                        help="parallel envs of the random total-coverage baseline (e.g. 256 with env.backend=mjwarp "
+                             "on a GPU; the same env steps either way)")
     parser.add_argument("--out", default="docs/bench_metra", help="folder for figures and results JSON")
     parser.add_argument("--run-root", default="runs/bench_metra", help="folder for the training runs")
     parser.add_argument("--override", nargs="*", default=[], help="extra train_agent.py overrides (key=value)")

@@ -1,4 +1,4 @@
-"""The benchmark scripts' reporting logic, with their measurement runs faked (no envs are built)."""
+"""The benchmark scripts: their reporting logic with the measurement runs faked, and their baselines."""
 
 from __future__ import annotations
 
@@ -70,3 +70,14 @@ def test_dmc_report_marks_a_failed_worker_count_and_keeps_the_rest(bench_envs, t
     assert "| walker-walk | 2 | 200 | failed (below) | - |" in report
     assert "walker-walk, 2 worker(s): not measured (a run failed)" in report
     assert "- walker-walk torchrl 2: `OpenGL.raw.EGL._errors.EGLError" in report
+
+
+def test_metra_random_baseline_counts_the_same_env_steps_with_parallel_envs():
+    """bench_metra's random total-coverage baseline may run its episodes side by side (fast on a GPU):
+    a checkpoint is read once the env steps of all envs together reach it."""
+    bench_metra = _load("bench_metra")
+    kwargs = dict(episode_length=20, action_repeat=2, bin_size=0.05, seed=0)
+    serial = bench_metra.random_total_coverage("cheetah-run", [40, 200], **kwargs)
+    parallel = bench_metra.random_total_coverage("cheetah-run", [40, 200], num_envs=8, **kwargs)
+    assert len(serial) == len(parallel) == 2
+    assert 1 < serial[0] <= serial[1] and 1 < parallel[0] <= parallel[1]

@@ -312,6 +312,31 @@ def test_state_dict_round_trip(tmp_path, on_disk):
     assert len(restored) == len(buffer) + 3
 
 
+@pytest.mark.parametrize("capacity", [4000, 60])  # mostly empty; wrapped round (FIFO) several times
+def test_checkpoint_holds_only_the_rows_written(tmp_path, capacity):
+    envs = FakeEnvs(LENGTHS)
+    buffer = ReplayBuffer(capacity)
+    buffer.extend(envs.rollout(20))
+    state = torch.load(_saved(tmp_path, buffer.state_dict()), weights_only=True)
+    saved_rows = next(iter(TensorDict(state["storage"]).values(True, True))).shape[0]
+    per_env = capacity // buffer.num_envs
+    assert state["rows_per_env"] == min(per_env, int(buffer._hi.max()))
+    if capacity == 4000:
+        assert state["rows_per_env"] < per_env // 10 and saved_rows == buffer.num_envs * state["rows_per_env"]
+    restored = ReplayBuffer(capacity)
+    restored.load_state_dict(state)
+    torch.manual_seed(3)
+    expected = buffer.sample(100, frame_stack=2, horizon=2)
+    torch.manual_seed(3)
+    assert (restored.sample(100, frame_stack=2, horizon=2) == expected).all()
+    # a checkpoint written before only the written rows were kept (the whole storage) still loads
+    legacy = {"layout": state["layout"], "storage": buffer._storage._storage.to_dict()}
+    old = ReplayBuffer(capacity)
+    old.load_state_dict(legacy)
+    torch.manual_seed(3)
+    assert (old.sample(100, frame_stack=2, horizon=2) == expected).all()
+
+
 def _saved(tmp_path, obj):
     torch.save(obj, tmp_path / "state.pt")
     return tmp_path / "state.pt"

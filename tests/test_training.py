@@ -17,7 +17,7 @@ import torch
 
 from latentrl.replay import ReplayBuffer
 from latentrl.training.cli import ConfigError, collect_main, load_config, train_main
-from latentrl.training.trainer import NonFiniteLossError, Trainer, resolve_device
+from latentrl.training.trainer import NonFiniteLossError, Trainer, evaluate_policy, resolve_device
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ["preset=smoke", "log.progress=false", "log.tensorboard=false"]
@@ -183,9 +183,14 @@ def test_unknown_agent_field_names_valid_fields(tmp_path):
 
 def test_device_auto_and_agent_fields_reach_the_agent(tmp_path):
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
-    cfg = load_config([*SMOKE, "agent.batch_size=7", "env.obs=[state,physics]"])
+    # a repeated agent field is taken from its last mention (scripts append user overrides to their own)
+    cfg = load_config([*SMOKE, "agent.batch_size=9", "env.obs=[state,physics]", "eval.num_envs=3",
+                       "agent.batch_size=7"])
     trainer = Trainer(cfg, tmp_path, agent_overrides=dict(cfg.agent.overrides))
     assert trainer.agent.config.batch_size == 7 and trainer.spec["batch_size"] == 7
+    assert trainer.eval_env.batch_size == torch.Size([3])  # eval.num_envs: evaluation episodes side by side
+    result = evaluate_policy(trainer.eval_env, trainer.agent.policy(explore=False), 4)
+    assert len(result.returns) == 4 and all(length == trainer.eval_env.episode_length for length in result.lengths)
     trainer.env.close()
     trainer.eval_env.close()
 

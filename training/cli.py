@@ -77,7 +77,7 @@ def _validate_overrides(overrides: list[str], base: DictConfig) -> list[str]:
                 hint = f" Did you mean {', '.join(close)}?" if close else ""
                 raise ConfigError(f"unknown agent {value!r}.{hint} Valid agents: {', '.join(list_agents())}")
         elif plain.startswith("agent.") and plain.split(".")[1] not in _AGENT_KEYS:
-            item = f"+agent.overrides.{plain[len('agent.'):]}={value}"
+            item = f"++agent.overrides.{plain[len('agent.'):]}={value}"  # ++: a later repeat wins
         elif plain in ("preset",):
             pass
         elif plain not in flat and not key.startswith("+"):

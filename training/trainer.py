@@ -156,6 +156,8 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.device = resolve_device(cfg.device)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed image and batch shapes: let cuDNN pick its fastest convs
         torch.set_num_threads(_resolve_threads(cfg.get("threads", "auto")))
         self.offline = cfg.data is not None
         seed_everything(cfg.seed)
@@ -170,7 +172,8 @@ class Trainer:
                             episode_length=e.episode_length, num_workers=0 if self.offline else e.num_workers)
         eval_obs = tuple(dict.fromkeys((*obs, "pixels"))) if cfg.eval.video else obs
         self.eval_env = make_env(e.task, obs=eval_obs, image_size=e.image_size, camera=e.camera,
-                                 action_repeat=e.action_repeat, num_envs=1, backend=e.backend, device=env_device,
+                                 action_repeat=e.action_repeat, num_envs=int(cfg.eval.get("num_envs", 1)),
+                                 backend=e.backend, device=env_device,
                                  seed=cfg.seed + 10_000, floor=e.floor, episode_length=e.episode_length,
                                  num_workers=0)
         self.agent: Agent = make_agent(cfg.agent.name, self.env, preset=cfg.agent.preset,
