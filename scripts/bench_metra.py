@@ -219,11 +219,10 @@ def run_part(part: str, args: argparse.Namespace) -> dict:
     num_skills = agent.config.eval_num_skills  # the part's default or an agent.eval_num_skills override
     random_eval, random_traj = random_eval_coverage(env, num_skills, 1.0, args.seed)
     checkpoints = [r["env_steps"] for r in trainer.curve]
-    e = trainer.cfg.env
     random_total = random_total_coverage(args.task, checkpoints, episode_length=args.episode_length,
                                          action_repeat=args.action_repeat, bin_size=1.0, seed=args.seed,
-                                         num_envs=args.baseline_envs, backend=e.backend,
-                                         device=str(trainer.device) if e.backend == "mjwarp" else "cpu")
+                                         num_envs=args.baseline_envs, backend=trainer.cfg.env.backend,
+                                         device=str(trainer.env.device))  # where the trainer put its envs
     final = trainer.curve[-1]
     skills_png = out / f"skills_{part}.png"
     last_plot = Path(run_dir) / "eval" / f"skills_{final['env_steps']:09d}.png"
