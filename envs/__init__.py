@@ -30,7 +30,9 @@ def make_env(task: str, *, obs=("pixels", "state"), image_size: int = 64, camera
             (MuJoCo Warp, all envs in one batch; GPU or CPU).
         device: where returned tensors live.
         seed: seeds every env (env i gets an independent stream derived from ``seed``).
-        floor: ``"default"`` or ``"gradient"`` (recoloured so that position shows in pixels).
+        floor: ``"default"`` or ``"gradient"``: METRA's coloured scenes, where position shows in
+            pixels (colours over 30 m centred on the start; the cheetah's ground centred on the start
+            and its side camera looking down at it; :func:`latentrl.envs.dmc.apply_gradient_floor`).
         episode_length: agent steps per episode; ``None`` keeps the task's own (1000 control
             steps divided by ``action_repeat`` for most tasks).
         num_workers: worker processes for the ``dmc`` backend; ``None``: none for one env, else

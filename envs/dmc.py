@@ -14,7 +14,6 @@ shadows, reflections and multisampling off. ``MUJOCO_GL`` defaults to ``egl`` (s
 from __future__ import annotations
 
 import atexit
-import colorsys
 import math
 import multiprocessing as mp
 import os
@@ -56,12 +55,44 @@ class EnvConfig:
     num_envs: int = 1
 
 
-def apply_gradient_floor(model: mujoco.MjModel, period: float = 40.0) -> None:
-    """Recolour the floor so that position is visible from pixels (METRA's ``floor="gradient"``).
+# METRA's coloured scenes (``envs/custom_dmc_tasks/*_color.xml`` and ``pixel_wrappers.RenderWrapper`` in
+# seohongpark/METRA): the colours span a 30 m stretch of floor centred on the start and hold their end
+# colours beyond it. The cheetah's side camera is METRA's too: 1 m higher and tilted 30 degrees down at
+# the floor (the suite's looks level, so the floor strip fills 9 of 64 rows; METRA's fills about 25).
+GRADIENT_SPAN = 30.0
+_CHEETAH_GROUND_HALF_LENGTH = 60.0
+_CHEETAH_SIDE_CAMERA = {"pos": (0.0, -2.5, 1.0), "quat": (math.cos(math.pi / 6), math.sin(math.pi / 6), 0.0, 0.0)}
 
-    The floor's texture is replaced by a hue that cycles along x and a brightness that ramps
-    along y, spanning ``period`` metres before it repeats (METRA recolours the floor with a
-    gradient for the same reason; the exact colours here are ours).
+
+def _rainbow(s: np.ndarray) -> np.ndarray:
+    """matplotlib's ``rainbow`` colour map (gnuplot formulae 33, 13, 10) at ``s`` in [0, 1], as RGB in [0, 1]."""
+    s = np.clip(s, 0.0, 1.0)
+    return np.clip(np.stack([np.abs(2 * s - 0.5), np.sin(np.pi * s), np.cos(np.pi * s / 2)], axis=-1), 0.0, 1.0)
+
+
+def gradient_floor_colour(domain: str, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """RGB in [0, 1] of the ``floor="gradient"`` floor at world points ``(x, y)`` (METRA's colours).
+
+    Cheetah: the ``rainbow`` map along x, from purple at x = -15 m to red at +15 m. Other domains:
+    red ramps from 0 at y = +15 m to 1 at y = -15 m, green from 0 at x = -15 m to 1 at x = +15 m,
+    blue is 0.5 (METRA's quadruped/humanoid floor, ``[row / h, col / w, 0.5]``).
+    """
+    x, y = np.broadcast_arrays(np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64))
+    if domain == "cheetah":
+        return _rainbow(x / GRADIENT_SPAN + 0.5)
+    red = np.clip(0.5 - y / GRADIENT_SPAN, 0.0, 1.0)
+    green = np.clip(0.5 + x / GRADIENT_SPAN, 0.0, 1.0)
+    return np.stack([red, green, np.full_like(red, 0.5)], axis=-1)
+
+
+def apply_gradient_floor(model: mujoco.MjModel, domain: str) -> None:
+    """Recolour the floor so that position is visible from pixels: METRA's ``*_color`` scenes.
+
+    The floor's texture is stretched once over the floor plane (MuJoCo maps texel column u to
+    x = pos + (2u - 1) * size_x and row v to y = pos - (2v - 1) * size_y) and painted with
+    :func:`gradient_floor_colour`. For the cheetah, as in METRA's ``cheetah_color.xml``, the ground
+    strip is centred on the start (the suite's begins 2 m behind it; planes collide everywhere, so
+    only the picture changes) and the ``side`` camera looks down at it.
     """
     names = [mujoco.mj_id2name(model, mujoco.mjtObj.mjOBJ_GEOM, i) for i in range(model.ngeom)]
     planes = [i for i in range(model.ngeom) if model.geom_type[i] == mujoco.mjtGeom.mjGEOM_PLANE]
@@ -75,18 +106,25 @@ def apply_gradient_floor(model: mujoco.MjModel, period: float = 40.0) -> None:
     tex = model.mat_texid[mat, mujoco.mjtTextureRole.mjTEXROLE_RGB]
     if tex < 0:
         raise ValueError("floor='gradient' needs the floor material to have a texture")
+    if domain == "cheetah":
+        model.geom_pos[floor, 0] = 0.0
+        model.geom_size[floor, 0] = _CHEETAH_GROUND_HALF_LENGTH
+        side = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_CAMERA, "side")
+        if side >= 0:
+            model.cam_pos[side] = _CHEETAH_SIDE_CAMERA["pos"]
+            model.cam_quat[side] = _CHEETAH_SIDE_CAMERA["quat"]
+            # A tracking camera follows the offsets computed at compile time; recompute them.
+            mujoco.mj_setConst(model, mujoco.MjData(model))
     w, h, c = model.tex_width[tex], model.tex_height[tex], model.tex_nchannel[tex]
-    u = (np.arange(w) + 0.5) / w
-    v = (np.arange(h) + 0.5) / h
-    rgb = np.empty((h, w, 3), dtype=np.float64)
-    for j, vv in enumerate(v):
-        for i, uu in enumerate(u):
-            rgb[j, i] = colorsys.hsv_to_rgb(uu, 0.6, 0.35 + 0.6 * vv)
+    (cx, cy, _), (sx, sy, _) = model.geom_pos[floor], model.geom_size[floor]
+    x = cx + (2 * (np.arange(w) + 0.5) / w - 1) * sx
+    y = cy - (2 * (np.arange(h) + 0.5) / h - 1) * sy
+    rgb = gradient_floor_colour(domain, x[None, :], y[:, None])
     data = np.concatenate([rgb, np.ones((h, w, max(c - 3, 0)))], axis=-1)[..., :c]
     start = model.tex_adr[tex]
-    model.tex_data[start : start + w * h * c] = (data * 255).astype(np.uint8).reshape(-1)
-    model.mat_texuniform[mat] = 1
-    model.mat_texrepeat[mat] = 1.0 / period
+    model.tex_data[start : start + w * h * c] = np.round(data * 255).astype(np.uint8).reshape(-1)
+    model.mat_texuniform[mat] = 0
+    model.mat_texrepeat[mat] = 1.0
     model.mat_rgba[mat] = 1.0
     model.mat_reflectance[mat] = 0.0
 
@@ -144,7 +182,7 @@ class _Slots:
         for env in self.envs:
             model = env.physics.model.ptr
             if cfg.floor == "gradient":
-                apply_gradient_floor(model)
+                apply_gradient_floor(model, task.domain)
             if "pixels" in cfg.obs:
                 model.vis.global_.offwidth = max(cfg.image_size, 1)
                 model.vis.global_.offheight = max(cfg.image_size, 1)

@@ -110,7 +110,7 @@ class MJWarpEnv(EnvBase):
 
         mjm = self._scratch.physics.model.ptr
         if floor == "gradient":
-            apply_gradient_floor(mjm)  # the scratch model only draws initial states: recolouring it is harmless
+            apply_gradient_floor(mjm, self.task.domain)  # before the upload: the worlds render this model
         self._nq, self._nv, self._na, self._nu = mjm.nq, mjm.nv, mjm.na, mjm.nu
         physics_dim = mujoco.mj_stateSize(mjm, PHYSICS_STATE)
         if physics_dim != mjm.nq + mjm.nv + mjm.na:

@@ -35,7 +35,6 @@ import datetime
 import functools
 import json
 import os
-import platform
 import re
 import shlex
 import statistics
@@ -46,6 +45,8 @@ from pathlib import Path
 
 # Before dm_control / mujoco are imported (they are imported only inside the functions below).
 os.environ.setdefault("MUJOCO_GL", "egl")
+
+from latentrl.training.logger import machine_description, processor_name  # noqa: E402 (imports neither)
 
 REPO = Path(__file__).resolve().parents[1]
 RESULT_TAG = "BENCH_ENVS_RESULT "
@@ -252,21 +253,6 @@ def save_frames_mjwarp(spec: dict) -> dict:
     return _write_pair(Path(spec["frames_dir"]), task, ("mjwarp", "dmc"), (warp_frame, dmc_frame), "mjwarp_dmc")
 
 
-def device_name(device: str) -> str:
-    """The GPU's name for a CUDA device, else the CPU's model name."""
-    import torch
-
-    if torch.device(device).type == "cuda" and torch.cuda.is_available():
-        return torch.cuda.get_device_name(torch.device(device))
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def child_main(payload: str) -> None:
     spec = json.loads(payload)
     job = {"run": run_one, "check": check_backend, "frames": save_frames,
@@ -290,20 +276,13 @@ def spawn(spec: dict, timeout: float) -> dict:
 
 
 def versions() -> str:
-    import mujoco
-    import torch
-    import torchrl
+    from importlib.metadata import PackageNotFoundError, version
 
     try:
-        from importlib.metadata import version
-
         dmc = version("dm_control")
-    except Exception:  # noqa: BLE001
+    except PackageNotFoundError:
         dmc = "?"
-    return (f"{platform.platform()}, {platform.machine()}, {os.cpu_count()} CPUs, "
-            f"python {platform.python_version()}, "
-            f"torch {torch.__version__}, torchrl {torchrl.__version__}, mujoco {mujoco.__version__}, "
-            f"dm_control {dmc}, MUJOCO_GL={os.environ.get('MUJOCO_GL')}")
+    return f"{machine_description()}, dm_control {dmc}, MUJOCO_GL={os.environ.get('MUJOCO_GL')}"
 
 
 def gl_renderer() -> str:
@@ -542,11 +521,12 @@ def main_mjwarp(args: argparse.Namespace, command: str, base: dict) -> int:
                 rows.append(f"| {task} | {side} | {n} | {where} | {fmt(f)} | {ratio} | "
                             f"{s[0]:.1f} / {statistics.median(s):.1f} |")
     size = f"{args.image_size}x{args.image_size}"
+
     lines = [
         "# Env benchmark: MuJoCo Warp backend against the dm_control backend",
         "",
         f"- date: {started}",
-        f"- machine: {versions()}; mjwarp device: {args.device} ({device_name(args.device)}); load average at "
+        f"- machine: {versions()}; mjwarp device: {args.device} ({processor_name(args.device)}); load average at "
         f"start {load:.2f} (shared machine: both backends are interleaved so that they see the same load)",
         f"- command: `{command}` (took {elapsed:.0f} s)",
         f"- setup: {size} RGB frames, random actions from `env.action_spec.rand()`, `td = env.step(td)[\"next\"]` "

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
 from pathlib import Path
 
@@ -43,6 +41,7 @@ from latentrl.agents.metra import (
 from latentrl.envs import make_env
 from latentrl.replay import ReplayBuffer
 from latentrl.training.cli import load_config
+from latentrl.training.logger import machine_description
 from latentrl.training.trainer import Trainer
 
 
@@ -124,13 +123,6 @@ def random_total_coverage(task: str, checkpoints: list[int], *, episode_length: 
     finally:
         env.close()
     return out
-
-
-def machine_description(device: torch.device) -> str:
-    """The machine a result was measured on, for the results JSON."""
-    gpu = f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
-    return (f"{platform.platform()}, {os.cpu_count()} CPUs{gpu}, python {platform.python_version()}, "
-            f"torch {torch.__version__}")
 
 
 def random_eval_coverage(env, episodes: int, bin_size: float, seed: int) -> tuple[int, list[np.ndarray]]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -24,11 +23,11 @@ import time
 from pathlib import Path
 
 import torch
-import torchrl
 from tensordict import TensorDict
 from torchrl.data import LazyTensorStorage, TensorDictReplayBuffer
 
 from latentrl.replay import ReplayBuffer
+from latentrl.training.logger import machine_description
 
 REPO = Path(__file__).resolve().parents[1]
 ACTION_DIM = 6
@@ -174,9 +173,7 @@ def main(argv=None) -> None:
         f"Target (>= 3x samples/s at <= 1/2.5 of the memory) with {threads} thread(s): "
         f"{'met' if speedup >= 3 and saving >= 2.5 else 'NOT met'} ({speedup:.2f}x samples/s, "
         f"1/{saving:.1f} of the memory)." for threads, speedup in speedups.items())
-    machine = (f"{platform.platform()}, {platform.processor() or platform.machine()}, "
-               f"{os.cpu_count()} CPUs, python {platform.python_version()}, torch {torch.__version__}, "
-               f"torchrl {torchrl.__version__}; load average at start {load[0]:.2f} (other processes "
+    machine = (f"{machine_description()}; load average at start {load[0]:.2f} (other processes "
                "competing for the cores stall multi-threaded ops, so compare rows of one thread setting)")
     command = " ".join(["python scripts/bench_replay.py", *(sys.argv[1:] if argv is None else argv)])
     report = "\n".join([

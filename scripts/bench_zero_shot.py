@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import platform
 import subprocess
 import sys
 import time
@@ -40,6 +39,7 @@ from latentrl.envs import make_env
 from latentrl.envs.tasks import resolve_task_list
 from latentrl.replay import ReplayBuffer
 from latentrl.training.checkpoint import load_agent
+from latentrl.training.logger import machine_description
 from latentrl.training.trainer import evaluate_policy
 from latentrl.training.zero_shot import evaluate_reward_tasks
 
@@ -175,8 +175,7 @@ def write_report(args, raw: dict, seconds: float, buffer) -> None:
     names = ["random", *args.agents]
     random_avg = [float(np.mean([random[t][i] for t in tasks])) for i in range(len(args.seeds))]
     averages = {"random": random_avg, **{a: curves[a][points[-1]] for a in args.agents}}
-    machine = (f"{platform.platform()}, {platform.machine()}, {mp.cpu_count()} cores, 1 torch thread per run, "
-               f"python {platform.python_version()}, torch {torch.__version__}")
+    machine = f"{machine_description()}; 1 torch thread per run"
     lines = [
         f"# Zero-shot benchmark: {args.domain}, TD-JEPA vs FB vs random (small scale, CPU)",
         "",

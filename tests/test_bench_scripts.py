@@ -44,7 +44,7 @@ def test_mjwarp_report_keeps_the_runs_that_worked_when_one_side_fails(bench_envs
                 "pixels_shape": [spec["workers"], 3, 64, 64]}
 
     monkeypatch.setattr(bench_envs, "spawn", fake_spawn)
-    monkeypatch.setattr(bench_envs, "device_name", lambda device: "fake GPU")
+    monkeypatch.setattr(bench_envs, "processor_name", lambda device: "fake GPU")
     out = tmp_path / "report.md"
     assert bench_envs.main(["--backend", "mjwarp", "--device", "cpu", "--num-envs", "4", "16", "--workers", "1",
                             "--rounds", "2", "--out", str(out), "--frames-dir", str(tmp_path / "frames")]) == 0
@@ -81,3 +81,14 @@ def test_metra_random_baseline_counts_the_same_env_steps_with_parallel_envs():
     parallel = bench_metra.random_total_coverage("cheetah-run", [40, 200], num_envs=8, **kwargs)
     assert len(serial) == len(parallel) == 2
     assert 1 < serial[0] <= serial[1] and 1 < parallel[0] <= parallel[1]
+
+
+def test_machine_description_names_the_cores_and_versions():
+    import os
+
+    import torch
+
+    from latentrl.training.logger import machine_description
+
+    text = machine_description("cpu")
+    assert f"{os.cpu_count()} CPUs" in text and f"torch {torch.__version__}" in text and "GPU" not in text

@@ -241,9 +241,12 @@ def test_gradient_floor_changes_pixels():
     gradient = make_env("cheetah-run", backend="mjwarp", obs=("pixels", "physics"), num_envs=2, seed=0,
                         floor="gradient")
     state = plain.reset()["physics"]
-    state[:, 0] += 10.0  # rootx: the tracking camera follows the body 10 m on
-    change = plain.set_physics_state(state)["pixels"].float() - gradient.set_physics_state(state)["pixels"].float()
+    state[:, 0] = torch.tensor([-10.0, 10.0])  # rootx: the tracking camera follows the body
+    frames = gradient.set_physics_state(state)["pixels"].float()
+    change = plain.set_physics_state(state)["pixels"].float() - frames
     assert change.abs().mean(dim=(0, 1, 3)).max() > 20  # the floor rows change colour
+    floor_rgb = frames[:, :, 44:50].mean(dim=(2, 3))  # as the dmc backend: blue behind, red ahead
+    assert floor_rgb[0, 2] > floor_rgb[0, 0] + 50 and floor_rgb[1, 0] > floor_rgb[1, 2] + 50
     plain.close()
     gradient.close()
 

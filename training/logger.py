@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import csv
 import math
+import os
+import platform
 from pathlib import Path
 
 import numpy as np
 import torch
 
-__all__ = ["RunLogger", "write_video"]
+__all__ = ["RunLogger", "machine_description", "processor_name", "write_video"]
 
 
 def write_video(path: str | Path, frames: np.ndarray | torch.Tensor, fps: int = 30) -> Path:
@@ -101,3 +103,29 @@ class RunLogger:
         if self._tb is not None:
             self._tb.experiment.flush()
             self._tb.experiment.close()
+
+
+def processor_name(device: str | torch.device = "cpu") -> str:
+    """The GPU's name for a CUDA device, else the CPU's model name (from ``/proc/cpuinfo`` where there is one)."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def machine_description(device: str | torch.device = "cpu") -> str:
+    """One line naming the machine and library versions a measurement ran on (for benchmark reports)."""
+    import mujoco
+    import torchrl
+
+    device = torch.device(device)
+    gpu = f", GPU {processor_name(device)}" if device.type == "cuda" else ""
+    return (f"{platform.platform()}, {processor_name('cpu')}, {os.cpu_count()} CPUs{gpu}, "
+            f"python {platform.python_version()}, torch {torch.__version__}, torchrl {torchrl.__version__}, "
+            f"mujoco {mujoco.__version__}")
