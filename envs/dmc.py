@@ -58,7 +58,7 @@ class EnvConfig:
 # METRA's coloured scenes (``envs/custom_dmc_tasks/*_color.xml`` and ``pixel_wrappers.RenderWrapper`` in
 # seohongpark/METRA): the colours span a 30 m stretch of floor centred on the start and hold their end
 # colours beyond it. The cheetah's side camera is METRA's too: 1 m higher and tilted 30 degrees down at
-# the floor (the suite's looks level, so the floor strip fills 9 of 64 rows; METRA's fills about 25).
+# the floor (the suite's looks level, so the floor strip fills 9 of 64 rows; METRA's fills about 23).
 GRADIENT_SPAN = 30.0
 _CHEETAH_GROUND_HALF_LENGTH = 60.0
 _CHEETAH_SIDE_CAMERA = {"pos": (0.0, -2.5, 1.0), "quat": (math.cos(math.pi / 6), math.sin(math.pi / 6), 0.0, 0.0)}

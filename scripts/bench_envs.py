@@ -521,7 +521,6 @@ def main_mjwarp(args: argparse.Namespace, command: str, base: dict) -> int:
                 rows.append(f"| {task} | {side} | {n} | {where} | {fmt(f)} | {ratio} | "
                             f"{s[0]:.1f} / {statistics.median(s):.1f} |")
     size = f"{args.image_size}x{args.image_size}"
-
     lines = [
         "# Env benchmark: MuJoCo Warp backend against the dm_control backend",
         "",

@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=["state", "pixels", "all"], default="state")
     parser.add_argument("--task", default="cheetah-run", help="a domain with a torso position (cheetah, quadruped)")
-    parser.add_argument("--steps", type=int, default=0, help="env steps to train (0: 200k; pixels rise from about 140k)")
+    parser.add_argument("--steps", type=int, default=0, help="env steps to train (0: 200k; pixels rise from ~140k)")
     parser.add_argument("--eval-every", type=int, default=0, help="env steps between evaluations (0: steps / 5)")
     parser.add_argument("--updates-per-step", type=float, default=0.125,
                         help="updates per env step (METRA's pixel DMC ratio: 200 per 8 x 200 steps)")
