@@ -1,14 +1,20 @@
-"""The agent protocol shared by every agent family (DESIGN.md, "agents — one protocol").
+"""The agent contracts shared by every agent family (DESIGN.md, "agents — learner and policy, split").
 
-An :class:`Agent` owns its world model, its networks and optimizers, and turns a replay batch into
-an update. What a robot needs at run time is a :class:`Policy`: stateful, batched, fed one newest
-frame at a time, owning its frame stack, belief and skill. Zero-shot tasks are given to
-:meth:`Agent.infer_task` as :class:`RewardSamples` or :class:`GoalObservation` and come back as a
-:class:`Task` that :meth:`Agent.policy` accepts.
+An agent is two things, after Meta Motivo's model / agent split:
+
+- the learner, :class:`Agent`: world model, heads, optimizers, targets and ``update(batch)``;
+  :meth:`Agent.sample_spec` names what ``update`` needs from the replay buffer (one
+  :class:`SampleSpec`, or a dict of named ones), :meth:`Agent.infer_task` turns
+  :class:`RewardSamples` or a :class:`GoalObservation` into a :class:`Task`, and
+  :meth:`Agent.policy` returns the acting part;
+- the :class:`Policy`: only what acting needs, an ``nn.Module`` whose per-env state is an explicit
+  carry (``init_carry`` / ``step(obs, carry, is_first)``), saved and loaded alone
+  (:func:`latentrl.load_policy`) without the agent, its optimizers or an env.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -27,7 +33,9 @@ __all__ = [
     "Task",
     "UniformRandomPolicy",
     "UnsupportedTaskError",
-    "FrameStack",
+    "config_from_preset",
+    "resolve_device",
+    "sample_batches",
 ]
 
 
@@ -49,6 +57,25 @@ class SampleSpec:
     """Adds a ``goal`` sub-TensorDict: a later state of the same episode, or any stored state."""
     keys: tuple[str, ...] | None = None
     """Observation keys to return (``None``: all stored keys)."""
+    offset: int | None = None
+    """Fixed-offset pairs ``(o_t, o_{t+k}, a_{t:t+k})`` with ``k = offset`` (StaMo's probes); ``None``: off."""
+
+    def sample_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of ``ReplayBuffer.sample`` (unset optional requests left out)."""
+        out = dataclasses.asdict(self)
+        if out["offset"] is None:
+            del out["offset"]
+        return out
+
+
+def sample_batches(buffer, spec: SampleSpec | dict[str, SampleSpec]):
+    """Serve an agent's :meth:`Agent.sample_spec`: one batch, or a TensorDict of named batches
+    (``batch[name]``) when the update needs several requests."""
+    if isinstance(spec, SampleSpec):
+        return buffer.sample(**spec.sample_kwargs())
+    if not isinstance(spec, dict) or not all(isinstance(s, SampleSpec) for s in spec.values()):
+        raise TypeError(f"sample_spec() must return a SampleSpec or a dict of them, got {spec!r}")
+    return TensorDict({name: buffer.sample(**s.sample_kwargs()) for name, s in spec.items()}, batch_size=[])
 
 
 @dataclass
@@ -83,84 +110,158 @@ class UnsupportedTaskError(ValueError):
     """An agent was asked for a kind of task it cannot represent (e.g. a reward task for RND)."""
 
 
-class FrameStack:
-    """Keeps the last ``k`` frames per env and returns them concatenated along channels.
+class Policy(nn.Module):
+    """What acting needs, and nothing else: an ``nn.Module`` that is saved, loaded and exported alone.
 
-    After :meth:`reset` (all envs or a mask) the stack is refilled with the next frame, which is
-    the same clamping as :meth:`ReplayBuffer.sample` does at episode starts.
+    The contract (DESIGN.md, "agents — learner and policy, split"; DreamerV3's ``policy(carry, obs)``):
+
+    - :meth:`init_carry` ``(N) -> carry``: the per-env state of ``N`` envs as a TensorDict ``[N]``
+      (frame stack, skill / ``z``, belief, planner state). Random per-episode draws (a skill from
+      the prior) happen here and only here.
+    - :meth:`step` ``(obs, carry, is_first) -> (action, carry)``: a function of its inputs, with no
+      hidden state. Rows with ``is_first`` (bool ``[N]``) restart from a fresh :meth:`init_carry`
+      before acting, so an episode's first call must pass ``is_first=True`` for that row. With
+      ``explore=False`` the action is deterministic given ``(obs, carry, is_first)`` and the random
+      state used by :meth:`init_carry`. The input carry is never modified.
+    - :meth:`reset` / ``policy(obs)``: a convenience that holds a carry, for evaluation loops and
+      scripts: ``reset()`` restarts every env, ``reset(mask)`` the masked ones at their next call.
+
+    Subclasses implement :meth:`act` on observations whose image key is already frame-stacked, and
+    extend :meth:`init_carry` with their own entries. ``obs_key`` is the observation key the policy
+    reads (``None``: none), ``obs_shape`` one env observation of it (a single frame ``[3, H, W]`` for
+    pixels; ``frame_stack`` of them are stacked in the carry). Actions are ``[N, A]`` in [-1, 1] on
+    the observation's device. ``step`` runs without gradients unless ``uses_autograd`` (PV-RNN's
+    error regression optimises inside ``step``).
     """
 
-    def __init__(self, k: int):
-        self.k = k
-        self._frames: Tensor | None = None  # [N, k, C, H, W]
-        self._fresh: Tensor | None = None  # [N] bool: refill on next push
+    uses_autograd: bool = False
 
-    def reset(self, mask: Tensor | None = None) -> None:
-        if self._fresh is None or mask is None:
-            self._frames, self._fresh = None, None
-        else:
-            self._fresh |= mask.reshape(-1).to(self._fresh.device)
+    def __init__(self, obs_key: str | None, obs_shape: tuple[int, ...], action_dim: int, *,
+                 frame_stack: int = 1, explore: bool = False):
+        super().__init__()
+        self.obs_key = obs_key
+        self.obs_shape = tuple(int(s) for s in obs_shape)
+        self.action_dim = int(action_dim)
+        self.frame_stack = int(frame_stack) if obs_key == "pixels" else 1
+        self.explore = bool(explore)
+        self._carry: TensorDict | None = None  # the convenience call's carry, never read by step()
+        self._restart: Tensor | None = None
 
-    def __call__(self, frame: Tensor) -> Tensor:
-        """``frame`` ``[N, C, H, W]`` -> stacked ``[N, k*C, H, W]`` (oldest first)."""
-        if self.k == 1:
-            return frame
-        if self._frames is None or self._frames.shape[0] != frame.shape[0]:
-            self._frames = frame.unsqueeze(1).repeat(1, self.k, 1, 1, 1)
-            self._fresh = torch.zeros(frame.shape[0], dtype=torch.bool, device=frame.device)
-        else:
-            self._frames = torch.cat([self._frames[:, 1:], frame.unsqueeze(1)], dim=1)
-            if self._fresh.any():
-                self._frames[self._fresh] = frame[self._fresh].unsqueeze(1).expand(-1, self.k, -1, -1, -1)
-                self._fresh.zero_()
-        return self._frames.flatten(1, 2)
+    @property
+    def device(self) -> torch.device:
+        for tensor in (*self.parameters(), *self.buffers()):
+            return tensor.device
+        return torch.device("cpu")
 
+    # ------------------------------------------------------------------------------ the contract
+    def init_carry(self, batch_size: int) -> TensorDict:
+        """A fresh carry ``[batch_size]`` on the policy's device; subclasses add their entries."""
+        carry = TensorDict({}, batch_size=[int(batch_size)], device=self.device)
+        if self.frame_stack > 1:
+            carry["frames"] = torch.zeros(int(batch_size), self.frame_stack, *self.obs_shape, dtype=torch.uint8,
+                                          device=self.device)
+        return carry
 
-class Policy:
-    """A stateful, batched policy: what control loops and evaluation hold.
+    def step(self, obs: TensorDict, carry: TensorDict, is_first: Tensor) -> tuple[Tensor, TensorDict]:
+        """Actions ``[N, A]`` and the next carry from observations ``[N]`` (one newest frame)."""
+        n = int(obs.batch_size[0]) if obs.batch_dims else 0
+        if carry.batch_size[0] != n:
+            raise ValueError(f"the carry holds {carry.batch_size[0]} envs but the observation {n}; "
+                             f"make one with policy.init_carry({n})")
+        is_first = torch.as_tensor(is_first, device=self.device).reshape(-1).bool()
+        if is_first.numel() == 1 and n != 1:
+            is_first = is_first.expand(n)
+        if is_first.numel() != n:
+            raise ValueError(f"is_first must be a bool [{n}], got {list(is_first.shape)}")
+        out_device = self._out_device(obs)
+        with torch.set_grad_enabled(self.uses_autograd and torch.is_grad_enabled()):
+            carry = self._restart_rows(carry, is_first)
+            x = self.read_obs(obs)
+            if self.frame_stack > 1:
+                x, carry = self._stack_frames(x, carry, is_first)
+            action, carry = self.act(x, carry, is_first)
+        return action.to(out_device), carry
 
-    Subclasses implement :meth:`act`; this base class owns the frame stack so that a robot camera
-    can feed single frames. ``__call__`` runs without gradients.
-    """
-
-    def __init__(self, frame_stack: int = 1):
-        self.frame_stack = FrameStack(frame_stack)
-
-    def reset(self, mask: Tensor | None = None) -> None:
-        """Forget per-episode state, for all envs or where ``mask`` ``[N]`` is true."""
-        self.frame_stack.reset(mask)
-
-    def stack(self, obs: TensorDict) -> TensorDict:
-        """Return ``obs`` with ``pixels`` replaced by the stacked frames (a shallow copy)."""
-        if "pixels" not in obs.keys():
-            return obs
-        out = obs.copy()
-        out["pixels"] = self.frame_stack(obs["pixels"])
-        return out
-
-    def act(self, obs: TensorDict) -> Tensor:
-        """Actions ``[N, A]`` in [-1, 1] from observations with stacked ``pixels``."""
+    def act(self, x: Tensor | None, carry: TensorDict, is_first: Tensor) -> tuple[Tensor, TensorDict]:
+        """Actions ``[N, A]`` from the (frame-stacked) input ``x`` of ``obs_key`` and the restarted carry."""
         raise NotImplementedError
 
-    def extras(self) -> dict[str, Tensor]:
-        """Per-env tensors ``[N, ...]`` stored with each collected step (e.g. METRA's ``skill``)."""
+    def extras(self, carry: TensorDict | None = None) -> dict[str, Tensor]:
+        """Per-env tensors ``[N, ...]`` of a carry that are stored with each collected step (METRA's
+        ``skill``); ``carry`` defaults to the convenience call's."""
         return {}
 
-    @torch.no_grad()
-    def __call__(self, obs: TensorDict) -> Tensor:
-        return self.act(self.stack(obs))
+    # ---------------------------------------------------------------------------- convenience
+    def reset(self, mask: Tensor | None = None) -> None:
+        """Restart every env (``mask=None``) or the envs where ``mask`` ``[N]`` is true at their next call."""
+        if mask is None or self._carry is None:
+            self._carry, self._restart = None, None
+            return
+        mask = torch.as_tensor(mask, device=self.device).reshape(-1).bool()
+        self._restart = mask if self._restart is None else self._restart | mask
+
+    def forward(self, obs: TensorDict) -> Tensor:
+        """``policy(obs)``: :meth:`step` with a carry the policy holds (see :meth:`reset`)."""
+        n = int(obs.batch_size[0])
+        if self._carry is None or self._carry.batch_size[0] != n:
+            self._carry = self.init_carry(n)
+            is_first = torch.ones(n, dtype=torch.bool, device=self.device)
+        elif self._restart is not None:
+            is_first = self._restart
+        else:
+            is_first = torch.zeros(n, dtype=torch.bool, device=self.device)
+        action, self._carry = self.step(obs, self._carry, is_first)
+        self._restart = None
+        return action
+
+    @property
+    def carry(self) -> TensorDict | None:
+        """The carry of the convenience call (``None`` before the first call or after :meth:`reset`)."""
+        return self._carry
+
+    # ----------------------------------------------------------------------------------- pieces
+    def read_obs(self, obs: TensorDict) -> Tensor | None:
+        """``obs[obs_key]`` on the policy's device (``None`` for a policy that reads nothing)."""
+        if self.obs_key is None:
+            return None
+        if self.obs_key not in obs.keys():
+            raise KeyError(f"{type(self).__name__} reads {self.obs_key!r}; the observation has keys "
+                           f"{sorted(map(str, obs.keys()))}")
+        return obs[self.obs_key].to(self.device)
+
+    def _out_device(self, obs: TensorDict) -> torch.device:
+        if self.obs_key is not None and self.obs_key in obs.keys():
+            return obs[self.obs_key].device
+        return obs.device if obs.device is not None else torch.device("cpu")
+
+    def _restart_rows(self, carry: TensorDict, is_first: Tensor) -> TensorDict:
+        if not bool(is_first.any()):
+            return carry
+        fresh = self.init_carry(int(is_first.sum()))
+        carry = carry.clone()
+        carry[is_first] = fresh
+        return carry
+
+    def _stack_frames(self, frame: Tensor, carry: TensorDict, is_first: Tensor) -> tuple[Tensor, TensorDict]:
+        """``frame`` ``[N, C, H, W]`` -> stacked ``[N, k*C, H, W]`` (oldest first); a restarted row is
+        filled with its first frame, the clamping ``ReplayBuffer.sample`` does at episode starts."""
+        frames = torch.cat([carry["frames"][:, 1:], frame.unsqueeze(1)], dim=1)
+        tiled = frame.unsqueeze(1).expand(-1, self.frame_stack, *frame.shape[1:])
+        frames = torch.where(is_first.reshape(-1, 1, 1, 1, 1), tiled, frames)
+        carry = carry.clone(False)
+        carry["frames"] = frames
+        return frames.flatten(1, 2), carry
 
 
 class UniformRandomPolicy(Policy):
     """Uniform random actions in [-1, 1]: the baseline for coverage, goal reaching and zero-shot returns."""
 
     def __init__(self, action_dim: int, generator: torch.Generator | None = None):
-        super().__init__()
-        self.action_dim = action_dim
+        super().__init__(None, (), action_dim, explore=True)
         self.generator = generator
 
-    def act(self, obs: TensorDict) -> Tensor:
-        return torch.rand(obs.batch_size[0], self.action_dim, generator=self.generator) * 2.0 - 1.0
+    def act(self, x: Tensor | None, carry: TensorDict, is_first: Tensor) -> tuple[Tensor, TensorDict]:
+        return torch.rand(carry.batch_size[0], self.action_dim, generator=self.generator) * 2.0 - 1.0, carry
 
 
 class Agent(nn.Module):
@@ -172,8 +273,28 @@ class Agent(nn.Module):
 
     world_model: WorldModel
     name: str = "agent"
-    env_steps: int = 0
-    """Env steps collected so far (all envs together); the trainer keeps it current."""
+    inference_modules: tuple[str, ...] = ("world_model", "actor")
+    """Submodules a model directory keeps: what :meth:`policy` and :meth:`infer_task` read."""
+    inference_exclude: tuple[str, ...] = ("world_model.targets.",)
+    """State-dict prefixes left out of a model directory even under ``inference_modules`` (EMA targets)."""
+
+    @property
+    def env_steps(self) -> int:
+        """Env steps collected so far (all envs together); the trainer keeps it current."""
+        return int(self.env_steps_counter)
+
+    @env_steps.setter
+    def env_steps(self, value: int) -> None:
+        self.env_steps_counter.fill_(int(value))
+
+    @property
+    def env_steps_counter(self) -> Tensor:
+        """``env_steps`` as a 0-dim CPU tensor shared with the agent's policies (RND's exploration
+        schedule follows it) without the policies holding the agent. Not part of ``state_dict``."""
+        counter = self.__dict__.get("_env_steps_counter")
+        if counter is None:
+            counter = self.__dict__["_env_steps_counter"] = torch.zeros((), dtype=torch.int64)
+        return counter
 
     # Construction from a config dataclass with an ``obs_type`` field ("pixels" | "state") and named
     # presets; agents that follow the constructor ``cls(config, obs_shape, action_dim, device=...)``
@@ -220,7 +341,9 @@ class Agent(nn.Module):
             return ("pixels",)
         return (cls.make_config(preset, **overrides).obs_type,)
 
-    def sample_spec(self) -> SampleSpec:
+    def sample_spec(self) -> SampleSpec | dict[str, SampleSpec]:
+        """What :meth:`update` needs from the buffer: one request, or named requests served together
+        (``update`` then gets a TensorDict holding one batch per name)."""
         raise NotImplementedError
 
     def update(self, batch: TensorDict) -> dict[str, float]:
@@ -236,12 +359,6 @@ class Agent(nn.Module):
             "use an agent that does (td_jepa, fb, metra for goals)"
         )
 
-    def evaluate(self, env, *, step: int, out_dir) -> dict[str, float]:
-        """Agent-specific evaluation the trainer runs at every evaluation (e.g. METRA's state coverage);
-        ``env`` is the evaluation env, ``out_dir`` a folder for plots. Returns metrics to log."""
-        del env, step, out_dir
-        return {}
-
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         """Named optimizers, saved and restored with checkpoints."""
         return {}
@@ -254,9 +371,15 @@ class Agent(nn.Module):
         del state
 
 
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` -> ``cuda`` when available, else ``cpu``; anything else as ``torch.device``."""
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
 def config_from_preset(config_cls: type, presets: dict[str, dict[str, Any]], preset: str, overrides: dict[str, Any]):
     """Build an agent config dataclass from a named preset plus overrides, refusing unknown names."""
-    import dataclasses
     import difflib
 
     if preset not in presets:

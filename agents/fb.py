@@ -4,9 +4,9 @@ Configured as in the TD-JEPA codebase (``algorithms/td_jepa.md`` §7; reference
 ``metamotivo/agents/fb/{agent,model}.py`` and ``scripts/train/{pixel,proprio}/launch_fb_dmc.py``). FB
 learns a forward map ``F(L(s), a, z) -> R^{d_z}`` and a backward map ``B(s') -> R^{d_z}`` so that
 ``F(s, a, z)^T B(s')`` is the successor measure of ``pi_z``, with ``pi_z`` maximising ``F^T z``. It is
-built from TD-JEPA's parts (:class:`~latentrl.world_models.td_jepa.TDJEPAModel`): the left encoder
-``L`` is ``phi``, ``B`` is ``psi`` and ``F`` is ``T_phi``; there is no ``T_psi``. For pixels ``L`` and
-``B`` each have their own DrQ-v2 trunk (``fw`` and ``bw``), without target copies.
+the model :class:`~latentrl.world_models.fb.FBModel` (built from the pieces TD-JEPA's model uses;
+it owns the loss below and the EMA targets). For pixels ``L`` and ``B`` each have their own DrQ-v2
+trunk (``fw`` and ``bw``), without target copies.
 
 One update on ``(s, a, s', terminated')`` (§7)::
 
@@ -25,26 +25,21 @@ Zero-shot: ``z_r = project(sum_i r_i B(s'_i))`` (no covariance inverse, unlike T
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from tensordict import TensorDict
-from torch import Tensor, nn
+from torch import Tensor
 
-from latentrl.agents.common import (
-    ZConditionedActor,
-    ZeroShotAgent,
-    check_zero_shot_config,
-    soft_update_params,
-    weight_init,
-)
+from latentrl.agents.zero_shot import ZConditionedActor, ZeroShotAgent, check_zero_shot_config
 from latentrl.world_models.encoders import RandomShiftsAug
-from latentrl.world_models.sphere import project_to_sphere, sample_mixed_z
-from latentrl.world_models.td_jepa import ForwardMap, TDJEPAModel, make_latent_encoder, orthonormality_loss
+from latentrl.world_models.fb import FBModel
+from latentrl.world_models.layers import weight_init
+from latentrl.world_models.sphere import project_to_sphere
+from latentrl.world_models.zero_shot import ForwardMap, make_latent_encoder
 
-__all__ = ["FBAgent", "FBConfig", "PIXEL_PRESETS", "PRESETS", "fb_loss", "weighted_sum_task"]
+__all__ = ["FBAgent", "FBConfig", "PIXEL_PRESETS", "PRESETS", "weighted_sum_task"]
 
 
 @dataclass
@@ -136,21 +131,6 @@ PIXEL_PRESETS: dict[str, dict[str, Any]] = {
 STATE_PRESETS: dict[str, dict[str, Any]] = {"paper": {"batch_size": 1024}}
 
 
-def fb_loss(m: Tensor, target_m: Tensor, discount: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The FB temporal-difference loss on successor-measure matrices (§7).
-
-    ``m`` ``[E, B, B]`` (``F(s_i, a_i, z_i)^T B(s'_j)``), ``target_m`` ``[B, B]``, ``discount`` ``[B, 1]``.
-    Returns ``(loss, diag, offdiag)`` with ``diff = m - discount * target_m``,
-    ``offdiag = 0.5 sum_{e, i != j} diff^2 / (B (B - 1))`` and ``diag = -E * mean_{e, i} diff[e, i, i]``.
-    """
-    ensemble, batch = m.shape[0], m.shape[-1]
-    diff = m - discount * target_m
-    diagonal = diff.diagonal(dim1=-2, dim2=-1)
-    offdiag = 0.5 * (diff.square().sum() - diagonal.square().sum()) / (batch * (batch - 1))
-    diag = -diagonal.mean() * ensemble
-    return offdiag + diag, diag, offdiag
-
-
 def weighted_sum_task(backward: Tensor, reward: Tensor) -> Tensor:
     """FB's reward inference ``project(sum_i r_i B(s'_i))``: ``backward`` ``[N, d]``, ``reward`` ``[N, 1]``
     -> ``[d]`` (norm ``sqrt(d)``)."""
@@ -184,13 +164,14 @@ class FBAgent(ZeroShotAgent):
         forward = ForwardMap(cfg.L_dim, self.action_dim, cfg.z_dim, cfg.z_dim, cfg.forward_hidden_dim,
                              cfg.forward_hidden_layers, cfg.forward_embedding_layers, cfg.ensemble_size)
         aug = RandomShiftsAug(cfg.image_pad) if cfg.obs_type == "pixels" else None
-        self.world_model = TDJEPAModel(left, forward, psi_encoder=backward, obs_key=cfg.obs_type, aug=aug)
+        self.world_model = FBModel(left, backward, forward, obs_key=cfg.obs_type, aug=aug, discount=cfg.discount,
+                                   ortho_coef=cfg.ortho_coef, train_goal_ratio=cfg.train_goal_ratio,
+                                   f_target_tau=cfg.f_target_tau, b_target_tau=cfg.b_target_tau)
         self.actor = ZConditionedActor(cfg.L_dim, cfg.z_dim, self.action_dim, cfg.actor_hidden_dim,
                                        cfg.actor_hidden_layers, cfg.actor_embedding_layers)
         self.world_model.apply(weight_init)
         self.actor.apply(weight_init)
-        online = {"left_head": left.head, "forward_map": forward, "backward_head": backward.head}
-        self.targets = nn.ModuleDict({k: copy.deepcopy(m).requires_grad_(False) for k, m in online.items()})
+        self.world_model.make_targets()
         self.to(self.device)
 
         adam = torch.optim.Adam
@@ -203,61 +184,33 @@ class FBAgent(ZeroShotAgent):
     @property
     def left(self):
         """``L`` with the ``fw`` trunk."""
-        return self.world_model.phi_encoder
+        return self.world_model.left_encoder
 
     @property
     def backward_map(self):
         """``B`` with the ``bw`` trunk."""
-        return self.world_model.psi_encoder
+        return self.world_model.backward_map
 
     @property
     def forward_map(self):
-        return self.world_model.phi_predictor
+        return self.world_model.forward_map
 
     def reward_inference(self, features: Tensor, reward: Tensor) -> tuple[Tensor, dict[str, Any]]:
         return weighted_sum_task(features, reward), {}
 
-    @torch.no_grad()
-    def fb_target(self, next_left_features: Tensor, backward_features: Tensor, z: Tensor,
-                  discount: Tensor) -> tuple[Tensor, Tensor]:
-        """``M'`` ``[B, B]`` = ``mean_e F-(L-(s'), a', z)[e] B-(s')^T`` and the next actions ``[B, A]``."""
-        cfg, targets = self.config, self.targets
-        next_left = targets["left_head"](next_left_features)
-        next_action = self.actor(next_left, z, cfg.actor_std).sample(clip=cfg.stddev_clip)
-        target_f = targets["forward_map"](next_left, next_action, z)
-        target_b = targets["backward_head"](backward_features)
-        return (target_f @ target_b.T).mean(0), next_action
-
     def update(self, batch: TensorDict) -> dict[str, float]:
-        cfg = self.config
-        obs, next_obs, action, discount = self.unpack_batch(batch)
-        h_fw = self.left.trunk(obs)
-        with torch.no_grad():
-            next_h_fw = self.left.trunk(next_obs)
-        goal = self.backward_map.trunk(next_obs)
-        with torch.no_grad():
-            z, is_goal = sample_mixed_z(self.backward_map.head(goal), cfg.train_goal_ratio)
-        target_m, _ = self.fb_target(next_h_fw, goal, z, discount)
-
-        f = self.forward_map(self.left.head(h_fw), action, z)  # [E, B, d]
-        b = self.backward_map.head(goal)  # [B, d]
-        fb, fb_diag, fb_offdiag = fb_loss(f @ b.T, target_m, discount)
-        orth, orth_diag, orth_offdiag = orthonormality_loss(b)
-        loss = fb + cfg.ortho_coef * orth
+        """One FB update: the model's loss, the actor step, the EMA targets."""
+        out = self.world_model.loss(batch.to(self.device), self.target_action)
         for name in ("forward", "backward"):
             self._optimizers[name].zero_grad(set_to_none=True)
-        loss.backward()
+        out["loss"].backward()
         for name in ("forward", "backward"):
             self._optimizers[name].step()
 
-        actor_loss, q = self.actor_step(h_fw.detach(), z)
-        self.update_targets()
-        return self.to_floats({
-            "fb_loss": fb, "fb_diag": fb_diag, "fb_offdiag": fb_offdiag, "orth_loss": orth,
-            "orth_loss_diag": orth_diag, "orth_loss_offdiag": orth_offdiag, "total_loss": loss,
-            "target_m": target_m.mean(), "actor_loss": actor_loss, "q": q, "b_norm": b.norm(dim=-1).mean(),
-            "z_goal_fraction": is_goal.float().mean(),
-        })
+        actor_loss, q = self.actor_step(out["left_features"], out["z"])
+        self.world_model.update_targets()
+        metrics = {k: v for k, v in out.items() if k not in ("loss", "z", "left_features")}
+        return self.to_floats({**metrics, "total_loss": out["loss"], "actor_loss": actor_loss, "q": q})
 
     def actor_step(self, left_features: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
         """One actor step on ``-mean_b mean_e F(L(s), a~, z)[e]^T z`` (encoders detached)."""
@@ -272,10 +225,3 @@ class FBAgent(ZeroShotAgent):
         loss.backward()
         opt.step()
         return loss.detach(), q.detach().mean()
-
-    def update_targets(self) -> None:
-        """EMA of ``F`` and ``L`` (``f_target_tau``) and of ``B`` (``b_target_tau``)."""
-        cfg = self.config
-        soft_update_params(self.forward_map, self.targets["forward_map"], cfg.f_target_tau)
-        soft_update_params(self.backward_map.head, self.targets["backward_head"], cfg.b_target_tau)
-        soft_update_params(self.left.head, self.targets["left_head"], cfg.f_target_tau)

@@ -52,23 +52,20 @@ states). ``obs_type="physics"`` reads the full MuJoCo state (``qpos`` with the r
 ``qvel``, ``act``): dm_control's own ``state`` omits the root position, which ``phi`` needs to measure
 travel (the official state envs expose all of ``qpos``).
 
-Evaluation: :func:`evaluate_coverage` (unique 1x1 cells visited by the torso over 48 deterministic
-skill rollouts, with a trajectory plot) and :func:`evaluate_goal_reaching`;
-:meth:`METRAAgent.evaluate` runs them at the trainer's evaluations (logged as ``eval/coverage``, ...).
+Evaluation lives in :mod:`latentrl.training.skills` (agents never import ``envs``):
+``evaluate_coverage`` (unique 1x1 cells visited by the body over 48 deterministic skill rollouts,
+with a trajectory plot) and ``evaluate_goal_reaching``, run at the trainer's evaluations for
+``"metra"`` (logged as ``eval/coverage``, ...) with this config's ``eval_*`` fields.
 Measured on cheetah-run from states: 35 cells against 3 for random actions (docs/bench_metra.md).
 """
 
 from __future__ import annotations
 
 import copy
-import functools
 import math
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tensordict import TensorDict
@@ -82,48 +79,35 @@ from latentrl.agents.base import (
     RewardSamples,
     SampleSpec,
     Task,
-    UniformRandomPolicy,
     UnsupportedTaskError,
     config_from_preset,
 )
-from latentrl.agents.common import (
-    RunningMeanStd,
+from latentrl.agents.actor_critic import (
     TanhGaussianActor,
     TanhNormal,
-    mlp,
-    resolve_device,
     sac_actor_loss,
     sac_alpha_loss,
     sac_critic_loss,
     sac_td_target,
-    soft_update_params,
-    xavier_init,
 )
-from latentrl.world_models.base import WorldModel
+from latentrl.agents.base import resolve_device
 from latentrl.world_models.encoders import make_encoder
+from latentrl.world_models.layers import mlp, soft_update_params, xavier_init
+from latentrl.world_models.metra import ObservationNormalizer, TemporalDistanceModel, constraint_penalty, metra_reward
 
 __all__ = [
     "PRESETS",
-    "CoverageResult",
     "METRAAgent",
     "METRAConfig",
     "METRAPolicy",
     "ObservationNormalizer",
-    "Rollout",
     "SkillActor",
     "SkillCritic",
     "TemporalDistanceModel",
-    "UniformRandomPolicy",
     "constraint_penalty",
-    "count_cells",
-    "evaluate_coverage",
-    "evaluate_goal_reaching",
     "goal_skill",
     "metra_reward",
-    "plot_skill_trajectories",
-    "rollout",
     "sample_skills",
-    "torso_coordinates",
 ]
 
 OBS_TYPES = ("pixels", "state", "physics")
@@ -186,11 +170,11 @@ class METRAConfig:
     policy_max_std: float = math.exp(2.0)
     """Upper clamp of the policy's std."""
     eval_num_skills: int = 48
-    """Skills rolled out deterministically by :meth:`METRAAgent.evaluate` (``num_random_trajectories``)."""
+    """Skills rolled out deterministically at each trainer evaluation (``num_random_trajectories``)."""
     eval_bin_size: float = 1.0
     """Side of the cells counted for state coverage, in metres."""
     eval_num_goals: int = 0
-    """Goals for zero-shot goal reaching in :meth:`METRAAgent.evaluate` (0: coverage only)."""
+    """Goals for zero-shot goal reaching at each trainer evaluation (0: coverage only)."""
     eval_goal_range: float = 5.0
     """Goal torso coordinates are drawn uniformly in ``[-range, range]`` per coordinate."""
     eval_goal_threshold: float = 1.0
@@ -245,23 +229,6 @@ def sample_skills(n: int, dim: int, discrete: bool, *, device: torch.device | st
     return (g / g.norm(dim=-1, keepdim=True).clamp_min(1e-12)).to(device)
 
 
-def metra_reward(phi_s: Tensor, phi_next: Tensor, skill: Tensor, discrete: bool) -> Tensor:
-    """Intrinsic reward ``[B]``: ``(phi(s') - phi(s))^T z``; for one-hot ``z`` the zero-centred form
-    ``sum_d dphi_d (z_d - mean(z)) D / (D - 1)``."""
-    delta = phi_next - phi_s
-    if discrete:
-        dim = skill.shape[-1]
-        skill = (skill - skill.mean(dim=-1, keepdim=True)) * dim / (dim - 1 if dim > 1 else 1)
-    return (delta * skill).sum(dim=-1)
-
-
-def constraint_penalty(phi_s: Tensor, phi_next: Tensor, slack: float) -> tuple[Tensor, Tensor]:
-    """``(c, d)`` ``[B]`` each: the squared latent step ``d = mean_d (phi(s') - phi(s))_d**2`` and the
-    constraint term ``c = min(slack, 1 - d)`` (negative while the constraint ``d <= 1`` is violated)."""
-    dist = (phi_next - phi_s).square().mean(dim=-1)
-    return torch.clamp(1.0 - dist, max=slack), dist
-
-
 def goal_skill(phi_s: Tensor, phi_goal: Tensor, discrete: bool) -> Tensor:
     """The skill that heads for a goal: ``normalise(phi(g) - phi(s))``, or the one-hot of its argmax."""
     direction = phi_goal - phi_s
@@ -278,76 +245,6 @@ def _make_obs_encoder(cfg: METRAConfig, obs_shape: tuple[int, ...]) -> nn.Module
         c, h, w = obs_shape
         return make_encoder("dreamer", (c * cfg.frame_stack, h, w), depth=cfg.encoder_depth)
     return make_encoder("identity", obs_shape)
-
-
-class ObservationNormalizer(nn.Module):
-    """Per-feature ``(x - mean) / std`` of state vectors with statistics fixed after a warm-up.
-
-    METRA's state runs normalise observations with a preset mean / std measured on random rollouts
-    (``--normalizer_type preset``). Here the statistics are folded from the first ``warmup`` update
-    batches (drawn from the data collected before training starts, by the near-random initial
-    policy) and then frozen. ``warmup = 0`` (and pixels) is the identity.
-    """
-
-    def __init__(self, dim: int | None, warmup: int):
-        super().__init__()
-        self.warmup = int(warmup) if dim is not None else 0
-        self.rms = RunningMeanStd((dim,)) if self.warmup > 0 else None
-        self.register_buffer("batches", torch.zeros((), dtype=torch.long))
-
-    @property
-    def frozen(self) -> bool:
-        return self.rms is None or int(self.batches) >= self.warmup
-
-    @torch.no_grad()
-    def observe(self, x: Tensor) -> None:
-        """Fold a batch ``[B, D]`` into the statistics during the warm-up."""
-        if not self.frozen:
-            self.rms.update(x.float().reshape(-1, x.shape[-1]))
-            self.batches += 1
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.rms is None:
-            return x
-        return self.rms.normalize(x.float(), eps=1e-8)
-
-
-class TemporalDistanceModel(WorldModel):
-    """METRA's ``phi`` (the official ``traj_encoder``): its own encoder, then a ReLU MLP to ``R^D``.
-
-    ``encode(obs)`` reads ``obs[obs_key]`` (stacked ``pixels`` ``[*, 3k, H, W]``, ``state`` or
-    ``physics`` ``[*, P]``) and returns ``phi(s)`` ``[*, D]``; ``phi(x)`` does the same on the raw tensor
-    ``[B, ...]``. ``normalizer`` (state inputs) is applied first; the policy and the Qs read the same
-    normalised input. Only the mean head of the official Gaussian module exists (its std head is
-    unused there).
-    """
-
-    capabilities = frozenset({"encode"})
-
-    def __init__(self, encoder: nn.Module, obs_key: str, dim_option: int, hidden_dims: list[int],
-                 normalizer: ObservationNormalizer | None = None):
-        super().__init__()
-        self.encoder = encoder
-        self.normalizer = normalizer if normalizer is not None else ObservationNormalizer(None, 0)
-        self.head = mlp(encoder.repr_dim, hidden_dims, dim_option)
-        self.head.apply(xavier_init)
-        self.obs_key = obs_key
-        self.dim_option = dim_option
-
-    def phi(self, x: Tensor) -> Tensor:
-        return self.head(self.encoder(self.normalizer(x)))
-
-    def encode(self, obs: TensorDict) -> Tensor:
-        if self.obs_key not in obs.keys():
-            raise KeyError(f"METRA's phi reads {self.obs_key!r} but the observation has keys "
-                           f"{sorted(map(str, obs.keys()))}")
-        x = obs[self.obs_key]
-        event_dims = 3 if self.obs_key == "pixels" else 1
-        batch_shape = x.shape[: x.dim() - event_dims]
-        return self.phi(x.reshape(-1, *x.shape[x.dim() - event_dims:])).reshape(*batch_shape, -1)
-
-    def forward(self, obs: TensorDict) -> Tensor:
-        return self.encode(obs)
 
 
 class SkillActor(nn.Module):
@@ -386,94 +283,87 @@ class SkillCritic(nn.Module):
 class METRAPolicy(Policy):
     """METRA's skill policy, batched over envs, in one of three modes.
 
-    - ``"prior"`` (no task): each env draws a skill from the prior at its episode start
-      (``reset()`` for all, ``reset(mask)`` for the masked envs) and keeps it for the episode.
-    - ``"skill"`` (``agent.skill_task(z)``): the given skills ``[D]`` or ``[N, D]``, fixed.
-    - ``"goal"`` (``agent.infer_task(GoalObservation(...))``): ``z = normalise(phi(g) - phi(s))``
-      recomputed at every step (or, with ``task.info["recompute_every_step"] = False``, at the
-      first step of each episode only, METRA's Kitchen protocol).
+    - ``"prior"`` (no task): each env's carry starts with a skill drawn from the prior, kept for the
+      episode (an env restarted with ``is_first`` draws a new one).
+    - ``"skill"`` (``agent.skill_task(z)``): the given skills ``task_z`` ``[1, D]`` or ``[N, D]``, fixed.
+    - ``"goal"`` (``agent.infer_task(GoalObservation(...))``): ``task_z`` holds ``phi(g)`` and
+      ``z = normalise(phi(g) - phi(s))`` is recomputed at every step (or, with
+      ``recompute_every_step=False``, at the first step of each episode only, METRA's Kitchen protocol).
 
-    Actions are the squashed Gaussian's mean (``tanh(mu)``), or samples with ``explore``.
-    ``extras()`` returns the current skills ``{"skill": [N, D]}`` for the replay buffer.
+    Holds the actor and ``phi`` (with its input normaliser), shared with the agent. The carry holds
+    ``skill`` ``[N, D]`` (the skill of the last action) and the frame stack; ``extras(carry)`` returns
+    ``{"skill": ...}`` for the replay buffer. Actions are the squashed Gaussian's mean
+    (``tanh(mu)``), or samples with ``explore``.
     """
 
-    def __init__(self, agent: METRAAgent, task: Task | None = None, *, explore: bool = False):
-        super().__init__(frame_stack=agent.frame_stack)
-        self.agent = agent
-        self.explore = explore
-        self.task = task
-        self.mode = "prior" if task is None else ("goal" if task.info.get("kind") == "goal" else "skill")
-        self._skill: Tensor | None = None  # [N, D] on the agent's device
-        self._goal_fresh: Tensor | None = None  # [N] bool: goal mode without per-step recomputation
-        self._out_device = torch.device("cpu")
+    def __init__(self, actor: SkillActor, phi: TemporalDistanceModel, *, obs_shape: tuple[int, ...],
+                 frame_stack: int, action_dim: int, discrete: bool, mode: str = "prior",
+                 task_z: Tensor | None = None, recompute_every_step: bool = True, explore: bool = False):
+        super().__init__(phi.obs_key, obs_shape, action_dim, frame_stack=frame_stack, explore=explore)
+        if mode not in ("prior", "skill", "goal"):
+            raise ValueError(f"METRAPolicy mode must be 'prior', 'skill' or 'goal', got {mode!r}")
+        if (task_z is None) != (mode == "prior"):
+            raise ValueError(f"METRAPolicy mode {mode!r} {'takes no' if mode == 'prior' else 'needs a'} task_z")
+        self.actor, self.phi = actor, phi
+        self.dim_option, self.discrete = phi.dim_option, bool(discrete)
+        self.mode, self.recompute_every_step = mode, bool(recompute_every_step)
+        if task_z is not None:
+            task_z = task_z.detach().to(self.device, torch.float32)
+            task_z = task_z.reshape(1, -1) if task_z.dim() == 1 else task_z
+        self.register_buffer("task_z", task_z)
 
     @property
     def skill(self) -> Tensor | None:
-        """The skills in use ``[N, D]`` (None before the first step of the prior mode)."""
-        return self._skill
+        """The skills in use ``[N, D]`` by the convenience call (None before its first step)."""
+        return None if self.carry is None else self.carry["skill"]
 
-    def reset(self, mask: Tensor | None = None) -> None:
-        super().reset(mask)
-        if self.mode == "skill":
-            return
-        if mask is None:
-            self._skill, self._goal_fresh = None, None
-            return
-        mask = mask.reshape(-1).bool().to(self.agent.device)
-        if self.mode == "goal":
-            if self._goal_fresh is not None:
-                self._goal_fresh |= mask
-            return
-        if self._skill is None or self._skill.shape[0] != mask.numel():
-            self._skill = self.agent.sample_skills(mask.numel())
-        elif mask.any():
-            self._skill[mask] = self.agent.sample_skills(int(mask.sum()))
+    def _per_env(self, n: int) -> Tensor:
+        z = self.task_z
+        if z.shape[0] == 1:
+            return z.expand(n, -1)
+        if z.shape[0] != n:
+            what = "goals" if self.mode == "goal" else "skills"
+            raise ValueError(f"the {self.mode} task holds {z.shape[0]} {what} but the observation has {n} envs")
+        return z
 
-    def _skills_for(self, x: Tensor) -> Tensor:
-        agent, n = self.agent, x.shape[0]
+    def init_carry(self, batch_size: int) -> TensorDict:
+        carry = super().init_carry(batch_size)
         if self.mode == "prior":
-            if self._skill is None or self._skill.shape[0] != n:
-                self._skill = agent.sample_skills(n)
-            return self._skill
-        if self.mode == "skill":
-            z = self.task.z.to(agent.device, torch.float32)
-            if z.dim() == 1 or z.shape[0] == 1:
-                return z.reshape(1, -1).expand(n, -1)
-            if z.shape[0] != n:
-                raise ValueError(f"the skill task holds {z.shape[0]} skills but the observation has {n} envs")
-            return z
-        phi_goal = self.task.z.to(agent.device)
-        phi_goal = phi_goal.expand(n, -1) if phi_goal.shape[0] == 1 else phi_goal
-        if phi_goal.shape[0] != n:
-            raise ValueError(f"the goal task holds {phi_goal.shape[0]} goals but the observation has {n} envs")
-        if self.task.info.get("recompute_every_step", True):
-            return goal_skill(agent.world_model.phi(x), phi_goal, agent.config.discrete)
-        if self._skill is None or self._skill.shape[0] != n:
-            self._skill = goal_skill(agent.world_model.phi(x), phi_goal, agent.config.discrete)
-        elif self._goal_fresh is not None and self._goal_fresh.any():
-            fresh = self._goal_fresh
-            self._skill[fresh] = goal_skill(agent.world_model.phi(x[fresh]), phi_goal[fresh], agent.config.discrete)
-        self._goal_fresh = torch.zeros(n, dtype=torch.bool, device=agent.device)
-        return self._skill
+            carry["skill"] = sample_skills(batch_size, self.dim_option, self.discrete, device=self.device)
+        else:
+            carry["skill"] = torch.zeros(batch_size, self.dim_option, device=self.device)
+        return carry
 
-    def act(self, obs: TensorDict) -> Tensor:
-        agent = self.agent
-        key = agent.obs_key
-        if key not in obs.keys():
-            raise KeyError(f"the METRA policy reads {key!r}; the observation has keys {sorted(map(str, obs.keys()))}")
-        self._out_device = obs[key].device
-        x = obs[key].to(agent.device)
-        z = self._skills_for(x)
+    def _restart_rows(self, carry: TensorDict, is_first: Tensor) -> TensorDict:
+        if self.mode == "prior":
+            return super()._restart_rows(carry, is_first)
+        return carry  # skill and goal modes set the skill in act(); the frame stack restarts there too
+
+    def act(self, x: Tensor, carry: TensorDict, is_first: Tensor) -> tuple[Tensor, TensorDict]:
+        n = x.shape[0]
+        if self.mode == "prior":
+            z = carry["skill"]
+        elif self.mode == "skill":
+            z = self._per_env(n)
+        elif self.recompute_every_step:
+            z = goal_skill(self.phi.phi(x), self._per_env(n), self.discrete)
+        else:
+            z = carry["skill"]
+            if bool(is_first.any()):
+                fresh = goal_skill(self.phi.phi(x[is_first]), self._per_env(n)[is_first], self.discrete)
+                z = z.clone()
+                z[is_first] = fresh
         if self.mode != "prior":
-            self._skill = z
-        dist = agent.actor(agent.world_model.normalizer(x), z)
-        action = dist.sample() if self.explore else dist.mean
-        return action.to(self._out_device)
+            carry = carry.clone(False)
+            carry["skill"] = z.clone()
+        dist = self.actor(self.phi.normalizer(x), z)
+        return (dist.sample() if self.explore else dist.mean), carry
 
-    def extras(self) -> dict[str, Tensor]:
-        if self._skill is None:
+    def extras(self, carry: TensorDict | None = None) -> dict[str, Tensor]:
+        carry = self.carry if carry is None else carry
+        if carry is None:
             return {}
-        return {"skill": self._skill.detach().to(self._out_device).clone()}
+        return {"skill": carry["skill"].detach().clone()}
 
 
 # -------------------------------------------------------------------------------------------- agent
@@ -487,6 +377,8 @@ class METRAAgent(Agent):
     """
 
     name = "metra"
+    config_class = METRAConfig
+    presets = PRESETS
 
     def __init__(self, config: METRAConfig, obs_shape: tuple[int, ...], action_dim: int,
                  device: str | torch.device = "cpu"):
@@ -507,21 +399,21 @@ class METRAAgent(Agent):
 
         normalizer = ObservationNormalizer(None if pixels else self.obs_shape[0], cfg.obs_normalizer_warmup)
         self.world_model = TemporalDistanceModel(_make_obs_encoder(cfg, self.obs_shape), self.obs_key, dim, hidden,
-                                                 normalizer)
+                                                 normalizer, discrete=cfg.discrete, dual_slack=cfg.dual_slack,
+                                                 dual_lambda_init=cfg.dual_lambda_init)
         self.actor = SkillActor(_make_obs_encoder(cfg, self.obs_shape), dim, self.action_dim, hidden,
                                 init_std=cfg.policy_init_std, max_std=cfg.policy_max_std)
         self.critic1 = SkillCritic(_make_obs_encoder(cfg, self.obs_shape), dim, self.action_dim, hidden)
         self.critic2 = SkillCritic(_make_obs_encoder(cfg, self.obs_shape), dim, self.action_dim, hidden)
         self.critic1_target = copy.deepcopy(self.critic1).requires_grad_(False)
         self.critic2_target = copy.deepcopy(self.critic2).requires_grad_(False)
-        self.log_lambda = nn.Parameter(torch.tensor(math.log(cfg.dual_lambda_init)))
         self.log_alpha = nn.Parameter(torch.tensor(math.log(cfg.alpha_init)))
         self.target_entropy = -self.action_dim / 2.0 * cfg.target_entropy_coef
         self.to(self.device)
 
         groups = {
-            "phi": list(self.world_model.parameters()),
-            "lambda": [self.log_lambda],
+            "phi": self.world_model.phi_parameters(),
+            "lambda": [self.world_model.log_lambda],
             "q": [*self.critic1.parameters(), *self.critic2.parameters()],
             "policy": list(self.actor.parameters()),
             "alpha": [self.log_alpha],
@@ -578,7 +470,12 @@ class METRAAgent(Agent):
                 )
             if kind != "goal" and task.z.shape[-1] != self.config.dim_option:
                 raise ValueError(f"skills must have {self.config.dim_option} dims, got shape {list(task.z.shape)}")
-        return METRAPolicy(self, task, explore=explore)
+        mode = "prior" if task is None else ("goal" if task.info.get("kind") == "goal" else "skill")
+        return METRAPolicy(self.actor, self.world_model, obs_shape=self.obs_shape, frame_stack=self.frame_stack,
+                           action_dim=self.action_dim, discrete=self.config.discrete, mode=mode,
+                           task_z=None if task is None else task.z,
+                           recompute_every_step=True if task is None else task.info.get("recompute_every_step", True),
+                           explore=explore)
 
     def skill_task(self, skill: Tensor) -> Task:
         """A task that runs fixed skills ``[D]`` or ``[N, D]`` (one per env)."""
@@ -624,49 +521,33 @@ class METRAAgent(Agent):
     @torch.no_grad()
     def intrinsic_reward(self, batch: TensorDict) -> Tensor:
         """``[B]`` rewards of a replay batch from the current phi and the batch's ``skill``."""
-        x, x_next, skill = self._unpack(batch.to(self.device))[:3]
-        phi = self.world_model.phi(torch.cat([x, x_next]))
-        return metra_reward(*phi.chunk(2), skill, self.config.discrete)
+        return self.world_model.reward(*self.world_model.inputs(batch.to(self.device)))
 
-    def _unpack(self, batch: TensorDict) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        key = self.obs_key
-        if "skill" not in batch.keys():
-            raise KeyError(
-                "METRA's update needs the 'skill' the METRA policy stores with each step (policy.extras()); "
-                f"the batch has keys {sorted(map(str, batch.keys()))}. Collect data with agent.policy(explore=True)."
-            )
-        not_terminated = 1.0 - batch["next", "terminated"].float().reshape(-1)
-        return batch[key], batch["next", key], batch["skill"].float(), batch["action"].float(), not_terminated
-
-    def _step(self, name: str, loss: Tensor) -> None:
-        opt = self._optimizers.get(name)
-        if opt is None:
+    def _step(self, names: tuple[str, ...], loss: Tensor) -> None:
+        """One backward of ``loss`` and a step of the named optimisers (a missing one: that part is fixed)."""
+        opts = [self._optimizers[name] for name in names if name in self._optimizers]
+        if not opts:
             return
-        opt.zero_grad(set_to_none=True)
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        for opt in opts:
+            opt.step()
 
     def update(self, batch: TensorDict) -> dict[str, float]:
-        cfg = self.config
-        x, x_next, skill, action, not_terminated = self._unpack(batch.to(self.device))
-        both = torch.cat([x, x_next])
-        self.world_model.normalizer.observe(both)
+        cfg, wm = self.config, self.world_model
+        batch = batch.to(self.device)
+        x, x_next, skill = wm.inputs(batch)
+        action = batch["action"].float()
+        not_terminated = 1.0 - batch["next", "terminated"].float().reshape(-1)
+        wm.normalizer.observe(torch.cat([x, x_next]))
 
-        # (1) phi: maximise r + lambda * min(eps, 1 - mean_d dphi^2) (lambda detached).
-        phi_s, phi_next = self.world_model.phi(both).chunk(2)
-        reward = metra_reward(phi_s, phi_next, skill, cfg.discrete)
-        penalty, sq_dist = constraint_penalty(phi_s, phi_next, cfg.dual_slack)
-        phi_objective = reward + self.log_lambda.exp().detach() * penalty
-        phi_loss = -phi_objective.mean()
-        self._step("phi", phi_loss)
-
-        # (2) lambda, on the constraint term that entered phi's loss.
-        lambda_loss = self.log_lambda * penalty.detach().mean()
-        self._step("lambda", lambda_loss)
+        # (1, 2) phi and lambda: the model's objective and its dual, one backward (disjoint parameters).
+        model_out = wm.loss(batch)
+        self._step(("phi", "lambda"), model_out["loss"])
 
         # (3) rewards from the updated phi.
-        with torch.no_grad():
-            sac_reward = metra_reward(*self.world_model.phi(both).chunk(2), skill, cfg.discrete)
+        sac_reward = wm.reward(x, x_next, skill)
 
         # (4) SAC on (s, z); z' = z (skills are fixed within an episode).
         x, x_next = self.world_model.normalizer(x), self.world_model.normalizer(x_next)
@@ -680,7 +561,7 @@ class METRAAgent(Agent):
                                    self.critic2_target(x_next, skill, next_action), next_log_prob, alpha)
         q1, q2 = self.critic1(x, skill, action), self.critic2(x, skill, action)
         q_loss = sac_critic_loss(q1, q2, target)
-        self._step("q", q_loss)
+        self._step(("q",), q_loss)
 
         dist = self.actor(x, skill)
         pre, new_action = dist.rsample_with_pre_tanh()
@@ -689,24 +570,20 @@ class METRAAgent(Agent):
             h1, h2 = self.critic1.encoder(x), self.critic2.encoder(x)
         policy_loss = sac_actor_loss(log_prob, self.critic1.q(h1, skill, new_action),
                                      self.critic2.q(h2, skill, new_action), alpha)
-        self._step("policy", policy_loss)
+        self._step(("policy",), policy_loss)
 
         alpha_loss = sac_alpha_loss(self.log_alpha, log_prob, self.target_entropy)
-        self._step("alpha", alpha_loss)
+        self._step(("alpha",), alpha_loss)
 
         soft_update_params(self.critic1, self.critic1_target, cfg.tau)
         soft_update_params(self.critic2, self.critic2_target, cfg.tau)
 
         metrics = {
-            "constraint": sq_dist.mean(),
-            "constraint_penalty": penalty.mean(),
-            "lambda": self.log_lambda.exp(),
+            **{k: v for k, v in model_out.items() if k != "loss"},
+            "lambda": wm.log_lambda.exp(),  # after its step
             "alpha": self.log_alpha.exp(),
             "policy_entropy": -log_prob.mean(),
             "policy_std": dist.stddev.mean(),
-            "phi_loss": phi_loss,
-            "phi_objective": phi_objective.mean(),
-            "lambda_loss": lambda_loss,
             "q_loss": q_loss,
             "q1_mean": q1.mean(),
             "q_target_mean": target.mean(),
@@ -718,327 +595,8 @@ class METRAAgent(Agent):
         values = torch.stack([v.detach().float().reshape(()).to(self.device) for v in metrics.values()]).tolist()
         return dict(zip(metrics, values, strict=True))
 
-    # ------------------------------------------------------------------------------ evaluation
-    def evaluate(self, env: EnvBase, *, step: int, out_dir: str | Path) -> dict[str, float]:
-        """State coverage (and, with ``eval_num_goals``, goal reaching): the trainer's evaluation hook.
-
-        Writes the skill-trajectory plot to ``<out_dir>/skills_<step>.png``; returns ``coverage``
-        (unique ``eval_bin_size`` cells of ``eval_num_skills`` deterministic skill rollouts),
-        ``skill_direction_cos`` and ``mean_travel`` (plus ``goal_success``, ``goal_final_distance``, ...
-        with goals). The trainer logs them under ``eval/``.
-        """
-        cfg = self.config
-        was_training = self.training
-        self.eval()
-        try:
-            result = evaluate_coverage(self, env, cfg.eval_num_skills, bin_size=cfg.eval_bin_size, seed=step,
-                                       plot_path=Path(out_dir) / f"skills_{step:09d}.png")
-            metrics = result.metrics(prefix="")
-            if cfg.eval_num_goals > 0:
-                goals = evaluate_goal_reaching(self, env, cfg.eval_num_goals, goal_range=cfg.eval_goal_range,
-                                               threshold=cfg.eval_goal_threshold, seed=step)
-                metrics.update({f"goal_{k}": v for k, v in goals.items()})
-        finally:
-            self.train(was_training)
-        return metrics
-
     def extra_state(self) -> dict[str, Any]:
         return {"env_steps": self.env_steps}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.env_steps = int(state.get("env_steps", 0))
-
-
-# ------------------------------------------------------------------------------- coverage and goals
-
-
-@functools.cache
-def _coordinate_qpos(task_name: str) -> tuple[int, ...]:
-    """``qpos`` indices of the root body's x (and y) position: a free joint's first two coordinates,
-    or the slide joints along x and y (cheetah / walker: x only; point_mass: x and y)."""
-    import mujoco
-
-    from latentrl.envs import get_task
-
-    model = get_task(task_name).make_dm_env(seed=0).physics.model.ptr
-    for j in range(model.njnt):
-        if model.jnt_type[j] == mujoco.mjtJoint.mjJNT_FREE:
-            adr = int(model.jnt_qposadr[j])
-            return (adr, adr + 1)
-    found: dict[int, int] = {}
-    for j in range(model.njnt):
-        if model.jnt_type[j] == mujoco.mjtJoint.mjJNT_SLIDE and model.jnt_bodyid[j] != 0:
-            axis = np.abs(model.jnt_axis[j])
-            for i in (0, 1):
-                if axis[i] > 0.99 and i not in found:
-                    found[i] = int(model.jnt_qposadr[j])
-    if 0 not in found:
-        raise ValueError(f"task {task_name!r} has no free joint or x slide joint: no torso position to measure")
-    return tuple(found[i] for i in sorted(found))
-
-
-def torso_coordinates(task_name: str, physics: Tensor | np.ndarray) -> np.ndarray:
-    """Torso ``(x, y)`` (or ``x`` alone for planar robots such as cheetah) ``[N, k]`` from ``physics`` ``[N, P]``.
-
-    The ``physics`` key is ``mj_getState(mjSTATE_PHYSICS)``, which starts with ``qpos``.
-    """
-    physics = np.asarray(torch.as_tensor(physics).detach().cpu().numpy(), dtype=np.float64)
-    return physics[..., list(_coordinate_qpos(task_name))]
-
-
-def count_cells(trajectories: list[np.ndarray], bin_size: float = 1.0) -> int:
-    """Unique ``bin_size`` cells visited by all trajectories together (METRA's ``MjNumUniqueCoords``)."""
-    if not trajectories:
-        return 0
-    cells = np.floor(np.concatenate(trajectories, axis=0) / bin_size).astype(np.int64)
-    return len({tuple(c) for c in cells})
-
-
-def _task_name(env: EnvBase) -> str:
-    task = getattr(env, "task", None)
-    name = getattr(task, "name", None)
-    if name is None:
-        raise ValueError("coverage and goal evaluation read the torso position of a latentrl env (make_env): "
-                         f"{type(env).__name__} has no .task.name")
-    return name
-
-
-def _require_physics(td: TensorDict) -> None:
-    if "physics" not in td.keys():
-        raise KeyError("coverage and goal evaluation read the torso position from the 'physics' key; build the env "
-                       "with make_env(..., obs=(..., 'physics')) (train_agent.py includes it with env.obs=auto)")
-
-
-@dataclass
-class Rollout:
-    """One episode: torso coordinates ``[T + 1, k]`` and its first / last stacked observations."""
-
-    coordinates: np.ndarray
-    first_obs: TensorDict | None = None
-    last_obs: TensorDict | None = None
-
-
-@torch.no_grad()
-def rollout(env: EnvBase, make_policy: Callable[[int, int], Policy], num_episodes: int,
-            keep_obs: str | None = None) -> list[Rollout]:
-    """Run ``num_episodes`` episodes in rounds of ``env.batch_size[0]`` parallel envs.
-
-    ``make_policy(first, n)`` gives the policy of episodes ``first .. first + n - 1`` of a round.
-    Coordinates are recorded at the reset and after every step until the episode ends.
-    ``keep_obs`` keeps that key's first and last stacked observations (to evaluate phi there).
-    """
-    name = _task_name(env)
-    n = env.batch_size[0]
-    out: list[Rollout] = []
-    while len(out) < num_episodes:
-        policy = make_policy(len(out), n)
-        td = env.reset()
-        _require_physics(td)
-        policy.reset()
-        alive = torch.ones(n, dtype=torch.bool)
-        coords = [[c] for c in torso_coordinates(name, td["physics"])]
-        obs = td.exclude("action", "next", "done", "terminated", "truncated")
-        stacked = policy.stack(obs)
-        first = stacked.select(keep_obs).clone() if keep_obs else None
-        last = first
-        while alive.any():
-            td["action"] = policy.act(stacked)
-            td = env.step(td)
-            nxt = td["next"]
-            for i, c in enumerate(torso_coordinates(name, nxt["physics"])):
-                if alive[i]:
-                    coords[i].append(c)
-            obs = nxt.exclude("reward", "done", "terminated", "truncated")
-            stacked = policy.stack(obs)
-            if keep_obs:
-                last = torch.where(alive.to(stacked.device).reshape(-1, *[1] * (stacked[keep_obs].dim() - 1)),
-                                   stacked[keep_obs], last[keep_obs])
-                last = TensorDict({keep_obs: last}, batch_size=[n])
-            alive &= ~nxt["done"].reshape(-1).cpu()
-            td = nxt.clone(False)
-        for i in range(min(n, num_episodes - len(out))):
-            out.append(Rollout(np.stack(coords[i]), first[i] if first is not None else None,
-                               last[i] if last is not None else None))
-    return out
-
-
-def _eval_skills(dim: int, discrete: bool, num_skills: int, seed: int) -> tuple[Tensor, np.ndarray]:
-    """METRA's evaluation skills and a colour index: one-hots spread evenly, or prior samples."""
-    if discrete:
-        index = np.concatenate([[i] * (num_skills // dim + (i < num_skills % dim)) for i in range(dim)]).astype(int)
-        return F.one_hot(torch.as_tensor(index), dim).float(), index
-    skills = sample_skills(num_skills, dim, False, generator=torch.Generator().manual_seed(seed))
-    return skills, np.arange(num_skills)
-
-
-@dataclass
-class CoverageResult:
-    """What :func:`evaluate_coverage` measured."""
-
-    coverage: int
-    """Unique ``bin_size`` cells visited by the torso over all skill rollouts."""
-    trajectories: list[np.ndarray]
-    """Torso coordinates ``[T + 1, k]`` per skill."""
-    skills: np.ndarray
-    """The skills ``[S, D]``."""
-    direction_cos: float
-    """Mean ``cos(phi(s_T) - phi(s_0), z)`` (continuous; discrete: fraction with argmax = the skill)."""
-    mean_travel: float
-    """Mean distance between the first and last torso position."""
-    plot_path: Path | None = None
-    extra: dict[str, float] = field(default_factory=dict)
-
-    def metrics(self, prefix: str = "eval/") -> dict[str, float]:
-        return {f"{prefix}coverage": float(self.coverage), f"{prefix}skill_direction_cos": self.direction_cos,
-                f"{prefix}mean_travel": self.mean_travel, **{f"{prefix}{k}": v for k, v in self.extra.items()}}
-
-
-@torch.no_grad()
-def evaluate_coverage(agent: METRAAgent, env: EnvBase, num_skills: int = 48, *, bin_size: float = 1.0,
-                      seed: int = 0, plot_path: str | Path | None = None, explore: bool = False) -> CoverageResult:
-    """State coverage of METRA's skills (the official ``calc_eval_metrics``).
-
-    Rolls out ``num_skills`` skills with the deterministic policy (continuous: prior samples drawn
-    with ``seed``; discrete: each one-hot in turn), reads the torso x-y (x for planar robots) from
-    ``physics`` at every step, counts the unique ``bin_size`` cells, and, with ``plot_path``, writes
-    a PNG of the trajectories coloured by skill. ``env``: a latentrl env with ``physics`` and the
-    agent's observation key; its ``batch_size`` envs run skills in parallel.
-    """
-    cfg = agent.config
-    skills, colour_index = _eval_skills(cfg.dim_option, cfg.discrete, num_skills, seed)
-
-    def make_policy(first: int, n: int) -> Policy:
-        z = skills[first:first + n]
-        if z.shape[0] < n:  # spare envs of the last round run copies; their episodes are dropped
-            z = torch.cat([z, skills[: n - z.shape[0]]])
-        return agent.policy(agent.skill_task(z), explore=explore)
-
-    episodes = rollout(env, make_policy, len(skills), keep_obs=agent.obs_key)
-    trajectories = [e.coordinates for e in episodes]
-    first = torch.stack([e.first_obs[agent.obs_key] for e in episodes]).to(agent.device)
-    last = torch.stack([e.last_obs[agent.obs_key] for e in episodes]).to(agent.device)
-    travel = agent.world_model.phi(last) - agent.world_model.phi(first)
-    z = skills.to(agent.device)
-    if cfg.discrete:
-        direction = (travel.argmax(dim=-1) == z.argmax(dim=-1)).float().mean().item()
-    else:
-        direction = F.cosine_similarity(travel, z, dim=-1).mean().item()
-    mean_travel = float(np.mean([np.linalg.norm(t[-1] - t[0]) for t in trajectories]))
-    result = CoverageResult(count_cells(trajectories, bin_size), trajectories, skills.numpy(), direction, mean_travel)
-    if plot_path is not None:
-        result.plot_path = plot_skill_trajectories(
-            trajectories, skills.numpy(), plot_path, discrete=cfg.discrete, colour_index=colour_index,
-            title=f"METRA skills on {_task_name(env)}: {result.coverage} cells of {bin_size:g} m",
-        )
-    return result
-
-
-def _skill_colours(skills: np.ndarray, discrete: bool, colour_index: np.ndarray | None) -> list:
-    import matplotlib
-
-    if discrete:
-        index = skills.argmax(axis=1) if colour_index is None else colour_index
-        cmap = matplotlib.colormaps["tab10" if skills.shape[1] <= 10 else "tab20"]
-        return [cmap(int(i) % cmap.N) for i in index]
-    if skills.shape[1] == 1:
-        return [(0.8, 0.1, 0.1) if s[0] >= 0 else (0.1, 0.1, 0.8) for s in skills]
-    hue = (np.arctan2(skills[:, 1], skills[:, 0]) / (2 * np.pi)) % 1.0
-    sat = np.clip(np.linalg.norm(skills[:, :2], axis=1), 0.3, 1.0)
-    hsv = np.stack([hue, sat, np.full_like(hue, 0.9)], axis=1)
-    return [tuple(c) for c in matplotlib.colors.hsv_to_rgb(hsv)]
-
-
-def plot_skill_trajectories(trajectories: list[np.ndarray], skills: np.ndarray, path: str | Path, *,
-                            discrete: bool = False, colour_index: np.ndarray | None = None,
-                            title: str | None = None) -> Path:
-    """Write a PNG of torso trajectories coloured by skill (hue = the skill's angle in its first two dims).
-
-    2-D coordinates are drawn as x-y paths; 1-D ones (cheetah's x) as x against the step.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    colours = _skill_colours(skills, discrete, colour_index)
-    fig, ax = plt.subplots(figsize=(5, 5))
-    for traj, colour in zip(trajectories, colours, strict=False):
-        if traj.shape[1] >= 2:
-            ax.plot(traj[:, 0], traj[:, 1], color=colour, lw=1.2)
-            ax.plot(traj[-1, 0], traj[-1, 1], "o", color=colour, ms=3)
-        else:
-            ax.plot(traj[:, 0], np.arange(len(traj)), color=colour, lw=1.2)
-    if trajectories and trajectories[0].shape[1] >= 2:
-        ax.set_xlabel("torso x (m)")
-        ax.set_ylabel("torso y (m)")
-        ax.set_aspect("equal", adjustable="datalim")
-    else:
-        ax.set_xlabel("torso x (m)")
-        ax.set_ylabel("step")
-    ax.grid(alpha=0.3)
-    if title:
-        ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-@torch.no_grad()
-def evaluate_goal_reaching(agent: METRAAgent, env: EnvBase, num_goals: int = 50, *, goal_range: float = 5.0,
-                           threshold: float = 1.0, seed: int = 0,
-                           controller: Literal["goal", "random_skill", "random_action"] = "goal") -> dict[str, float]:
-    """Zero-shot goal reaching (the protocol of METRA's paper, as the CSF codebase evaluates it).
-
-    For each goal: reset, put the torso at ``g ~ U[-goal_range, goal_range]^k`` in the reset state
-    and render the goal observation there (``env.set_physics_state``), reset again and run the
-    policy for one episode. ``controller``: ``"goal"`` (``z = normalise(phi(g) - phi(s))`` every
-    step), or the baselines ``"random_skill"`` (a fixed prior skill) and ``"random_action"``.
-
-    Returns ``success`` (final distance < ``threshold``), ``hit_success`` (ever within it),
-    ``final_distance`` and ``min_distance`` (means over goals).
-    """
-    name = _task_name(env)
-    index = list(_coordinate_qpos(name))
-    n = env.batch_size[0]
-    rng = torch.Generator().manual_seed(seed)
-    final, closest = [], []
-    while len(final) < num_goals:
-        td = env.reset()
-        _require_physics(td)
-        goals = (torch.rand(n, len(index), generator=rng, dtype=torch.float64) * 2 - 1) * goal_range
-        state = td["physics"].clone().double()
-        state[:, index] = goals.to(state.device)
-        goal_obs = env.set_physics_state(state)
-        if controller == "goal":
-            policy = agent.policy(agent.infer_task(GoalObservation(goal_obs)))
-        elif controller == "random_skill":
-            policy = agent.policy(agent.skill_task(agent.sample_skills(n, generator=rng).cpu()))
-        elif controller == "random_action":
-            policy = UniformRandomPolicy(env.action_spec.shape[-1], generator=rng)
-        else:
-            raise ValueError(f"unknown controller {controller!r}; use 'goal', 'random_skill' or 'random_action'")
-        td = env.reset()
-        policy.reset()
-        goal_xy = goals.numpy()
-        dist = np.linalg.norm(torso_coordinates(name, td["physics"]) - goal_xy, axis=1)
-        best, last = dist.copy(), dist.copy()
-        alive = torch.ones(n, dtype=torch.bool)
-        while alive.any():
-            td["action"] = policy(td.exclude("action", "next", "done", "terminated", "truncated"))
-            td = env.step(td)
-            nxt = td["next"]
-            dist = np.linalg.norm(torso_coordinates(name, nxt["physics"]) - goal_xy, axis=1)
-            live = alive.numpy()
-            last[live] = dist[live]
-            best[live] = np.minimum(best[live], dist[live])
-            alive &= ~nxt["done"].reshape(-1).cpu()
-            td = nxt.clone(False)
-        take = min(n, num_goals - len(final))
-        final.extend(last[:take].tolist())
-        closest.extend(best[:take].tolist())
-    final_a, closest_a = np.asarray(final), np.asarray(closest)
-    return {"success": float((final_a < threshold).mean()), "hit_success": float((closest_a < threshold).mean()),
-            "final_distance": float(final_a.mean()), "min_distance": float(closest_a.mean())}

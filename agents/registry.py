@@ -6,8 +6,6 @@ import difflib
 import importlib
 from typing import Any
 
-from torchrl.envs import EnvBase
-
 from latentrl.agents.base import Agent
 
 __all__ = ["AGENTS", "make_agent", "list_agents"]
@@ -35,8 +33,9 @@ def agent_class(name: str) -> type[Agent]:
     return getattr(importlib.import_module(module), cls)
 
 
-def make_agent(name: str, env: EnvBase, *, preset: str = "paper", device: str = "cpu", **overrides: Any) -> Agent:
-    """Build agent ``name`` for ``env`` (its specs give observation and action shapes).
+def make_agent(name: str, env, *, preset: str = "paper", device: str = "cpu", **overrides: Any) -> Agent:
+    """Build agent ``name`` for ``env`` (a TorchRL ``EnvBase``, or anything with its ``observation_spec`` and
+    ``action_spec``: the specs give observation and action shapes).
 
     ``preset`` is ``"paper"`` (the published setting) or ``"small"`` (trains on a 2-core CPU);
     ``overrides`` set fields of the agent's config dataclass, and an unknown field is an error that

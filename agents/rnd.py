@@ -40,17 +40,11 @@ from tensordict import TensorDict
 from torch import Tensor, nn
 
 from latentrl.agents.base import Agent, Policy, SampleSpec, Task, UnsupportedTaskError
-from latentrl.agents.common import (
-    DDPGActorCritic,
-    DeterministicActor,
-    RunningMeanStd,
-    TwinQCritic,
-    mlp,
-    resolve_device,
-    schedule,
-    weight_init,
-)
-from latentrl.world_models.encoders import ObservationEncoder, RandomShiftsAug, make_encoder
+from latentrl.agents.actor_critic import DDPGActorCritic, DeterministicActor, TwinQCritic, schedule
+from latentrl.agents.base import resolve_device
+from latentrl.world_models.encoders import RandomShiftsAug, make_encoder
+from latentrl.world_models.layers import RunningMeanStd, weight_init
+from latentrl.world_models.rnd import RandomNetworkDistillation, RNDModel
 
 __all__ = ["PRESETS", "RNDAgent", "RNDConfig", "RNDPolicy", "RandomNetworkDistillation"]
 
@@ -115,58 +109,30 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-class RandomNetworkDistillation(nn.Module):
-    """Predictor and frozen random target MLPs on a normalised input; ``forward`` is the error ``[B, 1]``.
-
-    ``forward(h [B, D], update_stats)`` normalises ``h`` by the running mean / std (folding ``h`` into
-    the statistics first when ``update_stats``), clips it to ``[-clip, clip]`` and returns
-    ``mean_k (predictor - target)_k**2``. Only the predictor has gradients.
-    """
-
-    def __init__(self, obs_dim: int, hidden_dim: int, rep_dim: int, clip: float = 5.0):
-        super().__init__()
-        self.clip = clip
-        self.obs_rms = RunningMeanStd((obs_dim,))
-        self.predictor = mlp(obs_dim, [hidden_dim, hidden_dim], rep_dim)
-        self.target = mlp(obs_dim, [hidden_dim, hidden_dim], rep_dim)
-        self.apply(weight_init)
-        self.target.requires_grad_(False)
-
-    def forward(self, h: Tensor, update_stats: bool = False) -> Tensor:
-        if update_stats:
-            self.obs_rms.update(h)
-        x = self.obs_rms.normalize(h, clip=self.clip, eps=1e-5)
-        with torch.no_grad():
-            target = self.target(x)
-        return (self.predictor(x) - target).square().mean(dim=-1, keepdim=True)
-
-
 class RNDPolicy(Policy):
     """The RND agent's policy: the deterministic actor's mean, or with ``explore`` its noisy sample.
 
-    While the agent's ``env_steps`` is below ``num_seed_steps`` an exploring policy draws uniform
-    random actions in [-1, 1]. It reads the agent's live networks, so it follows its training.
+    Holds the observation encoder and the actor (shared with the agent, so it follows training).
+    While ``env_steps`` (the agent's counter, shared as a 0-dim tensor) is below ``num_seed_steps``
+    an exploring policy draws uniform random actions in [-1, 1]; the exploration std follows
+    ``stddev_schedule`` at ``env_steps``. The carry holds only the frame stack.
     """
 
-    def __init__(self, agent: RNDAgent, explore: bool = False):
-        super().__init__(frame_stack=agent.frame_stack)
-        self.agent = agent
-        self.explore = explore
+    def __init__(self, encoder: nn.Module, actor: DeterministicActor, *, obs_key: str, obs_shape: tuple[int, ...],
+                 frame_stack: int, num_seed_steps: int, stddev_schedule: float | str, env_steps: Tensor,
+                 explore: bool = False):
+        super().__init__(obs_key, obs_shape, actor.policy[-1].out_features, frame_stack=frame_stack,
+                         explore=explore)
+        self.encoder, self.actor = encoder, actor
+        self.num_seed_steps, self.stddev_schedule = int(num_seed_steps), stddev_schedule
+        self.env_steps = env_steps
 
-    def act(self, obs: TensorDict) -> Tensor:
-        agent, cfg = self.agent, self.agent.config
-        key = agent.world_model.obs_key
-        if key not in obs.keys():
-            keys = sorted(map(str, obs.keys()))
-            raise KeyError(f"the RND policy reads {key!r}; the observation has keys {keys}")
-        out_device = obs[key].device
-        num_envs = obs[key].shape[0]
-        if self.explore and agent.env_steps < cfg.num_seed_steps:
-            return torch.rand(num_envs, agent.action_dim, device=out_device) * 2.0 - 1.0
-        h = agent.world_model.encode(obs.select(key).to(agent.device))
-        dist = agent.actor(h, schedule(cfg.stddev_schedule, agent.env_steps))
-        action = dist.sample() if self.explore else dist.mean
-        return action.to(out_device)
+    def act(self, x: Tensor, carry: TensorDict, is_first: Tensor) -> tuple[Tensor, TensorDict]:
+        steps = int(self.env_steps)
+        if self.explore and steps < self.num_seed_steps:
+            return torch.rand(x.shape[0], self.action_dim, device=x.device) * 2.0 - 1.0, carry
+        dist = self.actor(self.encoder(x), schedule(self.stddev_schedule, steps))
+        return (dist.sample() if self.explore else dist.mean), carry
 
 
 class RNDAgent(Agent):
@@ -180,6 +146,8 @@ class RNDAgent(Agent):
 
     config_class = RNDConfig
     presets = PRESETS
+    inference_modules = ("world_model", "actor_critic.actor")
+    inference_exclude = ("world_model.rnd.",)
 
     name = "rnd"
 
@@ -202,14 +170,13 @@ class RNDAgent(Agent):
             if len(self.obs_shape) != 3:
                 raise ValueError(f"obs_type=pixels needs a frame shape [3, H, W], got {list(self.obs_shape)}")
             c, h, w = self.obs_shape
-            encoder = make_encoder("drq", (c * cfg.frame_stack, h, w))
-            self.world_model = ObservationEncoder(encoder, "pixels", aug=RandomShiftsAug(cfg.image_pad))
+            encoder, aug = make_encoder("drq", (c * cfg.frame_stack, h, w)), RandomShiftsAug(cfg.image_pad)
         else:
             if len(self.obs_shape) != 1:
                 raise ValueError(f"obs_type='state' needs a state shape [D], got {list(self.obs_shape)}")
-            self.world_model = ObservationEncoder(make_encoder("identity", self.obs_shape), "state")
-        self.world_model.apply(weight_init)
-        obs_dim = self.world_model.repr_dim
+            encoder, aug = make_encoder("identity", self.obs_shape), None
+        encoder.apply(weight_init)
+        obs_dim = encoder.repr_dim
 
         # URLB: pixels -> trunk feature_dim, 2 hidden layers, action after the critic trunk;
         # states -> trunk hidden_dim, 1 hidden layer, action inside the critic trunk.
@@ -221,17 +188,23 @@ class RNDAgent(Agent):
                 obs_dim, self.action_dim, trunk_dim, cfg.hidden_dim, layers, action_in_trunk=not pixels
             ),
         )
-        self.rnd = RandomNetworkDistillation(obs_dim, cfg.hidden_dim, cfg.rnd_rep_dim, cfg.rnd_obs_clip)
+        rnd = RandomNetworkDistillation(obs_dim, cfg.hidden_dim, cfg.rnd_rep_dim, cfg.rnd_obs_clip)
+        self.world_model = RNDModel(encoder, cfg.obs_type, rnd, aug=aug)
         self.intrinsic_reward_rms = RunningMeanStd((1,))
         self.to(self.device)
 
         adam = lambda params: torch.optim.Adam(params, lr=cfg.lr)
         self._optimizers: dict[str, torch.optim.Optimizer] = {}
         if pixels:
-            self._optimizers["encoder"] = adam(self.world_model.parameters())
+            self._optimizers["encoder"] = adam(self.world_model.encoder.parameters())
         self._optimizers["actor"] = adam(self.actor.parameters())
         self._optimizers["critic"] = adam(self.actor_critic.critic.parameters())
         self._optimizers["rnd"] = adam(self.rnd.predictor.parameters())
+
+    @property
+    def rnd(self) -> RandomNetworkDistillation:
+        """The distillation pair (``world_model.rnd``)."""
+        return self.world_model.rnd
 
     @property
     def actor(self) -> DeterministicActor:
@@ -255,7 +228,10 @@ class RNDAgent(Agent):
                 "RND's policy is not task-conditioned (it explores by novelty); "
                 "call agent.policy() without a task"
             )
-        return RNDPolicy(self, explore=explore)
+        cfg = self.config
+        return RNDPolicy(self.world_model.encoder, self.actor, obs_key=cfg.obs_type, obs_shape=self.obs_shape, frame_stack=self.frame_stack,
+                         num_seed_steps=cfg.num_seed_steps, stddev_schedule=cfg.stddev_schedule,
+                         env_steps=self.env_steps_counter, explore=explore)
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return dict(self._optimizers)
@@ -270,7 +246,7 @@ class RNDAgent(Agent):
         Reads the running statistics without changing them and applies no augmentation.
         """
         h = self.world_model.encode(obs.select(self.world_model.obs_key).to(self.device))
-        return self._normalise_reward(self.rnd(h))
+        return self._normalise_reward(self.world_model.prediction_error(h))
 
     def update(self, batch: TensorDict) -> dict[str, float]:
         cfg = self.config
@@ -286,12 +262,12 @@ class RNDAgent(Agent):
             next_obs = self.world_model.encode(batch["next"].select(key), augment=True)
 
         # RND predictor step on the detached features, then the reward with the updated predictor.
-        rnd_loss = self.rnd(obs.detach(), update_stats=True).mean()
+        rnd_loss = self.world_model.loss(batch, features=obs)["loss"]
         self._optimizers["rnd"].zero_grad(set_to_none=True)
         rnd_loss.backward()
         self._optimizers["rnd"].step()
         with torch.no_grad():
-            error = self.rnd(obs.detach())
+            error = self.world_model.prediction_error(obs.detach())
             self.intrinsic_reward_rms.update(error)
             reward = self._normalise_reward(error)
 

@@ -33,30 +33,19 @@ architecture) and one predictor. Zero-shot: ``infer_task(RewardSamples)`` is
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from tensordict import TensorDict
-from torch import Tensor, nn
+from torch import Tensor
 
-from latentrl.agents.common import (
-    ZConditionedActor,
-    ZeroShotAgent,
-    check_zero_shot_config,
-    soft_update_params,
-    weight_init,
-)
+from latentrl.agents.zero_shot import ZConditionedActor, ZeroShotAgent, check_zero_shot_config
 from latentrl.world_models.encoders import RandomShiftsAug
-from latentrl.world_models.sphere import project_to_sphere, sample_mixed_z
-from latentrl.world_models.td_jepa import (
-    ForwardMap,
-    TDJEPAModel,
-    make_latent_encoder,
-    orthonormality_loss,
-    predictive_loss,
-)
+from latentrl.world_models.layers import weight_init
+from latentrl.world_models.sphere import project_to_sphere
+from latentrl.world_models.td_jepa import TDJEPAModel
+from latentrl.world_models.zero_shot import ForwardMap, make_latent_encoder
 
 __all__ = ["PIXEL_PRESETS", "PRESETS", "TDJEPAAgent", "TDJEPAConfig", "lstsq_task"]
 
@@ -212,6 +201,9 @@ class TDJEPAAgent(ZeroShotAgent):
         self.world_model = TDJEPAModel(
             phi_encoder, predictor(phi_encoder.dim, cfg.psi_dim), psi_encoder=psi_encoder,
             psi_predictor=psi_predictor, obs_key=cfg.obs_type, aug=RandomShiftsAug(cfg.image_pad) if pixels else None,
+            discount=cfg.discount, phi_ortho_coef=cfg.phi_ortho_coef, psi_ortho_coef=cfg.psi_ortho_coef,
+            train_goal_ratio=cfg.train_goal_ratio, encoder_target_tau=cfg.encoder_target_tau,
+            predictor_target_tau=cfg.predictor_target_tau,
         )
         self.actor = ZConditionedActor(phi_encoder.dim, cfg.psi_dim, self.action_dim, cfg.actor_hidden_dim,
                                        cfg.actor_hidden_layers, cfg.actor_embedding_layers)
@@ -219,10 +211,7 @@ class TDJEPAAgent(ZeroShotAgent):
         self.actor.apply(weight_init)
 
         wm = self.world_model
-        online = {"phi_head": wm.phi_encoder.head, "phi_predictor": wm.phi_predictor}
-        if not cfg.symmetric:
-            online |= {"psi_head": wm.psi_encoder.head, "psi_predictor": wm.psi_predictor}
-        self.targets = nn.ModuleDict({k: copy.deepcopy(m).requires_grad_(False) for k, m in online.items()})
+        wm.make_targets()
         self.to(self.device)
 
         adam = torch.optim.Adam
@@ -241,78 +230,20 @@ class TDJEPAAgent(ZeroShotAgent):
         return z, {"z_lstsq": solution}
 
     # ------------------------------------------------------------------------------------- training
-    def trunk_features(self, obs: Tensor, next_obs: Tensor) -> dict[str, Tensor]:
-        """Trunk features of (augmented) inputs: ``phi``/``psi`` of ``s`` with gradients, of ``s'`` without.
-
-        Keys ``phi``, ``psi``, ``next_phi``, ``next_psi``, each ``[B, feature]`` (the state itself for
-        states; ``psi`` is ``phi`` in the symmetric variant).
-        """
-        wm = self.world_model
-        out = {"phi": wm.phi_encoder.trunk(obs)}
-        with torch.no_grad():
-            out["next_phi"] = wm.phi_encoder.trunk(next_obs)
-            out["next_psi"] = out["next_phi"] if wm.symmetric else wm.psi.trunk(next_obs)
-        out["psi"] = out["phi"] if wm.symmetric else wm.psi.trunk(obs)
-        return out
-
-    @torch.no_grad()
-    def sample_z(self, next_psi_features: Tensor) -> tuple[Tensor, Tensor]:
-        """Pre-training ``z`` ``[B, d_psi]`` and the mask of goal rows (§4), from trunk features of ``s'``."""
-        return sample_mixed_z(self.world_model.psi.head(next_psi_features), self.config.train_goal_ratio)
-
-    @torch.no_grad()
-    def td_targets(self, next_phi_features: Tensor, next_psi_features: Tensor, z: Tensor,
-                   discount: Tensor) -> dict[str, Tensor]:
-        """The cross TD targets (§3): ``phi`` ``[B, d_psi]`` (for ``T_phi``) and, asymmetric, ``psi``
-        ``[B, d_phi]`` (for ``T_psi``), plus the next action ``action`` ``[B, A]`` they used.
-
-        ``discount`` ``[B, 1]`` holds ``gamma * (1 - terminated')``.
-        """
-        cfg, targets = self.config, self.targets
-        next_phi = targets["phi_head"](next_phi_features)
-        next_psi = next_phi if cfg.symmetric else targets["psi_head"](next_psi_features)
-        next_action = self.actor(next_phi, z, cfg.actor_std).sample(clip=cfg.stddev_clip)
-        out = {"action": next_action,
-               "phi": next_psi + discount * targets["phi_predictor"](next_phi, next_action, z).mean(0)}
-        if not cfg.symmetric:
-            out["psi"] = next_phi + discount * targets["psi_predictor"](next_psi, next_action, z).mean(0)
-        return out
-
     def update(self, batch: TensorDict) -> dict[str, float]:
-        cfg, wm = self.config, self.world_model
-        obs, next_obs, action, discount = self.unpack_batch(batch)
-        h = self.trunk_features(obs, next_obs)
-        z, is_goal = self.sample_z(h["next_psi"])
-        target = self.td_targets(h["next_phi"], h["next_psi"], z, discount)
-
-        phi = wm.phi_encoder.head(h["phi"])
-        phi_loss = predictive_loss(wm.phi_predictor(phi, action, z), target["phi"])
-        phi_reg, phi_diag, phi_offdiag = orthonormality_loss(phi)
-        loss = phi_loss + cfg.phi_ortho_coef * phi_reg
-        metrics = {"phi_loss": phi_loss, "phi_ortho_loss": phi_reg, "phi_ortho_offdiag": phi_offdiag,
-                   "phi_norm": phi.norm(dim=-1).mean()}
-        if cfg.symmetric:
-            psi = phi
-        else:
-            psi = wm.psi_encoder.head(h["psi"])
-            psi_loss = predictive_loss(wm.psi_predictor(psi, action, z), target["psi"])
-            psi_reg, _, psi_offdiag = orthonormality_loss(psi)
-            loss = loss + psi_loss + cfg.psi_ortho_coef * psi_reg
-            metrics |= {"psi_loss": psi_loss, "psi_ortho_loss": psi_reg, "psi_ortho_offdiag": psi_offdiag,
-                        "psi_norm": psi.norm(dim=-1).mean()}
+        """One TD-JEPA update (steps 1-6 above): the model's loss, the actor step, the EMA targets."""
+        out = self.world_model.loss(batch.to(self.device), self.target_action)
         representation = [opt for name, opt in self._optimizers.items() if name != "actor"]
         for opt in representation:
             opt.zero_grad(set_to_none=True)
-        loss.backward()
+        out["loss"].backward()
         for opt in representation:
             opt.step()
 
-        actor_loss, q = self.actor_step(h["phi"].detach(), z)
-        self.update_targets()
-
-        metrics |= {"total_loss": loss, "actor_loss": actor_loss, "q": q, "td_target_phi": target["phi"].mean(),
-                    "z_goal_fraction": is_goal.float().mean(), "psi_effective_rank": effective_rank(psi.detach())}
-        return self.to_floats(metrics)
+        actor_loss, q = self.actor_step(out["phi_features"], out["z"])
+        self.world_model.update_targets()
+        metrics = {k: v for k, v in out.items() if k not in ("loss", "z", "phi_features")}
+        return self.to_floats({**metrics, "total_loss": out["loss"], "actor_loss": actor_loss, "q": q})
 
     def actor_step(self, phi_features: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
         """One actor step on ``-mean_b mean_e T_phi(phi(s), a~, z)[e]^T z`` (encoders detached, §3)."""
@@ -327,21 +258,3 @@ class TDJEPAAgent(ZeroShotAgent):
         loss.backward()
         opt.step()
         return loss.detach(), q.detach().mean()
-
-    def update_targets(self) -> None:
-        """EMA of the heads (``encoder_target_tau``) and predictors (``predictor_target_tau``)."""
-        cfg, wm = self.config, self.world_model
-        soft_update_params(wm.phi_encoder.head, self.targets["phi_head"], cfg.encoder_target_tau)
-        soft_update_params(wm.phi_predictor, self.targets["phi_predictor"], cfg.predictor_target_tau)
-        if not cfg.symmetric:
-            soft_update_params(wm.psi_encoder.head, self.targets["psi_head"], cfg.encoder_target_tau)
-            soft_update_params(wm.psi_predictor, self.targets["psi_predictor"], cfg.predictor_target_tau)
-
-
-@torch.no_grad()
-def effective_rank(x: Tensor) -> Tensor:
-    """``exp(entropy)`` of the normalised eigenvalues of ``x^T x / N`` for rows ``x`` ``[N, d]``: from 1
-    (collapsed) to d (isotropic). TD-JEPA's health check wants ``> d / 2`` for ``psi`` (§12)."""
-    eigvals = torch.linalg.eigvalsh((x.T @ x).double() / x.shape[0]).clamp_min(0.0)
-    p = eigvals / eigvals.sum().clamp_min(1e-12)
-    return torch.exp(-(p * torch.log(p.clamp_min(1e-30))).sum()).to(x.dtype)

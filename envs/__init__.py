@@ -1,13 +1,14 @@
-"""Simulated robots with pixels: ``make_env``, tasks as reward functions of physics, gymnasium ids."""
+"""Simulated robots with pixels: ``make_env``, tasks as reward functions of physics (and where the
+body is: ``body_position``), gymnasium ids."""
 
 from __future__ import annotations
 
 import torch
 from torchrl.envs import EnvBase
 
-from latentrl.envs.tasks import Task, get_task, list_domain_tasks, list_tasks
+from latentrl.envs.tasks import Task, body_position, get_task, list_domain_tasks, list_tasks
 
-__all__ = ["make_env", "get_task", "list_tasks", "list_domain_tasks", "Task", "BACKENDS"]
+__all__ = ["make_env", "get_task", "list_tasks", "list_domain_tasks", "Task", "body_position", "BACKENDS"]
 
 BACKENDS = ("dmc", "mjwarp")
 

@@ -7,12 +7,14 @@ defined in :mod:`latentrl.envs.custom_tasks` (``walker-spin``, ``cheetah-run_bac
 
 Because a reward is a function of the physics state, any stored transition can be relabelled
 with any task of its domain later (:meth:`Task.rewards_from_states`): the basis of zero-shot
-evaluation on rewards never seen in training.
+evaluation on rewards never seen in training. Where the body is (coverage cells, goal distances)
+is defined here too, once per task: :meth:`Task.body_position`.
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
@@ -25,11 +27,11 @@ from dm_control.rl import control
 from latentrl.envs import custom_tasks
 
 __all__ = [
-    "PHYSICS_STATE", "Task", "ZERO_SHOT_TASKS", "get_physics_state", "get_task", "list_domain_tasks",
-    "list_tasks", "resolve_task_list", "set_physics_state",
+    "PHYSICS_STATE", "Task", "ZERO_SHOT_TASKS", "body_position", "get_physics_state", "get_task",
+    "list_domain_tasks", "list_tasks", "resolve_task_list", "set_physics_state",
 ]
 
-# mj_getState spec of the ``physics`` key: time, qpos, qvel, act, plugin state, mocap, ...
+# mj_getState spec of the ``physics`` key: qpos, qvel, act (and the history buffers); it starts with qpos.
 PHYSICS_STATE = mujoco.mjtState.mjSTATE_PHYSICS
 
 # Per-domain default camera (quadruped's camera 0 looks at a corner; ExoRL/URLB render camera 2).
@@ -80,6 +82,28 @@ def _all_loaders() -> dict[str, Callable[..., control.Environment]]:
 _LOADERS = _all_loaders()
 
 
+@functools.cache
+def _body_qpos_index(name: str) -> tuple[int, ...]:
+    """``qpos`` indices of the root body's position: a free joint's x and y, else the slide joints
+    along x (and y) of non-world bodies (cheetah, walker: x; point_mass: x and y). METRA's definition."""
+    model = Task(name).make_dm_env(seed=0).physics.model.ptr
+    for j in range(model.njnt):
+        if model.jnt_type[j] == mujoco.mjtJoint.mjJNT_FREE:
+            adr = int(model.jnt_qposadr[j])
+            return (adr, adr + 1)
+    found: dict[int, int] = {}
+    for j in range(model.njnt):
+        if model.jnt_type[j] == mujoco.mjtJoint.mjJNT_SLIDE and model.jnt_bodyid[j] != 0:
+            axis = np.abs(model.jnt_axis[j])
+            for i in (0, 1):
+                if axis[i] > 0.99 and i not in found:
+                    found[i] = int(model.jnt_qposadr[j])
+    if 0 not in found:
+        raise ValueError(f"task {name!r} has no free joint and no x slide joint: its body has no position to "
+                         "measure (coverage and goal distances need one)")
+    return tuple(found[i] for i in sorted(found))
+
+
 @dataclass(frozen=True)
 class Task:
     """A named task: how to build its dm_control environment and its reward of the physics state."""
@@ -109,6 +133,28 @@ class Task:
         env = self.make_dm_env(seed=0)
         env.reset()
         return env
+
+    @property
+    def body_qpos_index(self) -> tuple[int, ...]:
+        """Indices into ``qpos`` (so into the ``physics`` key, which starts with it) of the body's
+        position: ``(x, y)`` of a free joint (quadruped, humanoid), else the slide joints along x and y
+        (cheetah and walker: x alone; point_mass: x and y). Raises for a body fixed to the world."""
+        return _body_qpos_index(self.name)
+
+    def body_position(self, physics):
+        """Where the body is: ``physics`` ``[..., P]`` -> ``[..., k]`` (``k`` = 1 for planar runners, else 2),
+        the one definition behind coverage cells, goal distances and zero-shot goal success.
+
+        NumPy in, float64 NumPy out; a torch tensor in, a tensor out on its device.
+        """
+        index = list(self.body_qpos_index)
+        if isinstance(physics, np.ndarray):
+            return np.asarray(physics, dtype=np.float64)[..., index]
+        import torch
+
+        if isinstance(physics, torch.Tensor):
+            return physics[..., index]
+        return np.asarray(physics, dtype=np.float64)[..., index]
 
     def reward(self, physics) -> float:
         """The task reward of a dm_control ``physics`` whose derived quantities are current."""
@@ -177,6 +223,11 @@ def list_domain_tasks(domain: str) -> list[str]:
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise ValueError(f"unknown domain {domain!r}.{hint} Valid domains: {', '.join(domains)}")
     return names
+
+
+def body_position(task: str | Task, physics):
+    """``get_task(task).body_position(physics)``: the body's x (and y) ``[..., k]`` from ``physics`` ``[..., P]``."""
+    return (task if isinstance(task, Task) else get_task(task)).body_position(physics)
 
 
 def get_task(name: str) -> Task:

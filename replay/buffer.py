@@ -3,8 +3,9 @@
 Storage layout
 --------------
 The buffer keeps one stream per parallel env. Stream ``e`` is a ring of ``per_env = capacity // num_envs``
-rows occupying storage rows ``[e * per_env, (e + 1) * per_env)`` of a single TorchRL storage
-(``LazyTensorStorage`` in memory, ``LazyMemmapStorage`` under ``path``). Rows are numbered by an
+rows occupying rows ``[e * per_env, (e + 1) * per_env)`` of one TensorDict ``[num_envs * per_env]`` that the
+buffer owns (:attr:`ReplayBuffer.storage`): plain tensors in memory, or tensordict ``MemoryMappedTensor``
+files under ``<path>/storage/``, allocated at full capacity on the first write. Rows are numbered by an
 *absolute* index ``a`` (0, 1, 2, ... for the whole life of the stream) and live at storage row
 ``e * per_env + a % per_env``; a stream holds rows ``[lo, hi)`` with ``hi - lo <= per_env``.
 
@@ -17,26 +18,44 @@ False). The newest ``next`` observation of an unfinished episode is written the 
 *pending* row), so every transition is sampleable as soon as it is added; the following step of
 that env overwrites the pending row with the same observation and its action.
 
-Bookkeeping columns, stored with the data so that a saved buffer is self-contained:
-``("_replay", "first")`` the absolute index of the row's episode start, ``("_replay", "last")`` the
-absolute index of its episode's final row (``int64 max`` while the episode runs) and
-``("_replay", "is_transition")``. Per-stream positions (``head``, pending flag, ...) are small and
-live in :meth:`ReplayBuffer.state_dict` / the ``replay.json`` written by :meth:`ReplayBuffer.save`.
+Bookkeeping columns (``"_replay"``), stored with the data so that a saved buffer is self-contained:
+``first`` the absolute index of the row's episode start, ``last`` the absolute index of its episode's
+final row (``int64 max`` while the episode runs), ``is_transition``, ``segment`` the episode's stable id
+and ``has_action`` (False on action-less (video) steps and on rows without a transition). Per-stream
+positions (``head``, pending flag, ...) are small and live in :meth:`ReplayBuffer.state_dict` / the
+``replay.json`` written by :meth:`ReplayBuffer.save`.
 
+Episodes and their ids
+----------------------
 Episode boundaries come from ``("next", "done")``; a step whose ``episode`` id differs from the
-pending row's (an env reset without a done flag) closes that episode at its pending row.
+pending row's (an env reset without a done flag) closes that episode at its pending row. Every episode
+gets an id when its first step is written: 0, 1, 2, ... in the order the episodes start (by step, then
+by env), kept in the ``segment`` column. An id never changes: not with later writes, epochs, checkpoints
+or save / load, so a dataset written in one go has ids ``0 .. N - 1`` that can index a per-episode
+table (PV-RNN's adaptive vectors). The stored part of an episode is its *segment*
+(:meth:`ReplayBuffer.episodes`, :meth:`ReplayBuffer.episode`); the ring may have overwritten its
+beginning, never its end.
 
-Sampling draws rows uniformly over the stored transitions (rejection of rows that cannot start the
-requested sample: no transition, a slice crossing an episode end, a frame stack whose frames were
-overwritten), then gathers each observation key once with ``index_select``. Frame stacks apply to
-image keys (uint8 ``[C, H, W]``, e.g. ``pixels``): the frames ``t - k + 1 .. t + L`` are gathered once
-and the observation and next-observation stacks are views of them.
+Sampling
+--------
+Rows are drawn uniformly over the stored transitions (rejection of rows that cannot start the
+requested sample: no transition, a slice or an offset crossing an episode end, a frame stack whose
+frames were overwritten), then each observation key is gathered once with ``index_select``. Frame
+stacks apply to image keys (uint8 ``[C, H, W]``, e.g. ``pixels``): the frames ``t - k + 1 .. t + L``
+are gathered once and the observation and next-observation stacks are views of them. Batch layouts
+are listed in :meth:`ReplayBuffer.sample`.
 
 Memory per stored step is one row: one frame plus the small keys, against two stacked frames
 ``[3k, H, W]`` per step in a buffer that stores stacks (see ``docs/bench_replay.md``).
 
-On disk (:meth:`ReplayBuffer.save`): ``<path>/storage/`` is the storage's memory-mapped TensorDict
-(TorchRL ``dumps`` format) and ``<path>/replay.json`` the stream positions, layout and key specs.
+On disk
+-------
+:meth:`ReplayBuffer.save` writes ``<path>/storage/`` (the storage TensorDict as tensordict memory-mapped
+files, ``TensorDict.load_memmap`` layout) and ``<path>/replay.json`` (format ``latentrl.replay/2``: stream
+positions, layout, key specs). Format ``latentrl.replay/1`` (TorchRL ``LazyMemmapStorage.dumps``: the same
+file layout plus ``storage_metadata.json``, without the ``segment`` and ``has_action`` columns) still
+loads: those two columns are derived on load and kept in memory (9 bytes a row) until the buffer is saved
+again in format 2.
 """
 
 from __future__ import annotations
@@ -48,20 +67,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tensordict import TensorDict, TensorDictBase
-from torchrl.data import LazyMemmapStorage, LazyTensorStorage
+from tensordict import MemoryMappedTensor, TensorDict, TensorDictBase
 
 __all__ = ["ReplayBuffer"]
 
 _DONE_KEYS = ("terminated", "truncated", "done")
 _TRANSITION_KEYS = ("reward", *_DONE_KEYS)  # stored with the row of the step they follow, under "next"
-_NOT_OBS = frozenset({"episode", "step", "action", "reward", *_DONE_KEYS})
+_BATCH_ONLY = ("is_first", "has_action", "segment_id", "segment_step", "offset", "target")  # made by sample()
+_NOT_OBS = frozenset({"episode", "step", "action", "reward", *_DONE_KEYS, *_BATCH_ONLY})
 _META = "_replay"
 _FIRST, _LAST, _IS_TRANSITION = (_META, "first"), (_META, "last"), (_META, "is_transition")
+_SEGMENT, _HAS_ACTION = (_META, "segment"), (_META, "has_action")
 _NO_END = torch.iinfo(torch.int64).max
 _META_FILE = "replay.json"
 _STORAGE_DIR = "storage"
-_FORMAT = "latentrl.replay/1"
+_FORMAT = "latentrl.replay/2"
+_FORMAT_V1 = "latentrl.replay/1"  # TorchRL storage, no segment / has_action columns
 _GOALS = (None, "future", "random")
 
 
@@ -79,6 +100,12 @@ def _norm_key(key):
     return key[0] if len(key) == 1 else key
 
 
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
 class ReplayBuffer:
     """Replay buffer of steps from ``num_envs`` parallel envs, each frame stored once.
 
@@ -88,8 +115,9 @@ class ReplayBuffer:
         path: folder for an on-disk (memory-mapped) buffer; ``None`` keeps it in memory.
         device: where :meth:`sample` puts its batches (storage stays on the CPU).
 
-    ``extend(td)`` takes TorchRL env steps (``[num_envs]`` or ``[num_envs, T]``), ``sample`` returns
-    transitions ``[B]`` or slices ``[B, horizon]`` with frame stacks built at sample time.
+    ``extend(td)`` takes TorchRL env steps (``[num_envs]`` or ``[num_envs, T]``); ``sample`` returns
+    transitions ``[B]``, slices ``[B, horizon]`` or fixed-offset pairs ``[B]``, with frame stacks built
+    at sample time; ``episodes()`` / ``episode(id)`` enumerate and read the stored episodes.
     """
 
     def __init__(self, capacity: int, *, path: str | Path | None = None, device: str | torch.device = "cpu"):
@@ -104,38 +132,38 @@ class ReplayBuffer:
                 "or pass an empty folder"
             )
         self.num_envs: int | None = None
-        self._storage: LazyTensorStorage | None = None
+        self._data: TensorDict | None = None
         self._num_transitions = 0
+        self._version = 0  # bumped by every write; keys the cached episode table
+        self._table: tuple[int, TensorDict] | None = None
 
     # ------------------------------------------------------------------ layout and state
-    def _init_layout(self, num_envs: int, td: TensorDictBase) -> None:
+    def _init_layout(self, num_envs: int, td: TensorDictBase, actions: bool, action_shape) -> None:
         per_env = self.capacity // num_envs
         if per_env < 2:
             raise ValueError(
                 f"capacity {self.capacity} is too small for {num_envs} env streams (each needs >= 2 rows); "
                 f"use capacity >= {2 * num_envs}"
             )
-        self._schema = self._infer_schema(td)
+        self._schema = self._infer_schema(td, actions, action_shape)
         self.num_envs, self.per_env = num_envs, per_env
         self._head = torch.zeros(num_envs, dtype=torch.int64)  # next absolute row of each stream
         self._pending = torch.zeros(num_envs, dtype=torch.bool)  # row `head` holds the pending next obs
         self._cur_first = torch.zeros(num_envs, dtype=torch.int64)  # first row of the running episode
         self._cur_episode = torch.full((num_envs,), -1, dtype=torch.int64)
+        self._cur_segment = torch.full((num_envs,), -1, dtype=torch.int64)  # id of the running episode
         self._next_episode_id = 0  # for data without an `episode` key
+        self._next_segment_id = 0
         self._refresh_bounds()
 
-    def _make_storage(self, size: int):
-        if self.path is None:
-            return LazyTensorStorage(size)
-        return LazyMemmapStorage(size, scratch_dir=self.path / _STORAGE_DIR, existsok=True)
-
     @staticmethod
-    def _infer_schema(td: TensorDictBase) -> dict:
+    def _infer_schema(td: TensorDictBase, actions: bool, action_shape) -> dict:
         if "next" not in td.keys() or not isinstance(td.get("next"), TensorDictBase):
             raise KeyError("extend() expects TorchRL env steps with a 'next' sub-TensorDict (the env output)")
         nxt = td.get("next")
-        if "action" not in td.keys():
-            raise KeyError("extend() expects an 'action' entry (float32 [*, A])")
+        if actions and "action" not in td.keys():
+            raise KeyError("extend() expects an 'action' entry (float32 [*, A]); for action-less steps "
+                           "(video) call extend(td, actions=False)")
         obs = [k for k in td.keys() if k not in _NOT_OBS and k != "next" and k in nxt.keys()
                and isinstance(td.get(k), torch.Tensor)]
         if not obs:
@@ -161,6 +189,15 @@ class ReplayBuffer:
         def spec(x):
             return {"shape": list(x.shape[bd:]), "dtype": str(x.dtype).replace("torch.", "")}
 
+        specs = {k: spec(td.get(k)) for k in obs}
+        if "action" in td.keys():
+            specs["action"] = spec(td.get("action"))
+        elif action_shape is not None:
+            shape = [action_shape] if isinstance(action_shape, (int, np.integer)) else list(action_shape)
+            if not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0 for d in shape):
+                raise ValueError(f"action_shape must be an int or a sequence of ints, got {action_shape!r}")
+            specs["action"] = {"shape": [int(d) for d in shape], "dtype": "float32"}
+        specs |= {_key_str(k): spec(td.get(k)) for k in extras}
         return {
             "obs": obs,
             "stacked": [k for k in obs if td.get(k).dtype == torch.uint8 and td.get(k).dim() == bd + 3],
@@ -168,12 +205,18 @@ class ReplayBuffer:
             "transition": transition,
             "has_episode": "episode" in td.keys(),
             "has_step": "step" in td.keys(),
-            "specs": {_key_str(k): spec(td.get(k)) for k in [*obs, "action", *extras]},
+            "specs": specs,
         }
 
     @property
     def _extra_keys(self) -> list:
         return [_norm_key(k) for k in self._schema["extras"]]
+
+    @property
+    def _row_keys(self) -> list:
+        """Per-row keys other than observations: ``action`` (when stored), ``episode``, ``step``, extras."""
+        action = ["action"] if "action" in self._schema["specs"] else []
+        return [*action, "episode", "step", *self._extra_keys]
 
     def _refresh_bounds(self) -> None:
         self._hi = self._head + self._pending.long()
@@ -183,16 +226,30 @@ class ReplayBuffer:
         self._n, self._cum = n, cum
         self._num_rows = int(cum[-1])
         self._max_rows = max(int(n.max()), 1)
+        self._version += 1
 
-    def _attach(self, storage) -> None:
-        """Cache plain-tensor views of the storage columns for the sampling hot path.
+    def _allocate(self, template: TensorDictBase) -> TensorDict:
+        """The storage ``[num_envs * per_env]`` with ``template``'s columns (one row ``[1]``).
 
-        TorchRL's storage indexes a TensorDict leaf by leaf with advanced indexing, measured ~5x
-        slower than ``index_select`` for uint8 frames (scripts/bench_replay.py), so sampling reads
-        the storage's tensors directly; all writes go through ``storage.set``.
+        In memory, ``torch.empty`` (pages are mapped on first write); on disk, sparse memory-mapped
+        files under ``<path>/storage``. The small bookkeeping columns start at zero.
         """
-        self._storage = storage
-        data = storage._storage
+        size = self.num_envs * self.per_env
+        if self.path is None:
+            data = template.apply(lambda x: torch.empty((size, *x.shape[1:]), dtype=x.dtype), batch_size=[size])
+        else:
+            data = template.expand(size).memmap_like(prefix=self.path / _STORAGE_DIR, existsok=True)
+        data.get(_META).apply_(lambda x: x.zero_())
+        return data
+
+    def _attach(self) -> None:
+        """Cache flat ``[rows, -1]`` views of the storage columns for the sampling hot path.
+
+        Indexing a TensorDict leaf by leaf with advanced indexing was measured ~5x slower than
+        ``index_select`` for uint8 frames (scripts/bench_replay.py), so sampling and writing use these
+        views of the storage tensors.
+        """
+        data = self._data
         n = data.shape[0]
         self._cols, self._shapes = {}, {}
         for key in data.keys(include_nested=True, leaves_only=True):
@@ -202,6 +259,15 @@ class ReplayBuffer:
         self._first = self._cols[_FIRST].view(-1)
         self._last = self._cols[_LAST].view(-1)
         self._is_transition = self._cols[_IS_TRANSITION].view(-1)
+        self._segment = self._cols[_SEGMENT].view(-1)
+        self._has_action = self._cols[_HAS_ACTION].view(-1)
+
+    def _write(self, slots: torch.Tensor, rows: TensorDictBase) -> None:
+        """Write ``rows`` ``[n]`` (every storage column) at storage rows ``slots`` ``[n]``."""
+        n = slots.numel()
+        for key, value in rows.items(include_nested=True, leaves_only=True):
+            col = self._cols[_norm_key(key)]
+            col.index_copy_(0, slots, value.reshape(n, -1).to(col.dtype))
 
     def _metadata(self) -> dict:
         meta = {"format": _FORMAT, "capacity": self.capacity, "num_envs": self.num_envs,
@@ -214,65 +280,113 @@ class ReplayBuffer:
                 "pending": self._pending.tolist(),
                 "cur_first": self._cur_first.tolist(),
                 "cur_episode": self._cur_episode.tolist(),
+                "cur_segment": self._cur_segment.tolist(),
                 "next_episode_id": self._next_episode_id,
+                "next_segment_id": self._next_segment_id,
             })
         return meta
 
-    def _restore(self, meta: dict, storage) -> None:
-        if meta.get("format") != _FORMAT:
-            raise ValueError(
-                f"not a latentrl replay buffer (format {meta.get('format')!r}, expected {_FORMAT!r})"
-            )
+    def _restore(self, meta: dict, data: TensorDict | None) -> None:
+        """Positions from ``meta`` (a ``replay.json`` or checkpoint layout), rows from ``data``."""
+        if meta.get("format") not in (_FORMAT, _FORMAT_V1):
+            raise ValueError(f"not a latentrl replay buffer (format {meta.get('format')!r}, expected "
+                             f"{_FORMAT!r} or the older {_FORMAT_V1!r})")
         self.capacity, self.num_envs = meta["capacity"], meta["num_envs"]
         self._num_transitions = meta["num_transitions"]
+        self._data, self._table = None, None
         if self.num_envs is None:
             return
         self.per_env, self._schema = meta["per_env"], meta["schema"]
+        size = self.num_envs * self.per_env
+        if data is None or data.batch_dims != 1 or data.shape[0] != size:
+            got = None if data is None else list(data.batch_size)
+            raise ValueError(f"the stored rows have batch size {got}, but the layout ({self.num_envs} env streams "
+                             f"of {self.per_env} rows) needs [{size}]: the storage and replay.json (or the "
+                             "checkpoint's layout) come from different buffers")
         self._head = torch.tensor(meta["head"], dtype=torch.int64)
         self._pending = torch.tensor(meta["pending"], dtype=torch.bool)
         self._cur_first = torch.tensor(meta["cur_first"], dtype=torch.int64)
         self._cur_episode = torch.tensor(meta["cur_episode"], dtype=torch.int64)
         self._next_episode_id = meta["next_episode_id"]
         self._refresh_bounds()
-        self._attach(storage)
+        self._data = data
+        if _SEGMENT in data.keys(include_nested=True, leaves_only=True):
+            self._cur_segment = torch.tensor(meta["cur_segment"], dtype=torch.int64)
+            self._next_segment_id = meta["next_segment_id"]
+            self._attach()
+        else:
+            self._derive_segment_columns()
+
+    def _derive_segment_columns(self) -> None:
+        """Add the ``segment`` and ``has_action`` columns to rows written in format 1 (in memory).
+
+        Ids follow the episodes' first absolute rows (then the env): a fixed function of the stored data,
+        so a format-1 dataset gets the same ids every time it is opened.
+        """
+        data, size = self._data, self._data.shape[0]
+        first = data.get(_FIRST).as_subclass(torch.Tensor).reshape(-1)
+        self._first = first  # read by _segment_bounds
+        env, row, slot, starts, index, _ = self._segment_bounds()
+        key = first[slot[starts]] * self.num_envs + env[starts]
+        ids = torch.empty_like(key)
+        ids[key.argsort()] = torch.arange(len(key))
+        segment = torch.full((size,), -1, dtype=torch.int64)
+        segment[slot] = ids[index]
+        data.set(_SEGMENT, segment)
+        data.set(_HAS_ACTION, data.get(_IS_TRANSITION).as_subclass(torch.Tensor).clone())
+        self._next_segment_id = len(key)
+        pending_slot = torch.arange(self.num_envs) * self.per_env + self._head % self.per_env
+        self._cur_segment = torch.where(self._pending, segment[pending_slot], -1)
+        self._attach()
+
+    def _persist(self) -> None:
+        """Give a path-backed buffer's in-memory columns (derived from format 1) files under its path."""
+        leaves = self._data.values(include_nested=True, leaves_only=True)
+        if not all(isinstance(x, MemoryMappedTensor) for x in leaves):
+            self._data.memmap_(prefix=self.path / _STORAGE_DIR, existsok=True)
+            self._attach()
 
     def state_dict(self) -> dict:
-        """Checkpoint: stream positions, plus the data for an in-memory buffer (plain tensors only).
+        """Checkpoint: stream positions, plus the rows written so far for an in-memory buffer.
 
-        A path-backed buffer keeps its data on disk; only its positions go in the checkpoint.
+        Holds only tensors, dicts, lists, str, int, bool and None, so ``torch.load(weights_only=True)``
+        reads it back. A path-backed buffer keeps its rows on disk; only its positions go in the checkpoint.
         """
         out = {"layout": self._metadata()}
-        if self._storage is not None:
+        if self._data is not None:
             if self.path is None:
                 # only the rows written so far: the storage is allocated at full capacity on the first
                 # write, and saving all of it made early checkpoints full-size (3.7 GB for 1,500 pixel steps)
                 rows = min(self.per_env, int(self._hi.max()))
-                data = self._storage._storage.reshape(self.num_envs, self.per_env)[:, :rows]
-                out["storage"] = data.reshape(-1).clone().to_dict()  # clone: a view would save the whole storage
+                data = self._data.reshape(self.num_envs, self.per_env)[:, :rows].reshape(-1)
+                # clone: a view would save the whole storage
+                out["storage"] = data.apply(lambda x: x.as_subclass(torch.Tensor).clone()).to_dict()
                 out["rows_per_env"] = rows
             else:
-                self._storage.dumps(self.path / _STORAGE_DIR)
-                self._attach(self._storage)
+                self._persist()
         return out
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Restore a :meth:`state_dict` (also one written by the format-1 buffer)."""
         meta = state_dict["layout"]
-        storage = None
+        data = None
         if meta.get("num_envs") is not None:
-            size = meta["num_envs"] * meta["per_env"]
+            num_envs, per_env = meta["num_envs"], meta["per_env"]
             if "storage" in state_dict:
-                rows = state_dict.get("rows_per_env", meta["per_env"])  # older checkpoints: every row
-                data = TensorDict(state_dict["storage"], batch_size=[meta["num_envs"] * rows])
-                index = torch.arange(meta["num_envs"])[:, None] * meta["per_env"] + torch.arange(rows)
-                storage = LazyTensorStorage(size)
-                storage.set(index.reshape(-1), data)
+                rows = state_dict.get("rows_per_env", per_env)  # older checkpoints: every row
+                saved = TensorDict(state_dict["storage"], batch_size=[num_envs * rows])
+                self.num_envs, self.per_env = num_envs, per_env
+                path, self.path = self.path, None  # an in-memory checkpoint restores in memory
+                data = self._allocate(saved[:1])
+                self.path = path
+                index = torch.arange(num_envs)[:, None] * per_env + torch.arange(rows)
+                data[index.reshape(-1)] = saved
             elif self.path is not None:
-                storage = LazyMemmapStorage(size, scratch_dir=self.path / _STORAGE_DIR, existsok=True)
-                storage.loads(self.path / _STORAGE_DIR)
+                data = TensorDict.load_memmap(self.path / _STORAGE_DIR)
             else:
                 raise ValueError("this checkpoint holds positions only (a path-backed buffer); "
                                  "construct the buffer with the same path before loading it")
-        self._restore(meta, storage)
+        self._restore(meta, data)
 
     # ------------------------------------------------------------------ size
     def __len__(self) -> int:
@@ -287,15 +401,13 @@ class ReplayBuffer:
     @property
     def num_episodes(self) -> int:
         """Number of episodes with at least one stored row."""
-        if self.num_envs is None or self._num_rows == 0:
-            return 0
-        slot = torch.arange(self.num_envs * self.per_env)
-        env, pos = slot // self.per_env, slot % self.per_env
-        hi, lo = self._hi[env], self._lo[env]
-        row = hi - 1 - torch.remainder(hi - 1 - pos, self.per_env)
-        first = self._first
-        starts = (row >= lo) & ((first == row) | ((row == lo) & (first < row)))
-        return int(starts.sum())
+        return len(self._segment_table())
+
+    @property
+    def storage(self) -> TensorDict | None:
+        """The rows ``[num_envs * per_env]`` (plain tensors, or ``MemoryMappedTensor`` on disk); ``None``
+        before the first write. For reading (memory accounting, inspection): write through :meth:`extend`."""
+        return self._data
 
     def __repr__(self) -> str:
         where = "memory" if self.path is None else str(self.path)
@@ -304,13 +416,22 @@ class ReplayBuffer:
                 f"capacity={self.capacity}, num_envs={self.num_envs}, obs={keys}, storage={where})")
 
     # ------------------------------------------------------------------ writing
-    def extend(self, td: TensorDictBase, *, flat: bool = False) -> None:
+    def extend(self, td: TensorDictBase, *, flat: bool = False, actions: bool = True,
+               action_shape: int | Sequence[int] | None = None) -> None:
         """Add env steps.
 
         Args:
             td: TorchRL env steps, ``[num_envs]`` (one step of every env) or ``[num_envs, T]``
                 (``T`` consecutive steps of every env); with ``flat=True``, ``[N]`` consecutive steps
                 of a single stream (an offline dataset: episodes one after another).
+            actions: ``False`` for action-less steps (video): ``action`` may be missing (any given
+                is ignored), as may ``("next", "reward")`` (stored as NaN), agent extras (zeros) and
+                ``terminated`` / ``truncated`` (``False`` / ``done``). They are stored with a zero
+                action and ``has_action`` False, which every sampled batch carries. A buffer mixes
+                both kinds of steps.
+            action_shape: the action shape ``[A]`` to store when the buffer's first steps are
+                action-less (later steps may then carry actions); without it such a buffer stores
+                no ``action`` column and accepts only action-less steps.
         """
         if not isinstance(td, TensorDictBase):
             raise TypeError(f"extend() expects a TensorDict, got {type(td).__name__}")
@@ -328,34 +449,53 @@ class ReplayBuffer:
                 f"with flat=True), got batch size {list(td.batch_size)}"
             )
         td = td.to("cpu")
+        actions = bool(actions)
         num_envs, steps = td.batch_size
         if num_envs == 0 or steps == 0:
             return
         if self.num_envs is None:
-            self._init_layout(num_envs, td)
+            self._init_layout(num_envs, td, actions, action_shape)
         elif num_envs != self.num_envs:
             raise ValueError(
                 f"this buffer holds {self.num_envs} env streams but got a batch of {num_envs}; pass "
                 "[num_envs] or [num_envs, T] steps (or flat=True for a single-stream dataset into a "
                 "1-stream buffer)"
             )
-        self._check_schema(td)
+        self._check_schema(td, actions)
         # one write must not wrap a stream onto itself (each step adds at most 2 rows)
         chunk = max(1, self.per_env // 2)
         for start in range(0, steps, chunk):
-            self._extend_chunk(td[:, start:start + chunk])
+            self._extend_chunk(td[:, start:start + chunk], actions)
 
-    def _check_schema(self, td: TensorDictBase) -> None:
+    def _check_schema(self, td: TensorDictBase, actions: bool) -> None:
         schema = self._schema
+        if "next" not in td.keys() or not isinstance(td.get("next"), TensorDictBase):
+            raise KeyError("extend() expects TorchRL env steps with a 'next' sub-TensorDict (the env output)")
         obs = [k for k in td.keys() if k not in _NOT_OBS and k != "next" and k in td.get("next").keys()
                and isinstance(td.get(k), torch.Tensor)]
         if sorted(obs) != sorted(schema["obs"]):
             raise KeyError(
                 f"observation keys {sorted(obs)} differ from the stored ones {sorted(schema['obs'])}"
             )
-        for key in [*schema["obs"], "action", *self._extra_keys]:
+        if actions and "action" not in schema["specs"]:
+            raise ValueError("this buffer stores no actions: its first steps were action-less and gave no "
+                             "action_shape; create it with extend(td, actions=False, action_shape=[A]) to mix "
+                             "in steps with actions")
+        if actions and "action" not in td.keys():
+            raise KeyError("extend() expects an 'action' entry (float32 [*, A]); for action-less steps "
+                           "(video) call extend(td, actions=False)")
+        nxt = td.get("next")
+        if "done" not in nxt.keys() and not {"terminated", "truncated"} <= set(nxt.keys()):
+            raise KeyError(
+                "extend() expects ('next', 'done') (or ('next', 'terminated') and ('next', 'truncated'))"
+            )
+        for key in [*schema["obs"], *self._row_keys]:
+            if key in ("episode", "step"):
+                continue
             x = td.get(key, None)
             if x is None:
+                if not actions:  # action-less steps: zero action, zero extras
+                    continue
                 raise KeyError(f"missing key {key!r}: every extend() must carry the keys of the first one")
             spec = schema["specs"][_key_str(key)]
             if list(x.shape[2:]) != spec["shape"] or str(x.dtype).replace("torch.", "") != spec["dtype"]:
@@ -364,7 +504,22 @@ class ReplayBuffer:
                     f"stores {spec['shape']} {spec['dtype']}"
                 )
 
-    def _extend_chunk(self, td: TensorDictBase) -> None:
+    def _zeros(self, key, batch: list[int]) -> torch.Tensor:
+        spec = self._schema["specs"][_key_str(key)]
+        return torch.zeros((*batch, *spec["shape"]), dtype=getattr(torch, spec["dtype"]))
+
+    def _transition_column(self, nxt: TensorDictBase, key: str, done: torch.Tensor) -> torch.Tensor:
+        """``("next", key)`` of the steps ``[E, T, 1]``; filled in when action-less data leaves it out."""
+        if key in nxt.keys():
+            return nxt.get(key)
+        if key in ("done", "truncated"):  # a clip that ends is truncated, not terminal
+            return done[..., None]
+        if key == "terminated":
+            return torch.zeros_like(done[..., None])
+        dtype = self._cols[("next", "reward")].dtype if self._data is not None else torch.float32
+        return torch.full((*done.shape, 1), float("nan"), dtype=dtype)
+
+    def _extend_chunk(self, td: TensorDictBase, actions: bool) -> None:
         num_envs, steps = td.batch_size
         nxt = td.get("next")
         done = self._done(nxt).reshape(num_envs, steps)
@@ -387,6 +542,11 @@ class ReplayBuffer:
         first = start_val.cummax(1).values
         last = torch.where(done, abs_next, _NO_END).flip(1).cummin(1).values.flip(1)
         episode, step = self._episode_and_step(td, start, abs_obs - first)
+        # episode ids in start order: by step, then by env (so chunking does not change them)
+        new_ids = self._next_segment_id + start.reshape(-1).long().cumsum(0).reshape(num_envs, steps) - 1
+        segment = torch.where(start, new_ids, -1)
+        segment[:, 0] = torch.where(start[:, 0], segment[:, 0], self._cur_segment)
+        segment = segment.cummax(1).values
 
         # rows of episodes that started before this chunk and end in it learn their end
         for env in (pending & done.any(1)).nonzero().flatten().tolist():
@@ -394,52 +554,50 @@ class ReplayBuffer:
             self._last[env * per_env + rows % per_env] = last[env, 0]
 
         total = n_rows.sum(1)
-        if self._storage is not None:  # transitions pushed out of the rings
+        if self._data is not None:  # transitions pushed out of the rings
             lo_new = (head + total - per_env).clamp_min(0)
             old = self._lo[:, None] + torch.arange(2 * steps + 1)
             leaving = old < lo_new[:, None]
             slots = torch.arange(num_envs)[:, None] * per_env + old % per_env
             self._num_transitions -= int((self._is_transition[slots] & leaving).sum())
 
-        base = torch.arange(num_envs)[:, None] * per_env
-        obs_rows = TensorDict(
-            {k: td.get(k) for k in self._schema["obs"]}
-            | {"action": td.get("action"), "episode": episode, "step": step}
-            | {k: td.get(k) for k in self._extra_keys},
-            batch_size=[num_envs, steps],
-        )
+        batch = [num_envs, steps]
+        row_values = {"episode": episode, "step": step}
+        for key in self._row_keys:
+            if key not in row_values:
+                x = td.get(key, None) if actions or key != "action" else None
+                row_values[key] = x if x is not None else self._zeros(key, batch)
+        obs_rows = TensorDict({k: td.get(k) for k in self._schema["obs"]} | row_values, batch_size=batch)
         obs_rows["next"] = TensorDict(
-            {k: (done[..., None] if k == "done" and "done" not in nxt.keys() else nxt.get(k))
-             for k in self._schema["transition"]},
-            batch_size=[num_envs, steps],
+            {k: self._transition_column(nxt, k, done) for k in self._schema["transition"]}, batch_size=batch
         )
         obs_rows[_META] = TensorDict(
-            first=first, last=last, is_transition=torch.ones_like(done), batch_size=[num_envs, steps]
+            first=first, last=last, is_transition=torch.ones_like(done), segment=segment,
+            has_action=torch.full_like(done, actions), batch_size=batch,
         )
-        if self._storage is None:
-            storage = self._make_storage(num_envs * per_env)
-            storage.set((base + abs_obs % per_env).reshape(-1), obs_rows.reshape(-1))
-            self._attach(storage)
-        else:
-            self._storage.set((base + abs_obs % per_env).reshape(-1), obs_rows.reshape(-1))
+        if self._data is None:
+            self._data = self._allocate(obs_rows[:1, 0])
+            self._attach()
+        base = torch.arange(num_envs)[:, None] * per_env
+        self._write((base + abs_obs % per_env).reshape(-1), obs_rows.reshape(-1))
 
         # the next observation of each episode end and of each stream's newest step
         mask = has_next_row
         count = int(mask.sum())
         next_rows = TensorDict({k: nxt.get(k)[mask] for k in self._schema["obs"]}, batch_size=[count])
-        next_rows["episode"] = episode[mask]
-        next_rows["step"] = step[mask] + 1
-        for key in ["action", *self._extra_keys]:
+        for key in self._row_keys:
             x = obs_rows.get(key)
             next_rows[key] = torch.zeros((count, *x.shape[2:]), dtype=x.dtype)
+        next_rows["episode"] = episode[mask]
+        next_rows["step"] = step[mask] + 1
         next_rows["next"] = obs_rows.get("next")[mask].apply(torch.zeros_like)
         if "reward" in self._schema["transition"]:
             next_rows["next", "reward"].fill_(float("nan"))
         next_rows[_META] = TensorDict(
             first=first[mask], last=last[mask], is_transition=torch.zeros(count, dtype=torch.bool),
-            batch_size=[count],
+            segment=segment[mask], has_action=torch.zeros(count, dtype=torch.bool), batch_size=[count],
         )
-        self._storage.set((base + abs_next % per_env)[mask], next_rows)
+        self._write((base + abs_next % per_env)[mask], next_rows)
 
         ended = done[:, -1]
         self._num_transitions += num_envs * steps
@@ -447,6 +605,8 @@ class ReplayBuffer:
         self._pending = ~ended
         self._cur_first = first[:, -1]
         self._cur_episode = episode[:, -1]
+        self._cur_segment = segment[:, -1]
+        self._next_segment_id += int(start.sum())
         self._refresh_bounds()
 
     @staticmethod
@@ -484,22 +644,140 @@ class ReplayBuffer:
         if self.num_envs is not None and bool(self._pending.any()):
             self._close_pending(self._pending.clone())
 
+    # ------------------------------------------------------------------ episodes
+    def _segment_bounds(self):
+        """Stored rows by stream and row, and where each episode's stored part (segment) starts.
+
+        Returns ``env``, ``row``, ``slot`` (``[R]`` over the ``R`` stored rows), ``starts`` (positions
+        of segment starts in those), ``index`` (``[R]``: each row's segment) and ``length`` ``[S]``.
+        """
+        env, row = self._all_rows()
+        slot = env * self.per_env + row % self.per_env
+        is_start = (row == self._first[slot]) | (row == self._lo[env])
+        starts = is_start.nonzero().flatten()
+        index = is_start.long().cumsum(0) - 1
+        length = torch.diff(starts, append=torch.tensor([len(row)]))
+        return env, row, slot, starts, index, length
+
+    def _segment_table(self) -> TensorDict:
+        """The table behind :meth:`episodes`, cached until the next write."""
+        if self._table is not None and self._table[0] == self._version:
+            return self._table[1]
+        if self.num_envs is None or self._num_rows == 0:
+            table = TensorDict({k: torch.zeros(0, dtype=torch.int64) for k in ("id", "env", "start", "length",
+                                                                             "first_step")}
+                               | {"complete": torch.zeros(0, dtype=torch.bool),
+                                  "has_action": torch.zeros(0, dtype=torch.bool)}, batch_size=[0])
+        else:
+            env, row, slot, starts, index, length = self._segment_bounds()
+            start_slot = slot[starts]
+            no_action = (self._is_transition[slot] & ~self._has_action[slot]).long()
+            missing = torch.zeros(len(starts), dtype=torch.int64).index_add_(0, index, no_action)
+            table = TensorDict({
+                "id": self._segment[start_slot],
+                "env": env[starts],
+                "start": row[starts],
+                "length": length,
+                "first_step": row[starts] - self._first[start_slot],
+                "complete": self._last[start_slot] != _NO_END,
+                "has_action": missing == 0,
+            }, batch_size=[len(starts)])
+            table = table[table["id"].argsort()]
+        self._table = (self._version, table)
+        return table
+
+    def episodes(self) -> TensorDict:
+        """The stored episodes (segments), one row each, sorted by ``id``: a TensorDict ``[S]`` of
+
+        - ``id`` int64: the episode's stable id (see the module docstring: it never changes, across
+          writes, epochs, checkpoints and save / load);
+        - ``env`` int64: its env stream; ``start`` int64: the stream's absolute row of its first stored
+          observation; ``length`` int64: stored observations (its transitions plus its final or pending
+          observation);
+        - ``first_step`` int64: observations of the episode before ``start`` that the ring already
+          overwrote (0 for a whole episode; ``segment_step`` of its first stored row);
+        - ``complete`` bool: its final observation is stored (it ended: done flag, cut or
+          :meth:`end_episodes`); False while it runs;
+        - ``has_action`` bool: every stored transition carries a recorded action (False for video).
+        """
+        return self._segment_table().clone()
+
+    def episode(self, id: int, *, keys: Sequence[str] | None = None, frame_stack: int = 1) -> TensorDict:
+        """The stored rows of episode ``id`` (see :meth:`episodes`) as a TensorDict ``[T]``, ``T = length``.
+
+        Holds the observation keys (frame stacks as in :meth:`sample`, clamped at the segment's first
+        stored frame), ``action`` (when stored), agent extras, ``episode``, ``step``, ``is_first``,
+        ``has_action``, ``segment_id``, ``segment_step`` and ``("next", "reward" | "terminated" |
+        "truncated" | "done")`` of the step taken from each row. The final row holds the last
+        observation and no transition: zero action, ``has_action`` False, NaN reward, False done flags
+        (the step into it carries ``done``).
+        """
+        table = self._segment_table()
+        frame_stack = _positive_int("frame_stack", frame_stack)
+        match = (table["id"] == int(id)).nonzero().flatten() if len(table) else torch.zeros(0, dtype=torch.int64)
+        if len(match) == 0:
+            stored = "none" if len(table) == 0 else f"{len(table)} ids from {int(table['id'][0])} to " \
+                                                     f"{int(table['id'][-1])}"
+            raise KeyError(f"episode id {id!r} is not stored (stored: {stored}); list them with episodes()")
+        seg = table[int(match[0])]
+        env, start, length = int(seg["env"]), int(seg["start"]), int(seg["length"])
+        rows = start + torch.arange(length)
+        base = env * self.per_env
+        slot = base + rows % self.per_env
+        first = start - int(seg["first_step"])
+        out = {key: self._gather(key, slot) for key in self._row_keys}
+        out["next"] = {key: self._gather(("next", key), slot) for key in self._schema["transition"]}
+        out["is_first"] = rows == first
+        out["has_action"] = self._gather(_HAS_ACTION, slot)
+        out["segment_id"] = self._gather(_SEGMENT, slot)
+        out["segment_step"] = rows - first
+        # frame stacks clamped at the segment's first stored frame (its episode start when whole)
+        stack = base + torch.clamp_min(rows[:, None] + torch.arange(1 - frame_stack, 1), start) % self.per_env
+        for key in self._select_keys(keys):
+            if key in self._schema["stacked"]:
+                out[key] = self._gather(key, stack).flatten(1, 2)
+            else:
+                out[key] = self._gather(key, slot)
+        return TensorDict(out, batch_size=[length], device=self.device)
+
     # ------------------------------------------------------------------ sampling
     def sample(self, batch_size: int, *, frame_stack: int = 1, horizon: int = 1, goal: str | None = None,
-               keys: Sequence[str] | None = None, future_discount: float = 0.99) -> TensorDict:
-        """Sample transitions ``[B]`` (``horizon=1``) or episode slices ``[B, horizon]``.
+               keys: Sequence[str] | None = None, future_discount: float = 0.99,
+               offset: int | None = None) -> TensorDict:
+        """Sample transitions ``[B]`` (``horizon=1``), episode slices ``[B, horizon]``, or fixed-offset
+        pairs ``[B]`` (``offset=k``).
 
-        Returns a TensorDict with the observation keys (``pixels`` as ``[*, 3 * frame_stack, H, W]``,
-        oldest frame first, clamped to the episode's first frame), ``action``, agent extras, ``episode``,
-        ``step``, and ``("next", obs keys)``, ``("next", "reward")`` (when stored), ``("next", "terminated"
-        | "truncated" | "done")``. ``goal="future"`` adds a ``goal`` sub-TensorDict holding the observation
-        keys (and ``episode``, ``step``) of a later step of the same episode, ``t + g`` with
-        ``g ~ Geometric(1 - future_discount)`` clamped at the episode's last stored observation;
-        ``goal="random"`` one of any stored observation. ``keys`` restricts the observation keys.
+        Transitions and slices hold the observation keys (``pixels`` as ``[*, 3 * frame_stack, H, W]``,
+        oldest frame first, clamped to the episode's first frame), ``action`` (when stored), agent
+        extras, ``episode``, ``step``, and ``("next", obs keys)``, ``("next", "reward")`` (when stored),
+        ``("next", "terminated" | "truncated" | "done")``, plus, all of the batch shape ``[B]`` /
+        ``[B, horizon]``:
+
+        - ``is_first`` bool: the observation is its episode's first (DreamerV3's convention);
+        - ``has_action`` bool: ``action`` is a recorded action (False on action-less, video, steps:
+          their ``action`` is zero);
+        - ``segment_id`` int64: the episode's stable id (:meth:`episodes`, :meth:`episode`);
+        - ``segment_step`` int64: the observation's index in its episode (0 at ``is_first``), which
+          stays valid when the ring overwrites the episode's beginning.
+
+        ``goal="future"`` adds a ``goal`` sub-TensorDict holding the observation keys (and ``episode``,
+        ``step``) of a later step of the same episode, ``t + g`` with ``g ~ Geometric(1 -
+        future_discount)`` clamped at the episode's last stored observation; ``goal="random"`` one of
+        any stored observation. ``keys`` restricts the observation keys.
+
+        ``offset=k`` (any ``k >= 1``; StaMo probes use 1, 2, 4, 8) returns ``(o_t, o_{t+k},
+        a_{t:t+k})`` with ``t + k`` in the same episode (``o_{t+k}`` may be its final observation):
+        the observation keys at ``t`` (frame stacks as above), ``("target", obs keys)`` and
+        ``("target", "step")`` at ``t + k`` (stacks clamped at the same episode start), ``action``
+        ``[B, k, A]`` = ``a_t .. a_{t+k-1}``, ``has_action`` ``[B]`` (all ``k`` actions recorded),
+        ``offset`` int64 ``[B]`` (= ``k``), and at ``t``: agent extras, ``episode``, ``step``,
+        ``is_first``, ``segment_id``, ``segment_step``. It takes no ``horizon`` or ``goal``.
 
         ``pixels`` and ``("next", "pixels")`` are overlapping views of one gather (as are the windows
         of a ``[B, L]`` slice): copy them before writing into them in place.
         """
+        if offset is not None:
+            return self._sample_offset(batch_size, offset, frame_stack, horizon, goal, keys)
         batch_size, frame_stack, horizon = self._check_sample_args(batch_size, frame_stack, horizon, goal,
                                                                    future_discount)
         obs_keys = self._select_keys(keys)
@@ -507,9 +785,15 @@ class ReplayBuffer:
         per_env, length = self.per_env, horizon
         shape = [batch_size] if length == 1 else [batch_size, length]
         base = env[:, None] * per_env
+        rows = (start[:, None] + torch.arange(length)).view(shape)
         slot = (base + (start[:, None] + torch.arange(length)) % per_env).view(shape)
-        out = {key: self._gather(key, slot) for key in ["action", "episode", "step", *self._extra_keys]}
+        out = {key: self._gather(key, slot) for key in self._row_keys}
         nxt = {key: self._gather(("next", key), slot) for key in self._schema["transition"]}
+        row_first = first if length == 1 else first[:, None]
+        out["is_first"] = rows == row_first
+        out["has_action"] = self._gather(_HAS_ACTION, slot)
+        out["segment_id"] = self._gather(_SEGMENT, slot)
+        out["segment_step"] = rows - row_first
         goal_slot = None
         if goal is not None:  # ``goal`` rows ``shape`` (and their stacks ``[*shape, k]``)
             goal_slot, goal_stack_slot = self._goal_rows(goal, env, start, first, frame_stack, length,
@@ -520,8 +804,8 @@ class ReplayBuffer:
         # observations), frames t - k + 1 .. t + L for stacked keys (clamped at the episode start),
         # followed by the goal's rows
         obs_slot = base + (start[:, None] + torch.arange(length + 1)) % per_env
-        rows = torch.maximum(start[:, None] + torch.arange(1 - frame_stack, length + 1), first[:, None])
-        stack_slot = base + rows % per_env
+        stack_rows = torch.maximum(start[:, None] + torch.arange(1 - frame_stack, length + 1), first[:, None])
+        stack_slot = base + stack_rows % per_env
         for key in obs_keys:
             stacked = key in self._schema["stacked"]
             own = stack_slot if stacked else obs_slot
@@ -542,10 +826,49 @@ class ReplayBuffer:
         out["next"] = nxt
         return TensorDict(out, batch_size=shape, device=self.device)
 
+    def _sample_offset(self, batch_size, offset, frame_stack, horizon, goal, keys) -> TensorDict:
+        """``sample(offset=k)``: ``(o_t, o_{t+k}, a_{t:t+k})`` pairs ``[B]`` (layout in :meth:`sample`)."""
+        k = _positive_int("offset", offset)
+        if horizon != 1 or goal is not None:
+            raise ValueError(f"sample(offset={k}) returns pairs (o_t, o_t+k) with the actions between them and "
+                             f"takes no horizon or goal (got horizon={horizon!r}, goal={goal!r}); sample slices "
+                             "or goals in a separate call")
+        batch_size, frame_stack, _ = self._check_sample_args(batch_size, frame_stack, 1, None, 0.0)
+        if k > self.per_env - 1:
+            raise ValueError(
+                f"offset {k} is longer than a stream can hold ({self.per_env - 1} transitions per env with "
+                f"capacity {self.capacity} over {self.num_envs} envs); lower offset or raise capacity"
+            )
+        obs_keys = self._select_keys(keys)
+        # a start t whose k-step slice stays in one episode has o_{t+k} stored in that episode
+        env, t, first = self._draw(batch_size, frame_stack, k, transition=True, name="offset")
+        per_env = self.per_env
+        base = env * per_env
+        slot = base + t % per_env
+        action_slot = base[:, None] + (t[:, None] + torch.arange(k)) % per_env
+        out = {key: self._gather(key, slot) for key in self._row_keys if key != "action"}
+        if "action" in self._schema["specs"]:
+            out["action"] = self._gather("action", action_slot)
+        out["has_action"] = self._gather(_HAS_ACTION, action_slot).all(1)
+        out["is_first"] = t == first
+        out["segment_id"] = self._gather(_SEGMENT, slot)
+        out["segment_step"] = t - first
+        out["offset"] = torch.full((batch_size,), k, dtype=torch.int64)
+        pair = t[:, None] + torch.tensor([0, k])  # rows t and t + k  [B, 2]
+        target = {"step": self._gather("step", base + (t + k) % per_env)}
+        stack_rows = torch.maximum(pair[..., None] + torch.arange(1 - frame_stack, 1), first[:, None, None])
+        for key in obs_keys:
+            if key in self._schema["stacked"]:  # [B, 2, k, C, H, W] -> [B, 2, k * C, H, W]
+                g = self._gather(key, base[:, None, None] + stack_rows % per_env).flatten(2, 3)
+            else:
+                g = self._gather(key, base[:, None] + pair % per_env)
+            out[key], target[key] = g[:, 0], g[:, 1]
+        out["target"] = target
+        return TensorDict(out, batch_size=[batch_size], device=self.device)
+
     def _check_sample_args(self, batch_size, frame_stack, horizon, goal, future_discount):
         for name, value in (("batch_size", batch_size), ("frame_stack", frame_stack), ("horizon", horizon)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            _positive_int(name, value)
         if goal not in _GOALS:
             raise ValueError(f"goal must be one of {_GOALS}, got {goal!r}")
         if goal == "future" and not 0.0 <= future_discount < 1.0:
@@ -603,11 +926,12 @@ class ReplayBuffer:
         return env, self._lo[env] + offset, offset < self._n[env]
 
     def _all_rows(self):
+        """``env``, ``row`` of every stored row ``[R]``, by stream then row."""
         env = torch.repeat_interleave(torch.arange(self.num_envs), self._n)
         row = torch.arange(self._num_rows) - (self._cum - self._n)[env] + self._lo[env]
         return env, row
 
-    def _draw(self, n: int, frame_stack: int, horizon: int, transition: bool):
+    def _draw(self, n: int, frame_stack: int, horizon: int, transition: bool, name: str = "horizon"):
         """``n`` rows drawn uniformly among the valid ones (rejection sampling, exact fallback)."""
         got_env, got_row, got_first, have, rate = [], [], [], 0, 1.0
         for _ in range(4):
@@ -628,19 +952,19 @@ class ReplayBuffer:
         ok, first = self._valid(env, row, frame_stack, horizon, transition)
         valid = ok.nonzero().flatten()
         if len(valid) == 0:
-            raise ValueError(self._nothing_valid_message(frame_stack, horizon, transition))
+            raise ValueError(self._nothing_valid_message(frame_stack, horizon, transition, name))
         pick = valid[torch.randint(len(valid), (n,))]
         return env[pick], row[pick], first[pick]
 
-    def _nothing_valid_message(self, frame_stack: int, horizon: int, transition: bool) -> str:
+    def _nothing_valid_message(self, frame_stack: int, horizon: int, transition: bool, name: str) -> str:
         env, row = self._all_rows()
         slot = env * self.per_env + row % self.per_env
         since_start = row - torch.maximum(self._first[slot], self._lo[env]) + 1
         run = torch.where(self._is_transition[slot], since_start, 0)
         longest = int(run.max()) if len(run) else 0
         if transition and horizon > longest:
-            return (f"horizon {horizon} is longer than every stored episode: the longest run of stored "
-                    f"transitions in one episode is {longest}; lower horizon or collect longer episodes")
+            return (f"{name} {horizon} is longer than every stored episode: the longest run of stored "
+                    f"transitions in one episode is {longest}; lower {name} or collect longer episodes")
         return (f"no stored sample has frame_stack={frame_stack} frames of its episode still in the buffer; "
                 "lower frame_stack or raise capacity")
 
@@ -691,12 +1015,14 @@ class ReplayBuffer:
         Saving a path-backed buffer to its own path writes the metadata only (no copy); save again
         after extending a buffer opened with :meth:`load` so that its positions follow.
         """
-        if self._storage is None:
+        if self._data is None:
             raise RuntimeError("cannot save an empty replay buffer: extend() it first")
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        self._storage.dumps(path / _STORAGE_DIR)
-        self._attach(self._storage)
+        if self.path is not None and path.resolve() == self.path.resolve():
+            self._persist()
+        else:
+            self._data.memmap(prefix=path / _STORAGE_DIR, existsok=True, copy_existing=True)
         tmp = path / (_META_FILE + ".tmp")
         tmp.write_text(json.dumps(self._metadata(), indent=1))
         tmp.replace(path / _META_FILE)
@@ -705,8 +1031,9 @@ class ReplayBuffer:
     def load(cls, path: str | Path, *, device: str | torch.device = "cpu") -> ReplayBuffer:
         """Open a buffer written by :meth:`save` as a memory-mapped dataset (nothing is copied to memory).
 
-        A folder holding a plain memory-mapped TensorDict ``[N]`` of consecutive steps (``td.memmap(path)``)
-        is read as a flat dataset into an in-memory buffer (see :meth:`from_dataset`).
+        Reads format 2 and the older format 1 (see the module docstring). A folder holding a plain
+        memory-mapped TensorDict ``[N]`` of consecutive steps (``td.memmap(path)``) is read as a flat
+        dataset into an in-memory buffer (see :meth:`from_dataset`).
         """
         path = Path(path)
         if not (path / _META_FILE).exists():
@@ -718,23 +1045,23 @@ class ReplayBuffer:
         meta = json.loads((path / _META_FILE).read_text())
         buffer = cls(meta["capacity"], device=device)
         buffer.path = path
-        storage = None
+        data = None
         if meta.get("num_envs") is not None:
-            storage = LazyMemmapStorage(meta["num_envs"] * meta["per_env"], scratch_dir=path / _STORAGE_DIR,
-                                        existsok=True)
-            storage.loads(path / _STORAGE_DIR)
-        buffer._restore(meta, storage)
+            data = TensorDict.load_memmap(path / _STORAGE_DIR)
+        buffer._restore(meta, data)
         return buffer
 
     @classmethod
     def from_dataset(cls, td: TensorDictBase, *, path: str | Path | None = None,
-                     device: str | torch.device = "cpu") -> ReplayBuffer:
-        """A one-stream buffer holding a flat dataset ``[N]`` of consecutive steps (episode after episode)."""
+                     device: str | torch.device = "cpu", actions: bool = True,
+                     action_shape: int | Sequence[int] | None = None) -> ReplayBuffer:
+        """A one-stream buffer holding a flat dataset ``[N]`` of consecutive steps (episode after episode);
+        ``actions`` / ``action_shape`` as in :meth:`extend`."""
         if td.batch_dims != 1:
             raise ValueError(f"from_dataset() expects a [N] dataset, got batch size {list(td.batch_size)}")
         ends = int(cls._done(td.get("next")).sum())
         buffer = cls(td.shape[0] + ends + 1, path=path, device=device)
-        buffer.extend(td, flat=True)
+        buffer.extend(td, flat=True, actions=actions, action_shape=action_shape)
         return buffer
 
 

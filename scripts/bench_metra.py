@@ -1,7 +1,9 @@
 """Benchmark METRA's state coverage against a uniform random policy (docs/bench_metra.md).
 
 Trains METRA through the one trainer (``latentrl.training.trainer.Trainer``), whose evaluations
-call ``METRAAgent.evaluate`` (48 deterministic skills: unique 1x1 m torso cells and a skill plot).
+run METRA's registered evaluation (``latentrl.training.skills.evaluate_metra``: 48 deterministic
+skills, unique 1x1 m cells of the body position and a skill plot). Every episode here runs on the one
+evaluation path, ``latentrl.training.evaluation.rollout``.
 Alongside it measures, with the same env settings:
 
 - **eval coverage**: cells visited by the deterministic skills, against 48 uniform-random-action
@@ -32,22 +34,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from latentrl.agents.metra import (
-    UniformRandomPolicy,
-    count_cells,
-    evaluate_goal_reaching,
-    rollout,
-    torso_coordinates,
-)
-from latentrl.envs import make_env
+from latentrl.agents.base import UniformRandomPolicy
+from latentrl.envs import body_position, make_env
 from latentrl.replay import ReplayBuffer
 from latentrl.training.cli import load_config
+from latentrl.training.evaluation import rollout
 from latentrl.training.logger import machine_description
+from latentrl.training.skills import count_cells, evaluate_goal_reaching, plot_skill_trajectories
 from latentrl.training.trainer import Trainer
 
 
 class CoverageRecordingBuffer(ReplayBuffer):
-    """A replay buffer that also keeps the set of torso cells of every stored next observation."""
+    """A replay buffer that also keeps the set of body-position cells of every stored next observation."""
 
     def __init__(self, capacity: int, task: str, bin_size: float, **kwargs):
         super().__init__(capacity, **kwargs)
@@ -55,7 +53,8 @@ class CoverageRecordingBuffer(ReplayBuffer):
         self.cells: set[tuple[int, ...]] = set()
 
     def extend(self, td, *, flat: bool = False) -> None:
-        coords = torso_coordinates(self.task, td["next", "physics"].reshape(-1, td["next", "physics"].shape[-1]))
+        physics = td["next", "physics"]
+        coords = body_position(self.task, physics.reshape(-1, physics.shape[-1]).cpu().numpy())
         self.cells.update(map(tuple, np.floor(coords / self.bin_size).astype(np.int64)))
         super().extend(td, flat=flat)
 
@@ -71,7 +70,7 @@ class CoverageRecordingBuffer(ReplayBuffer):
 
 
 class CoverageTrainer(Trainer):
-    """The trainer with METRA's evaluation hook (``agent.evaluate``) and total-coverage bookkeeping."""
+    """The trainer (whose evaluations run METRA's coverage) with total-coverage bookkeeping."""
 
     def __init__(self, cfg, run_dir, *, agent_overrides, bin_size: float = 1.0, curve: list[dict] | None = None):
         self.bin_size = bin_size
@@ -83,7 +82,7 @@ class CoverageTrainer(Trainer):
         return CoverageRecordingBuffer(self.cfg.buffer_capacity, self.cfg.env.task, self.bin_size, device=self.device)
 
     def evaluate(self, step: int) -> dict[str, float]:
-        metrics = super().evaluate(step)  # runs METRAAgent.evaluate through the trainer's hook
+        metrics = super().evaluate(step)  # runs METRA's registered evaluation (latentrl.training.skills)
         metrics["eval/total_coverage"] = float(len(self.buffer.cells))
         row = {"env_steps": self.env_steps, "updates": self.updates, "wall_s": time.time() - self.started,
                **{k.removeprefix("eval/"): v for k, v in metrics.items()}}
@@ -92,35 +91,33 @@ class CoverageTrainer(Trainer):
         return metrics
 
 
-@torch.no_grad()
 def random_total_coverage(task: str, checkpoints: list[int], *, episode_length: int, action_repeat: int,
                           bin_size: float, seed: int, num_envs: int = 1, backend: str = "dmc",
                           device: str = "cpu") -> list[int]:
     """Cells visited by uniform random actions after each of ``checkpoints`` env steps.
 
     ``num_envs`` episodes run side by side (env steps count all of them); episodes are independent,
-    so this only changes how fast the baseline runs, e.g. ``backend="mjwarp"`` on a GPU.
+    so this only changes how fast the baseline runs, e.g. ``backend="mjwarp"`` on a GPU. Rounds of
+    ``num_envs`` episodes run until the last checkpoint; the positions after each step count (not
+    the reset's).
     """
     env = make_env(task, obs=("physics",), action_repeat=action_repeat, episode_length=episode_length, seed=seed,
                    num_envs=num_envs, num_workers=0, backend=backend, device=device)
-    gen = torch.Generator().manual_seed(seed)
-    action_dim = env.action_spec.shape[-1]
+    policy = UniformRandomPolicy(env.action_spec.shape[-1], torch.Generator().manual_seed(seed))
     cells: set[tuple[int, ...]] = set()
     pending = sorted(checkpoints)
     out = []
+    step = 0
     try:
-        td = env.reset()
-        step = 0
         while pending:
-            td["action"] = torch.rand(num_envs, action_dim, generator=gen) * 2 - 1
-            td, td_next = env.step_and_maybe_reset(td)
-            coords = torso_coordinates(task, td["next", "physics"])
-            cells.update(map(tuple, np.floor(coords / bin_size).astype(np.int64)))
-            td = td_next
-            step += num_envs
-            while pending and step >= pending[0]:
-                pending.pop(0)
-                out.append(len(cells))
+            episodes = rollout(env, policy, num_envs, positions=True).episodes
+            for t in range(1, max(e.length for e in episodes) + 1):  # the envs step together
+                live = [e.positions[t] for e in episodes if t <= e.length]
+                cells.update(map(tuple, np.floor(np.stack(live) / bin_size).astype(np.int64)))
+                step += len(live)
+                while pending and step >= pending[0]:
+                    pending.pop(0)
+                    out.append(len(cells))
     finally:
         env.close()
     return out
@@ -128,10 +125,8 @@ def random_total_coverage(task: str, checkpoints: list[int], *, episode_length: 
 
 def random_eval_coverage(env, episodes: int, bin_size: float, seed: int) -> tuple[int, list[np.ndarray]]:
     """Cells visited by ``episodes`` uniform-random-action episodes (the eval-coverage baseline)."""
-    gen = torch.Generator().manual_seed(seed)
-    action_dim = env.action_spec.shape[-1]
-    trajectories = [r.coordinates for r in rollout(env, lambda first, n: UniformRandomPolicy(action_dim, gen),
-                                                   episodes)]
+    policy = UniformRandomPolicy(env.action_spec.shape[-1], torch.Generator().manual_seed(seed))
+    trajectories = rollout(env, policy, episodes, positions=True).positions
     return count_cells(trajectories, bin_size), trajectories
 
 
@@ -222,8 +217,6 @@ def run_part(part: str, args: argparse.Namespace) -> dict:
     if last_plot.exists():
         skills_png.parent.mkdir(parents=True, exist_ok=True)
         skills_png.write_bytes(last_plot.read_bytes())
-    from latentrl.agents.metra import plot_skill_trajectories
-
     plot_skill_trajectories(random_traj, np.zeros((len(random_traj), 2)), out / f"random_{part}.png",
                             title=f"uniform random actions on {args.task}: {random_eval} cells")
     plot_curves(trainer.curve, random_eval, random_total, out / f"coverage_{part}.png",

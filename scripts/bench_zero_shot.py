@@ -39,8 +39,8 @@ from latentrl.envs import make_env
 from latentrl.envs.tasks import resolve_task_list
 from latentrl.replay import ReplayBuffer
 from latentrl.training.checkpoint import load_agent
+from latentrl.training.evaluation import rollout
 from latentrl.training.logger import machine_description
-from latentrl.training.trainer import evaluate_policy
 from latentrl.training.zero_shot import evaluate_reward_tasks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,7 +101,7 @@ def random_scores(domain: str, seeds: list[int], episodes: int) -> dict[str, lis
         for task in resolve_task_list(f"{domain}/all"):
             env = make_env(task, obs=("state", "physics"), num_envs=episodes, seed=seed, num_workers=0)
             policy = UniformRandomPolicy(env.action_spec.shape[-1], torch.Generator().manual_seed(seed))
-            result = evaluate_policy(env, policy, episodes)
+            result = rollout(env, policy, episodes)
             env.close()
             out.setdefault(task, []).append(float(np.mean(result.returns)))
     return out

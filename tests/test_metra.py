@@ -20,13 +20,12 @@ from latentrl.agents.metra import (
     METRAAgent,
     METRAConfig,
     constraint_penalty,
-    count_cells,
-    evaluate_coverage,
-    evaluate_goal_reaching,
     metra_reward,
     sample_skills,
-    torso_coordinates,
 )
+from latentrl.envs import body_position, get_task
+from latentrl.training.evaluation import evaluate_agent
+from latentrl.training.skills import count_cells, evaluate_coverage, evaluate_goal_reaching
 
 STATE_DIM, ACTION_DIM, IMAGE = 2, 3, 64
 TINY = {"hidden_dim": 16, "batch_size": 4}
@@ -348,16 +347,14 @@ def test_paper_preset_updates_at_its_published_size():
 # --------------------------------------------------------------------------- envs, coverage, training
 
 
-def test_torso_coordinates_and_cell_count():
-    from latentrl.agents.metra import _coordinate_qpos
-
-    assert _coordinate_qpos("cheetah-run") == (0,)
-    assert _coordinate_qpos("quadruped-run") == (0, 1)
-    assert _coordinate_qpos("point_mass-easy") == (0, 1)
-    assert _coordinate_qpos("walker-walk") == (1,)
+def test_body_position_and_cell_count():
+    assert get_task("cheetah-run").body_qpos_index == (0,)
+    assert get_task("quadruped-run").body_qpos_index == (0, 1)
+    assert get_task("point_mass-easy").body_qpos_index == (0, 1)
+    assert get_task("walker-walk").body_qpos_index == (1,)
     physics = np.zeros((2, 18))
     physics[:, 0] = [2.5, -0.5]
-    assert torso_coordinates("cheetah-run", physics).tolist() == [[2.5], [-0.5]]
+    assert body_position("cheetah-run", physics).tolist() == [[2.5], [-0.5]]
     trajectories = [np.array([[0.1, 0.2], [0.9, 0.9], [1.1, 0.2]]), np.array([[-0.1, 0.0], [0.5, 0.5]])]
     assert count_cells(trajectories) == 3  # (0, 0), (1, 0), (-1, 0)
     assert count_cells(trajectories, bin_size=0.5) == 4  # (0, 0), (1, 1) twice, (2, 0), (-1, 0)
@@ -376,8 +373,10 @@ def test_coverage_and_goal_evaluation_on_cheetah(tmp_path):
         goals = evaluate_goal_reaching(agent, env, num_goals=2, goal_range=3.0)
         assert set(goals) == {"success", "hit_success", "final_distance", "min_distance"}
         assert 0.0 <= goals["min_distance"] <= goals["final_distance"] <= 3.0 + 2.0
-        metrics = agent.evaluate(env, step=7, out_dir=tmp_path)
+        agent.config.eval_num_goals = 2
+        metrics = evaluate_agent(agent, env, step=7, out_dir=tmp_path)  # what the trainer runs for "metra"
         assert metrics["coverage"] >= 1 and (tmp_path / "skills_000000007.png").exists()
+        assert {"skill_direction_cos", "mean_travel", "goal_success", "goal_final_distance"} <= set(metrics)
     finally:
         env.close()
 
@@ -392,7 +391,7 @@ def test_train_agent_smoke(tmp_path, obs_type):
             "eval.video=false", f"run_dir={run_dir}", f"agent.obs_type={obs_type}", "steps=200",
             "env.episode_length=50"]
     result = train_main(args)
-    assert result["eval/coverage"] >= 1  # the trainer's evaluation hook ran METRAAgent.evaluate
+    assert result["eval/coverage"] >= 1  # the trainer ran METRA's registered evaluation (training/skills.py)
     assert list((run_dir / "eval").glob("skills_*.png"))
     with open(run_dir / "metrics.csv") as f:
         rows = [row for row in csv.DictReader(f) if row.get("lambda")]

@@ -1,10 +1,16 @@
-"""ReplayBuffer: transitions, frame stacks, slices, goals, wrap-around, relabelling, save / load.
+"""ReplayBuffer: transitions, frame stacks, slices, goals, wrap-around, relabelling, save / load,
+is_first, episode ids and segments, fixed-offset pairs, action-less (video) steps, the format-1 files.
 
 Synthetic env streams encode (env, episode, step) in every observation (pixels channels, state,
 physics), so each check compares what came back with explicit indexing of the ground truth.
 """
 
 from __future__ import annotations
+
+import copy
+import inspect
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +24,8 @@ class FakeEnvs:
     """``num_envs`` envs whose episode ``i`` of env ``e`` lasts ``lengths[e][i % len(lengths[e])]`` steps.
 
     Records the ground truth: the rows a frame-once buffer must hold per env, as (episode, step,
-    is_transition) with the final observation of each finished episode as its own row.
+    is_transition) with the final observation of each finished episode as its own row, and the order in
+    which episodes started (``started``: (env, episode) by step, then env: the buffer's episode ids).
     """
 
     def __init__(self, lengths, size=4, reward=True, ids=True):
@@ -27,6 +34,7 @@ class FakeEnvs:
         self.episode = [0] * self.num_envs
         self.t = [0] * self.num_envs
         self.rows = [[] for _ in lengths]
+        self.started = []
 
     def length(self, env, episode):
         return self.lengths[env][episode % len(self.lengths[env])]
@@ -59,6 +67,8 @@ class FakeEnvs:
                 data |= {"episode": torch.tensor(100 * env + episode), "step": torch.tensor(t)}
             steps.append(TensorDict(data, []))
             self.rows[env].append((episode, t, True))
+            if t == 0:
+                self.started.append((env, episode))
             if done:
                 self.rows[env].append((episode, t + 1, False))
                 self.episode[env], self.t[env] = episode + 1, 0
@@ -278,7 +288,7 @@ def test_save_load_round_trip(tmp_path, on_disk):
     if on_disk:
         buffer.save(tmp_path / "live")  # in place: metadata only
     loaded = ReplayBuffer.load(tmp_path / "saved")
-    assert isinstance(loaded._storage._storage["pixels"], MemoryMappedTensor)
+    assert isinstance(loaded.storage["pixels"], MemoryMappedTensor)
     assert len(loaded) == len(buffer) and loaded.num_episodes == buffer.num_episodes
     settings = ({"frame_stack": 3}, {"frame_stack": 2, "horizon": 3, "goal": "future"}, {"goal": "random"})
     for kwargs in settings:
@@ -300,10 +310,13 @@ def test_state_dict_round_trip(tmp_path, on_disk):
     path = tmp_path / "buffer" if on_disk else None
     buffer = ReplayBuffer(200, path=path)
     buffer.extend(envs.rollout(20))
-    state = torch.load(_saved(tmp_path, buffer.state_dict()), weights_only=True)  # plain tensors only
+    buffer.extend(envs.rollout(3).exclude("action", "skill"), actions=False)
+    plain_types_only(buffer.state_dict())  # no numpy arrays, TensorDicts, MemoryMappedTensors or classes
+    state = torch.load(_saved(tmp_path, buffer.state_dict()), weights_only=True)
     restored = ReplayBuffer(200, path=path)
     restored.load_state_dict(state)
     assert len(restored) == len(buffer)
+    assert (restored.episodes() == buffer.episodes()).all()
     torch.manual_seed(3)
     expected = buffer.sample(100, frame_stack=2, horizon=2)
     torch.manual_seed(3)
@@ -330,7 +343,7 @@ def test_checkpoint_holds_only_the_rows_written(tmp_path, capacity):
     torch.manual_seed(3)
     assert (restored.sample(100, frame_stack=2, horizon=2) == expected).all()
     # a checkpoint written before only the written rows were kept (the whole storage) still loads
-    legacy = {"layout": state["layout"], "storage": buffer._storage._storage.to_dict()}
+    legacy = {"layout": state["layout"], "storage": buffer.storage.to_dict()}
     old = ReplayBuffer(capacity)
     old.load_state_dict(legacy)
     torch.manual_seed(3)
@@ -346,7 +359,7 @@ def test_memory_is_about_one_frame_per_step():
     envs = FakeEnvs([[50]] * 4, size=64)
     buffer = ReplayBuffer(4 * 102)
     buffer.extend(envs.rollout(100))
-    data = buffer._storage._storage
+    data = buffer.storage
     stored = sum(x.numel() * x.element_size() for x in data.values(True, True))
     frame = 3 * 64 * 64
     assert data["pixels"].shape[0] == buffer.capacity  # one frame per row, no stacked or next frames
@@ -486,3 +499,302 @@ def test_end_episodes_keeps_a_restarted_stream_from_joining_the_old_episode():
     # every transition moves one step forward within its episode: none joins old step 3 to new step 0
     assert torch.equal(batch["next", "state"][:, 0] - batch["state"][:, 0], torch.ones(500))
     assert buffer.num_episodes == 2
+
+
+# ---------------------------------------------------------------- contracts v2: is_first, episodes, offsets, video
+
+
+def stored_segments(envs: FakeEnvs, per_env: int) -> dict:
+    """Ground truth of ``episodes()``: (env, episode) -> (absolute start row, first stored step, stored rows,
+    complete) for every episode with a row in a ring of ``per_env`` rows."""
+    out = {}
+    for env in range(envs.num_envs):
+        rows = envs.stored(env, per_env)
+        total = len(envs.rows[env]) + (envs.t[env] > 0)  # rows ever written, the pending one included
+        for i, (episode, t, _) in enumerate(rows):
+            start, first_t, n, _ = out.get((env, episode), (total - len(rows) + i, t, 0, False))
+            out[env, episode] = (start, first_t, n + 1, t == envs.length(env, episode))
+    return out
+
+
+def check_episodes(buffer: ReplayBuffer, envs: FakeEnvs, per_env: int) -> TensorDict:
+    """``episodes()`` against the ground truth; ids must be the episodes' start order (``envs.started``)."""
+    table = buffer.episodes()
+    truth = stored_segments(envs, per_env)
+    assert len(table) == len(truth) == buffer.num_episodes
+    assert table["id"].tolist() == sorted(table["id"].tolist())
+    for id_, env, start, first_step, length, complete in zip(*(table[k].tolist() for k in (
+            "id", "env", "start", "first_step", "length", "complete")), strict=True):
+        assert envs.started[id_][0] == env
+        assert truth[envs.started[id_]] == (start, first_step, length, complete)
+        segment = buffer.episode(id_, keys=("state",))
+        assert (segment["segment_id"] == id_).all(), "the episode's rows disagree on its id"
+        assert segment["state"][:, :2].long().unique(dim=0).tolist() == [list(envs.started[id_])]
+    return table
+
+
+def test_is_first_marks_episode_starts():
+    envs = FakeEnvs([[7, 5], [9], [3, 11]])
+    buffer = ReplayBuffer(3 * 16 + 2)  # 16 rows per stream: wraps, some episodes lose their first rows
+    buffer.extend(envs.rollout(40))
+    torch.manual_seed(0)
+    batch = buffer.sample(2000, frame_stack=2)
+    assert batch["is_first"].dtype == torch.bool and batch["is_first"].shape == (2000,)
+    assert torch.equal(batch["is_first"], batch["step"] == 0)
+    assert batch["is_first"].any() and not batch["is_first"].all()
+    assert torch.equal(batch["segment_step"], batch["step"])
+    sliced = buffer.sample(1000, horizon=3)
+    assert sliced["is_first"].shape == sliced["segment_step"].shape == (1000, 3)
+    assert torch.equal(sliced["is_first"], sliced["step"] == 0) and sliced["is_first"][:, 0].any()
+    assert torch.equal(sliced["segment_step"], sliced["step"])
+    pairs = buffer.sample(1000, offset=2)
+    assert torch.equal(pairs["is_first"], pairs["step"] == 0) and pairs["is_first"].any()
+    assert torch.equal(pairs["segment_step"], pairs["step"])
+    table = check_episodes(buffer, envs, 16)
+    cut = table[table["first_step"] > 0]
+    assert len(cut) > 0, "no stored episode lost its first rows: the check below would be empty"
+    for id_, first_step in zip(cut["id"].tolist(), cut["first_step"].tolist(), strict=True):
+        segment = buffer.episode(id_, frame_stack=2)
+        assert not segment["is_first"].any()  # its first observation is gone
+        assert segment["segment_step"].tolist() == list(range(first_step, first_step + len(segment)))
+        assert decode(segment["pixels"][0])[:, 2].tolist() == [first_step, first_step]  # clamped there
+
+
+def test_episode_ids_are_stable(tmp_path):
+    envs = FakeEnvs(LENGTHS)
+    per_env = 30
+    buffer = ReplayBuffer(3 * per_env)
+    buffer.extend(envs.rollout(12))
+    table = check_episodes(buffer, envs, per_env)
+    assert table["id"].tolist() == list(range(len(table)))  # nothing overwritten yet: 0 .. N - 1
+    assert (buffer.episodes() == table).all()
+    for _ in range(3):  # more writes, one step at a time: the ring drops the oldest episodes
+        buffer.extend(envs.rollout(8))
+        table = check_episodes(buffer, envs, per_env)
+    assert table["id"][0] > 0, "no episode was overwritten"
+    torch.manual_seed(0)
+    batch = buffer.sample(1000, horizon=2)
+    for id_, code in zip(batch["segment_id"].reshape(-1).tolist(), batch["state"].reshape(-1, 3).long().tolist(),
+                         strict=True):
+        assert envs.started[id_] == (code[0], code[1])
+
+    buffer.save(tmp_path / "saved")
+    loaded = ReplayBuffer.load(tmp_path / "saved")
+    assert (loaded.episodes() == table).all()
+    restored = ReplayBuffer(3 * per_env)
+    restored.load_state_dict(torch.load(_saved(tmp_path, buffer.state_dict()), weights_only=True))
+    assert (restored.episodes() == table).all()
+    for other in (loaded, restored):  # they carry on numbering where the buffer stopped
+        other_envs = FakeEnvs(LENGTHS)
+        other_envs.__dict__.update({k: copy.deepcopy(v) for k, v in envs.__dict__.items()})
+        other.extend(other_envs.rollout(9))
+        check_episodes(other, other_envs, per_env)
+
+
+def test_episode_reads_one_segment():
+    envs = FakeEnvs(LENGTHS)
+    buffer = ReplayBuffer(1000)
+    buffer.extend(envs.rollout(20))
+    table = check_episodes(buffer, envs, 1000)
+    rows = {(env, e, s): is_t for env in range(3) for e, s, is_t in envs.stored(env, 1000)}
+    for id_, length in zip(table["id"].tolist(), table["length"].tolist(), strict=True):
+        env, episode = envs.started[id_]
+        segment = buffer.episode(id_, frame_stack=3)
+        assert segment.batch_size == (length,)
+        assert segment["state"].long().tolist() == [[env, episode, t] for t in range(length)]
+        expected = [[[env, episode, max(t - j, 0)] for j in (2, 1, 0)] for t in range(length)]
+        assert decode(segment["pixels"]).tolist() == expected
+        is_t = [rows[env, episode, t] for t in range(length)]
+        assert segment["has_action"].tolist() == is_t
+        actions = [[env, episode, t] if is_t[t] else [0, 0, 0] for t in range(length)]
+        assert segment["action"].tolist() == actions
+        assert segment["is_first"].tolist() == [t == 0 for t in range(length)]
+        assert (segment["segment_id"] == id_).all() and segment["segment_step"].tolist() == list(range(length))
+        assert segment["next", "reward"][:, 0].isnan().tolist() == [not x for x in is_t]
+        ended = length - 1 == envs.length(env, episode)
+        assert segment["next", "done"][:, 0].tolist() == [ended and t == length - 2 for t in range(length)]
+    assert set(buffer.episode(0, keys=("state",)).keys()) >= {"state", "action", "is_first", "segment_id"}
+    assert "pixels" not in buffer.episode(0, keys=("state",)).keys()
+    with pytest.raises(KeyError, match="episode id 999 is not stored"):
+        buffer.episode(999)
+
+
+@pytest.mark.parametrize("frame_stack", [1, 2])
+def test_fixed_offset_pairs(frame_stack):
+    envs = FakeEnvs([[7, 5], [9], [3, 11]])
+    per_env = 16
+    buffer = ReplayBuffer(3 * per_env + 2)
+    for chunk in (5, 12, 20):  # wraps round
+        buffer.extend(envs.rollout(chunk))
+    for k in (1, 2, 4, 8):
+        torch.manual_seed(k)
+        batch = buffer.sample(1500, offset=k, frame_stack=frame_stack)
+        assert batch.batch_size == (1500,) and (batch["offset"] == k).all()
+        obs, target = batch["state"].long(), batch["target", "state"].long()
+        assert torch.equal(target[:, :2], obs[:, :2]), "a pair crosses episodes"
+        assert torch.equal(target[:, 2], obs[:, 2] + k)
+        assert torch.equal(batch["target", "step"], target[:, 2])
+        ends = torch.tensor([envs.length(e, ep) for e, ep in obs[:, :2].tolist()])
+        assert (target[:, 2] <= ends).all() and (target[:, 2] == ends).any()  # o_{t+k} may be the final obs
+        expected = obs[:, None, :].float() + torch.tensor([0.0, 0.0, 1.0]) * torch.arange(k)[:, None]
+        assert batch["action"].shape == (1500, k, 3) and torch.equal(batch["action"], expected)
+        assert batch["has_action"].all()
+        for key, t in (("pixels", obs[:, 2]), (("target", "pixels"), target[:, 2])):
+            assert batch[key].shape == (1500, 3 * frame_stack, 4, 4)
+            stack = decode(batch[key])
+            assert torch.equal(stack[..., :2], obs[:, None, :2].expand(-1, frame_stack, -1))
+            assert torch.equal(stack[..., 2], (t[:, None] + torch.arange(1 - frame_stack, 1)).clamp_min(0))
+        assert torch.equal(batch["target", "physics"], target.double())
+        seen = {tuple(c) for c in obs.tolist()}
+        assert seen == valid_starts(envs, per_env, frame_stack, k)  # every start whose pair is stored
+    with pytest.raises(ValueError, match="offset must be a positive int"):
+        buffer.sample(4, offset=0)
+    with pytest.raises(ValueError, match="no horizon or goal"):
+        buffer.sample(4, offset=2, horizon=3)
+    with pytest.raises(ValueError, match="offset 12 is longer than every stored episode"):
+        buffer.sample(4, offset=12)
+
+
+def test_action_less_segments():
+    envs = FakeEnvs(LENGTHS)
+    buffer = ReplayBuffer(1000)
+    video = set()  # (env, episode, step) of the steps written without actions
+
+    def video_steps(n):
+        td = envs.rollout(n) if n > 1 else envs.step()
+        video.update(map(tuple, td["state"].reshape(-1, 3).long().tolist()))
+        return td.exclude("action", "skill", ("next", "reward"))
+
+    buffer.extend(envs.rollout(6))
+    buffer.extend(video_steps(9), actions=False)
+    buffer.extend(envs.rollout(4))
+    buffer.extend(video_steps(1), actions=False)  # one [num_envs] step
+    buffer.extend(envs.rollout(3))
+    torch.manual_seed(0)
+    for batch in (buffer.sample(3000), buffer.sample(1000, horizon=2).reshape(-1)):
+        codes = batch["state"].long()
+        is_video = torch.tensor([tuple(c) in video for c in codes.tolist()])
+        assert is_video.any() and (~is_video).any(), "the mixed buffer should sample both kinds"
+        assert torch.equal(batch["has_action"], ~is_video)
+        assert (batch["action"][is_video] == 0).all() and (batch["skill"][is_video] == 0).all()
+        assert torch.equal(batch["action"][~is_video], codes[~is_video].float())
+        reward = batch["next", "reward"]
+        assert reward[is_video].isnan().all() and not reward[~is_video].isnan().any()
+    pairs = buffer.sample(3000, offset=3)
+    expected = torch.tensor([all((e, ep, t + j) not in video for j in range(3))
+                             for e, ep, t in pairs["state"].long().tolist()])
+    assert torch.equal(pairs["has_action"], expected) and expected.any() and (~expected).any()
+    table = buffer.episodes()
+    for id_, has_action in zip(table["id"].tolist(), table["has_action"].tolist(), strict=True):
+        assert has_action == all(envs.started[id_] != (e, ep) for e, ep, _ in video)
+    assert not table["has_action"].all() and table["has_action"].any()
+    with pytest.raises(KeyError, match="actions=False"):
+        buffer.extend(envs.step().exclude("action"))
+
+    # a buffer whose first steps are action-less: with an action shape it takes actions later
+    clip = FakeEnvs([[5]])
+    first = ReplayBuffer(100)
+    first.extend(clip.rollout(6).exclude("action", "skill"), actions=False, action_shape=3)
+    first.extend(clip.rollout(6).exclude("skill"))
+    batch = first.sample(500)
+    assert batch["action"].shape == (500, 3)
+    has = batch["step"].long() + 5 * batch["episode"]  # episodes 0 (steps 0-4) and the first step of 1: video
+    assert torch.equal(batch["has_action"], has >= 6) and batch["has_action"].any()
+    # ... without one it stores no action column and refuses steps with actions
+    bare = ReplayBuffer(100)
+    bare.extend(FakeEnvs([[5]]).rollout(6).exclude("action", "skill"), actions=False)
+    assert "action" not in bare.sample(8).keys() and not bare.sample(8)["has_action"].any()
+    assert bare.sample(8, offset=2)["has_action"].shape == (8,)
+    with pytest.raises(ValueError, match="action_shape"):
+        bare.extend(FakeEnvs([[5]]).rollout(2))
+
+
+def write_format_1(buffer: ReplayBuffer, path):
+    """What the format-1 buffer's ``save`` wrote: TorchRL's ``LazyMemmapStorage.dumps`` of its rows (no
+    ``segment`` / ``has_action`` columns) and a ``replay.json`` without the segment positions."""
+    from torchrl.data import LazyMemmapStorage
+
+    rows = buffer.storage.exclude(("_replay", "segment"), ("_replay", "has_action")).clone()
+    storage = LazyMemmapStorage(rows.shape[0], scratch_dir=path / "scratch")
+    storage.set(torch.arange(rows.shape[0]), rows)
+    storage.dumps(path / "storage")
+    meta = format_1_layout(buffer)
+    (path / "replay.json").write_text(json.dumps(meta))
+    return rows
+
+
+def format_1_layout(buffer: ReplayBuffer) -> dict:
+    meta = buffer.state_dict()["layout"]
+    del meta["cur_segment"], meta["next_segment_id"]
+    return meta | {"format": "latentrl.replay/1"}
+
+
+def test_format_1_dataset_and_checkpoint_load(tmp_path):
+    envs = FakeEnvs(LENGTHS, size=8)
+    buffer = ReplayBuffer(60)
+    buffer.extend(envs.rollout(30))  # wraps around
+    buffer.extend(envs.step())
+    rows = write_format_1(buffer, tmp_path / "v1")
+    assert (tmp_path / "v1" / "storage" / "storage_metadata.json").exists()  # TorchRL's own file
+    loaded = ReplayBuffer.load(tmp_path / "v1")
+    assert isinstance(loaded.storage["pixels"], MemoryMappedTensor)  # opened in place
+    assert len(loaded) == len(buffer) and loaded.num_episodes == buffer.num_episodes
+    settings = ({"frame_stack": 3}, {"frame_stack": 2, "horizon": 3, "goal": "future"}, {"goal": "random"},
+                {"offset": 2, "frame_stack": 2})
+    for kwargs in settings:
+        torch.manual_seed(7)
+        expected = buffer.sample(64, **kwargs)
+        torch.manual_seed(7)
+        assert_same(loaded.sample(64, **kwargs).exclude("segment_id"), expected.exclude("segment_id"))
+    # ids are derived from the stored rows: the same every time the folder is opened, 0 .. N - 1
+    table = loaded.episodes()
+    assert table["id"].tolist() == list(range(len(table)))
+    assert (ReplayBuffer.load(tmp_path / "v1").episodes() == table).all()
+    by_row = lambda t: t[(t["env"] * 10**6 + t["start"]).argsort()].exclude("id")  # noqa: E731
+    assert (by_row(table) == by_row(buffer.episodes())).all()
+    loaded.extend(envs.step())  # writes on, with ids following the derived ones
+    grown = loaded.episodes()
+    assert grown["id"].unique().numel() == len(grown) and 0 <= int(grown["id"].min())
+    assert int(grown["id"].max()) < len(table) + 3
+    for id_ in grown["id"].tolist():
+        assert (loaded.episode(id_)["segment_id"] == id_).all(), "an episode continued under another id"
+    loaded.save(tmp_path / "v1")  # in place: format 2 from now on
+    assert json.loads((tmp_path / "v1" / "replay.json").read_text())["format"] == "latentrl.replay/2"
+    assert (ReplayBuffer.load(tmp_path / "v1").episodes() == loaded.episodes()).all()
+
+    # a checkpoint of the format-1 buffer (rows written so far, plain tensors)
+    state = {"layout": format_1_layout(buffer), "storage": rows.to_dict(), "rows_per_env": 20}
+    restored = ReplayBuffer(60)
+    restored.load_state_dict(torch.load(_saved(tmp_path, state), weights_only=True))
+    torch.manual_seed(3)
+    expected = buffer.sample(100, frame_stack=2, horizon=2)
+    torch.manual_seed(3)
+    assert_same(restored.sample(100, frame_stack=2, horizon=2).exclude("segment_id"),
+                expected.exclude("segment_id"))
+    assert (restored.episodes() == table).all()
+
+
+def plain_types_only(obj, where="state_dict"):
+    """Raise if ``obj`` holds anything but tensors, dicts, lists, str, int, float, bool and None."""
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            assert isinstance(key, str), f"{where} has a non-str key {key!r}"
+            plain_types_only(value, f"{where}[{key!r}]")
+    elif isinstance(obj, list):
+        for i, value in enumerate(obj):
+            plain_types_only(value, f"{where}[{i}]")
+    else:
+        assert type(obj) in (torch.Tensor, str, int, float, bool, type(None)), f"{where} is a {type(obj)}"
+
+
+def test_replay_owns_its_storage():
+    import latentrl.replay
+
+    sources = list(Path(latentrl.replay.__file__).parent.glob("*.py"))
+    assert len(sources) >= 2
+    for source in sources:
+        text = source.read_text()
+        assert "_storage" not in text, f"{source.name} reaches into a TorchRL storage"
+        assert "import torchrl" not in text and "from torchrl" not in text, f"{source.name} imports torchrl"
+    params = inspect.signature(ReplayBuffer.sample).parameters
+    assert {"batch_size", "frame_stack", "horizon", "goal", "keys", "future_discount", "offset"} <= set(params)

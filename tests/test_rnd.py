@@ -15,16 +15,15 @@ from tensordict import TensorDict
 
 from latentrl.agents import UnsupportedTaskError, make_agent
 from latentrl.agents.base import RewardSamples, Task
-from latentrl.agents.common import (
+from latentrl.agents.actor_critic import (
     DDPGActorCritic,
     DeterministicActor,
-    RunningMeanStd,
     TruncatedNormal,
     TwinQCritic,
     schedule,
-    soft_update_params,
 )
 from latentrl.agents.rnd import PRESETS, RNDAgent, RNDConfig
+from latentrl.world_models.layers import RunningMeanStd, soft_update_params
 
 from fakes import ACTION_DIM, IMAGE, STATE_DIM, SpecEnv, random_obs
 
@@ -119,11 +118,16 @@ def test_update_trains_everything_but_the_target_network(obs_type):
     before = copy.deepcopy(agent.state_dict())
     agent.update(_batch(obs_type, 8))
     after = agent.state_dict()
-    for name in before:
-        if name.startswith("rnd.target."):
-            torch.testing.assert_close(after[name], before[name], rtol=0, atol=0)
-    changed = {".".join(name.split(".")[:2]) for name in before if not torch.equal(before[name], after[name])}
-    expected = {"rnd.predictor", "rnd.obs_rms", "actor_critic.actor", "actor_critic.critic"}
+    targets = [name for name in before if name.startswith("world_model.rnd.target.")]
+    assert targets
+    for name in targets:
+        torch.testing.assert_close(after[name], before[name], rtol=0, atol=0)
+
+    def part(name: str) -> str:  # the distillation pair lives in the world model: world_model.rnd.<part>
+        return ".".join(name.split(".")[: 3 if name.startswith("world_model.rnd.") else 2])
+
+    changed = {part(name) for name in before if not torch.equal(before[name], after[name])}
+    expected = {"world_model.rnd.predictor", "world_model.rnd.obs_rms", "actor_critic.actor", "actor_critic.critic"}
     expected.add("actor_critic.critic_target")
     if obs_type == "pixels":
         expected.add("world_model.encoder")

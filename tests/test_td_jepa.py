@@ -14,10 +14,11 @@ from omegaconf import OmegaConf
 from tensordict import TensorDict
 
 from latentrl.agents import GoalObservation, RewardSamples, Task, UnsupportedTaskError, make_agent
-from latentrl.agents.common import heldout_linear_r2
-from latentrl.agents.td_jepa import PRESETS, TDJEPAAgent, TDJEPAConfig, effective_rank, lstsq_task
+from latentrl.agents.td_jepa import PRESETS, TDJEPAAgent, TDJEPAConfig, lstsq_task
+from latentrl.agents.zero_shot import heldout_linear_r2
 from latentrl.world_models.sphere import project_to_sphere, sample_mixed_z, sample_sphere
-from latentrl.world_models.td_jepa import TDJEPAModel, orthonormality_loss, predictive_loss
+from latentrl.world_models.td_jepa import TDJEPAModel, effective_rank, predictive_loss
+from latentrl.world_models.zero_shot import orthonormality_loss
 
 from fakes import IMAGE, STATE_DIM, SpecEnv, random_obs, replay_batch
 
@@ -138,7 +139,7 @@ def test_predictor_and_td_target_shapes(symmetric):
     assert isinstance(wm, TDJEPAModel) and wm.capabilities == {"encode", "successor"}
     d_phi = cfg.psi_dim if symmetric else cfg.phi_dim
     batch = replay_batch("state", b)
-    obs, next_obs, action, discount = agent.unpack_batch(batch)
+    obs, next_obs, action, discount = wm.training_inputs(batch, cfg.discount)
     assert discount.shape == (b, 1) and torch.all(discount == cfg.discount)
     phi = wm.encode(batch)
     assert phi.shape == (b, d_phi)
@@ -146,8 +147,8 @@ def test_predictor_and_td_target_shapes(symmetric):
     z = sample_sphere(b, cfg.psi_dim)
     assert wm.successor(phi, action, z).shape == (cfg.ensemble_size, b, cfg.psi_dim)
     assert wm.q_value(phi, action, z).shape == (b,)
-    h = agent.trunk_features(obs, next_obs)
-    target = agent.td_targets(h["next_phi"], h["next_psi"], z, discount)
+    h = wm.trunk_features(obs, next_obs)
+    target = wm.td_targets(h["next_phi"], h["next_psi"], z, discount, agent.target_action)
     assert target["phi"].shape == (b, cfg.psi_dim)
     if symmetric:
         assert "psi" not in target and wm.psi_predictor is None
@@ -159,14 +160,14 @@ def test_predictor_and_td_target_shapes(symmetric):
 
     # a' is the actor's TD3-noised action at the target phi(s'), not its mean.
     with torch.no_grad():
-        next_phi = agent.targets["phi_head"](h["next_phi"])
+        next_phi = wm.targets["phi_head"](h["next_phi"])
         mean = agent.actor(next_phi, z, cfg.actor_std).mean
     noise = target["action"] - mean
     assert noise.abs().max() <= cfg.stddev_clip + 1e-6 and noise.abs().max() > 1e-3
     # With gamma_t = 0 (terminal transitions) the targets are the EMA embeddings of s' alone.
-    ended = agent.td_targets(h["next_phi"], h["next_psi"], z, torch.zeros(b, 1))
+    ended = wm.td_targets(h["next_phi"], h["next_psi"], z, torch.zeros(b, 1), agent.target_action)
     with torch.no_grad():
-        next_psi = next_phi if symmetric else agent.targets["psi_head"](h["next_psi"])
+        next_psi = next_phi if symmetric else wm.targets["psi_head"](h["next_psi"])
     torch.testing.assert_close(ended["phi"], next_psi)
     if not symmetric:
         torch.testing.assert_close(ended["psi"], next_phi)
@@ -176,7 +177,7 @@ def test_termination_zeroes_the_discount():
     agent = _agent("state")
     batch = replay_batch("state", 4)
     batch["next", "terminated"][1] = True
-    discount = agent.unpack_batch(batch)[3]
+    discount = agent.world_model.training_inputs(batch, agent.config.discount)[3]
     assert discount.reshape(-1).tolist() == pytest.approx([0.98, 0.0, 0.98, 0.98])
 
 
@@ -184,24 +185,25 @@ def test_ema_moves_only_the_target_heads_and_predictors():
     torch.manual_seed(0)
     agent = _agent("pixels", batch_size=4, encoder_target_tau=0.01, predictor_target_tau=0.03)
     wm = agent.world_model
+    targets = wm.targets
     # Targets exist for the heads and predictors only: the conv trunks have none.
-    assert set(agent.targets) == {"phi_head", "psi_head", "phi_predictor", "psi_predictor"}
-    assert not any(isinstance(m, torch.nn.Conv2d) for m in agent.targets.modules())
-    assert not any(p.requires_grad for p in agent.targets.parameters())
+    assert set(targets) == {"phi_head", "psi_head", "phi_predictor", "psi_predictor"}
+    assert not any(isinstance(m, torch.nn.Conv2d) for m in targets.modules())
+    assert not any(p.requires_grad for p in targets.parameters())
     online = {"phi_head": wm.phi_encoder.head, "psi_head": wm.psi_encoder.head,
               "phi_predictor": wm.phi_predictor, "psi_predictor": wm.psi_predictor}
     tau = {"phi_head": 0.01, "psi_head": 0.01, "phi_predictor": 0.03, "psi_predictor": 0.03}
     for key, module in online.items():  # targets start as copies
-        for p, t in zip(module.parameters(), agent.targets[key].parameters(), strict=True):
+        for p, t in zip(module.parameters(), targets[key].parameters(), strict=True):
             torch.testing.assert_close(t, p, rtol=0, atol=0)
-    expected = {k: [p.detach().clone() for p in agent.targets[k].parameters()] for k in online}
+    expected = {k: [p.detach().clone() for p in targets[k].parameters()] for k in online}
     trunk_before = copy.deepcopy(wm.phi_encoder.trunk.state_dict())
     for seed in range(3):  # after k updates, the targets follow the EMA recursion exactly
         agent.update(replay_batch("pixels", 4, seed))
         for key, module in online.items():
             expected[key] = [t.lerp(p.detach(), tau[key]) for t, p in zip(expected[key], module.parameters(),
                                                                              strict=True)]
-            for want, got in zip(expected[key], agent.targets[key].parameters(), strict=True):
+            for want, got in zip(expected[key], targets[key].parameters(), strict=True):
                 torch.testing.assert_close(got, want, rtol=0, atol=0)
     # The trunk is trained (by the TD-JEPA loss) without a target copy.
     assert any(not torch.equal(v, wm.phi_encoder.trunk.state_dict()[k]) for k, v in trunk_before.items())
@@ -211,8 +213,8 @@ def test_actor_step_trains_the_actor_only():
     torch.manual_seed(0)
     agent = _agent("state")
     batch = replay_batch("state", 8)
-    obs, next_obs, _, _ = agent.unpack_batch(batch)
-    h = agent.trunk_features(obs, next_obs)
+    obs, next_obs, _, _ = agent.world_model.training_inputs(batch, agent.config.discount)
+    h = agent.world_model.trunk_features(obs, next_obs)
     z = sample_sphere(8, agent.z_dim)
     model_before = copy.deepcopy(agent.world_model.state_dict())
     actor_before = copy.deepcopy(agent.actor.state_dict())
@@ -231,10 +233,14 @@ def test_update_returns_finite_metrics_and_trains_every_network(obs_type, symmet
     assert all(isinstance(v, float) and np.isfinite(v) for v in metrics.values()), metrics
     assert {"phi_loss", "phi_ortho_loss", "actor_loss", "q", "total_loss", "z_goal_fraction"} <= set(metrics)
     assert ("psi_loss" in metrics) != symmetric
-    changed = {".".join(k.split(".")[:2]) for k, v in agent.state_dict().items() if not torch.equal(v, before[k])}
-    expected = {"world_model.phi_encoder", "world_model.phi_predictor", "actor.embed_z", "targets.phi_head"}
+    def part(name: str) -> str:  # the EMA targets live in the world model: world_model.targets.<name>
+        return ".".join(name.split(".")[: 3 if name.startswith("world_model.targets.") else 2])
+
+    changed = {part(k) for k, v in agent.state_dict().items() if not torch.equal(v, before[k])}
+    expected = {"world_model.phi_encoder", "world_model.phi_predictor", "actor.embed_z",
+                "world_model.targets.phi_head"}
     if not symmetric:
-        expected |= {"world_model.psi_encoder", "world_model.psi_predictor", "targets.psi_predictor"}
+        expected |= {"world_model.psi_encoder", "world_model.psi_predictor", "world_model.targets.psi_predictor"}
     assert expected <= changed
     expected_optimizers = {"phi_encoder", "phi_predictor", "actor"}
     if not symmetric:
@@ -271,7 +277,7 @@ def test_agent_z_goals_come_from_online_psi_of_next_states():
     torch.manual_seed(0)
     agent = _agent("state")
     features = torch.randn(64, STATE_DIM)
-    z, is_goal = agent.sample_z(features)
+    z, is_goal = agent.world_model.sample_z(features)
     with torch.no_grad():
         psi = agent.world_model.psi.head(features)
     distance = _nearest(z, psi)

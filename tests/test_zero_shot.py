@@ -19,12 +19,12 @@ SMOKE = ["preset=smoke", "log.progress=false", "log.tensorboard=false", "env.obs
 
 
 class _ConstantPolicy(Policy):
-    def __init__(self, value: float):
-        super().__init__()
+    def __init__(self, value: float, action_dim: int = 6):
+        super().__init__(None, (), action_dim)
         self.value = value
 
-    def act(self, obs):
-        return torch.full((obs.batch_size[0], 6), self.value)
+    def act(self, x, carry, is_first):
+        return torch.full((carry.batch_size[0], self.action_dim), self.value), carry
 
 
 class _RecordingAgent(Agent):
@@ -93,6 +93,35 @@ def test_goal_mode_reports_success_and_distance(cheetah_data):
                             progress=lambda s: None)
     assert agent.seen[0].obs["state"].shape == (3, 17)
     assert len(result.values) == 3 and 0.0 <= result.mean <= 1.0 and result.final_distance >= 0
+
+
+def test_goal_distance_is_between_body_positions():
+    """Walker's qpos starts with rootz: the goal distance is along rootx alone (the body position of
+    latentrl.envs.Task.body_position), so a goal 10 m overhead at the start's x is close."""
+    from tensordict import TensorDict
+
+    from latentrl.envs.tasks import get_physics_state
+
+    dm_env = get_task("walker-walk").make_dm_env(seed=0)
+    dm_env.reset()
+    with dm_env.physics.reset_context():
+        dm_env.physics.named.data.qpos["rootz"] = 10.0
+        dm_env.physics.named.data.qpos["rootx"] = 0.25
+    goal = torch.as_tensor(get_physics_state(dm_env.physics))
+
+    class GoalBuffer:
+        def sample(self, n, keys=None):
+            return TensorDict({"physics": goal.expand(n, -1).clone()}, [n])
+
+    class StandStill(_RecordingAgent):
+        def infer_task(self, spec):
+            return Task(z=torch.zeros(1))
+
+    env_cfg = {"task": "walker-walk", "obs": ["state", "physics"], "image_size": 64, "action_repeat": 1,
+               "floor": "default", "camera": None, "episode_length": 5}
+    result = evaluate_goals(StandStill(), GoalBuffer(), env_cfg, num_goals=2, success_radius=1.0,
+                            progress=lambda s: None)
+    assert result.final_distance < 1.0 and result.mean == 1.0  # qpos[:2] (rootz, rootx) would be ~9 m off
 
 
 def test_eval_script_reports_unsupported_task_kinds(cheetah_data, tmp_path, capsys):

@@ -3,13 +3,22 @@
 A checkpoint is written to a temporary file in the same folder and moved over the old one with
 ``os.replace``, so a run killed at any moment leaves either the previous or the new checkpoint,
 never half of one.
+
+Checkpoints hold tensors, numbers, strings and containers of them only, and are read with
+``torch.load(weights_only=True)``: opening one never runs code. A file that needs pickle (a
+checkpoint of latentrl before format 2, or a crafted one) is refused with an error that says why;
+``python -m latentrl.training.checkpoint upgrade <path>`` rewrites an old checkpoint you trust.
+What a trained agent needs to act lives in a model directory (``latentrl.agents.model_files``),
+written next to the checkpoint by the trainer.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,22 +27,47 @@ import torch
 
 from latentrl.agents.base import Agent
 
-__all__ = ["save_checkpoint", "load_checkpoint", "capture_rng", "restore_rng", "load_agent"]
+__all__ = ["CHECKPOINT_FORMAT", "CheckpointError", "capture_rng", "load_agent", "load_checkpoint", "restore_rng",
+           "restore_agent", "save_checkpoint", "upgrade_checkpoint"]
+
+CHECKPOINT_FORMAT = 2  # 2: weights_only-loadable (RNG states as tensors); 1: pickled numpy RNG state
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be opened safely: damaged, not a checkpoint, or needing pickle."""
 
 
 def capture_rng() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The Python, NumPy, torch (and CUDA) RNG states, as tensors and plain containers."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def restore_rng(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py, nump = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"]))
+    np.random.set_state((nump["kind"], nump["keys"].numpy().astype(np.uint32), nump["pos"], nump["has_gauss"],
+                         nump["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def agent_spec(agent: Agent) -> dict:
+    """What rebuilds ``agent``'s networks without an env: its config as written, observation shape, action size."""
+    import dataclasses
+
+    return {"config": dataclasses.asdict(agent.config), "obs_shape": list(agent.obs_shape),
+            "action_dim": int(agent.action_dim)}
 
 
 def save_checkpoint(path: str | Path, agent: Agent, *, counters: dict[str, int], config: dict,
@@ -46,8 +80,9 @@ def save_checkpoint(path: str | Path, agent: Agent, *, counters: dict[str, int],
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
-        "format": 1,
+        "format": CHECKPOINT_FORMAT,
         "agent_name": agent.name,
+        "agent_spec": agent_spec(agent),
         "agent": agent.state_dict(),
         "optimizers": {k: opt.state_dict() for k, opt in agent.optimizers().items()},
         "agent_extra": agent.extra_state(),
@@ -69,12 +104,36 @@ def save_checkpoint(path: str | Path, agent: Agent, *, counters: dict[str, int],
     return path
 
 
-def load_checkpoint(path: str | Path, agent: Agent | None = None, *, restore_rng_state: bool = True) -> dict:
-    """Load a checkpoint; with ``agent`` given, restore its parameters, optimizers and extra state."""
+def read_checkpoint(path: str | Path) -> dict:
+    """The payload of a checkpoint, read with ``weights_only=True``; clear errors for every bad file."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file (checkpoints/latest.pt); for a model "
+                              "directory use latentrl.load_policy or model=<dir>")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"refusing to open {path}: it holds Python objects that only pickle can rebuild, and unpickling "
+            "can run arbitrary code ({}). latentrl checkpoints hold tensors and plain data only. If this is a "
+            "checkpoint of an older latentrl that you made yourself, rewrite it once with "
+            f"`python -m latentrl.training.checkpoint upgrade {path}` (that reads it with pickle: only for "
+            "files you trust).".format(str(err).splitlines()[0][:200])
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or not a torch file: "
+                              f"{str(err).splitlines()[0][:200]})") from None
+    if not isinstance(payload, dict) or "agent" not in payload or "agent_name" not in payload:
+        raise CheckpointError(f"{path} is a torch file but not a latentrl training checkpoint")
+    return payload
+
+
+def load_checkpoint(path: str | Path, agent: Agent | None = None, *, restore_rng_state: bool = True) -> dict:
+    """Load a checkpoint (never running code); with ``agent`` given, restore its parameters, optimizers and
+    extra state."""
+    payload = read_checkpoint(path)
     if agent is not None:
         restore_agent(payload, agent, path)
     if restore_rng_state:
@@ -94,25 +153,52 @@ def restore_agent(payload: dict, agent: Agent, path: str | Path = "the checkpoin
 
 
 def load_agent(path: str | Path, *, device: str = "cpu") -> tuple[Agent, dict]:
-    """Rebuild the agent of a training checkpoint (with its env specs) for evaluation.
+    """Rebuild the agent of a training checkpoint for evaluation, from the agent specs stored in it.
 
-    Returns the agent in eval mode and the run config stored with it.
+    Returns the agent in eval mode and the run config stored with it. No env is built.
     """
-    from latentrl.agents import make_agent
-    from latentrl.envs import make_env
+    from latentrl.agents.registry import agent_class
 
-    payload = torch.load(Path(path), map_location="cpu", weights_only=False)
+    payload = read_checkpoint(path)
     cfg = payload["config"]
-    env_cfg = dict(cfg["env"])
-    env = make_env(env_cfg["task"], obs=tuple(env_cfg["obs"]), image_size=env_cfg["image_size"],
-                   action_repeat=env_cfg["action_repeat"], num_envs=1, seed=0, floor=env_cfg["floor"],
-                   num_workers=0)
-    try:
-        agent = make_agent(cfg["agent"]["name"], env, preset=cfg["agent"]["preset"], device=device,
-                           **cfg["agent"].get("overrides", {}))
-    finally:
-        env.close()
+    spec = payload.get("agent_spec")
+    if spec is None:
+        raise CheckpointError(f"{path} does not record the agent's observation and action shapes (written before "
+                              "contracts v2); evaluate the model directory next to it instead")
+    cls = agent_class(payload["agent_name"])
+    agent = cls(cls.config_class(**spec["config"]), tuple(spec["obs_shape"]), int(spec["action_dim"]),
+                device=device)
     agent.load_state_dict(payload["agent"])
     agent.load_extra_state(payload["agent_extra"])
     agent.eval()
     return agent, cfg
+
+
+def upgrade_checkpoint(path: str | Path) -> Path:
+    """Rewrite a format-1 checkpoint (pickled NumPy RNG state) in place as format 2. Reads it with pickle,
+    which can run code: only for checkpoints you made yourself."""
+    path = Path(path)
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(payload, dict) or "agent" not in payload:
+        raise CheckpointError(f"{path} is not a latentrl training checkpoint")
+    rng = payload.get("rng", {})
+    if isinstance(rng.get("numpy"), tuple):
+        kind, keys, pos, has_gauss, cached = rng["numpy"]
+        rng["numpy"] = {"kind": kind, "keys": torch.from_numpy(np.asarray(keys).astype(np.int64)), "pos": int(pos),
+                        "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+    if isinstance(rng.get("python"), tuple):
+        version, internal, gauss = rng["python"]
+        rng["python"] = {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss}
+    payload["format"] = CHECKPOINT_FORMAT
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(payload, tmp)
+    torch.load(tmp, map_location="cpu", weights_only=True)  # the rewritten file must load safely
+    os.replace(tmp, path)
+    return path
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] != "upgrade":
+        print("usage: python -m latentrl.training.checkpoint upgrade <checkpoint.pt>", file=sys.stderr)
+        raise SystemExit(2)
+    print(f"rewrote {upgrade_checkpoint(sys.argv[2])} as checkpoint format {CHECKPOINT_FORMAT}")

@@ -7,7 +7,6 @@ continues a killed run.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import random
@@ -15,7 +14,6 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +23,12 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from latentrl.agents import make_agent
-from latentrl.agents.base import Agent, Policy
+from latentrl.agents.base import Agent, Policy, resolve_device, sample_batches
+from latentrl.agents.model_files import save_model
 from latentrl.envs import make_env
 from latentrl.replay import ReplayBuffer
 from latentrl.training.checkpoint import load_checkpoint, restore_agent, save_checkpoint
+from latentrl.training.evaluation import RolloutResult, evaluate_agent, rollout
 from latentrl.training.logger import RunLogger, write_video
 
 __all__ = ["Trainer", "NonFiniteLossError", "EvalResult", "evaluate_policy", "resolve_device", "seed_everything"]
@@ -75,66 +75,26 @@ class GracefulStop:
         self._previous.clear()
 
 
-def resolve_device(device: str) -> torch.device:
-    """``"auto"`` is CUDA when present, else the CPU; anything else is passed to ``torch.device``."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
-@dataclass
-class EvalResult:
-    returns: list[float]
-    lengths: list[int]
-    frames: np.ndarray | None  # [T, 3, H, W] uint8 of the first episode, when recorded
-
-    @property
-    def mean_return(self) -> float:
-        return float(np.mean(self.returns))
+EvalResult = RolloutResult
+"""What :func:`evaluate_policy` returns (``returns``, ``lengths``, ``mean_return``, ``frames``, ``episodes``)."""
 
 
-@torch.no_grad()
 def evaluate_policy(env, policy: Policy, episodes: int, *, record: bool = False,
-                    reward_fn=None) -> EvalResult:
-    """Run ``episodes`` full episodes of ``policy`` on ``env`` (all its envs in parallel).
+                    reward_fn=None) -> RolloutResult:
+    """Run ``episodes`` full episodes of ``policy`` on ``env`` (all its envs in parallel): the one
+    :func:`~latentrl.training.evaluation.rollout`, named for the trainer's use.
 
     ``reward_fn`` (a task from ``get_task``) replaces the env's own reward, computed from
-    ``("next", "physics")``; otherwise the env's reward is summed. Records the first env's frames.
+    ``("next", "physics")``; otherwise the env's reward is summed. ``record`` keeps the first
+    episode's frames.
     """
-    n = env.batch_size[0]
-    returns, lengths, frames = [], [], []
-    while len(returns) < episodes:
-        td = env.reset()
-        policy.reset()
-        ret = torch.zeros(n, dtype=torch.float64)
-        length = torch.zeros(n, dtype=torch.int64)
-        alive = torch.ones(n, dtype=torch.bool)
-        if record and not returns and "pixels" in td.keys():
-            frames.append(td["pixels"][0].cpu().numpy())
-        while alive.any():
-            td["action"] = policy(td.exclude("action"))
-            td = env.step(td)
-            nxt = td["next"]
-            if reward_fn is not None:
-                r = reward_fn.rewards_from_states(nxt["physics"].cpu().numpy(), td["action"].cpu().numpy())
-                reward = torch.as_tensor(r, dtype=torch.float64)
-            else:
-                reward = nxt["reward"].reshape(-1).double().cpu()
-            ret += reward * alive
-            length += alive.long()
-            if record and not returns and "pixels" in nxt.keys() and alive[0]:
-                frames.append(nxt["pixels"][0].cpu().numpy())
-            alive &= ~nxt["done"].reshape(-1).cpu()
-            td = nxt.clone(False)
-        returns.extend(ret.tolist())
-        lengths.extend(length.tolist())
-    return EvalResult(returns[:episodes], lengths[:episodes], np.stack(frames) if frames else None)
+    return rollout(env, policy, episodes, video=record, reward_task=reward_fn)
 
 
 def _check_finite(metrics: dict[str, float], update: int, env_steps: int) -> None:
@@ -179,11 +139,12 @@ class Trainer:
         self.agent: Agent = make_agent(cfg.agent.name, self.env, preset=cfg.agent.preset,
                                        device=str(self.device), **self.agent_overrides)
         self.buffer = self.make_buffer()
-        self.spec = dataclasses.asdict(self.agent.sample_spec())
+        self.spec = self.agent.sample_spec()
         self.env_steps = 0
         self.updates = 0
         self.episodes = 0
         self.checkpoint_path = self.run_dir / "checkpoints" / "latest.pt"
+        self.model_path = self.run_dir / "model"
         self.logger = RunLogger(self.run_dir, tensorboard=cfg.log.tensorboard, wandb_project=cfg.log.wandb_project,
                                 config=OmegaConf.to_container(cfg, resolve=True))
         if cfg.resume and self.checkpoint_path.exists():
@@ -207,12 +168,22 @@ class Trainer:
         return out
 
     def save(self) -> Path:
+        """The checkpoint (``checkpoints/latest.pt``, to resume) and the model directory (``model/``, to use)."""
         buffer_state = None if self.offline else self.buffer.state_dict()
-        return save_checkpoint(self.checkpoint_path, self.agent,
+        config = self._config_dict()
+        keep = self.cfg.keep_checkpoints
+        path = save_checkpoint(self.checkpoint_path, self.agent,
                                counters={"env_steps": self.env_steps, "updates": self.updates,
                                          "episodes": self.episodes},
-                               config=self._config_dict(), buffer_state=buffer_state,
-                               keep_as=f"{self.current:09d}.pt" if self.cfg.keep_checkpoints else None)
+                               config=config, buffer_state=buffer_state,
+                               keep_as=f"{self.current:09d}.pt" if keep else None)
+        extra = {"step": self.current, "env_steps": self.env_steps, "updates": self.updates, "data": config.get("data"),
+                 "run_dir": str(self.run_dir), "preset": config["agent"]["preset"]}
+        save_model(self.model_path, self.agent, env=config["env"], extra=extra)
+        if keep:
+            save_model(self.checkpoint_path.with_name(f"{self.current:09d}.model"), self.agent, env=config["env"],
+                       extra=extra)
+        return path
 
     def _resume(self) -> None:
         payload = load_checkpoint(self.checkpoint_path)  # also restores the RNG states
@@ -255,7 +226,7 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------- loop
     def _update(self) -> dict[str, float]:
-        batch = self.buffer.sample(**self.spec)
+        batch = sample_batches(self.buffer, self.spec)
         metrics = self.agent.update(batch)
         self.updates += 1
         _check_finite(metrics, self.updates, self.env_steps)
@@ -265,8 +236,9 @@ class Trainer:
         cfg = self.cfg.eval
         self.agent.eval()
         try:
-            result = evaluate_policy(self.eval_env, self.agent.policy(explore=False), cfg.episodes, record=cfg.video)
-            extra = self.agent.evaluate(self.eval_env, step=step, out_dir=self.run_dir / "eval")
+            result = rollout(self.eval_env, self.agent.policy(explore=False), cfg.episodes, video=cfg.video)
+            # Agent-specific evaluations (METRA's coverage) registered in latentrl.training.evaluation.
+            extra = evaluate_agent(self.agent, self.eval_env, step=step, out_dir=self.run_dir / "eval")
         finally:
             self.agent.train()
         metrics = {"eval/return": result.mean_return, "eval/episode_length": float(np.mean(result.lengths))}
@@ -344,20 +316,21 @@ class Trainer:
         env, agent = self.env, self.agent
         policy = agent.policy(explore=True)
         td = env.reset()
-        policy.reset()
         n = env.batch_size[0]
+        carry = policy.init_carry(n)
+        is_first = torch.ones(n, dtype=torch.bool)
         update_debt = 0.0
         while True:
             obs = td.exclude("action", "next")
-            td["action"] = policy(obs)
-            for key, value in policy.extras().items():
-                td[key] = value
+            action, carry = policy.step(obs, carry, is_first)
+            td["action"] = action
+            for key, value in policy.extras(carry).items():
+                td[key] = value.to(action.device)
             td, td_next = env.step_and_maybe_reset(td)
             self.buffer.extend(td)
-            done = td["next", "done"].reshape(-1)
-            if done.any():
-                policy.reset(done)
-                self.episodes += int(done.sum())
+            is_first = td["next", "done"].reshape(-1).cpu()
+            if is_first.any():
+                self.episodes += int(is_first.sum())
             self.env_steps += n
             agent.env_steps = self.env_steps
             metrics: dict[str, float] = {}

@@ -4,8 +4,10 @@ Reward tasks: sample transitions from the training data, relabel ``("next", "rew
 stored next-state physics with the task's reward, ``agent.infer_task(RewardSamples(...))``, then
 roll out the deterministic policy for that task and report undiscounted returns. Goal tasks: goal
 observations rendered from stored physics states, ``agent.infer_task(GoalObservation(...))``,
-and the final distance to the goal. Works for any agent that implements ``infer_task``; agents
-that cannot represent a kind of task are reported as such, not failed.
+and the final distance between the body's position and the goal's
+(:meth:`latentrl.envs.Task.body_position`). Episodes run on the one evaluation path,
+:func:`latentrl.training.evaluation.rollout`. Works for any agent that implements ``infer_task``;
+agents that cannot represent a kind of task are reported as such, not failed.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 from latentrl.agents.base import Agent, GoalObservation, RewardSamples, UnsupportedTaskError
 from latentrl.envs import get_task, make_env
 from latentrl.replay import ReplayBuffer
-from latentrl.training.trainer import evaluate_policy
+from latentrl.training.evaluation import rollout
 
 __all__ = ["TaskResult", "evaluate_reward_tasks", "evaluate_goals", "write_report"]
 
@@ -52,7 +54,6 @@ def _observation(batch, keys: list[str]):
     return batch.select(*[k for k in keys if k in batch.keys()])
 
 
-@torch.no_grad()
 def evaluate_reward_tasks(agent: Agent, buffer: ReplayBuffer, tasks: list[str], env_cfg: dict, *,
                           num_samples: int = 10_000, episodes: int = 10, seed: int = 0,
                           progress=print) -> list[TaskResult]:
@@ -66,14 +67,15 @@ def evaluate_reward_tasks(agent: Agent, buffer: ReplayBuffer, tasks: list[str], 
         buffer.relabel(task, batch)
         samples = RewardSamples(obs=_observation(batch["next"], obs_keys), reward=batch["next", "reward"])
         try:
-            inferred = agent.infer_task(samples)
+            with torch.no_grad():
+                inferred = agent.infer_task(samples)
         except UnsupportedTaskError as err:
             results.append(TaskResult(name, "reward", unsupported=str(err)))
             progress(f"[zero-shot] {name}: unsupported ({err})")
             continue
         env = _make_task_env(name, env_cfg, episodes, seed)
         try:
-            out = evaluate_policy(env, agent.policy(inferred), episodes)
+            out = rollout(env, agent.policy(inferred), episodes)
         finally:
             env.close()
         returns = [float(r) for r in out.returns]
@@ -85,21 +87,15 @@ def evaluate_reward_tasks(agent: Agent, buffer: ReplayBuffer, tasks: list[str], 
     return results
 
 
-def _position(physics_state: np.ndarray, domain: str) -> np.ndarray:
-    """The part of qpos that says where the body is: x (cheetah), x-y (quadruped's free joint,
-    point mass), else the first two coordinates of qpos."""
-    if domain == "cheetah":
-        return physics_state[..., :1]
-    return physics_state[..., :2]
-
-
-@torch.no_grad()
 def evaluate_goals(agent: Agent, buffer: ReplayBuffer, env_cfg: dict, *, num_goals: int = 10,
                    success_radius: float = 1.0, seed: int = 0, progress=print) -> TaskResult:
     """Goals = stored states: render them, infer the goal task, run ``num_goals`` episodes (one per goal)
-    and report success (final position within ``success_radius``) and the final distance."""
+    and report success (final body position within ``success_radius`` of the goal's) and the final distance.
+
+    The body position is the task's (:meth:`latentrl.envs.Task.body_position`): x for cheetah and
+    walker, the free joint's x-y for quadruped, x-y for the point masses.
+    """
     task_name = env_cfg["task"]
-    domain = task_name.split("-", 1)[0]
     spec = agent.sample_spec()
     env = _make_task_env(task_name, env_cfg, num_goals, seed)
     try:
@@ -109,23 +105,17 @@ def evaluate_goals(agent: Agent, buffer: ReplayBuffer, env_cfg: dict, *, num_goa
             goal_obs["pixels"] = goal_obs["pixels"].repeat(1, spec.frame_stack, 1, 1)
         keys = [k for k in ("pixels", "state") if k in goal_obs.keys()]
         try:
-            inferred = agent.infer_task(GoalObservation(obs=goal_obs.select(*keys)))
+            with torch.no_grad():
+                inferred = agent.infer_task(GoalObservation(obs=goal_obs.select(*keys)))
         except UnsupportedTaskError as err:
             progress(f"[zero-shot] goals: unsupported ({err})")
             return TaskResult(f"{task_name}-goals", "goal", unsupported=str(err))
-        policy = agent.policy(inferred)
-        td = env.reset()
-        policy.reset()
-        done = torch.zeros(num_goals, dtype=torch.bool)
-        final = td["physics"].clone()
-        while not done.all():
-            td["action"] = policy(td.exclude("action"))
-            td = env.step(td)["next"]
-            final[~done] = td["physics"][~done]
-            done |= td["done"].reshape(-1).cpu()
+        episodes = rollout(env, agent.policy(inferred), num_goals, final_physics=True).episodes
     finally:
         env.close()
-    distance = np.linalg.norm(_position(final.numpy(), domain) - _position(goal_physics.numpy(), domain), axis=-1)
+    final = torch.stack([e.final_physics for e in episodes]).cpu().numpy()
+    task = get_task(task_name)
+    distance = np.linalg.norm(task.body_position(final) - task.body_position(goal_physics.cpu().numpy()), axis=-1)
     success = float(np.mean(distance < success_radius))
     progress(f"[zero-shot] goals: success {success:.2f}, final distance {distance.mean():.2f}")
     return TaskResult(f"{task_name}-goals", "goal", success, None, distance.tolist(), float(distance.mean()))

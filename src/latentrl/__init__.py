@@ -17,3 +17,11 @@ import os
 os.environ.setdefault("MUJOCO_GL", "egl")
 
 __version__ = "0.1.0"
+
+
+def load_policy(path, *, device="cpu", explore=False):
+    """The Policy of a model directory (``config.json`` + ``model.safetensors``), rebuilt with no env,
+    optimizer or replay buffer; see :func:`latentrl.agents.model_files.load_policy`."""
+    from latentrl.agents.model_files import load_policy as _load_policy
+
+    return _load_policy(path, device=device, explore=explore)
