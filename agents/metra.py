@@ -72,6 +72,14 @@ from tensordict import TensorDict
 from torch import Tensor, nn
 from torchrl.envs import EnvBase
 
+from latentrl.agents.actor_critic import (
+    TanhGaussianActor,
+    TanhNormal,
+    sac_actor_loss,
+    sac_alpha_loss,
+    sac_critic_loss,
+    sac_td_target,
+)
 from latentrl.agents.base import (
     Agent,
     GoalObservation,
@@ -81,16 +89,8 @@ from latentrl.agents.base import (
     Task,
     UnsupportedTaskError,
     config_from_preset,
+    resolve_device,
 )
-from latentrl.agents.actor_critic import (
-    TanhGaussianActor,
-    TanhNormal,
-    sac_actor_loss,
-    sac_alpha_loss,
-    sac_critic_loss,
-    sac_td_target,
-)
-from latentrl.agents.base import resolve_device
 from latentrl.world_models.encoders import make_encoder
 from latentrl.world_models.layers import mlp, soft_update_params, xavier_init
 from latentrl.world_models.metra import ObservationNormalizer, TemporalDistanceModel, constraint_penalty, metra_reward

@@ -139,7 +139,8 @@ def load_agent_for_inference(path: str | Path, *, device: str | torch.device = "
     try:
         tensors = load_file(str(Path(path) / WEIGHTS_FILE))
     except (SafetensorError, OSError) as err:
-        raise ValueError(f"{Path(path) / WEIGHTS_FILE} cannot be read ({err}); the model directory is damaged") from None
+        raise ValueError(f"{Path(path) / WEIGHTS_FILE} cannot be read ({err}); the model directory is "
+                         "damaged") from None
     expected = inference_state_dict(agent)
     weights = {k: v for k, v in tensors.items() if not k.startswith("task.")}
     missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))

@@ -39,9 +39,8 @@ import torch
 from tensordict import TensorDict
 from torch import Tensor, nn
 
-from latentrl.agents.base import Agent, Policy, SampleSpec, Task, UnsupportedTaskError
 from latentrl.agents.actor_critic import DDPGActorCritic, DeterministicActor, TwinQCritic, schedule
-from latentrl.agents.base import resolve_device
+from latentrl.agents.base import Agent, Policy, SampleSpec, Task, UnsupportedTaskError, resolve_device
 from latentrl.world_models.encoders import RandomShiftsAug, make_encoder
 from latentrl.world_models.layers import RunningMeanStd, weight_init
 from latentrl.world_models.rnd import RandomNetworkDistillation, RNDModel
@@ -229,7 +228,8 @@ class RNDAgent(Agent):
                 "call agent.policy() without a task"
             )
         cfg = self.config
-        return RNDPolicy(self.world_model.encoder, self.actor, obs_key=cfg.obs_type, obs_shape=self.obs_shape, frame_stack=self.frame_stack,
+        return RNDPolicy(self.world_model.encoder, self.actor, obs_key=cfg.obs_type, obs_shape=self.obs_shape,
+                         frame_stack=self.frame_stack,
                          num_seed_steps=cfg.num_seed_steps, stddev_schedule=cfg.stddev_schedule,
                          env_steps=self.env_steps_counter, explore=explore)
 

@@ -543,7 +543,7 @@ class ReplayBuffer:
         last = torch.where(done, abs_next, _NO_END).flip(1).cummin(1).values.flip(1)
         episode, step = self._episode_and_step(td, start, abs_obs - first)
         # episode ids in start order: by step, then by env (so chunking does not change them)
-        new_ids = self._next_segment_id + start.reshape(-1).long().cumsum(0).reshape(num_envs, steps) - 1
+        new_ids = self._next_segment_id + start.T.reshape(-1).long().cumsum(0).reshape(steps, num_envs).T - 1
         segment = torch.where(start, new_ids, -1)
         segment[:, 0] = torch.where(start[:, 0], segment[:, 0], self._cur_segment)
         segment = segment.cummax(1).values

@@ -136,14 +136,17 @@ def main(argv=None) -> None:
             lambda: ours.sample(batch // 8, frame_stack=k, horizon=8), batch),
         f"latentrl ReplayBuffer loaded from disk (memmap), frame_stack={k}": (
             lambda: on_disk.sample(batch, frame_stack=k), batch),
+        f"latentrl ReplayBuffer, frame_stack={k}, offset=4 pairs (o_t, o_t+4, a_t:t+4)": (
+            lambda: ours.sample(batch, frame_stack=k, offset=4), batch),
     }
     check = ours.sample(batch, frame_stack=k)
     reference = torchrl_rb.sample()
     assert check["pixels"].shape == reference["pixels"].shape == (batch, 3 * k, size, size)
     assert check["next", "pixels"].shape == reference["next", "pixels"].shape
 
-    bytes_ours = storage_bytes(ours._storage._storage) / len(ours)
-    bytes_torchrl = storage_bytes(torchrl_rb.storage._storage) / len(torchrl_rb)
+    bytes_ours = storage_bytes(ours.storage) / len(ours)
+    # TorchRL allocates its storage at max_size rows of one layout: bytes of one row times max_size
+    bytes_torchrl = storage_bytes(torchrl_rb.storage[:1]) * torchrl_rb.storage.max_size / len(torchrl_rb)
     base_name = next(iter(samplers))
     main_name = f"latentrl ReplayBuffer, frame_stack={k}"
     lines = [
@@ -190,7 +193,8 @@ def main(argv=None) -> None:
         f"`(\"next\", \"pixels\")` as precomputed [{3 * k}, {size}, {size}] uint8 stacks, action, reward, "
         "done flags",
         "- latentrl: `ReplayBuffer` storing each frame once (plus action, reward, done flags, episode, step "
-        "and its bookkeeping columns), stacks gathered at sample time",
+        "and its bookkeeping columns), stacks gathered at sample time; its batches also carry `is_first`, "
+        "`has_action`, `segment_id`, `segment_step`",
         "",
         table,
         "",

@@ -233,9 +233,11 @@ def test_load_policy_needs_no_env_stack(tmp_path):
         "import sys, torch, latentrl\n"
         "from tensordict import TensorDict\n"
         f"p = latentrl.load_policy({str(tmp_path / 'model')!r})\n"
-        "a, _ = p.step(TensorDict({'state': torch.zeros(2, 24)}, batch_size=[2]), p.init_carry(2), torch.ones(2, dtype=torch.bool))\n"
+        "obs = TensorDict({'state': torch.zeros(2, 24)}, batch_size=[2])\n"
+        "a, _ = p.step(obs, p.init_carry(2), torch.ones(2, dtype=torch.bool))\n"
         "assert a.shape == (2, 6)\n"
-        "bad = [m for m in sys.modules if m.startswith(('latentrl.envs', 'latentrl.training', 'latentrl.replay', 'dm_control', 'mujoco'))]\n"
+        "stack = ('latentrl.envs', 'latentrl.training', 'latentrl.replay', 'dm_control', 'mujoco')\n"
+        "bad = [m for m in sys.modules if m.startswith(stack)]\n"
         "print('imported:', bad)\n"
         "sys.exit(1 if bad else 0)\n"
     )

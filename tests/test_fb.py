@@ -14,10 +14,11 @@ from omegaconf import OmegaConf
 from tensordict import TensorDict
 
 from latentrl.agents import GoalObservation, RewardSamples, Task, make_agent
-from latentrl.agents.fb import PRESETS, FBAgent, FBConfig, fb_loss, weighted_sum_task
+from latentrl.agents.fb import PRESETS, FBAgent, FBConfig, weighted_sum_task
 from latentrl.agents.td_jepa import lstsq_task
+from latentrl.world_models.fb import fb_loss
 from latentrl.world_models.sphere import project_to_sphere, sample_sphere
-from latentrl.world_models.td_jepa import orthonormality_loss
+from latentrl.world_models.zero_shot import orthonormality_loss
 
 from fakes import ACTION_DIM, IMAGE, SpecEnv, replay_batch
 
@@ -71,7 +72,9 @@ def test_shapes_norms_and_zero_shot_tasks(obs_type):
     torch.manual_seed(0)
     agent = _agent(obs_type)
     cfg, wm, n = agent.config, agent.world_model, 6
-    assert wm.capabilities == {"encode", "successor"} and not wm.symmetric
+    assert wm.capabilities == {"encode", "successor"}
+    assert wm.state_encoder is agent.left and wm.task_encoder is agent.backward_map  # L and B: two encoders
+    assert agent.left is not agent.backward_map
     batch = replay_batch(obs_type, n)
     left, b = wm.encode(batch), agent.task_embedding(batch["next"])
     assert left.shape == (n, cfg.L_dim) and b.shape == (n, cfg.z_dim)
@@ -80,10 +83,10 @@ def test_shapes_norms_and_zero_shot_tasks(obs_type):
     z = sample_sphere(n, cfg.z_dim)
     assert wm.successor(left, batch["action"], z).shape == (cfg.ensemble_size, n, cfg.z_dim)
 
-    obs, next_obs, _, discount = agent.unpack_batch(batch)
+    obs, next_obs, _, discount = wm.training_inputs(batch, cfg.discount)
     with torch.no_grad():
-        target_m, next_action = agent.fb_target(agent.left.trunk(next_obs), agent.backward_map.trunk(next_obs), z,
-                                                discount)
+        target_m, next_action = wm.fb_target(agent.left.trunk(next_obs), agent.backward_map.trunk(next_obs), z,
+                                             agent.target_action)
     assert target_m.shape == (n, n) and next_action.shape == (n, ACTION_DIM)
 
     reward = torch.randn(n, 1)
@@ -96,18 +99,19 @@ def test_shapes_norms_and_zero_shot_tasks(obs_type):
 def test_ema_moves_only_the_target_maps():
     torch.manual_seed(0)
     agent = _agent("pixels", batch_size=4, f_target_tau=0.01, b_target_tau=0.05)
-    assert set(agent.targets) == {"left_head", "forward_map", "backward_head"}
-    assert not any(isinstance(m, torch.nn.Conv2d) for m in agent.targets.modules())
+    targets = agent.world_model.targets
+    assert set(targets) == {"left_head", "forward_map", "backward_head"}
+    assert not any(isinstance(m, torch.nn.Conv2d) for m in targets.modules())
     online = {"left_head": agent.left.head, "forward_map": agent.forward_map, "backward_head": agent.backward_map.head}
     tau = {"left_head": 0.01, "forward_map": 0.01, "backward_head": 0.05}
-    expected = {k: [p.detach().clone() for p in agent.targets[k].parameters()] for k in online}
+    expected = {k: [p.detach().clone() for p in targets[k].parameters()] for k in online}
     trunk_before = copy.deepcopy(agent.backward_map.trunk.state_dict())
     for seed in range(2):
         metrics = agent.update(replay_batch("pixels", 4, seed))
         for key, module in online.items():
             expected[key] = [t.lerp(p.detach(), tau[key]) for t, p in zip(expected[key], module.parameters(),
                                                                              strict=True)]
-            for want, got in zip(expected[key], agent.targets[key].parameters(), strict=True):
+            for want, got in zip(expected[key], targets[key].parameters(), strict=True):
                 torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert all(np.isfinite(v) for v in metrics.values())
     assert any(not torch.equal(v, agent.backward_map.trunk.state_dict()[k]) for k, v in trunk_before.items())
@@ -121,9 +125,13 @@ def test_update_trains_each_network_with_its_optimizer():
     metrics = agent.update(replay_batch("state", 8))
     expected_metrics = {"fb_loss", "fb_diag", "fb_offdiag", "orth_loss", "actor_loss", "q", "z_goal_fraction"}
     assert expected_metrics <= set(metrics)
-    changed = {".".join(k.split(".")[:3]) for k, v in agent.state_dict().items() if not torch.equal(v, before[k])}
-    assert {"world_model.phi_encoder.head", "world_model.psi_encoder.head", "world_model.phi_predictor.embed_z",
-            "actor.embed_z.0", "targets.forward_map.embed_z"} <= changed
+    def part(name: str) -> str:  # the EMA targets live in the world model: world_model.targets.<name>.<part>
+        return ".".join(name.split(".")[: 4 if name.startswith("world_model.targets.") else 3])
+
+    changed = {part(k) for k, v in agent.state_dict().items() if not torch.equal(v, before[k])}
+    # L (left_encoder), B (backward_map) and F (forward_map) in FBModel's names
+    assert {"world_model.left_encoder.head", "world_model.backward_map.head", "world_model.forward_map.embed_z",
+            "actor.embed_z.0", "world_model.targets.forward_map.embed_z"} <= changed
     # the orthonormality term acts on B: its diagonal is the constant -d_z on the sphere
     assert metrics["orth_loss_diag"] == pytest.approx(-agent.z_dim, rel=1e-5)
     with torch.no_grad():
@@ -133,7 +141,7 @@ def test_update_trains_each_network_with_its_optimizer():
 
 def test_goal_z_come_from_online_b_of_next_states(monkeypatch):
     """The pre-training z mix uses project(B(s'_perm)) (online B), half of the rows on average."""
-    import latentrl.agents.fb as fb_module
+    import latentrl.world_models.fb as fb_module  # the model's loss draws the pre-training z
 
     torch.manual_seed(0)
     agent = _agent("state", batch_size=64)

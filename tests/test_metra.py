@@ -15,7 +15,7 @@ from tensordict import TensorDict
 from torchrl.data import Bounded, Composite, Unbounded
 
 from latentrl.agents import GoalObservation, RewardSamples, Task, UnsupportedTaskError, make_agent
-from latentrl.agents.common import TanhGaussianActor, TanhNormal, sac_alpha_loss
+from latentrl.agents.actor_critic import TanhGaussianActor, TanhNormal, sac_alpha_loss
 from latentrl.agents.metra import (
     METRAAgent,
     METRAConfig,
@@ -108,7 +108,7 @@ def test_phi_and_lambda_losses_and_gradients_match_hand_computed_values():
     (linear,) = agent.world_model.head
     assert torch.allclose(linear.weight.grad, torch.tensor([[14.5, 14.5], [15.0, 74.0]]))
     assert torch.allclose(linear.bias.grad, torch.zeros(2), atol=1e-5)  # the bias cancels in phi(s') - phi(s)
-    assert agent.log_lambda.grad.item() == pytest.approx(-0.5)
+    assert agent.world_model.log_lambda.grad.item() == pytest.approx(-0.5)
     # Adam's first step moves log lambda by lr against the gradient's sign: the violated constraint raises lambda
     assert math.log(metrics["lambda"]) == pytest.approx(math.log(30.0) + 1e-4, abs=1e-7)
     assert all(math.isfinite(v) for v in metrics.values())  # NaN stored rewards are never read
@@ -127,7 +127,7 @@ def test_lambda_rises_while_violated_and_falls_while_slack(violated):
     s = torch.zeros(4, 2)
     step = 2.0 if violated else 0.1  # mean_d dphi^2 = 4 (violated) or 0.01 (slack: c = eps)
     batch = _batch(s, s + step, sample_skills(4, 2, False))
-    lambdas = [agent.log_lambda.exp().item()]
+    lambdas = [agent.world_model.log_lambda.exp().item()]
     for _ in range(20):
         metrics = agent.update(batch)
         lambdas.append(metrics["lambda"])
@@ -164,14 +164,17 @@ def test_update_order_phi_then_lambda_then_sac_on_one_batch():
     metrics = agent.update(batch)
     reward_after = agent.intrinsic_reward(batch)  # phi is not touched after its own step
     c_after, _ = constraint_penalty(agent.world_model.phi(x), agent.world_model.phi(x_next), 1e-3)
-    assert agent.log_lambda.grad.item() == pytest.approx(c_before.mean().item(), rel=1e-5)
+    assert agent.world_model.log_lambda.grad.item() == pytest.approx(c_before.mean().item(), rel=1e-5)
     assert abs(c_after.mean().item() - c_before.mean().item()) > 1e-4
     assert metrics["intrinsic_reward_mean"] == pytest.approx(reward_after.mean().item(), rel=1e-5)
     assert abs(reward_after.mean().item() - reward_before.mean().item()) > 1e-4
-    # every part moved on this one batch
+    # every part moved on this one batch (phi: the world model without the dual variable log_lambda)
+    def parameters(a: METRAAgent, name: str):
+        return a.world_model.phi_parameters() if name == "world_model" else getattr(a, name).parameters()
+
     for name in ("world_model", "actor", "critic1", "critic2"):
-        old = torch.cat([p.flatten() for p in getattr(before, name).parameters()])
-        new = torch.cat([p.flatten() for p in getattr(agent, name).parameters()])
+        old = torch.cat([p.flatten() for p in parameters(before, name)])
+        new = torch.cat([p.flatten() for p in parameters(agent, name)])
         assert not torch.allclose(old, new), name
     assert agent.log_alpha.item() != before.log_alpha.item()
 
@@ -233,8 +236,9 @@ def test_skill_fixed_within_episode_and_redrawn_at_reset():
     for _ in range(5):
         policy(TensorDict({"state": torch.randn(3, 2)}, [3]))
         assert torch.equal(policy.extras()["skill"], first)
-    policy.reset(torch.tensor([True, False, False]))
-    after_reset = policy.extras()["skill"]  # drawn at reset, before the next step
+    policy.reset(torch.tensor([True, False, False]))  # env 0 restarts at its next call
+    policy(obs)
+    after_reset = policy.extras()["skill"]  # drawn by that call, then kept
     policy(obs)
     assert torch.equal(policy.extras()["skill"], after_reset)
     assert not torch.equal(after_reset[0], first[0])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import sysconfig
 import venv
 import zipfile
 from pathlib import Path
@@ -56,8 +57,13 @@ def test_wheel_maps_folders_into_the_namespace(tmp_path):
 
 
 def test_editable_install_maps_folders_into_the_namespace(tmp_path):
-    venv.EnvBuilder(system_site_packages=True, with_pip=False).create(tmp_path / "venv")
+    # A bare venv that sees this environment's packages (torch, setuptools >= 69 from the dev extra) through a
+    # .pth file, not the base interpreter's (whose setuptools may be too old for pyproject.toml).
+    venv.EnvBuilder(system_site_packages=False, with_pip=False).create(tmp_path / "venv")
     python = str(tmp_path / "venv" / "bin" / "python")
+    inner_site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                capture_output=True, text=True, check=True).stdout.strip()
+    Path(inner_site, "outer_env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     subprocess.run([sys.executable, "-m", "pip", "--python", python, "install", "--no-deps",
                     "--no-build-isolation", "-q", "-e", str(ROOT)], check=True, capture_output=True, timeout=300)
     out = _check(python, None, tmp_path)

@@ -660,15 +660,17 @@ def test_action_less_segments():
     buffer = ReplayBuffer(1000)
     video = set()  # (env, episode, step) of the steps written without actions
 
-    def video_steps(n):
+    def video_steps(n, placeholder=False):
         td = envs.rollout(n) if n > 1 else envs.step()
         video.update(map(tuple, td["state"].reshape(-1, 3).long().tolist()))
+        if placeholder:  # a video loader's NaN action: ignored, stored as zero
+            return td.exclude("skill", ("next", "reward")).set("action", torch.full_like(td["action"], float("nan")))
         return td.exclude("action", "skill", ("next", "reward"))
 
     buffer.extend(envs.rollout(6))
     buffer.extend(video_steps(9), actions=False)
     buffer.extend(envs.rollout(4))
-    buffer.extend(video_steps(1), actions=False)  # one [num_envs] step
+    buffer.extend(video_steps(1, placeholder=True), actions=False)  # one [num_envs] step
     buffer.extend(envs.rollout(3))
     torch.manual_seed(0)
     for batch in (buffer.sample(3000), buffer.sample(1000, horizon=2).reshape(-1)):

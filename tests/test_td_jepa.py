@@ -317,7 +317,8 @@ def test_policy_without_task_draws_z_per_episode():
     z = policy.z.clone()
     torch.testing.assert_close(z.norm(dim=-1), torch.full((4,), math.sqrt(agent.z_dim)))
     torch.testing.assert_close(policy(obs), first)  # z fixed within the episode, mean actions
-    policy.reset(torch.tensor([False, True, False, False]))
+    policy.reset(torch.tensor([False, True, False, False]))  # env 1 restarts at its next call
+    policy(obs)
     assert torch.equal(policy.z[[0, 2, 3]], z[[0, 2, 3]]) and not torch.equal(policy.z[1], z[1])
     explore = agent.policy(explore=True)
     noisy = explore(obs)

@@ -47,7 +47,7 @@ def test_train_agent_smoke_end_to_end(tmp_path):
     eval_steps = [int(r["step"]) for r in rows if r.get("eval/return")]
     assert eval_steps == [1, 150, 300]  # at the start, every 150 steps, and the last step only once
     assert "checkpoint:" in proc.stdout and "video:" in proc.stdout
-    payload = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=False)
+    payload = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=True)
     assert payload["counters"]["env_steps"] == 300 and payload["counters"]["updates"] > 0
 
 
@@ -71,13 +71,13 @@ def test_resume_continues_a_killed_run(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    killed_at = torch.load(ckpt, weights_only=False)["counters"]
+    killed_at = torch.load(ckpt, weights_only=True)["counters"]
     assert 0 < killed_at["env_steps"] < 100000
     target = killed_at["env_steps"] + 200
     out = _run_script("train_agent.py", *SMOKE, f"run_dir={run_dir}", f"steps={target}", "resume=true")
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"resumed from {ckpt} at env step {killed_at['env_steps']}" in out.stdout
-    final = torch.load(ckpt, weights_only=False)
+    final = torch.load(ckpt, weights_only=True)
     assert final["counters"]["env_steps"] == target
     assert final["counters"]["updates"] > killed_at["updates"]
     assert final["buffer"] is not None  # the replay buffer travels with the checkpoint
@@ -109,7 +109,7 @@ def test_ctrl_c_stops_on_a_whole_step_and_saves_a_checkpoint(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 128 + signal.SIGINT, err[-3000:]
     assert "SIGINT: stopping after this step" in err and "checkpoint saved" in err
-    stopped_at = torch.load(ckpt, weights_only=False)["counters"]
+    stopped_at = torch.load(ckpt, weights_only=True)["counters"]
     assert 150 <= stopped_at["env_steps"] < 100000 and stopped_at["updates"] > 0
     target = stopped_at["env_steps"] + 100
     refused = _run_script("train_agent.py", *SMOKE, f"run_dir={run_dir}", f"steps={target}", "resume=true")
@@ -117,7 +117,7 @@ def test_ctrl_c_stops_on_a_whole_step_and_saves_a_checkpoint(tmp_path):
     resumed = _run_script("train_agent.py", *SMOKE, f"run_dir={run_dir}", f"steps={target}", "resume=true",
                           "env.num_envs=2")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert torch.load(ckpt, weights_only=False)["counters"]["env_steps"] == target
+    assert torch.load(ckpt, weights_only=True)["counters"]["env_steps"] == target
 
 
 def test_collect_dataset_then_train_offline(tmp_path):
@@ -132,12 +132,12 @@ def test_collect_dataset_then_train_offline(tmp_path):
                          "keep_checkpoints=true", "log.every=10", f"run_dir={tmp_path / 'offline'}"])
     assert "eval/return" in result
     checkpoints = tmp_path / "offline" / "checkpoints"
-    payload = torch.load(checkpoints / "latest.pt", weights_only=False)
+    payload = torch.load(checkpoints / "latest.pt", weights_only=True)
     assert payload["counters"]["updates"] == 30 and payload["counters"]["env_steps"] == 0
     # keep_checkpoints keeps each one under its update count; later saves do not overwrite earlier ones
     kept = sorted(p.name for p in checkpoints.glob("0*.pt"))
     assert kept == ["000000010.pt", "000000020.pt", "000000030.pt"]
-    assert [torch.load(checkpoints / k, weights_only=False)["counters"]["updates"] for k in kept] == [10, 20, 30]
+    assert [torch.load(checkpoints / k, weights_only=True)["counters"]["updates"] for k in kept] == [10, 20, 30]
     # offline runs log against the update count (the env step stays 0)
     logged = {int(float(r["step"])) for r in _rows(tmp_path / "offline" / "metrics.csv") if r.get("critic_loss")}
     assert {10, 20, 30} <= logged

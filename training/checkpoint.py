@@ -104,6 +104,11 @@ def save_checkpoint(path: str | Path, agent: Agent, *, counters: dict[str, int],
     return path
 
 
+def _first_line(err: Exception) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0][:200] if lines else type(err).__name__
+
+
 def read_checkpoint(path: str | Path) -> dict:
     """The payload of a checkpoint, read with ``weights_only=True``; clear errors for every bad file."""
     path = Path(path)
@@ -120,11 +125,11 @@ def read_checkpoint(path: str | Path) -> dict:
             "can run arbitrary code ({}). latentrl checkpoints hold tensors and plain data only. If this is a "
             "checkpoint of an older latentrl that you made yourself, rewrite it once with "
             f"`python -m latentrl.training.checkpoint upgrade {path}` (that reads it with pickle: only for "
-            "files you trust).".format(str(err).splitlines()[0][:200])
+            "files you trust).".format(_first_line(err))
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         raise CheckpointError(f"{path} is not a readable checkpoint (truncated or not a torch file: "
-                              f"{str(err).splitlines()[0][:200]})") from None
+                              f"{_first_line(err)})") from None
     if not isinstance(payload, dict) or "agent" not in payload or "agent_name" not in payload:
         raise CheckpointError(f"{path} is a torch file but not a latentrl training checkpoint")
     return payload

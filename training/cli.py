@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from hydra import compose, initialize_config_module
 from hydra.core.config_store import ConfigStore
 from hydra.errors import HydraException
@@ -219,7 +220,8 @@ def collect_main(argv: list[str] | None = None) -> Path:
 
 
 EVAL_DEFAULTS = {
-    "checkpoint": None,     # a training checkpoint (runs/<run>/checkpoints/latest.pt); required
+    "model": None,          # a model directory (runs/<run>/model) or a training checkpoint; required
+    "checkpoint": None,     # the same as model= (kept for older commands)
     "tasks": None,          # "<domain>/all" or comma-separated task names; default: the training domain's
     "mode": "reward",       # reward | goal | both
     "data": None,           # dataset to sample and relabel; default: the one the agent trained on
@@ -235,7 +237,11 @@ EVAL_DEFAULTS = {
 
 
 def eval_main(argv: list[str] | None = None) -> list:
-    """``eval_zero_shot.py checkpoint=<path> tasks=<domain>/all``: zero-shot reward / goal evaluation."""
+    """``eval_zero_shot.py model=<run>/model tasks=<domain>/all``: zero-shot reward / goal evaluation.
+
+    ``model`` is a model directory (what ``train_agent.py`` writes as ``<run>/model``) or a training
+    checkpoint (``<run>/checkpoints/latest.pt``); neither can run code when opened."""
+    from latentrl.agents.model_files import load_agent_for_inference
     from latentrl.envs.tasks import resolve_task_list
     from latentrl.replay import ReplayBuffer
     from latentrl.training.checkpoint import load_agent
@@ -257,12 +263,20 @@ def eval_main(argv: list[str] | None = None) -> list:
                 close = difflib.get_close_matches(key, args, n=2, cutoff=0.5)
                 hint = f" Did you mean {', '.join(close)}?" if close else ""
                 raise ConfigError(f"unknown key {key!r}.{hint} Valid keys: {', '.join(args)}")
-            args[key] = OmegaConf.create({"v": value}).v if value else None
-        if not args["checkpoint"]:
-            raise ConfigError("eval_zero_shot.py needs checkpoint=<path to checkpoints/latest.pt>")
+            args[key] = yaml.safe_load(value) if value else None  # numbers and booleans typed, as on Hydra's CLI
+        if args["model"] and args["checkpoint"] and args["model"] != args["checkpoint"]:
+            raise ConfigError("give model=<path> or checkpoint=<path>, not both")
+        source = args["model"] or args["checkpoint"]
+        if not source:
+            raise ConfigError("eval_zero_shot.py needs model=<run>/model (or a checkpoint: "
+                              "<run>/checkpoints/latest.pt)")
         if args["mode"] not in ("reward", "goal", "both"):
             raise ConfigError(f"mode must be reward, goal or both, got {args['mode']!r}")
-        agent, cfg = load_agent(args["checkpoint"], device=args["device"])
+        if Path(str(source)).is_dir():
+            agent, cfg = load_agent_for_inference(str(source), device=args["device"])
+            cfg.setdefault("run_dir", str(Path(str(source)).parent))
+        else:
+            agent, cfg = load_agent(str(source), device=args["device"])
         env_cfg = {**cfg["env"], "episode_length": args["episode_length"]}
         data = args["data"] or cfg.get("data")
         if not data:

@@ -54,7 +54,8 @@ class FBModel(ZeroShotModel):
                  b_target_tau: float = 1e-3):
         super().__init__(obs_key, aug)
         self.left_encoder, self.backward_map, self.forward_map = left_encoder, backward_map, forward_map
-        self.discount, self.ortho_coef, self.train_goal_ratio = float(discount), float(ortho_coef), float(train_goal_ratio)
+        self.discount, self.ortho_coef = float(discount), float(ortho_coef)
+        self.train_goal_ratio = float(train_goal_ratio)
         self.f_target_tau, self.b_target_tau = float(f_target_tau), float(b_target_tau)
         self.targets = nn.ModuleDict()
 

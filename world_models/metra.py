@@ -116,7 +116,7 @@ class TemporalDistanceModel(WorldModel):
         return self.encode(obs)
 
     def inputs(self, batch: TensorDict) -> tuple[Tensor, Tensor, Tensor]:
-        """``(s, s', z)`` of a replay batch: ``obs_key`` and ``("next", obs_key)`` ``[B, ...]``, ``skill`` ``[B, D]``."""
+        """``(s, s', z)``: ``obs_key`` and ``("next", obs_key)`` ``[B, ...]`` and ``skill`` ``[B, D]`` of a batch."""
         if "skill" not in batch.keys():
             raise KeyError(
                 "METRA's update needs the 'skill' the METRA policy stores with each step (policy.extras()); "
