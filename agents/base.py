@@ -116,8 +116,9 @@ class Policy(nn.Module):
     The contract (DESIGN.md, "agents — learner and policy, split"; DreamerV3's ``policy(carry, obs)``):
 
     - :meth:`init_carry` ``(N) -> carry``: the per-env state of ``N`` envs as a TensorDict ``[N]``
-      (frame stack, skill / ``z``, belief, planner state). Random per-episode draws (a skill from
-      the prior) happen here and only here.
+      (frame stack, skill / ``z``, belief, planner state), deterministic. An env's first step must
+      pass ``is_first=True``: that row then restarts from :meth:`start_episode`, where per-episode
+      random draws (a skill from the prior) happen, and only there.
     - :meth:`step` ``(obs, carry, is_first) -> (action, carry)``: a function of its inputs, with no
       hidden state. Rows with ``is_first`` (bool ``[N]``) restart from a fresh :meth:`init_carry`
       before acting, so an episode's first call must pass ``is_first=True`` for that row. With
@@ -161,6 +162,11 @@ class Policy(nn.Module):
             carry["frames"] = torch.zeros(int(batch_size), self.frame_stack, *self.obs_shape, dtype=torch.uint8,
                                           device=self.device)
         return carry
+
+    def start_episode(self, batch_size: int) -> TensorDict:
+        """The carry rows of ``batch_size`` envs that start an episode (``is_first``): by default a fresh
+        :meth:`init_carry`; policies that draw per-episode values (a skill from the prior) draw them here."""
+        return self.init_carry(batch_size)
 
     def step(self, obs: TensorDict, carry: TensorDict, is_first: Tensor) -> tuple[Tensor, TensorDict]:
         """Actions ``[N, A]`` and the next carry from observations ``[N]`` (one newest frame)."""
@@ -237,7 +243,7 @@ class Policy(nn.Module):
     def _restart_rows(self, carry: TensorDict, is_first: Tensor) -> TensorDict:
         if not bool(is_first.any()):
             return carry
-        fresh = self.init_carry(int(is_first.sum()))
+        fresh = self.start_episode(int(is_first.sum()))
         carry = carry.clone()
         carry[is_first] = fresh
         return carry

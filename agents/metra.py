@@ -283,8 +283,8 @@ class SkillCritic(nn.Module):
 class METRAPolicy(Policy):
     """METRA's skill policy, batched over envs, in one of three modes.
 
-    - ``"prior"`` (no task): each env's carry starts with a skill drawn from the prior, kept for the
-      episode (an env restarted with ``is_first`` draws a new one).
+    - ``"prior"`` (no task): each env draws a skill from the prior at its episode's first step
+      (``is_first``, in :meth:`start_episode`) and keeps it for the episode.
     - ``"skill"`` (``agent.skill_task(z)``): the given skills ``task_z`` ``[1, D]`` or ``[N, D]``, fixed.
     - ``"goal"`` (``agent.infer_task(GoalObservation(...))``): ``task_z`` holds ``phi(g)`` and
       ``z = normalise(phi(g) - phi(s))`` is recomputed at every step (or, with
@@ -328,10 +328,13 @@ class METRAPolicy(Policy):
 
     def init_carry(self, batch_size: int) -> TensorDict:
         carry = super().init_carry(batch_size)
+        carry["skill"] = torch.zeros(batch_size, self.dim_option, device=self.device)  # set at the first step
+        return carry
+
+    def start_episode(self, batch_size: int) -> TensorDict:
+        carry = self.init_carry(batch_size)
         if self.mode == "prior":
             carry["skill"] = sample_skills(batch_size, self.dim_option, self.discrete, device=self.device)
-        else:
-            carry["skill"] = torch.zeros(batch_size, self.dim_option, device=self.device)
         return carry
 
     def _restart_rows(self, carry: TensorDict, is_first: Tensor) -> TensorDict:

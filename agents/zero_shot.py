@@ -59,8 +59,9 @@ class ZPolicy(Policy):
 
     Holds the state encoder ``phi`` and the actor (shared with the agent). With a task, ``z`` is the
     task's (``task_z``: ``[1, d]`` for every env, or ``[num_envs, d]``), a buffer saved with the
-    policy; without one, each env draws ``z`` uniformly on the sphere of radius ``sqrt(d)`` when its
-    carry starts (the pre-training prior). The carry holds ``z`` ``[N, d]`` and the frame stack.
+    policy; without one, each env draws ``z`` uniformly on the sphere of radius ``sqrt(d)`` at its
+    episode's first step (the pre-training prior, in :meth:`start_episode`). The carry holds ``z``
+    ``[N, d]`` and the frame stack.
     ``explore`` samples the actor's noise (``actor_std``); otherwise the deterministic mean acts.
     """
 
@@ -84,13 +85,19 @@ class ZPolicy(Policy):
 
     def init_carry(self, batch_size: int) -> TensorDict:
         carry = super().init_carry(batch_size)
-        if self.task_z is None:
-            carry["z"] = sample_sphere(batch_size, self.z_dim, device=self.device)
+        if self.task_z is None:  # drawn by start_episode at each env's first step
+            carry["z"] = torch.zeros(batch_size, self.z_dim, device=self.device)
         elif self.task_z.shape[0] in (1, batch_size):
             carry["z"] = self.task_z.expand(batch_size, -1).clone()
         else:
             raise ValueError(f"the task holds {self.task_z.shape[0]} task vectors but the observation has "
                              f"{batch_size} envs; infer one per env or a single one")
+        return carry
+
+    def start_episode(self, batch_size: int) -> TensorDict:
+        carry = self.init_carry(batch_size)
+        if self.task_z is None:
+            carry["z"] = sample_sphere(batch_size, self.z_dim, device=self.device)
         return carry
 
     def _restart_rows(self, carry: TensorDict, is_first: Tensor) -> TensorDict:

@@ -39,8 +39,8 @@ import warp as wp
 from tensordict import TensorDict
 from torchrl.envs import EnvBase
 
+from latentrl.envs.backend import apply_gradient_floor, check_env_args, env_seeds, set_env_specs
 from latentrl.envs.batched_tasks import BatchedTask, PhysicsBatch, make_batched_task
-from latentrl.envs.dmc import apply_gradient_floor, check_env_args, env_seeds, set_env_specs
 from latentrl.envs.tasks import PHYSICS_STATE, Task, get_physics_state, get_task
 
 __all__ = ["MJWarpEnv"]

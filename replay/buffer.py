@@ -664,10 +664,9 @@ class ReplayBuffer:
         if self._table is not None and self._table[0] == self._version:
             return self._table[1]
         if self.num_envs is None or self._num_rows == 0:
-            table = TensorDict({k: torch.zeros(0, dtype=torch.int64) for k in ("id", "env", "start", "length",
-                                                                             "first_step")}
-                               | {"complete": torch.zeros(0, dtype=torch.bool),
-                                  "has_action": torch.zeros(0, dtype=torch.bool)}, batch_size=[0])
+            none, no = torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.bool)
+            table = TensorDict(id=none, env=none, start=none, length=none, first_step=none, complete=no,
+                               has_action=no, batch_size=[0])
         else:
             env, row, slot, starts, index, length = self._segment_bounds()
             start_slot = slot[starts]
@@ -714,10 +713,10 @@ class ReplayBuffer:
         """
         table = self._segment_table()
         frame_stack = _positive_int("frame_stack", frame_stack)
-        match = (table["id"] == int(id)).nonzero().flatten() if len(table) else torch.zeros(0, dtype=torch.int64)
+        match = (table["id"] == int(id)).nonzero().flatten()
         if len(match) == 0:
-            stored = "none" if len(table) == 0 else f"{len(table)} ids from {int(table['id'][0])} to " \
-                                                     f"{int(table['id'][-1])}"
+            ids = table["id"]
+            stored = f"{len(ids)} ids from {int(ids[0])} to {int(ids[-1])}" if len(ids) else "none"
             raise KeyError(f"episode id {id!r} is not stored (stored: {stored}); list them with episodes()")
         seg = table[int(match[0])]
         env, start, length = int(seg["env"]), int(seg["start"]), int(seg["length"])

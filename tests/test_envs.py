@@ -157,7 +157,7 @@ def test_gradient_floor_changes_pixels_with_position():
 
 
 def test_gradient_floor_is_metras_rainbow_for_cheetah():
-    from latentrl.envs.dmc import gradient_floor_colour
+    from latentrl.envs.backend import gradient_floor_colour
 
     torch.testing.assert_close(torch.as_tensor(gradient_floor_colour("cheetah", -15.0, 0.0)),
                                torch.tensor([0.5, 0.0, 1.0], dtype=torch.float64))  # purple behind

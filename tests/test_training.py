@@ -187,7 +187,7 @@ def test_device_auto_and_agent_fields_reach_the_agent(tmp_path):
     cfg = load_config([*SMOKE, "agent.batch_size=9", "env.obs=[state,physics]", "eval.num_envs=3",
                        "agent.batch_size=7"])
     trainer = Trainer(cfg, tmp_path, agent_overrides=dict(cfg.agent.overrides))
-    assert trainer.agent.config.batch_size == 7 and trainer.spec["batch_size"] == 7
+    assert trainer.agent.config.batch_size == 7 and trainer.spec.batch_size == 7
     assert trainer.eval_env.batch_size == torch.Size([3])  # eval.num_envs: evaluation episodes side by side
     result = evaluate_policy(trainer.eval_env, trainer.agent.policy(explore=False), 4)
     assert len(result.returns) == 4 and all(length == trainer.eval_env.episode_length for length in result.lengths)

@@ -58,12 +58,12 @@ def evaluate_reward_tasks(agent: Agent, buffer: ReplayBuffer, tasks: list[str], 
                           num_samples: int = 10_000, episodes: int = 10, seed: int = 0,
                           progress=print) -> list[TaskResult]:
     """For each task: relabel ``num_samples`` buffer transitions, infer the task, roll out ``episodes``."""
-    spec = agent.sample_spec()
+    frame_stack = agent.policy().frame_stack
     obs_keys = [k for k in ("pixels", "state") if k in env_cfg["obs"]]
     results = []
     for name in tasks:
         task = get_task(name)
-        batch = buffer.sample(num_samples, frame_stack=spec.frame_stack, keys=[*obs_keys, "physics"])
+        batch = buffer.sample(num_samples, frame_stack=frame_stack, keys=[*obs_keys, "physics"])
         buffer.relabel(task, batch)
         samples = RewardSamples(obs=_observation(batch["next"], obs_keys), reward=batch["next", "reward"])
         try:
@@ -96,13 +96,13 @@ def evaluate_goals(agent: Agent, buffer: ReplayBuffer, env_cfg: dict, *, num_goa
     walker, the free joint's x-y for quadruped, x-y for the point masses.
     """
     task_name = env_cfg["task"]
-    spec = agent.sample_spec()
+    frame_stack = agent.policy().frame_stack
     env = _make_task_env(task_name, env_cfg, num_goals, seed)
     try:
         goal_physics = buffer.sample(num_goals, keys=["physics"])["physics"]
         goal_obs = env.set_physics_state(goal_physics)
-        if spec.frame_stack > 1 and "pixels" in goal_obs.keys():
-            goal_obs["pixels"] = goal_obs["pixels"].repeat(1, spec.frame_stack, 1, 1)
+        if frame_stack > 1 and "pixels" in goal_obs.keys():
+            goal_obs["pixels"] = goal_obs["pixels"].repeat(1, frame_stack, 1, 1)
         keys = [k for k in ("pixels", "state") if k in goal_obs.keys()]
         try:
             with torch.no_grad():
