@@ -249,6 +249,22 @@ def test_pixel_policy_stacks_single_frames():
     policy.reset()
     assert policy(TensorDict({"pixels": frames[0]}, [2])).shape == (2, ACTION_DIM)
 
+    # The same through the explicit carry: frames oldest first; a restarted row is filled with its first frame.
+    carry = policy.init_carry(2)
+    for i, frame in enumerate(frames):
+        step_action, carry = policy.step(TensorDict({"pixels": frame}, [2]), carry, torch.full((2,), i == 0))
+    torch.testing.assert_close(step_action, action)
+    assert torch.equal(carry["frames"], torch.stack(frames, dim=1))
+    new = torch.randint(0, 256, (2, 3, IMAGE, IMAGE), dtype=torch.uint8)
+    restarted_action, restarted = policy.step(TensorDict({"pixels": new}, [2]), carry, torch.tensor([True, False]))
+    assert torch.equal(restarted["frames"][0], new[0].expand(3, -1, -1, -1))
+    assert torch.equal(restarted["frames"][1], torch.stack([frames[1][1], frames[2][1], new[1]]))
+    assert torch.equal(carry["frames"], torch.stack(frames, dim=1))  # the input carry is not modified
+    with torch.no_grad():
+        expected = agent.actor(agent.world_model.encode(TensorDict({"pixels": restarted["frames"].flatten(1, 2)},
+                                                                   [2])), 0.2).mean
+    torch.testing.assert_close(restarted_action, expected)
+
 
 def test_rnd_takes_no_tasks():
     agent = _agent("state")
