@@ -327,6 +327,8 @@ def test_world_model_contract(path, agent_name, obs_type):
             z = torch.nn.functional.normalize(torch.randn(latent.shape[0], wm.z_dim), dim=-1)
             out = wm.successor(latent, batch["action"], z)
             assert out.shape[-2:] == (latent.shape[0], wm.z_dim)
+        elif capability == "sequence":
+            check_sequence_contract(wm, obs, batch["action"])
         else:
             pytest.fail(f"the conformance suite has no check for capability {capability!r}; add one")
     for capability in {"decode", "sequence", "infer", "transition"} - set(wm.capabilities):
@@ -334,3 +336,95 @@ def test_world_model_contract(path, agent_name, obs_type):
         with pytest.raises(NotImplementedError, match=capability):
             fn = getattr(wm, method[capability])
             fn(*([None] * (len(inspect.signature(fn).parameters))))
+
+
+def check_sequence_contract(wm: WorldModel, obs: TensorDict, action: torch.Tensor) -> None:
+    """The recurrent contract: a belief TensorDict ``[B]``; ``observe`` restarts ``is_first`` rows from
+    ``initial_state``; ``predict`` and ``imagine`` sample (two draws differ); ``imagine`` gives
+    ``[B * num_samples, H]`` with row ``b``'s samples together."""
+    n = obs.batch_size[0]
+    state = wm.initial_state(n)
+    assert isinstance(state, TensorDict) and state.batch_size == torch.Size([n])
+    first = torch.ones(n, dtype=torch.bool)
+    posterior = wm.observe(state, obs, torch.zeros_like(action), first)
+    assert posterior.batch_size == torch.Size([n])
+    later = wm.observe(posterior, obs, action, torch.zeros(n, dtype=torch.bool))
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[0] = True
+    torch.manual_seed(0)
+    restarted = wm.observe(later, obs, action, mask)
+    torch.manual_seed(0)
+    from_scratch = wm.observe(wm.initial_state(n), obs, action, torch.ones(n, dtype=torch.bool))
+    for key in restarted.keys(True, True):
+        torch.testing.assert_close(restarted[key][0], from_scratch[key][0])
+    torch.manual_seed(1)
+    a = wm.predict(posterior, action)
+    torch.manual_seed(2)
+    b = wm.predict(posterior, action)
+    assert any(not torch.equal(a[k], b[k]) for k in a.keys(True, True)), "predict returned the mean, not a sample"
+    horizon, samples = 3, 4
+    actions = action.unsqueeze(1).expand(-1, horizon, -1)
+    rollouts = wm.imagine(posterior, actions, num_samples=samples)
+    assert rollouts.batch_size[:2] == torch.Size([n * samples, horizon])
+    first_key = next(iter(rollouts.keys(True, True)))
+    row0 = rollouts[first_key][:samples, -1]
+    assert not all(torch.equal(row0[0], row0[i]) for i in range(1, samples)), "imagine's samples do not diverge"
+
+
+class ToyStateSpaceModel(WorldModel):
+    """A Gaussian state-space model small enough to read: h' = tanh(W [h, a]) + sigma * eps; the posterior
+    mixes in the observation. Only here to hold the base class's recurrent machinery to its contract."""
+
+    capabilities = frozenset({"sequence"})
+
+    def __init__(self, obs_dim: int = STATE_DIM, action_dim: int = ACTION_DIM, dim: int = 8):
+        super().__init__()
+        self.prior = nn.Linear(dim + action_dim, dim)
+        self.post = nn.Linear(dim + obs_dim, dim)
+        self.dim = dim
+
+    def initial_state(self, batch_size):
+        return TensorDict({"h": torch.zeros(batch_size, self.dim)}, batch_size=[batch_size])
+
+    def observe(self, state, obs, prev_action, is_first):
+        h = torch.where(is_first.reshape(-1, 1), self.initial_state(state.batch_size[0])["h"], state["h"])
+        h = torch.tanh(self.post(torch.cat([h, obs["state"]], -1)))
+        return TensorDict({"h": h}, batch_size=state.batch_size)
+
+    def predict(self, state, action):
+        mean = torch.tanh(self.prior(torch.cat([state["h"], action], -1)))
+        return TensorDict({"h": mean + 0.1 * torch.randn_like(mean)}, batch_size=state.batch_size)
+
+    def loss(self, batch):
+        state = self.observe(self.initial_state(batch.batch_size[0]), batch, batch["action"],
+                             torch.ones(batch.batch_size[0], dtype=torch.bool))
+        nll = (self.predict(state, batch["action"])["h"] - self.post(
+            torch.cat([state["h"], batch["next", "state"]], -1))).square().mean()
+        return TensorDict({"loss": nll, "nll": nll.detach()}, batch_size=[])
+
+
+def test_recurrent_contract_of_the_base_class():
+    """The base class's sampled ``imagine`` and the sequence checks, on a toy state-space model."""
+    wm = ToyStateSpaceModel()
+    obs = observations("state", 5, seed=0)
+    action = torch.rand(5, ACTION_DIM) * 2 - 1
+    check_sequence_contract(wm, obs, action)
+    with pytest.raises(NotImplementedError, match="infer"):
+        wm.infer(None, None, 1)
+
+
+def test_sequence_checks_catch_a_mean_prediction():
+    """A model whose predict returns the mean (the old ``imagine`` bug) fails the contract."""
+
+    class MeanModel(ToyStateSpaceModel):
+        def predict(self, state, action):
+            return TensorDict({"h": torch.tanh(self.prior(torch.cat([state["h"], action], -1)))},
+                              batch_size=state.batch_size)
+
+    with pytest.raises(AssertionError, match="mean, not a sample"):
+        check_sequence_contract(MeanModel(), observations("state", 3, seed=0), torch.zeros(3, ACTION_DIM))
+
+
+def test_unknown_capabilities_are_refused():
+    with pytest.raises(TypeError, match="unknown capabilities"):
+        type("Bad", (WorldModel,), {"capabilities": frozenset({"teleport"})})

@@ -14,7 +14,6 @@ from omegaconf import OmegaConf
 from tensordict import TensorDict
 
 from latentrl.agents import UnsupportedTaskError, make_agent
-from latentrl.agents.base import RewardSamples, Task
 from latentrl.agents.actor_critic import (
     DDPGActorCritic,
     DeterministicActor,
@@ -22,6 +21,7 @@ from latentrl.agents.actor_critic import (
     TwinQCritic,
     schedule,
 )
+from latentrl.agents.base import RewardSamples, Task
 from latentrl.agents.rnd import PRESETS, RNDAgent, RNDConfig
 from latentrl.world_models.layers import RunningMeanStd, soft_update_params
 
