@@ -145,7 +145,7 @@ class ReplayBuffer:
                 f"capacity {self.capacity} is too small for {num_envs} env streams (each needs >= 2 rows); "
                 f"use capacity >= {2 * num_envs}"
             )
-        self._schema = self._infer_schema(td, actions, action_shape)
+        self._set_schema(self._infer_schema(td, actions, action_shape))
         self.num_envs, self.per_env = num_envs, per_env
         self._head = torch.zeros(num_envs, dtype=torch.int64)  # next absolute row of each stream
         self._pending = torch.zeros(num_envs, dtype=torch.bool)  # row `head` holds the pending next obs
@@ -208,15 +208,13 @@ class ReplayBuffer:
             "specs": specs,
         }
 
-    @property
-    def _extra_keys(self) -> list:
-        return [_norm_key(k) for k in self._schema["extras"]]
-
-    @property
-    def _row_keys(self) -> list:
-        """Per-row keys other than observations: ``action`` (when stored), ``episode``, ``step``, extras."""
-        action = ["action"] if "action" in self._schema["specs"] else []
-        return [*action, "episode", "step", *self._extra_keys]
+    def _set_schema(self, schema: dict) -> None:
+        self._schema = schema
+        self._extra_keys = [_norm_key(k) for k in schema["extras"]]
+        # per-row keys other than observations: ``action`` (when stored), ``episode``, ``step``, extras
+        action = ["action"] if "action" in schema["specs"] else []
+        self._row_keys = [*action, "episode", "step", *self._extra_keys]
+        self._next_keys = [("next", k) for k in schema["transition"]]
 
     def _refresh_bounds(self) -> None:
         self._hi = self._head + self._pending.long()
@@ -296,7 +294,8 @@ class ReplayBuffer:
         self._data, self._table = None, None
         if self.num_envs is None:
             return
-        self.per_env, self._schema = meta["per_env"], meta["schema"]
+        self.per_env = meta["per_env"]
+        self._set_schema(meta["schema"])
         size = self.num_envs * self.per_env
         if data is None or data.batch_dims != 1 or data.shape[0] != size:
             got = None if data is None else list(data.batch_size)
@@ -725,7 +724,7 @@ class ReplayBuffer:
         slot = base + rows % self.per_env
         first = start - int(seg["first_step"])
         out = {key: self._gather(key, slot) for key in self._row_keys}
-        out["next"] = {key: self._gather(("next", key), slot) for key in self._schema["transition"]}
+        out["next"] = {key[1]: self._gather(key, slot) for key in self._next_keys}
         out["is_first"] = rows == first
         out["has_action"] = self._gather(_HAS_ACTION, slot)
         out["segment_id"] = self._gather(_SEGMENT, slot)
@@ -784,15 +783,14 @@ class ReplayBuffer:
         per_env, length = self.per_env, horizon
         shape = [batch_size] if length == 1 else [batch_size, length]
         base = env[:, None] * per_env
-        rows = (start[:, None] + torch.arange(length)).view(shape)
-        slot = (base + (start[:, None] + torch.arange(length)) % per_env).view(shape)
+        rows = start if length == 1 else start[:, None] + torch.arange(length)  # ``shape``
+        slot = (base.view(-1) if length == 1 else base) + rows % per_env
         out = {key: self._gather(key, slot) for key in self._row_keys}
-        nxt = {key: self._gather(("next", key), slot) for key in self._schema["transition"]}
-        row_first = first if length == 1 else first[:, None]
-        out["is_first"] = rows == row_first
+        nxt = {key[1]: self._gather(key, slot) for key in self._next_keys}
+        out["segment_step"] = rows - (first if length == 1 else first[:, None])
+        out["is_first"] = out["segment_step"] == 0
         out["has_action"] = self._gather(_HAS_ACTION, slot)
         out["segment_id"] = self._gather(_SEGMENT, slot)
-        out["segment_step"] = rows - row_first
         goal_slot = None
         if goal is not None:  # ``goal`` rows ``shape`` (and their stacks ``[*shape, k]``)
             goal_slot, goal_stack_slot = self._goal_rows(goal, env, start, first, frame_stack, length,
@@ -802,11 +800,14 @@ class ReplayBuffer:
         # one gather per observation key: rows t .. t + L (observations and, shifted by one, the next
         # observations), frames t - k + 1 .. t + L for stacked keys (clamped at the episode start),
         # followed by the goal's rows
-        obs_slot = base + (start[:, None] + torch.arange(length + 1)) % per_env
-        stack_rows = torch.maximum(start[:, None] + torch.arange(1 - frame_stack, length + 1), first[:, None])
-        stack_slot = base + stack_rows % per_env
+        stacked_keys = self._schema["stacked"]
+        if any(key not in stacked_keys for key in obs_keys):
+            obs_slot = base + (start[:, None] + torch.arange(length + 1)) % per_env
+        if any(key in stacked_keys for key in obs_keys):
+            stack_rows = torch.maximum(start[:, None] + torch.arange(1 - frame_stack, length + 1), first[:, None])
+            stack_slot = base + stack_rows % per_env
         for key in obs_keys:
-            stacked = key in self._schema["stacked"]
+            stacked = key in stacked_keys
             own = stack_slot if stacked else obs_slot
             if goal_slot is None:
                 g = self._gather(key, own)
@@ -894,9 +895,10 @@ class ReplayBuffer:
         return keys
 
     def _gather(self, key, slot: torch.Tensor) -> torch.Tensor:
-        """Rows ``slot`` of a column, on the sampling device (moved before any view is taken)."""
-        key = _norm_key(key)
-        out = self._cols[key].index_select(0, slot.reshape(-1)).view(*slot.shape, *self._shapes[key])
+        """Rows ``slot`` of a column (``key`` as TensorDict spells it: a str, or a tuple when nested), on the
+        sampling device (moved before any view is taken)."""
+        out = self._cols[key].index_select(0, slot if slot.dim() == 1 else slot.reshape(-1))
+        out = out.view(*slot.shape, *self._shapes[key])
         return out if self.device.type == "cpu" else out.to(self.device, non_blocking=True)
 
     def _valid(self, env, row, frame_stack: int, horizon: int, transition: bool):
@@ -939,6 +941,8 @@ class ReplayBuffer:
             ok, first = self._valid(env, row, frame_stack, horizon, transition)
             ok &= stored
             accepted = int(ok.sum())
+            if not got_env and accepted >= n:  # the usual case: one round of draws
+                return env[ok][:n], row[ok][:n], first[ok][:n]
             got_env.append(env[ok]), got_row.append(row[ok]), got_first.append(first[ok])
             have += accepted
             if have >= n:

@@ -100,11 +100,26 @@ def test_checkpoint_round_trips_with_weights_only_and_rng(tmp_path):
 
 
 def test_upgrade_rewrites_an_old_checkpoint(tmp_path):
-    """Format 1 pickled NumPy's RNG state (refused now); ``upgrade`` rewrites a trusted one in place."""
-    agent = small_agent()
+    """Format 1 pickled NumPy's RNG state and used the pre-v2 parameter names (refused now); ``upgrade``
+    rewrites a trusted one in place, and the agent loads from it."""
+    agent = small_agent("fb")
+    old_names = {"world_model.targets.": "targets.", "world_model.left_encoder.": "world_model.phi_encoder.",
+                 "world_model.backward_map.": "world_model.psi_encoder.",
+                 "world_model.forward_map.": "world_model.phi_predictor."}
+
+    def old(key):
+        for new, was in old_names.items():
+            if key.startswith(new):
+                return was + key[len(new):]
+        return key
+
     path = tmp_path / "old.pt"
-    payload = {"format": 1, "agent_name": "td_jepa", "agent": agent.state_dict(), "optimizers": {},
-               "agent_extra": {}, "counters": {"env_steps": 0, "updates": 0, "episodes": 0}, "config": {},
+    config = {"env": {"task": "walker-walk", "obs": ["state", "physics"], "image_size": 64, "action_repeat": 1,
+                      "floor": "default"},
+              "agent": {"name": "fb", "preset": "smoke", "overrides": {"obs_type": "state"}}}
+    payload = {"format": 1, "agent_name": "fb", "agent": {old(k): v for k, v in agent.state_dict().items()},
+               "optimizers": {}, "config": config,
+               "agent_extra": {}, "counters": {"env_steps": 0, "updates": 0, "episodes": 0},
                "buffer": None, "rng": {"python": __import__("random").getstate(), "numpy": np.random.get_state(),
                                        "torch": torch.get_rng_state()}}
     torch.save(payload, path)
@@ -112,8 +127,11 @@ def test_upgrade_rewrites_an_old_checkpoint(tmp_path):
         read_checkpoint(path)
     upgrade_checkpoint(path)
     state = read_checkpoint(path)
-    assert state["format"] == 2
+    assert state["format"] == 2 and state["agent_spec"]["obs_shape"] == [24]
     restore_rng(state["rng"])
+    rebuilt, _ = load_agent(path)
+    for key, value in agent.state_dict().items():
+        assert torch.equal(rebuilt.state_dict()[key], value), key
 
 
 def test_model_directory_round_trip_and_errors(tmp_path):

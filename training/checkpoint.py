@@ -179,6 +179,36 @@ def load_agent(path: str | Path, *, device: str = "cpu") -> tuple[Agent, dict]:
     return agent, cfg
 
 
+# State-dict prefixes that contracts v2 moved (each world model owns its loss, dual variable and targets).
+FORMAT1_RENAMES: dict[str, tuple[tuple[str, str], ...]] = {
+    "metra": (("log_lambda", "world_model.log_lambda"),),
+    "td_jepa": (("targets.", "world_model.targets."),),
+    "fb": (("targets.", "world_model.targets."), ("world_model.phi_encoder.", "world_model.left_encoder."),
+           ("world_model.psi_encoder.", "world_model.backward_map."),
+           ("world_model.phi_predictor.", "world_model.forward_map.")),
+    "rnd": (("rnd.", "world_model.rnd."),),
+}
+
+
+def _spec_from_run_config(payload: dict) -> dict | None:
+    """The agent spec of a format-1 checkpoint, from its run config (builds the run's env once)."""
+    from latentrl.agents import make_agent
+    from latentrl.envs import make_env
+
+    cfg = payload.get("config") or {}
+    env_cfg, agent_cfg = cfg.get("env"), cfg.get("agent")
+    if not env_cfg or not agent_cfg:
+        return None
+    env = make_env(env_cfg["task"], obs=tuple(env_cfg["obs"]), image_size=env_cfg["image_size"],
+                   action_repeat=env_cfg["action_repeat"], num_envs=1, seed=0, floor=env_cfg["floor"],
+                   num_workers=0)
+    try:
+        agent = make_agent(agent_cfg["name"], env, preset=agent_cfg["preset"], **agent_cfg.get("overrides", {}))
+    finally:
+        env.close()
+    return agent_spec(agent)
+
+
 def upgrade_checkpoint(path: str | Path) -> Path:
     """Rewrite a format-1 checkpoint (pickled NumPy RNG state) in place as format 2. Reads it with pickle,
     which can run code: only for checkpoints you made yourself."""
@@ -194,6 +224,17 @@ def upgrade_checkpoint(path: str | Path) -> Path:
     if isinstance(rng.get("python"), tuple):
         version, internal, gauss = rng["python"]
         rng["python"] = {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss}
+    renames = FORMAT1_RENAMES.get(payload.get("agent_name"), ())
+    state = {}
+    for key, value in payload["agent"].items():
+        for old, new in renames:
+            if key.startswith(old):
+                key = new + key[len(old):]
+                break
+        state[key] = value
+    payload["agent"] = state
+    if "agent_spec" not in payload:
+        payload["agent_spec"] = _spec_from_run_config(payload)
     payload["format"] = CHECKPOINT_FORMAT
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(payload, tmp)
