@@ -23,6 +23,7 @@ from tensordict import TensorDict
 from torch import Tensor, nn
 
 from latentrl.world_models.base import WorldModel
+from latentrl.world_models.encoders import read_key
 
 __all__ = [
     "Agent",
@@ -230,10 +231,7 @@ class Policy(nn.Module):
         """``obs[obs_key]`` on the policy's device (``None`` for a policy that reads nothing)."""
         if self.obs_key is None:
             return None
-        if self.obs_key not in obs.keys():
-            raise KeyError(f"{type(self).__name__} reads {self.obs_key!r}; the observation has keys "
-                           f"{sorted(map(str, obs.keys()))}")
-        return obs[self.obs_key].to(self.device)
+        return read_key(obs, self.obs_key, type(self).__name__).to(self.device)
 
     def _out_device(self, obs: TensorDict) -> torch.device:
         if self.obs_key is not None and self.obs_key in obs.keys():

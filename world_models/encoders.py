@@ -33,7 +33,16 @@ __all__ = [
     "StateEncoder",
     "conv_output_size",
     "make_encoder",
+    "read_key",
 ]
+
+
+def read_key(obs: TensorDict, key: str, reader: str) -> Tensor:
+    """``obs[key]``, or a ``KeyError`` that names ``reader``, the missing key and the keys there."""
+    if key not in obs.keys():
+        raise KeyError(f"{reader} reads {key!r} but the observation has keys {sorted(map(str, obs.keys()))}; "
+                       f"build the env (or sample the buffer) with {key!r}")
+    return obs[key]
 
 
 def conv_output_size(size: int, kernel: int, stride: int, padding: int = 0) -> int:
@@ -228,12 +237,7 @@ class ObservationEncoder(WorldModel):
         self.repr_dim: int = encoder.repr_dim
 
     def encode(self, obs: TensorDict, *, augment: bool = False) -> Tensor:
-        if self.obs_key not in obs.keys():
-            raise KeyError(
-                f"{type(self).__name__} reads {self.obs_key!r} but the observation has keys "
-                f"{sorted(map(str, obs.keys()))}; build the env with obs=({self.obs_key!r}, ...)"
-            )
-        x = obs[self.obs_key]
+        x = read_key(obs, self.obs_key, type(self).__name__)
         event_dims = 3 if self.obs_key == "pixels" else 1
         batch_shape = x.shape[: x.dim() - event_dims]
         x = x.reshape(-1, *x.shape[x.dim() - event_dims :])

@@ -17,6 +17,7 @@ from tensordict import TensorDict
 from torch import Tensor, nn
 
 from latentrl.world_models.base import WorldModel
+from latentrl.world_models.encoders import read_key
 from latentrl.world_models.layers import RunningMeanStd, mlp, xavier_init
 
 __all__ = ["ObservationNormalizer", "TemporalDistanceModel", "constraint_penalty", "metra_reward"]
@@ -104,10 +105,7 @@ class TemporalDistanceModel(WorldModel):
         return self.head(self.encoder(self.normalizer(x)))
 
     def encode(self, obs: TensorDict) -> Tensor:
-        if self.obs_key not in obs.keys():
-            raise KeyError(f"METRA's phi reads {self.obs_key!r} but the observation has keys "
-                           f"{sorted(map(str, obs.keys()))}")
-        x = obs[self.obs_key]
+        x = read_key(obs, self.obs_key, "METRA's phi")
         event_dims = 3 if self.obs_key == "pixels" else 1
         batch_shape = x.shape[: x.dim() - event_dims]
         return self.phi(x.reshape(-1, *x.shape[x.dim() - event_dims:])).reshape(*batch_shape, -1)

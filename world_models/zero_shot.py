@@ -18,7 +18,7 @@ from tensordict import TensorDict
 from torch import Tensor, nn
 
 from latentrl.world_models.base import WorldModel
-from latentrl.world_models.encoders import DrQEncoder, RandomShiftsAug, make_encoder
+from latentrl.world_models.encoders import DrQEncoder, RandomShiftsAug, make_encoder, read_key
 from latentrl.world_models.sphere import SphereNorm
 
 __all__ = [
@@ -249,12 +249,7 @@ class ZeroShotModel(WorldModel):
         times, which is the frame stack at an episode's first step (e.g. a goal image).
         """
         if isinstance(obs, TensorDict):
-            if self.obs_key not in obs.keys():
-                raise KeyError(
-                    f"{type(self).__name__} reads {self.obs_key!r} but the observation has keys "
-                    f"{sorted(map(str, obs.keys()))}; build the env (or sample the buffer) with {self.obs_key!r}"
-                )
-            obs = obs[self.obs_key]
+            obs = read_key(obs, self.obs_key, type(self).__name__)
         event_dims = 3 if self.obs_key == "pixels" else 1
         x = obs.reshape(-1, *obs.shape[obs.dim() - event_dims:])
         if self.obs_key == "pixels":
