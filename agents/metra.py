@@ -70,7 +70,6 @@ import torch
 import torch.nn.functional as F
 from tensordict import TensorDict
 from torch import Tensor, nn
-from torchrl.envs import EnvBase
 
 from latentrl.agents.actor_critic import (
     TanhGaussianActor,
@@ -88,7 +87,6 @@ from latentrl.agents.base import (
     SampleSpec,
     Task,
     UnsupportedTaskError,
-    config_from_preset,
     resolve_device,
 )
 from latentrl.world_models.encoders import make_encoder
@@ -424,27 +422,6 @@ class METRAAgent(Agent):
         # A learning rate of 0 fixes that part (the official ``--sac_lr_a -1`` fixes alpha).
         self._optimizers = {name: torch.optim.Adam(params, lr=cfg.lr_of(name))
                             for name, params in groups.items() if cfg.lr_of(name) > 0}
-
-    @classmethod
-    def from_env(cls, env: EnvBase, *, preset: str = "paper", device: str = "cpu", **overrides: Any) -> METRAAgent:
-        """Build from a TorchRL env's specs: ``pixels`` ``[*, 3, H, W]``, ``state`` / ``physics`` ``[*, P]``;
-        actions ``[*, A]`` in [-1, 1]."""
-        config = config_from_preset(METRAConfig, PRESETS, preset, overrides)
-        spec = env.observation_spec
-        key = config.obs_type
-        if key not in spec.keys():
-            raise ValueError(
-                f"METRA with obs_type={key!r} needs the env to observe {key!r}, but its observation keys are "
-                f"{sorted(map(str, spec.keys()))}; build it with make_env(..., obs=({key!r}, 'physics')) "
-                f"(train_agent.py does this with env.obs=auto)"
-            )
-        obs_shape = tuple(spec[key].shape[-3:]) if key == "pixels" else (spec[key].shape[-1],)
-        return cls(config, obs_shape, env.action_spec.shape[-1], device=device)
-
-    @classmethod
-    def required_obs(cls, preset: str = "paper", **overrides: Any) -> tuple[str, ...]:
-        """The observation key this configuration reads: ``("pixels",)``, ``("state",)`` or ``("physics",)``."""
-        return (config_from_preset(METRAConfig, PRESETS, preset, overrides).obs_type,)
 
     @property
     def frame_stack(self) -> int:

@@ -60,6 +60,7 @@ again in format 2.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Sequence
@@ -98,6 +99,12 @@ def _norm_key(key):
     """TensorDict's spelling of a key: a string at the root, a tuple when nested."""
     key = tuple(key) if isinstance(key, (tuple, list)) else (key,)
     return key[0] if len(key) == 1 else key
+
+
+@functools.lru_cache(maxsize=64)
+def _arange(start: int, stop: int) -> torch.Tensor:
+    """``torch.arange(start, stop)``, cached for the sampling hot path (read-only: never write into it)."""
+    return torch.arange(start, stop)
 
 
 def _positive_int(name: str, value) -> int:
@@ -154,6 +161,7 @@ class ReplayBuffer:
         self._cur_segment = torch.full((num_envs,), -1, dtype=torch.int64)  # id of the running episode
         self._next_episode_id = 0  # for data without an `episode` key
         self._next_segment_id = 0
+        self._any_actionless = False  # some step was written with actions=False (else has_action needs no read)
         self._refresh_bounds()
 
     @staticmethod
@@ -281,6 +289,7 @@ class ReplayBuffer:
                 "cur_segment": self._cur_segment.tolist(),
                 "next_episode_id": self._next_episode_id,
                 "next_segment_id": self._next_segment_id,
+                "any_actionless": self._any_actionless,
             })
         return meta
 
@@ -312,6 +321,7 @@ class ReplayBuffer:
         if _SEGMENT in data.keys(include_nested=True, leaves_only=True):
             self._cur_segment = torch.tensor(meta["cur_segment"], dtype=torch.int64)
             self._next_segment_id = meta["next_segment_id"]
+            self._any_actionless = meta.get("any_actionless", True)  # unknown: read the column
             self._attach()
         else:
             self._derive_segment_columns()
@@ -334,6 +344,7 @@ class ReplayBuffer:
         data.set(_SEGMENT, segment)
         data.set(_HAS_ACTION, data.get(_IS_TRANSITION).as_subclass(torch.Tensor).clone())
         self._next_segment_id = len(key)
+        self._any_actionless = False  # format 1 stored actions with every step
         pending_slot = torch.arange(self.num_envs) * self.per_env + self._head % self.per_env
         self._cur_segment = torch.where(self._pending, segment[pending_slot], -1)
         self._attach()
@@ -606,6 +617,7 @@ class ReplayBuffer:
         self._cur_episode = episode[:, -1]
         self._cur_segment = segment[:, -1]
         self._next_segment_id += int(start.sum())
+        self._any_actionless |= not actions
         self._refresh_bounds()
 
     @staticmethod
@@ -783,14 +795,17 @@ class ReplayBuffer:
         per_env, length = self.per_env, horizon
         shape = [batch_size] if length == 1 else [batch_size, length]
         base = env[:, None] * per_env
-        rows = start if length == 1 else start[:, None] + torch.arange(length)  # ``shape``
+        rows = start if length == 1 else start[:, None] + _arange(0, length)  # ``shape``
         slot = (base.view(-1) if length == 1 else base) + rows % per_env
         out = {key: self._gather(key, slot) for key in self._row_keys}
         nxt = {key[1]: self._gather(key, slot) for key in self._next_keys}
         out["segment_step"] = rows - (first if length == 1 else first[:, None])
         out["is_first"] = out["segment_step"] == 0
-        out["has_action"] = self._gather(_HAS_ACTION, slot)
-        out["segment_id"] = self._gather(_SEGMENT, slot)
+        out["has_action"] = self._transition_has_action(slot)
+        # one episode per slice: its id is read once, at the slice's start
+        out["segment_id"] = self._gather(_SEGMENT, slot if length == 1 else slot[:, 0])
+        if length > 1:
+            out["segment_id"] = out["segment_id"][:, None].expand(shape).clone()
         goal_slot = None
         if goal is not None:  # ``goal`` rows ``shape`` (and their stacks ``[*shape, k]``)
             goal_slot, goal_stack_slot = self._goal_rows(goal, env, start, first, frame_stack, length,
@@ -802,9 +817,9 @@ class ReplayBuffer:
         # followed by the goal's rows
         stacked_keys = self._schema["stacked"]
         if any(key not in stacked_keys for key in obs_keys):
-            obs_slot = base + (start[:, None] + torch.arange(length + 1)) % per_env
+            obs_slot = base + (start[:, None] + _arange(0, length + 1)) % per_env
         if any(key in stacked_keys for key in obs_keys):
-            stack_rows = torch.maximum(start[:, None] + torch.arange(1 - frame_stack, length + 1), first[:, None])
+            stack_rows = torch.maximum(start[:, None] + _arange(1 - frame_stack, length + 1), first[:, None])
             stack_slot = base + stack_rows % per_env
         for key in obs_keys:
             stacked = key in stacked_keys
@@ -845,18 +860,18 @@ class ReplayBuffer:
         per_env = self.per_env
         base = env * per_env
         slot = base + t % per_env
-        action_slot = base[:, None] + (t[:, None] + torch.arange(k)) % per_env
+        action_slot = base[:, None] + (t[:, None] + _arange(0, k)) % per_env
         out = {key: self._gather(key, slot) for key in self._row_keys if key != "action"}
         if "action" in self._schema["specs"]:
             out["action"] = self._gather("action", action_slot)
-        out["has_action"] = self._gather(_HAS_ACTION, action_slot).all(1)
+        out["has_action"] = self._transition_has_action(action_slot).all(1)
         out["is_first"] = t == first
         out["segment_id"] = self._gather(_SEGMENT, slot)
         out["segment_step"] = t - first
         out["offset"] = torch.full((batch_size,), k, dtype=torch.int64)
         pair = t[:, None] + torch.tensor([0, k])  # rows t and t + k  [B, 2]
         target = {"step": self._gather("step", base + (t + k) % per_env)}
-        stack_rows = torch.maximum(pair[..., None] + torch.arange(1 - frame_stack, 1), first[:, None, None])
+        stack_rows = torch.maximum(pair[..., None] + _arange(1 - frame_stack, 1), first[:, None, None])
         for key in obs_keys:
             if key in self._schema["stacked"]:  # [B, 2, k, C, H, W] -> [B, 2, k * C, H, W]
                 g = self._gather(key, base[:, None, None] + stack_rows % per_env).flatten(2, 3)
@@ -894,6 +909,13 @@ class ReplayBuffer:
             raise KeyError(f"unknown observation keys {unknown} in keys={keys}; this buffer stores {stored}")
         return keys
 
+    def _transition_has_action(self, slot: torch.Tensor) -> torch.Tensor:
+        """``has_action`` of transition rows ``slot``: read only once some step came without actions (every
+        read of a small column costs a cache miss per row once the frames have streamed through the cache)."""
+        if self._any_actionless:
+            return self._gather(_HAS_ACTION, slot)
+        return torch.ones(slot.shape, dtype=torch.bool, device=self.device)
+
     def _gather(self, key, slot: torch.Tensor) -> torch.Tensor:
         """Rows ``slot`` of a column (``key`` as TensorDict spells it: a str, or a tuple when nested), on the
         sampling device (moved before any view is taken)."""
@@ -902,17 +924,20 @@ class ReplayBuffer:
         return out if self.device.type == "cpu" else out.to(self.device, non_blocking=True)
 
     def _valid(self, env, row, frame_stack: int, horizon: int, transition: bool):
-        """Which candidate rows can start a sample; also returns their episode starts."""
-        per_env = self.per_env
-        slot = env * per_env + row % per_env
+        """Which candidate rows (``row >= lo``) can start a sample; also returns their episode starts."""
+        slot = env * self.per_env + row % self.per_env
         first = self._first.index_select(0, slot)
-        ok = torch.maximum(row - (frame_stack - 1), first) >= self._lo[env]  # the stack was not overwritten
-        if transition:
-            end = row + (horizon - 1)
-            end_slot = slot if horizon == 1 else env * per_env + end % per_env
-            ok &= self._is_transition.index_select(0, end_slot)
-            if horizon > 1:  # the slice stays in one stored episode
-                ok &= (end < self._hi[env]) & (self._first.index_select(0, end_slot) <= row)
+        if not transition:
+            ok = torch.ones_like(row, dtype=torch.bool)
+        elif horizon == 1:
+            ok = self._is_transition.index_select(0, slot)
+        else:
+            # rows ``row .. row + L - 1`` are transitions of one episode: its final row comes after them
+            # (``last``, int64 max while it runs) and so does the newest stored row (the pending one)
+            end = row + horizon
+            ok = (end <= self._last.index_select(0, slot)) & (end < self._hi.index_select(0, env))
+        if frame_stack > 1:  # the stack was not overwritten
+            ok &= torch.maximum(row - (frame_stack - 1), first) >= self._lo.index_select(0, env)
         return ok, first
 
     def _candidates(self, n: int):
@@ -924,7 +949,7 @@ class ReplayBuffer:
         """
         env = torch.randint(self.num_envs, (n,))
         offset = torch.randint(self._max_rows, (n,))
-        return env, self._lo[env] + offset, offset < self._n[env]
+        return env, self._lo.index_select(0, env) + offset, offset < self._n.index_select(0, env)
 
     def _all_rows(self):
         """``env``, ``row`` of every stored row ``[R]``, by stream then row."""
@@ -939,11 +964,12 @@ class ReplayBuffer:
             draws = math.ceil((n - have) * 1.1 / rate) + 16
             env, row, stored = self._candidates(draws)
             ok, first = self._valid(env, row, frame_stack, horizon, transition)
-            ok &= stored
-            accepted = int(ok.sum())
+            keep = (ok & stored).nonzero().flatten()
+            accepted = len(keep)
             if not got_env and accepted >= n:  # the usual case: one round of draws
-                return env[ok][:n], row[ok][:n], first[ok][:n]
-            got_env.append(env[ok]), got_row.append(row[ok]), got_first.append(first[ok])
+                keep = keep[:n]
+                return env.index_select(0, keep), row.index_select(0, keep), first.index_select(0, keep)
+            got_env.append(env[keep]), got_row.append(row[keep]), got_first.append(first[keep])
             have += accepted
             if have >= n:
                 return (torch.cat(got_env)[:n], torch.cat(got_row)[:n], torch.cat(got_first)[:n])
@@ -974,7 +1000,7 @@ class ReplayBuffer:
     def _goal_rows(self, mode, env, start, first, frame_stack, length, future_discount):
         """Storage rows of the goals ``[B(, L)]`` and of their frame stacks ``[B(, L), k]``."""
         per_env = self.per_env
-        t = start if length == 1 else start[:, None] + torch.arange(length)
+        t = start if length == 1 else start[:, None] + _arange(0, length)
         if mode == "future":
             offset = torch.empty(t.shape).geometric_(1.0 - future_discount).clamp_(max=per_env).long()
             start_slot = env * per_env + start % per_env
@@ -986,7 +1012,7 @@ class ReplayBuffer:
             goal_env, row, goal_first = self._draw(t.numel(), frame_stack, 1, transition=False)
             goal_env, row, goal_first = goal_env.view(t.shape), row.view(t.shape), goal_first.view(t.shape)
         base = goal_env * per_env
-        stack = torch.maximum(row[..., None] + torch.arange(1 - frame_stack, 1), goal_first[..., None])
+        stack = torch.maximum(row[..., None] + _arange(1 - frame_stack, 1), goal_first[..., None])
         return base + row % per_env, base[..., None] + stack % per_env
 
     # ------------------------------------------------------------------ rewards
