@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from latentrl.agents.base import Agent, GoalObservation, RewardSamples, UnsupportedTaskError
+from latentrl.agents.base import Agent, GoalObservation, RewardSamples, SampleSpec, UnsupportedTaskError
 from latentrl.envs import get_task, make_env
 from latentrl.replay import ReplayBuffer
 from latentrl.training.evaluation import rollout
@@ -44,6 +44,15 @@ class TaskResult:
         return self.task.split("-", 1)[0]
 
 
+def _frame_stack(agent: Agent) -> int:
+    """Frames the agent stacks (its ``frame_stack``, else its single sample request's)."""
+    stack = getattr(agent, "frame_stack", None)
+    if stack is None:
+        spec = agent.sample_spec()
+        stack = spec.frame_stack if isinstance(spec, SampleSpec) else 1
+    return int(stack)
+
+
 def _make_task_env(task: str, env_cfg: dict, num_envs: int, seed: int):
     return make_env(task, obs=tuple(env_cfg["obs"]), image_size=env_cfg["image_size"], camera=env_cfg.get("camera"),
                     action_repeat=env_cfg["action_repeat"], num_envs=num_envs, seed=seed,
@@ -58,7 +67,7 @@ def evaluate_reward_tasks(agent: Agent, buffer: ReplayBuffer, tasks: list[str], 
                           num_samples: int = 10_000, episodes: int = 10, seed: int = 0,
                           progress=print) -> list[TaskResult]:
     """For each task: relabel ``num_samples`` buffer transitions, infer the task, roll out ``episodes``."""
-    frame_stack = agent.policy().frame_stack
+    frame_stack = _frame_stack(agent)
     obs_keys = [k for k in ("pixels", "state") if k in env_cfg["obs"]]
     results = []
     for name in tasks:
@@ -96,7 +105,7 @@ def evaluate_goals(agent: Agent, buffer: ReplayBuffer, env_cfg: dict, *, num_goa
     walker, the free joint's x-y for quadruped, x-y for the point masses.
     """
     task_name = env_cfg["task"]
-    frame_stack = agent.policy().frame_stack
+    frame_stack = _frame_stack(agent)
     env = _make_task_env(task_name, env_cfg, num_goals, seed)
     try:
         goal_physics = buffer.sample(num_goals, keys=["physics"])["physics"]
