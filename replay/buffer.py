@@ -808,8 +808,7 @@ class ReplayBuffer:
             out["segment_id"] = out["segment_id"][:, None].expand(shape).clone()
         goal_slot = None
         if goal is not None:  # ``goal`` rows ``shape`` (and their stacks ``[*shape, k]``)
-            goal_slot, goal_stack_slot = self._goal_rows(goal, env, start, first, frame_stack, length,
-                                                         future_discount)
+            goal_slot, goal_stack_slot = self._goal_rows(goal, env, rows, slot, first, frame_stack, future_discount)
             out["goal"] = {key: self._gather(key, goal_slot) for key in ("episode", "step")}
 
         # one gather per observation key: rows t .. t + L (observations and, shifted by one, the next
@@ -997,14 +996,14 @@ class ReplayBuffer:
         return (f"no stored sample has frame_stack={frame_stack} frames of its episode still in the buffer; "
                 "lower frame_stack or raise capacity")
 
-    def _goal_rows(self, mode, env, start, first, frame_stack, length, future_discount):
-        """Storage rows of the goals ``[B(, L)]`` and of their frame stacks ``[B(, L), k]``."""
-        per_env = self.per_env
-        t = start if length == 1 else start[:, None] + _arange(0, length)
+    def _goal_rows(self, mode, env, t, slot, first, frame_stack, future_discount):
+        """Storage rows of the goals ``[B(, L)]`` and of their frame stacks ``[B(, L), k]``, for samples of
+        stream ``env`` ``[B]`` at rows ``t`` / storage rows ``slot`` ``[B(, L)]`` of episodes starting at ``first``."""
+        per_env, length = self.per_env, 1 if t.dim() == 1 else t.shape[1]
         if mode == "future":
             offset = torch.empty(t.shape).geometric_(1.0 - future_discount).clamp_(max=per_env).long()
-            start_slot = env * per_env + start % per_env
-            end = torch.minimum(self._last.index_select(0, start_slot), self._hi[env] - 1)
+            start_slot = slot if length == 1 else slot[:, 0]
+            end = torch.minimum(self._last.index_select(0, start_slot), self._hi.index_select(0, env) - 1)
             row = torch.minimum(t + offset, end if length == 1 else end[:, None])
             goal_env = env if length == 1 else env[:, None].expand_as(row)
             goal_first = first if length == 1 else first[:, None].expand_as(row)

@@ -9,13 +9,22 @@ writes it to ``docs/bench_replay.md``.
 
     python scripts/bench_replay.py            # ~1-2 minutes, 50k steps
     python scripts/bench_replay.py --quick    # ~20 s, 10k steps
+
+``--baseline`` adds a per-call A/B of the current buffer against another version of ``replay/buffer.py``
+(the two filled with the same steps, every call of one alternating with a call of the other, so both
+see the same load on a shared machine):
+
+    git show <rev>:replay/buffer.py > /tmp/buffer_before.py
+    python scripts/bench_replay.py --baseline /tmp/buffer_before.py
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -49,6 +58,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="torch.set_num_threads settings to measure (each applied to both buffers)")
     parser.add_argument("--quick", action="store_true", help="~20 s run: 10k steps, fewer repetitions")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "bench_replay.md", help="markdown report")
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="another version's replay/buffer.py: adds a per-call A/B against it (1 thread)")
+    parser.add_argument("--ab-calls", type=int, default=1500, help="calls per buffer and setting in the A/B")
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.reps, args.iters = 10_000, 5, 10
@@ -101,6 +113,55 @@ def fill(args, pool):
             "next": {"pixels": frames[:, 1:]} | {key: td["next", key] for key in ("reward", *DONE_KEYS)},
         }, batch_size=td.batch_size).reshape(-1))
     return ours, torchrl_rb
+
+
+def load_baseline(path: Path):
+    """The ``ReplayBuffer`` class of another version's ``replay/buffer.py``."""
+    spec = importlib.util.spec_from_file_location("baseline_replay_buffer", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.ReplayBuffer
+
+
+def ab_lines(args, pool) -> list[str]:
+    """Per-call A/B (1 thread): the baseline's and this buffer's samples/s (median time per call)."""
+    baseline_cls = load_baseline(args.baseline)
+    capacity = args.steps + args.steps // args.episode_length + args.num_envs
+    buffers = {"baseline": baseline_cls(capacity), "current": ReplayBuffer(capacity)}
+    for td in synthetic_chunks(args, pool, args.episode_length):
+        for buffer in buffers.values():
+            buffer.extend(td)
+    tmp = tempfile.TemporaryDirectory()
+    disk = {}
+    for name, buffer in buffers.items():
+        buffer.save(Path(tmp.name) / name)
+        disk[name] = type(buffer).load(Path(tmp.name) / name)
+    batch, k = args.batch_size, args.frame_stack
+    settings = {
+        f"frame_stack={k}": lambda b, d: b.sample(batch, frame_stack=k),
+        f"frame_stack={k}, goal=future": lambda b, d: b.sample(batch, frame_stack=k, goal="future"),
+        f"frame_stack={k}, horizon=8 (B/8 slices)": lambda b, d: b.sample(batch // 8, frame_stack=k, horizon=8),
+        f"loaded from disk (memmap), frame_stack={k}": lambda b, d: d.sample(batch, frame_stack=k),
+    }
+    torch.set_num_threads(1)
+    rng = random.Random(0)
+    lines = ["| setting | baseline samples/s | current samples/s | current / baseline |", "|---|---:|---:|---:|"]
+    for setting, fn in settings.items():
+        times = {name: [] for name in buffers}
+        for name in buffers:  # warm up
+            fn(buffers[name], disk[name])
+        for _ in range(args.ab_calls):
+            order = list(buffers)
+            rng.shuffle(order)
+            for name in order:
+                start = time.perf_counter()
+                fn(buffers[name], disk[name])
+                times[name].append(time.perf_counter() - start)
+        rate = {name: batch / statistics.median(t) for name, t in times.items()}
+        lines.append(f"| {setting} | {rate['baseline']:,.0f} | {rate['current']:,.0f} "
+                     f"| {rate['current'] / rate['baseline']:.3f} |")
+    tmp.cleanup()
+    return lines
 
 
 def storage_bytes(data: TensorDict) -> int:
@@ -201,6 +262,18 @@ def main(argv=None) -> None:
         verdict,
         "",
     ])
+    if args.baseline is not None:
+        del samplers, ours, torchrl_rb, on_disk, check, reference  # free their memory for the A/B's two buffers
+        report += "\n".join([
+            "",
+            f"## Per-call A/B against `{args.baseline}` (1 thread)",
+            "",
+            f"Both buffers filled with the same steps; {args.ab_calls:,} calls per buffer and setting, every call of "
+            "one alternating with a call of the other (random order per pair); samples/s from the median call.",
+            "",
+            *ab_lines(args, pool),
+            "",
+        ])
     print(report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report)
