@@ -293,6 +293,25 @@ def world_model_cases():
     return out
 
 
+ABSTRACT_MODELS = {"latentrl.world_models.encoders:ObservationEncoder", "latentrl.world_models.zero_shot:ZeroShotModel"}
+
+
+def test_every_world_model_is_registered():
+    """Each concrete WorldModel in world_models/ is in WORLD_MODELS, so this suite checks it."""
+    import pkgutil
+
+    import latentrl.world_models as package
+
+    found = set()
+    for info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"latentrl.world_models.{info.name}")
+        for obj in vars(module).values():
+            if isinstance(obj, type) and issubclass(obj, WorldModel) and obj is not WorldModel \
+                    and obj.__module__ == module.__name__:
+                found.add(f"{obj.__module__}:{obj.__name__}")
+    assert found - ABSTRACT_MODELS == set(WORLD_MODELS), "register new world models in WORLD_MODELS"
+
+
 def loss_kwargs(agent: Agent, world_model: WorldModel) -> dict:
     params = inspect.signature(world_model.loss).parameters
     return {"next_action": agent.target_action} if "next_action" in params else {}

@@ -219,7 +219,8 @@ def make_encoder(kind: str, obs_shape: Sequence[int], **kwargs: Any) -> nn.Modul
 
 
 class ObservationEncoder(WorldModel):
-    """A world model that only encodes: ``encode(obs)`` reads ``obs[obs_key]`` and applies ``encoder``.
+    """The base of world models that encode one observation key: ``encode(obs)`` reads ``obs[obs_key]``
+    and applies ``encoder``. It has no loss of its own; a concrete model adds it (``RNDModel``).
 
     ``obs_key`` is ``"pixels"`` (stacked frames ``[B, 3k, H, W]`` uint8) or ``"state"`` (``[B, D]``);
     any leading batch dims are flattened through the encoder and restored. ``aug`` (e.g.
