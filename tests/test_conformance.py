@@ -447,3 +447,19 @@ def test_sequence_checks_catch_a_mean_prediction():
 def test_unknown_capabilities_are_refused():
     with pytest.raises(TypeError, match="unknown capabilities"):
         type("Bad", (WorldModel,), {"capabilities": frozenset({"teleport"})})
+
+
+def test_named_sample_requests_are_served_together():
+    """``sample_spec()`` may return several named requests; ``update`` then gets one batch per name."""
+    from latentrl.agents import SampleSpec
+
+    agent = make("td_jepa", "state")
+    buffer = fixture_buffer(agent, "state")
+    spec = {"pairs": SampleSpec(batch_size=8, keys=("state",)), "slices": SampleSpec(batch_size=3, horizon=4),
+            "probes": SampleSpec(batch_size=5, offset=2)}
+    batch = sample_batches(buffer, spec)
+    assert set(batch.keys()) == {"pairs", "slices", "probes"}
+    assert batch["pairs"].batch_size == (8,) and batch["slices"].batch_size == (3, 4)
+    assert batch["probes"]["action"].shape == (5, 2, ACTION_DIM)
+    with pytest.raises(TypeError, match="SampleSpec"):
+        sample_batches(buffer, {"bad": {"batch_size": 4}})
