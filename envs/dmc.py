@@ -29,7 +29,15 @@ import torch
 from tensordict import TensorDict
 from torchrl.envs import EnvBase
 
-from latentrl.envs.backend import apply_gradient_floor, check_env_args, env_seeds, set_env_specs
+from latentrl.envs.backend import (
+    apply_gradient_floor,
+    check_action,
+    check_env_args,
+    check_physics_states,
+    closed_env_error,
+    env_seeds,
+    set_env_specs,
+)
 from latentrl.envs.tasks import PHYSICS_STATE, Task, get_physics_state, get_task, set_physics_state
 
 __all__ = ["DMCEnv", "EnvConfig"]
@@ -215,8 +223,9 @@ def _worker(conn, cfg: EnvConfig, env_ids, seeds, shm_specs) -> None:
             conn.send(("ok", None))
     except KeyboardInterrupt:
         pass
-    except Exception:  # noqa: BLE001 - reported to the parent, which raises it
-        conn.send(("error", traceback.format_exc()))
+    except Exception as err:  # noqa: BLE001 - reported to the parent, which raises it
+        summary = f"the worker of envs {env_ids}: {type(err).__name__}: {err}".strip()
+        conn.send(("error", f"{summary}\n{traceback.format_exc()}"))
     finally:
         if slots is not None:
             slots.close()
@@ -241,17 +250,21 @@ class DMCEnv(EnvBase):
     def __init__(self, task: str, *, obs=("pixels", "state"), image_size: int = 64, camera: int | None = None,
                  action_repeat: int = 1, num_envs: int = 1, num_workers: int | None = None, seed: int = 0,
                  floor: str = "default", episode_length: int | None = None, device: str | torch.device = "cpu"):
-        obs = check_env_args(obs, floor, action_repeat, num_envs, image_size)
+        obs = check_env_args(obs, floor, action_repeat, num_envs, image_size, episode_length, seed)
         self.task: Task = get_task(task)
         super().__init__(device=device, batch_size=torch.Size([num_envs]))
         self.num_envs = num_envs
 
         probe = self.task.make_dm_env(seed=0)
         time_step = probe.reset()
-        action_dim = probe.action_spec().shape[0]
+        action_dim = self.action_dim = probe.action_spec().shape[0]
+        num_cameras = probe.physics.model.ncam
+        if camera is not None and not -1 <= camera < num_cameras:
+            raise ValueError(f"camera {camera} is not a camera of {task!r}: its model has cameras 0..{num_cameras - 1} "
+                             "(-1: the free camera); None picks the domain's default")
         self.state_layout = [(k, int(np.prod(np.shape(v)))) for k, v in time_step.observation.items()]
         state_dim = sum(n for _, n in self.state_layout)
-        physics_dim = mujoco.mj_stateSize(probe.physics.model.ptr, PHYSICS_STATE)
+        physics_dim = self.physics_dim = mujoco.mj_stateSize(probe.physics.model.ptr, PHYSICS_STATE)
         steps = math.ceil(probe._step_limit) if math.isfinite(probe._step_limit) else 1000
         self.episode_length = episode_length or max(1, steps // action_repeat)
         self.control_timestep = float(probe.control_timestep()) * action_repeat
@@ -272,6 +285,9 @@ class DMCEnv(EnvBase):
         seeds = env_seeds(seed, num_envs)
         if num_workers is None:
             num_workers = 0 if num_envs == 1 else min(num_envs, mp.cpu_count())
+        elif isinstance(num_workers, bool) or not isinstance(num_workers, (int, np.integer)) or num_workers < 0:
+            raise ValueError(f"num_workers must be an int >= 0 (0: every env in this process) or None, "
+                             f"got {num_workers!r}")
         self.num_workers = min(num_workers, num_envs)
         self._shms: list[shared_memory.SharedMemory] = []
         self._conns, self._procs, self._slots = [], [], None
@@ -324,7 +340,12 @@ class DMCEnv(EnvBase):
                 "or pass num_workers=0."
             ) from err
 
+    def _check_open(self) -> None:
+        if getattr(self, "_closed", False):
+            raise closed_env_error(self.task.name)
+
     def _broadcast(self, cmd: str, arg=None) -> None:
+        self._check_open()
         if self._slots is not None:
             if cmd == "reset":
                 self._slots.reset(arg)
@@ -335,11 +356,15 @@ class DMCEnv(EnvBase):
             elif cmd == "set_state":
                 self._slots.set_state(arg)
             return
-        for conn in self._conns:
-            conn.send((cmd, arg))
-        self._gather()
+        for conn, proc in zip(self._conns, self._procs, strict=True):
+            try:
+                conn.send((cmd, arg))
+            except (BrokenPipeError, OSError) as err:
+                raise RuntimeError(f"a dm_control worker of this env is gone (pid {proc.pid}, exit code "
+                                   f"{proc.exitcode}); this env cannot go on: close it and make a new one") from err
+        self._gather(cmd)
 
-    def _gather(self) -> None:
+    def _gather(self, cmd: str = "start") -> None:
         errors = []
         for conn, proc in zip(self._conns, self._procs, strict=True):
             try:
@@ -349,7 +374,7 @@ class DMCEnv(EnvBase):
             if status != "ok":
                 errors.append(msg)
         if errors:
-            raise RuntimeError("dm_control worker failed:\n" + "\n".join(errors))
+            raise RuntimeError(f"dm_control worker failed during {cmd!r}: " + "\n".join(errors))
 
     # ---------------------------------------------------------------------------------------- TorchRL
     def _observation_td(self) -> TensorDict:
@@ -373,8 +398,10 @@ class DMCEnv(EnvBase):
         return {"done": z, "terminated": z.clone(), "truncated": z.clone()}
 
     def _step(self, tensordict: TensorDict) -> TensorDict:
-        action = tensordict["action"].detach().to("cpu", torch.float32).numpy()
-        np.clip(action, -1.0, 1.0, out=self._arrays["action"])
+        self._check_open()
+        action = check_action(tensordict.get("action"), (self.num_envs, self.action_dim))
+        tensordict.set("action", action)  # what the physics runs, so that whatever stores the step stores that
+        self._arrays["action"][:] = action.cpu().numpy()
         self._broadcast("step")
         out = self._observation_td()
         a = self._arrays
@@ -389,6 +416,7 @@ class DMCEnv(EnvBase):
         return out.to(self.device)
 
     def _set_seed(self, seed: int | None) -> int | None:
+        self._check_open()
         seeds = env_seeds(0 if seed is None else seed, self.num_envs)
         if self._slots is not None:
             self._slots.seed(seeds)
@@ -396,7 +424,7 @@ class DMCEnv(EnvBase):
             groups = np.array_split(np.arange(self.num_envs), self.num_workers)
             for conn, ids in zip(self._conns, groups, strict=True):
                 conn.send(("seed", [seeds[i] for i in ids]))
-            self._gather()
+            self._gather("seed")
         return seed
 
     # ------------------------------------------------------------------------------------ extras
@@ -405,9 +433,8 @@ class DMCEnv(EnvBase):
 
         Used to render goal frames at chosen poses and to replay stored states.
         """
-        states = np.asarray(torch.as_tensor(states, dtype=torch.float64).cpu().numpy())
-        if states.shape[0] != self.num_envs:
-            raise ValueError(f"expected {self.num_envs} physics states, got {states.shape[0]}")
+        self._check_open()
+        states = check_physics_states(states, self.num_envs, self.physics_dim).cpu().numpy()
         self._broadcast("set_state", states)
         return self._observation_td()
 

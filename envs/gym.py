@@ -14,6 +14,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
+from latentrl.envs.backend import check_action, check_env_args, check_int, closed_env_error
 from latentrl.envs.dmc import EnvConfig, _Slots
 from latentrl.envs.tasks import get_physics_state, list_tasks
 
@@ -27,6 +28,8 @@ class LatentrlGymEnv(gym.Env):
 
     ``obs_type``: ``"pixels"`` (Box uint8 [H, W, 3]), ``"state"`` (Box float32 [D]) or
     ``"pixels_state"`` (Dict of both). ``info["physics"]`` holds the full physics state.
+    Arguments are checked as ``make_env`` checks them; ``step`` refuses actions of the wrong shape and
+    non-finite actions and clips the others to [-1, 1].
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 40}
@@ -35,13 +38,26 @@ class LatentrlGymEnv(gym.Env):
                  floor: str = "default", camera: int | None = None, episode_length: int | None = None,
                  render_mode: str | None = "rgb_array"):
         if obs_type not in OBS_TYPES:
-            raise ValueError(f"obs_type must be one of {OBS_TYPES}, got {obs_type!r}")
+            raise ValueError(f"unknown obs_type {obs_type!r}; obs_type must be one of {OBS_TYPES}")
+        if render_mode not in (None, *self.metadata["render_modes"]):
+            raise ValueError(f"unknown render_mode {render_mode!r}; this env renders {self.metadata['render_modes']} "
+                             "(or None)")
+        check_env_args(("pixels",), floor, action_repeat, 1, image_size, episode_length)
+        self._closed = True  # until built
         self.obs_type, self.render_mode = obs_type, render_mode
         keys = ("pixels", "state", "physics")
         cfg = EnvConfig(task, keys, image_size, camera, action_repeat, floor, episode_length or 1000, 1)
         self._arrays: dict[str, np.ndarray] = {}
         self._slots = _Slots(cfg, [0], [0], self._arrays)
         probe = self._slots.envs[0]
+        self._closed = False
+        if camera is not None:
+            try:
+                check_int("camera", camera, low=-1, high=probe.physics.model.ncam - 1,
+                          fix="a camera id of the task's model (-1: the free camera), or None for the domain's default")
+            except ValueError:
+                self.close()
+                raise
         if episode_length is None:
             limit = probe._step_limit
             episode_length = max(1, int(limit) // action_repeat) if np.isfinite(limit) else 1000
@@ -73,7 +89,13 @@ class LatentrlGymEnv(gym.Env):
     def _info(self) -> dict:
         return {"physics": self._arrays["physics"][0].copy(), "step": int(self._arrays["step"][0])}
 
+    def _check_open(self) -> None:
+        if self._closed:
+            task = self._slots.cfg.task
+            raise closed_env_error(task, f"gymnasium.make('latentrl/{task}-v0', ...)")
+
     def reset(self, *, seed: int | None = None, options: dict | None = None):
+        self._check_open()
         super().reset(seed=seed)
         if seed is not None:
             self._slots.seed([seed])
@@ -81,7 +103,9 @@ class LatentrlGymEnv(gym.Env):
         return self._obs(), self._info()
 
     def step(self, action):
-        self._arrays["action"][0] = np.clip(np.asarray(action, dtype=np.float32), -1.0, 1.0)
+        self._check_open()
+        self._arrays["action"][0] = check_action(np.asarray(action, dtype=np.float32), self.action_space.shape,
+                                              "env.action_space.shape").numpy()
         self._slots.step()
         a = self._arrays
         return self._obs(), float(a["reward"][0]), bool(a["terminated"][0]), bool(a["truncated"][0]), self._info()
@@ -90,7 +114,9 @@ class LatentrlGymEnv(gym.Env):
         return self._arrays["pixels"][0].transpose(1, 2, 0).copy()
 
     def close(self):
-        self._slots.close()
+        if not getattr(self, "_closed", True):
+            self._closed = True
+            self._slots.close()
 
 
 def register_envs() -> None:

@@ -39,7 +39,15 @@ import warp as wp
 from tensordict import TensorDict
 from torchrl.envs import EnvBase
 
-from latentrl.envs.backend import apply_gradient_floor, check_env_args, env_seeds, set_env_specs
+from latentrl.envs.backend import (
+    apply_gradient_floor,
+    check_action,
+    check_env_args,
+    check_physics_states,
+    closed_env_error,
+    env_seeds,
+    set_env_specs,
+)
 from latentrl.envs.batched_tasks import BatchedTask, PhysicsBatch, make_batched_task
 from latentrl.envs.tasks import PHYSICS_STATE, Task, get_physics_state, get_task
 
@@ -85,7 +93,7 @@ class MJWarpEnv(EnvBase):
     def __init__(self, task: str, *, obs=("pixels", "state"), image_size: int = 64, camera: int | None = None,
                  action_repeat: int = 1, num_envs: int = 1, seed: int = 0, floor: str = "default",
                  episode_length: int | None = None, device: str | torch.device = "cpu"):
-        obs = check_env_args(obs, floor, action_repeat, num_envs, image_size)
+        obs = check_env_args(obs, floor, action_repeat, num_envs, image_size, episode_length, seed)
         self.task: Task = get_task(task)
         device = torch.device(device)
         if device.type == "cuda" and device.index is None and torch.cuda.is_available():
@@ -109,6 +117,9 @@ class MJWarpEnv(EnvBase):
         del probe
 
         mjm = self._scratch.physics.model.ptr
+        if not -1 <= self.camera < mjm.ncam:
+            raise ValueError(f"camera {self.camera} is not a camera of {task!r}: its model has cameras "
+                             f"0..{mjm.ncam - 1} (-1: the free camera); None picks the domain's default")
         if floor == "gradient":
             apply_gradient_floor(mjm, self.task.domain)  # before the upload: the worlds render this model
         self._nq, self._nv, self._na, self._nu = mjm.nq, mjm.nv, mjm.na, mjm.nu
@@ -306,7 +317,12 @@ class MJWarpEnv(EnvBase):
             static_pose[k, :, 3:] = physics.data.geom_xmat[static]
         return states, sensors, fields, static_pose
 
+    def _check_open(self) -> None:
+        if getattr(self, "_closed", False):
+            raise closed_env_error(self.task.name)
+
     def _reset(self, tensordict: TensorDict | None = None, **kwargs) -> TensorDict:
+        self._check_open()
         mask = None
         if tensordict is not None and "_reset" in tensordict.keys():
             mask = tensordict["_reset"].reshape(self.num_envs).to(self.device)
@@ -339,7 +355,10 @@ class MJWarpEnv(EnvBase):
         return out
 
     def _step(self, tensordict: TensorDict) -> TensorDict:
-        action = tensordict["action"].detach().to(self.device, torch.float32).clamp(-1.0, 1.0)
+        self._check_open()
+        # one host sync: a non-finite action must not reach the worlds (they would diverge and end as terminated)
+        action = check_action(tensordict.get("action").to(self.device), (self.num_envs, self._nu))
+        tensordict.set("action", action)  # what the worlds run, so that whatever stores the step stores that
         with self._on_device():
             v = self._view
             v.ctrl.copy_(action.reshape(self.num_envs, self._nu))
@@ -360,17 +379,15 @@ class MJWarpEnv(EnvBase):
         return out
 
     def _set_seed(self, seed: int | None) -> int | None:
+        self._check_open()
         self._randoms = [np.random.RandomState(s) for s in env_seeds(0 if seed is None else seed, self.num_envs)]
         return seed
 
     # ------------------------------------------------------------------------------------- extras
     def _check_states(self, states: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Physics states as float64 ``[N, P]``; a wrong shape is an error naming the expected one."""
-        states = torch.as_tensor(states, dtype=torch.float64)
-        size = self._nq + self._nv + self._na
-        if states.shape != (self.num_envs, size):
-            raise ValueError(f"expected physics states of shape [{self.num_envs}, {size}], got {list(states.shape)}")
-        return states
+        self._check_open()
+        return check_physics_states(states, self.num_envs, self._nq + self._nv + self._na)
 
     def set_physics_state(self, states: torch.Tensor | np.ndarray) -> TensorDict:
         """Put every world in the given physics states ``[N, P]`` and return the observations there.

@@ -135,6 +135,11 @@ class Task:
         return env
 
     @property
+    def physics_size(self) -> int:
+        """Length ``P`` of this task's physics states (the ``physics`` key): its model's ``mjSTATE_PHYSICS`` size."""
+        return int(mujoco.mj_stateSize(self._relabel_env.physics.model.ptr, PHYSICS_STATE))
+
+    @property
     def body_qpos_index(self) -> tuple[int, ...]:
         """Indices into ``qpos`` (so into the ``physics`` key, which starts with it) of the body's
         position: ``(x, y)`` of a free joint (quadruped, humanoid), else the slide joints along x and y
@@ -172,9 +177,16 @@ class Task:
         expected = mujoco.mj_stateSize(env.physics.model.ptr, PHYSICS_STATE)
         if states.ndim != 2 or states.shape[1] != expected:
             raise ValueError(
-                f"task {self.name!r} expects physics states of shape [N, {expected}], got {list(states.shape)}; "
-                "were they stored from another domain?"
+                f"task {self.name!r} expects {self.domain} physics states of shape [N, {expected}], got "
+                f"{list(states.shape)}; were they stored from another domain? Use a task of the data's domain"
             )
+        if actions is not None:
+            actions = np.asarray(actions)
+            nu = env.physics.model.nu
+            if actions.shape != (len(states), nu):
+                raise ValueError(f"task {self.name!r} expects {self.domain} actions of shape [N, {nu}], got "
+                                 f"{list(actions.shape)} (with {len(states)} states); were they stored from another "
+                                 "domain? Use a task of the data's domain")
         out = np.empty(len(states), dtype=np.float32)
         for i, state in enumerate(states):
             set_physics_state(env.physics, state, None if actions is None else actions[i])
@@ -232,6 +244,9 @@ def body_position(task: str | Task, physics):
 
 def get_task(name: str) -> Task:
     """The task called ``name`` (``"walker-walk"``); an unknown name lists the closest valid ones."""
+    if not isinstance(name, str):
+        raise ValueError(f"a task name is a str such as 'walker-walk', got {name!r}; "
+                         "latentrl.envs.list_tasks() names all of them")
     if name not in _LOADERS:
         close = difflib.get_close_matches(name, _LOADERS, n=5, cutoff=0.5)
         if not close and "-" in name:

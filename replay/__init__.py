@@ -1,5 +1,5 @@
 """latentrl.replay: the one replay buffer every agent shares (memory or on-disk), and offline datasets."""
 
-from latentrl.replay.buffer import ReplayBuffer
+from latentrl.replay.buffer import DatasetError, ReplayBuffer
 
-__all__ = ["ReplayBuffer"]
+__all__ = ["DatasetError", "ReplayBuffer"]

@@ -56,6 +56,12 @@ positions, layout, key specs). Format ``latentrl.replay/1`` (TorchRL ``LazyMemma
 file layout plus ``storage_metadata.json``, without the ``segment`` and ``has_action`` columns) still
 loads: those two columns are derived on load and kept in memory (9 bytes a row) until the buffer is saved
 again in format 2.
+
+Nothing on disk is overwritten or modified unless asked: ``save`` refuses a folder holding a dataset
+(``overwrite=True`` replaces it) and writes into a temporary folder moved into place; ``load`` checks the
+files against ``replay.json`` (columns, dtypes, shapes, file sizes) before it maps them, and maps them
+read-only (copy-on-write) unless ``writable=True``; an on-disk buffer never writes over rows stored in its
+folder. ``extend`` refuses non-finite observations, actions and extras, and infinite rewards.
 """
 
 from __future__ import annotations
@@ -63,6 +69,10 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
+import shutil
+import types
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -70,7 +80,7 @@ import numpy as np
 import torch
 from tensordict import MemoryMappedTensor, TensorDict, TensorDictBase
 
-__all__ = ["ReplayBuffer"]
+__all__ = ["DatasetError", "ReplayBuffer"]
 
 _DONE_KEYS = ("terminated", "truncated", "done")
 _TRANSITION_KEYS = ("reward", *_DONE_KEYS)  # stored with the row of the step they follow, under "next"
@@ -113,26 +123,253 @@ def _positive_int(name: str, value) -> int:
     return int(value)
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _check_capacity(capacity) -> int:
+    if isinstance(capacity, float) and capacity.is_integer():
+        capacity = int(capacity)
+    if not _is_int(capacity) or capacity < 2:
+        raise ValueError(f"capacity must be an int >= 2 (stored rows: about one per env step plus one per episode "
+                         f"end), got {capacity!r}")
+    return int(capacity)
+
+
+def _check_device(device) -> torch.device:
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device {device!r} is not a torch device: use 'cpu' or 'cuda'") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r} but this torch sees no CUDA GPU; use device='cpu'")
+    return device
+
+
+class DatasetError(ValueError):
+    """A dataset on disk that does not match its manifest (``replay.json``) or cannot be read; nothing was changed."""
+
+
+def _read_json(file: Path, fix: str) -> dict:
+    """A JSON object from ``file``; damaged or unreadable content is a :class:`DatasetError` naming the file."""
+    try:
+        meta = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DatasetError(f"{file} is damaged ({type(err).__name__}: {err}); {fix}") from err
+    if not isinstance(meta, dict):
+        raise DatasetError(f"{file} is damaged (it holds a JSON {type(meta).__name__}, not an object); {fix}")
+    return meta
+
+
+_REWRITE = "nothing was opened or changed; write the dataset again (ReplayBuffer.save, scripts/collect_dataset.py)"
+
+
+def _mapped_columns(folder: Path, prefix: tuple = ()) -> dict[tuple, tuple[torch.dtype, list[int], Path]]:
+    """The columns of a tensordict memory-mapped folder (``TensorDict.memmap`` layout): ``key -> (dtype, shape,
+    file)``, read from its ``meta.json`` files (nested TensorDicts are sub-folders)."""
+    file = folder / "meta.json"
+    if not file.is_file():
+        raise DatasetError(f"the dataset is incomplete: {file} is missing; {_REWRITE}")
+    out = {}
+    for key, entry in _read_json(file, _REWRITE).items():
+        if key in ("shape", "device", "_type") or not isinstance(entry, dict):
+            continue
+        if entry.get("type") == "TensorDict":
+            out |= _mapped_columns(folder / key, (*prefix, key))
+            continue
+        dtype = getattr(torch, str(entry.get("dtype", "")).replace("torch.", ""), None)
+        shape = entry.get("shape")
+        if (not isinstance(dtype, torch.dtype) or not isinstance(shape, list) or entry.get("is_nested")
+                or not all(_is_int(d) and d >= 0 for d in shape)):
+            raise DatasetError(f"{file} describes column {key!r} as {entry}, which is not a dense tensor "
+                               f"(dtype and shape); the dataset is damaged: {_REWRITE}")
+        out[(*prefix, key)] = (dtype, shape, folder / f"{key}.memmap")
+    return out
+
+
+def _open_mapped(folder: Path, *, rows: int | None, writable: bool,
+                 expected: dict[tuple, tuple[str, list[int]] | None] | None = None) -> TensorDict:
+    """Open the memory-mapped columns under ``folder`` after checking them; nothing on disk changes.
+
+    Every column must have ``rows`` rows (``None``: those of its ``meta.json``), the dtype and per-row
+    shape of ``expected`` (``key -> (dtype, shape)``; a missing column is an error), and a file of
+    exactly its size: a file cut short or missing is refused before it is opened (mapping it would extend
+    the file with zeros). ``writable=False`` maps the files copy-on-write (``MAP_PRIVATE``): nothing
+    written to the tensors ever reaches the disk.
+    """
+    columns = _mapped_columns(folder)
+    if not columns:
+        raise DatasetError(f"{folder} holds no stored columns; {_REWRITE}")
+    if rows is None:  # a plain memory-mapped TensorDict: its own row count
+        rows = (next(iter(columns.values()))[1] or [0])[0]
+    for key, spec in (expected or {}).items():
+        if key not in columns:
+            raise DatasetError(f"{folder} lacks the column {'.'.join(key)!r} that replay.json lists (the storage "
+                               f"and replay.json come from different buffers, or a file was deleted); {_REWRITE}")
+        if spec is None:
+            continue
+        dtype, shape = spec
+        got_dtype, got_shape, _ = columns[key]
+        if str(got_dtype).replace("torch.", "") != dtype or list(got_shape[1:]) != list(shape):
+            raise DatasetError(
+                f"column {'.'.join(key)!r} is stored as {str(got_dtype).replace('torch.', '')} {got_shape[1:]} per row "
+                f"but replay.json says {dtype} {list(shape)}: the storage and replay.json come from different "
+                f"buffers; {_REWRITE}")
+    data = TensorDict({}, batch_size=[rows])
+    for key, (dtype, shape, file) in columns.items():
+        if not shape or shape[0] != rows:
+            raise DatasetError(f"column {'.'.join(key)!r} holds {shape[:1]} rows but the dataset's layout needs "
+                               f"{rows}: the storage and replay.json come from different buffers; {_REWRITE}")
+        numel = math.prod(shape)
+        nbytes = numel * dtype.itemsize
+        if not file.is_file():
+            raise DatasetError(f"the dataset is incomplete: {file} (column {'.'.join(key)!r}, {nbytes} bytes) is "
+                               f"missing; {_REWRITE}")
+        size = file.stat().st_size
+        if size != nbytes:
+            raise DatasetError(
+                f"the dataset is damaged: {file} holds {size} bytes, but column {'.'.join(key)!r} ({dtype} "
+                f"{shape}) needs {nbytes} (a copy or a write that did not finish cuts files short); {_REWRITE}")
+        if numel:
+            tensor = torch.from_file(str(file), shared=writable, size=numel, dtype=dtype).view(shape)
+        else:
+            tensor = torch.empty(shape, dtype=dtype)
+        mapped = MemoryMappedTensor(tensor)
+        mapped.filename, mapped._handler, mapped.index, mapped.parent_shape = str(file), None, None, torch.Size(shape)
+        data.set(_norm_key(key), mapped)
+    return data
+
+
+# fields of a replay.json (or a checkpoint's layout) -> their types; then those of a buffer holding rows
+_MANIFEST_FIELDS = {"format": (str,), "capacity": (int,), "num_transitions": (int,)}
+_LAYOUT_FIELDS = {
+    "per_env": (int,), "schema": (dict,), "head": (list,), "pending": (list,), "cur_first": (list,),
+    "cur_episode": (list,), "next_episode_id": (int,),
+}
+_SCHEMA_FIELDS = {"obs": list, "stacked": list, "extras": list, "transition": list, "has_episode": bool,
+                  "has_step": bool, "specs": dict}
+
+
+def _check_manifest(meta: dict, where: str, fix: str = _REWRITE) -> None:
+    """A ``replay.json`` (or a checkpoint's layout) that the buffer can restore: a clear error names what is wrong."""
+    def bad(what: str):
+        return DatasetError(f"{where} is damaged or not a replay buffer manifest: {what}; {fix}")
+
+    if meta.get("format") not in (_FORMAT, _FORMAT_V1):
+        raise bad(f"format {meta.get('format')!r}, expected {_FORMAT!r} or the older {_FORMAT_V1!r}")
+    for field, types_ in _MANIFEST_FIELDS.items():
+        if not isinstance(meta.get(field), types_) or isinstance(meta.get(field), bool):
+            raise bad(f"field {field!r} is {meta.get(field)!r}")
+    num_envs = meta.get("num_envs")
+    if num_envs is None:
+        return
+    if not _is_int(num_envs) or num_envs < 1:
+        raise bad(f"field 'num_envs' is {num_envs!r}")
+    fields = dict(_LAYOUT_FIELDS)
+    if meta["format"] == _FORMAT:
+        fields |= {"cur_segment": (list,), "next_segment_id": (int,)}
+    for field, types_ in fields.items():
+        value = meta.get(field)
+        if not isinstance(value, types_) or isinstance(value, bool):
+            raise bad(f"field {field!r} is {value!r}")
+        if isinstance(value, list) and (len(value) != num_envs or not all(isinstance(v, (int, bool)) for v in value)):
+            raise bad(f"field {field!r} must list {num_envs} ints (one per env stream), got {value!r}")
+    if meta["per_env"] != meta["capacity"] // num_envs or meta["per_env"] < 2:
+        raise bad(f"per_env {meta['per_env']} does not follow from capacity {meta['capacity']} over {num_envs} envs")
+    if min(meta["head"]) < 0 or meta["num_transitions"] < 0:
+        raise bad("negative stream positions")
+    schema = meta["schema"]
+    for field, type_ in _SCHEMA_FIELDS.items():
+        if not isinstance(schema.get(field), type_):
+            raise bad(f"schema field {field!r} is {schema.get(field)!r}")
+    for key, spec in schema["specs"].items():
+        if (not isinstance(spec, dict) or not isinstance(spec.get("dtype"), str)
+                or not isinstance(getattr(torch, spec["dtype"], None), torch.dtype)
+                or not isinstance(spec.get("shape"), list) or not all(_is_int(d) and d >= 0 for d in spec["shape"])):
+            raise bad(f"the spec of {key!r} is {spec!r}")
+    if any(k not in schema["specs"] for k in schema["obs"]):
+        raise bad(f"observation keys {schema['obs']} without specs")
+
+
+def _expected_columns(meta: dict) -> dict[tuple, tuple[str, list[int]] | None]:
+    """The storage columns a manifest promises: ``key -> (dtype, per-row shape)``, or ``None`` where only the
+    column's presence is known (the ``next`` transition keys)."""
+    schema, specs = meta["schema"], meta["schema"]["specs"]
+    out: dict[tuple, tuple[str, list[int]] | None] = {
+        (k,): (specs[k]["dtype"], specs[k]["shape"]) for k in schema["obs"]}
+    if "action" in specs:
+        out[("action",)] = (specs["action"]["dtype"], specs["action"]["shape"])
+    for key in schema["extras"]:
+        spec = specs.get(_key_str(tuple(key)))
+        out[tuple(key)] = None if spec is None else (spec["dtype"], spec["shape"])
+    out |= {("next", k): None for k in schema["transition"]}
+    out |= {("episode",): ("int64", []), ("step",): ("int64", []), _FIRST: ("int64", []), _LAST: ("int64", []),
+            _IS_TRANSITION: ("bool", [])}
+    if meta["format"] == _FORMAT:
+        out |= {_SEGMENT: ("int64", []), _HAS_ACTION: ("bool", [])}
+    return out
+
+
+def _holds_dataset(path: Path) -> bool:
+    """Whether ``path`` holds a dataset (:meth:`ReplayBuffer.save` may replace it with ``overwrite=True``);
+    ``False`` for a new or empty folder. A file, or a folder holding anything else, is an error: never replaced."""
+    if not path.exists():
+        return False
+    if not path.is_dir():
+        raise FileExistsError(f"{path} is a file; save() writes a folder: pass a new or empty folder")
+    if any((path / name).exists() for name in (_META_FILE, _STORAGE_DIR, "meta.json")):
+        return True
+    if any(path.iterdir()):
+        raise FileExistsError(f"{path} is not empty and holds no replay dataset; save() never replaces other files: "
+                              "pass a new or empty folder")
+    return False
+
+
+class _buffer_or_class_method:
+    """A method that also works on the class: ``ReplayBuffer.relabel(task, td)`` runs it with ``self=None``."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        functools.update_wrapper(self, fn)
+
+    def __get__(self, obj, owner=None):
+        if obj is not None:
+            return types.MethodType(self.fn, obj)
+        return functools.wraps(self.fn)(functools.partial(self.fn, None))
+
+
 class ReplayBuffer:
     """Replay buffer of steps from ``num_envs`` parallel envs, each frame stored once.
 
     Args:
         capacity: number of stored rows (observations); about one row per env step plus one per
             episode end. Split evenly over the env streams (``capacity // num_envs`` each).
-        path: folder for an on-disk (memory-mapped) buffer; ``None`` keeps it in memory.
+        path: folder for an on-disk (memory-mapped) buffer; ``None`` keeps it in memory. Rows already
+            stored there are never overwritten (open them with :meth:`load` or :meth:`load_state_dict`).
         device: where :meth:`sample` puts its batches (storage stays on the CPU).
+        domain: the domain whose physics states the buffer holds (``"walker"``), saved with it; lets
+            :meth:`relabel` refuse another domain's task whose physics happen to have the same size
+            (cheetah and walker states both have 18 numbers).
 
     ``extend(td)`` takes TorchRL env steps (``[num_envs]`` or ``[num_envs, T]``); ``sample`` returns
     transitions ``[B]``, slices ``[B, horizon]`` or fixed-offset pairs ``[B]``, with frame stacks built
     at sample time; ``episodes()`` / ``episode(id)`` enumerate and read the stored episodes.
     """
 
-    def __init__(self, capacity: int, *, path: str | Path | None = None, device: str | torch.device = "cpu"):
-        if int(capacity) < 2:
-            raise ValueError(f"capacity must hold at least 2 rows (one transition), got {capacity}")
-        self.capacity = int(capacity)
+    def __init__(self, capacity: int, *, path: str | Path | None = None, device: str | torch.device = "cpu",
+                 domain: str | None = None):
+        self.capacity = _check_capacity(capacity)
         self.path = None if path is None else Path(path)
-        self.device = torch.device(device)
+        self.device = _check_device(device)
+        if domain is not None and (not isinstance(domain, str) or not domain or "-" in domain):
+            raise ValueError(f"domain must be a domain name such as 'walker' (a task name's part before '-'), "
+                             f"got {domain!r}")
+        self.domain = domain
+        self._writable = True  # False for a dataset opened read-only by load()
+        if self.path is not None and self.path.exists() and not self.path.is_dir():
+            raise NotADirectoryError(f"path {self.path} is a file; an on-disk buffer needs a folder (new or empty)")
         if self.path is not None and (self.path / _META_FILE).exists():
             raise FileExistsError(
                 f"{self.path} already holds a saved replay buffer; open it with ReplayBuffer.load(path) "
@@ -244,7 +481,14 @@ class ReplayBuffer:
         if self.path is None:
             data = template.apply(lambda x: torch.empty((size, *x.shape[1:]), dtype=x.dtype), batch_size=[size])
         else:
-            data = template.expand(size).memmap_like(prefix=self.path / _STORAGE_DIR, existsok=True)
+            storage = self.path / _STORAGE_DIR
+            if storage.is_dir() and any(storage.iterdir()):
+                raise FileExistsError(
+                    f"{storage} already holds stored rows (of another buffer, or of an earlier run in this folder); "
+                    f"writing would overwrite them. Open them with ReplayBuffer.load({str(self.path)!r}) (a saved "
+                    "dataset) or load_state_dict(checkpoint) (a run's buffer), or pass a new or empty folder as path"
+                )
+            data = template.expand(size).memmap_like(prefix=storage, existsok=True)
         data.get(_META).apply_(lambda x: x.zero_())
         return data
 
@@ -277,7 +521,7 @@ class ReplayBuffer:
 
     def _metadata(self) -> dict:
         meta = {"format": _FORMAT, "capacity": self.capacity, "num_envs": self.num_envs,
-                "num_transitions": self._num_transitions}
+                "num_transitions": self._num_transitions, "domain": self.domain}
         if self.num_envs is not None:
             meta.update({
                 "per_env": self.per_env,
@@ -298,6 +542,11 @@ class ReplayBuffer:
         if meta.get("format") not in (_FORMAT, _FORMAT_V1):
             raise ValueError(f"not a latentrl replay buffer (format {meta.get('format')!r}, expected "
                              f"{_FORMAT!r} or the older {_FORMAT_V1!r})")
+        domain = meta.get("domain")
+        if domain is not None and self.domain is not None and domain != self.domain:
+            raise ValueError(f"the stored buffer holds {domain} steps but this buffer is for {self.domain} "
+                             f"(domain={self.domain!r}); restore it into a buffer of its own domain")
+        self.domain = domain or self.domain
         self.capacity, self.num_envs = meta["capacity"], meta["num_envs"]
         self._num_transitions = meta["num_transitions"]
         self._data, self._table = None, None
@@ -350,7 +599,10 @@ class ReplayBuffer:
         self._attach()
 
     def _persist(self) -> None:
-        """Give a path-backed buffer's in-memory columns (derived from format 1) files under its path."""
+        """Give a path-backed buffer's in-memory columns (derived from format 1) files under its path (not for a
+        dataset opened read-only: its files are never changed)."""
+        if not self._writable:
+            return
         leaves = self._data.values(include_nested=True, leaves_only=True)
         if not all(isinstance(x, MemoryMappedTensor) for x in leaves):
             self._data.memmap_(prefix=self.path / _STORAGE_DIR, existsok=True)
@@ -378,7 +630,10 @@ class ReplayBuffer:
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore a :meth:`state_dict` (also one written by the format-1 buffer)."""
+        self._check_writable("load_state_dict")
         meta = state_dict["layout"]
+        _check_manifest(meta, "the checkpoint's replay buffer layout",
+                        "nothing was restored: resume from another checkpoint, or start a fresh run")
         data = None
         if meta.get("num_envs") is not None:
             num_envs, per_env = meta["num_envs"], meta["per_env"]
@@ -392,7 +647,8 @@ class ReplayBuffer:
                 index = torch.arange(num_envs)[:, None] * per_env + torch.arange(rows)
                 data[index.reshape(-1)] = saved
             elif self.path is not None:
-                data = TensorDict.load_memmap(self.path / _STORAGE_DIR)
+                data = _open_mapped(self.path / _STORAGE_DIR, rows=num_envs * per_env, writable=True,
+                                    expected=_expected_columns(meta))
             else:
                 raise ValueError("this checkpoint holds positions only (a path-backed buffer); "
                                  "construct the buffer with the same path before loading it")
@@ -445,6 +701,8 @@ class ReplayBuffer:
         """
         if not isinstance(td, TensorDictBase):
             raise TypeError(f"extend() expects a TensorDict, got {type(td).__name__}")
+        self._check_writable("extend")
+        layout = "flat" if flat else "steps" if td.batch_dims == 1 else "rollout"
         if flat:
             if td.batch_dims != 1:
                 raise ValueError(
@@ -463,6 +721,8 @@ class ReplayBuffer:
         num_envs, steps = td.batch_size
         if num_envs == 0 or steps == 0:
             return
+        schema = self._schema if self.num_envs is not None else self._infer_schema(td, actions, action_shape)
+        self._check_finite(td, schema, actions, layout)
         if self.num_envs is None:
             self._init_layout(num_envs, td, actions, action_shape)
         elif num_envs != self.num_envs:
@@ -476,6 +736,52 @@ class ReplayBuffer:
         chunk = max(1, self.per_env // 2)
         for start in range(0, steps, chunk):
             self._extend_chunk(td[:, start:start + chunk], actions)
+
+    def _check_writable(self, what: str) -> None:
+        if not self._writable:
+            raise RuntimeError(
+                f"{what}() on a dataset opened read-only from {self.path}: ReplayBuffer.load(path) never modifies "
+                "a dataset. To add steps, work on a copy (buffer.save(new_path); "
+                "ReplayBuffer.load(new_path, writable=True)), or open this one with "
+                "ReplayBuffer.load(path, writable=True), which changes it in place"
+            )
+
+    @staticmethod
+    def _check_finite(td: TensorDictBase, schema: dict, actions: bool, layout: str) -> None:
+        """Refuse non-finite (NaN, inf) observations, actions and extras, and infinite rewards (NaN marks a
+        reward-free step), naming the key and the rows; ``td`` is ``[E, T]``."""
+        keys = [*schema["obs"], *(("next", k) for k in schema["obs"])]
+        if actions:
+            keys += [k for k in ("action",) if k in td.keys()] + [_norm_key(k) for k in schema["extras"]]
+        for key in keys:
+            x = td.get(key, None)
+            if isinstance(x, torch.Tensor) and x.is_floating_point():
+                finite = torch.isfinite(x).reshape(*td.batch_size, -1).all(-1)
+                if not bool(finite.all()):
+                    raise ValueError(ReplayBuffer._nonfinite_message(key, x, ~finite, layout,
+                                                                     "non-finite (NaN or inf)"))
+        reward = td.get(("next", "reward"), None)
+        if isinstance(reward, torch.Tensor) and reward.is_floating_point():
+            infinite = torch.isinf(reward).reshape(*td.batch_size, -1).any(-1)
+            if bool(infinite.any()):
+                what = "infinite (NaN marks reward-free steps; inf is refused)"
+                raise ValueError(ReplayBuffer._nonfinite_message(("next", "reward"), reward, infinite, layout, what))
+
+    @staticmethod
+    def _nonfinite_message(key, x: torch.Tensor, bad: torch.Tensor, layout: str, what: str) -> str:
+        index = bad.nonzero().tolist()
+        if layout == "flat":
+            where = f"dataset rows {[t for _, t in index[:10]]}"
+        elif layout == "steps":
+            where = f"env rows {[e for e, _ in index[:10]]}"
+        else:
+            where = f"(env, step) rows {[tuple(i) for i in index[:10]]}"
+        e, t = index[0]
+        values = x[e, t].reshape(-1)
+        shown = values[~torch.isfinite(values)][:4].tolist()
+        return (f"extend() refused {_key_str(key)!r}: {len(index)} step(s) hold {what} values at {where} "
+                f"(e.g. {shown}); the buffer stores only finite data, so that no update trains on it. Fix the source "
+                "(an env whose physics diverged, a policy that output NaN) or leave those steps out of extend()")
 
     def _check_schema(self, td: TensorDictBase, actions: bool) -> None:
         schema = self._schema
@@ -652,6 +958,7 @@ class ReplayBuffer:
     def end_episodes(self) -> None:
         """End every running episode at its last stored observation (e.g. after resuming a run, whose
         envs start new episodes that must not be joined to the ones in flight when it stopped)."""
+        self._check_writable("end_episodes")
         if self.num_envs is not None and bool(self._pending.any()):
             self._close_pending(self._pending.clone())
 
@@ -1015,17 +1322,44 @@ class ReplayBuffer:
         return base + row % per_env, base[..., None] + stack % per_env
 
     # ------------------------------------------------------------------ rewards
-    @staticmethod
-    def relabel(task, td: TensorDictBase) -> TensorDictBase:
+    @_buffer_or_class_method
+    def relabel(self, task, td: TensorDictBase) -> TensorDictBase:
         """Write ``task``'s reward of ``("next", "physics")`` (and ``action``) into ``("next", "reward")``.
 
-        ``task`` is a :class:`latentrl.envs.tasks.Task`; ``td`` a sampled batch ``[B]`` or ``[B, L]``
-        (sampled with ``physics`` among its keys). Modifies ``td`` in place and returns it.
+        ``task`` is a :class:`latentrl.envs.tasks.Task` (or its name); ``td`` a sampled batch ``[B]`` or
+        ``[B, L]`` (sampled with ``physics`` among its keys). Modifies ``td`` in place and returns it.
+
+        A task whose physics states have another size than the batch's is refused. Called on a buffer that
+        knows its domain (``ReplayBuffer(..., domain="walker")``, kept by save / load and checkpoints), a
+        task of another domain is refused too; ``ReplayBuffer.relabel(task, td)`` (on the class) can check
+        only the size, and cheetah and walker states have the same size.
         """
         if ("next", "physics") not in td.keys(include_nested=True):
             raise KeyError("relabel() needs ('next', 'physics'): sample with keys that include 'physics' "
                            "from a buffer that stores physics states")
+        if isinstance(task, str):
+            from latentrl.envs.tasks import get_task  # a name is a convenience; the buffer needs no env code
+
+            task = get_task(task)
+        if not callable(getattr(task, "rewards_from_states", None)):
+            raise TypeError(f"relabel() expects a task (latentrl.envs.get_task('walker-run')) or a task name, "
+                            f"got {task!r}")
         physics = td.get(("next", "physics"))
+        name, domain = getattr(task, "name", repr(task)), getattr(task, "domain", None)
+        ours = None if self is None else self.domain
+        if ours is not None and domain is not None and domain != ours:
+            raise ValueError(
+                f"task {name!r} is a {domain} task, but this buffer holds {ours} physics states: its rewards of them "
+                f"would be meaningless. Relabel with a {ours} task (latentrl.envs.list_tasks({ours!r}))"
+            )
+        size = getattr(task, "physics_size", None)
+        if size is not None and physics.shape[-1] != size:
+            held = f" ({ours} physics)" if ours else ""
+            raise ValueError(
+                f"task {name!r} reads {domain} physics states of size {size}, but the batch holds states of size "
+                f"{physics.shape[-1]}{held}: they come from another domain. Relabel with a task of the domain the "
+                "data was collected in"
+            )
         states = physics.reshape(-1, physics.shape[-1]).detach().cpu().double().numpy()
         actions = None
         if "action" in td.keys():
@@ -1037,27 +1371,63 @@ class ReplayBuffer:
         return td
 
     # ------------------------------------------------------------------ datasets on disk
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path, *, overwrite: bool = False) -> None:
         """Write the buffer to ``path``: memory-mapped TensorDict (``storage/``) plus ``replay.json``.
 
-        Saving a path-backed buffer to its own path writes the metadata only (no copy); save again
-        after extending a buffer opened with :meth:`load` so that its positions follow.
+        ``path`` must be new or an empty folder; a folder holding a dataset is replaced only with
+        ``overwrite=True``, and a folder holding anything else never is. The dataset is written into a
+        temporary folder next to ``path`` and moved into place, so a crash leaves the old dataset (or
+        none), never a half-written one.
+
+        Saving a path-backed buffer to its own path writes the metadata only (no copy; after extending a
+        buffer opened with ``load(path, writable=True)``, save it so that its positions follow); for a
+        dataset opened read-only it does nothing (the folder already holds it).
         """
         if self._data is None:
             raise RuntimeError("cannot save an empty replay buffer: extend() it first")
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        if self.path is not None and path.resolve() == self.path.resolve():
-            self._persist()
-        else:
-            self._data.memmap(prefix=path / _STORAGE_DIR, existsok=True, copy_existing=True)
-        tmp = path / (_META_FILE + ".tmp")
+        if self.path is not None and path.exists() and path.resolve() == self.path.resolve():
+            if self._writable:
+                self._persist()
+                self._write_manifest(path)
+            return
+        if _holds_dataset(path) and not overwrite:
+            raise FileExistsError(
+                f"{path} already holds a replay dataset and save() would replace it; pass overwrite=True to replace "
+                "it, or save to a new folder"
+            )
+        if self.path is not None and self.path.resolve().is_relative_to(path.resolve()):
+            raise ValueError(f"cannot save into {path}: it holds this buffer's own storage ({self.path})")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}.saving-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            self._data.memmap(prefix=tmp / _STORAGE_DIR, copy_existing=True)
+            self._write_manifest(tmp)
+            if path.exists():  # an empty folder, or the dataset to replace (overwrite=True)
+                old = path.parent / f".{path.name}.replaced-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+                path.rename(old)
+                tmp.rename(path)
+                shutil.rmtree(old)
+            else:
+                tmp.rename(path)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def _write_manifest(self, folder: Path) -> None:
+        tmp = folder / (_META_FILE + ".tmp")
         tmp.write_text(json.dumps(self._metadata(), indent=1))
-        tmp.replace(path / _META_FILE)
+        tmp.replace(folder / _META_FILE)
 
     @classmethod
-    def load(cls, path: str | Path, *, device: str | torch.device = "cpu") -> ReplayBuffer:
+    def load(cls, path: str | Path, *, device: str | torch.device = "cpu", writable: bool = False) -> ReplayBuffer:
         """Open a buffer written by :meth:`save` as a memory-mapped dataset (nothing is copied to memory).
+
+        The files are checked against ``replay.json`` (columns, dtypes, shapes, file sizes) before they are
+        opened: a damaged or incomplete dataset is refused with an error naming the file, and is left as it
+        was. By default the dataset is opened read-only (mapped copy-on-write: nothing ever reaches the
+        files, and :meth:`extend` refuses); ``writable=True`` opens it for writing in place.
 
         Reads format 2 and the older format 1 (see the module docstring). A folder holding a plain
         memory-mapped TensorDict ``[N]`` of consecutive steps (``td.memmap(path)``) is read as a flat
@@ -1066,17 +1436,26 @@ class ReplayBuffer:
         path = Path(path)
         if not (path / _META_FILE).exists():
             if (path / "meta.json").exists():
-                return cls.from_dataset(TensorDict.load_memmap(path), device=device)
+                return cls.from_dataset(_open_mapped(path, rows=None, writable=False), device=device)
+            if (path / _STORAGE_DIR).is_dir():
+                raise DatasetError(f"the dataset is incomplete: {path / _STORAGE_DIR} holds stored rows but "
+                                   f"{path / _META_FILE}, which describes them, is missing (a save that did not "
+                                   f"finish, or a run's on-disk buffer: resume that run instead); {_REWRITE}")
             raise FileNotFoundError(
                 f"{path} holds no replay buffer ({_META_FILE} is missing); write one with save()"
             )
-        meta = json.loads((path / _META_FILE).read_text())
-        buffer = cls(meta["capacity"], device=device)
+        meta = _read_json(path / _META_FILE, _REWRITE)
+        _check_manifest(meta, str(path / _META_FILE))
+        domain = meta.get("domain") if isinstance(meta.get("domain"), str) else None
+        buffer = cls(meta["capacity"], device=device, domain=domain)
         buffer.path = path
         data = None
         if meta.get("num_envs") is not None:
-            data = TensorDict.load_memmap(path / _STORAGE_DIR)
+            rows = meta["num_envs"] * meta["per_env"]
+            data = _open_mapped(path / _STORAGE_DIR, rows=rows, writable=bool(writable),
+                                expected=_expected_columns(meta))
         buffer._restore(meta, data)
+        buffer._writable = bool(writable)
         return buffer
 
     @classmethod

@@ -579,7 +579,7 @@ def test_episode_ids_are_stable(tmp_path):
         assert envs.started[id_] == (code[0], code[1])
 
     buffer.save(tmp_path / "saved")
-    loaded = ReplayBuffer.load(tmp_path / "saved")
+    loaded = ReplayBuffer.load(tmp_path / "saved", writable=True)  # extended below
     assert (loaded.episodes() == table).all()
     restored = ReplayBuffer(3 * per_env)
     restored.load_state_dict(torch.load(_saved(tmp_path, buffer.state_dict()), weights_only=True))
@@ -738,7 +738,7 @@ def test_format_1_dataset_and_checkpoint_load(tmp_path):
     buffer.extend(envs.step())
     rows = write_format_1(buffer, tmp_path / "v1")
     assert (tmp_path / "v1" / "storage" / "storage_metadata.json").exists()  # TorchRL's own file
-    loaded = ReplayBuffer.load(tmp_path / "v1")
+    loaded = ReplayBuffer.load(tmp_path / "v1", writable=True)  # extended and saved in place below
     assert isinstance(loaded.storage["pixels"], MemoryMappedTensor)  # opened in place
     assert len(loaded) == len(buffer) and loaded.num_episodes == buffer.num_episodes
     settings = ({"frame_stack": 3}, {"frame_stack": 2, "horizon": 3, "goal": "future"}, {"goal": "random"},
