@@ -7,6 +7,389 @@ from __future__ import annotations
 
 # ============================================================================ training, CLI, checkpoints
 # (section owned by the CLI / training hardening work)
+import hashlib as _hashlib  # noqa: E402
+import re as _re  # noqa: E402
+import shutil as _shutil  # noqa: E402
+from pathlib import Path as _Path  # noqa: E402
+
+import pytest as _pytest  # noqa: E402
+import torch as _torch  # noqa: E402
+
+_RUN = ["preset=smoke", "log.progress=false", "log.tensorboard=false", "eval.video=false", "env.obs=[state,physics]",
+        "env.episode_length=20", "learning_starts=10", "log.every=10"]
+
+
+def _cli_exit(main, argv: list[str], capsys) -> tuple[int, str, str]:
+    """Run a CLI entry point in-process; it must exit through SystemExit (a raw exception fails the test)."""
+    with _pytest.raises(SystemExit) as info:
+        main(argv)
+    captured = capsys.readouterr()
+    return info.value.code, captured.out, captured.err
+
+
+def _files(folder: _Path) -> dict[str, str]:
+    return {str(f.relative_to(folder)): _hashlib.sha1(f.read_bytes()).hexdigest()
+            for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def _synthetic_dataset(path: _Path, *, domain: str | None, state: int = 24, physics: int = 18,
+                       steps: int = 30) -> _Path:
+    """A small reward-free dataset on disk (random values of the given sizes), written as collect_dataset.py would."""
+    from tensordict import TensorDict
+
+    from latentrl.replay import ReplayBuffer
+
+    g = _torch.Generator().manual_seed(0)
+    done = _torch.zeros(1, steps, 1, dtype=_torch.bool)
+    done[:, 9::10] = True
+
+    def obs():
+        return {"state": _torch.randn(1, steps, state, generator=g),
+                "physics": _torch.randn(1, steps, physics, generator=g, dtype=_torch.float64)}
+
+    td = TensorDict({**obs(), "action": _torch.rand(1, steps, 6, generator=g) * 2 - 1,
+                     "next": {**obs(), "reward": _torch.zeros(1, steps, 1), "done": done, "truncated": done,
+                              "terminated": _torch.zeros_like(done)}}, batch_size=[1, steps])
+    buffer = ReplayBuffer(steps * 2, domain=domain)
+    buffer.extend(td)
+    buffer.save(path)
+    return path
+
+
+@_pytest.mark.parametrize("override, message", [
+    ("steps=-5", r"steps=-5: steps must be an integer >= 1 .*e\.g\. steps="),
+    ("steps=abc", r"steps=abc: steps must be an integer >= 1"),
+    ("steps=3.5", r"steps=3\.5: steps must be an integer"),
+    ("steps=0", r"steps=0: steps must be an integer >= 1"),
+    ("updates_per_step=-1", r"updates_per_step=-1: updates_per_step must be a finite number > 0"),
+    ("updates_per_step=abc", r"updates_per_step=abc: updates_per_step must be a finite number > 0"),
+    ("learning_starts=-1", r"learning_starts=-1: learning_starts must be an integer >= 0"),
+    ("learning_starts=500", r"learning_starts=500 >= steps=40: .*before its first update.*lower learning_starts"),
+    ("buffer_capacity=0", r"buffer_capacity=0: buffer_capacity must be an integer >= 2"),
+    ("eval.every=-3", r"eval.every=-3: eval.every must be an integer >= 0 .*0: only at the end"),
+    ("eval.episodes=0", r"eval.episodes=0: .*>= 1 .*eval.every=0 eval.at_end=false"),
+    ("checkpoint_every=-1", r"checkpoint_every=-1: checkpoint_every must be an integer >= 0"),
+    ("log.every=0", r"log.every=0: log.every must be an integer >= 1"),
+    ("threads=0", r"threads=0: threads must be an integer >= 1 .*threads=auto"),
+    ("threads=-1", r"threads=-1: threads must be an integer >= 1"),
+    ("device=tpu", r"device=tpu: device must be auto .*cpu, cuda, cuda:<index> or mps"),
+    ("device=cuda:99", r"device=cuda:99: (CUDA is not available here|this machine has \d+ CUDA device)"),
+    ("seed=abc", r"seed=abc: seed must be an integer from 0 to"),
+    ("seed=-1", r"seed=-1: seed must be an integer from 0 to"),
+    ("env.num_envs=0", r"env.num_envs=0: env.num_envs must be an integer >= 1"),
+    ("env.episode_length=0", r"env.episode_length=0: .*>= 1 or null"),
+    ("resume=maybe", r"resume=maybe: resume must be true or false"),
+    ("keep_checkpoints=2", r"keep_checkpoints=2: keep_checkpoints must be true or false"),
+    ("data=/no/such/dataset", r"data=/no/such/dataset: no such folder"),
+    ("+foo=1", r"unknown config key 'foo'"),
+    ("~steps=3", r"deletes a key.*steps=<value>"),
+    ("preset=tiny", r"Could not find 'preset/tiny'; valid choices for 'preset': small, smoke$"),
+    ("agent.batch_size=abc", r"agent.batch_size=abc: RNDConfig.batch_size must be an integer .*agent.batch_size=32"),
+    ("agent.lr=fast", r"agent.lr=fast: RNDConfig.lr must be a number"),
+    ("agent.batch_size=0", r"batch_size=0; it must be an integer >= 1: set agent.batch_size"),
+    ("overwrite=true resume=true", r"resume=true continues .* overwrite=true replaces it: give one of them"),
+])
+def test_bad_run_values_exit_2_naming_value_range_and_fix(tmp_path, capsys, override, message):
+    """Each bad value is one sentence on stderr (value, valid range, example) with exit code 2, before anything
+    is built or written; before: steps=-5 / updates_per_step=-1 / +foo=1 ran, steps=abc / threads=0 /
+    device=tpu / seed=abc / agent.batch_size=abc ended in raw tracebacks."""
+    from latentrl.training.cli import train_main
+
+    run_dir = tmp_path / "run"
+    code, out, err = _cli_exit(train_main, [*_RUN, "steps=40", *override.split(), f"run_dir={run_dir}"], capsys)
+    assert code == 2, err
+    assert err.startswith("error: ") and err.count("\n") == 1, err  # one sentence, no traceback
+    assert _re.search(message, err.strip()), err
+    assert not run_dir.exists()  # nothing written
+
+
+def test_collect_out_is_never_a_file_or_a_non_empty_folder(tmp_path, capsys):
+    from latentrl.training.cli import collect_main
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "keep.txt").write_text("mine")
+    (tmp_path / "file").write_text("mine")
+    for out, message in (("data", "exists and is not empty"), ("file", "is a file")):
+        code, _, err = _cli_exit(collect_main, [*_RUN, "steps=40", f"out={tmp_path / out}",
+                                                f"run_dir={tmp_path / 'run'}"], capsys)
+        assert code == 2 and message in err, err
+    assert (tmp_path / "data" / "keep.txt").read_text() == "mine" and (tmp_path / "file").read_text() == "mine"
+    assert not (tmp_path / "run").exists()
+
+
+def test_reusing_a_run_dir_needs_resume_or_overwrite(tmp_path, capsys):
+    """Before: a second run in the same run_dir replaced its checkpoint and appended its metrics to the old
+    ones. Now: refused (offering resume=true and overwrite=true); overwrite=true moves the old run aside."""
+    from latentrl.training.cli import train_main
+
+    run_dir = tmp_path / "run"
+    train_main([*_RUN, "steps=30", f"run_dir={run_dir}"])
+    before = _files(run_dir)
+    code, _, err = _cli_exit(train_main, [*_RUN, "steps=30", "seed=1", f"run_dir={run_dir}"], capsys)
+    assert code == 2 and "already holds a run (rnd on walker-walk, checkpoint at env step 30" in err, err
+    assert "resume=true" in err and "overwrite=true" in err
+    assert _files(run_dir) == before  # untouched
+
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    code, _, err = _cli_exit(train_main, [*_RUN, "steps=30", "overwrite=true", f"run_dir={tmp_path / 'other'}"],
+                             capsys)
+    assert code == 2 and "not a latentrl run" in err and (tmp_path / "other" / "notes.txt").exists()
+
+    # overwrite=true whose new run then fails to start puts the old run back
+    code, out, err = _cli_exit(train_main, [*_RUN, "steps=20", "overwrite=true", "agent.batch_size=0",
+                                            f"run_dir={run_dir}"], capsys)
+    assert code == 2 and "batch_size=0" in err and "moved the old run back" in out, err
+    assert _files(run_dir) == before and not list(tmp_path.glob("run.replaced-*"))
+
+    train_main([*_RUN, "steps=20", "seed=1", "overwrite=true", f"run_dir={run_dir}"])
+    out = capsys.readouterr().out
+    (aside,) = tmp_path.glob("run.replaced-*")
+    assert f"moved the old run in {run_dir} to {aside}" in out
+    assert _files(aside) == before  # the old run, whole
+    payload = _torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=True)
+    assert payload["counters"]["env_steps"] == 20
+    steps = [line.split(",")[0] for line in (run_dir / "metrics.csv").read_text().splitlines()[1:]]
+    assert steps and max(float(s) for s in steps) <= 20  # a fresh log, not the old one's rows too
+
+
+def test_resume_says_which_run_it_continues_and_never_guesses(tmp_path, capsys, monkeypatch):
+    """Before: resume=true took the newest folder by name (a planted one won), and a mistyped run_dir started a
+    fresh run. Now: only runs of this agent and task (config.yaml), the chosen one named with its step; a missing
+    run_dir is an error naming it; a run already at steps has nothing left to train."""
+    from latentrl.training.cli import train_main
+
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _cli_exit(train_main, [*_RUN, "steps=30", "resume=true"], capsys)
+    assert code == 2 and "no run of rnd on walker-walk to continue under runs/" in err, err
+    assert not (tmp_path / "runs").exists()
+    train_main([*_RUN, "steps=30"])
+    (real,) = (tmp_path / "runs").iterdir()
+    planted = tmp_path / "runs" / "rnd-walker-walk-99991231-235959"  # sorts last; another agent's run
+    _shutil.copytree(real, planted)
+    (planted / "config.yaml").write_text((planted / "config.yaml").read_text().replace("name: rnd", "name: fb"))
+    capsys.readouterr()
+
+    train_main([*_RUN, "steps=40", "resume=true"])
+    out = capsys.readouterr().out
+    assert f"resume=true: continuing runs/{real.name} (rnd on walker-walk, checkpoint at env step 30" in out
+    assert f"skipped 1 folder(s) whose config.yaml is not a run of rnd on walker-walk: {planted.name}" in out
+    assert f"resumed from runs/{real.name}/checkpoints/latest.pt at env step 30" in out
+    assert _torch.load(real / "checkpoints" / "latest.pt", weights_only=True)["counters"]["env_steps"] == 40
+
+    typo = tmp_path / "runs" / real.name.replace("walker", "walkr")
+    code, _, err = _cli_exit(train_main, [*_RUN, "steps=50", "resume=true", f"run_dir={typo}"], capsys)
+    assert code == 2 and f"run_dir={typo} does not exist" in err and "Did you mean" in err, err
+    assert not typo.exists()
+    code, _, err = _cli_exit(train_main, [*_RUN, "steps=40", "resume=true", f"run_dir={real}"], capsys)
+    assert code == 2 and "already at 40 env steps and steps=40, so nothing is left to train" in err, err
+
+
+def test_offline_data_must_fit_the_run(tmp_path, capsys):
+    """Before: a cheetah dataset trained a walker agent into a shape error at the first update, and a pixel agent
+    on a state-only dataset failed with a KeyError at the first sample. Now: exit 2 naming both sides, and the new
+    run's folder is left as it was, so the fixed command runs."""
+    from latentrl.training.cli import train_main
+
+    cheetah = _synthetic_dataset(tmp_path / "cheetah", domain="cheetah", state=17)
+    walker = _synthetic_dataset(tmp_path / "walker", domain="walker")
+    run_dir = tmp_path / "run"
+    offline = [*_RUN, "agent=td_jepa", "steps=4", "eval.every=0", "eval.at_end=false", f"run_dir={run_dir}"]
+    for extra, message in (
+        ([f"data={cheetah}", "agent.obs_type=state"], r"holds cheetah steps, but env=walker-walk is a walker task"),
+        ([f"data={walker}", "agent.obs_type=pixels", "env.obs=[pixels,state,physics]"],
+         r"stores state, physics but the run reads pixels"),
+        ([f"data={walker}", "agent.obs_type=state", "agent.batch_size=0"], r"batch_size must be >= 2 .*got 0"),
+    ):
+        code, _, err = _cli_exit(train_main, [*offline, *extra], capsys)
+        assert code == 2 and _re.search(message, err), err
+        assert not run_dir.exists()  # a failed start leaves no half run behind
+    train_main([*offline, f"data={walker}", "agent.obs_type=state"])
+    assert (run_dir / "checkpoints" / "latest.pt").exists()
+
+
+@_pytest.mark.parametrize("fault", ["parameter", "observations", "solver"])
+def test_non_finite_values_stop_training_naming_update_and_parameter(tmp_path, capsys, monkeypatch, fault):
+    """Before: a parameter turned NaN by an update while the losses stayed finite trained on silently and was
+    saved over the good checkpoint; NaN observations ended in a raw NonFiniteLossError traceback that did not
+    say where the NaN came from. Now: exit 1 with one sentence naming the update, the env step and the first bad
+    parameter (or the bad inputs); the checkpoint keeps the last finite state."""
+    import latentrl.training.trainer as trainer_module
+    from latentrl.agents.rnd import RNDAgent
+    from latentrl.training.cli import train_main
+
+    calls = {"n": 0}
+    if fault == "parameter":
+        original = RNDAgent.update
+
+        def update(self, batch):  # from the 10th call on, an update that breaks a parameter but reports finite losses
+            calls["n"] += 1
+            if calls["n"] < 10:
+                calls["metrics"] = original(self, batch)
+            else:
+                with _torch.no_grad():
+                    self.actor_critic.critic_target.q1[2].bias.fill_(float("nan"))
+            return calls["metrics"]
+
+        monkeypatch.setattr(RNDAgent, "update", update)
+    else:
+        original = trainer_module.sample_batches
+
+        def sample_batches(buffer, spec):
+            batch = original(buffer, spec)
+            calls["n"] += 1
+            if calls["n"] == 10:
+                batch["state"][0, 0] = float("nan")
+            return batch
+
+        monkeypatch.setattr(trainer_module, "sample_batches", sample_batches)
+    if fault == "solver":  # what TD-JEPA's eigen-solver does on NaN inputs: raise instead of returning NaN
+        update_with_losses = RNDAgent.update
+
+        def update(self, batch):
+            if not _torch.isfinite(batch["state"]).all():
+                raise _torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+            return update_with_losses(self, batch)
+
+        monkeypatch.setattr(RNDAgent, "update", update)
+    run_dir = tmp_path / "run"
+    code, _, err = _cli_exit(train_main, [*_RUN, "steps=60", "checkpoint_every=20", "log.every=1000",
+                                          f"run_dir={run_dir}"], capsys)
+    assert code == 1 and err.startswith("error: non-finite ") and err.count("\n") == 1, err
+    if fault == "solver":
+        assert _re.search(r"non-finite observations at update 10 \(env step \d+\): the sampled batch held non-finite "
+                          r"values in state \(1 values\) and the update failed \(linalg.eigh: ", err), err
+    elif fault == "parameter":
+        assert _re.search(r"non-finite parameter after update \d+ \(env step 40\): actor_critic\.critic_target\."
+                          r"q1\.2\.bias \(1 of 1 values non-finite\); every parameter was finite at update [1-9]\b",
+                          err), err
+    else:
+        assert _re.search(r"at update 10 \(env step \d+\): .*=nan.*the sampled batch held non-finite "
+                          r"observations: state \(1 values\)", err), err
+    payload = _torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=True)
+    assert payload["counters"]["env_steps"] == 20
+    assert all(_torch.isfinite(v).all() for v in payload["agent"].values() if v.is_floating_point())
+
+
+def _walker_model(tmp_path: _Path, *, data: str | None = None) -> _Path:
+    """A model directory of a TD-JEPA agent trained on walker-walk states (untrained weights: enough to check
+    what eval_zero_shot.py refuses before it runs anything)."""
+    from latentrl.agents import agent_class
+    from latentrl.agents.model_files import save_model
+
+    cls = agent_class("td_jepa")
+    agent = cls(cls.make_config("smoke", obs_type="state"), (24,), 6, device="cpu")
+    env = {"task": "walker-walk", "obs": ["state", "physics"], "image_size": 64, "camera": None,
+           "action_repeat": 1, "num_envs": 1, "num_workers": None, "backend": "dmc", "floor": "default",
+           "episode_length": 20}
+    return save_model(tmp_path / "run" / "model", agent, env=env,
+                      extra={"step": 0, "env_steps": 0, "updates": 0, "data": data, "run_dir": str(tmp_path / "run")})
+
+
+def test_eval_refuses_bad_input_before_running(tmp_path, capsys):
+    """Before: a walker model on cheetah tasks (or a cheetah dataset) failed with a matrix shape error deep in a
+    network, samples=0 / episodes=0 / seed=abc with raw tracebacks, samples=1.5 and samples=true ran with 1
+    sample, and a second evaluation silently replaced the first one's results. Now: exit 2, one sentence."""
+    from latentrl.training.cli import eval_main
+
+    walker = _synthetic_dataset(tmp_path / "walker", domain="walker")
+    model = _walker_model(tmp_path, data=str(walker))
+    cheetah = _synthetic_dataset(tmp_path / "cheetah", domain="cheetah", state=17)
+    unknown_domain = _synthetic_dataset(tmp_path / "old", domain=None, state=17)  # a dataset without its domain
+    results = tmp_path / "zs"
+    results.mkdir()
+    (results / "results.json").write_text("{}")
+    cases = [
+        (["tasks=cheetah/all"], r"trained on walker-walk \(walker; it reads state of shape \[24\] and drives 6 "
+                                r"actuators\), but cheetah-walk, .* are tasks of cheetah.*tasks=walker/all"),
+        (["tasks=walker-walk", f"data={cheetah}"], r"holds cheetah steps, but the agent was trained on walker-walk"),
+        (["tasks=walker-walk", f"data={unknown_domain}"],
+         r"stores state of shape \[17\], but the agent .*shape \[24\]"),
+        (["tasks=walker-wlk"], r"unknown task 'walker-wlk'. Did you mean: walker-walk"),
+        (["samples=0"], r"samples=0: samples must be an integer >= 1"),
+        (["samples=1.5"], r"samples=1.5: samples must be an integer >= 1"),
+        (["samples=true"], r"samples=true: samples must be an integer"),
+        (["episodes=0"], r"episodes=0: episodes must be an integer >= 1"),
+        (["goals=0", "mode=goal"], r"goals=0: goals must be an integer >= 1"),
+        (["success_radius=-1", "mode=goal"], r"success_radius=-1: success_radius must be a finite number > 0"),
+        (["episode_length=abc"], r"episode_length=abc: .*integer >= 1 or null"),
+        (["seed=abc"], r"seed=abc: seed must be an integer"),
+        (["device=tpu"], r"device=tpu: device must be auto"),
+        (["mode=foo"], r"mode=foo: mode must be reward, goal or both"),
+        (["tasks=123"], r"tasks=123: tasks must be <domain>/all or task names"),
+        (["data=/no/such/dataset"], r"data=/no/such/dataset: no such folder"),
+        ([f"out={results}"], r"already holds results \(results.json\).*overwrite=true"),
+        ([f"out={walker / 'replay.json'}"], r"is a file; give a folder"),
+    ]
+    for extra, message in cases:
+        code, _, err = _cli_exit(eval_main, [f"model={model}", "samples=8", "episodes=1", *extra], capsys)
+        assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, (extra, err)
+        assert _re.search(message, err), (extra, err)
+    assert (results / "results.json").read_text() == "{}"
+    online = _walker_model(tmp_path / "online", data=None)
+    code, _, err = _cli_exit(eval_main, [f"model={online}", "tasks=walker-walk"], capsys)
+    assert code == 2 and "trained online: pass data=" in err
+
+
+def test_new_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeypatch):
+    """Before: runs/<agent>-<task>-<time> named by the second, so two runs started together shared one folder."""
+    import latentrl.training.cli as cli
+    from latentrl.training.cli import load_config
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli.time, "strftime", lambda fmt, *a: "20250101-000000")
+    cfg = load_config(["preset=smoke"])
+    first, second = (r[0] if isinstance(r, tuple) else r for r in (cli._resolve_run_dir(cfg) for _ in range(2)))
+    assert first != second and first.is_dir() and second.is_dir()
+
+
+def test_plus_preset_selects_the_preset():
+    """CONVENTIONS.md writes ``+preset=smoke``; before: "preset appears more than once in the final defaults list"."""
+    from latentrl.training.cli import load_config
+
+    assert load_config(["+preset=smoke"]).steps == load_config(["preset=smoke"]).steps == 300
+
+
+@_pytest.fixture(scope="module")
+def _trained_run(tmp_path_factory) -> _Path:
+    """A finished tiny RND run (30 env steps), copied by the tests that damage it."""
+    from latentrl.training.cli import train_main
+
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    train_main([*_RUN, "steps=30", f"run_dir={run_dir}"])
+    return run_dir
+
+
+@_pytest.mark.parametrize("damage, message", [
+    ("shape", r"latest.pt: its weights do not fit this rnd agent \(shapes differ: actor_critic.actor.trunk.0.weight"),
+    ("counters", r"latest.pt lacks counters: it is not a complete latentrl training checkpoint"),
+    ("optimizer", r"latest.pt holds optimizer states \['planner'\] that this rnd agent does not have"),
+])
+def test_checkpoints_that_do_not_fit_are_refused_naming_the_file(_trained_run, tmp_path, capsys, damage, message):
+    """Before: a checkpoint whose weights do not fit the agent ended resume=true (and eval_zero_shot.py) in a raw
+    load_state_dict traceback; one without counters or with another agent's optimizers in "error: 'counters'" /
+    a KeyError. Now: exit 2 naming the file and what does not fit; the checkpoint is left as it was."""
+    from latentrl.training.cli import eval_main, train_main
+
+    run_dir = tmp_path / "run"
+    _shutil.copytree(_trained_run, run_dir)
+    path = run_dir / "checkpoints" / "latest.pt"
+    payload = _torch.load(path, weights_only=True)
+    if damage == "shape":
+        payload["agent"]["actor_critic.actor.trunk.0.weight"] = _torch.zeros(3, 3)
+    elif damage == "counters":
+        del payload["counters"]
+    else:
+        payload["optimizers"]["planner"] = {}
+    _torch.save(payload, path)
+    before = _files(run_dir)
+    code, _, err = _cli_exit(train_main, [*_RUN, "steps=40", "resume=true", "log.tensorboard=true",
+                                          f"run_dir={run_dir}"], capsys)
+    assert code == 2 and err.count("\n") == 1 and _re.search(message, err), err
+    assert _files(run_dir) == before  # not even a TensorBoard file is added
+    if damage == "shape":
+        code, _, err = _cli_exit(eval_main, [f"model={path}", "tasks=walker-walk"], capsys)
+        assert code == 2 and _re.search(message, err), err
 
 # ================================================================================= data, envs, replay
 # (section owned by the data / env hardening work)

@@ -135,6 +135,13 @@ def read_checkpoint(path: str | Path) -> dict:
     return payload
 
 
+def _require(payload: dict, keys: tuple[str, ...], path, purpose: str) -> None:
+    missing = [k for k in keys if k not in payload]
+    if missing:
+        raise CheckpointError(f"{path} lacks {', '.join(missing)}: it is not a complete latentrl training checkpoint, "
+                              f"so it cannot be used to {purpose}")
+
+
 def load_checkpoint(path: str | Path, agent: Agent | None = None, *, restore_rng_state: bool = True) -> dict:
     """Load a checkpoint (never running code); with ``agent`` given, restore its parameters, optimizers and
     extra state."""
@@ -142,7 +149,12 @@ def load_checkpoint(path: str | Path, agent: Agent | None = None, *, restore_rng
     if agent is not None:
         restore_agent(payload, agent, path)
     if restore_rng_state:
-        restore_rng(payload["rng"])
+        _require(payload, ("rng", "counters"), path, "resume training")
+        try:
+            restore_rng(payload["rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
+            raise CheckpointError(f"{path} holds random-number-generator states that cannot be restored "
+                                  f"({_first_line(err)}); the checkpoint is damaged") from None
     return payload
 
 
@@ -150,11 +162,37 @@ def restore_agent(payload: dict, agent: Agent, path: str | Path = "the checkpoin
     """Put a loaded checkpoint's parameters, optimizer states and extra state into ``agent``."""
     if payload["agent_name"] != agent.name:
         raise ValueError(f"checkpoint {path} holds agent {payload['agent_name']!r}, not {agent.name!r}")
-    agent.load_state_dict(payload["agent"])
+    _require(payload, ("optimizers", "agent_extra"), path, "resume training")
+    _load_weights(agent, payload["agent"], path)
     optimizers = agent.optimizers()
-    for name, state in payload["optimizers"].items():
-        optimizers[name].load_state_dict(state)
-    agent.load_extra_state(payload["agent_extra"])
+    unknown = sorted(set(payload["optimizers"]) - set(optimizers))
+    if unknown:
+        raise CheckpointError(f"{path} holds optimizer states {unknown} that this {agent.name} agent does not have "
+                              f"(it has {sorted(optimizers)}): the checkpoint was written with other agent settings")
+    try:
+        for name, state in payload["optimizers"].items():
+            optimizers[name].load_state_dict(state)
+        agent.load_extra_state(payload["agent_extra"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{path}: its optimizer or extra state does not fit this {agent.name} agent "
+                              f"({_first_line(err)}); it was written with other agent settings") from None
+
+
+def _load_weights(agent: Agent, state: dict, path) -> None:
+    """``agent.load_state_dict(state)``; a mismatch names the file and the first parameters that differ."""
+    try:
+        agent.load_state_dict(state)
+    except RuntimeError as err:
+        expected = agent.state_dict()
+        missing = sorted(set(expected) - set(state))[:3]
+        unexpected = sorted(set(state) - set(expected))[:3]
+        shapes = [f"{k} {list(state[k].shape)} there, {list(v.shape)} here" for k, v in expected.items()
+                  if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(v.shape)][:3]
+        detail = "; ".join(part for part in (
+            f"missing {missing}" if missing else "", f"unexpected {unexpected}" if unexpected else "",
+            f"shapes differ: {', '.join(shapes)}" if shapes else "") if part) or _first_line(err)
+        raise CheckpointError(f"{path}: its weights do not fit this {agent.name} agent ({detail}); it was written "
+                              "with other agent settings or observations") from None
 
 
 def load_agent(path: str | Path, *, device: str = "cpu") -> tuple[Agent, dict]:
@@ -165,16 +203,23 @@ def load_agent(path: str | Path, *, device: str = "cpu") -> tuple[Agent, dict]:
     from latentrl.agents.registry import agent_class
 
     payload = read_checkpoint(path)
-    cfg = payload["config"]
+    cfg = payload.get("config") or {}
     spec = payload.get("agent_spec")
     if spec is None:
         raise CheckpointError(f"{path} does not record the agent's observation and action shapes (written before "
                               "contracts v2); evaluate the model directory next to it instead")
-    cls = agent_class(payload["agent_name"])
-    agent = cls(cls.config_class(**spec["config"]), tuple(spec["obs_shape"]), int(spec["action_dim"]),
-                device=device)
-    agent.load_state_dict(payload["agent"])
-    agent.load_extra_state(payload["agent_extra"])
+    cls = agent_class(payload["agent_name"])  # an unknown name lists the registered agents
+    try:
+        config = cls.config_class(**spec["config"])
+        agent = cls(config, tuple(spec["obs_shape"]), int(spec["action_dim"]), device=device)
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: its agent spec does not build a {payload['agent_name']} agent "
+                              f"({_first_line(err)}); the checkpoint is damaged or from another latentrl") from None
+    _load_weights(agent, payload["agent"], path)
+    try:
+        agent.load_extra_state(payload.get("agent_extra") or {})
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{path}: its extra agent state does not fit ({_first_line(err)})") from None
     agent.eval()
     return agent, cfg
 

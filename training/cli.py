@@ -8,9 +8,14 @@ composition so that a misspelled key, agent or task names the valid choices.
 from __future__ import annotations
 
 import difflib
+import json
+import math
+import re
+import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +26,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
-__all__ = ["train_main", "collect_main", "load_config", "ConfigError"]
+__all__ = ["train_main", "collect_main", "eval_main", "load_config", "check_train_config", "ConfigError"]
 
 _AGENT_KEYS = ("name", "preset", "overrides")
 
@@ -70,6 +75,11 @@ def _validate_overrides(overrides: list[str], base: DictConfig) -> list[str]:
             raise ConfigError(f"override {item!r} is not key=value")
         key, value = item.split("=", 1)
         plain = key.lstrip("+~")
+        if key.startswith("~"):
+            raise ConfigError(f"override {item!r} deletes a key; every key of the run config is needed: set it "
+                              f"instead ({plain}=<value>; --help lists the keys and their defaults)")
+        if plain == "preset" and key != plain:
+            item = f"preset={value}"  # +preset=smoke: the group is already in the defaults list
         if plain == "env":
             get_task(value)  # raises with the closest task names
         elif plain == "agent":
@@ -81,7 +91,7 @@ def _validate_overrides(overrides: list[str], base: DictConfig) -> list[str]:
             item = f"++agent.overrides.{plain[len('agent.'):]}={value}"  # ++: a later repeat wins
         elif plain in ("preset",):
             pass
-        elif plain not in flat and not key.startswith("+"):
+        elif plain not in flat and not plain.startswith("agent.overrides."):  # '+key=' adds no new keys
             close = difflib.get_close_matches(plain, flat, n=3, cutoff=0.5)
             hint = f" Did you mean {', '.join(close)}?" if close else ""
             raise ConfigError(
@@ -110,19 +120,397 @@ def load_config(overrides: list[str], config_name: str = "train") -> DictConfig:
         try:
             cfg = compose(config_name=config_name, overrides=checked)
         except HydraException as err:
-            raise ConfigError(str(err)) from None
+            raise ConfigError(_hydra_message(err)) from None
     return cfg
 
 
-def _resolve_run_dir(cfg: DictConfig) -> Path:
+def _hydra_message(err: Exception) -> str:
+    """Hydra's error on one line, without its config search path (``preset=foo``: the valid presets)."""
+    text = str(err).split("\nConfig search path")[0].strip()
+    head, _, options = text.partition("\n\nAvailable options in ")
+    if options:
+        group, _, names = options.partition(":")
+        text = f"{head}; valid choices for {group}: {', '.join(n.strip() for n in names.split() if n.strip())}"
+    return " ".join(text.split())
+
+
+# --------------------------------------------------------------------------------------- value checks
+def _shown(value: Any) -> str:
+    """A value as it is written on the command line."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str) and (not value or value != value.strip()):
+        return repr(value)
+    return str(value)
+
+
+def _as_int(value: Any) -> int | None:
+    """``value`` as an int if it is a whole number (``1000``, ``1000.0``, ``"1e3"``); bools are not numbers here."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return None
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    return None
+
+
+def _as_float(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def check_int(key: str, value: Any, *, low: int, high: int | None = None, meaning: str, example: Any,
+              optional: bool = False) -> int | None:
+    """``value`` as an int in ``[low, high]`` (``None`` too when ``optional``), else a :class:`ConfigError`
+    that names the value, the valid range and an example."""
+    if optional and value is None:
+        return None
+    number = _as_int(value)
+    if number is not None and number >= low and (high is None or number <= high):
+        return number
+    span = f">= {low}" if high is None else f"from {low} to {high}"
+    raise ConfigError(f"{key}={_shown(value)}: {key} must be an integer {span}{' or null' if optional else ''} "
+                      f"({meaning}); e.g. {key}={example}")
+
+
+def check_real(key: str, value: Any, *, above: float, meaning: str, example: Any) -> float:
+    """``value`` as a finite float ``> above``, else a :class:`ConfigError`."""
+    number = _as_float(value)
+    if number is not None and math.isfinite(number) and number > above:
+        return number
+    raise ConfigError(f"{key}={_shown(value)}: {key} must be a finite number > {above:g} ({meaning}); "
+                      f"e.g. {key}={example}")
+
+
+def check_flag(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise ConfigError(f"{key}={_shown(value)}: {key} must be true or false; e.g. {key}=true")
+
+
+def check_device(key: str, value: Any) -> str:
+    """``auto``, ``cpu``, ``cuda``, ``cuda:<index>`` or ``mps``, available on this machine."""
+    import torch
+
+    match = re.fullmatch(r"(auto|cpu|cuda|mps)(?::(\d+))?", value) if isinstance(value, str) else None
+    if match is None or (match.group(1) in ("auto", "mps") and match.group(2) is not None):
+        raise ConfigError(f"{key}={_shown(value)}: {key} must be auto (cuda when present, else cpu), cpu, cuda, "
+                          f"cuda:<index> or mps; e.g. {key}=auto")
+    kind, index = match.groups()
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this PyTorch is built without CUDA" if torch.version.cuda is None
+                   else "torch sees no CUDA GPU: check the driver and CUDA_VISIBLE_DEVICES")
+            raise ConfigError(f"{key}={value}: CUDA is not available here ({why}); use {key}=cpu, or {key}=auto to "
+                              "take a GPU where there is one")
+        count = torch.cuda.device_count()
+        if index is not None and int(index) >= count:
+            raise ConfigError(f"{key}={value}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}; "
+                              f"e.g. {key}=cuda:0")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"{key}={value}: Apple's MPS backend is not available here; use {key}=cpu or {key}=auto")
+    return value
+
+
+def _check_folder(key: str, value: Any, what: str) -> str:
+    path = Path(str(value)).expanduser()
+    if not path.exists():
+        raise ConfigError(f"{key}={value}: no such folder; {key} takes {what}")
+    if not path.is_dir():
+        raise ConfigError(f"{key}={value} is a file, not a folder; {key} takes {what}")
+    return str(value)
+
+
+# key: (lowest valid value, meaning, example)
+_RUN_INTS = {
+    "steps": (1, "env steps to collect online, updates to make offline", 100000),
+    "buffer_capacity": (2, "replay rows, about one per env step", 1000000),
+    "learning_starts": (0, "env steps collected before the first update", 4000),
+    "checkpoint_every": (0, "env steps / updates between checkpoints; 0: only at the end", 10000),
+    "eval.every": (0, "env steps / updates between evaluations; 0: only at the end", 10000),
+    "eval.episodes": (1, "episodes per evaluation; to skip evaluation set eval.every=0 eval.at_end=false", 2),
+    "eval.num_envs": (1, "evaluation episodes run side by side", 1),
+    "eval.video_fps": (1, "frames per second of evaluation videos", 30),
+    "log.every": (1, "env steps / updates between rows of metrics.csv", 1000),
+    "env.num_envs": (1, "envs stepped side by side", 1),
+    "env.image_size": (1, "camera frames are image_size x image_size pixels", 64),
+    "env.action_repeat": (1, "physics steps per agent action", 1),
+}
+_RUN_OPTIONAL_INTS = {
+    "env.episode_length": (1, "agent steps per episode; null: the task's own", 1000),
+    "env.num_workers": (0, "worker processes stepping the envs; 0: in this process; null: automatic", 2),
+}
+_RUN_FLAGS = ("resume", "overwrite", "keep_checkpoints", "eval.video", "eval.at_end", "log.tensorboard", "log.progress")
+SEED_MAX = 2**31 - 1
+
+
+def check_train_config(cfg: DictConfig) -> None:
+    """Check every value of a run config against its valid range, before anything is built or written.
+
+    Whole numbers given as floats (``steps=1e5``) are stored back as ints. Raises :class:`ConfigError`
+    naming the key, the value, the valid range and an example.
+    """
+    import os
+
+    from latentrl.envs import get_task
+
+    def get(key: str):
+        return OmegaConf.select(cfg, key)
+
+    def put(key: str, value) -> None:
+        if get(key) != value or type(get(key)) is not type(value):
+            OmegaConf.update(cfg, key, value, force_add=True)
+
+    put("seed", check_int("seed", get("seed"), low=0, high=SEED_MAX,
+                          meaning="seeds Python, NumPy, torch and the envs", example=0))
+    check_device("device", get("device"))
+    threads = get("threads")
+    if threads != "auto":
+        put("threads", check_int("threads", threads, low=1, meaning="torch CPU threads of the learner; auto: half the "
+                                 "cores", example=f"auto or threads={max(1, (os.cpu_count() or 2) // 2)}"))
+    for key, (low, meaning, example) in _RUN_INTS.items():
+        put(key, check_int(key, get(key), low=low, meaning=meaning, example=example))
+    for key, (low, meaning, example) in _RUN_OPTIONAL_INTS.items():
+        put(key, check_int(key, get(key), low=low, meaning=meaning, example=example, optional=True))
+    put("updates_per_step", check_real("updates_per_step", get("updates_per_step"), above=0,
+                                       meaning="updates per collected env step; 0.5: one update every 2 steps",
+                                       example=0.5))
+    for key in _RUN_FLAGS:
+        value = get(key)
+        put(key, False if value is None else check_flag(key, value))  # overwrite: absent in older run configs
+    if cfg.get("resume") and cfg.get("overwrite"):
+        raise ConfigError("resume=true continues the run in run_dir and overwrite=true replaces it: give one of them")
+    for key in ("run_dir", "out", "log.wandb_project"):
+        value = get(key)
+        if value is not None and not isinstance(value, str):
+            put(key, str(value))  # run_dir=123 is a folder name, not a number
+        if get(key) == "":
+            put(key, None)
+    if get("data") is not None:
+        put("data", _check_folder("data", get("data"), "the dataset folder collect_dataset.py wrote (its out=...)"))
+    task = get("env.task")
+    if not isinstance(task, str):
+        raise ConfigError(f"env.task={_shown(task)}: give a task name with env=<domain>-<task>, e.g. env=walker-walk")
+    get_task(task)  # an unknown name lists the closest ones
+    obs = get("env.obs")
+    if isinstance(obs, str) and obs != "auto":
+        put("env.obs", [obs])  # env.obs=state: one key
+    elif not (obs == "auto" or (OmegaConf.is_list(obs) or isinstance(obs, list)) and obs
+              and all(isinstance(k, str) for k in obs)):
+        raise ConfigError(f"env.obs={_shown(obs)}: env.obs must be auto or a list of observation keys (pixels, "
+                          "state, physics); e.g. env.obs=[pixels,state,physics]")
+
+
+def _check_agent_overrides(cfg: DictConfig) -> None:
+    """``agent.<field>=<value>`` must have the type of the field's preset value (``agent.batch_size=abc`` is
+    refused here, not at the first update)."""
+    from latentrl.agents.registry import agent_class
+
+    overrides = dict(cfg.agent.get("overrides") or {})
+    cls = agent_class(cfg.agent.name)
+    if not overrides or getattr(cls, "config_class", None) is None:
+        return
+    defaults = cls.make_config(cfg.agent.preset)  # an unknown preset is named by make_config
+    for field, value in overrides.items():
+        if not hasattr(defaults, field):
+            continue  # make_config names unknown fields with the valid ones
+        default = getattr(defaults, field)
+        key, kind = f"agent.{field}", None
+        if isinstance(default, bool):
+            kind = None if isinstance(value, bool) else "true or false"
+        elif isinstance(default, int):
+            number = _as_int(value)
+            kind = None if number is not None else "an integer"
+            if number is not None:
+                cfg.agent.overrides[field] = number
+        elif isinstance(default, float):
+            kind = None if _as_float(value) is not None and not isinstance(value, str) else "a number"
+        elif isinstance(default, str):
+            kind = None if isinstance(value, str) else "a string"
+        if kind is not None:
+            raise ConfigError(f"{key}={_shown(value)}: {cls.config_class.__name__}.{field} must be {kind} (the "
+                              f"{cfg.agent.preset!r} preset has {_shown(default)}); e.g. {key}={_shown(default)}")
+
+
+# ------------------------------------------------------------------------------------------- run folders
+# What train_agent.py writes into a run folder: a folder holding any of them holds a run.
+RUN_FILES = ("config.yaml", "metrics.csv", "checkpoints", "model", "tb", "videos", "eval", "zero_shot")
+
+
+def _run_config(run_dir: Path) -> dict:
+    """The ``config.yaml`` of a run folder (read as plain YAML), or ``{}``."""
+    try:
+        data = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _run_of(saved: dict) -> tuple[Any, Any]:
+    agent = saved.get("agent") if isinstance(saved.get("agent"), dict) else {}
+    env = saved.get("env") if isinstance(saved.get("env"), dict) else {}
+    return agent.get("name"), env.get("task")
+
+
+def _describe_run(run_dir: Path) -> str:
+    """``rnd on walker-walk, checkpoint at env step 300`` (from config.yaml and model/config.json: cheap)."""
+    agent, task = _run_of(_run_config(run_dir))
+    what = f"{agent} on {task}" if agent and task else "no config.yaml"
+    if not (run_dir / "checkpoints" / "latest.pt").exists():
+        return f"{what}, no checkpoint"
+    try:
+        info = json.loads((run_dir / "model" / "config.json").read_text())
+        step = f"env step {int(info['env_steps'])}, update {int(info['updates'])}"
+    except (OSError, ValueError, KeyError, TypeError):
+        step = "checkpoints/latest.pt"
+    return f"{what}, checkpoint at {step}"
+
+
+def _close_folders(path: Path) -> str:
+    """`` Did you mean ...?`` for a mistyped folder name, from its existing siblings."""
+    parent = path.parent
+    if not parent.is_dir():
+        return f" ({parent} does not exist either)"
+    names = [p.name for p in parent.iterdir() if p.is_dir()]
+    close = difflib.get_close_matches(path.name, names, n=3, cutoff=0.6)
+    return f" Did you mean {', '.join(str(parent / c) for c in close)}?" if close else ""
+
+
+def _check_resumable(run_dir: Path) -> None:
+    if not run_dir.exists():
+        raise ConfigError(f"resume=true: run_dir={run_dir} does not exist, so there is no run to continue."
+                          f"{_close_folders(run_dir)} Check the path, or drop resume=true to start a new run there")
+    if not run_dir.is_dir():
+        raise ConfigError(f"resume=true: run_dir={run_dir} is a file, not a run folder; check the path")
+    if not (run_dir / "checkpoints" / "latest.pt").is_file():
+        if any((run_dir / name).exists() for name in RUN_FILES):
+            raise ConfigError(f"resume=true: {run_dir} holds a run without a checkpoint (checkpoints/latest.pt): it "
+                              "stopped before its first one, so there is nothing to continue. Start it over with "
+                              "overwrite=true (the old files are moved aside)")
+        raise ConfigError(f"resume=true: {run_dir} holds no run to continue (no checkpoints/latest.pt). Check the "
+                          "path, or drop resume=true to start a new run")
+
+
+def _newest_run(cfg: DictConfig, root: Path, prefix: str) -> Path:
+    """The most recently checkpointed run of this agent and task under ``root`` (config.yaml checked)."""
+    runs, foreign = [], []
+    for path in sorted(root.glob(prefix + "*")) if root.is_dir() else []:
+        if not (path / "checkpoints" / "latest.pt").is_file():
+            continue
+        if _run_of(_run_config(path)) == (cfg.agent.name, cfg.env.task):
+            runs.append(path)
+        else:
+            foreign.append(path.name)
+    skipped = (f"; skipped {len(foreign)} folder(s) whose config.yaml is not a run of {cfg.agent.name} on "
+               f"{cfg.env.task}: {', '.join(foreign[:3])}" if foreign else "")
+    if not runs:
+        raise ConfigError(f"resume=true: no run of {cfg.agent.name} on {cfg.env.task} to continue under {root}/ "
+                          f"(looked for {root / (prefix + '*')} with checkpoints/latest.pt{skipped}). Give the run's "
+                          "folder with run_dir=<folder>, or drop resume=true to start a new run")
+    newest = max(runs, key=lambda p: (p / "checkpoints" / "latest.pt").stat().st_mtime)
+    others = f" (pass run_dir=<folder> to continue another of the {len(runs)} runs)" if len(runs) > 1 else ""
+    print(f"[latentrl] resume=true: continuing {newest} ({_describe_run(newest)}), the most recently checkpointed "
+          f"run of {cfg.agent.name} on {cfg.env.task} under {root}/{others}{skipped}")
+    return newest
+
+
+def _new_run_dir(root: Path, prefix: str) -> Path:
+    """A new folder ``runs/<agent>-<task>-<time>``, claimed by creating it (two runs started in the same
+    second get two folders)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for attempt in range(1000):
+        path = root / (prefix + stamp + (f"-{attempt + 1}" if attempt else ""))
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            continue
+    raise ConfigError(f"could not create a new run folder under {root}/; give one with run_dir=<folder>")
+
+
+def _aside_name(run_dir: Path) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for attempt in range(1000):
+        path = run_dir.with_name(f"{run_dir.name}.replaced-{stamp}" + (f"-{attempt + 1}" if attempt else ""))
+        if not path.exists():
+            return path
+    raise ConfigError(f"too many replaced runs next to {run_dir}; remove some or choose another run_dir")
+
+
+def _claim_fresh(run_dir: Path, overwrite: bool) -> Path | None:
+    """A new run may go into a missing or empty folder; a folder holding a run only with ``overwrite=true``
+    (the old run is moved aside, never deleted: returns where to); a folder of other files never."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run_dir={run_dir} is a file; give a folder (new or empty) for the run")
+    if not run_dir.is_dir():
+        return None
+    entries = sorted(p.name for p in run_dir.iterdir())
+    if not entries:
+        return None
+    if not any(name in RUN_FILES for name in entries):
+        listed = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise ConfigError(f"run_dir={run_dir} holds other files ({listed}), not a latentrl run; give a new or empty "
+                          "folder for run_dir" + (" (overwrite=true replaces runs only)" if overwrite else ""))
+    if not overwrite:
+        raise ConfigError(f"run_dir={run_dir} already holds a run ({_describe_run(run_dir)}); a new run there would "
+                          "replace its checkpoint and mix its metrics. Continue it with resume=true, start over with "
+                          "overwrite=true (the old run is moved to "
+                          f"{run_dir.name}.replaced-<time>), or choose another run_dir")
+    aside = _aside_name(run_dir)
+    run_dir.rename(aside)
+    print(f"[latentrl] overwrite=true: moved the old run in {run_dir} to {aside}; starting a new run")
+    return aside
+
+
+def _resolve_run_dir(cfg: DictConfig) -> tuple[Path, Callable[[], None] | None]:
+    """The run folder, and for a new run what puts the folder back as it was if the run fails to start."""
     if cfg.run_dir:
-        return Path(cfg.run_dir)
+        run_dir = Path(cfg.run_dir).expanduser()
+        if cfg.resume:
+            _check_resumable(run_dir)
+            return run_dir, None
+        aside = _claim_fresh(run_dir, bool(cfg.get("overwrite")))
+        return run_dir, lambda: _undo_new_run_dir(run_dir, aside)
     prefix = f"{cfg.agent.name}-{cfg.env.task}-"
     if cfg.resume:
-        candidates = sorted(p for p in Path("runs").glob(prefix + "*") if (p / "checkpoints" / "latest.pt").exists())
-        if candidates:
-            return candidates[-1]
-    return Path("runs") / (prefix + time.strftime("%Y%m%d-%H%M%S"))
+        return _newest_run(cfg, Path("runs"), prefix), None
+    run_dir = _new_run_dir(Path("runs"), prefix)
+    return run_dir, lambda: _undo_new_run_dir(run_dir, None)
+
+
+def _undo_new_run_dir(run_dir: Path, aside: Path | None) -> None:
+    """A new run that failed to start leaves its folder as it found it (missing, empty, or holding the old run
+    that overwrite=true had moved aside), so the same command, fixed, can run again."""
+    if run_dir.is_dir():
+        for name in RUN_FILES:
+            path = run_dir / name
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            elif path.exists():
+                path.unlink()
+        try:
+            run_dir.rmdir()  # only if nothing else is in it
+        except OSError:
+            pass
+    if aside is not None and aside.is_dir() and not run_dir.exists():
+        aside.rename(run_dir)
+        print(f"[latentrl] the new run did not start: moved the old run back from {aside} to {run_dir}")
 
 
 def _resolve_obs(cfg: DictConfig) -> None:
@@ -134,7 +522,10 @@ def _resolve_obs(cfg: DictConfig) -> None:
     cfg.env.obs = list(dict.fromkeys([*reads, "state", "physics"]))
 
 
-def _prepare(argv: list[str] | None, config_name: str = "train") -> tuple[DictConfig, Path]:
+def _prepare(argv: list[str] | None, config_name: str = "train",
+             extra_checks=None) -> tuple[DictConfig, Path, Callable[[], None] | None]:
+    """Config composed and checked, then the run folder: ``(cfg, run_dir, undo)``; ``undo``, for a new run,
+    puts the folder back as it was when the run fails to start."""
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
@@ -143,15 +534,24 @@ def _prepare(argv: list[str] | None, config_name: str = "train") -> tuple[DictCo
         raise SystemExit(0)
     cfg = load_config(argv, config_name)
     OmegaConf.set_struct(cfg, False)
+    check_train_config(cfg)
+    _check_agent_overrides(cfg)
     _resolve_obs(cfg)
-    run_dir = _resolve_run_dir(cfg)
+    if extra_checks is not None:
+        extra_checks(cfg)
+    run_dir, undo = _resolve_run_dir(cfg)
     cfg.run_dir = str(run_dir)
-    return cfg, run_dir
+    return cfg, run_dir, undo
 
 
-def _fail(err: Exception) -> None:
-    print(f"error: {err}", file=sys.stderr)
-    raise SystemExit(2)
+_INPUT_ERRORS = (ValueError, KeyError, OSError, MemoryError)  # OSError: FileNotFoundError, PermissionError, ...
+
+
+def _fail(err: Exception, code: int = 2) -> None:
+    """Exit with one sentence on stderr: code 2 for bad input (nothing ran), 1 for a run that failed."""
+    message = err.args[0] if isinstance(err, KeyError) and err.args else err
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(code)
 
 
 def _exit_if_stopped(trainer) -> None:
@@ -160,21 +560,37 @@ def _exit_if_stopped(trainer) -> None:
         raise SystemExit(128 + int(getattr(signal, trainer.stopped_by)))
 
 
-def train_main(argv: list[str] | None = None) -> dict:
-    """``train_agent.py``: train an agent online or offline; prints where results went."""
-    from latentrl.training.trainer import Trainer
+def _check_online_training(cfg: DictConfig) -> None:
+    if cfg.data is None and cfg.learning_starts >= cfg.steps:
+        raise ConfigError(f"learning_starts={cfg.learning_starts} >= steps={cfg.steps}: the run would end before its "
+                          f"first update and the agent would learn nothing; lower learning_starts (e.g. "
+                          f"learning_starts={cfg.steps // 4}) or raise steps")
 
+
+def train_main(argv: list[str] | None = None) -> dict:
+    """``train_agent.py``: train an agent online or offline; prints where results went.
+
+    Exit codes: 2 for bad input (a sentence on stderr, nothing trained or overwritten), 1 when training
+    stopped on non-finite values (the last checkpoint is kept)."""
+    from latentrl.training.trainer import NonFiniteLossError, Trainer
+
+    undo = None
     try:
-        cfg, run_dir = _prepare(argv)
+        cfg, run_dir, undo = _prepare(argv, extra_checks=_check_online_training)
         trainer = Trainer(cfg, run_dir, agent_overrides=dict(cfg.agent.get("overrides", {})))
-    except (ValueError, KeyError, FileNotFoundError, MemoryError) as err:
+    except _INPUT_ERRORS as err:
+        if undo is not None:
+            undo()
         _fail(err)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     mode = f"offline on {cfg.data}" if cfg.data else f"online on {cfg.env.task} x{cfg.env.num_envs}"
     print(f"[latentrl] training {cfg.agent.name} ({cfg.agent.preset}) {mode}; device {trainer.device}; "
           f"run dir {run_dir}")
-    result = trainer.train()
+    try:
+        result = trainer.train()
+    except NonFiniteLossError as err:
+        _fail(err, code=1)
     _exit_if_stopped(trainer)
     print(f"[latentrl] done: {trainer.env_steps} env steps, {trainer.updates} updates")
     print(f"[latentrl] logs:       {run_dir / 'metrics.csv'} and {run_dir / 'tb'} (tensorboard --logdir {run_dir})")
@@ -186,33 +602,46 @@ def train_main(argv: list[str] | None = None) -> dict:
     return result
 
 
+def _check_collect(cfg: DictConfig) -> None:
+    if not cfg.out:
+        raise ConfigError("collect_dataset.py needs out=<folder> for the dataset")
+    if cfg.data:
+        raise ConfigError("collect_dataset.py collects online; drop data=...")
+    if "physics" not in cfg.env.obs:
+        raise ConfigError("datasets must store physics states (env.obs must include physics)")
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out={out} is a file; give a new or empty folder for the dataset")
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"{out} exists and is not empty; choose another out=...")
+    # every collected step is kept: one row per step plus one per episode end
+    cfg.buffer_capacity = int(cfg.steps * 1.05) + 1000 * cfg.env.num_envs + 1000
+
+
 def collect_main(argv: list[str] | None = None) -> Path:
     """``collect_dataset.py``: train an exploration agent online and save everything it collected.
 
     ``out=<folder>`` receives a reward-free dataset with physics states (``ReplayBuffer.save``)
     that ``ReplayBuffer.load`` and ``train_agent.py data=<folder>`` read back.
     """
-    from latentrl.training.trainer import Trainer
+    from latentrl.training.trainer import NonFiniteLossError, Trainer
 
+    undo = None
     try:
-        cfg, run_dir = _prepare(argv)
-        if not cfg.out:
-            raise ConfigError("collect_dataset.py needs out=<folder> for the dataset")
-        if cfg.data:
-            raise ConfigError("collect_dataset.py collects online; drop data=...")
-        if "physics" not in cfg.env.obs:
-            raise ConfigError("datasets must store physics states (env.obs must include physics)")
+        cfg, run_dir, undo = _prepare(argv, extra_checks=_check_collect)
         out = Path(cfg.out)
-        if out.exists() and any(out.iterdir()):
-            raise ConfigError(f"{out} exists and is not empty; choose another out=...")
-        # every collected step is kept: one row per step plus one per episode end
-        cfg.buffer_capacity = int(cfg.steps * 1.05) + 1000 * cfg.env.num_envs + 1000
-        trainer = Trainer(cfg, run_dir, agent_overrides=dict(cfg.agent.get("overrides", {})))
-    except (ValueError, KeyError, FileNotFoundError, MemoryError) as err:
+        trainer = Trainer(cfg, run_dir, agent_overrides=dict(cfg.agent.get("overrides", {})), finished_ok=True)
+    except _INPUT_ERRORS as err:
+        if undo is not None:
+            undo()
         _fail(err)
     print(f"[latentrl] collecting {cfg.steps} steps of {cfg.env.task} with {cfg.agent.name}; run dir {run_dir}")
-    trainer.train()
-    _exit_if_stopped(trainer)  # a partial dataset is not written: resume=true finishes the collection
+    if trainer.current < cfg.steps:  # a resumed collection that had reached steps only writes the dataset
+        try:
+            trainer.train()
+        except NonFiniteLossError as err:
+            _fail(err, code=1)
+        _exit_if_stopped(trainer)  # a partial dataset is not written: resume=true finishes the collection
     trainer.buffer.save(out)
     print(f"[latentrl] dataset: {out} ({len(trainer.buffer)} transitions, {trainer.buffer.num_episodes} episodes, "
           f"keys {list(cfg.env.obs)})")
@@ -231,21 +660,74 @@ EVAL_DEFAULTS = {
     "success_radius": 1.0,  # goal mode: success when the final position is this close to the goal
     "episode_length": None,  # agent steps per evaluation episode; default: the task's own (1000 for most)
     "out": None,            # default: <run dir>/zero_shot
+    "overwrite": False,     # replace the results already in out (else an error: earlier results are kept)
     "device": "cpu",
     "seed": 0,
 }
+REPORT_FILES = ("results.json", "results.csv", "returns.png")
+
+
+def _check_eval_args(args: dict) -> dict:
+    """Every eval_zero_shot.py value against its valid range (typed by YAML, as Hydra types train_agent.py's)."""
+    args["samples"] = check_int("samples", args["samples"], low=1, example=10000,
+                                meaning="dataset transitions relabelled per reward task")
+    args["episodes"] = check_int("episodes", args["episodes"], low=1, example=10,
+                                 meaning="evaluation episodes per reward task")
+    args["goals"] = check_int("goals", args["goals"], low=1, example=10, meaning="goal episodes in goal mode")
+    args["success_radius"] = check_real("success_radius", args["success_radius"], above=0, example=1.0,
+                                        meaning="goal mode: distance to the goal that counts as reached")
+    args["episode_length"] = check_int("episode_length", args["episode_length"], low=1, optional=True, example=1000,
+                                       meaning="agent steps per evaluation episode; null: the task's own")
+    args["seed"] = check_int("seed", args["seed"], low=0, high=SEED_MAX, example=0, meaning="seeds the evaluation")
+    args["overwrite"] = check_flag("overwrite", args["overwrite"])
+    check_device("device", args["device"])
+    if args["mode"] not in ("reward", "goal", "both"):
+        raise ConfigError(f"mode={_shown(args['mode'])}: mode must be reward, goal or both; e.g. mode=reward")
+    tasks = args["tasks"]
+    if isinstance(tasks, list) and tasks and all(isinstance(t, str) for t in tasks):
+        args["tasks"] = ",".join(tasks)  # tasks=[walker-run,walker-walk]
+    elif tasks is not None and not isinstance(tasks, str):
+        raise ConfigError(f"tasks={_shown(tasks)}: tasks must be <domain>/all or task names separated by commas; "
+                          "e.g. tasks=walker/all or tasks=walker-run,walker-walk")
+    for key in ("model", "checkpoint", "data", "out"):
+        if args[key] is not None:
+            args[key] = str(args[key])
+    if args["model"] and args["checkpoint"] and args["model"] != args["checkpoint"]:
+        raise ConfigError("give model=<path> or checkpoint=<path>, not both")
+    if not (args["model"] or args["checkpoint"]):
+        raise ConfigError("eval_zero_shot.py needs model=<run>/model (or a checkpoint: "
+                          "<run>/checkpoints/latest.pt)")
+    if args["data"] is not None:
+        _check_folder("data", args["data"], "a dataset folder (collect_dataset.py's out=...)")
+    return args
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out={out} is a file; give a folder for the results")
+    held = [name for name in REPORT_FILES if (out / name).exists()]
+    if held and not overwrite:
+        raise ConfigError(f"{out} already holds results ({', '.join(held)}) of an earlier evaluation; keep them and "
+                          "give another out=<folder>, or replace them with overwrite=true")
 
 
 def eval_main(argv: list[str] | None = None) -> list:
     """``eval_zero_shot.py model=<run>/model tasks=<domain>/all``: zero-shot reward / goal evaluation.
 
     ``model`` is a model directory (what ``train_agent.py`` writes as ``<run>/model``) or a training
-    checkpoint (``<run>/checkpoints/latest.pt``); neither can run code when opened."""
+    checkpoint (``<run>/checkpoints/latest.pt``); neither can run code when opened. Bad input exits with
+    code 2 and one sentence, before anything is evaluated or written."""
     from latentrl.agents.model_files import load_agent_for_inference
     from latentrl.envs.tasks import resolve_task_list
     from latentrl.replay import ReplayBuffer
     from latentrl.training.checkpoint import load_agent
-    from latentrl.training.zero_shot import evaluate_goals, evaluate_reward_tasks, write_report
+    from latentrl.training.zero_shot import (
+        check_dataset_fits,
+        check_tasks_fit,
+        evaluate_goals,
+        evaluate_reward_tasks,
+        write_report,
+    )
 
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
@@ -263,36 +745,42 @@ def eval_main(argv: list[str] | None = None) -> list:
                 close = difflib.get_close_matches(key, args, n=2, cutoff=0.5)
                 hint = f" Did you mean {', '.join(close)}?" if close else ""
                 raise ConfigError(f"unknown key {key!r}.{hint} Valid keys: {', '.join(args)}")
-            args[key] = yaml.safe_load(value) if value else None  # numbers and booleans typed, as on Hydra's CLI
-        if args["model"] and args["checkpoint"] and args["model"] != args["checkpoint"]:
-            raise ConfigError("give model=<path> or checkpoint=<path>, not both")
+            try:
+                args[key] = yaml.safe_load(value) if value else None  # numbers and booleans typed, as on Hydra's CLI
+            except yaml.YAMLError:
+                args[key] = value  # a plain string (checked below)
+        args = _check_eval_args(args)
         source = args["model"] or args["checkpoint"]
-        if not source:
-            raise ConfigError("eval_zero_shot.py needs model=<run>/model (or a checkpoint: "
-                              "<run>/checkpoints/latest.pt)")
-        if args["mode"] not in ("reward", "goal", "both"):
-            raise ConfigError(f"mode must be reward, goal or both, got {args['mode']!r}")
-        if Path(str(source)).is_dir():
-            agent, cfg = load_agent_for_inference(str(source), device=args["device"])
-            cfg.setdefault("run_dir", str(Path(str(source)).parent))
+        if Path(source).is_dir():
+            agent, cfg = load_agent_for_inference(source, device=args["device"])
+            cfg.setdefault("run_dir", str(Path(source).parent))
         else:
-            agent, cfg = load_agent(str(source), device=args["device"])
+            agent, cfg = load_agent(source, device=args["device"])
+        if not isinstance(cfg.get("env"), dict) or not cfg["env"].get("task"):
+            raise ConfigError(f"{source} does not record the env it was trained on (env.task, observations): it was "
+                              "not written by train_agent.py, so the tasks and observations to evaluate are unknown")
         env_cfg = {**cfg["env"], "episode_length": args["episode_length"]}
+        tasks = resolve_task_list(str(args["tasks"] or f"{env_cfg['task'].split('-', 1)[0]}/all"))
+        check_tasks_fit(agent, env_cfg, tasks, source=source)
         data = args["data"] or cfg.get("data")
         if not data:
             raise ConfigError("the agent was trained online: pass data=<dataset folder> to sample tasks from")
+        if not args["data"] and not Path(data).is_dir():
+            raise ConfigError(f"the dataset the agent trained on, {data}, is not there any more; pass "
+                              "data=<dataset folder> (of the same domain and observations)")
         buffer = ReplayBuffer.load(data, device=args["device"])
-        tasks = resolve_task_list(str(args["tasks"] or f"{env_cfg['task'].split('-', 1)[0]}/all"))
-    except (ValueError, KeyError, FileNotFoundError, MemoryError) as err:
+        check_dataset_fits(agent, buffer, env_cfg, data=data)
+        out = Path(args["out"] or Path(cfg.get("run_dir") or ".") / "zero_shot")
+        _check_out(out, args["overwrite"])
+    except _INPUT_ERRORS as err:
         _fail(err)
-    out = Path(args["out"] or Path(cfg["run_dir"]) / "zero_shot")
     results = []
     if args["mode"] in ("reward", "both"):
-        results += evaluate_reward_tasks(agent, buffer, tasks, env_cfg, num_samples=int(args["samples"]),
-                                         episodes=int(args["episodes"]), seed=int(args["seed"]))
+        results += evaluate_reward_tasks(agent, buffer, tasks, env_cfg, num_samples=args["samples"],
+                                         episodes=args["episodes"], seed=args["seed"])
     if args["mode"] in ("goal", "both"):
-        results.append(evaluate_goals(agent, buffer, env_cfg, num_goals=int(args["goals"]),
-                                      success_radius=float(args["success_radius"]), seed=int(args["seed"])))
+        results.append(evaluate_goals(agent, buffer, env_cfg, num_goals=args["goals"],
+                                      success_radius=args["success_radius"], seed=args["seed"]))
     paths = write_report(results, out)
     print(f"[latentrl] zero-shot results: {paths['json']}, {paths['csv']}, {paths['plot']}")
     return results

@@ -97,21 +97,73 @@ def evaluate_policy(env, policy: Policy, episodes: int, *, record: bool = False,
     return rollout(env, policy, episodes, video=record, reward_task=reward_fn)
 
 
-def _check_finite(metrics: dict[str, float], update: int, env_steps: int) -> None:
+def _check_finite(metrics: dict[str, float], update: int, env_steps: int, *, agent: Agent | None = None,
+                  batch=None) -> None:
     bad = {k: v for k, v in metrics.items() if not math.isfinite(float(v))}
     if bad:
         raise NonFiniteLossError(
             f"non-finite values at update {update} (env step {env_steps}): "
             + ", ".join(f"{k}={v}" for k, v in bad.items())
+            + _diagnosis(agent, batch)
             + ". Training stopped; the last checkpoint holds the state before this update. Lower the "
             "learning rate, check the inputs, or resume from the checkpoint with another seed."
         )
 
 
+def first_non_finite_parameter(agent: Agent) -> str | None:
+    """The name of the first parameter or floating-point buffer of ``agent`` holding a NaN or an infinity,
+    with how many of its values do; ``None`` when all are finite (one host sync)."""
+    tensors = [(k, v) for k, v in agent.state_dict().items() if torch.is_tensor(v) and v.is_floating_point()]
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for _, value in tensors:
+        by_device.setdefault(value.device, []).append(torch.isfinite(value).all())
+    if all(bool(torch.stack(flags).all()) for flags in by_device.values()):
+        return None
+    for name, value in tensors:  # only after a failure: find the first bad one
+        bad = int((~torch.isfinite(value)).sum())
+        if bad:
+            return f"{name} ({bad} of {value.numel()} values non-finite)"
+    return None
+
+
+def _non_finite_inputs(batch) -> list[str]:
+    """Keys of a sampled batch holding NaN or infinite values (rewards of reward-free data are NaN by design)."""
+    if batch is None:
+        return []
+    bad = []
+    for key, value in batch.items(include_nested=True, leaves_only=True):
+        name = key if isinstance(key, str) else ".".join(key)
+        if name.split(".")[-1] == "reward" or not torch.is_tensor(value) or not value.is_floating_point():
+            continue
+        count = int((~torch.isfinite(value)).sum())
+        if count:
+            bad.append(f"{name} ({count} values)")
+    return bad
+
+
+def _diagnosis(agent: Agent | None, batch) -> str:
+    """What a failed update's error adds: the first non-finite parameter, and non-finite inputs if any."""
+    out = ""
+    param = first_non_finite_parameter(agent) if agent is not None else None
+    if param:
+        out += f"; first non-finite parameter: {param}"
+    inputs = _non_finite_inputs(batch)
+    if inputs:
+        out += (f"; the sampled batch held non-finite observations: {', '.join(inputs)} (the data is damaged: "
+                "check the dataset or the env)")
+    return out
+
+
 class Trainer:
     """Builds env, buffer and agent from a run config and trains, evaluates, logs and checkpoints."""
 
-    def __init__(self, cfg: DictConfig, run_dir: str | Path, *, agent_overrides: dict[str, Any] | None = None):
+    def __init__(self, cfg: DictConfig, run_dir: str | Path, *, agent_overrides: dict[str, Any] | None = None,
+                 finished_ok: bool = False):
+        """``finished_ok``: resuming a run that already reached ``cfg.steps`` is allowed (collect_dataset.py then
+        only writes the dataset); otherwise it is an error, since nothing is left to train."""
+        from latentrl.training.cli import check_train_config
+
+        check_train_config(cfg)  # ranges and types, before anything is built
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -130,25 +182,41 @@ class Trainer:
                             action_repeat=e.action_repeat, num_envs=1 if self.offline else e.num_envs,
                             backend=e.backend, device=env_device, seed=cfg.seed, floor=e.floor,
                             episode_length=e.episode_length, num_workers=0 if self.offline else e.num_workers)
-        eval_obs = tuple(dict.fromkeys((*obs, "pixels"))) if cfg.eval.video else obs
-        self.eval_env = make_env(e.task, obs=eval_obs, image_size=e.image_size, camera=e.camera,
-                                 action_repeat=e.action_repeat, num_envs=int(cfg.eval.get("num_envs", 1)),
-                                 backend=e.backend, device=env_device,
-                                 seed=cfg.seed + 10_000, floor=e.floor, episode_length=e.episode_length,
-                                 num_workers=0)
-        self.agent: Agent = make_agent(cfg.agent.name, self.env, preset=cfg.agent.preset,
-                                       device=str(self.device), **self.agent_overrides)
-        self.buffer = self.make_buffer()
-        self.spec = self.agent.sample_spec()
-        self.env_steps = 0
-        self.updates = 0
-        self.episodes = 0
-        self.checkpoint_path = self.run_dir / "checkpoints" / "latest.pt"
-        self.model_path = self.run_dir / "model"
-        self.logger = RunLogger(self.run_dir, tensorboard=cfg.log.tensorboard, wandb_project=cfg.log.wandb_project,
-                                config=OmegaConf.to_container(cfg, resolve=True))
-        if cfg.resume and self.checkpoint_path.exists():
-            self._resume()
+        self.eval_env = None
+        try:
+            eval_obs = tuple(dict.fromkeys((*obs, "pixels"))) if cfg.eval.video else obs
+            self.eval_env = make_env(e.task, obs=eval_obs, image_size=e.image_size, camera=e.camera,
+                                     action_repeat=e.action_repeat, num_envs=int(cfg.eval.get("num_envs", 1)),
+                                     backend=e.backend, device=env_device,
+                                     seed=cfg.seed + 10_000, floor=e.floor, episode_length=e.episode_length,
+                                     num_workers=0)
+            self.agent: Agent = make_agent(cfg.agent.name, self.env, preset=cfg.agent.preset,
+                                           device=str(self.device), **self.agent_overrides)
+            self.buffer = self.make_buffer()
+            if self.offline:
+                self._check_dataset_fits()
+            self.spec = self.agent.sample_spec()
+            _check_sample_spec(self.spec)
+            self.env_steps = 0
+            self.updates = 0
+            self.episodes = 0
+            self.checkpoint_path = self.run_dir / "checkpoints" / "latest.pt"
+            self.model_path = self.run_dir / "model"
+            self._params_checked_at = 0  # the update at which every parameter was last seen finite
+            if cfg.resume:  # before the logger: a checkpoint that cannot be resumed leaves the run folder untouched
+                self._resume(finished_ok)
+            self.logger = RunLogger(self.run_dir, tensorboard=cfg.log.tensorboard, wandb_project=cfg.log.wandb_project,
+                                    config=OmegaConf.to_container(cfg, resolve=True))
+            if cfg.resume:  # rows logged after the checkpoint would be logged again: metrics.csv keeps one history
+                dropped = self.logger.drop_rows_after(self.current)
+                if dropped:
+                    print(f"[latentrl] metrics.csv: dropped {dropped} rows logged after the checkpoint's step "
+                          f"{self.current}")
+        except BaseException:  # a run that cannot start leaves no env worker processes behind
+            for env in (self.eval_env, self.env):
+                if env is not None and not getattr(env, "is_closed", False):
+                    env.close()
+            raise
 
     def make_buffer(self) -> ReplayBuffer:
         """The run's replay buffer: the dataset (offline) or an empty buffer of ``buffer_capacity`` rows.
@@ -159,7 +227,34 @@ class Trainer:
         if self.offline:
             return ReplayBuffer.load(self.cfg.data, device=self.device)
         _check_buffer_fits(self.cfg.buffer_capacity, self.env)
-        return ReplayBuffer(self.cfg.buffer_capacity, device=self.device)
+        # the buffer records its domain: a dataset saved from it is never relabelled with another domain's rewards
+        return ReplayBuffer(self.cfg.buffer_capacity, device=self.device, domain=self.cfg.env.task.split("-", 1)[0])
+
+    def _check_dataset_fits(self) -> None:
+        """An offline dataset must be of the run's domain and hold the observations the env is built with,
+        in their shapes (else a shape error deep inside the first update, or a key error at the first sample)."""
+        data, task = self.cfg.data, self.cfg.env.task
+        domain = task.split("-", 1)[0]
+        held = getattr(self.buffer, "domain", None)
+        if held is not None and held != domain:
+            raise ValueError(f"data={data} holds {held} steps, but env={task} is a {domain} task; train with the "
+                             f"dataset's domain (env=<a {held} task>) or give a {domain} dataset")
+        storage = self.buffer.storage
+        if storage is None or len(self.buffer) == 0:
+            raise ValueError(f"data={data} holds no transitions; give a dataset collect_dataset.py wrote")
+        stored = [k for k in ("pixels", "state", "physics") if k in storage.keys()]
+        for key, spec in self.env.observation_spec.items():
+            if key not in ("pixels", "state", "physics"):
+                continue
+            if key not in storage.keys():
+                raise ValueError(f"data={data} stores {', '.join(stored)} but the run reads {key} (env.obs="
+                                 f"[{','.join(self.cfg.env.obs)}]); train on what the dataset holds (env.obs=[...] "
+                                 f"and agent.obs_type from {', '.join(stored)}) or give a dataset with {key}")
+            want, have = list(spec.shape[1:]), list(storage[key].shape[1:])
+            if want != have:
+                raise ValueError(f"data={data} stores {key} of shape {have}, but env={task} gives {key} of shape "
+                                 f"{want}: the dataset is of another domain or image size; set env= and "
+                                 "env.image_size to the dataset's")
 
     # --------------------------------------------------------------------------------- checkpoints
     def _config_dict(self) -> dict:
@@ -167,8 +262,25 @@ class Trainer:
         out["agent"]["overrides"] = dict(self.agent_overrides)
         return out
 
+    def check_parameters(self) -> None:
+        """Stop with an error when a parameter is NaN or infinite although the losses looked finite (an update
+        can break parameters without a non-finite loss showing); run at each log row and before every save, so
+        a broken agent is never written over a good checkpoint. One host sync per check."""
+        if self.updates == self._params_checked_at:
+            return  # no update since the last check
+        bad = first_non_finite_parameter(self.agent)
+        if bad is not None:
+            raise NonFiniteLossError(
+                f"non-finite parameter after update {self.updates} (env step {self.env_steps}): {bad}; every "
+                f"parameter was finite at update {self._params_checked_at}, so an update after that one broke it. "
+                "Training stopped; the last checkpoint holds the state before. Lower the learning rate, check the "
+                "inputs, or resume from the checkpoint with another seed."
+            )
+        self._params_checked_at = self.updates
+
     def save(self) -> Path:
         """The checkpoint (``checkpoints/latest.pt``, to resume) and the model directory (``model/``, to use)."""
+        self.check_parameters()
         buffer_state = None if self.offline else self.buffer.state_dict()
         config = self._config_dict()
         keep = self.cfg.keep_checkpoints
@@ -185,22 +297,27 @@ class Trainer:
                        extra=extra)
         return path
 
-    def _resume(self) -> None:
+    def _resume(self, finished_ok: bool = False) -> None:
+        if not self.checkpoint_path.exists():
+            raise FileNotFoundError(f"resume=true but {self.checkpoint_path} does not exist: there is no run to "
+                                    f"continue in {self.run_dir}; drop resume=true to start a new run")
         payload = load_checkpoint(self.checkpoint_path)  # also restores the RNG states
         self._check_resume_config(payload.get("config") or {})
         restore_agent(payload, self.agent, self.checkpoint_path)
         counters = payload["counters"]
         self.env_steps, self.updates, self.episodes = counters["env_steps"], counters["updates"], counters["episodes"]
-        if payload["buffer"] is not None and not self.offline:
+        if payload.get("buffer") is not None and not self.offline:
             self.buffer.load_state_dict(payload["buffer"])
             self.buffer.end_episodes()
-        # Rows the lost stretch after the checkpoint logged would be logged again: metrics.csv keeps one history.
-        dropped = self.logger.drop_rows_after(self.current)
-        if dropped:
-            print(f"[latentrl] metrics.csv: dropped {dropped} rows logged after the checkpoint's step {self.current}")
         # Episodes in flight when the run stopped are lost; the env starts fresh ones with new ids.
         self.env.set_seed(self.cfg.seed + 1_000_003 * (self.env_steps + 1))
         print(f"[latentrl] resumed from {self.checkpoint_path} at env step {self.env_steps}, update {self.updates}")
+        self._params_checked_at = self.updates
+        if self.current >= self.cfg.steps and not finished_ok:
+            unit = "updates" if self.offline else "env steps"
+            raise ValueError(f"resume=true: the run in {self.run_dir} is already at {self.current} {unit} and "
+                             f"steps={self.cfg.steps}, so nothing is left to train; to train longer, raise steps "
+                             f"(e.g. steps={2 * self.current})")
 
     def _check_resume_config(self, saved: dict) -> None:
         """Refuse to resume with settings that change the networks or the replay buffer's layout."""
@@ -227,9 +344,20 @@ class Trainer:
     # ----------------------------------------------------------------------------------------- loop
     def _update(self) -> dict[str, float]:
         batch = sample_batches(self.buffer, self.spec)
-        metrics = self.agent.update(batch)
+        try:
+            metrics = self.agent.update(batch)
+        except RuntimeError as err:  # e.g. an eigen-solver failing on NaN inputs
+            inputs = _non_finite_inputs(batch)
+            if not inputs:
+                raise
+            raise NonFiniteLossError(
+                f"non-finite observations at update {self.updates + 1} (env step {self.env_steps}): the sampled "
+                f"batch held non-finite values in {', '.join(inputs)} and the update failed "
+                f"({str(err).splitlines()[0][:160]}). The data is damaged: check the dataset or the env. Training "
+                "stopped; the last checkpoint holds the state before this update."
+            ) from err
         self.updates += 1
-        _check_finite(metrics, self.updates, self.env_steps)
+        _check_finite(metrics, self.updates, self.env_steps, agent=self.agent, batch=batch)
         return metrics
 
     def evaluate(self, step: int) -> dict[str, float]:
@@ -273,6 +401,7 @@ class Trainer:
                     metrics.update(step_metrics)
                     progress.update(self.current - progress.n)
                     if self.current >= next_log:
+                        self.check_parameters()
                         rate = (self.current - start_count) / max(time.time() - started, 1e-9)
                         self.logger.log(self.current, {**metrics, "updates": self.updates, "env_steps": self.env_steps,
                                                          f"{unit.replace(' ', '_')}_per_s": rate})
@@ -358,6 +487,18 @@ def _check_buffer_fits(capacity: int, env) -> None:
             f"{available / 2**30:.1f} GiB of memory is free; lower buffer_capacity (e.g. "
             f"buffer_capacity={int(0.5 * available / row)})"
         )
+
+
+def _check_sample_spec(spec) -> None:
+    """The agent's sample requests ask for at least one row (``agent.batch_size=0`` is refused here, not at the
+    first update)."""
+    specs = spec.values() if isinstance(spec, dict) else [spec]
+    for one in specs:
+        for field in ("batch_size", "frame_stack", "horizon"):
+            value = getattr(one, field, 1)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"the agent's settings ask for update batches with {field}={value!r}; it must be an "
+                                 f"integer >= 1: set agent.{field}=<n> (n >= 1)")
 
 
 def _resolve_threads(threads) -> int:

@@ -25,7 +25,8 @@ from latentrl.envs import get_task, make_env
 from latentrl.replay import ReplayBuffer
 from latentrl.training.evaluation import rollout
 
-__all__ = ["TaskResult", "evaluate_reward_tasks", "evaluate_goals", "write_report"]
+__all__ = ["TaskResult", "check_dataset_fits", "check_tasks_fit", "evaluate_reward_tasks", "evaluate_goals",
+           "write_report"]
 
 
 @dataclass
@@ -59,6 +60,62 @@ def _make_task_env(task: str, env_cfg: dict, num_envs: int, seed: int):
                     floor=env_cfg["floor"], episode_length=env_cfg.get("episode_length"), num_workers=0)
 
 
+def _domain(task: str) -> str:
+    return task.split("-", 1)[0]
+
+
+def _describe_agent(agent: Agent, env_cfg: dict) -> str:
+    shape = getattr(agent, "obs_shape", None)
+    key = getattr(getattr(agent, "config", None), "obs_type", None)
+    seen = f"; it reads {key} of shape {list(shape)}" if shape is not None and key else ""
+    actions = getattr(agent, "action_dim", None)
+    drives = f" and drives {actions} actuators" if actions is not None else ""
+    return f"trained on {env_cfg['task']} ({_domain(env_cfg['task'])}{seen}{drives})"
+
+
+def check_tasks_fit(agent: Agent, env_cfg: dict, tasks: list[str], *, source: str = "the agent") -> None:
+    """Zero-shot tasks are other rewards of the training domain: a walker agent reads walker observations and
+    drives walker joints, so cheetah tasks are refused here, before anything runs (not as a shape error deep
+    inside a network, or as rewards of states the task does not describe)."""
+    home = _domain(env_cfg["task"])
+    foreign = [t for t in tasks if _domain(t) != home]
+    if foreign:
+        domains = sorted({_domain(t) for t in foreign})
+        raise ValueError(f"{source} was {_describe_agent(agent, env_cfg)}, but {', '.join(foreign)} "
+                         f"{'is a task' if len(foreign) == 1 else 'are tasks'} of {', '.join(domains)}: zero-shot "
+                         f"tasks must be of the training domain. Evaluate {home} tasks (tasks={home}/all), or a "
+                         f"model trained on {domains[0]}")
+
+
+def check_dataset_fits(agent: Agent, buffer: ReplayBuffer, env_cfg: dict, *, data: str = "the dataset") -> None:
+    """The dataset whose transitions are relabelled must hold the training domain's physics and the
+    observations the agent reads, in its shape."""
+    home = _domain(env_cfg["task"])
+    held = getattr(buffer, "domain", None)
+    if held is not None and held != home:
+        raise ValueError(f"dataset {data} holds {held} steps, but the agent was {_describe_agent(agent, env_cfg)}; "
+                         f"give data=<a {home} dataset>")
+    storage = buffer.storage
+    if storage is None or len(buffer) == 0:
+        raise ValueError(f"dataset {data} holds no transitions; give data=<a dataset collect_dataset.py wrote>")
+    if "physics" not in storage.keys():
+        raise ValueError(f"dataset {data} stores no physics states, so task rewards cannot be recomputed from it; "
+                         "collect one with env.obs including physics")
+    key = getattr(getattr(agent, "config", None), "obs_type", None)
+    shape = getattr(agent, "obs_shape", None)
+    if key is None or shape is None:
+        return
+    if key not in storage.keys():
+        stored = [k for k in ("pixels", "state") if k in storage.keys()]
+        raise ValueError(f"the agent reads {key}, but dataset {data} stores {', '.join(stored) or 'no observations'}; "
+                         f"give data=<a dataset with {key}>")
+    stored_shape = list(storage[key].shape[1:])
+    if stored_shape != list(shape):
+        raise ValueError(f"dataset {data} stores {key} of shape {stored_shape}, but the agent was "
+                         f"{_describe_agent(agent, env_cfg)}: the dataset is of another domain or image size; give "
+                         f"data=<a {home} dataset with {key} of shape {list(shape)}>")
+
+
 def _observation(batch, keys: list[str]):
     return batch.select(*[k for k in keys if k in batch.keys()])
 
@@ -67,6 +124,7 @@ def evaluate_reward_tasks(agent: Agent, buffer: ReplayBuffer, tasks: list[str], 
                           num_samples: int = 10_000, episodes: int = 10, seed: int = 0,
                           progress=print) -> list[TaskResult]:
     """For each task: relabel ``num_samples`` buffer transitions, infer the task, roll out ``episodes``."""
+    check_tasks_fit(agent, env_cfg, tasks)
     frame_stack = _frame_stack(agent)
     obs_keys = [k for k in ("pixels", "state") if k in env_cfg["obs"]]
     results = []
