@@ -71,9 +71,16 @@ def train_and_evaluate(job: dict) -> dict:
         cmd = [sys.executable, str(ROOT / "scripts" / "train_agent.py"), f"agent={job['agent']}", "agent.preset=small",
                "agent.obs_type=state", f"data={job['data']}", f"env={collect_task(job['domain'])}",
                "env.obs=[state,physics]", f"steps={points[-1]}", f"seed={job['seed']}", "threads=1",
-               f"checkpoint_every={points[0]}", "keep_checkpoints=true", "resume=true", f"run_dir={run}", *QUIET]
-        run.mkdir(parents=True, exist_ok=True)
-        with open(run / "train.log", "a") as log:
+               f"checkpoint_every={points[0]}", "keep_checkpoints=true", f"run_dir={run}", *QUIET]
+        # train_agent.py continues a run only from its checkpoint (resume=true), starts a new one only in a
+        # missing or empty folder, and replaces a run that stopped before its first checkpoint only with
+        # overwrite=true; so the log lives beside the run folder, not in it
+        if (run / "checkpoints" / "latest.pt").exists():
+            cmd.append("resume=true")
+        elif run.is_dir() and any(run.iterdir()):
+            cmd.append("overwrite=true")
+        run.parent.mkdir(parents=True, exist_ok=True)
+        with open(run.parent / f"{run.name}.train.log", "a") as log:
             subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
         done["train_seconds"] = time.time() - started
     buffer = ReplayBuffer.load(job["data"])
