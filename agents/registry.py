@@ -17,6 +17,7 @@ AGENTS: dict[str, str] = {
     "td_jepa": "latentrl.agents.td_jepa:TDJEPAAgent",
     "fb": "latentrl.agents.fb:FBAgent",
     "metra": "latentrl.agents.metra:METRAAgent",
+    "active_inference": "latentrl.agents.active_inference:ActiveInferenceAgent",
 }
 
 

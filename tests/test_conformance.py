@@ -13,7 +13,8 @@ and this file passes for it:
   that never imports ``latentrl.envs``;
 - ``sample_spec`` -> a replay buffer filled by the agent's own exploring policy -> ``update`` changes
   the parameters and returns finite metrics;
-- the world model's declared capabilities are callable, and its ``loss`` returns ``loss`` (a scalar
+- the world model's declared capabilities are callable (on a slice batch ``[B, L]``: with its first
+  step; ``decode`` gives one observation per latent), and its ``loss`` returns ``loss`` (a scalar
   with gradients into the model) and named terms.
 """
 
@@ -62,7 +63,7 @@ def task_for(agent: Agent, n: int):
     if agent.name == "metra":
         g = torch.Generator().manual_seed(3)
         return agent.skill_task(torch.nn.functional.normalize(torch.randn(n, agent.config.dim_option, generator=g)))
-    if agent.name in ("td_jepa", "fb"):
+    if agent.name in ("td_jepa", "fb", "active_inference"):
         from latentrl.agents import GoalObservation
 
         return agent.infer_task(GoalObservation(observations(agent.config.obs_type, n, seed=4)))
@@ -335,7 +336,10 @@ def test_world_model_contract(path, agent_name, obs_type):
     loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in wm.parameters()), \
         "the loss has no gradient into the model"
-    # every declared capability is callable with the contract's arguments
+    # every declared capability is callable with the contract's arguments (on a slice batch [B, L]: its
+    # first step)
+    if batch.batch_dims == 2:
+        batch = batch[:, 0]
     obs = batch.select(obs_type)
     for capability in wm.capabilities:
         if capability == "encode":
@@ -348,6 +352,10 @@ def test_world_model_contract(path, agent_name, obs_type):
             assert out.shape[-2:] == (latent.shape[0], wm.z_dim)
         elif capability == "sequence":
             check_sequence_contract(wm, obs, batch["action"])
+        elif capability == "decode":
+            decoded = wm.decode(wm.encode(obs))
+            frame = (3, IMAGE, IMAGE) if obs_type == "pixels" else (STATE_DIM,)
+            assert isinstance(decoded, TensorDict) and decoded[obs_type].shape == (batch.batch_size[0], *frame)
         else:
             pytest.fail(f"the conformance suite has no check for capability {capability!r}; add one")
     for capability in {"decode", "sequence", "infer", "transition"} - set(wm.capabilities):

@@ -7,7 +7,8 @@
   statistics, sphere normalisation.
 - One module per model, each owning its loss: :mod:`~latentrl.world_models.td_jepa` (TD-JEPA),
   :mod:`~latentrl.world_models.fb` (FB), :mod:`~latentrl.world_models.metra` (METRA's temporal
-  distance), :mod:`~latentrl.world_models.rnd` (RND's distillation pair);
+  distance), :mod:`~latentrl.world_models.rnd` (RND's distillation pair),
+  :mod:`~latentrl.world_models.active_inference` (deep active inference's Gaussian state-space model);
   :mod:`~latentrl.world_models.zero_shot` holds what TD-JEPA and FB share.
 
 ``WORLD_MODELS`` names each model class and the agent that builds it (what the conformance suite
@@ -32,6 +33,7 @@ WORLD_MODELS: dict[str, str] = {
     "latentrl.world_models.metra:TemporalDistanceModel": "metra",
     "latentrl.world_models.td_jepa:TDJEPAModel": "td_jepa",
     "latentrl.world_models.fb:FBModel": "fb",
+    "latentrl.world_models.active_inference:ActiveInferenceModel": "active_inference",
 }
 
 __all__ = [

@@ -4,14 +4,21 @@
 - :func:`weight_init` (orthogonal, DrQ-v2 / URLB) and :func:`xavier_init` (garage / METRA).
 - :func:`soft_update_params`: Polyak averaging (EMA) of a target network.
 - :class:`RunningMeanStd`: running mean / variance for normalisation.
+- Diagonal Gaussians: :func:`gaussian_kl`, :func:`gaussian_log_prob`, :func:`gaussian_entropy`,
+  :func:`gaussian_fuse` (the product of two Gaussians), used by the active inference model and agent.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
-__all__ = ["RunningMeanStd", "mlp", "soft_update_params", "weight_init", "xavier_init"]
+__all__ = ["RunningMeanStd", "gaussian_entropy", "gaussian_fuse", "gaussian_kl", "gaussian_log_prob", "mlp",
+           "soft_update_params", "weight_init", "xavier_init"]
+
+LOG_2PI = math.log(2.0 * math.pi)
 
 
 def weight_init(module: nn.Module) -> None:
@@ -98,3 +105,33 @@ def mlp(in_dim: int, hidden_dims: tuple[int, ...] | list[int], out_dim: int) -> 
         prev = width
     layers.append(nn.Linear(prev, out_dim))
     return nn.Sequential(*layers)
+
+
+# ------------------------------------------------------------------------------ diagonal Gaussians
+# Each function takes means and standard deviations (not variances) and sums over the last dim.
+
+
+def gaussian_kl(mean_q: Tensor, std_q: Tensor, mean_p: Tensor, std_p: Tensor) -> Tensor:
+    """``KL(N(mean_q, std_q^2) || N(mean_p, std_p^2))`` of diagonal Gaussians, summed over the last dim:
+    ``sum_d log(s_p / s_q) + (s_q^2 + (m_q - m_p)^2) / (2 s_p^2) - 1/2``."""
+    var_q, var_p = std_q.square(), std_p.square()
+    kl = torch.log(std_p) - torch.log(std_q) + (var_q + (mean_q - mean_p).square()) / (2.0 * var_p) - 0.5
+    return kl.sum(-1)
+
+
+def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """``log N(x; mean, std^2)`` of a diagonal Gaussian, summed over the last dim."""
+    return (-0.5 * ((x - mean) / std).square() - torch.log(std) - 0.5 * LOG_2PI).sum(-1)
+
+
+def gaussian_entropy(std: Tensor) -> Tensor:
+    """Differential entropy ``sum_d 1/2 log(2 pi e s_d^2)`` of a diagonal Gaussian."""
+    return (torch.log(std) + 0.5 * (LOG_2PI + 1.0)).sum(-1)
+
+
+def gaussian_fuse(mean_a: Tensor, std_a: Tensor, mean_b: Tensor, std_b: Tensor) -> tuple[Tensor, Tensor]:
+    """The normalised product of two diagonal Gaussians (the AV belief fusion): precisions add,
+    ``mean = (s_b^2 m_a + s_a^2 m_b) / (s_a^2 + s_b^2)``, ``1/s^2 = 1/s_a^2 + 1/s_b^2``."""
+    var_a, var_b = std_a.square(), std_b.square()
+    mean = (var_b * mean_a + var_a * mean_b) / (var_a + var_b)
+    return mean, torch.sqrt(var_a * var_b / (var_a + var_b))

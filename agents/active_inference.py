@@ -1,0 +1,481 @@
+"""Deep active inference: a Gaussian state-space model and expected-free-energy planning
+(``shared/algorithms/active_inference.md`` §7-9; the model: :mod:`latentrl.world_models.active_inference`).
+
+- **Learning** (:meth:`ActiveInferenceAgent.update`): one Adam step on the world model's variational
+  free energy over ``[B, L]`` slices, and a reward head ``r(s)`` over posterior means trained by MSE
+  on the batch's ``("next", "reward")`` where those are finite (NaN marks reward-free data; a batch
+  without rewards skips it). No task reward shapes the world model.
+- **Preferences** (:meth:`ActiveInferenceAgent.infer_task`): a goal image or state gives
+  ``p~(s) = q(s|o_goal)`` (FER), stored as ``Task.z = [mean ‖ std]`` ``[N, 2D]`` (``info["kind"] =
+  "goal"``). Reward examples (:class:`RewardSamples`) give log-preferences ``log p~(o) = r(s) /
+  reward_temperature`` (FOU, MIL): a ridge-regression readout ``r(s) = w . phi(s) + b`` on the reward
+  head's hidden features ``phi`` at the examples' posterior means, stored as ``Task.z = [w ‖ b]``
+  ``[1, F + 1]`` (``info["kind"] = "reward"``); the risk of a rollout is then ``-sum_t r(mean_t) /
+  reward_temperature``.
+- **Scoring** (:func:`expected_free_energy`): per candidate, summed over the horizon and averaged
+  over state samples, ``G = risk + ambiguity - epistemic_weight * epistemic`` with
+  ``risk = KL(p(s_t|pi) || p~(s))`` ("state control", spec §1), ``ambiguity = E[H p(o|s)]`` (a
+  constant under the fixed-variance decoder, reported for completeness) and ``epistemic`` the
+  transition ensemble's information gain (:func:`~latentrl.world_models.active_inference.ensemble_epistemic`).
+- **Planning** (:func:`plan`): random shooting (``planner="shooting"``: ``K`` uniform action
+  sequences of horizon ``H``, argmin G) or CEM (``planner="cem"``: ``cem_iterations`` rounds of ``K``
+  Gaussian candidates, refitted to the ``num_elites`` best; the best candidate seen is executed).
+  Candidates of all envs are rolled out as one batch through ``world_model.imagine(..., num_samples)``.
+  MPC: the plan's first action is executed and the plan is recomputed at every step.
+- **Policy** (:class:`ActiveInferencePolicy`): the carry holds the belief (``mean``, ``std``), the
+  previous action and (pixels) the frame stack. Without a task the policy **explores with the
+  epistemic term only** (``G = -epistemic``). ``explore=True`` samples the executed candidate from
+  ``softmax(-gamma G)`` instead of taking the argmin.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from tensordict import TensorDict
+from torch import Tensor, nn
+
+from latentrl.agents.base import (
+    Agent,
+    GoalObservation,
+    Policy,
+    RewardSamples,
+    SampleSpec,
+    Task,
+    UnsupportedTaskError,
+    resolve_device,
+)
+from latentrl.world_models.active_inference import ActiveInferenceModel
+from latentrl.world_models.layers import gaussian_kl, mlp
+
+__all__ = [
+    "PRESETS",
+    "ActiveInferenceAgent",
+    "ActiveInferenceConfig",
+    "ActiveInferencePolicy",
+    "expected_free_energy",
+    "plan",
+]
+
+OBS_TYPES = ("pixels", "state")
+
+
+@dataclass
+class ActiveInferenceConfig:
+    """Deep active inference hyperparameters; the defaults are the spec's CPU point_mass setting (§8)."""
+
+    obs_type: Literal["pixels", "state"] = "pixels"
+    """``"pixels"`` (64x64 frames, stacked) or ``"state"``."""
+    frame_stack: int = 2
+    """Frames stacked for pixel observations (the latent can then carry velocity)."""
+    latent_dim: int = 16
+    """Dimensions of the Gaussian latent s."""
+    encoder_depth: int = 16
+    """DreamerV2 CNN depth (channels 16, 32, 64, 128) of the pixel encoder."""
+    decoder_depth: int = 16
+    """Depth of the transposed-conv decoder."""
+    hidden_dim: int = 256
+    """Width of the encoder's last layer (and of the state MLPs)."""
+    transition_hidden: int = 128
+    """Width of each transition member's hidden layers."""
+    transition_layers: int = 2
+    """Hidden layers of each transition member."""
+    ensemble_size: int = 5
+    """Transition ensemble members (the epistemic signal is their disagreement)."""
+    obs_std: float = 1.0
+    """Fixed std of the Gaussian decoder (pixels in ``x / 255 - 0.5`` units)."""
+    min_std: float = 0.01
+    """Lower bound of every predicted std."""
+    kl_transition_weight: float = 1.0
+    """Weight of KL(q(s_{t+1}|o_{t+1}) || p(s_{t+1}|s_t, a_t)) in the free energy."""
+    kl_prior_weight: float = 0.1
+    """Weight of KL(q(s|o) || N(0, I)) in the free energy."""
+    lr: float = 1e-3
+    """Adam learning rate of the world model and the reward head."""
+    batch_size: int = 64
+    """Slices per update."""
+    seq_len: int = 1
+    """Transitions per slice L (the buffer's ``horizon``); 1: one-step transitions."""
+    planner: Literal["shooting", "cem"] = "shooting"
+    """``"shooting"``: K uniform random sequences, argmin; ``"cem"``: cross-entropy method."""
+    num_candidates: int = 1000
+    """Candidate action sequences K per planning round."""
+    plan_horizon: int = 5
+    """Horizon H of each candidate sequence."""
+    num_samples: int = 4
+    """State samples J per candidate (``imagine``'s ``num_samples``)."""
+    cem_iterations: int = 3
+    """CEM rounds (``planner="cem"``)."""
+    num_elites: int = 64
+    """CEM elites refitted each round."""
+    epistemic_weight: float = 1.0
+    """Weight of the epistemic term in G (0: the risk-only ablation)."""
+    gamma: float = 1.0
+    """Precision of softmax(-gamma G) when the policy explores."""
+    reward_temperature: float = 1.0
+    """Reward tasks: log-preferences are ``reward / reward_temperature``."""
+    reward_ridge: float = 1e-3
+    """Reward tasks: ridge penalty of the readout fitted to the reward examples."""
+
+    def __post_init__(self) -> None:
+        if self.obs_type not in OBS_TYPES:
+            raise ValueError(f"ActiveInferenceConfig.obs_type must be one of {OBS_TYPES}, got {self.obs_type!r}")
+        if self.planner not in ("shooting", "cem"):
+            raise ValueError(f"ActiveInferenceConfig.planner must be 'shooting' or 'cem', got {self.planner!r}")
+        for name in ("frame_stack", "latent_dim", "ensemble_size", "batch_size", "seq_len", "num_candidates",
+                     "plan_horizon", "num_samples", "cem_iterations", "num_elites", "transition_layers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ActiveInferenceConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_elites > self.num_candidates:
+            raise ValueError(f"num_elites ({self.num_elites}) must be <= num_candidates ({self.num_candidates})")
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The spec's CPU point_mass configuration (§8): K = 1000 random sequences, H = 5, J = 4, argmin.
+    "paper": {},
+    # Cheaper planning for a 2-core CPU (latency not yet measured): CEM with fewer candidates.
+    "small": {"planner": "cem", "num_candidates": 128, "num_elites": 16, "cem_iterations": 3, "num_samples": 2},
+    # Tiny networks for tests.
+    "smoke": {"latent_dim": 4, "encoder_depth": 4, "decoder_depth": 4, "hidden_dim": 32, "transition_hidden": 16,
+              "ensemble_size": 2, "batch_size": 8, "seq_len": 2, "planner": "cem", "num_candidates": 8,
+              "num_elites": 2, "cem_iterations": 2, "plan_horizon": 2, "num_samples": 2},
+}
+
+
+# ------------------------------------------------------------------------------------- the scorer
+
+
+def expected_free_energy(rollout: TensorDict, goal_mean: Tensor | None, goal_std: Tensor | None, *,
+                         ambiguity: float = 0.0, epistemic_weight: float = 1.0) -> TensorDict:
+    """The expected free energy of imagined rollouts, term by term.
+
+    ``rollout``: a TensorDict ``[M, H]`` of predicted Gaussians (``mean``, ``std`` ``[M, H, D]``) and
+    their ``epistemic`` value ``[M, H]`` (what ``world_model.imagine`` returns). ``goal_mean`` and
+    ``goal_std`` ``[M, D]`` (or broadcastable, e.g. ``[D]``) are the preferred-state distribution
+    p~(s); ``None``: no preference (risk 0). ``ambiguity`` is ``E[H p(o|s)]`` per step (a constant
+    for a fixed-variance decoder).
+
+    Returns a TensorDict ``[M]`` of the terms summed over the horizon: ``risk`` =
+    ``sum_t KL(N(mean_t, std_t) || p~)``, ``ambiguity`` = ``H * ambiguity``, ``epistemic`` =
+    ``sum_t epistemic_t``, and ``G = risk + ambiguity - epistemic_weight * epistemic``.
+    """
+    mean, std, epistemic = rollout["mean"], rollout["std"], rollout["epistemic"]
+    m, h = mean.shape[:2]
+    if goal_mean is None:
+        risk = torch.zeros(m, device=mean.device)
+    else:
+        goal_mean = goal_mean.expand(m, -1).unsqueeze(1) if goal_mean.dim() <= 2 else goal_mean
+        goal_std = goal_std.expand(m, -1).unsqueeze(1) if goal_std.dim() <= 2 else goal_std
+        risk = gaussian_kl(mean, std, goal_mean, goal_std).sum(-1)
+    amb = torch.full((m,), float(ambiguity) * h, device=mean.device)
+    epi = epistemic.sum(-1)
+    return TensorDict({"risk": risk, "ambiguity": amb, "epistemic": epi,
+                       "G": risk + amb - float(epistemic_weight) * epi}, batch_size=[m])
+
+
+# ------------------------------------------------------------------------------------- the planner
+
+
+def plan(score: Callable[[Tensor], Tensor], batch_size: int, horizon: int, action_dim: int, *,
+         num_candidates: int, method: str = "cem", iterations: int = 3, num_elites: int = 64,
+         device: torch.device | str = "cpu", generator: torch.Generator | None = None,
+         select: Callable[[Tensor], Tensor] | None = None,
+         draw: Callable[[str, tuple[int, ...]], Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """Minimise ``score`` over action sequences in [-1, 1], batched over ``batch_size`` problems.
+
+    ``score(actions [N, K, H, A]) -> G [N, K]``. ``method="shooting"``: one round of ``K`` uniform
+    candidates. ``method="cem"``: ``iterations`` rounds of ``K`` candidates from ``N(mu, sigma)``
+    (clamped to [-1, 1]; round 1 uses mu = 0, sigma = 1), refitted to the ``num_elites`` lowest scores.
+    Returns the best sequence seen ``[N, H, A]`` and its score ``[N]``; with ``select`` (``G [N, K]``
+    -> indices ``[N]``, e.g. a softmax(-gamma G) draw) the final round's candidate it picks instead.
+    The budget is ``K * iterations`` scored sequences (``K`` for shooting). ``draw(kind, shape)``
+    (``kind`` ``"rand"`` or ``"randn"``) replaces the candidates' random draws (default: torch's,
+    with ``generator``).
+    """
+    n, k = int(batch_size), int(num_candidates)
+    shape = (n, k, horizon, action_dim)
+    rounds = 1 if method == "shooting" else int(iterations)
+    if method not in ("shooting", "cem"):
+        raise ValueError(f"plan: method must be 'shooting' or 'cem', got {method!r}")
+    mu = torch.zeros(n, 1, horizon, action_dim, device=device)
+    sigma = torch.ones_like(mu)
+    best_actions = torch.zeros(n, horizon, action_dim, device=device)
+    best_score = torch.full((n,), float("inf"), device=device)
+    rows = torch.arange(n, device=device)
+    for _ in range(rounds):
+        kind = "rand" if method == "shooting" else "randn"
+        if draw is not None:
+            noise = draw(kind, shape)
+        else:
+            noise = getattr(torch, kind)(shape, generator=generator).to(device)
+        noise = noise * 2 - 1 if method == "shooting" else noise
+        actions = noise if method == "shooting" else (mu + sigma * noise).clamp(-1.0, 1.0)
+        g = score(actions)
+        idx = g.argmin(dim=1)
+        better = g[rows, idx] < best_score
+        best_score = torch.where(better, g[rows, idx], best_score)
+        best_actions = torch.where(better.reshape(-1, 1, 1), actions[rows, idx], best_actions)
+        if method == "cem":
+            elites = actions.gather(1, g.topk(num_elites, dim=1, largest=False).indices
+                                    .reshape(n, -1, 1, 1).expand(-1, -1, horizon, action_dim))
+            mu = elites.mean(dim=1, keepdim=True)
+            sigma = elites.std(dim=1, keepdim=True, unbiased=False).clamp_min(1e-3) if num_elites > 1 \
+                else torch.full_like(mu, 0.1)
+    if select is not None:
+        pick = select(g)
+        return actions[rows, pick], g[rows, pick]
+    return best_actions, best_score
+
+
+# ------------------------------------------------------------------------------------------- policy
+
+
+class ActiveInferencePolicy(Policy):
+    """Model-predictive control by expected free energy; see the module docstring.
+
+    ``goal`` ``[1 or N, 2D]`` holds the preferred-state distribution ``[mean ‖ std]``; ``reward``
+    ``[1, F + 1]`` a reward readout ``[w ‖ b]`` on ``reward_features`` (the reward head's hidden
+    layers); neither: exploration by the epistemic term only. The carry holds ``mean``, ``std`` (the
+    belief q(s_t|o_t)), ``prev_action``, the planner's per-env ``seed`` and the frame stack.
+    """
+
+    def __init__(self, world_model: ActiveInferenceModel, config: ActiveInferenceConfig, *,
+                 goal: Tensor | None = None, reward: Tensor | None = None, reward_features: nn.Module | None = None,
+                 explore: bool = False):
+        super().__init__(world_model.obs_key, world_model.obs_shape, world_model.action_dim,
+                         frame_stack=world_model.frame_stack, explore=explore)
+        if goal is not None and reward is not None:
+            raise ValueError("an active inference policy takes a goal or a reward preference, not both")
+        if reward is not None and reward_features is None:
+            raise ValueError("a reward preference needs the reward head's features (reward_features)")
+        self.world_model = world_model
+        self.reward_features = reward_features if reward is not None else None
+        self.register_buffer("reward", None if reward is None else reward.detach().to(self.device, torch.float32)
+                             .reshape(1, -1))
+        self.config = config
+        if goal is not None:
+            goal = goal.detach().to(self.device, torch.float32)
+            goal = goal.reshape(1, -1) if goal.dim() == 1 else goal
+            if goal.shape[-1] != 2 * world_model.latent_dim:
+                raise ValueError(f"a goal preference is [mean ‖ std] with {2 * world_model.latent_dim} values, "
+                                 f"got shape {list(goal.shape)}")
+        self.register_buffer("goal", goal)
+
+    def init_carry(self, batch_size: int) -> TensorDict:
+        carry = super().init_carry(batch_size)
+        state = self.world_model.initial_state(batch_size)
+        carry["mean"], carry["std"] = state["mean"], state["std"]
+        carry["prev_action"] = torch.zeros(batch_size, self.action_dim, device=self.device)
+        carry["seed"] = torch.zeros(batch_size, dtype=torch.int64, device=self.device)
+        return carry
+
+    def start_episode(self, batch_size: int) -> TensorDict:
+        """A fresh carry whose planning seed is drawn from torch's random state (per episode)."""
+        carry = self.init_carry(batch_size)
+        carry["seed"] = torch.randint(0, 2**62, (batch_size,), dtype=torch.int64).to(self.device)
+        return carry
+
+    def _goal(self, n: int) -> tuple[Tensor | None, Tensor | None]:
+        if self.goal is None:
+            return None, None
+        goal = self.goal.expand(n, -1) if self.goal.shape[0] == 1 else self.goal
+        if goal.shape[0] != n:
+            raise ValueError(f"the goal task holds {goal.shape[0]} goals but the observation has {n} envs")
+        return goal.chunk(2, dim=-1)
+
+    def score(self, state: TensorDict, actions: Tensor, goal_mean: Tensor | None,
+              goal_std: Tensor | None, gens: list[torch.Generator] | None = None) -> TensorDict:
+        """EFE terms ``[N, K]`` of candidates ``actions`` ``[N, K, H, A]`` from beliefs ``state`` ``[N]``;
+        ``gens`` (one generator per env) makes the rollouts' draws per env."""
+        cfg, wm = self.config, self.world_model
+        n, k, h = actions.shape[:3]
+        j = cfg.num_samples
+        start = state.repeat_interleave(k, dim=0)
+        noise = None
+        if gens is not None:
+            m = k * j
+            noise = {"eps": self._draw(gens, "randn", (n, m, h, wm.latent_dim)).flatten(0, 1),
+                     "member": torch.stack([torch.randint(len(wm.transitions), (m, h), generator=g) for g in gens])
+                     .flatten(0, 1).to(self.device)}
+        rollout = wm.imagine(start, actions.flatten(0, 1), num_samples=j, noise=noise)  # [N*K*J, H]
+        if goal_mean is not None:
+            goal_mean = goal_mean.repeat_interleave(k * j, dim=0)
+            goal_std = goal_std.repeat_interleave(k * j, dim=0)
+        terms = expected_free_energy(rollout, goal_mean, goal_std, ambiguity=wm.ambiguity(),
+                                     epistemic_weight=cfg.epistemic_weight)
+        if self.reward is not None:  # risk = -expected log-preference, at each step's predicted mean
+            w, b = self.reward[0, :-1], self.reward[0, -1]
+            log_pref = (self.reward_features(rollout["mean"]) @ w + b).sum(-1) / cfg.reward_temperature
+            terms["G"] = terms["G"] - terms["risk"] - log_pref
+            terms["risk"] = -log_pref
+        return terms.reshape(n, k, j).mean(-1)
+
+    def _draw(self, gens: list[torch.Generator], kind: str, shape: tuple[int, ...]) -> Tensor:
+        """``[N, *shape[1:]]``: row ``i`` drawn from ``gens[i]`` (``kind``: ``"rand"`` or ``"randn"``)."""
+        fn = getattr(torch, kind)
+        return torch.stack([fn(tuple(shape[1:]), generator=g) for g in gens]).to(self.device)
+
+    def act(self, x: Tensor, carry: TensorDict, is_first: Tensor) -> tuple[Tensor, TensorDict]:
+        """Observe, plan (every env in one batch), execute the plan's first action. All of a row's random
+        draws come from a generator seeded by its carry's ``seed``, so one env's action never depends on
+        the other envs; the next seed is drawn from the same generator."""
+        cfg, wm = self.config, self.world_model
+        n = x.shape[0]
+        state = wm.observe(wm.initial_state(n), x, carry["prev_action"], is_first)
+        goal_mean, goal_std = self._goal(n)
+        gens = [torch.Generator().manual_seed(int(seed)) for seed in carry["seed"].tolist()]
+        select = None
+        if self.explore:
+            def select(g: Tensor) -> Tensor:
+                probs = torch.softmax(-cfg.gamma * g, dim=-1).cpu()
+                return torch.stack([torch.multinomial(p, 1, generator=gen)[0] for p, gen in zip(probs, gens,
+                                                                                                 strict=True)]
+                                   ).to(g.device)
+        actions, _ = plan(lambda a: self.score(state, a, goal_mean, goal_std, gens)["G"], n, cfg.plan_horizon,
+                          self.action_dim, num_candidates=cfg.num_candidates, method=cfg.planner,
+                          iterations=cfg.cem_iterations, num_elites=cfg.num_elites, device=x.device, select=select,
+                          draw=lambda kind, shape: self._draw(gens, kind, shape))
+        action = actions[:, 0].clamp(-1.0, 1.0)
+        carry = carry.clone(False)
+        carry["mean"], carry["std"], carry["prev_action"] = state["mean"], state["std"], action.clone()
+        carry["seed"] = torch.stack([torch.randint(0, 2**62, (), generator=g) for g in gens]).to(self.device)
+        return action, carry
+
+
+# -------------------------------------------------------------------------------------------- agent
+
+
+class ActiveInferenceAgent(Agent):
+    """The deep active inference agent; build it with :meth:`from_env` or ``make_agent("active_inference", env)``."""
+
+    name = "active_inference"
+    config_class = ActiveInferenceConfig
+    presets = PRESETS
+    inference_modules = ("world_model", "reward_head")
+
+    def __init__(self, config: ActiveInferenceConfig, obs_shape: tuple[int, ...], action_dim: int,
+                 device: str | torch.device = "cpu"):
+        super().__init__()
+        self.config = cfg = config
+        self.device = resolve_device(device)
+        self.obs_shape = tuple(int(s) for s in obs_shape)
+        self.action_dim = int(action_dim)
+        self.env_steps = 0
+        pixels = cfg.obs_type == "pixels"
+        if pixels and len(self.obs_shape) != 3:
+            raise ValueError(f"obs_type='pixels' needs a frame shape [3, H, W], got {list(self.obs_shape)}")
+        if not pixels and len(self.obs_shape) != 1:
+            raise ValueError(f"obs_type={cfg.obs_type!r} needs a vector shape [P], got {list(self.obs_shape)}")
+        self.obs_key = cfg.obs_type
+        self.world_model = ActiveInferenceModel(
+            cfg.obs_type, self.obs_shape, self.action_dim, latent_dim=cfg.latent_dim, frame_stack=cfg.frame_stack,
+            encoder_depth=cfg.encoder_depth, hidden_dim=cfg.hidden_dim, transition_hidden=cfg.transition_hidden,
+            transition_layers=cfg.transition_layers, ensemble_size=cfg.ensemble_size,
+            decoder_depth=cfg.decoder_depth, obs_std=cfg.obs_std, min_std=cfg.min_std,
+            kl_transition_weight=cfg.kl_transition_weight, kl_prior_weight=cfg.kl_prior_weight)
+        self.reward_head = mlp(cfg.latent_dim, [cfg.transition_hidden], 1)
+        self.to(self.device)
+        self._optimizer = torch.optim.Adam([*self.world_model.parameters(), *self.reward_head.parameters()],
+                                           lr=cfg.lr)
+
+    @property
+    def frame_stack(self) -> int:
+        return self.config.frame_stack if self.config.obs_type == "pixels" else 1
+
+    def sample_spec(self) -> SampleSpec:
+        return SampleSpec(batch_size=self.config.batch_size, frame_stack=self.frame_stack,
+                          horizon=self.config.seq_len, keys=(self.obs_key,))
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"model": self._optimizer}
+
+    # ---------------------------------------------------------------------------------- tasks
+    def policy(self, task: Task | None = None, *, explore: bool = False) -> ActiveInferencePolicy:
+        goal = reward = None
+        if task is not None:
+            kind = task.info.get("kind")
+            if kind not in ("goal", "reward") or task.z is None:
+                raise UnsupportedTaskError("the active inference policy takes a goal or reward task "
+                                           "(agent.infer_task(GoalObservation | RewardSamples)) or none (exploration)")
+            goal, reward = (task.z, None) if kind == "goal" else (None, task.z)
+        return ActiveInferencePolicy(self.world_model, self.config, goal=goal, reward=reward,
+                                     reward_features=self.reward_features, explore=explore)
+
+    @property
+    def reward_features(self) -> nn.Module:
+        """The reward head's hidden layers ``phi(s)`` ``[*, F]`` (its last layer is the trained readout)."""
+        return self.reward_head[:-1]
+
+    @torch.no_grad()
+    def infer_task(self, spec: RewardSamples | GoalObservation) -> Task:
+        """A goal observation -> ``Task(z=[mean ‖ std] of q(s|o_goal))`` ``[N, 2D]``. One goal frame
+        ``[N, 3, H, W]`` is tiled ``frame_stack`` times (a still goal); a stacked one is used as is."""
+        if isinstance(spec, RewardSamples):
+            return self._infer_reward(spec)
+        if not isinstance(spec, GoalObservation):
+            raise UnsupportedTaskError(f"active_inference infers goal tasks only, got {type(spec).__name__}")
+        key = self.obs_key
+        if key not in spec.obs.keys():
+            raise KeyError(f"active_inference (obs_type={key!r}) needs the goal observation to hold {key!r}; "
+                           f"it has keys {sorted(map(str, spec.obs.keys()))}")
+        x = spec.obs[key]
+        if key == "pixels":
+            channels, stacked = x.shape[-3], 3 * self.frame_stack
+            if channels == 3 and stacked != 3:
+                x = x.repeat(*([1] * (x.dim() - 3)), self.frame_stack, 1, 1)
+            elif channels != stacked:
+                raise ValueError(f"goal pixels must have 3 or {stacked} channels, got {channels}")
+            x = x.reshape(-1, *x.shape[-3:])
+        else:
+            x = x.reshape(-1, x.shape[-1])
+        mean, std = self.world_model.posterior(x.to(self.device))
+        return Task(z=torch.cat([mean, std], dim=-1), goal=spec.obs.select(key).clone(), info={"kind": "goal"})
+
+    def _infer_reward(self, spec: RewardSamples) -> Task:
+        """Ridge regression of the examples' rewards on ``phi(mean of q(s|o))``: ``Task(z=[w ‖ b])``."""
+        key = self.obs_key
+        if key not in spec.obs.keys():
+            raise KeyError(f"active_inference (obs_type={key!r}) needs the reward samples to hold {key!r}")
+        x = spec.obs[key]
+        x = x.reshape(-1, *x.shape[-(3 if key == "pixels" else 1):]).to(self.device)
+        reward = spec.reward.reshape(-1).to(self.device, torch.float32)
+        if reward.shape[0] != x.shape[0] or not bool(torch.isfinite(reward).all()):
+            raise ValueError(f"reward samples need one finite reward per observation, got {list(spec.reward.shape)} "
+                             f"for {x.shape[0]} observations")
+        phi = self.reward_features(self.world_model.posterior(x)[0])
+        phi = torch.cat([phi, torch.ones_like(phi[:, :1])], dim=-1).double()
+        eye = torch.eye(phi.shape[1], dtype=phi.dtype, device=phi.device) * self.config.reward_ridge * phi.shape[0]
+        z = torch.linalg.solve(phi.T @ phi + eye, phi.T @ reward.double())
+        return Task(z=z.float().reshape(1, -1), info={"kind": "reward"})
+
+    # --------------------------------------------------------------------------------- update
+    def update(self, batch: TensorDict) -> dict[str, float]:
+        batch = batch.to(self.device)
+        out = self.world_model.loss(batch)
+        loss = out["loss"]
+        reward_loss = torch.zeros((), device=self.device)
+        if ("next", "reward") in batch.keys(True):
+            reward = batch["next", "reward"].float().reshape(-1)
+            finite = torch.isfinite(reward)
+            if bool(finite.any()):
+                x_next = batch["next", self.obs_key]
+                with torch.no_grad():
+                    s = self.world_model.posterior(x_next.reshape(-1, *x_next.shape[batch.batch_dims:]))[0]
+                pred = self.reward_head(s).reshape(-1)
+                reward_loss = (pred[finite] - reward[finite]).square().mean()
+                loss = loss + reward_loss
+        self._optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self._optimizer.step()
+        metrics = {**{k: v for k, v in out.items() if k != "loss"}, "reward_loss": reward_loss.detach()}
+        values = torch.stack([v.detach().float().reshape(()) for v in metrics.values()]).tolist()
+        return dict(zip(metrics, values, strict=True))
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"env_steps": self.env_steps}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.env_steps = int(state.get("env_steps", 0))

@@ -1,0 +1,255 @@
+"""A Gaussian state-space model for deep active inference (``shared/algorithms/active_inference.md`` §7-8).
+
+- **Encoder** q(s|o): the DreamerV2 CNN (:func:`make_encoder` ``"dreamer"``) on a frame stack for
+  pixels, an MLP for states, then a linear head to a diagonal Gaussian belief ``N(mean, std^2)`` of
+  ``latent_dim`` dims. The belief is amortised: ``q(s_t|o_t)`` reads the current (frame-stacked)
+  observation only, so :meth:`observe` does not depend on the previous belief (the frame stack
+  carries velocity, as the spec's CPU configuration does).
+- **Transition** p(s'|s,a): an ensemble of ``ensemble_size`` MLPs, each with a Gaussian head. A
+  prior step (:meth:`predict`) samples ``s ~ N(mean, std)`` from the current belief, picks one member
+  uniformly per row and returns that member's Gaussian ``p_e(s'|s,a)``; its ``epistemic`` entry is the
+  members' disagreement ``1/2 sum_d log(1 + Var_e[mu_e] / E_e[sigma_e^2])`` (the information a
+  Gaussian ensemble's parameters carry about s', a stand-in for the spec's parameter information gain).
+- **Decoder** p(o|s): transposed convolutions to the newest 64x64 frame (pixels scaled to
+  ``x / 255 - 0.5``) or an MLP to the state; a Gaussian with the fixed std ``obs_std``, so the
+  ambiguity ``E[H p(o|s)]`` is the constant :meth:`ambiguity`.
+- **Loss** (:meth:`loss`): the variational free energy of ``[B, L]`` slices (``L`` transitions and
+  ``L + 1`` observations), per observation and summed over dims:
+  ``-log p(o_t|s_t) + kl_transition_weight * KL(q(s_{t+1}|o_{t+1}) || p(s_{t+1}|s_t, a_t)) +
+  kl_prior_weight * KL(q(s_t|o_t) || N(0, I))`` with ``s_t ~ q`` (reparameterised), the transition
+  KL averaged over ensemble members and counted on recorded actions only.
+
+The belief state is a TensorDict ``[B]`` with ``mean``, ``std`` ``[B, D]`` and ``epistemic`` ``[B]``
+(0 for a posterior).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from tensordict import TensorDict
+from torch import Tensor, nn
+
+from latentrl.world_models.base import WorldModel
+from latentrl.world_models.encoders import make_encoder, read_key
+from latentrl.world_models.layers import LOG_2PI, gaussian_kl, gaussian_log_prob, mlp
+
+__all__ = ["ActiveInferenceModel", "GaussianHead", "PixelDecoder", "ensemble_epistemic"]
+
+
+class GaussianHead(nn.Module):
+    """``features -> (mean, std)`` with ``std = min_std + softplus(raw)``."""
+
+    def __init__(self, in_dim: int, out_dim: int, min_std: float):
+        super().__init__()
+        self.linear = nn.Linear(in_dim, 2 * out_dim)
+        self.min_std = float(min_std)
+
+    def forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        mean, raw = self.linear(h).chunk(2, dim=-1)
+        return mean, self.min_std + F.softplus(raw)
+
+
+class PixelDecoder(nn.Module):
+    """DreamerV2-style transposed-conv decoder: ``[N, D] -> [N, 3, 64, 64]`` (other sizes are resized)."""
+
+    def __init__(self, latent_dim: int, depth: int, image_size: tuple[int, int]):
+        super().__init__()
+        self.depth, self.image_size = int(depth), tuple(int(s) for s in image_size)
+        self.linear = nn.Linear(latent_dim, 32 * depth)
+        self.net = nn.Sequential(
+            nn.ConvTranspose2d(32 * depth, 4 * depth, 5, stride=2), nn.ELU(),   # 1 -> 5
+            nn.ConvTranspose2d(4 * depth, 2 * depth, 5, stride=2), nn.ELU(),    # 5 -> 13
+            nn.ConvTranspose2d(2 * depth, depth, 6, stride=2), nn.ELU(),        # 13 -> 30
+            nn.ConvTranspose2d(depth, 3, 6, stride=2),                          # 30 -> 64
+        )
+
+    def forward(self, s: Tensor) -> Tensor:
+        x = self.net(self.linear(s).reshape(-1, 32 * self.depth, 1, 1))
+        if tuple(x.shape[-2:]) != self.image_size:
+            x = F.interpolate(x, size=self.image_size, mode="bilinear", align_corners=False)
+        return x
+
+
+def ensemble_epistemic(means: Tensor, stds: Tensor) -> Tensor:
+    """Ensemble disagreement ``[...]`` of members' Gaussians ``means``, ``stds`` ``[E, ..., D]``:
+    ``1/2 sum_d log(1 + Var_e[mu_e,d] / E_e[sigma_e,d^2])`` (0 when the members agree)."""
+    spread = means.var(dim=0, unbiased=False)
+    noise = stds.square().mean(dim=0)
+    return 0.5 * torch.log1p(spread / noise).sum(-1)
+
+
+class ActiveInferenceModel(WorldModel):
+    """Encoder q(s|o), ensemble transition p(s'|s,a), decoder p(o|s); trained by variational free energy.
+
+    ``obs_key`` is ``"pixels"`` (``obs_shape`` one frame ``[3, H, W]``; the encoder reads
+    ``frame_stack`` frames stacked along channels, the decoder predicts the newest) or ``"state"``
+    (``[P]``).
+    """
+
+    capabilities = frozenset({"encode", "sequence", "decode"})
+
+    def __init__(self, obs_key: str, obs_shape: tuple[int, ...], action_dim: int, *, latent_dim: int = 16,
+                 frame_stack: int = 2, encoder_depth: int = 16, hidden_dim: int = 256, transition_hidden: int = 128,
+                 transition_layers: int = 2, ensemble_size: int = 5, decoder_depth: int = 16,
+                 obs_std: float = 1.0, min_std: float = 0.01, kl_transition_weight: float = 1.0,
+                 kl_prior_weight: float = 0.1):
+        super().__init__()
+        if obs_key not in ("pixels", "state"):
+            raise ValueError(f"ActiveInferenceModel reads 'pixels' or 'state', got {obs_key!r}")
+        if ensemble_size < 1:
+            raise ValueError(f"ensemble_size must be >= 1, got {ensemble_size}")
+        self.obs_key, self.obs_shape = obs_key, tuple(int(s) for s in obs_shape)
+        self.action_dim, self.latent_dim = int(action_dim), int(latent_dim)
+        self.frame_stack = int(frame_stack) if obs_key == "pixels" else 1
+        self.obs_std, self.min_std = float(obs_std), float(min_std)
+        self.kl_transition_weight, self.kl_prior_weight = float(kl_transition_weight), float(kl_prior_weight)
+        if obs_key == "pixels":
+            c, h, w = self.obs_shape
+            trunk = make_encoder("dreamer", (c * self.frame_stack, h, w), depth=encoder_depth)
+            self.encoder = nn.Sequential(trunk, nn.Linear(trunk.repr_dim, hidden_dim), nn.ELU())
+            self.decoder = PixelDecoder(latent_dim, decoder_depth, (h, w))
+        else:
+            self.encoder = nn.Sequential(make_encoder("state", self.obs_shape, hidden_dims=(hidden_dim, hidden_dim)))
+            self.decoder = mlp(latent_dim, [hidden_dim, hidden_dim], self.obs_shape[0])
+        self.posterior_head = GaussianHead(hidden_dim, latent_dim, min_std)
+        hidden = [transition_hidden] * (transition_layers - 1)
+        self.transitions = nn.ModuleList(
+            nn.Sequential(mlp(latent_dim + action_dim, hidden, transition_hidden), nn.ELU(),
+                          GaussianHead(transition_hidden, latent_dim, min_std))
+            for _ in range(ensemble_size))
+
+    @property
+    def obs_dim(self) -> int:
+        """Dimensions the decoder predicts (one frame, or the state)."""
+        return math.prod(self.obs_shape)
+
+    # ------------------------------------------------------------------------------------ pieces
+    def posterior(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """q(s|o): ``x`` ``[N, ...]`` (stacked pixels uint8, or states) -> ``(mean, std)`` ``[N, D]``."""
+        return self.posterior_head(self.encoder(x))
+
+    def transition_members(self, s: Tensor, action: Tensor) -> tuple[Tensor, Tensor]:
+        """Every member's ``p_e(s'|s,a)``: ``(means, stds)`` ``[E, N, D]``."""
+        inp = torch.cat([s, action.to(s.dtype)], dim=-1)
+        outs = [member(inp) for member in self.transitions]
+        return torch.stack([m for m, _ in outs]), torch.stack([s_ for _, s_ in outs])
+
+    def decode_mean(self, s: Tensor) -> Tensor:
+        """The mean of p(o|s) ``[N, *obs_shape]`` in the model's scale (pixels: ``x / 255 - 0.5``)."""
+        return self.decoder(s).reshape(-1, *self.obs_shape)
+
+    def target(self, x: Tensor) -> Tensor:
+        """What the decoder reconstructs from an encoder input: the newest frame scaled, or the state."""
+        if self.obs_key == "pixels":
+            return x[..., -3:, :, :].float() / 255.0 - 0.5
+        return x.float()
+
+    def ambiguity(self) -> float:
+        """``E[H p(o|s)]``: the entropy of the fixed-variance Gaussian decoder, ``obs_dim/2 log(2 pi e obs_std^2)``."""
+        return 0.5 * self.obs_dim * (LOG_2PI + 1.0 + 2.0 * math.log(self.obs_std))
+
+    def _read(self, obs: TensorDict | Tensor) -> Tensor:
+        x = obs if isinstance(obs, Tensor) else read_key(obs, self.obs_key, type(self).__name__)
+        return x.to(self.posterior_head.linear.weight.device)
+
+    # ------------------------------------------------------------------------------ the contract
+    def encode(self, obs: TensorDict | Tensor) -> Tensor:
+        """The mean of q(s|o) ``[N, D]`` (the std: :meth:`posterior`)."""
+        return self.posterior(self._read(obs))[0]
+
+    def decode(self, latent: Tensor) -> TensorDict:
+        """``{obs_key: mean of p(o|s)}``: pixels as uint8-scale floats in [0, 255], or states."""
+        x = self.decode_mean(latent)
+        if self.obs_key == "pixels":
+            x = ((x + 0.5) * 255.0).clamp(0.0, 255.0)
+        return TensorDict({self.obs_key: x}, batch_size=[x.shape[0]])
+
+    def initial_state(self, batch_size: int) -> TensorDict:
+        """The prior N(0, I) before any observation."""
+        device = self.posterior_head.linear.weight.device
+        n, d = int(batch_size), self.latent_dim
+        return TensorDict({"mean": torch.zeros(n, d, device=device), "std": torch.ones(n, d, device=device),
+                           "epistemic": torch.zeros(n, device=device)}, batch_size=[n])
+
+    def observe(self, state: TensorDict, obs: TensorDict | Tensor, prev_action: Tensor, is_first: Tensor) -> TensorDict:
+        """The posterior q(s_t|o_t). Amortised: it reads ``obs`` only, so ``state``, ``prev_action`` and
+        ``is_first`` do not change it (rows with ``is_first`` trivially restart)."""
+        del prev_action, is_first
+        mean, std = self.posterior(self._read(obs))
+        return TensorDict({"mean": mean, "std": std, "epistemic": torch.zeros_like(mean[:, 0])},
+                          batch_size=state.batch_size)
+
+    def predict(self, state: TensorDict, action: Tensor, noise: dict[str, Tensor] | None = None) -> TensorDict:
+        """One SAMPLED prior step: ``s ~ N(mean, std)``, a member ``e`` uniform per row, ``p_e(s'|s,a)``.
+
+        ``noise`` (optional) fixes the draws: ``eps`` ``[B, D]`` (standard normal) and ``member``
+        ``[B]`` (int64 in ``[0, ensemble_size)``); the policy passes per-env draws so that one env's
+        plan never depends on another's."""
+        eps = torch.randn_like(state["std"]) if noise is None else noise["eps"]
+        s = state["mean"] + state["std"] * eps
+        means, stds = self.transition_members(s, action)
+        pick = torch.randint(len(self.transitions), (s.shape[0],), device=s.device) if noise is None \
+            else noise["member"]
+        rows = torch.arange(s.shape[0], device=s.device)
+        return TensorDict({"mean": means[pick, rows], "std": stds[pick, rows],
+                           "epistemic": ensemble_epistemic(means, stds)}, batch_size=state.batch_size)
+
+    def imagine(self, state: TensorDict, actions: Tensor, num_samples: int = 1,
+                noise: dict[str, Tensor] | None = None) -> TensorDict:
+        """The base class's sampled rollouts ``[B * num_samples, H]``; ``noise`` (optional) holds
+        :meth:`predict`'s draws for every step: ``eps`` ``[B * num_samples, H, D]``, ``member``
+        ``[B * num_samples, H]``."""
+        if noise is None:
+            return super().imagine(state, actions, num_samples)
+        if actions.dim() != 3:
+            raise ValueError(f"actions must be [B, H, A], got {list(actions.shape)}")
+        actions = actions.repeat_interleave(num_samples, dim=0)
+        state = state.repeat_interleave(num_samples, dim=0) if num_samples > 1 else state
+        steps = []
+        for t in range(actions.shape[1]):
+            state = self.predict(state, actions[:, t], {"eps": noise["eps"][:, t], "member": noise["member"][:, t]})
+            steps.append(state)
+        return torch.stack(steps, dim=1)
+
+    # ------------------------------------------------------------------------------------- loss
+    def sequence(self, batch: TensorDict) -> tuple[Tensor, Tensor, Tensor]:
+        """A batch's observations ``[B, L+1, ...]``, actions ``[B, L, A]`` and action mask ``[B, L]``:
+        ``[B, L]`` slices (``o_0 .. o_L`` from the slice and its last ``next``) or ``[B]`` transitions."""
+        if batch.batch_dims == 1:
+            batch = batch.unsqueeze(1)
+        x = read_key(batch, self.obs_key, type(self).__name__)
+        x_next = batch["next", self.obs_key]
+        obs = torch.cat([x, x_next[:, -1:]], dim=1)
+        action = batch["action"].float()
+        mask = batch["has_action"].float() if "has_action" in batch.keys() else torch.ones(action.shape[:2])
+        return obs, action, mask.to(action.device)
+
+    def loss(self, batch: TensorDict) -> TensorDict:
+        """Variational free energy of ``[B, L]`` slices; see the module docstring. Terms per observation."""
+        device = self.posterior_head.linear.weight.device
+        obs, action, mask = (t.to(device) for t in self.sequence(batch))
+        b, t1 = obs.shape[:2]
+        mean, std = self.posterior(obs.flatten(0, 1))
+        s = mean + std * torch.randn_like(std)
+        target = self.target(obs.flatten(0, 1)).reshape(b * t1, -1)
+        recon = -gaussian_log_prob(target, self.decoder(s).reshape(b * t1, -1),
+                                   torch.full_like(target, self.obs_std)).mean()
+        kl_prior = gaussian_kl(mean, std, torch.zeros_like(mean), torch.ones_like(std)).mean()
+        mean, std, s = (v.reshape(b, t1, -1) for v in (mean, std, s))
+        p_means, p_stds = self.transition_members(s[:, :-1].flatten(0, 1), action.flatten(0, 1))
+        kl_members = gaussian_kl(mean[:, 1:].flatten(0, 1), std[:, 1:].flatten(0, 1), p_means, p_stds)  # [E, B*L]
+        weight = mask.flatten()
+        kl_transition = (kl_members.mean(0) * weight).sum() / weight.sum().clamp_min(1.0)
+        free_energy = recon + self.kl_transition_weight * kl_transition + self.kl_prior_weight * kl_prior
+        return TensorDict({
+            "loss": free_energy,
+            "free_energy": free_energy.detach(),
+            "recon": recon.detach(),
+            "kl_transition": kl_transition.detach(),
+            "kl_prior": kl_prior.detach(),
+            "posterior_std": std.mean().detach(),
+            "epistemic": ensemble_epistemic(p_means, p_stds).mean().detach(),
+        }, batch_size=[])
