@@ -58,6 +58,7 @@ __all__ = [
     "ActiveInferencePolicy",
     "expected_free_energy",
     "plan",
+    "precision",
 ]
 
 OBS_TYPES = ("pixels", "state")
@@ -146,6 +147,19 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 # ------------------------------------------------------------------------------------- the scorer
+
+
+def precision(kl: Tensor | float, a: float = 1.0, b: float = 25.0, c: float = 5.0, d: float = 1.5) -> Tensor:
+    """The state-transition precision of Fountas et al. 2020 (DAIMC) eq. 10
+    (``shared/algorithms/active_inference.md`` §4, check 5):
+    ``omega_t = a / (1 + exp(-(b - D_{t-1}) / c)) + d`` with ``D = KL[Q(a_t) || P(a_t)]``; the
+    defaults are their code's values (``a = 1, b = 25, c = 5, d = 1.5``, so ``omega`` lies in
+    ``(d, a + d) = (1.5, 2.5)``). The transition is then ``N(mu, sigma^2 / omega)``. Elementwise over
+    ``kl``; returns a float tensor.
+    """
+    kl = torch.as_tensor(kl, dtype=torch.float32)
+    return a * torch.sigmoid((b - kl) / c) + d
+
 
 
 def expected_free_energy(rollout: TensorDict, goal_mean: Tensor | None, goal_std: Tensor | None, *,

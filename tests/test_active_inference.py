@@ -15,7 +15,7 @@ from tensordict import TensorDict
 from torch.distributions import Normal, kl_divergence
 
 from latentrl.agents import GoalObservation
-from latentrl.agents.active_inference import ActiveInferenceAgent, expected_free_energy, plan
+from latentrl.agents.active_inference import ActiveInferenceAgent, expected_free_energy, plan, precision
 from latentrl.world_models.active_inference import ActiveInferenceModel, ensemble_epistemic
 from latentrl.world_models.layers import gaussian_entropy, gaussian_fuse, gaussian_kl, gaussian_log_prob
 
@@ -270,3 +270,13 @@ def test_train_agent_smoke_and_model_directory(tmp_path):
     obs = TensorDict({"pixels": torch.zeros(1, 3, 64, 64, dtype=torch.uint8)}, batch_size=[1])
     action, _ = policy.step(obs, policy.init_carry(1), torch.ones(1, dtype=torch.bool))
     assert action.shape == (1, 2)
+
+
+def test_precision_formula_matches_fountas_eq_10():
+    """Spec check 5: omega(D) = a / (1 + exp(-(b - D) / c)) + d with a=1, b=25, c=5, d=1.5."""
+    omega = precision(torch.tensor([0.0, 25.0, 100.0]), a=1.0, b=25.0, c=5.0, d=1.5)
+    assert omega[0].item() == pytest.approx(2.4933, abs=1e-4)
+    assert omega[1].item() == pytest.approx(2.0, abs=1e-6)
+    assert omega[2].item() == pytest.approx(1.5, abs=1e-4)
+    assert precision(0.0).item() == pytest.approx(1.0 / (1.0 + math.exp(-5.0)) + 1.5, abs=1e-6)  # code defaults
+    assert bool((omega[:-1] > omega[1:]).all())  # a larger KL lowers the precision

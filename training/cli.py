@@ -751,6 +751,9 @@ def eval_main(argv: list[str] | None = None) -> list:
                 args[key] = value  # a plain string (checked below)
         args = _check_eval_args(args)
         source = args["model"] or args["checkpoint"]
+        if not Path(source).exists():
+            raise ConfigError(f"model={source}: no model directory or checkpoint there; train_agent.py writes "
+                              "<run>/model and <run>/checkpoints/latest.pt")
         if Path(source).is_dir():
             agent, cfg = load_agent_for_inference(source, device=args["device"])
             cfg.setdefault("run_dir", str(Path(source).parent))
