@@ -348,7 +348,13 @@ class ActiveInferencePolicy(Policy):
                 return torch.stack([torch.multinomial(p, 1, generator=gen)[0] for p, gen in zip(probs, gens,
                                                                                                  strict=True)]
                                    ).to(g.device)
-        actions, _ = plan(lambda a: self.score(state, a, goal_mean, goal_std, gens)["G"], n, cfg.plan_horizon,
+        def rank(a: Tensor) -> Tensor:
+            # G without its ambiguity term: that term is the same for every candidate (fixed-variance decoder)
+            # and ~1e4 nats, so adding it in float32 rounds away the differences the argmin has to see.
+            terms = self.score(state, a, goal_mean, goal_std, gens)
+            return terms["risk"] - cfg.epistemic_weight * terms["epistemic"]
+
+        actions, _ = plan(rank, n, cfg.plan_horizon,
                           self.action_dim, num_candidates=cfg.num_candidates, method=cfg.planner,
                           iterations=cfg.cem_iterations, num_elites=cfg.num_elites, device=x.device, select=select,
                           draw=lambda kind, shape: self._draw(gens, kind, shape))

@@ -280,3 +280,26 @@ def test_precision_formula_matches_fountas_eq_10():
     assert omega[2].item() == pytest.approx(1.5, abs=1e-4)
     assert precision(0.0).item() == pytest.approx(1.0 / (1.0 + math.exp(-5.0)) + 1.5, abs=1e-6)  # code defaults
     assert bool((omega[:-1] > omega[1:]).all())  # a larger KL lowers the precision
+
+
+def test_planning_is_not_blinded_by_a_large_constant_ambiguity(monkeypatch):
+    """Ambiguity is the same for every candidate under a fixed-variance decoder, and about 1e4 nats for 64x64
+    pixels: the plan must not change when it is large (in float32, adding it to G rounds the candidates'
+    differences away and the argmin picks ties; the smoke model's differences need 1e7 to show it)."""
+    agent = make_agent("state")
+    agent.eval()
+    n = 2
+    g = torch.Generator().manual_seed(0)
+    obs = TensorDict({"state": torch.randn(n, STATE_DIM, generator=g)}, batch_size=[n])
+    task = agent.infer_task(GoalObservation(TensorDict({"state": torch.randn(n, STATE_DIM, generator=g)},
+                                                       batch_size=[n])))
+    policy = agent.policy(task)
+    carry = policy.init_carry(n)
+    first = torch.ones(n, dtype=torch.bool)
+    monkeypatch.setattr(agent.world_model, "ambiguity", lambda: 0.0)
+    torch.manual_seed(0)  # is_first draws the rows' planner seeds
+    reference, _ = policy.step(obs, carry, first)
+    monkeypatch.setattr(agent.world_model, "ambiguity", lambda: 1.0e7 / agent.config.plan_horizon)
+    torch.manual_seed(0)
+    shifted, _ = policy.step(obs, carry, first)
+    assert torch.equal(reference, shifted)

@@ -92,3 +92,24 @@ def test_machine_description_names_the_cores_and_versions():
 
     text = machine_description("cpu")
     assert f"{os.cpu_count()} CPUs" in text and f"torch {torch.__version__}" in text and "GPU" not in text
+
+
+def test_bench_active_inference_quick_writes_the_report_figures_and_numbers(tmp_path):
+    """``bench_active_inference.py --quick`` runs every check end to end (tiny data and model) in seconds."""
+    import json
+
+    bench = _load("bench_active_inference")
+    out, figs = tmp_path / "report.md", tmp_path / "figs"
+    assert bench.main(["--quick", "--out", str(out), "--fig-dir", str(figs)]) == 0
+    report = out.read_text()
+    for text in ("one-step prediction MSE", "best 20%", "goal reaching", "copy-frame", "| check |"):
+        assert text in report
+    for name in ("free_energy.png", "imagined.png", "results.json"):
+        assert (figs / name).stat().st_size > 0
+    results = json.loads((figs / "results.json").read_text())
+    assert {"train", "check1", "check2", "check3", "strip", "config", "machine"} <= results.keys()
+    assert results["train"]["updates"] == 6 and len(results["train"]["free_energy"]) == 6
+    assert {"model_mse", "copy_frame_mse", "pass"} <= results["check1"].keys()
+    assert 0.0 <= results["check2"]["G_fraction_in_best_20pct"] <= 1.0
+    for name in ("agent", "random", "zero"):
+        assert {"success", "mean_distance"} <= results["check3"][name].keys()
