@@ -141,6 +141,14 @@ def test_cem_beats_random_shooting_on_a_quadratic_latent_cost():
 # -------------------------------------------------------------------------------------------- policy
 
 
+def state_obs_and_goal_task(agent: ActiveInferenceAgent, n: int):
+    """Fixed state observations ``[n]`` and a goal task inferred from fixed goal states ``[n]``."""
+    g = torch.Generator().manual_seed(0)
+    obs = TensorDict({"state": torch.randn(n, STATE_DIM, generator=g)}, batch_size=[n])
+    goals = TensorDict({"state": torch.randn(n, STATE_DIM, generator=g)}, batch_size=[n])
+    return obs, agent.infer_task(GoalObservation(goals))
+
+
 @pytest.mark.parametrize("explore", [False, True])
 def test_policy_step_is_deterministic_and_per_env(explore):
     """Eval mode, a fixed carry: the same action whatever torch's global random state; the rows'
@@ -149,10 +157,7 @@ def test_policy_step_is_deterministic_and_per_env(explore):
     agent = make_agent("state")
     agent.eval()
     n = 3
-    g = torch.Generator().manual_seed(0)
-    obs = TensorDict({"state": torch.randn(n, STATE_DIM, generator=g)}, batch_size=[n])
-    task = agent.infer_task(GoalObservation(TensorDict({"state": torch.randn(n, STATE_DIM, generator=g)},
-                                                       batch_size=[n])))
+    obs, task = state_obs_and_goal_task(agent, n)
     policy = agent.policy(task, explore=explore)
     torch.manual_seed(0)
     _, carry = policy.step(obs, policy.init_carry(n), torch.ones(n, dtype=torch.bool))
@@ -289,10 +294,7 @@ def test_planning_is_not_blinded_by_a_large_constant_ambiguity(monkeypatch):
     agent = make_agent("state")
     agent.eval()
     n = 2
-    g = torch.Generator().manual_seed(0)
-    obs = TensorDict({"state": torch.randn(n, STATE_DIM, generator=g)}, batch_size=[n])
-    task = agent.infer_task(GoalObservation(TensorDict({"state": torch.randn(n, STATE_DIM, generator=g)},
-                                                       batch_size=[n])))
+    obs, task = state_obs_and_goal_task(agent, n)
     policy = agent.policy(task)
     carry = policy.init_carry(n)
     first = torch.ones(n, dtype=torch.bool)

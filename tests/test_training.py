@@ -17,7 +17,8 @@ import torch
 
 from latentrl.replay import ReplayBuffer
 from latentrl.training.cli import ConfigError, collect_main, load_config, train_main
-from latentrl.training.trainer import NonFiniteLossError, Trainer, evaluate_policy, resolve_device
+from latentrl.training.evaluation import rollout
+from latentrl.training.trainer import NonFiniteLossError, Trainer, resolve_device
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ["preset=smoke", "log.progress=false", "log.tensorboard=false"]
@@ -189,7 +190,7 @@ def test_device_auto_and_agent_fields_reach_the_agent(tmp_path):
     trainer = Trainer(cfg, tmp_path, agent_overrides=dict(cfg.agent.overrides))
     assert trainer.agent.config.batch_size == 7 and trainer.spec.batch_size == 7
     assert trainer.eval_env.batch_size == torch.Size([3])  # eval.num_envs: evaluation episodes side by side
-    result = evaluate_policy(trainer.eval_env, trainer.agent.policy(explore=False), 4)
+    result = rollout(trainer.eval_env, trainer.agent.policy(explore=False), 4)
     assert len(result.returns) == 4 and all(length == trainer.eval_env.episode_length for length in result.lengths)
     trainer.env.close()
     trainer.eval_env.close()

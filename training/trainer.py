@@ -23,15 +23,15 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from latentrl.agents import make_agent
-from latentrl.agents.base import Agent, Policy, resolve_device, sample_batches
+from latentrl.agents.base import Agent, resolve_device, sample_batches
 from latentrl.agents.model_files import save_model
 from latentrl.envs import make_env
 from latentrl.replay import ReplayBuffer
 from latentrl.training.checkpoint import load_checkpoint, restore_agent, save_checkpoint
-from latentrl.training.evaluation import RolloutResult, evaluate_agent, rollout
+from latentrl.training.evaluation import evaluate_agent, rollout
 from latentrl.training.logger import RunLogger, write_video
 
-__all__ = ["Trainer", "NonFiniteLossError", "EvalResult", "evaluate_policy", "resolve_device", "seed_everything"]
+__all__ = ["Trainer", "NonFiniteLossError", "resolve_device", "seed_everything"]
 
 
 # Settings a resumed run must share with the run that wrote the checkpoint: they shape the networks
@@ -79,22 +79,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-EvalResult = RolloutResult
-"""What :func:`evaluate_policy` returns (``returns``, ``lengths``, ``mean_return``, ``frames``, ``episodes``)."""
-
-
-def evaluate_policy(env, policy: Policy, episodes: int, *, record: bool = False,
-                    reward_fn=None) -> RolloutResult:
-    """Run ``episodes`` full episodes of ``policy`` on ``env`` (all its envs in parallel): the one
-    :func:`~latentrl.training.evaluation.rollout`, named for the trainer's use.
-
-    ``reward_fn`` (a task from ``get_task``) replaces the env's own reward, computed from
-    ``("next", "physics")``; otherwise the env's reward is summed. ``record`` keeps the first
-    episode's frames.
-    """
-    return rollout(env, policy, episodes, video=record, reward_task=reward_fn)
 
 
 def _check_finite(metrics: dict[str, float], update: int, env_steps: int, *, agent: Agent | None = None,
@@ -228,13 +212,13 @@ class Trainer:
             return ReplayBuffer.load(self.cfg.data, device=self.device)
         _check_buffer_fits(self.cfg.buffer_capacity, self.env)
         # the buffer records its domain: a dataset saved from it is never relabelled with another domain's rewards
-        return ReplayBuffer(self.cfg.buffer_capacity, device=self.device, domain=self.cfg.env.task.split("-", 1)[0])
+        return ReplayBuffer(self.cfg.buffer_capacity, device=self.device, domain=self.env.task.domain)
 
     def _check_dataset_fits(self) -> None:
         """An offline dataset must be of the run's domain and hold the observations the env is built with,
         in their shapes (else a shape error deep inside the first update, or a key error at the first sample)."""
         data, task = self.cfg.data, self.cfg.env.task
-        domain = task.split("-", 1)[0]
+        domain = self.env.task.domain
         held = getattr(self.buffer, "domain", None)
         if held is not None and held != domain:
             raise ValueError(f"data={data} holds {held} steps, but env={task} is a {domain} task; train with the "
