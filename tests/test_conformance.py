@@ -356,6 +356,9 @@ def test_world_model_contract(path, agent_name, obs_type):
             decoded = wm.decode(wm.encode(obs))
             frame = (3, IMAGE, IMAGE) if obs_type == "pixels" else (STATE_DIM,)
             assert isinstance(decoded, TensorDict) and decoded[obs_type].shape == (batch.batch_size[0], *frame)
+        elif capability == "infer":  # error regression on a one-step window [B, 1] gives a belief [B]
+            belief = wm.infer(obs.unsqueeze(1), wm.initial_state(batch.batch_size[0]), 2)
+            assert isinstance(belief, TensorDict) and belief.batch_size == batch.batch_size[:1]
         else:
             pytest.fail(f"the conformance suite has no check for capability {capability!r}; add one")
     for capability in {"decode", "sequence", "infer", "transition"} - set(wm.capabilities):

@@ -243,7 +243,8 @@ class Trainer:
     # --------------------------------------------------------------------------------- checkpoints
     def _config_dict(self) -> dict:
         out = OmegaConf.to_container(self.cfg, resolve=True)
-        out["agent"]["overrides"] = dict(self.agent_overrides)
+        out["agent"]["overrides"] = {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+                                     for k, v in self.agent_overrides.items()}  # list overrides as plain lists
         return out
 
     def check_parameters(self) -> None:
