@@ -18,6 +18,8 @@ AGENTS: dict[str, str] = {
     "fb": "latentrl.agents.fb:FBAgent",
     "metra": "latentrl.agents.metra:METRAAgent",
     "active_inference": "latentrl.agents.active_inference:ActiveInferenceAgent",
+    "stamo": "latentrl.agents.stamo:StaMoAgent",
+    "pv_rnn": "latentrl.agents.pv_rnn:PVRNNAgent",
 }
 
 

@@ -34,6 +34,8 @@ WORLD_MODELS: dict[str, str] = {
     "latentrl.world_models.td_jepa:TDJEPAModel": "td_jepa",
     "latentrl.world_models.fb:FBModel": "fb",
     "latentrl.world_models.active_inference:ActiveInferenceModel": "active_inference",
+    "latentrl.world_models.stamo:StaMoModel": "stamo",
+    "latentrl.world_models.pv_rnn:PVRNNModel": "pv_rnn",
 }
 
 __all__ = [

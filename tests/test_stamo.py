@@ -1,0 +1,358 @@
+"""StaMo (``shared/algorithms/stamo.md`` §8 checks 1-2, and the agent's pieces): the encoder contract, the
+rectified-flow interpolant / target / sampler against closed forms, the loss against a transcription, and the
+agent's latent actions, probes, pseudo-labels, co-training targets and goal policy."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+from tensordict import TensorDict
+
+from latentrl.agents import GoalObservation, RewardSamples, UnsupportedTaskError
+from latentrl.agents.model_files import save_model
+from latentrl.agents.stamo import StaMoAgent, StaMoCollectPolicy, StaMoGoalPolicy
+from latentrl.replay import ReplayBuffer
+from latentrl.world_models.stamo import (
+    StaMoModel,
+    euler_sample,
+    flow_interpolant,
+    flow_target,
+    logit_normal_sigma,
+)
+
+torch.set_num_threads(1)
+SHAPE = (3, 64, 64)
+
+
+def tiny_model(**kw) -> StaMoModel:
+    torch.manual_seed(0)
+    args = dict(token_dim=16, stem_channels=(8, 8), encoder_blocks=1, heads=2, compress=(4,), pooled_dim=16,
+                decoder_dim=16, decoder_blocks=1, sample_steps=3)
+    args.update(kw)
+    return StaMoModel("pixels", SHAPE, **args)
+
+
+def frames(n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, *SHAPE), dtype=torch.uint8, generator=g)
+
+
+def square_frames(positions: torch.Tensor) -> torch.Tensor:
+    """Frames ``[N, 3, 64, 64]`` of a white 12x12 square at x positions ``positions`` (pixels), on black."""
+    out = torch.zeros(len(positions), *SHAPE, dtype=torch.uint8)
+    for i, x in enumerate(positions.long().tolist()):
+        out[i, :, 26:38, x:x + 12] = 255
+    return out
+
+
+def agent(**kw) -> StaMoAgent:
+    torch.manual_seed(0)
+    return StaMoAgent(StaMoAgent.make_config("smoke", **kw), SHAPE, 2)
+
+
+# ------------------------------------------------------------------------------------ encoder (check 1)
+
+
+def test_encoder_reads_one_frame_and_gives_two_tokens():
+    wm = tiny_model()
+    wm.eval()
+    x = frames(5)
+    tokens = wm.encode(TensorDict({"pixels": x}, batch_size=[5]))
+    assert tokens.shape == (5, 2, 16)
+    # a single frame in: the signature has no time or action argument, and a frame stack is refused
+    assert list(inspect.signature(wm.encode).parameters) == ["obs"]
+    assert list(inspect.signature(wm.encoder.forward).parameters) == ["x"]
+    with pytest.raises(ValueError, match="single frame"):
+        wm.encode(torch.cat([x, x], dim=1))
+    # deterministic in eval mode, and each row depends on its own frame only (no batch statistics, no
+    # information from the other frames of the batch)
+    again = wm.encode(x)
+    assert torch.equal(tokens, again)
+    alone = torch.cat([wm.encode(x[i:i + 1]) for i in range(5)])
+    torch.testing.assert_close(alone, tokens, atol=1e-5, rtol=1e-5)
+    shuffled = wm.encode(x.flip(0)).flip(0)
+    torch.testing.assert_close(shuffled, tokens, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(tokens[0], tokens[1])  # and it does read the frame
+
+
+def test_pooled_vector_is_affine_in_the_tokens():
+    """pooled = Linear(mean over tokens), so interpolating tokens interpolates the pooled vector."""
+    wm = tiny_model()
+    a, b = wm.encode(frames(2, 1)).chunk(2)
+    mid = wm.pooled(0.3 * a + 0.7 * b)
+    torch.testing.assert_close(mid, 0.3 * wm.pooled(a) + 0.7 * wm.pooled(b), atol=1e-5, rtol=1e-5)
+
+
+# -------------------------------------------------------------------------------- flow (check 2)
+
+
+def test_interpolant_endpoints_and_target_is_its_velocity():
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(4, 3, 8, 8, generator=g), torch.randn(4, 3, 8, 8, generator=g)
+    torch.testing.assert_close(flow_interpolant(x0, eps, torch.zeros(4)), x0)
+    torch.testing.assert_close(flow_interpolant(x0, eps, torch.ones(4)), eps)
+    sigma = torch.tensor([0.1, 0.25, 0.5, 0.9])
+    expected = (1 - sigma.reshape(-1, 1, 1, 1)) * x0 + sigma.reshape(-1, 1, 1, 1) * eps
+    torch.testing.assert_close(flow_interpolant(x0, eps, sigma), expected)
+    # the target is d z_sigma / d sigma (finite difference of the interpolant)
+    h = 1e-3
+    fd = (flow_interpolant(x0.double(), eps.double(), sigma.double() + h)
+          - flow_interpolant(x0.double(), eps.double(), sigma.double())) / h
+    torch.testing.assert_close(flow_target(x0, eps).double(), fd, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(flow_target(x0, eps), eps - x0)
+
+
+@pytest.mark.parametrize("steps", [1, 4, 20])
+def test_euler_sampler_with_an_oracle_velocity_reconstructs_x0(steps):
+    g = torch.Generator().manual_seed(1)
+    x0, eps = torch.randn(3, 3, 8, 8, generator=g), torch.randn(3, 3, 8, 8, generator=g)
+
+    def oracle(z, sigma):  # the velocity of the straight path through z that ends at x0: (z - x0) / sigma
+        return (z - x0) / sigma.reshape(-1, 1, 1, 1)
+
+    torch.testing.assert_close(euler_sample(oracle, eps, steps), x0, atol=1e-5, rtol=1e-5)
+    # a wrong field does not (the check can fail)
+    assert not torch.allclose(euler_sample(lambda z, s: eps + x0, eps, steps), x0, atol=1e-3)
+
+
+def test_decode_runs_the_sampler_from_the_noise_through_the_velocity():
+    """``decode`` integrates the model's velocity from the given noise: with the oracle in place of the
+    decoder it returns x0 (in [0, 255] pixel units)."""
+    wm = tiny_model()
+    x = frames(2, 3)
+    x0 = wm.to_model_space(x)
+    eps = torch.randn_like(x0)
+    wm.velocity = lambda z, sigma, tokens: (z - x0) / sigma.reshape(-1, 1, 1, 1)
+    out = wm.decode(wm.encode(x), steps=5, noise=eps)["pixels"]
+    torch.testing.assert_close(out, x.float(), atol=1e-3, rtol=0)
+
+
+def test_sigma_is_logit_normal():
+    sigma = logit_normal_sigma(40000, generator=torch.Generator().manual_seed(0))
+    u = torch.logit(sigma)
+    assert sigma.min() > 0 and sigma.max() < 1
+    assert abs(float(u.mean())) < 0.03 and abs(float(u.std()) - 1.0) < 0.03  # uniform sigma: std pi/sqrt(3)
+
+
+def test_flow_loss_is_the_velocity_mse_against_eps_minus_x0():
+    """A transcription of the reference's train_step: z = (1 - s) x0 + s eps; v = D(z, s, E(x));
+    loss = mean (v - (eps - x0))^2."""
+    wm = tiny_model()
+    for p in wm.decoder.parameters():  # AdaLN-zero starts at v = 0: give the decoder a non-trivial output
+        torch.nn.init.normal_(p, std=0.05)
+    x = frames(4, 2)
+    x0 = x.float() / 127.5 - 1.0
+    eps = torch.randn_like(x0)
+    sigma = torch.tensor([0.2, 0.4, 0.6, 0.8])
+    out = wm.flow_loss(x, eps=eps, sigma=sigma)
+    tokens = wm.encoder(x)
+    z = (1 - sigma.reshape(-1, 1, 1, 1)) * x0 + sigma.reshape(-1, 1, 1, 1) * eps
+    v = wm.decoder(z, sigma, tokens, wm.encoder.pooled_head(tokens.mean(1)))
+    torch.testing.assert_close(out["loss"], (v - (eps - x0)).square().mean())
+    assert out["loss"].requires_grad
+
+
+def test_x_prediction_forms_the_velocity_from_the_predicted_x0():
+    """prediction="x": v = (z - x0_hat) / max(sigma, 0.05). With the output layer's bias set to a constant image
+    and its weights zeroed, x0_hat is that image, so v is known in closed form; on the straight path through
+    x0_hat it is exactly eps - x0_hat."""
+    wm = tiny_model()
+    dec = wm.decoder
+    torch.nn.init.zeros_(dec.patch_out.weight)
+    torch.nn.init.constant_(dec.patch_out.bias, 0.3)
+    x0_hat = torch.full((2, *SHAPE), 0.3)
+    eps = torch.randn(2, *SHAPE)
+    sigma = torch.tensor([0.5, 0.02])
+    z = flow_interpolant(x0_hat, eps, sigma)
+    tokens = wm.encode(frames(2))
+    v = wm.velocity(z, sigma, tokens)
+    torch.testing.assert_close(v[0], (eps - x0_hat)[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(v[1], (z[1] - x0_hat[1]) / 0.05, atol=1e-4, rtol=1e-5)  # sigma clamped
+
+
+def test_decoder_is_conditioned_on_the_tokens_only():
+    wm = tiny_model()
+    for p in wm.decoder.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    x = frames(2, 4)
+    z, sigma = torch.randn(2, *SHAPE), torch.tensor([0.5, 0.5])
+    tokens = wm.encode(x)
+    v1 = wm.velocity(z, sigma, tokens)
+    v2 = wm.velocity(z, sigma, tokens.flip(0))
+    assert not torch.allclose(v1, v2), "the velocity does not depend on the tokens"
+    # the decoder's inputs are the noisy frame, sigma, the tokens and their pooled vector: nothing else
+    assert list(inspect.signature(wm.decoder.forward).parameters) == ["z", "sigma", "tokens", "pooled"]
+
+
+# ----------------------------------------------------------------------------------------- agent
+
+
+def square_buffer(labelled_episodes=(0,), episodes=3, length=12) -> tuple[ReplayBuffer, list[torch.Tensor]]:
+    """Episodes of a square moving by 2 px per step; some stored with actions, the others as video, each
+    step carrying a zero ``latent_action`` extra (the collection policy's)."""
+    buffer = ReplayBuffer(episodes * (length + 2))
+    eps_frames = []
+    for e in range(episodes):
+        pos = torch.arange(length + 1) * 2 + e
+        px = square_frames(pos)
+        eps_frames.append(px)
+        td = TensorDict({
+            "pixels": px[:-1], "action": torch.full((length, 2), 0.5 if e in labelled_episodes else 9.0).clamp(-1, 1),
+            "latent_action": torch.zeros(length, 2 * 16),
+            "next": TensorDict({"pixels": px[1:], "reward": torch.zeros(length, 1),
+                                "done": torch.arange(length).reshape(-1, 1) == length - 1,
+                                "terminated": torch.zeros(length, 1, dtype=torch.bool),
+                                "truncated": torch.arange(length).reshape(-1, 1) == length - 1}, [length]),
+        }, batch_size=[length])
+        buffer.extend(td.unsqueeze(0), actions=e in labelled_episodes, action_shape=[2])
+    return buffer, eps_frames
+
+
+def test_pairs_and_latent_action_are_token_differences_k_steps_apart():
+    a = agent()
+    a.eval()
+    buffer, eps_frames = square_buffer()
+    batch = buffer.sample(16, **{k: v for k, v in a.sample_spec().sample_kwargs().items() if k != "batch_size"})
+    for k in (1, 2):
+        obs, target, action, labelled = a.pair(batch, k)
+        for i in range(16):
+            seg, step = int(batch["segment_id"][i, 0]), int(batch["segment_step"][i, 0])
+            assert torch.equal(obs[i], eps_frames[seg][step])
+            assert torch.equal(target[i], eps_frames[seg][step + k]), "o_{t+k} is not k steps after o_t"
+        assert action.shape == (16, k, 2)
+        assert torch.equal(labelled, batch["segment_id"][:, 0] == 0)
+        delta = a.latent_action(obs, target)
+        torch.testing.assert_close(delta, a.world_model.encode(target) - a.world_model.encode(obs))
+    # the same pairs from a sample(offset=k) batch
+    off = buffer.sample(8, offset=2)
+    obs, target, action, _ = a.pair(off, 2)
+    assert torch.equal(target, off["target", "pixels"]) and action.shape == (8, 2, 2)
+
+
+def test_probe_learns_from_labelled_rows_only():
+    a = agent()
+    buffer, _ = square_buffer(labelled_episodes=(0,))
+    batch = buffer.sample(32, horizon=2)
+    loss = a.probe_loss(2, batch, observe=False)
+    obs, target, action, labelled = a.pair(batch, 2)
+    assert 0 < int(labelled.sum()) < 32
+    delta = a.latent_action(obs[labelled], target[labelled])
+    expected = (a.probes["2"](delta) - action[labelled]).square().mean()
+    torch.testing.assert_close(loss, expected)
+    video_only = batch[~batch["has_action"][:, :2].all(1)]
+    assert a.probe_loss(2, video_only) is None
+
+
+def test_cotraining_targets_are_actions_or_pseudo_actions():
+    a = agent()
+    buffer, _ = square_buffer(labelled_episodes=(0,))
+    batch = buffer.sample(32, horizon=2)
+    obs, target, action, labelled = a.pair(batch, 2)
+    pseudo = a.probes["2"](a.latent_action(obs, target)).clamp(-1, 1)[:, 0]
+    label = torch.where(labelled.reshape(-1, 1), action[:, 0], pseudo)
+    expected = (a.bc(obs, target) - label).square().mean()
+    torch.testing.assert_close(a.cotrain_loss(batch, 2), expected)
+    assert not torch.allclose(pseudo[~labelled], action[~labelled][:, 0])  # video rows' stored zeros are not used
+
+
+def test_pseudo_labels_written_into_the_buffer():
+    a = agent()
+    a.eval()
+    buffer, eps_frames = square_buffer(labelled_episodes=(0,))
+    written = a.write_pseudo_labels(buffer)
+    assert written == 2 * 12  # the two video episodes' transitions
+    for seg in (0, 1, 2):
+        stored = buffer.episode(seg)["latent_action"][:-1]
+        if seg == 0:
+            assert torch.equal(stored, torch.zeros_like(stored))
+            continue
+        tokens = a.world_model.encode(eps_frames[seg])
+        torch.testing.assert_close(stored, (tokens[1:] - tokens[:-1]).flatten(1), atol=1e-5, rtol=1e-5)
+    # sampled batches carry them at t; they telescope to the k-step latent action
+    batch = buffer.sample(8, horizon=2)
+    video = ~batch["has_action"][:, 0]
+    obs, target, _, _ = a.pair(batch, 2)
+    summed = batch["latent_action"][:, :2].sum(1)
+    torch.testing.assert_close(summed[video], a.latent_action(obs, target).flatten(1)[video], atol=1e-4, rtol=1e-4)
+    with pytest.raises(KeyError, match="latent_action"):
+        a.write_pseudo_labels(ReplayBuffer(10))
+
+
+def test_goal_policy_feeds_the_token_difference_to_the_probe():
+    a = agent(goal_clip=False)
+    a.eval()
+    goal, obs = frames(3, 7), frames(3, 8)
+    task = a.infer_task(GoalObservation(TensorDict({"pixels": goal}, batch_size=[3])))
+    assert task.z.shape == (3, 2 * 16) and task.info["kind"] == "goal"
+    policy = a.policy(task)
+    assert isinstance(policy, StaMoGoalPolicy)
+    first = torch.ones(3, dtype=torch.bool)
+    action, _ = policy.step(TensorDict({"pixels": obs}, batch_size=[3]), policy.init_carry(3), first)
+    with torch.no_grad():
+        delta = a.world_model.encode(goal) - a.world_model.encode(obs)
+        expected = a.probes["2"](delta)[:, 0].clamp(-1, 1)
+    torch.testing.assert_close(action, expected)
+    # with goal_clip, a difference larger than the mean k-step norm is scaled down to it
+    a.config.goal_clip = True
+    a.probes["2"].delta_norm.fill_(0.5 * float(delta.flatten(1).norm(dim=-1).min()))
+    clipped, _ = a.policy(task).step(TensorDict({"pixels": obs}, batch_size=[3]), policy.init_carry(3),
+                                     torch.ones(3, dtype=bool))
+    scale = (a.probes["2"].delta_norm / delta.flatten(1).norm(dim=-1)).reshape(-1, 1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(clipped, a.probes["2"](delta * scale)[:, 0].clamp(-1, 1))
+
+
+def test_goal_policy_round_trips_through_a_model_directory(tmp_path):
+    from latentrl import load_policy
+
+    a = agent()
+    a.eval()
+    task = a.infer_task(GoalObservation(TensorDict({"pixels": frames(2, 1)}, batch_size=[2])))
+    save_model(tmp_path / "model", a, task=task)
+    loaded = load_policy(tmp_path / "model")
+    obs = TensorDict({"pixels": frames(2, 2)}, batch_size=[2])
+    first = torch.ones(2, dtype=torch.bool)
+    assert isinstance(loaded, StaMoGoalPolicy)
+    torch.testing.assert_close(loaded.step(obs, loaded.init_carry(2), first)[0],
+                               a.policy(task).step(obs, a.policy(task).init_carry(2), first)[0])
+
+
+def test_reward_tasks_are_unsupported():
+    a = agent()
+    with pytest.raises(UnsupportedTaskError):
+        a.infer_task(RewardSamples(TensorDict({"pixels": frames(2)}, batch_size=[2]), torch.zeros(2, 1)))
+
+
+def test_collection_policy_holds_actions_for_one_to_four_steps():
+    policy = StaMoCollectPolicy("pixels", SHAPE, 2, latent_dim=8, hold_min=1, hold_max=4)
+    torch.manual_seed(0)
+    obs = TensorDict({"pixels": frames(2)}, batch_size=[2])
+    carry, actions = policy.init_carry(2), []
+    for t in range(60):
+        a, carry = policy.step(obs, carry, torch.full((2,), t == 0))
+        actions.append(a)
+    actions = torch.stack(actions, 1)  # [2, T, A]
+    for row in actions:
+        runs, n = [], 1
+        for t in range(1, len(row)):
+            if torch.equal(row[t], row[t - 1]):
+                n += 1
+            else:
+                runs.append(n)
+                n = 1
+        assert max(runs) <= 4 and min(runs) >= 1 and max(runs) > 1
+    assert policy.extras(carry)["latent_action"].shape == (2, 8)
+
+
+def test_update_trains_model_probes_and_bc_on_mixed_data():
+    a = agent()
+    buffer, _ = square_buffer(labelled_episodes=(0,))
+    batch = buffer.sample(**a.sample_spec().sample_kwargs())
+    before = {k: v.clone() for k, v in a.state_dict().items() if v.is_floating_point()}
+    metrics = a.update(batch)
+    assert {"flow_mse", "bc_mse"} <= set(metrics)
+    for prefix in ("world_model.", "probes.", "bc."):
+        assert any(not torch.equal(v, before[k]) for k, v in a.state_dict().items()
+                   if k.startswith(prefix) and k in before), prefix
