@@ -56,6 +56,8 @@ __all__ = [
     "ActiveInferenceAgent",
     "ActiveInferenceConfig",
     "ActiveInferencePolicy",
+    "EFE_TERMS",
+    "PLANNER_FIELDS",
     "expected_free_energy",
     "plan",
     "precision",
@@ -94,6 +96,8 @@ class ActiveInferenceConfig:
     """Weight of KL(q(s_{t+1}|o_{t+1}) || p(s_{t+1}|s_t, a_t)) in the free energy."""
     kl_prior_weight: float = 0.1
     """Weight of KL(q(s|o) || N(0, I)) in the free energy."""
+    free_nats: float = 0.0
+    """Free nats of the transition KL (Dreamer: 3): below it the KL is not minimised (against collapse)."""
     lr: float = 1e-3
     """Adam learning rate of the world model and the reward head."""
     batch_size: int = 64
@@ -139,11 +143,17 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
     # Cheaper planning for a 2-core CPU (latency not yet measured): CEM with fewer candidates.
     "small": {"planner": "cem", "num_candidates": 128, "num_elites": 16, "cem_iterations": 3, "num_samples": 2},
+    # Fits a 50 Hz control period at batch 1 on one CPU thread (docs/bench_active_inference.md, latency):
+    # the spec's random shooting with 64 sequences and one state sample each.
+    "realtime": {"planner": "shooting", "num_candidates": 64, "num_samples": 1},
     # Tiny networks for tests.
     "smoke": {"latent_dim": 4, "encoder_depth": 4, "decoder_depth": 4, "hidden_dim": 32, "transition_hidden": 16,
               "ensemble_size": 2, "batch_size": 8, "seq_len": 2, "planner": "cem", "num_candidates": 8,
               "num_elites": 2, "cem_iterations": 2, "plan_horizon": 2, "num_samples": 2},
 }
+
+# the fields that set planning (what a latency preset changes; the rest shape the networks)
+PLANNER_FIELDS = ("planner", "num_candidates", "plan_horizon", "num_samples", "cem_iterations", "num_elites")
 
 
 # ------------------------------------------------------------------------------------- the scorer
@@ -247,13 +257,18 @@ def plan(score: Callable[[Tensor], Tensor], batch_size: int, horizon: int, actio
 # ------------------------------------------------------------------------------------------- policy
 
 
+EFE_TERMS = ("G", "risk", "ambiguity", "epistemic")
+
+
 class ActiveInferencePolicy(Policy):
     """Model-predictive control by expected free energy; see the module docstring.
 
     ``goal`` ``[1 or N, 2D]`` holds the preferred-state distribution ``[mean ‖ std]``; ``reward``
     ``[1, F + 1]`` a reward readout ``[w ‖ b]`` on ``reward_features`` (the reward head's hidden
     layers); neither: exploration by the epistemic term only. The carry holds ``mean``, ``std`` (the
-    belief q(s_t|o_t)), ``prev_action``, the planner's per-env ``seed`` and the frame stack.
+    belief q(s_t|o_t)), ``prev_action``, the planner's per-env ``seed``, the frame stack, and the executed
+    plan's expected free energy term by term (``efe_G``, ``efe_risk``, ``efe_ambiguity``,
+    ``efe_epistemic`` ``[N]``: :func:`expected_free_energy` of the whole chosen sequence).
     """
 
     def __init__(self, world_model: ActiveInferenceModel, config: ActiveInferenceConfig, *,
@@ -284,6 +299,9 @@ class ActiveInferencePolicy(Policy):
         carry["mean"], carry["std"] = state["mean"], state["std"]
         carry["prev_action"] = torch.zeros(batch_size, self.action_dim, device=self.device)
         carry["seed"] = torch.zeros(batch_size, dtype=torch.int64, device=self.device)
+        # the executed plan's expected free energy, term by term (diagnostics; spec §9 "Logging")
+        for term in EFE_TERMS:
+            carry[f"efe_{term}"] = torch.zeros(batch_size, device=self.device)
         return carry
 
     def start_episode(self, batch_size: int) -> TensorDict:
@@ -359,7 +377,10 @@ class ActiveInferencePolicy(Policy):
                           iterations=cfg.cem_iterations, num_elites=cfg.num_elites, device=x.device, select=select,
                           draw=lambda kind, shape: self._draw(gens, kind, shape))
         action = actions[:, 0].clamp(-1.0, 1.0)
+        chosen = self.score(state, actions.unsqueeze(1), goal_mean, goal_std, gens)[:, 0]
         carry = carry.clone(False)
+        for term in EFE_TERMS:
+            carry[f"efe_{term}"] = chosen[term]
         carry["mean"], carry["std"], carry["prev_action"] = state["mean"], state["std"], action.clone()
         carry["seed"] = torch.stack([torch.randint(0, 2**62, (), generator=g) for g in gens]).to(self.device)
         return action, carry
@@ -395,7 +416,8 @@ class ActiveInferenceAgent(Agent):
             encoder_depth=cfg.encoder_depth, hidden_dim=cfg.hidden_dim, transition_hidden=cfg.transition_hidden,
             transition_layers=cfg.transition_layers, ensemble_size=cfg.ensemble_size,
             decoder_depth=cfg.decoder_depth, obs_std=cfg.obs_std, min_std=cfg.min_std,
-            kl_transition_weight=cfg.kl_transition_weight, kl_prior_weight=cfg.kl_prior_weight)
+            kl_transition_weight=cfg.kl_transition_weight, kl_prior_weight=cfg.kl_prior_weight,
+            free_nats=cfg.free_nats)
         self.reward_head = mlp(cfg.latent_dim, [cfg.transition_hidden], 1)
         self.to(self.device)
         self._optimizer = torch.optim.Adam([*self.world_model.parameters(), *self.reward_head.parameters()],

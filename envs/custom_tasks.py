@@ -378,6 +378,27 @@ class PointMassMazeFastSlow(PointMassMaze):
                 + down * _linear(vx, (0.04, 0.05), margin=0.01))
 
 
+# --- point_mass-easy_visible: the suite's point_mass-easy with the mass drawn larger ---------------------
+# At 64x64 pixels the suite's point mass (radius 0.01 in a 0.6 m arena) covers about 2 pixels, too few for
+# a pixel world model trained for minutes on a CPU to pick up (docs/bench_active_inference.md). This task
+# draws it with radius VISIBLE_MASS_RADIUS. Only the picture changes: the model disables contacts, and the
+# body's mass and inertia were fixed when the model compiled, so geom_size never enters the dynamics;
+# the reward is the suite's (it reads the mass's position, not its size).
+VISIBLE_MASS_RADIUS = 0.04
+
+
+def _point_mass_visible_load(time_limit=None, random=None, environment_kwargs=None) -> control.Environment:
+    from dm_control import suite
+
+    task_kwargs = {"random": random}
+    if time_limit is not None:
+        task_kwargs["time_limit"] = time_limit
+    env = suite.load("point_mass", "easy", task_kwargs=task_kwargs, environment_kwargs=environment_kwargs)
+    model = env.physics.model
+    model.geom_size[model.name2id("pointmass", "geom"), 0] = VISIBLE_MASS_RADIUS
+    return env
+
+
 # --- registry ---------------------------------------------------------------------------------------------
 
 
@@ -406,6 +427,7 @@ def _build_registry() -> dict[tuple[str, str], Callable[..., control.Environment
     registry["point_mass_maze", "loop"] = maze_load(PointMassMazeLoop)
     registry["point_mass_maze", "square"] = maze_load(PointMassMazeSquare)
     registry["point_mass_maze", "fast_slow"] = maze_load(PointMassMazeFastSlow)
+    registry["point_mass", "easy_visible"] = _point_mass_visible_load
     return registry
 
 

@@ -33,18 +33,25 @@ import datetime as dt
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from tensordict import TensorDict
 
-from latentrl.agents.active_inference import ActiveInferenceAgent
+from latentrl.agents.active_inference import (
+    EFE_TERMS,
+    PLANNER_FIELDS,
+    PRESETS,
+    ActiveInferenceAgent,
+    ActiveInferencePolicy,
+)
 from latentrl.agents.base import GoalObservation, Policy, UniformRandomPolicy
 from latentrl.envs import get_task, make_env
 from latentrl.replay import ReplayBuffer
-from latentrl.training.evaluation import rollout
 from latentrl.training.logger import machine_description
+from latentrl.world_models.layers import gaussian_kl
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,10 +83,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mse-cases", type=int, default=1000, help="held-out transitions for check 1")
     p.add_argument("--rank-cases", type=int, default=100)
     p.add_argument("--rank-candidates", type=int, default=1000)
+    p.add_argument("--rank-horizon", type=int, default=5,
+                   help="check 2 again with H-step sequences toward o_{t+H} (1: skip; see the report)")
     p.add_argument("--goals", type=int, default=20)
     p.add_argument("--goal-steps", type=int, default=50)
     p.add_argument("--success-radius", type=float, default=0.05)
     p.add_argument("--strip-steps", type=int, default=8, help="steps of the real vs imagined strip")
+    p.add_argument("--data", default=None,
+                   help="folder for the collected buffers (train/, heldout/): reused when present, else written")
+    p.add_argument("--load-model", default=None, help="a state dict saved by --save-model: skip training")
+    p.add_argument("--save-model", default=None, help="save the trained agent's state dict here")
+    p.add_argument("--latency-presets", default="paper,small,realtime",
+                   help="planner presets whose step latency (batch 1) is measured; empty: none")
+    p.add_argument("--latency-steps", type=int, default=60, help="timed policy steps per preset (after 5 warm-up)")
+    p.add_argument("--checks", default="1,2,3,latency",
+                   help="what to run, comma-separated: 1 (and the imagined strip), 2, 3, latency, 5 (trains a "
+                   "second model on the left half of the arena; its own budget: --epistemic-updates / -seconds)")
+    p.add_argument("--epistemic-updates", type=int, default=3000)
+    p.add_argument("--epistemic-seconds", type=float, default=1800.0)
+    p.add_argument("--notes", default=None, help="a markdown file appended to the report (the reading of the run)")
+    p.add_argument("--merge", action="store_true",
+                   help="start from the results.json already in --fig-dir (add or replace the checks run now)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ROOT / "docs" / "bench_active_inference.md"))
@@ -91,8 +115,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.preset = "smoke"
         args.train_episodes, args.heldout_episodes, args.episode_length, args.num_envs = 2, 1, 12, 2
         args.updates, args.train_seconds, args.log_every = 6, 30.0, 1
-        args.mse_cases, args.rank_cases, args.rank_candidates = 16, 4, 20
+        args.mse_cases, args.rank_cases, args.rank_candidates, args.rank_horizon = 16, 4, 20, 2
         args.goals, args.goal_steps, args.strip_steps = 2, 3, 3
+        args.latency_presets, args.latency_steps = "small,realtime", 3
+        args.checks, args.epistemic_updates = "1,2,3,latency,5", 3
     return args
 
 
@@ -190,25 +216,43 @@ def one_step_mse(agent: ActiveInferenceAgent, heldout: ReplayBuffer, args) -> di
 
 
 @torch.no_grad()
-def scorer_ranking(agent: ActiveInferenceAgent, heldout: ReplayBuffer, args) -> dict:
-    """Check 2: rank of the true a_t among random one-step candidates by G, with the goal o_{t+1}."""
-    batch = heldout.sample(args.rank_cases, frame_stack=agent.frame_stack, keys=["pixels"])
-    task = agent.infer_task(GoalObservation(obs=TensorDict({"pixels": batch["next", "pixels"]},
-                                                           batch_size=[args.rank_cases])))
+def scorer_ranking(agent: ActiveInferenceAgent, heldout: ReplayBuffer, args, horizon: int = 1) -> dict:
+    """Check 2: rank of the true actions a_{t:t+H} among random H-step candidates, with the goal o_{t+H}
+    (H = 1: the spec's check). Ranked by G (the executed-plan score: risk summed over the imagined
+    path minus the weighted epistemic value) and, for H > 1, by the risk of the last imagined step alone."""
+    n, k, h = args.rank_cases, args.rank_candidates, int(horizon)
+    if h == 1:
+        batch = heldout.sample(n, frame_stack=agent.frame_stack, keys=["pixels"])
+        first, goal_frames = batch["pixels"], batch["next", "pixels"]
+        true_actions = batch["action"].float().reshape(n, 1, 1, -1)
+    else:
+        batch = heldout.sample(n, horizon=h, frame_stack=agent.frame_stack, keys=["pixels"])
+        first, goal_frames = batch["pixels"][:, 0], batch["next", "pixels"][:, -1]
+        true_actions = batch["action"].float().reshape(n, 1, h, -1)
+    task = agent.infer_task(GoalObservation(obs=TensorDict({"pixels": goal_frames}, batch_size=[n])))
     policy = agent.policy(task)
     wm = agent.world_model
-    state = wm.observe(wm.initial_state(args.rank_cases), batch["pixels"], None, None)
-    n, k = args.rank_cases, args.rank_candidates
+    state = wm.observe(wm.initial_state(n), first, None, None)
     gen = torch.Generator().manual_seed(args.seed + 1)
-    candidates = torch.rand(n, k, 1, wm.action_dim, generator=gen) * 2 - 1
-    actions = torch.cat([batch["action"].float().reshape(n, 1, 1, -1), candidates], dim=1)  # true action first
+    candidates = torch.rand(n, k, h, wm.action_dim, generator=gen) * 2 - 1
+    actions = torch.cat([true_actions, candidates], dim=1)  # the true sequence first
     goal_mean, goal_std = policy._goal(n)
     terms = policy.score(state, actions, goal_mean, goal_std)
-    out = {"cases": n, "candidates": k}
+    out = {"cases": n, "candidates": k, "horizon": h}
     # G as computed adds the constant ambiguity (~1.7e4 nats for 64x64x3 pixels), which rounds float32 G
     # values into ties; "G_nonconstant" = risk - epistemic_weight * epistemic ranks the same way without it.
     terms["G_nonconstant"] = terms["risk"] - agent.config.epistemic_weight * terms["epistemic"]
-    for name in ("G_nonconstant", "G", "risk"):
+    if h > 1:  # the last imagined step's KL to the goal belief, J samples each, case by case
+        j = agent.config.num_samples
+        last = []
+        for i in range(n):
+            roll = wm.imagine(state[i : i + 1].repeat_interleave(k + 1, dim=0), actions[i], num_samples=j)
+            kl = gaussian_kl(roll["mean"][:, -1], roll["std"][:, -1], goal_mean[i], goal_std[i])
+            last.append(kl.reshape(k + 1, j).mean(-1))
+        terms["final_risk"] = torch.stack(last)
+    for name in ("G_nonconstant", "G", "risk", "final_risk"):
+        if name not in terms.keys():
+            continue
         g = terms[name]
         # the fraction of random candidates scored better, ties counted half (mid-rank)
         rank = ((g[:, 1:] < g[:, :1]).float() + 0.5 * (g[:, 1:] == g[:, :1]).float()).mean(1)
@@ -218,40 +262,172 @@ def scorer_ranking(agent: ActiveInferenceAgent, heldout: ReplayBuffer, args) -> 
     return out
 
 
+def goal_episodes(env, policy: Policy, steps: int, task, goal_pos: np.ndarray) -> dict:
+    """Run ``policy`` from ``env.reset()`` for ``steps`` steps; the distance to each goal after every step
+    ``[steps, N]`` and, for an active inference policy, the executed plan's EFE terms ``[steps, N]``."""
+    td = env.reset()
+    n = td.batch_size[0]
+    carry = policy.init_carry(n)
+    is_first = torch.ones(n, dtype=torch.bool)
+    dists, terms = [], {t: [] for t in EFE_TERMS}
+    with torch.no_grad():
+        for _ in range(steps):
+            action, carry = policy.step(td, carry, is_first)
+            for t in EFE_TERMS:
+                if f"efe_{t}" in carry.keys():
+                    terms[t].append(carry[f"efe_{t}"].cpu().numpy())
+            td["action"] = action
+            td = env.step(td)["next"]
+            dists.append(np.linalg.norm(task.body_position(td["physics"].cpu().numpy()) - goal_pos, axis=-1))
+            is_first = torch.zeros(n, dtype=torch.bool)
+    return {"distance": np.stack(dists), "terms": {t: np.stack(v) for t, v in terms.items() if v}}
+
+
 def goal_reaching(agent: ActiveInferenceAgent, heldout: ReplayBuffer, args) -> dict:
-    """Check 3: success and final distance from ``--goals`` goal images for the agent, random and zero actions."""
+    """Check 3: success and final distance from ``--goals`` goal images for the agent, its risk-only
+    ablation (``epistemic_weight=0``), uniform-random and zero actions, from the same start states."""
     task = get_task(args.task)
     torch.manual_seed(args.seed + 2)
     goal_physics = heldout.sample(args.goals, keys=["physics"])["physics"]
     goal_pos = task.body_position(goal_physics.cpu().numpy())
     out = {"goals": args.goals, "steps": args.goal_steps, "success_radius": args.success_radius}
-    for name in ("agent", "random", "zero"):
+    curves, terms = {}, {}
+    for name in ("agent", "risk_only", "random", "zero"):
         env = make_env(args.task, obs=("pixels", "physics"), action_repeat=args.action_repeat,
-                       episode_length=args.goal_steps, num_envs=args.goals, num_workers=0, seed=args.seed + 3)
+                       episode_length=args.goal_steps + 1, num_envs=args.goals, num_workers=0, seed=args.seed + 3)
         start = time.perf_counter()
         try:
-            if name == "agent":
+            if name in ("agent", "risk_only"):
                 goal_obs = env.set_physics_state(goal_physics)
                 with torch.no_grad():
                     inferred = agent.infer_task(GoalObservation(obs=goal_obs.select("pixels")))
                 policy = agent.policy(inferred)
+                if name == "risk_only":
+                    policy = ActiveInferencePolicy(agent.world_model, replace(agent.config, epistemic_weight=0.0),
+                                                   goal=inferred.z)
+                policy.eval()
             elif name == "random":
                 policy = UniformRandomPolicy(agent.action_dim, torch.Generator().manual_seed(args.seed + 4))
             else:
                 policy = ZeroPolicy(agent.action_dim)
             torch.manual_seed(args.seed + 5)
-            episodes = rollout(env, policy, args.goals, final_physics=True).episodes
+            run = goal_episodes(env, policy, args.goal_steps, task, goal_pos)
         finally:
             env.close()
-        final = torch.stack([e.final_physics for e in episodes]).cpu().numpy()
-        dist = np.linalg.norm(task.body_position(final) - goal_pos, axis=-1)
-        out[name] = {"success": float(np.mean(dist < args.success_radius)), "mean_distance": float(dist.mean()),
+        dist = run["distance"]
+        curves[name] = {"mean_distance": dist.mean(1).tolist(),
+                        "success": (dist < args.success_radius).mean(1).tolist()}
+        if run["terms"]:
+            terms[name] = {t: v.mean(1).tolist() for t, v in run["terms"].items()}
+        out[name] = {"success": float(np.mean(dist[-1] < args.success_radius)), "mean_distance": float(dist[-1].mean()),
                      "seconds": time.perf_counter() - start}
         print(f"[bench_ai] goals, {name}: success {out[name]['success']:.2f}, "
               f"mean final distance {out[name]['mean_distance']:.3f}", flush=True)
     a, r, z = out["agent"], out["random"], out["zero"]
     out["pass"] = (a["success"] >= max(r["success"], z["success"]) + 0.2
                    and a["mean_distance"] < min(r["mean_distance"], z["mean_distance"]))
+    out["curves"], out["efe_terms"] = curves, terms
+    return out
+
+
+@torch.no_grad()
+def step_latency(agent: ActiveInferenceAgent, args) -> dict:
+    """Policy step latency at batch 1 (observe + plan + act) for each planner preset in ``--latency-presets``,
+    toward a goal, on this machine's CPU with ``--threads`` threads."""
+    names = [n for n in args.latency_presets.split(",") if n]
+    out = {"threads": torch.get_num_threads(), "steps": args.latency_steps, "presets": {}}
+    goal = agent.infer_task(GoalObservation(obs=TensorDict(
+        {"pixels": torch.zeros(1, *agent.obs_shape, dtype=torch.uint8)}, batch_size=[1])))
+    gen = torch.Generator().manual_seed(args.seed + 7)
+    for name in names:
+        defaults = ActiveInferenceAgent.config_class()
+        planner = {k: PRESETS[name].get(k, getattr(defaults, k)) for k in PLANNER_FIELDS}
+        cfg = replace(agent.config, **planner)
+        policy = ActiveInferencePolicy(agent.world_model, cfg, goal=goal.z).eval()
+        carry = policy.init_carry(1)
+        times = []
+        for i in range(5 + args.latency_steps):
+            obs = TensorDict({"pixels": torch.randint(0, 256, (1, *agent.obs_shape), generator=gen,
+                                                      dtype=torch.uint8)}, batch_size=[1])
+            t0 = time.perf_counter()
+            _, carry = policy.step(obs, carry, torch.tensor([i == 0]))
+            times.append(time.perf_counter() - t0)
+        ms = np.asarray(times[5:]) * 1e3
+        out["presets"][name] = {"planner": cfg.planner, "K": cfg.num_candidates, "rounds": cfg.cem_iterations
+                                if cfg.planner == "cem" else 1, "H": cfg.plan_horizon, "J": cfg.num_samples,
+                                "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
+                                "fits_50hz": bool(np.percentile(ms, 99) < 20.0)}
+        print(f"[bench_ai] latency {name}: p50 {out['presets'][name]['p50_ms']:.1f} ms, "
+              f"p99 {out['presets'][name]['p99_ms']:.1f} ms", flush=True)
+    return out
+
+
+def collect_left_half(args, episodes: int, seed: int) -> ReplayBuffer:
+    """Check 5's data: episodes that start at rest in the left half (x in [-0.25, -0.05]) under random
+    actions whose x part pushes left whenever the mass is right of x = -0.05."""
+    n = min(args.num_envs, episodes)
+    rounds = -(-episodes // n)
+    buffer = ReplayBuffer(rounds * n * (args.episode_length + 2) + n, domain=args.task.split("-")[0])
+    env = make_env(args.task, obs=("pixels", "physics"), action_repeat=args.action_repeat,
+                   episode_length=args.episode_length, num_envs=n, num_workers=0, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    try:
+        for _ in range(rounds):
+            td = env.reset()
+            physics = torch.zeros(n, 4, dtype=torch.float64)
+            physics[:, 0] = torch.rand(n, generator=gen, dtype=torch.float64) * 0.2 - 0.25
+            physics[:, 1] = torch.rand(n, generator=gen, dtype=torch.float64) * 0.5 - 0.25
+            td.update(env.set_physics_state(physics))
+            for _ in range(args.episode_length):
+                a = torch.rand(n, 2, generator=gen) * 2 - 1
+                right = td["physics"][:, 0] > -0.05
+                a[:, 0] = torch.where(right, -a[:, 0].abs(), a[:, 0])
+                td["action"] = a
+                td, td_next = env.step_and_maybe_reset(td)
+                buffer.extend(td)
+                td = td_next
+    finally:
+        env.close()
+    return buffer
+
+
+@torch.no_grad()
+def epistemic_check(args, config, heldout: ReplayBuffer) -> dict:
+    """Check 5: a second model trained on left-half data only (:func:`collect_left_half`). On held-out
+    uniform-random transitions over the whole arena, the epistemic value of the imagined transition
+    p(s'|s_t, a_t) from q(s_t|o_t), split by where the mass really goes (x_{t+1} > 0: into the right
+    half; else the left half). Also reported: from left-half states near the middle, imagined H-step
+    moves right (action (+1, 0)) against moves left (these move the mass only ~0.03 in H = 5 steps)."""
+    left = collect_left_half(args, args.train_episodes, args.seed + 50)
+    xs = left.sample(2000, keys=["physics"])["physics"][:, 0]
+    agent = ActiveInferenceAgent(config, (3, 64, 64), 2)
+    with torch.enable_grad():
+        train_args = argparse.Namespace(**{**vars(args), "updates": args.epistemic_updates,
+                                           "train_seconds": args.epistemic_seconds})
+        trained = train(agent, left, train_args)
+    agent.eval()
+    wm = agent.world_model
+    out = {"updates": trained["updates"], "train_fraction_right_of_0": float((xs > 0).float().mean()),
+           "train_max_x": float(xs.max())}
+    torch.manual_seed(args.seed + 8)
+    batch = heldout.sample(min(2000, len(heldout)), frame_stack=agent.frame_stack, keys=["pixels", "physics"])
+    state = wm.observe(wm.initial_state(batch.batch_size[0]), batch["pixels"], None, None)
+    ep = wm.imagine(state, batch["action"].float().unsqueeze(1), num_samples=8)["epistemic"]
+    ep = ep.reshape(batch.batch_size[0], 8).mean(-1)
+    right = batch["next", "physics"][:, 0] > 0
+    out["transitions_right"], out["transitions_left"] = int(right.sum()), int((~right).sum())
+    out["epistemic_right"], out["epistemic_left"] = float(ep[right].mean()), float(ep[~right].mean())
+    # imagined moves from left-half states next to the middle
+    near = (batch["physics"][:, 0] > -0.12) & (batch["physics"][:, 0] < -0.04)
+    start = wm.observe(wm.initial_state(int(near.sum())), batch["pixels"][near], None, None)
+    h = agent.config.plan_horizon
+    for name, ax in (("right", 1.0), ("left", -1.0)):
+        actions = torch.zeros(int(near.sum()), h, 2)
+        actions[..., 0] = ax
+        out[f"moves_{name}"] = float(wm.imagine(start, actions, num_samples=8)["epistemic"].sum(-1).mean())
+    out["moves_start_states"], out["horizon"] = int(near.sum()), h
+    out["pass"] = out["epistemic_right"] > out["epistemic_left"]
+    print(f"[bench_ai] check 5: {out}", flush=True)
     return out
 
 
@@ -273,6 +449,48 @@ def plot_free_energy(result: dict, path: Path) -> None:
     ax.set_xlabel("update")
     ax.set_ylabel("free energy (nats / observation)")
     ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_goal_curves(c3: dict, path: Path) -> None:
+    """Mean distance to the goal and success rate after each step, one line per policy."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3), dpi=80)
+    for name, curve in c3["curves"].items():
+        steps = np.arange(1, len(curve["mean_distance"]) + 1)
+        axes[0].plot(steps, curve["mean_distance"], label=name)
+        axes[1].plot(steps, curve["success"], label=name)
+    axes[0].set_ylabel("mean distance to goal")
+    axes[1].set_ylabel(f"success (< {c3['success_radius']})")
+    for ax in axes:
+        ax.set_xlabel("step")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_efe_terms(c3: dict, path: Path) -> None:
+    """The executed plan's risk and epistemic value (mean over goals) at each step of the goal rollouts."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3), dpi=80)
+    for name, terms in c3.get("efe_terms", {}).items():
+        steps = np.arange(1, len(terms["risk"]) + 1)
+        axes[0].plot(steps, terms["risk"], label=name)
+        axes[1].plot(steps, terms["epistemic"], label=name)
+    axes[0].set_ylabel("risk of the executed plan (nats)")
+    axes[1].set_ylabel("epistemic value of the executed plan")
+    for ax in axes:
+        ax.set_xlabel("step")
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -306,7 +524,7 @@ def imagined_strip(agent: ActiveInferenceAgent, heldout: ReplayBuffer, args, pat
 
 
 def report(args, results: dict, argv: list[str]) -> str:
-    tr, c1, c2, c3 = results["train"], results["check1"], results["check2"], results.get("check3")
+    tr, c1, c2, c3 = (results.get(k) for k in ("train", "check1", "check2", "check3"))
     cfg = results["config"]
     lines = [
         "# Deep active inference: small-scale benchmark (issue 14)",
@@ -316,51 +534,99 @@ def report(args, results: dict, argv: list[str]) -> str:
         f" (total {results['total_seconds'] / 60:.1f} min).",
         f"- Task: {args.task}, 64x64 pixels, action repeat {args.action_repeat}, frame stack {cfg['frame_stack']}.",
         f"- Data: {args.train_episodes} training + {args.heldout_episodes} held-out (another seed) uniform-random "
-        f"episodes x {args.episode_length} steps ({results['collect_seconds']:.0f} s to collect).",
+        f"episodes x {args.episode_length} steps.",
         f"- Agent: preset `{args.preset}`{' with ' + ', '.join(args.overrides) if args.overrides else ''} "
         f"(latent {cfg['latent_dim']}, ensemble {cfg['ensemble_size']}, batch {cfg['batch_size']}, "
-        f"lr {cfg['lr']}, obs_std {cfg['obs_std']}, planner {cfg['planner']} K={cfg['num_candidates']} "
-        f"x {cfg['cem_iterations']} rounds, H={cfg['plan_horizon']}, J={cfg['num_samples']}).",
-        f"- Training: {tr['updates']} updates in {tr['seconds']:.0f} s ({tr['seconds_per_update']:.2f} s/update; "
-        f"budget {args.updates} updates or {args.train_seconds:.0f} s).",
-        "",
-        "## Results",
-        "",
-        "| check | measured | target | pass |",
-        "|---|---|---|---|",
-        f"| 1. one-step prediction MSE (per pixel, [-0.5, 0.5] scale, {c1['cases']} held-out transitions) | "
-        f"model {c1['model_mse']:.5f} vs copy-frame {c1['copy_frame_mse']:.5f} (reconstruction "
-        f"{c1['reconstruction_mse']:.5f}) | model < copy | {'yes' if c1['pass'] else 'no'} |",
-        f"| 1. free energy, smoothed | {tr['free_energy_first_smoothed']:.1f} -> "
-        f"{tr['free_energy_last_smoothed']:.1f}; "
-        f"monotone at 10 marks: {'yes' if tr['smoothed_monotone'] else 'no'} | decreasing | "
-        f"{'yes' if tr['smoothed_monotone'] else 'no'} |",
-        f"| 2. true a_t in best 20% of {c2['candidates']} random candidates by G ({c2['cases']} cases) | "
-        f"{c2['G_nonconstant_fraction_in_best_20pct']:.2f} (median rank {c2['G_nonconstant_median_rank']:.2f}; "
-        f"G with the constant ambiguity in float32, ties mid-ranked: {c2['G_fraction_in_best_20pct']:.2f}; "
-        f"risk only {c2['risk_fraction_in_best_20pct']:.2f}) | >= 0.80 | {'yes' if c2['pass'] else 'no'} |",
+        f"lr {cfg['lr']}, obs_std {cfg['obs_std']}, free nats {cfg.get('free_nats', 0.0)}, planner "
+        f"{cfg['planner']} K={cfg['num_candidates']} x {cfg['cem_iterations']} rounds, H={cfg['plan_horizon']}, "
+        f"J={cfg['num_samples']}).",
     ]
+    if tr is not None:
+        lines.append(f"- Training: {tr['updates']} updates in {tr['seconds']:.0f} s ({tr['seconds_per_update']:.2f} "
+                     f"s/update).")
+    lines += ["", "## Results", "", "| check | measured | target | pass |", "|---|---|---|---|"]
+    if c1 is not None:
+        lines.append(
+            f"| 1. one-step prediction MSE (per pixel, [-0.5, 0.5] scale, {c1['cases']} held-out transitions) | "
+            f"model {c1['model_mse']:.5f} vs copy-frame {c1['copy_frame_mse']:.5f} (reconstruction "
+            f"{c1['reconstruction_mse']:.5f}) | model < copy | {'yes' if c1['pass'] else 'no'} |")
+    if tr is not None:
+        lines.append(
+            f"| 1. free energy, smoothed | {tr['free_energy_first_smoothed']:.1f} -> "
+            f"{tr['free_energy_last_smoothed']:.1f}; monotone at 10 marks: {'yes' if tr['smoothed_monotone'] else 'no'}"
+            f" | decreasing | {'yes' if tr['smoothed_monotone'] else 'no'} |")
+    if c2 is not None:
+        lines.append(
+            f"| 2. true a_t in best 20% of {c2['candidates']} random candidates by G ({c2['cases']} cases) | "
+            f"{c2['G_nonconstant_fraction_in_best_20pct']:.2f} (median rank {c2['G_nonconstant_median_rank']:.2f}; "
+            f"G with the constant ambiguity in float32, ties mid-ranked: {c2['G_fraction_in_best_20pct']:.2f}; "
+            f"risk only {c2['risk_fraction_in_best_20pct']:.2f}) | >= 0.80 | {'yes' if c2['pass'] else 'no'} |")
+    c2m = results.get("check2_multistep")
+    if c2m is not None:
+        lines.append(
+            f"| 2, H = {c2m['horizon']} (not in the spec): true a_t..a_t+{c2m['horizon'] - 1} in best 20% of "
+            f"{c2m['candidates']} random sequences, goal o_t+{c2m['horizon']} ({c2m['cases']} cases) | by G "
+            f"{c2m['G_nonconstant_fraction_in_best_20pct']:.2f} (median rank {c2m['G_nonconstant_median_rank']:.2f}); "
+            f"by the last step's risk {c2m['final_risk_fraction_in_best_20pct']:.2f} (median rank "
+            f"{c2m['final_risk_median_rank']:.2f}) | - | - |")
     if c3 is not None:
         a, r, z = c3["agent"], c3["random"], c3["zero"]
+        ro = c3.get("risk_only")
         lines.append(
             f"| 3. goal reaching, {c3['goals']} goals x {c3['steps']} steps: success (< {c3['success_radius']}) / "
-            f"mean final distance | agent {a['success']:.2f} / {a['mean_distance']:.3f}; random "
-            f"{r['success']:.2f} / {r['mean_distance']:.3f}; zero {z['success']:.2f} / {z['mean_distance']:.3f} | "
-            f"agent >= both + 0.20, lower distance | {'yes' if c3['pass'] else 'no'} |")
-    strip = results["strip"]
-    lines += [
-        "",
-        f"Open-loop imagination MSE per step over {strip['steps']} steps (per pixel, [0, 1] scale): "
-        + ", ".join(f"{v:.4f}" for v in strip["open_loop_mse_per_step"]) + ".",
-        "",
-        "![free energy](bench_active_inference/free_energy.png)",
-        "",
-        "![real (top) vs open-loop imagined (bottom) frames](bench_active_inference/imagined.png)",
-        "",
-        "Raw numbers: `bench_active_inference/results.json`.",
-        "",
-    ]
+            f"mean final distance | agent {a['success']:.2f} / {a['mean_distance']:.3f}; "
+            + (f"risk-only ablation {ro['success']:.2f} / {ro['mean_distance']:.3f}; " if ro else "")
+            + f"random {r['success']:.2f} / {r['mean_distance']:.3f}; zero {z['success']:.2f} / "
+            f"{z['mean_distance']:.3f} | agent >= both baselines + 0.20, lower distance | "
+            f"{'yes' if c3['pass'] else 'no'} |")
+    c5 = results.get("check5")
+    if c5 is not None:
+        lines.append(
+            f"| 5. epistemic value of imagined one-step transitions, model trained on the left half only "
+            f"({c5['updates']} updates; {c5['train_fraction_right_of_0']:.1%} of its frames right of x = 0), "
+            f"held-out random transitions going into the right ({c5['transitions_right']}) vs left "
+            f"({c5['transitions_left']}) half | right {c5['epistemic_right']:.4f} vs left {c5['epistemic_left']:.4f} "
+            f"(H = {c5['horizon']} imagined moves right vs left from {c5['moves_start_states']} states near the "
+            f"middle: {c5['moves_right']:.4f} vs {c5['moves_left']:.4f}) | right > left | "
+            f"{'yes' if c5['pass'] else 'no'} |")
+    strip = results.get("strip")
+    if strip is not None:
+        lines += ["", f"Open-loop imagination MSE per step over {strip['steps']} steps (per pixel, [0, 1] scale): "
+                  + ", ".join(f"{v:.4f}" for v in strip["open_loop_mse_per_step"]) + "."]
+    lat = results.get("latency")
+    if lat is not None:
+        lines += ["", f"Policy step latency (observe + plan + act), batch 1, CPU, {lat['threads']} thread(s), "
+                  f"{lat['steps']} steps after 5 warm-up:", "",
+                  "| preset | planner | K x rounds | H | J | p50 (ms) | p99 (ms) | p99 < 20 ms (50 Hz) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for name, v in lat["presets"].items():
+            lines.append(f"| {name} | {v['planner']} | {v['K']} x {v['rounds']} | {v['H']} | {v['J']} | "
+                         f"{v['p50_ms']:.1f} | {v['p99_ms']:.1f} | {'yes' if v['fits_50hz'] else 'no'} |")
+    lines += ["", "![free energy](bench_active_inference/free_energy.png)", "",
+              "![real (top) vs open-loop imagined (bottom) frames](bench_active_inference/imagined.png)", ""]
+    if c3 is not None:
+        lines += ["![goal reaching curves](bench_active_inference/goal_reaching.png)", "",
+                  "![EFE terms of the executed plans](bench_active_inference/efe_terms.png)", ""]
+    lines += ["Raw numbers: `bench_active_inference/results.json`.", ""]
+    if args.notes:
+        lines += [Path(args.notes).read_text()]
     return "\n".join(lines)
+
+
+def load_or_collect(args) -> tuple[ReplayBuffer, ReplayBuffer]:
+    """The training and held-out buffers: read from ``--data`` when it holds them, else collected (and
+    written there when ``--data`` is given)."""
+    data = Path(args.data) if args.data else None
+    if data is not None and (data / "train").exists() and (data / "heldout").exists():
+        print(f"[bench_ai] reusing the buffers in {data}", flush=True)
+        return ReplayBuffer.load(data / "train"), ReplayBuffer.load(data / "heldout")
+    train_buf = collect(args, args.train_episodes, args.seed)
+    heldout = collect(args, args.heldout_episodes, args.seed + 1000)
+    if data is not None:
+        data.mkdir(parents=True, exist_ok=True)
+        train_buf.save(data / "train")
+        heldout.save(data / "heldout")
+    return train_buf, heldout
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -371,25 +637,51 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     fig_dir = Path(args.fig_dir)
     fig_dir.mkdir(parents=True, exist_ok=True)
-    train_buf = collect(args, args.train_episodes, args.seed)
-    heldout = collect(args, args.heldout_episodes, args.seed + 1000)
+    checks = {c.strip() for c in args.checks.split(",") if c.strip()}
+    unknown = checks - {"1", "2", "3", "latency", "5"}
+    if unknown:
+        raise SystemExit(f"--checks: unknown {sorted(unknown)}; valid: 1, 2, 3, latency, 5")
+    train_buf, heldout = load_or_collect(args)
     collect_seconds = time.perf_counter() - t0
-    print(f"[bench_ai] collected {len(train_buf)} + {len(heldout)} steps in {collect_seconds:.0f} s", flush=True)
+    print(f"[bench_ai] data: {len(train_buf)} + {len(heldout)} steps in {collect_seconds:.0f} s", flush=True)
     config = ActiveInferenceAgent.make_config(args.preset, obs_type="pixels", **parse_overrides(args.overrides))
     agent = ActiveInferenceAgent(config, (3, 64, 64), 2)
-    results = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-               "machine": machine_description("cpu"), "args": vars(args), "collect_seconds": collect_seconds,
-               "config": {k: getattr(config, k) for k in config.__dataclass_fields__}}
-    results["train"] = train(agent, train_buf, args)
+    results = {}
+    if args.merge and (fig_dir / "results.json").exists():
+        results = json.loads((fig_dir / "results.json").read_text())
+    results.update({"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                    "machine": machine_description("cpu"), "args": vars(args), "collect_seconds": collect_seconds,
+                    "config": {k: getattr(config, k) for k in config.__dataclass_fields__}})
+    if checks - {"5"}:
+        if args.load_model:
+            saved = torch.load(args.load_model, weights_only=True)
+            agent.load_state_dict(saved["agent"])
+            results["train"] = saved["train"]
+            print(f"[bench_ai] loaded {args.load_model} ({results['train']['updates']} updates)", flush=True)
+        else:
+            results["train"] = train(agent, train_buf, args)
+            if args.save_model:
+                torch.save({"agent": agent.state_dict(), "train": results["train"]}, args.save_model)
+        plot_free_energy(results["train"], fig_dir / "free_energy.png")
     agent.eval()
-    results["check1"] = one_step_mse(agent, heldout, args)
-    print(f"[bench_ai] check 1: {results['check1']}", flush=True)
-    results["check2"] = scorer_ranking(agent, heldout, args)
-    print(f"[bench_ai] check 2: {results['check2']}", flush=True)
-    results["strip"] = imagined_strip(agent, heldout, args, fig_dir / "imagined.png")
-    plot_free_energy(results["train"], fig_dir / "free_energy.png")
-    if args.goals > 0:
+    if "1" in checks:
+        results["check1"] = one_step_mse(agent, heldout, args)
+        print(f"[bench_ai] check 1: {results['check1']}", flush=True)
+        results["strip"] = imagined_strip(agent, heldout, args, fig_dir / "imagined.png")
+    if "2" in checks:
+        results["check2"] = scorer_ranking(agent, heldout, args)
+        print(f"[bench_ai] check 2: {results['check2']}", flush=True)
+        if args.rank_horizon > 1:
+            results["check2_multistep"] = scorer_ranking(agent, heldout, args, horizon=args.rank_horizon)
+            print(f"[bench_ai] check 2, H = {args.rank_horizon}: {results['check2_multistep']}", flush=True)
+    if "3" in checks and args.goals > 0:
         results["check3"] = goal_reaching(agent, heldout, args)
+        plot_goal_curves(results["check3"], fig_dir / "goal_reaching.png")
+        plot_efe_terms(results["check3"], fig_dir / "efe_terms.png")
+    if "latency" in checks and args.latency_presets:
+        results["latency"] = step_latency(agent, args)
+    if "5" in checks:
+        results["check5"] = epistemic_check(args, config, heldout)
     results["total_seconds"] = time.perf_counter() - t0
     (fig_dir / "results.json").write_text(json.dumps(results, indent=1, default=str))
     Path(args.out).write_text(report(args, results, argv))

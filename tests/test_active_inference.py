@@ -149,6 +149,49 @@ def state_obs_and_goal_task(agent: ActiveInferenceAgent, n: int):
     return obs, agent.infer_task(GoalObservation(goals))
 
 
+def test_free_nats_clamp_the_minimised_transition_kl_only():
+    """With free nats above the transition KL, the objective holds ``free_nats`` in its place (so the
+    transition gets no gradient from it) while the reported free energy stays the unclamped bound."""
+    torch.manual_seed(0)
+    kwargs = dict(latent_dim=3, hidden_dim=16, transition_hidden=8, ensemble_size=2, obs_std=0.7)
+    wm = ActiveInferenceModel("state", (STATE_DIM,), ACTION_DIM, free_nats=1e3, **kwargs)
+    g = torch.Generator().manual_seed(1)
+    batch = TensorDict({"state": torch.randn(4, 1, STATE_DIM, generator=g),
+                        "action": torch.rand(4, 1, ACTION_DIM, generator=g) * 2 - 1,
+                        "next": {"state": torch.randn(4, 1, STATE_DIM, generator=g)}}, batch_size=[4, 1])
+    out = wm.loss(batch)
+    assert out["kl_transition"] < 1e3
+    unclamped = out["recon"] + out["kl_transition"] + 0.1 * out["kl_prior"]
+    assert out["free_energy"].item() == pytest.approx(unclamped.item(), rel=1e-5)
+    assert out["loss"].item() == pytest.approx((out["recon"] + 1e3 + 0.1 * out["kl_prior"]).item(), rel=1e-5)
+    out["loss"].backward()
+    assert all(p.grad is None or not p.grad.any() for p in wm.transitions.parameters())
+    # without free nats the same loss trains the transition
+    wm.free_nats = 0.0
+    wm.zero_grad()
+    wm.loss(batch)["loss"].backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in wm.transitions.parameters())
+    with pytest.raises(ValueError, match="free_nats"):
+        ActiveInferenceModel("state", (STATE_DIM,), ACTION_DIM, free_nats=-1.0, **kwargs)
+
+
+def test_carry_logs_the_executed_plans_efe_terms():
+    """The carry holds the executed sequence's EFE term by term: G = risk + ambiguity - w * epistemic,
+    risk is the KL to the goal (0 without a goal), and the ambiguity is the decoder's constant per step."""
+    agent = make_agent("state", epistemic_weight=0.5)
+    agent.eval()
+    n = 3
+    obs, task = state_obs_and_goal_task(agent, n)
+    for policy, has_goal in ((agent.policy(task), True), (agent.policy(None), False)):
+        _, carry = policy.step(obs, policy.init_carry(n), torch.ones(n, dtype=torch.bool))
+        torch.testing.assert_close(carry["efe_G"], carry["efe_risk"] + carry["efe_ambiguity"]
+                                   - 0.5 * carry["efe_epistemic"])
+        amb = agent.world_model.ambiguity() * agent.config.plan_horizon
+        torch.testing.assert_close(carry["efe_ambiguity"], torch.full((n,), amb))
+        assert (carry["efe_epistemic"] > 0).all()
+        assert (carry["efe_risk"] > 0).all() if has_goal else (carry["efe_risk"] == 0).all()
+
+
 @pytest.mark.parametrize("explore", [False, True])
 def test_policy_step_is_deterministic_and_per_env(explore):
     """Eval mode, a fixed carry: the same action whatever torch's global random state; the rows'

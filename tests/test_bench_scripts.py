@@ -102,14 +102,23 @@ def test_bench_active_inference_quick_writes_the_report_figures_and_numbers(tmp_
     out, figs = tmp_path / "report.md", tmp_path / "figs"
     assert bench.main(["--quick", "--out", str(out), "--fig-dir", str(figs)]) == 0
     report = out.read_text()
-    for text in ("one-step prediction MSE", "best 20%", "goal reaching", "copy-frame", "| check |"):
+    for text in ("one-step prediction MSE", "best 20%", "goal reaching", "copy-frame", "| check |",
+                 "risk-only ablation", "p99 (ms)", "| realtime |", "5. epistemic value"):
         assert text in report
-    for name in ("free_energy.png", "imagined.png", "results.json"):
+    for name in ("free_energy.png", "imagined.png", "goal_reaching.png", "efe_terms.png", "results.json"):
         assert (figs / name).stat().st_size > 0
     results = json.loads((figs / "results.json").read_text())
-    assert {"train", "check1", "check2", "check3", "strip", "config", "machine"} <= results.keys()
+    assert {"train", "check1", "check2", "check3", "check5", "latency", "strip", "config", "machine"} <= results.keys()
     assert results["train"]["updates"] == 6 and len(results["train"]["free_energy"]) == 6
     assert {"model_mse", "copy_frame_mse", "pass"} <= results["check1"].keys()
     assert 0.0 <= results["check2"]["G_fraction_in_best_20pct"] <= 1.0
-    for name in ("agent", "random", "zero"):
-        assert {"success", "mean_distance"} <= results["check3"][name].keys()
+    c3 = results["check3"]
+    for name in ("agent", "risk_only", "random", "zero"):
+        assert {"success", "mean_distance"} <= c3[name].keys()
+        assert len(c3["curves"][name]["mean_distance"]) == c3["steps"]
+    # the planning policies log the executed plan's EFE terms at every step; the baselines have none
+    assert set(c3["efe_terms"]) == {"agent", "risk_only"} and len(c3["efe_terms"]["agent"]["risk"]) == c3["steps"]
+    assert results["latency"]["presets"]["realtime"]["K"] == 64
+    assert {"epistemic_right", "epistemic_left", "pass"} <= results["check5"].keys()
+    assert results["check5"]["train_fraction_right_of_0"] < 0.5  # the left-half data stays mostly left
+    assert results["check5"]["transitions_right"] + results["check5"]["transitions_left"] > 0

@@ -49,7 +49,7 @@ def test_custom_names_are_new_and_registered():
     assert set(CUSTOM_NAMES) <= set(list_tasks())
     assert {"walker-spin", "walker-flip", "cheetah-walk", "cheetah-walk_backward", "cheetah-run_backward",
             "quadruped-stand", "quadruped-jump",
-            *(f"point_mass_maze-{task}" for task in MAZE_TASKS)} == set(CUSTOM_NAMES)
+            "point_mass-easy_visible", *(f"point_mass_maze-{task}" for task in MAZE_TASKS)} == set(CUSTOM_NAMES)
     td_jepa = {f"{domain}-{task}" for domain, tasks in TD_JEPA_TASKS.items() for task in tasks}
     assert td_jepa <= set(list_tasks())
 
@@ -344,3 +344,32 @@ def test_maze_walls_stop_the_point_mass():
 def test_unknown_task_suggests_the_right_name():
     with pytest.raises(ValueError, match="walker-spin"):
         get_task("walker-spn")
+
+
+def test_point_mass_easy_visible_changes_the_picture_only():
+    """``point_mass-easy_visible`` steps exactly like ``point_mass-easy`` (same physics and rewards under
+    the same actions and seed) while its point mass covers several times more pixels."""
+    import torch
+
+    from latentrl.envs import make_env
+
+    runs = {}
+    for name in ("point_mass-easy", "point_mass-easy_visible"):
+        env = make_env(name, obs=("pixels", "physics"), num_envs=2, num_workers=0, seed=4)
+        try:
+            td = env.reset()
+            frames, physics, rewards = [td["pixels"]], [td["physics"]], []
+            gen = torch.Generator().manual_seed(0)
+            for _ in range(5):
+                td["action"] = torch.rand(2, 2, generator=gen) * 2 - 1
+                td = env.step(td)["next"]
+                frames.append(td["pixels"])
+                physics.append(td["physics"])
+                rewards.append(td["reward"])
+        finally:
+            env.close()
+        runs[name] = (torch.stack(frames), torch.stack(physics), torch.stack(rewards))
+    (f0, p0, r0), (f1, p1, r1) = runs["point_mass-easy"], runs["point_mass-easy_visible"]
+    assert torch.equal(p0, p1) and torch.equal(r0, r1)
+    differ = (f0 != f1).any(dim=-3).float().sum(dim=(-1, -2))  # pixels that differ, per frame and env
+    assert differ.min() > 10, "the larger mass must be drawn in every frame"

@@ -17,7 +17,9 @@
   ``L + 1`` observations), per observation and summed over dims:
   ``-log p(o_t|s_t) + kl_transition_weight * KL(q(s_{t+1}|o_{t+1}) || p(s_{t+1}|s_t, a_t)) +
   kl_prior_weight * KL(q(s_t|o_t) || N(0, I))`` with ``s_t ~ q`` (reparameterised), the transition
-  KL averaged over ensemble members and counted on recorded actions only.
+  KL averaged over ensemble members and counted on recorded actions only. With ``free_nats > 0`` the
+  minimised objective clamps the batch-mean transition KL from below at ``free_nats`` (Dreamer's free
+  nats, against posterior collapse); the reported ``free_energy`` is always the unclamped bound.
 
 The belief state is a TensorDict ``[B]`` with ``mean``, ``std`` ``[B, D]`` and ``epistemic`` ``[B]``
 (0 for a posterior).
@@ -95,7 +97,7 @@ class ActiveInferenceModel(WorldModel):
                  frame_stack: int = 2, encoder_depth: int = 16, hidden_dim: int = 256, transition_hidden: int = 128,
                  transition_layers: int = 2, ensemble_size: int = 5, decoder_depth: int = 16,
                  obs_std: float = 1.0, min_std: float = 0.01, kl_transition_weight: float = 1.0,
-                 kl_prior_weight: float = 0.1):
+                 kl_prior_weight: float = 0.1, free_nats: float = 0.0):
         super().__init__()
         if obs_key not in ("pixels", "state"):
             raise ValueError(f"ActiveInferenceModel reads 'pixels' or 'state', got {obs_key!r}")
@@ -106,6 +108,9 @@ class ActiveInferenceModel(WorldModel):
         self.frame_stack = int(frame_stack) if obs_key == "pixels" else 1
         self.obs_std, self.min_std = float(obs_std), float(min_std)
         self.kl_transition_weight, self.kl_prior_weight = float(kl_transition_weight), float(kl_prior_weight)
+        if free_nats < 0:
+            raise ValueError(f"free_nats must be >= 0, got {free_nats}")
+        self.free_nats = float(free_nats)
         if obs_key == "pixels":
             c, h, w = self.obs_shape
             trunk = make_encoder("dreamer", (c * self.frame_stack, h, w), depth=encoder_depth)
@@ -243,9 +248,13 @@ class ActiveInferenceModel(WorldModel):
         kl_members = gaussian_kl(mean[:, 1:].flatten(0, 1), std[:, 1:].flatten(0, 1), p_means, p_stds)  # [E, B*L]
         weight = mask.flatten()
         kl_transition = (kl_members.mean(0) * weight).sum() / weight.sum().clamp_min(1.0)
+        # Free nats (Dreamer): the batch-mean transition KL below ``free_nats`` costs nothing and gives no
+        # gradient, so the posterior can carry that much information before the prior pulls on it.
+        kl_term = kl_transition.clamp_min(self.free_nats) if self.free_nats > 0 else kl_transition
         free_energy = recon + self.kl_transition_weight * kl_transition + self.kl_prior_weight * kl_prior
+        objective = recon + self.kl_transition_weight * kl_term + self.kl_prior_weight * kl_prior
         return TensorDict({
-            "loss": free_energy,
+            "loss": objective,
             "free_energy": free_energy.detach(),
             "recon": recon.detach(),
             "kl_transition": kl_transition.detach(),
