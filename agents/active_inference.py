@@ -46,6 +46,7 @@ from latentrl.agents.base import (
     SampleSpec,
     Task,
     UnsupportedTaskError,
+    check_obs_shape,
     resolve_device,
 )
 from latentrl.world_models.active_inference import ActiveInferenceModel
@@ -402,14 +403,9 @@ class ActiveInferenceAgent(Agent):
         super().__init__()
         self.config = cfg = config
         self.device = resolve_device(device)
-        self.obs_shape = tuple(int(s) for s in obs_shape)
+        self.obs_shape = check_obs_shape(cfg.obs_type, obs_shape)
         self.action_dim = int(action_dim)
         self.env_steps = 0
-        pixels = cfg.obs_type == "pixels"
-        if pixels and len(self.obs_shape) != 3:
-            raise ValueError(f"obs_type='pixels' needs a frame shape [3, H, W], got {list(self.obs_shape)}")
-        if not pixels and len(self.obs_shape) != 1:
-            raise ValueError(f"obs_type={cfg.obs_type!r} needs a vector shape [P], got {list(self.obs_shape)}")
         self.obs_key = cfg.obs_type
         self.world_model = ActiveInferenceModel(
             cfg.obs_type, self.obs_shape, self.action_dim, latent_dim=cfg.latent_dim, frame_stack=cfg.frame_stack,

@@ -27,6 +27,7 @@ from latentrl.world_models.encoders import read_key
 
 __all__ = [
     "Agent",
+    "check_obs_shape",
     "GoalObservation",
     "Policy",
     "RewardSamples",
@@ -373,6 +374,17 @@ class Agent(nn.Module):
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         del state
+
+
+def check_obs_shape(obs_type: str, obs_shape) -> tuple[int, ...]:
+    """``obs_shape`` as a tuple of ints, checked against ``obs_type``: pixels need one frame ``[3, H, W]``,
+    every other observation type a vector ``[P]``."""
+    shape = tuple(int(s) for s in obs_shape)
+    if obs_type == "pixels" and len(shape) != 3:
+        raise ValueError(f"obs_type='pixels' needs a frame shape [3, H, W], got {list(shape)}")
+    if obs_type != "pixels" and len(shape) != 1:
+        raise ValueError(f"obs_type={obs_type!r} needs a vector shape [P], got {list(shape)}")
+    return shape
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

@@ -454,46 +454,35 @@ def plot_free_energy(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_goal_curves(c3: dict, path: Path) -> None:
-    """Mean distance to the goal and success rate after each step, one line per policy."""
+def plot_panels(series: dict[str, dict[str, list[float]]], panels: list[tuple[str, str]], path: Path) -> None:
+    """One line per policy in each panel: ``series[policy][key]`` against the step, for each
+    ``(key, ylabel)`` in ``panels``."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3), dpi=80)
-    for name, curve in c3["curves"].items():
-        steps = np.arange(1, len(curve["mean_distance"]) + 1)
-        axes[0].plot(steps, curve["mean_distance"], label=name)
-        axes[1].plot(steps, curve["success"], label=name)
-    axes[0].set_ylabel("mean distance to goal")
-    axes[1].set_ylabel(f"success (< {c3['success_radius']})")
-    for ax in axes:
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3), dpi=80)
+    for ax, (key, ylabel) in zip(axes, panels, strict=True):
+        for name, values in series.items():
+            ax.plot(np.arange(1, len(values[key]) + 1), values[key], label=name)
         ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def plot_goal_curves(c3: dict, path: Path) -> None:
+    """Mean distance to the goal and success rate after each step, one line per policy."""
+    plot_panels(c3["curves"], [("mean_distance", "mean distance to goal"),
+                               ("success", f"success (< {c3['success_radius']})")], path)
 
 
 def plot_efe_terms(c3: dict, path: Path) -> None:
     """The executed plan's risk and epistemic value (mean over goals) at each step of the goal rollouts."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3), dpi=80)
-    for name, terms in c3.get("efe_terms", {}).items():
-        steps = np.arange(1, len(terms["risk"]) + 1)
-        axes[0].plot(steps, terms["risk"], label=name)
-        axes[1].plot(steps, terms["epistemic"], label=name)
-    axes[0].set_ylabel("risk of the executed plan (nats)")
-    axes[1].set_ylabel("epistemic value of the executed plan")
-    for ax in axes:
-        ax.set_xlabel("step")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    plot_panels(c3.get("efe_terms", {}), [("risk", "risk of the executed plan (nats)"),
+                                          ("epistemic", "epistemic value of the executed plan")], path)
 
 
 @torch.no_grad()
