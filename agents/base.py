@@ -15,6 +15,7 @@ An agent is two things, after Meta Motivo's model / agent split:
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -152,7 +153,9 @@ class Policy(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        for tensor in (*self.parameters(), *self.buffers()):
+        # lazily: the first parameter (else buffer) decides, so nothing else is enumerated (this runs on
+        # every policy step; unpacking every parameter and buffer first cost ~25% of a planner's step)
+        for tensor in itertools.chain(self.parameters(), self.buffers()):
             return tensor.device
         return torch.device("cpu")
 
