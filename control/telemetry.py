@@ -5,12 +5,36 @@ from __future__ import annotations
 import csv
 import json
 import math
+import time
+from collections.abc import Sequence
 from enum import IntFlag
 from pathlib import Path
 
 import numpy as np
+import torch
+from tensordict import TensorDict
 
-__all__ = ["Fault", "Telemetry"]
+__all__ = ["Fault", "Telemetry", "step_latencies"]
+
+
+def step_latencies(policy, calls: int, *, warmup: int = 5, obs_shape: Sequence[int] = (3, 64, 64),
+                   obs_key: str = "pixels", seed: int = 0) -> np.ndarray:
+    """Milliseconds of each of ``calls`` ``policy.step`` calls at batch 1, after ``warmup`` untimed ones,
+    with the carry fed back: the latency a control loop waits on. Observations cycle through 64 random
+    uint8 frames ``obs_shape`` (made before timing); the first call passes ``is_first``."""
+    g = torch.Generator().manual_seed(seed)
+    pool = [TensorDict({obs_key: torch.randint(0, 256, (1, *obs_shape), dtype=torch.uint8, generator=g)},
+                       batch_size=[1]) for _ in range(64)]
+    carry = policy.init_carry(1)
+    first, not_first = torch.ones(1, dtype=torch.bool), torch.zeros(1, dtype=torch.bool)
+    out = np.empty(calls)
+    with torch.inference_mode():
+        for i in range(warmup + calls):
+            t = time.perf_counter_ns()
+            _, carry = policy.step(pool[i % 64], carry, first if i == 0 else not_first)
+            if i >= warmup:
+                out[i - warmup] = (time.perf_counter_ns() - t) / 1e6
+    return out
 
 
 class Fault(IntFlag):

@@ -48,6 +48,7 @@ from latentrl.agents.active_inference import (
     ActiveInferencePolicy,
 )
 from latentrl.agents.base import GoalObservation, Policy, UniformRandomPolicy
+from latentrl.control.telemetry import step_latencies
 from latentrl.envs import get_task, make_env
 from latentrl.replay import ReplayBuffer
 from latentrl.training.logger import machine_description
@@ -330,29 +331,21 @@ def goal_reaching(agent: ActiveInferenceAgent, heldout: ReplayBuffer, args) -> d
     return out
 
 
-@torch.no_grad()
 def step_latency(agent: ActiveInferenceAgent, args) -> dict:
     """Policy step latency at batch 1 (observe + plan + act) for each planner preset in ``--latency-presets``,
-    toward a goal, on this machine's CPU with ``--threads`` threads."""
+    toward a goal, on this machine's CPU with ``--threads`` threads (``latentrl.control.telemetry.step_latencies``,
+    what the control benchmark uses)."""
     names = [n for n in args.latency_presets.split(",") if n]
     out = {"threads": torch.get_num_threads(), "steps": args.latency_steps, "presets": {}}
-    goal = agent.infer_task(GoalObservation(obs=TensorDict(
-        {"pixels": torch.zeros(1, *agent.obs_shape, dtype=torch.uint8)}, batch_size=[1])))
-    gen = torch.Generator().manual_seed(args.seed + 7)
+    with torch.no_grad():
+        goal = agent.infer_task(GoalObservation(obs=TensorDict(
+            {"pixels": torch.zeros(1, *agent.obs_shape, dtype=torch.uint8)}, batch_size=[1])))
+    defaults = ActiveInferenceAgent.config_class()
     for name in names:
-        defaults = ActiveInferenceAgent.config_class()
         planner = {k: PRESETS[name].get(k, getattr(defaults, k)) for k in PLANNER_FIELDS}
         cfg = replace(agent.config, **planner)
         policy = ActiveInferencePolicy(agent.world_model, cfg, goal=goal.z).eval()
-        carry = policy.init_carry(1)
-        times = []
-        for i in range(5 + args.latency_steps):
-            obs = TensorDict({"pixels": torch.randint(0, 256, (1, *agent.obs_shape), generator=gen,
-                                                      dtype=torch.uint8)}, batch_size=[1])
-            t0 = time.perf_counter()
-            _, carry = policy.step(obs, carry, torch.tensor([i == 0]))
-            times.append(time.perf_counter() - t0)
-        ms = np.asarray(times[5:]) * 1e3
+        ms = step_latencies(policy, args.latency_steps, warmup=5, obs_shape=agent.obs_shape, seed=args.seed + 7)
         out["presets"][name] = {"planner": cfg.planner, "K": cfg.num_candidates, "rounds": cfg.cem_iterations
                                 if cfg.planner == "cem" else 1, "H": cfg.plan_horizon, "J": cfg.num_samples,
                                 "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tensordict import TensorDict
 
 from latentrl.control.fake import DEMO_CASES as AGENTS
+from latentrl.control.telemetry import step_latencies
 
 
 def build(case: str, root: Path, preset: str) -> Path:
@@ -33,19 +33,7 @@ def build(case: str, root: Path, preset: str) -> Path:
 
 
 def time_policy(policy, calls: int, warmup: int, budget_ms: float) -> dict:
-    g = torch.Generator().manual_seed(0)
-    pool = [TensorDict(pixels=torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8, generator=g), batch_size=[1])
-            for _ in range(64)]
-    carry = policy.init_carry(1)
-    first = torch.ones(1, dtype=torch.bool)
-    not_first = torch.zeros(1, dtype=torch.bool)
-    out = np.empty(calls)
-    with torch.inference_mode():
-        for i in range(warmup + calls):
-            t = time.perf_counter_ns()
-            _, carry = policy.step(pool[i % 64], carry, first if i == 0 else not_first)
-            if i >= warmup:
-                out[i - warmup] = (time.perf_counter_ns() - t) / 1e6
+    out = step_latencies(policy, calls, warmup=warmup)
     return {"p50": float(np.percentile(out, 50)), "p90": float(np.percentile(out, 90)),
             "p99": float(np.percentile(out, 99)), "max": float(out.max()), "mean": float(out.mean()),
             "over_budget_pct": float(100 * (out > budget_ms).mean()), "calls": calls}
