@@ -16,7 +16,11 @@
   over state samples, ``G = risk + ambiguity - epistemic_weight * epistemic`` with
   ``risk = KL(p(s_t|pi) || p~(s))`` ("state control", spec §1), ``ambiguity = E[H p(o|s)]`` (a
   constant under the fixed-variance decoder, reported for completeness) and ``epistemic`` the
-  transition ensemble's information gain (:func:`~latentrl.world_models.active_inference.ensemble_epistemic`).
+  transition ensemble's information gain (:func:`~latentrl.world_models.active_inference.ensemble_epistemic`),
+  or with ``epistemic="belief_change"`` AV's belief change from the imagined view,
+  ``KL(fuse(p, q(s | dec(s'))) || p)`` (:meth:`~latentrl.world_models.active_inference.ActiveInferenceModel.
+  view_epistemic`), computed for the ``epistemic_candidates`` lowest-risk candidates only (the others are
+  screened out), as the spec's CPU configuration bounds its cost.
 - **Planning** (:func:`plan`): random shooting (``planner="shooting"``: ``K`` uniform action
   sequences of horizon ``H``, argmin G) or CEM (``planner="cem"``: ``cem_iterations`` rounds of ``K``
   Gaussian candidates, refitted to the ``num_elites`` best; the best candidate seen is executed).
@@ -48,9 +52,10 @@ from latentrl.agents.base import (
     UnsupportedTaskError,
     check_obs_shape,
     resolve_device,
+    scalar_metrics,
 )
 from latentrl.world_models.active_inference import ActiveInferenceModel
-from latentrl.world_models.layers import gaussian_kl, mlp
+from latentrl.world_models.layers import gaussian_kl, make_adam, mlp
 
 __all__ = [
     "PRESETS",
@@ -119,6 +124,13 @@ class ActiveInferenceConfig:
     """CEM elites refitted each round."""
     epistemic_weight: float = 1.0
     """Weight of the epistemic term in G (0: the risk-only ablation)."""
+    epistemic: Literal["ensemble", "belief_change"] = "ensemble"
+    """The epistemic value: ``"ensemble"``, the transition ensemble's disagreement (cheap: every candidate), or
+    ``"belief_change"``, AV's ``KL(fuse(p, q(s | dec(s'))) || p)`` of the imagined views (spec §7; a decode and
+    an encode per imagined step, so only for the ``epistemic_candidates`` lowest-risk candidates)."""
+    epistemic_candidates: int = 64
+    """``epistemic="belief_change"``: candidates per env (lowest risk first) whose views are scored; the others
+    are screened out (G = inf), as the spec's CPU configuration bounds the cost."""
     gamma: float = 1.0
     """Precision of softmax(-gamma G) when the policy explores."""
     reward_temperature: float = 1.0
@@ -135,6 +147,12 @@ class ActiveInferenceConfig:
                      "plan_horizon", "num_samples", "cem_iterations", "num_elites", "transition_layers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ActiveInferenceConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.epistemic not in ("ensemble", "belief_change"):
+            raise ValueError(f"ActiveInferenceConfig.epistemic must be 'ensemble' or 'belief_change', got "
+                             f"{self.epistemic!r}")
+        if self.epistemic_candidates < 1:
+            raise ValueError("ActiveInferenceConfig.epistemic_candidates must be >= 1, got "
+                             f"{self.epistemic_candidates}")
         if self.num_elites > self.num_candidates:
             raise ValueError(f"num_elites ({self.num_elites}) must be <= num_candidates ({self.num_candidates})")
 
@@ -320,9 +338,12 @@ class ActiveInferencePolicy(Policy):
         return goal.chunk(2, dim=-1)
 
     def score(self, state: TensorDict, actions: Tensor, goal_mean: Tensor | None,
-              goal_std: Tensor | None, gens: list[torch.Generator] | None = None) -> TensorDict:
+              goal_std: Tensor | None, gens: list[torch.Generator] | None = None,
+              context: Tensor | None = None) -> TensorDict:
         """EFE terms ``[N, K]`` of candidates ``actions`` ``[N, K, H, A]`` from beliefs ``state`` ``[N]``;
-        ``gens`` (one generator per env) makes the rollouts' draws per env."""
+        ``gens`` (one generator per env) makes the rollouts' draws per env. ``context`` ``[N, 3 (k - 1), H, W]``:
+        the newest observed frames, which the first imagined views are stacked with (``belief_change``).
+        ``screened`` is 1 for candidates left out of the ``belief_change`` term (their ``G`` is inf)."""
         cfg, wm = self.config, self.world_model
         n, k, h = actions.shape[:3]
         j = cfg.num_samples
@@ -344,7 +365,34 @@ class ActiveInferencePolicy(Policy):
             log_pref = (self.reward_features(rollout["mean"]) @ w + b).sum(-1) / cfg.reward_temperature
             terms["G"] = terms["G"] - terms["risk"] - log_pref
             terms["risk"] = -log_pref
+        terms["screened"] = torch.zeros_like(terms["risk"])
+        if cfg.epistemic == "belief_change":
+            terms = self._belief_change(terms, rollout, (n, k, j), context)
         return terms.reshape(n, k, j).mean(-1)
+
+    def _belief_change(self, terms: TensorDict, rollout: TensorDict, sizes: tuple[int, int, int],
+                       context: Tensor | None) -> TensorDict:
+        """Replace the ensemble's epistemic value with AV's belief change for the ``epistemic_candidates``
+        lowest-risk candidates of each env; screen the others out (``G`` = inf)."""
+        cfg, wm = self.config, self.world_model
+        n, k, j = sizes
+        c = min(cfg.epistemic_candidates, k)
+        risk = terms["risk"].reshape(n, k, j).mean(-1)
+        top = risk.topk(c, dim=1, largest=False).indices  # [N, c]
+        cand = torch.arange(n, device=risk.device)[:, None] * k + top
+        rows = (cand[..., None] * j + torch.arange(j, device=risk.device)).reshape(-1)  # into the N*K*J rollouts
+        picked = rollout[rows]
+        if context is not None:
+            context = context.repeat_interleave(c * j, dim=0)
+        epistemic = torch.zeros_like(terms["epistemic"])
+        epistemic[rows] = wm.view_epistemic(picked["mean"], picked["std"], context).sum(-1)
+        screened = torch.ones_like(epistemic)
+        screened[rows] = 0.0
+        terms = terms.clone(False)
+        terms["epistemic"], terms["screened"] = epistemic, screened
+        g = terms["risk"] + terms["ambiguity"] - cfg.epistemic_weight * epistemic
+        terms["G"] = g.masked_fill(screened > 0, float("inf"))
+        return terms
 
     def _draw(self, gens: list[torch.Generator], kind: str, shape: tuple[int, ...]) -> Tensor:
         """``[N, *shape[1:]]``: row ``i`` drawn from ``gens[i]`` (``kind``: ``"rand"`` or ``"randn"``)."""
@@ -360,6 +408,8 @@ class ActiveInferencePolicy(Policy):
         state = wm.observe(wm.initial_state(n), x, carry["prev_action"], is_first)
         goal_mean, goal_std = self._goal(n)
         gens = [torch.Generator().manual_seed(int(seed)) for seed in carry["seed"].tolist()]
+        k = self.frame_stack
+        context = x[:, -3 * (k - 1):] if self.obs_key == "pixels" and k > 1 else None  # the newest k-1 frames
         select = None
         if self.explore:
             def select(g: Tensor) -> Tensor:
@@ -370,15 +420,16 @@ class ActiveInferencePolicy(Policy):
         def rank(a: Tensor) -> Tensor:
             # G without its ambiguity term: that term is the same for every candidate (fixed-variance decoder)
             # and ~1e4 nats, so adding it in float32 rounds away the differences the argmin has to see.
-            terms = self.score(state, a, goal_mean, goal_std, gens)
-            return terms["risk"] - cfg.epistemic_weight * terms["epistemic"]
+            terms = self.score(state, a, goal_mean, goal_std, gens, context)
+            value = terms["risk"] - cfg.epistemic_weight * terms["epistemic"]
+            return value.masked_fill(terms["screened"] > 0, float("inf"))
 
         actions, _ = plan(rank, n, cfg.plan_horizon,
                           self.action_dim, num_candidates=cfg.num_candidates, method=cfg.planner,
                           iterations=cfg.cem_iterations, num_elites=cfg.num_elites, device=x.device, select=select,
                           draw=lambda kind, shape: self._draw(gens, kind, shape))
         action = actions[:, 0].clamp(-1.0, 1.0)
-        chosen = self.score(state, actions.unsqueeze(1), goal_mean, goal_std, gens)[:, 0]
+        chosen = self.score(state, actions.unsqueeze(1), goal_mean, goal_std, gens, context)[:, 0]
         carry = carry.clone(False)
         for term in EFE_TERMS:
             carry[f"efe_{term}"] = chosen[term]
@@ -416,7 +467,7 @@ class ActiveInferenceAgent(Agent):
             free_nats=cfg.free_nats)
         self.reward_head = mlp(cfg.latent_dim, [cfg.transition_hidden], 1)
         self.to(self.device)
-        self._optimizer = torch.optim.Adam([*self.world_model.parameters(), *self.reward_head.parameters()],
+        self._optimizer = make_adam([*self.world_model.parameters(), *self.reward_head.parameters()],
                                            lr=cfg.lr)
 
     @property
@@ -490,7 +541,7 @@ class ActiveInferenceAgent(Agent):
         return Task(z=z.float().reshape(1, -1), info={"kind": "reward"})
 
     # --------------------------------------------------------------------------------- update
-    def update(self, batch: TensorDict) -> dict[str, float]:
+    def update(self, batch: TensorDict) -> dict[str, Tensor]:
         batch = batch.to(self.device)
         out = self.world_model.loss(batch)
         loss = out["loss"]
@@ -509,8 +560,7 @@ class ActiveInferenceAgent(Agent):
         loss.backward()
         self._optimizer.step()
         metrics = {**{k: v for k, v in out.items() if k != "loss"}, "reward_loss": reward_loss.detach()}
-        values = torch.stack([v.detach().float().reshape(()) for v in metrics.values()]).tolist()
-        return dict(zip(metrics, values, strict=True))
+        return scalar_metrics(metrics, self.device)  # tensors: no host sync per update
 
     def extra_state(self) -> dict[str, Any]:
         return {"env_steps": self.env_steps}

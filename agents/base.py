@@ -39,6 +39,7 @@ __all__ = [
     "config_from_preset",
     "resolve_device",
     "sample_batches",
+    "scalar_metrics",
 ]
 
 
@@ -354,8 +355,11 @@ class Agent(nn.Module):
         (``update`` then gets a TensorDict holding one batch per name)."""
         raise NotImplementedError
 
-    def update(self, batch: TensorDict) -> dict[str, float]:
-        """One gradient update from a replay batch; returns scalar metrics for logging."""
+    def update(self, batch: TensorDict) -> dict[str, Tensor]:
+        """One gradient update from a replay batch; returns its metrics for logging as detached 0-dim float32
+        tensors on the agent's device (:func:`scalar_metrics`), never Python floats: reading a value forces the
+        host to wait for the device, so the trainer reads all of them once per log row, not once per update.
+        ``float(v)`` reads one."""
         raise NotImplementedError
 
     def policy(self, task: Task | None = None, *, explore: bool = False) -> Policy:
@@ -377,6 +381,18 @@ class Agent(nn.Module):
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         del state
+
+
+def scalar_metrics(metrics: dict[str, Tensor | float], device: torch.device | str) -> dict[str, Tensor]:
+    """What :meth:`Agent.update` returns: each value as a detached 0-dim float32 tensor on ``device``.
+
+    The values are copied into one new tensor (one ``stack``, no host sync), so later in-place changes of
+    what they were read from (a running statistic's buffer) do not change the metrics already returned.
+    """
+    if not metrics:
+        return {}
+    values = [torch.as_tensor(v).detach().reshape(()).to(device=device, dtype=torch.float32) for v in metrics.values()]
+    return dict(zip(metrics, torch.stack(values).unbind(), strict=True))
 
 
 def check_obs_shape(obs_type: str, obs_shape) -> tuple[int, ...]:

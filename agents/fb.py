@@ -32,10 +32,11 @@ import torch
 from tensordict import TensorDict
 from torch import Tensor
 
+from latentrl.agents.base import scalar_metrics
 from latentrl.agents.zero_shot import ZConditionedActor, ZeroShotAgent, check_zero_shot_config
 from latentrl.world_models.encoders import RandomShiftsAug
 from latentrl.world_models.fb import FBModel
-from latentrl.world_models.layers import weight_init
+from latentrl.world_models.layers import make_adam, weight_init
 from latentrl.world_models.sphere import project_to_sphere
 from latentrl.world_models.zero_shot import ForwardMap, make_latent_encoder
 
@@ -174,7 +175,7 @@ class FBAgent(ZeroShotAgent):
         self.world_model.make_targets()
         self.to(self.device)
 
-        adam = torch.optim.Adam
+        adam = make_adam
         self._optimizers = {
             "forward": adam([*forward.parameters(), *left.parameters()], lr=cfg.lr_f),
             "backward": adam(backward.parameters(), lr=cfg.lr_b),
@@ -198,7 +199,7 @@ class FBAgent(ZeroShotAgent):
     def reward_inference(self, features: Tensor, reward: Tensor) -> tuple[Tensor, dict[str, Any]]:
         return weighted_sum_task(features, reward), {}
 
-    def update(self, batch: TensorDict) -> dict[str, float]:
+    def update(self, batch: TensorDict) -> dict[str, Tensor]:
         """One FB update: the model's loss, the actor step, the EMA targets."""
         out = self.world_model.loss(batch.to(self.device), self.target_action)
         for name in ("forward", "backward"):
@@ -210,7 +211,7 @@ class FBAgent(ZeroShotAgent):
         actor_loss, q = self.actor_step(out["left_features"], out["z"])
         self.world_model.update_targets()
         metrics = {k: v for k, v in out.items() if k not in ("loss", "z", "left_features")}
-        return self.to_floats({**metrics, "total_loss": out["loss"], "actor_loss": actor_loss, "q": q})
+        return scalar_metrics({**metrics, "total_loss": out["loss"], "actor_loss": actor_loss, "q": q}, self.device)
 
     def actor_step(self, left_features: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
         """One actor step on ``-mean_b mean_e F(L(s), a~, z)[e]^T z`` (encoders detached)."""

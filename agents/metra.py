@@ -57,6 +57,18 @@ Evaluation lives in :mod:`latentrl.training.skills` (agents never import ``envs`
 with a trajectory plot) and ``evaluate_goal_reaching``, run at the trainer's evaluations for
 ``"metra"`` (logged as ``eval/coverage``, ...) with this config's ``eval_*`` fields.
 Measured on cheetah-run from states: 35 cells against 3 for random actions (docs/bench_metra.md).
+
+METRA's baselines are switches of this learner, as in the official code (``tests/main.py`` flags,
+``METRAConfig.objective`` names the combinations; see :mod:`latentrl.world_models.metra`):
+
+- ``objective="lsd"`` (LSD, Park et al. 2022) = ``--dual_reg 0 --spectral_normalization 1``: the same reward,
+  no dual term, a spectrally normalised (1-Lipschitz) ``phi``. Goal reaching uses the same
+  ``normalise(phi(g) - phi(s))`` skill.
+- ``objective="diayn"`` (DIAYN, Eysenbach et al. 2019) = ``--inner 0 --unit_length 0 --dual_reg 0``: the
+  reward is ``log q(z | s')`` (a Gaussian with ``phi``'s mean and a learned std; one-hot skills: the
+  softmax), skills are ``z ~ N(0, I)`` (not unit length). It has no goal mode: ``infer_task`` refuses.
+
+    train_agent.py recipe=metra_state agent.objective=lsd      # or recipe=lsd_state / recipe=diayn_state
 """
 
 from __future__ import annotations
@@ -89,12 +101,14 @@ from latentrl.agents.base import (
     UnsupportedTaskError,
     check_obs_shape,
     resolve_device,
+    scalar_metrics,
 )
 from latentrl.world_models.encoders import make_encoder
-from latentrl.world_models.layers import mlp, soft_update_params, xavier_init
+from latentrl.world_models.layers import make_adam, mlp, soft_update_params, xavier_init
 from latentrl.world_models.metra import ObservationNormalizer, TemporalDistanceModel, constraint_penalty, metra_reward
 
 __all__ = [
+    "OBJECTIVES",
     "PRESETS",
     "METRAAgent",
     "METRAConfig",
@@ -110,6 +124,16 @@ __all__ = [
 ]
 
 OBS_TYPES = ("pixels", "state", "physics")
+
+OBJECTIVES: dict[str, dict[str, bool]] = {
+    # The official flags (tests/main.py defaults) and the README's baseline combinations.
+    "metra": {"inner": True, "unit_length": True, "dual_reg": True, "spectral_norm": False},
+    # LSD: --dual_reg 0 --spectral_normalization 1
+    "lsd": {"inner": True, "unit_length": True, "dual_reg": False, "spectral_norm": True},
+    # DIAYN: --inner 0 --unit_length 0 --dual_reg 0
+    "diayn": {"inner": False, "unit_length": False, "dual_reg": False, "spectral_norm": False},
+}
+"""METRA and its baselines as the official switches (``METRAConfig.objective``)."""
 
 
 @dataclass
@@ -178,10 +202,35 @@ class METRAConfig:
     """Goal torso coordinates are drawn uniformly in ``[-range, range]`` per coordinate."""
     eval_goal_threshold: float = 1.0
     """A goal counts as reached when the final torso distance is below this (metres)."""
+    objective: Literal["metra", "lsd", "diayn"] = "metra"
+    """Which learner: ``"metra"``, or the baselines as the official code runs them, ``"lsd"``
+    (``--dual_reg 0 --spectral_normalization 1``) and ``"diayn"`` (``--inner 0 --unit_length 0 --dual_reg 0``).
+    Sets the four switches below unless they are given."""
+    inner: bool | None = None
+    """``--inner``: reward ``(phi(s') - phi(s))^T z`` (True) or DIAYN's ``log q(z | s')`` (False);
+    None: the objective's."""
+    unit_length: bool | None = None
+    """``--unit_length``: continuous skills on the unit sphere (True) or ``N(0, I)`` (False);
+    None: the objective's."""
+    dual_reg: bool | None = None
+    """``--dual_reg``: the temporal-distance constraint with its learned lambda (needs ``inner``);
+    None: the objective's."""
+    spectral_norm: bool | None = None
+    """``--spectral_normalization``: spectrally normalise phi's layers (LSD); None: the objective's."""
 
     def __post_init__(self) -> None:
         if self.obs_type not in OBS_TYPES:
             raise ValueError(f"METRAConfig.obs_type must be one of {OBS_TYPES}, got {self.obs_type!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"METRAConfig.objective must be one of {tuple(OBJECTIVES)}, got {self.objective!r}")
+        for name in OBJECTIVES["metra"]:
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, bool):
+                raise ValueError(f"METRAConfig.{name} must be true, false or None (the objective's), got {value!r}")
+        if self.switch("dual_reg") and not self.switch("inner"):
+            raise ValueError(f"METRAConfig: dual_reg=True needs inner=True (objective={self.objective!r}): the dual "
+                             "term constrains phi(s') - phi(s), which DIAYN's log-likelihood reward (inner=False) "
+                             "does not use; the official code has no such combination")
         if self.frame_stack < 1:
             raise ValueError(f"METRAConfig.frame_stack must be >= 1, got {self.frame_stack}")
         if self.dim_option < 1:
@@ -194,6 +243,12 @@ class METRAConfig:
                 raise ValueError(f"METRAConfig.{name} must be >= 0 or None, got {value}")
         if self.dual_lambda_init <= 0.0 or self.alpha_init <= 0.0:
             raise ValueError("dual_lambda_init and alpha_init must be > 0 (they are learned in log space)")
+
+    def switch(self, name: str) -> bool:
+        """The official flag ``name`` (``inner``, ``unit_length``, ``dual_reg``, ``spectral_norm``): the field
+        if given, else the ``objective``'s value."""
+        value = getattr(self, name)
+        return OBJECTIVES[self.objective][name] if value is None else bool(value)
 
     def lr_of(self, part: str) -> float:
         """The learning rate of ``part`` (``phi``, ``policy``, ``q``, ``alpha`` or ``lambda``)."""
@@ -219,12 +274,15 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def sample_skills(n: int, dim: int, discrete: bool, *, device: torch.device | str = "cpu",
-                  generator: torch.Generator | None = None) -> Tensor:
-    """``n`` skills ``[n, dim]`` from METRA's prior: unit vectors ``g / |g|``, ``g ~ N(0, I)``, or uniform one-hots."""
+                  generator: torch.Generator | None = None, unit_length: bool = True) -> Tensor:
+    """``n`` skills ``[n, dim]`` from METRA's prior: unit vectors ``g / |g|``, ``g ~ N(0, I)``, or uniform one-hots.
+    ``unit_length=False`` (DIAYN's continuous prior) returns ``g`` itself."""
     if discrete:
         index = torch.randint(dim, (n,), generator=generator)
         return F.one_hot(index, dim).float().to(device)
     g = torch.randn(n, dim, generator=generator)
+    if not unit_length:
+        return g.to(device)
     return (g / g.norm(dim=-1, keepdim=True).clamp_min(1e-12)).to(device)
 
 
@@ -292,12 +350,13 @@ class METRAPolicy(Policy):
     Holds the actor and ``phi`` (with its input normaliser), shared with the agent. The carry holds
     ``skill`` ``[N, D]`` (the skill of the last action) and the frame stack; ``extras(carry)`` returns
     ``{"skill": ...}`` for the replay buffer. Actions are the squashed Gaussian's mean
-    (``tanh(mu)``), or samples with ``explore``.
+    (``tanh(mu)``), or samples with ``explore``. ``unit_length=False``: prior skills are ``N(0, I)`` (DIAYN).
     """
 
     def __init__(self, actor: SkillActor, phi: TemporalDistanceModel, *, obs_shape: tuple[int, ...],
                  frame_stack: int, action_dim: int, discrete: bool, mode: str = "prior",
-                 task_z: Tensor | None = None, recompute_every_step: bool = True, explore: bool = False):
+                 task_z: Tensor | None = None, recompute_every_step: bool = True, explore: bool = False,
+                 unit_length: bool = True):
         super().__init__(phi.obs_key, obs_shape, action_dim, frame_stack=frame_stack, explore=explore)
         if mode not in ("prior", "skill", "goal"):
             raise ValueError(f"METRAPolicy mode must be 'prior', 'skill' or 'goal', got {mode!r}")
@@ -306,6 +365,7 @@ class METRAPolicy(Policy):
         self.actor, self.phi = actor, phi
         self.dim_option, self.discrete = phi.dim_option, bool(discrete)
         self.mode, self.recompute_every_step = mode, bool(recompute_every_step)
+        self.unit_length = bool(unit_length)
         if task_z is not None:
             task_z = task_z.detach().to(self.device, torch.float32)
             task_z = task_z.reshape(1, -1) if task_z.dim() == 1 else task_z
@@ -333,7 +393,8 @@ class METRAPolicy(Policy):
     def start_episode(self, batch_size: int) -> TensorDict:
         carry = self.init_carry(batch_size)
         if self.mode == "prior":
-            carry["skill"] = sample_skills(batch_size, self.dim_option, self.discrete, device=self.device)
+            carry["skill"] = sample_skills(batch_size, self.dim_option, self.discrete, device=self.device,
+                                           unit_length=self.unit_length)
         return carry
 
     def _restart_rows(self, carry: TensorDict, is_first: Tensor) -> TensorDict:
@@ -398,7 +459,9 @@ class METRAAgent(Agent):
         normalizer = ObservationNormalizer(None if pixels else self.obs_shape[0], cfg.obs_normalizer_warmup)
         self.world_model = TemporalDistanceModel(_make_obs_encoder(cfg, self.obs_shape), self.obs_key, dim, hidden,
                                                  normalizer, discrete=cfg.discrete, dual_slack=cfg.dual_slack,
-                                                 dual_lambda_init=cfg.dual_lambda_init)
+                                                 dual_lambda_init=cfg.dual_lambda_init, inner=cfg.switch("inner"),
+                                                 dual_reg=cfg.switch("dual_reg"),
+                                                 spectral_norm=cfg.switch("spectral_norm"))
         self.actor = SkillActor(_make_obs_encoder(cfg, self.obs_shape), dim, self.action_dim, hidden,
                                 init_std=cfg.policy_init_std, max_std=cfg.policy_max_std)
         self.critic1 = SkillCritic(_make_obs_encoder(cfg, self.obs_shape), dim, self.action_dim, hidden)
@@ -417,7 +480,7 @@ class METRAAgent(Agent):
             "alpha": [self.log_alpha],
         }
         # A learning rate of 0 fixes that part (the official ``--sac_lr_a -1`` fixes alpha).
-        self._optimizers = {name: torch.optim.Adam(params, lr=cfg.lr_of(name))
+        self._optimizers = {name: make_adam(params, lr=cfg.lr_of(name))
                             for name, params in groups.items() if cfg.lr_of(name) > 0}
 
     @property
@@ -431,13 +494,16 @@ class METRAAgent(Agent):
         return dict(self._optimizers)
 
     def sample_skills(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """``n`` skills ``[n, D]`` from the prior, on the agent's device."""
-        return sample_skills(n, self.config.dim_option, self.config.discrete, device=self.device, generator=generator)
+        """``n`` skills ``[n, D]`` from the prior (``N(0, I)`` without ``unit_length``), on the agent's device."""
+        return sample_skills(n, self.config.dim_option, self.config.discrete, device=self.device, generator=generator,
+                             unit_length=self.config.switch("unit_length"))
 
     # ---------------------------------------------------------------------------------- tasks
     def policy(self, task: Task | None = None, *, explore: bool = False) -> METRAPolicy:
         if task is not None:
             kind = task.info.get("kind")
+            if kind == "goal":
+                self._check_goal_mode()
             if kind == "goal" and task.z is None:
                 raise ValueError("a METRA goal task needs task.z = phi(goal); build it with agent.infer_task(...)")
             if kind != "goal" and task.z is None:
@@ -452,7 +518,17 @@ class METRAAgent(Agent):
                            action_dim=self.action_dim, discrete=self.config.discrete, mode=mode,
                            task_z=None if task is None else task.z,
                            recompute_every_step=True if task is None else task.info.get("recompute_every_step", True),
-                           explore=explore)
+                           explore=explore, unit_length=self.config.switch("unit_length"))
+
+    def _check_goal_mode(self) -> None:
+        """DIAYN (``inner=False``) has no goal skill: its phi is a skill posterior, not a temporal distance."""
+        if not self.config.switch("inner"):
+            raise UnsupportedTaskError(
+                f"zero-shot goal reaching needs the inner-product objective (METRA, LSD: z = normalise(phi(g) - "
+                f"phi(s))); this agent runs objective={self.config.objective!r} with inner=False (DIAYN), whose phi "
+                "is the mean of q(z | s), and the official code evaluates DIAYN without a goal mode. Use "
+                "agent.skill_task(z) or a METRA / LSD agent"
+            )
 
     def skill_task(self, skill: Tensor) -> Task:
         """A task that runs fixed skills ``[D]`` or ``[N, D]`` (one per env)."""
@@ -477,6 +553,7 @@ class METRAAgent(Agent):
             )
         if not isinstance(spec, GoalObservation):
             raise UnsupportedTaskError(f"METRA infers goal tasks only, got {type(spec).__name__}")
+        self._check_goal_mode()
         key = self.obs_key
         if key not in spec.obs.keys():
             raise KeyError(f"METRA (obs_type={key!r}) needs the goal observation to hold {key!r}; "
@@ -511,7 +588,7 @@ class METRAAgent(Agent):
         for opt in opts:
             opt.step()
 
-    def update(self, batch: TensorDict) -> dict[str, float]:
+    def update(self, batch: TensorDict) -> dict[str, Tensor]:
         cfg, wm = self.config, self.world_model
         batch = batch.to(self.device)
         x, x_next, skill = wm.inputs(batch)
@@ -569,8 +646,7 @@ class METRAAgent(Agent):
             "intrinsic_reward_mean": sac_reward.mean(),
             "intrinsic_reward_std": sac_reward.std() if sac_reward.numel() > 1 else torch.zeros(()),
         }
-        values = torch.stack([v.detach().float().reshape(()).to(self.device) for v in metrics.values()]).tolist()
-        return dict(zip(metrics, values, strict=True))
+        return scalar_metrics(metrics, self.device)  # tensors: no host sync per update
 
     def extra_state(self) -> dict[str, Any]:
         return {"env_steps": self.env_steps}

@@ -39,7 +39,9 @@ from latentrl.agents.base import (
     UnsupportedTaskError,
     check_obs_shape,
     resolve_device,
+    scalar_metrics,
 )
+from latentrl.world_models.layers import make_adam
 from latentrl.world_models.pv_rnn import AdaptiveVectors, PVRNNModel
 
 __all__ = ["PRESETS", "PVRNNAgent", "PVRNNConfig", "PVRNNPolicy", "pd_control"]
@@ -269,9 +271,8 @@ class PVRNNAgent(Agent):
         self.to(self.device)
         ae = self.world_model.autoencoder
         ae_params = set() if ae is None else {id(p) for p in ae.parameters()}
-        self._optimizer = torch.optim.Adam([p for p in self.world_model.parameters() if id(p) not in ae_params],
-                                           lr=cfg.lr)
-        self._ae_optimizer = None if ae is None else torch.optim.Adam(ae.parameters(), lr=1e-3)
+        self._optimizer = make_adam([p for p in self.world_model.parameters() if id(p) not in ae_params], lr=cfg.lr)
+        self._ae_optimizer = None if ae is None else make_adam(ae.parameters(), lr=1e-3)
 
     def sample_spec(self) -> SampleSpec:
         return SampleSpec(batch_size=self.config.batch_size, horizon=self.config.seq_len, keys=(self.obs_key,))
@@ -316,7 +317,7 @@ class PVRNNAgent(Agent):
                     info={"kind": "plan", "goal_error": out["goal_error"].tolist()})
 
     # --------------------------------------------------------------------------------- update
-    def update(self, batch: TensorDict) -> dict[str, float]:
+    def update(self, batch: TensorDict) -> dict[str, Tensor]:
         batch = batch.to(self.device)
         if batch.batch_dims == 1:
             batch = batch.unsqueeze(1)
@@ -339,8 +340,7 @@ class PVRNNAgent(Agent):
         self._optimizer.step()
         self.adaptive_vectors.adam_step(rows, steps, self.config.lr)
         metrics.update({k: v for k, v in out.items()})
-        values = torch.stack([v.detach().float().reshape(()) for v in metrics.values()]).tolist()
-        return dict(zip(metrics, values, strict=True))
+        return scalar_metrics(metrics, self.device)  # tensors: no host sync per update
 
     def extra_state(self) -> dict[str, Any]:
         return {"env_steps": self.env_steps}

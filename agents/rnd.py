@@ -40,9 +40,17 @@ from tensordict import TensorDict
 from torch import Tensor, nn
 
 from latentrl.agents.actor_critic import DDPGActorCritic, DeterministicActor, TwinQCritic, schedule
-from latentrl.agents.base import Agent, Policy, SampleSpec, Task, UnsupportedTaskError, resolve_device
+from latentrl.agents.base import (
+    Agent,
+    Policy,
+    SampleSpec,
+    Task,
+    UnsupportedTaskError,
+    resolve_device,
+    scalar_metrics,
+)
 from latentrl.world_models.encoders import RandomShiftsAug, make_encoder
-from latentrl.world_models.layers import RunningMeanStd, weight_init
+from latentrl.world_models.layers import RunningMeanStd, make_adam, weight_init
 from latentrl.world_models.rnd import RandomNetworkDistillation, RNDModel
 
 __all__ = ["PRESETS", "RNDAgent", "RNDConfig", "RNDPolicy", "RandomNetworkDistillation"]
@@ -192,7 +200,7 @@ class RNDAgent(Agent):
         self.intrinsic_reward_rms = RunningMeanStd((1,))
         self.to(self.device)
 
-        adam = lambda params: torch.optim.Adam(params, lr=cfg.lr)
+        adam = lambda params: make_adam(params, lr=cfg.lr)
         self._optimizers: dict[str, torch.optim.Optimizer] = {}
         if pixels:
             self._optimizers["encoder"] = adam(self.world_model.encoder.parameters())
@@ -248,7 +256,7 @@ class RNDAgent(Agent):
         h = self.world_model.encode(obs.select(self.world_model.obs_key).to(self.device))
         return self._normalise_reward(self.world_model.prediction_error(h))
 
-    def update(self, batch: TensorDict) -> dict[str, float]:
+    def update(self, batch: TensorDict) -> dict[str, Tensor]:
         cfg = self.config
         batch = batch.to(self.device)
         key = self.world_model.obs_key
@@ -298,8 +306,7 @@ class RNDAgent(Agent):
             prediction_error_mean=self.intrinsic_reward_rms.mean.squeeze(),
             prediction_error_std=self.intrinsic_reward_rms.std.squeeze(),
         )
-        values = torch.stack([v.float().reshape(()) for v in metrics.values()]).tolist()  # one device sync
-        return dict(zip(metrics, values, strict=True))
+        return scalar_metrics(metrics, self.device)  # tensors: no host sync per update
 
     def extra_state(self) -> dict[str, Any]:
         def stats(rms: RunningMeanStd) -> dict[str, Tensor]:

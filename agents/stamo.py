@@ -50,8 +50,9 @@ from latentrl.agents.base import (
     UnsupportedTaskError,
     check_obs_shape,
     resolve_device,
+    scalar_metrics,
 )
-from latentrl.world_models.layers import RunningMeanStd, mlp
+from latentrl.world_models.layers import RunningMeanStd, make_adam, mlp
 from latentrl.world_models.stamo import StaMoModel
 
 __all__ = ["PRESETS", "GoalBCNet", "LatentActionProbe", "StaMoAgent", "StaMoBCPolicy", "StaMoCollectPolicy",
@@ -338,10 +339,10 @@ class StaMoAgent(Agent):
                                      for k in cfg.probe_offsets})
         self.bc = GoalBCNet(cfg.obs_type, self.obs_shape, self.action_dim, cfg.bc_channels)
         self.to(self.device)
-        self._optimizer = torch.optim.AdamW(self.world_model.parameters(), lr=cfg.lr, betas=cfg.betas,
-                                            weight_decay=cfg.weight_decay)
-        self._probe_optimizer = torch.optim.Adam(self.probes.parameters(), lr=cfg.probe_lr)
-        self._bc_optimizer = torch.optim.Adam(self.bc.parameters(), lr=cfg.bc_lr)
+        self._optimizer = make_adam(self.world_model.parameters(), lr=cfg.lr, betas=cfg.betas,
+                                    weight_decay=cfg.weight_decay, decoupled_weight_decay=True)
+        self._probe_optimizer = make_adam(self.probes.parameters(), lr=cfg.probe_lr)
+        self._bc_optimizer = make_adam(self.bc.parameters(), lr=cfg.bc_lr)
 
     def sample_spec(self) -> SampleSpec:
         """Slices ``[B, K]`` with ``K = max(probe_offsets)``: every pair ``(o_t, o_{t+k}, a_{t:t+k})`` for
@@ -478,7 +479,7 @@ class StaMoAgent(Agent):
         return Task(z=z, goal=spec.obs.select(key).clone(), info={"kind": "goal"})
 
     # --------------------------------------------------------------------------------- update
-    def update(self, batch: TensorDict) -> dict[str, float]:
+    def update(self, batch: TensorDict) -> dict[str, Tensor]:
         """Flow loss on one frame per slice; probe ``k`` on each slice's ``(o_0, o_k)`` (labelled rows); BC
         co-training on ``(o_0, o_{cotrain_offset})`` (``cotrain``)."""
         cfg = self.config
@@ -503,8 +504,7 @@ class StaMoAgent(Agent):
             bc_loss.backward()
             self._bc_optimizer.step()
             metrics["bc_mse"] = bc_loss.detach()
-        values = torch.stack([torch.as_tensor(v).detach().float().reshape(()).cpu() for v in metrics.values()])
-        return dict(zip(metrics, values.tolist(), strict=True))
+        return scalar_metrics(metrics, self.device)  # tensors: no host sync per update
 
     def extra_state(self) -> dict[str, Any]:
         return {"env_steps": self.env_steps}

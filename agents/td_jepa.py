@@ -40,9 +40,10 @@ import torch
 from tensordict import TensorDict
 from torch import Tensor
 
+from latentrl.agents.base import scalar_metrics
 from latentrl.agents.zero_shot import ZConditionedActor, ZeroShotAgent, check_zero_shot_config
 from latentrl.world_models.encoders import RandomShiftsAug
-from latentrl.world_models.layers import weight_init
+from latentrl.world_models.layers import make_adam, weight_init
 from latentrl.world_models.sphere import project_to_sphere
 from latentrl.world_models.td_jepa import TDJEPAModel
 from latentrl.world_models.zero_shot import ForwardMap, make_latent_encoder
@@ -214,7 +215,7 @@ class TDJEPAAgent(ZeroShotAgent):
         wm.make_targets()
         self.to(self.device)
 
-        adam = torch.optim.Adam
+        adam = make_adam
         self._optimizers = {
             "phi_encoder": adam(wm.phi_encoder.parameters(), lr=cfg.lr_phi),
             "phi_predictor": adam(wm.phi_predictor.parameters(), lr=cfg.lr_predictor),
@@ -230,7 +231,7 @@ class TDJEPAAgent(ZeroShotAgent):
         return z, {"z_lstsq": solution}
 
     # ------------------------------------------------------------------------------------- training
-    def update(self, batch: TensorDict) -> dict[str, float]:
+    def update(self, batch: TensorDict) -> dict[str, Tensor]:
         """One TD-JEPA update (steps 1-6 above): the model's loss, the actor step, the EMA targets."""
         out = self.world_model.loss(batch.to(self.device), self.target_action)
         representation = [opt for name, opt in self._optimizers.items() if name != "actor"]
@@ -243,7 +244,7 @@ class TDJEPAAgent(ZeroShotAgent):
         actor_loss, q = self.actor_step(out["phi_features"], out["z"])
         self.world_model.update_targets()
         metrics = {k: v for k, v in out.items() if k not in ("loss", "z", "phi_features")}
-        return self.to_floats({**metrics, "total_loss": out["loss"], "actor_loss": actor_loss, "q": q})
+        return scalar_metrics({**metrics, "total_loss": out["loss"], "actor_loss": actor_loss, "q": q}, self.device)
 
     def actor_step(self, phi_features: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
         """One actor step on ``-mean_b mean_e T_phi(phi(s), a~, z)[e]^T z`` (encoders detached, §3)."""

@@ -205,11 +205,6 @@ class ZeroShotAgent(Agent):
         target follows (the model's ``loss(batch, next_action)`` calls it)."""
         return self.actor(latent, z, self.config.actor_std).sample(clip=self.config.stddev_clip)
 
-    @staticmethod
-    def to_floats(metrics: dict[str, Tensor]) -> dict[str, float]:
-        values = torch.stack([v.detach().float().reshape(()) for v in metrics.values()]).tolist()  # one sync
-        return dict(zip(metrics, values, strict=True))
-
     # ------------------------------------------------------------------------------------ zero-shot
     def act(self, obs: TensorDict, z: Tensor, *, mean: bool = True) -> Tensor:
         """Actions ``[N, A]`` for observations ``[N]`` (stacked pixels or states) and ``z`` ``[N, d]``."""

@@ -380,6 +380,7 @@ class ReplayBuffer:
         self._num_transitions = 0
         self._version = 0  # bumped by every write; keys the cached episode table
         self._table: tuple[int, TensorDict] | None = None
+        self._shard: tuple[int, int] | None = None  # (index, count): sample only episodes id % count == index
 
     # ------------------------------------------------------------------ layout and state
     def _init_layout(self, num_envs: int, td: TensorDictBase, actions: bool, action_shape) -> None:
@@ -1057,6 +1058,24 @@ class ReplayBuffer:
                 out[key] = self._gather(key, slot)
         return TensorDict(out, batch_size=[length], device=self.device)
 
+    def shard_episodes(self, index: int, count: int) -> None:
+        """From now on, :meth:`sample` draws only from the episodes whose id satisfies ``id % count == index``
+        (data-parallel training: rank ``index`` of ``count`` learns from its own share of a dataset, split by
+        episode); ``count=1`` lifts the restriction. Goals with ``goal="random"`` may still come from any
+        episode. Nothing is copied: the restriction applies when rows are drawn."""
+        if not (_is_int(count) and _is_int(index) and count >= 1 and 0 <= index < count):
+            raise ValueError(f"shard_episodes(index, count) needs 0 <= index < count, got index={index!r}, "
+                             f"count={count!r}")
+        if count == 1:
+            self._shard = None
+            return
+        ids = self._segment_table()["id"]
+        if len(ids) and not bool((ids % count == index).any()):
+            raise ValueError(f"the buffer holds {len(ids)} episodes (ids {int(ids.min())}..{int(ids.max())}), none of "
+                             f"them in shard {index} of {count} (ids with id % {count} == {index}); use fewer "
+                             "processes than episodes, or a dataset with more episodes")
+        self._shard = (int(index), int(count))
+
     # ------------------------------------------------------------------ sampling
     def sample(self, batch_size: int, *, frame_stack: int = 1, horizon: int = 1, goal: str | None = None,
                keys: Sequence[str] | None = None, future_discount: float = 0.99,
@@ -1244,6 +1263,9 @@ class ReplayBuffer:
             ok = (end <= self._last.index_select(0, slot)) & (end < self._hi.index_select(0, env))
         if frame_stack > 1:  # the stack was not overwritten
             ok &= torch.maximum(row - (frame_stack - 1), first) >= self._lo.index_select(0, env)
+        if self._shard is not None:  # shard_episodes: only this share of the episodes
+            index, count = self._shard
+            ok &= self._segment.index_select(0, slot) % count == index
         return ok, first
 
     def _candidates(self, n: int):

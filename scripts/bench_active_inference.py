@@ -176,7 +176,7 @@ def train(agent: ActiveInferenceAgent, buffer: ReplayBuffer, args) -> dict:
     start = time.perf_counter()
     updates = 0
     while updates < args.updates and time.perf_counter() - start < args.train_seconds:
-        metrics = agent.update(buffer.sample(**kwargs))
+        metrics = {k: float(v) for k, v in agent.update(buffer.sample(**kwargs)).items()}
         updates += 1
         if updates % args.log_every == 0 or updates == 1:
             curve.append(metrics["free_energy"])
@@ -384,6 +384,18 @@ def collect_left_half(args, episodes: int, seed: int) -> ReplayBuffer:
     return buffer
 
 
+def _view_epistemic(wm, state, actions, context, samples: int = 8, chunk: int = 256):
+    """AV's belief change summed over the imagined steps, mean over ``samples`` rollouts, per start ``[M]``
+    (``context``: the newest observed frame of each start, the first view is stacked after it)."""
+    out = []
+    for i in range(0, actions.shape[0], chunk):
+        rows = slice(i, i + chunk)
+        roll = wm.imagine(state[rows], actions[rows], num_samples=samples)
+        value = wm.view_epistemic(roll["mean"], roll["std"], context[rows].repeat_interleave(samples, 0))
+        out.append(value.sum(-1).reshape(-1, samples).mean(-1))
+    return torch.cat(out) if out else torch.zeros(0)
+
+
 @torch.no_grad()
 def epistemic_check(args, config, heldout: ReplayBuffer) -> dict:
     """Check 5: a second model trained on left-half data only (:func:`collect_left_half`). On held-out
@@ -419,7 +431,17 @@ def epistemic_check(args, config, heldout: ReplayBuffer) -> dict:
         actions[..., 0] = ax
         out[f"moves_{name}"] = float(wm.imagine(start, actions, num_samples=8)["epistemic"].sum(-1).mean())
     out["moves_start_states"], out["horizon"] = int(near.sum()), h
-    out["pass"] = out["epistemic_right"] > out["epistemic_left"]
+    # AV's belief change from the imagined view (agent.epistemic=belief_change), on the same transitions
+    view = _view_epistemic(wm, state, batch["action"].float().unsqueeze(1), batch["pixels"][:, 3:])
+    out["belief_change_right"], out["belief_change_left"] = float(view[right].mean()), float(view[~right].mean())
+    for name, ax in (("right", 1.0), ("left", -1.0)):
+        actions = torch.zeros(int(near.sum()), h, 2)
+        actions[..., 0] = ax
+        out[f"belief_change_moves_{name}"] = float(_view_epistemic(wm, start, actions,
+                                                                   batch["pixels"][near][:, 3:]).mean())
+    term = "belief_change" if agent.config.epistemic == "belief_change" else "epistemic"
+    out["term"] = agent.config.epistemic
+    out["pass"] = out[f"{term}_right"] > out[f"{term}_left"]
     print(f"[bench_ai] check 5: {out}", flush=True)
     return out
 
@@ -569,8 +591,12 @@ def report(args, results: dict, argv: list[str]) -> str:
             f"held-out random transitions going into the right ({c5['transitions_right']}) vs left "
             f"({c5['transitions_left']}) half | right {c5['epistemic_right']:.4f} vs left {c5['epistemic_left']:.4f} "
             f"(H = {c5['horizon']} imagined moves right vs left from {c5['moves_start_states']} states near the "
-            f"middle: {c5['moves_right']:.4f} vs {c5['moves_left']:.4f}) | right > left | "
-            f"{'yes' if c5['pass'] else 'no'} |")
+            f"middle: {c5['moves_right']:.4f} vs {c5['moves_left']:.4f})"
+            + (f"; AV belief change from the imagined view: right {c5['belief_change_right']:.4f} vs left "
+               f"{c5['belief_change_left']:.4f} (moves {c5['belief_change_moves_right']:.4f} vs "
+               f"{c5['belief_change_moves_left']:.4f}); pass judged on {c5.get('term', 'ensemble')}"
+               if "belief_change_right" in c5 else "")
+            + f" | right > left | {'yes' if c5['pass'] else 'no'} |")
     strip = results.get("strip")
     if strip is not None:
         lines += ["", f"Open-loop imagination MSE per step over {strip['steps']} steps (per pixel, [0, 1] scale): "

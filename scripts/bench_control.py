@@ -24,6 +24,7 @@ import torch
 
 from latentrl.control.fake import DEMO_CASES as AGENTS
 from latentrl.control.telemetry import step_latencies
+from latentrl.training.logger import processor_name
 
 
 def build(case: str, root: Path, preset: str) -> Path:
@@ -187,14 +188,7 @@ def main(argv: list[str] | None = None) -> None:
         latency = bench_latency(root, args["preset"], args["calls"], args["warmup"])
         loop = bench_loop(root, args["loop_s"])
     load_end = os.getloadavg()
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = processor_name("cpu")
     header = {
         "args": " ".join(argv) or "(defaults)", "cpu": cpu, "cores": os.cpu_count(),
         "load_start": " / ".join(f"{x:.1f}" for x in load_start), "load_end": " / ".join(f"{x:.1f}" for x in load_end),

@@ -22,6 +22,22 @@ the results so far; ``--resume`` with a larger ``--steps`` continues it.
     python scripts/bench_metra.py --part state --steps 200000
     python scripts/bench_metra.py --part pixels --steps 200000 --eval-every 20000 --threads 2 --goals 0 \
         --override env.num_envs=8 env.num_workers=0 agent.lr=3e-4
+
+**Baselines** (docs/bench_metra_baselines.md): ``--algo`` trains METRA's baselines as the official code
+runs them, switches of the same learner (``agent.objective``): ``lsd`` (no dual term, spectrally
+normalised phi) and ``diayn`` (``log q(z | s')`` reward, Gaussian skills), or measures ``random``
+(uniform random actions: evaluation and total coverage at the same checkpoints). ``--seeds`` runs
+each algorithm once per seed, one run after the other; each run writes
+``<out>/<algo>-seed<k>/results_<part>.json`` (and its figures there), and ``--report`` gathers every
+such file under ``--out`` into one figure and the page ``--report-page``:
+
+    python scripts/bench_metra.py --part state --steps 160000 --eval-every 20000 --updates-per-step 0.25 \
+        --algo metra lsd diayn random --seeds 0 1 2 --goals 0 --out /tmp/metra_bl \
+        --override env.num_envs=8 env.num_workers=0 agent.lr=3e-4
+    python scripts/bench_metra.py --report --out /tmp/metra_bl --report-page docs/bench_metra_baselines.md
+
+Without ``--algo`` / ``--seeds`` a run is METRA with ``--seed``, written to ``<out>/results_<part>.json`` as
+before (docs/bench_metra.md).
 """
 
 from __future__ import annotations
@@ -168,21 +184,38 @@ PARTS = {
 }
 
 
-def run_part(part: str, args: argparse.Namespace) -> dict:
+ALGOS = ("metra", "lsd", "diayn", "random")
+"""``--algo`` choices: METRA, its baselines as ``agent.objective`` switches, and uniform random actions."""
+LABELS = {"metra": "METRA", "lsd": "LSD", "diayn": "DIAYN", "random": "random actions"}
+
+
+def _layout(args: argparse.Namespace, part: str, algo: str, seed: int) -> tuple[Path, Path]:
+    """``(out folder, run dir)`` of one run: the legacy ``<out>``, ``<run_root>/<part>-<task>-seed<k>`` for a
+    plain METRA run, or ``<out>/<algo>-seed<k>``, ``<run_root>/<part>-<task>-<algo>-seed<k>`` with ``--algo`` /
+    ``--seeds``."""
+    if args.algo is None and args.seeds is None:
+        return Path(args.out), Path(args.run_root) / f"{part}-{args.task}-seed{seed}"
+    return Path(args.out) / f"{algo}-seed{seed}", Path(args.run_root) / f"{part}-{args.task}-{algo}-seed{seed}"
+
+
+def run_part(part: str, args: argparse.Namespace, algo: str = "metra", seed: int | None = None) -> dict:
+    """Train ``algo`` (metra, lsd, diayn) with ``seed`` and measure its coverage; see the module docstring."""
+    seed = args.seed if seed is None else seed
+    legacy = args.algo is None and args.seeds is None
     setting = PARTS[part]
-    out = Path(args.out)
-    run_dir = Path(args.run_root) / f"{part}-{args.task}-seed{args.seed}"
+    out, run_dir = _layout(args, part, algo, seed)
     steps = args.steps or 200_000
     eval_every = args.eval_every or steps // 5
     overrides = [
         "agent=metra", f"env={args.task}", f"agent.preset={setting['preset']}",
         f"agent.obs_type={setting['obs_type']}", f"agent.eval_num_skills={setting['num_skills']}",
+        f"agent.objective={algo}",
         f"env.action_repeat={args.action_repeat}", f"env.episode_length={args.episode_length}",
         f"env.floor={setting['floor']}", f"steps={steps}", f"learning_starts={setting['learning_starts']}",
         f"updates_per_step={args.updates_per_step}", f"buffer_capacity={setting['buffer_capacity']}",
         f"eval.every={eval_every}", "eval.episodes=1", "eval.video=false", f"checkpoint_every={eval_every}",
         f"log.every={max(eval_every // 10, 1)}", "log.progress=false", "log.tensorboard=false",
-        f"threads={args.threads}", f"seed={args.seed}", f"run_dir={run_dir}",
+        f"threads={args.threads}", f"seed={seed}", f"run_dir={run_dir}",
         *args.override,
     ]
     cfg = load_config(overrides)
@@ -197,7 +230,9 @@ def run_part(part: str, args: argparse.Namespace) -> dict:
         previous = json.loads(previous_path.read_text()) if previous_path.exists() else {}
     trainer = CoverageTrainer(cfg, run_dir, agent_overrides=dict(cfg.agent.get("overrides", {})),
                               curve=previous.get("curve"))
-    print(f"[bench_metra] {part}: training METRA on {args.task} for {steps} env steps; run dir {run_dir}", flush=True)
+    label = LABELS[algo]
+    print(f"[bench_metra] {part}: training {label} on {args.task} for {steps} env steps (seed {seed}); "
+          f"run dir {run_dir}", flush=True)
     started = time.time()
     trainer.train()
     train_s = time.time() - started + previous.get("train_seconds", 0.0)
@@ -205,49 +240,346 @@ def run_part(part: str, args: argparse.Namespace) -> dict:
     agent.eval()
 
     num_skills = agent.config.eval_num_skills  # the part's default or an agent.eval_num_skills override
-    random_eval, random_traj = random_eval_coverage(env, num_skills, 1.0, args.seed)
-    checkpoints = [r["env_steps"] for r in trainer.curve]
-    random_total = random_total_coverage(args.task, checkpoints, episode_length=args.episode_length,
-                                         action_repeat=args.action_repeat, bin_size=1.0, seed=args.seed,
-                                         num_envs=args.baseline_envs, backend=trainer.cfg.env.backend,
-                                         device=str(trainer.env.device))  # where the trainer put its envs
     final = trainer.curve[-1]
     skills_png = out / f"skills_{part}.png"
     last_plot = Path(run_dir) / "eval" / f"skills_{final['env_steps']:09d}.png"
     if last_plot.exists():
         skills_png.parent.mkdir(parents=True, exist_ok=True)
         skills_png.write_bytes(last_plot.read_bytes())
-    plot_skill_trajectories(random_traj, np.zeros((len(random_traj), 2)), out / f"random_{part}.png",
-                            title=f"uniform random actions on {args.task}: {random_eval} cells")
-    plot_curves(trainer.curve, random_eval, random_total, out / f"coverage_{part}.png",
-                f"METRA ({part}) on {args.task}, {args.episode_length}-step episodes, action repeat "
-                f"{args.action_repeat}")
     result = {
-        "part": part, "task": args.task, "steps": steps, "seed": args.seed, "train_seconds": train_s,
+        "part": part, "algo": algo, "task": args.task, "steps": steps, "seed": seed, "train_seconds": train_s,
         "updates": trainer.updates, "updates_per_step": args.updates_per_step, "threads": args.threads,
         "preset": setting["preset"], "obs_type": setting["obs_type"], "num_skills": num_skills,
-        "curve": trainer.curve, "random_eval_coverage": random_eval, "random_total_coverage": random_total,
-        "final_coverage_ratio": final["coverage"] / max(random_eval, 1),
-        "final_total_coverage_ratio": final["total_coverage"] / max(random_total[-1], 1),
-        "goal_reaching": {},
-        "machine": machine_description(trainer.device),
-        "figures": [str(out / f"coverage_{part}.png"), str(skills_png), str(out / f"random_{part}.png")],
+        "objective": agent.config.objective,
+        "switches": {k: agent.config.switch(k) for k in ("inner", "unit_length", "dual_reg", "spectral_norm")},
+        "overrides": list(args.override), "curve": trainer.curve, "goal_reaching": {},
+        "machine": machine_description(trainer.device), "figures": [str(skills_png)],
     }
+    if legacy:  # the random baselines beside the run (with --algo they are the 'random' runs)
+        random_eval, random_traj = random_eval_coverage(env, num_skills, 1.0, seed)
+        checkpoints = [r["env_steps"] for r in trainer.curve]
+        random_total = random_total_coverage(args.task, checkpoints, episode_length=args.episode_length,
+                                             action_repeat=args.action_repeat, bin_size=1.0, seed=seed,
+                                             num_envs=args.baseline_envs, backend=trainer.cfg.env.backend,
+                                             device=str(trainer.env.device))  # where the trainer put its envs
+        plot_skill_trajectories(random_traj, np.zeros((len(random_traj), 2)), out / f"random_{part}.png",
+                                title=f"uniform random actions on {args.task}: {random_eval} cells")
+        plot_curves(trainer.curve, random_eval, random_total, out / f"coverage_{part}.png",
+                    f"METRA ({part}) on {args.task}, {args.episode_length}-step episodes, action repeat "
+                    f"{args.action_repeat}")
+        result.update({
+            "random_eval_coverage": random_eval, "random_total_coverage": random_total,
+            "final_coverage_ratio": final["coverage"] / max(random_eval, 1),
+            "final_total_coverage_ratio": final["total_coverage"] / max(random_total[-1], 1),
+        })
+        result["figures"] += [str(out / f"coverage_{part}.png"), str(out / f"random_{part}.png")]
     results_path = out / f"results_{part}.json"
+    results_path.parent.mkdir(parents=True, exist_ok=True)
     results_path.write_text(json.dumps(result, indent=2))  # before the goals: a failure there loses nothing
-    print(f"[bench_metra] {part}: METRA eval coverage {final['coverage']:.0f} cells vs random {random_eval} "
-          f"({result['final_coverage_ratio']:.2f}x); total {final['total_coverage']:.0f} vs {random_total[-1]} "
-          f"({result['final_total_coverage_ratio']:.2f}x); {train_s / 60:.1f} min", flush=True)
-    if args.goals > 0:
+    if legacy:
+        print(f"[bench_metra] {part}: METRA eval coverage {final['coverage']:.0f} cells vs random {random_eval} "
+              f"({result['final_coverage_ratio']:.2f}x); total {final['total_coverage']:.0f} vs {random_total[-1]} "
+              f"({result['final_total_coverage_ratio']:.2f}x); {train_s / 60:.1f} min", flush=True)
+    else:
+        print(f"[bench_metra] {part}: {label} seed {seed}: eval coverage {final['coverage']:.0f} cells, total "
+              f"{final['total_coverage']:.0f}; {train_s / 60:.1f} min; {results_path}", flush=True)
+    goals = args.goals if agent.config.switch("inner") else 0
+    if args.goals > 0 and goals == 0:
+        print(f"[bench_metra] {label} has no goal mode (the official code evaluates DIAYN without one): "
+              "goal reaching skipped", flush=True)
+    if goals > 0:
         for controller in ("goal", "random_skill", "random_action"):
             result["goal_reaching"][controller] = goal = evaluate_goal_reaching(
-                agent, env, args.goals, goal_range=args.goal_range, threshold=args.goal_threshold, seed=args.seed,
+                agent, env, goals, goal_range=args.goal_range, threshold=args.goal_threshold, seed=seed,
                 controller=controller)
             print(f"[bench_metra] goal reaching ({controller}): {goal}", flush=True)
         results_path.write_text(json.dumps(result, indent=2))
     trainer.env.close()
     trainer.eval_env.close()
     return result
+
+
+def run_random(part: str, args: argparse.Namespace, seed: int) -> dict:
+    """The ``random`` run: uniform random actions, evaluation coverage (as many episodes as the skills)
+    and total coverage at the learned runs' evaluation checkpoints (``--eval-every`` up to ``--steps``)."""
+    setting = PARTS[part]
+    out, _ = _layout(args, part, "random", seed)
+    steps = args.steps or 200_000
+    eval_every = args.eval_every or steps // 5
+    checkpoints = list(range(0, steps + 1, eval_every))
+    if checkpoints[-1] != steps:
+        checkpoints.append(steps)
+    started = time.time()
+    env = make_env(args.task, obs=("physics",), action_repeat=args.action_repeat, episode_length=args.episode_length,
+                   seed=seed, num_envs=1, num_workers=0)
+    try:
+        random_eval, random_traj = random_eval_coverage(env, setting["num_skills"], 1.0, seed)
+    finally:
+        env.close()
+    totals = random_total_coverage(args.task, [max(c, 1) for c in checkpoints], episode_length=args.episode_length,
+                                   action_repeat=args.action_repeat, bin_size=1.0, seed=seed,
+                                   num_envs=args.baseline_envs)
+    curve = [{"env_steps": c, "coverage": float(random_eval), "total_coverage": float(t if c > 0 else 0)}
+             for c, t in zip(checkpoints, totals, strict=True)]
+    figure = out / f"skills_{part}.png"
+    plot_skill_trajectories(random_traj, np.zeros((len(random_traj), 2)), figure,
+                            title=f"uniform random actions on {args.task}: {random_eval} cells")
+    result = {"part": part, "algo": "random", "task": args.task, "steps": steps, "seed": seed,
+              "num_skills": setting["num_skills"], "curve": curve, "random_eval_coverage": random_eval,
+              "seconds": time.time() - started, "machine": machine_description(torch.device("cpu")),
+              "figures": [str(figure)]}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"results_{part}.json").write_text(json.dumps(result, indent=2))
+    print(f"[bench_metra] {part}: random actions seed {seed}: eval coverage {random_eval} cells, total "
+          f"{totals[-1]} over {steps} steps", flush=True)
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ report
+COLOURS = {"metra": "tab:blue", "lsd": "tab:orange", "diayn": "tab:green", "random": "gray"}
+SEEDS_PLANNED = (0, 1, 2)
+
+
+def _gather(out: Path, part: str, extra: list[str], budget: int | None) -> dict[str, dict[int, dict]]:
+    """``{algo: {seed: result}}`` from ``<out>/<algo>-seed<k>/results_<part>.json`` and ``extra`` legacy
+    METRA results (``--report-extra``: a plain METRA run and its random baselines), curves cut at ``budget``."""
+    runs: dict[str, dict[int, dict]] = {}
+    for path in sorted(out.glob(f"*-seed*/results_{part}.json")):
+        r = json.loads(path.read_text())
+        r["source"], r["skills_png"] = str(path), str(path.parent / f"skills_{part}.png")
+        runs.setdefault(r["algo"], {})[r["seed"]] = r
+    steps = budget or max((r["steps"] for by_seed in runs.values() for r in by_seed.values()), default=None)
+    for path in extra:
+        r = json.loads(Path(path).read_text())
+        if r.get("part", part) != part:
+            continue
+        seed = r["seed"]
+        last = [c for c in r["curve"] if steps is None or c["env_steps"] <= steps][-1]["env_steps"]
+        note = f"{path}, its curve up to {last:,} steps (a {r['steps']:,}-step run)"
+        runs.setdefault("metra", {}).setdefault(seed, {**r, "algo": "metra", "source": note, "train_seconds": None})
+        if "random_eval_coverage" in r and seed not in runs.get("random", {}):
+            curve = [{"env_steps": c["env_steps"], "coverage": float(r["random_eval_coverage"]),
+                      "total_coverage": float(t)} for c, t in zip(r["curve"], r["random_total_coverage"], strict=True)]
+            runs.setdefault("random", {})[seed] = {"algo": "random", "seed": seed, "curve": curve, "steps": r["steps"],
+                                                   "random_eval_coverage": r["random_eval_coverage"],
+                                                   "source": f"{path} (the random baselines of that run)"}
+    for by_seed in runs.values():  # cut every curve at the common budget; updates and minutes at the cut
+        for r in by_seed.values():
+            r["beyond"] = [c for c in r["curve"] if steps is not None and c["env_steps"] > steps]
+            r["curve"] = [c for c in r["curve"] if steps is None or c["env_steps"] <= steps]
+            if r["beyond"] and "updates" in r["curve"][-1]:
+                r["updates"] = int(r["curve"][-1]["updates"])
+                r["train_seconds"] = r["curve"][-1].get("wall_s") if r.get("train_seconds") else None
+    return runs
+
+
+def _final(r: dict, key: str) -> float:
+    return float(r["curve"][-1][key])
+
+
+def plot_baselines(runs: dict[str, dict[int, dict]], path: Path, title: str) -> None:
+    """Evaluation and total coverage against env steps: one thin line per seed, a thick one for the mean."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, name in ((axes[0], "coverage", "evaluation coverage (48 deterministic skills / episodes)"),
+                          (axes[1], "total_coverage", "total coverage (all training episodes)")):
+        for algo in ALGOS:
+            by_seed = runs.get(algo, {})
+            if not by_seed:
+                continue
+            colour = COLOURS[algo]
+            for r in by_seed.values():
+                ax.plot([c["env_steps"] for c in r["curve"]], [c[key] for c in r["curve"]], "-", color=colour,
+                        alpha=0.35, lw=1)
+            common = sorted(set.intersection(*[{c["env_steps"] for c in r["curve"]} for r in by_seed.values()]))
+            mean = [np.mean([next(c[key] for c in r["curve"] if c["env_steps"] == x) for r in by_seed.values()])
+                    for x in common]
+            ax.plot(common, mean, "o-", color=colour, lw=2.2,
+                    label=f"{LABELS[algo]} (mean of {len(by_seed)} seed{'s' if len(by_seed) > 1 else ''})")
+        ax.set_xlabel("env steps (agent steps, action repeat 2)")
+        ax.set_ylabel("unique 1 x 1 m cells of torso x")
+        ax.set_title(name, fontsize=9)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _mean_sd(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.0f}"
+    return f"{np.mean(values):.1f} ± {np.std(values, ddof=1):.1f}"
+
+
+def write_report(out: Path, page: Path, part: str, extra: list[str] | None = None, budget: int | None = None,
+                 run_root: Path | None = None) -> dict:
+    """Gather the runs under ``out`` into ``<page stem>/coverage_<part>.png``, ``<page stem>/results_<part>.json``
+    (every per-seed curve), the skill plots at the budget (from ``run_root``'s evaluations for runs longer
+    than the budget) and the markdown ``page``."""
+    runs = _gather(out, part, list(extra or []), budget)
+    if not runs:
+        raise SystemExit(f"no results_{part}.json under {out}/<algo>-seed<k>/: run the benchmark first")
+    folder = page.with_suffix("")
+    steps = max(r["curve"][-1]["env_steps"] for by_seed in runs.values() for r in by_seed.values())
+    any_run = next(r for by_seed in runs.values() for r in by_seed.values() if r.get("task"))
+    task = any_run.get("task", "cheetah-run")
+    figure = folder / f"coverage_{part}.png"
+    plot_baselines(runs, figure, f"METRA vs LSD vs DIAYN vs random actions, {task} from states, {steps:,} env steps")
+    for algo, by_seed in runs.items():  # the skill plots at the budget beside the page
+        for seed, r in by_seed.items():
+            src = Path(r.get("skills_png", "-"))  # not a plain METRA run's: its plot is at its own budget
+            if r.get("beyond") and run_root is not None:  # a longer run: its plot at the budget's evaluation
+                src = (run_root / f"{part}-{task}-{algo}-seed{seed}" / "eval"
+                       / f"skills_{r['curve'][-1]['env_steps']:09d}.png")
+            if algo != "random" and src.is_file():
+                (folder / f"skills_{part}_{algo}_seed{seed}.png").write_bytes(src.read_bytes())
+    summary = {algo: {str(seed): {k: r.get(k) for k in ("seed", "steps", "updates", "train_seconds", "objective",
+                                                         "switches", "overrides", "machine", "source", "curve")}
+                      for seed, r in sorted(by_seed.items())} for algo, by_seed in runs.items()}
+    (folder / f"results_{part}.json").write_text(json.dumps(summary, indent=2))
+
+    finals = {algo: {seed: _final(r, "coverage") for seed, r in by_seed.items()} for algo, by_seed in runs.items()}
+    totals = {algo: {seed: _final(r, "total_coverage") for seed, r in by_seed.items()}
+              for algo, by_seed in runs.items()}
+    lines = ["| algorithm | official flags | " + " | ".join(f"seed {s}" for s in SEEDS_PLANNED)
+             + " | mean ± sd | total coverage per seed | mean total |", "|---|---|" + "---:|" * 5 + "---:|"]
+    flags = {"metra": "(defaults)", "lsd": "`--dual_reg 0 --spectral_normalization 1`",
+             "diayn": "`--inner 0 --unit_length 0 --dual_reg 0`", "random": "uniform random actions"}
+    for algo in ALGOS:
+        f, t = finals.get(algo, {}), totals.get(algo, {})
+        cells = [f"{f[s]:.0f}" if s in f else "not run" for s in SEEDS_PLANNED]
+        lines.append(f"| {LABELS[algo]} | {flags[algo]} | " + " | ".join(cells) + f" | {_mean_sd(list(f.values()))} | "
+                     + ", ".join(f"{t[s]:.0f}" for s in sorted(t)) + f" | {_mean_sd(list(t.values()))} |")
+    per_run = ["| algorithm | seed | updates | train min | eval coverage per checkpoint | cos(phi(s_T) - phi(s_0), z) "
+               "| mean travel (m) | source |", "|---|---:|---:|---:|---|---:|---:|---|"]
+    for algo in ALGOS:
+        for seed, r in sorted(runs.get(algo, {}).items()):
+            last = r["curve"][-1]
+            minutes = f"{r['train_seconds'] / 60:.0f}" if r.get("train_seconds") else "-"
+            cov = " → ".join(f"{c['coverage']:.0f}" for c in r["curve"])
+            cos = f"{last['skill_direction_cos']:.2f}" if "skill_direction_cos" in last else "-"
+            travel = f"{last['mean_travel']:.2f}" if "mean_travel" in last else "-"
+            per_run.append(f"| {LABELS[algo]} | {seed} | {r.get('updates', '-') or '-'} | {minutes} | {cov} | {cos} | "
+                           f"{travel} | {r['source'].replace(str(out), '<out>')} |")
+    cut = [f"{LABELS[a]} seed {s} (a {r['steps']:,}-step run; beyond the budget its evaluation coverage was "
+           + ", ".join(f"{c['coverage']:.0f} at {c['env_steps'] / 1000:.0f}k" for c in r["beyond"]) + ")"
+           for a in ALGOS for s, r in sorted(runs.get(a, {}).items()) if r.get("beyond")]
+    missing = [f"{LABELS[a]} seed {s}" for a in ALGOS for s in SEEDS_PLANNED if s not in runs.get(a, {})]
+
+    def mean(algo: str) -> float | None:
+        return float(np.mean(list(finals[algo].values()))) if finals.get(algo) else None
+
+    checks = []
+    m, rnd, d, lsd = mean("metra"), mean("random"), mean("diayn"), mean("lsd")
+    if m is not None and rnd is not None:
+        verdict = "holds" if m >= 2 * rnd else "fails"
+        checks.append(f"- METRA ≥ 2 x random (evaluation coverage, mean over seeds): {m:.1f} vs {rnd:.1f} = "
+                      f"{m / max(rnd, 1e-9):.1f}x: **{verdict}**.")
+    if m is not None and d is not None:
+        above = sum(v > max(finals["diayn"].values()) for v in finals["metra"].values())
+        checks.append(f"- METRA > DIAYN at equal budget: mean {m:.1f} vs {d:.1f}: **{'holds' if m > d else 'fails'}** "
+                      f"({above} of {len(finals['metra'])} METRA seeds above every DIAYN seed).")
+    if m is not None and lsd is not None:
+        checks.append(f"- METRA vs LSD (not one of the note's checks): mean {m:.1f} vs "
+                      f"{lsd:.1f}: METRA is {'ahead' if m > lsd else 'not ahead'}.")
+    if lsd is not None and d is not None:
+        checks.append(f"- LSD vs DIAYN: mean {lsd:.1f} vs {d:.1f}: LSD is {'ahead' if lsd > d else 'not ahead'}.")
+    machine = any_run.get("machine", "")
+    overrides = " ".join(any_run.get("overrides", []))
+    text = PAGE.format(
+        steps=f"{steps:,}", steps_raw=steps, task=task, cut=", ".join(cut) or "none", machine=machine,
+        overrides=overrides, table="\n".join(lines),
+        per_run="\n".join(per_run), checks="\n".join(checks) or "- (not enough runs for the checks)",
+        missing=", ".join(missing) or "none", figure=figure.relative_to(page.parent), part=part,
+        results=(folder / f"results_{part}.json").relative_to(page.parent),
+        skills=", ".join(f"[{p.stem.removeprefix(f'skills_{part}_')}]({p.relative_to(page.parent)})"
+                         for p in sorted(folder.glob(f"skills_{part}_*.png"))) or "none",
+    )
+    page.write_text(text)
+    print(f"[bench_metra] wrote {page}, {figure}", flush=True)
+    return runs
+
+
+PAGE = """# METRA against its baselines LSD and DIAYN: state coverage at equal budget
+
+<!-- Generated by `python scripts/bench_metra.py --report ...` (scripts/bench_metra.py `write_report`); edit the
+generator, not this page. -->
+
+METRA's paper compares it with LSD and DIAYN (and others) by the state coverage of their skills. The
+official code runs both baselines as flags of METRA's learner (README; `shared/algorithms/metra.md` §4),
+and so does this framework: `agent.objective=lsd` / `agent.objective=diayn` (or `recipe=lsd_state`,
+`recipe=diayn_state`) set the switches of `METRAAgent` (`agents/metra.py`, `world_models/metra.py`):
+
+| objective | reward of the skill policy | phi's objective | skills (continuous) |
+|---|---|---|---|
+| METRA | (phi(s') - phi(s))ᵀz | reward + λ min(ε, 1 - mean_d Δφ²), λ learned | sphere |
+| LSD (`--dual_reg 0 --spectral_normalization 1`) | (phi(s') - phi(s))ᵀz | reward alone; phi spectral-normed | sphere |
+| DIAYN (`--inner 0 --unit_length 0 --dual_reg 0`) | log q(z \\| s'), q = N(phi(s'), σ(s')²) | reward alone | N(0, I) |
+
+Each update is checked against a transcription of the official update in
+`tests/test_reference_updates.py` (`test_metra_baseline_update_matches_reference`).
+
+## Setting
+
+Everything but the objective is the same for the three learners, and equal to the METRA run of
+[bench_metra.md](bench_metra.md): dm_control `{task}` from the physics state (root x included, normalised
+after 100 batches), action repeat 2, 200-step episodes, 8 envs in one process, preset `small`
+(2-D continuous skills, 2 x 256 MLPs), 1 update per 4 agent steps after 10,000 steps, minibatch 256,
+**{steps} agent steps per run**, one torch thread, the overrides `{overrides}`. Coverage is the official
+`MjNumUniqueCoords`: unique 1 x 1 m cells of torso x over 48 deterministic skill rollouts (random
+actions: 48 episodes); total coverage counts the cells of all training episodes (random actions: the
+same number of env steps). Machine: {machine}, shared with other jobs (load 2-5 on 2 cores), so the
+wall times are not comparable between runs.
+
+```
+python scripts/bench_metra.py --part state --steps {steps_raw} --eval-every 40000 --updates-per-step 0.25 \\
+    --goals 0 --algo metra lsd diayn random --seeds 0 1 2 --out /tmp/metra_bl --run-root /tmp/metra_bl/runs \\
+    --override env.num_envs=8 env.num_workers=0 agent.lr=3e-4
+python scripts/bench_metra.py --report --out /tmp/metra_bl --run-root /tmp/metra_bl/runs \\
+    --report-extra docs/bench_metra/results_state.json --report-budget {steps_raw}
+```
+
+Runs longer than the budget are cut at it: {cut}. A run's curve up to a step does not depend on its
+length (nothing is scheduled on `steps`; evaluations and checkpoints every 40,000 steps in all runs).
+
+## Results: evaluation coverage at {steps} steps (cells)
+
+{table}
+
+![coverage]({figure})
+
+Curves: thin lines are single seeds, thick lines the mean. Per run:
+
+{per_run}
+
+Runs not made (out of the planned 3 seeds each): {missing}.
+
+Final skill plots: {skills}. Every per-seed curve: [{results}]({results}).
+
+## The algorithm note's check 4 and the paper
+
+{checks}
+
+The paper ([P], `shared/algorithms/metra.md` §7) reports coverage as figures only (Fig. 5), without
+numeric tables, and claims that METRA "achieves the best coverage in most of the environments"; the note
+records no number for LSD or DIAYN, so there is no published value to set beside ours. The paper's runs
+differ from these in every size: Gym HalfCheetah with 16 discrete skills, 2 x 1024 networks, lr 1e-4 and
+about 1e7 env steps per run (the note's §4), where ours use dm_control cheetah, 2-D continuous skills,
+2 x 256 networks, lr 3e-4 and {steps} steps, so only the ordering can be compared, not the counts.
+
+Where ours falls short: the budget is about 1% of the paper's; 3 seeds were planned for each learner
+and the table says which runs were not made; at this budget the baselines' skills barely move (the mean
+travel column), so they tell apart METRA from LSD and DIAYN but not LSD from DIAYN; pixels (METRA's scene)
+and quadruped were not run for the baselines.
+"""
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -274,10 +606,34 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --run-root from its checkpoint up to --steps (raise --steps), "
                              "keeping the curve in --out/results_<part>.json")
+    parser.add_argument("--algo", nargs="+", choices=ALGOS, default=None,
+                        help="METRA and its baselines (agent.objective switches), or uniform random actions; with "
+                             "--algo / --seeds each run writes <out>/<algo>-seed<k>/results_<part>.json")
+    parser.add_argument("--seeds", nargs="+", type=int, default=None, help="seeds, one run each (default: --seed)")
+    parser.add_argument("--report", action="store_true",
+                        help="no training: gather <out>/<algo>-seed<k>/results_<part>.json into a figure and a page")
+    parser.add_argument("--report-page", default="docs/bench_metra_baselines.md",
+                        help="the markdown page --report writes (its figure goes to <page stem>/)")
+    parser.add_argument("--report-extra", nargs="*", default=[],
+                        help="with --report: results of plain METRA runs (docs/bench_metra/results_state.json) to "
+                             "count as METRA and random seeds, their curves cut at the budget")
+    parser.add_argument("--report-budget", type=int, default=0,
+                        help="with --report: cut every curve at this many env steps (0: the runs' --steps)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    for part in (["state", "pixels"] if args.part == "all" else [args.part]):
-        run_part(part, args)
+    parts = ["state", "pixels"] if args.part == "all" else [args.part]
+    if args.report:
+        for part in parts:
+            write_report(Path(args.out), Path(args.report_page), part, args.report_extra, args.report_budget or None,
+                         Path(args.run_root))
+        return
+    for part in parts:
+        for seed in (args.seeds if args.seeds is not None else [args.seed]):
+            for algo in (args.algo or ["metra"]):
+                if algo == "random":
+                    run_random(part, args, seed)
+                else:
+                    run_part(part, args, algo, seed)
 
 
 if __name__ == "__main__":

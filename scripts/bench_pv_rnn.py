@@ -84,7 +84,7 @@ def full_batch(buffer: ReplayBuffer) -> TensorDict:
 def train_full_batch(agent: PVRNNAgent, batch: TensorDict, epochs: int, label: str) -> list[dict]:
     history, t0 = [], time.time()
     for epoch in range(epochs):
-        metrics = agent.update(batch)
+        metrics = {k: float(v) for k, v in agent.update(batch).items()}
         if epoch % max(1, epochs // 20) == 0 or epoch == epochs - 1:
             history.append({"epoch": epoch, **metrics})
             log(f"{label} epoch {epoch}: recon {metrics['recon']:.4f} kl {metrics['kl']:.4f} "

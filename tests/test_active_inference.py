@@ -348,3 +348,71 @@ def test_planning_is_not_blinded_by_a_large_constant_ambiguity(monkeypatch):
     torch.manual_seed(0)
     shifted, _ = policy.step(obs, carry, first)
     assert torch.equal(reference, shifted)
+
+
+# ------------------------------------------------------------------ AV's belief-change epistemic term
+
+
+def test_view_epistemic_is_the_kl_of_the_fused_belief_and_stacks_the_observed_frames(monkeypatch):
+    """``view_epistemic`` = KL(fuse(p, q(s|dec(s))) || p) per imagined step, by hand; the first view is stacked
+    after the newest observed frame (frame_stack 2), the next ones after the view before them."""
+    torch.manual_seed(0)
+    wm = make_agent("pixels").world_model
+    m, h, d = 3, 2, wm.latent_dim
+    mean, std = torch.randn(m, h, d), torch.rand(m, h, d) + 0.5
+    view_mean, view_std = torch.randn(m * h, d), torch.rand(m * h, d) + 0.2
+    seen = {}
+
+    def posterior(x):
+        seen["x"] = x
+        return view_mean, view_std
+
+    monkeypatch.setattr(wm, "posterior", posterior)
+    context = torch.randint(0, 256, (m, 3, 64, 64)).float()
+    value = wm.view_epistemic(mean, std, context)
+    # by hand: the normalised product of N(p) and N(view), then the Gaussian KL to p, summed over dims
+    pm, ps = mean.reshape(m * h, d), std.reshape(m * h, d)
+    var = 1.0 / (ps.pow(-2) + view_std.pow(-2))
+    fm, fs = var * (pm / ps.square() + view_mean / view_std.square()), var.sqrt()
+    expected = kl_divergence(Normal(fm, fs), Normal(pm, ps)).sum(-1).reshape(m, h)
+    torch.testing.assert_close(value, expected)
+    views = wm.decode(mean.reshape(m * h, d))["pixels"].reshape(m, h, 3, 64, 64)
+    stacks = seen["x"].reshape(m, h, 6, 64, 64)
+    torch.testing.assert_close(stacks[:, 0, :3], context)  # step 0: newest observed frame, then its view
+    torch.testing.assert_close(stacks[:, 0, 3:], views[:, 0])
+    torch.testing.assert_close(stacks[:, 1, :3], views[:, 0])  # step 1: the view before it, then its own
+    torch.testing.assert_close(stacks[:, 1, 3:], views[:, 1])
+
+
+def test_belief_change_scores_only_the_lowest_risk_candidates_and_prefers_informative_views(monkeypatch):
+    """With ``epistemic="belief_change"`` the ``epistemic_candidates`` lowest-risk candidates get the view term and
+    the others are screened out; among the scored ones a large epistemic weight picks the most informative."""
+    agent = make_agent("state", epistemic="belief_change", epistemic_candidates=3, planner="shooting",
+                       num_candidates=8, epistemic_weight=1e6)
+    agent.eval()
+    obs, task = state_obs_and_goal_task(agent, 1)
+    policy = agent.policy(task)
+    wm = agent.world_model
+    state = wm.observe(wm.initial_state(1), obs["state"], torch.zeros(1, ACTION_DIM), torch.ones(1, dtype=torch.bool))
+    actions = torch.rand(1, 8, agent.config.plan_horizon, ACTION_DIM, generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(wm, "view_epistemic", lambda mean, std, context=None: torch.zeros(mean.shape[:2]))
+    plain = policy.score(state, actions, *policy._goal(1), [torch.Generator().manual_seed(3)])
+    top3 = plain["risk"][0].topk(3, largest=False).indices
+    j = agent.config.num_samples
+    calls = []
+
+    def spy(mean, std, context=None):
+        calls.append(mean.shape[0])
+        out = torch.zeros(mean.shape[:2])
+        out[j * 2: j * 3] = 1.0  # the rows of the third scored candidate (scored in order of risk)
+        return out
+
+    monkeypatch.setattr(wm, "view_epistemic", spy)
+    terms = policy.score(state, actions, *policy._goal(1), [torch.Generator().manual_seed(3)])
+    assert calls == [3 * j]  # only the 3 lowest-risk candidates' rollouts were decoded
+    screened = terms["screened"][0] > 0
+    assert set(torch.nonzero(~screened).flatten().tolist()) == set(top3.tolist())
+    assert torch.isinf(terms["G"][0][screened]).all() and torch.isfinite(terms["G"][0][~screened]).all()
+    torch.testing.assert_close(terms["risk"], plain["risk"])  # the risk is the ensemble scorer's
+    assert terms["epistemic"][0, top3[2]] == pytest.approx(agent.config.plan_horizon)  # 1 per step
+    assert int(terms["G"][0].argmin()) == int(top3[2])  # the informative candidate wins despite its risk

@@ -406,3 +406,139 @@ def test_train_agent_smoke(tmp_path, obs_type):
     assert float(rows[-1]["alpha"]) > 0
     agent, _ = load_agent(run_dir / "checkpoints" / "latest.pt")
     assert isinstance(agent, METRAAgent) and agent.config.obs_type == obs_type
+
+
+# ----------------------------------------------------------------------------- METRA's baselines: LSD, DIAYN
+
+
+def test_objectives_are_the_official_flag_combinations_and_flags_override_them():
+    from latentrl.agents.metra import OBJECTIVES
+
+    flags = ("inner", "unit_length", "dual_reg", "spectral_norm")
+    # README: LSD = --dual_reg 0 --spectral_normalization 1; DIAYN = --inner 0 --unit_length 0 --dual_reg 0
+    expected = {"metra": (True, True, True, False), "lsd": (True, True, False, True),
+                "diayn": (False, False, False, False)}
+    for objective, values in expected.items():
+        cfg = METRAConfig(objective=objective)
+        assert tuple(cfg.switch(f) for f in flags) == values == tuple(OBJECTIVES[objective][f] for f in flags)
+    cfg = METRAConfig(objective="lsd", spectral_norm=False)  # an explicit flag wins over the objective
+    assert (cfg.switch("spectral_norm"), cfg.switch("dual_reg")) == (False, False)
+    assert METRAConfig().objective == "metra"  # the default is METRA itself
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"objective": "dads"}, "objective must be one of"),
+    ({"objective": "diayn", "dual_reg": True}, "dual_reg=True needs inner=True"),
+    ({"inner": False}, "dual_reg=True needs inner=True"),  # METRA's dual term with DIAYN's reward
+    ({"spectral_norm": "yes"}, "spectral_norm must be true, false or None"),
+])
+def test_bad_objective_settings_are_refused_with_a_clear_error(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        METRAConfig(**kwargs)
+
+
+def test_objective_reaches_the_agent_from_the_command_line_and_the_recipes():
+    from latentrl.training.cli import load_config
+
+    for overrides, objective in ((["agent=metra", "agent.objective=lsd"], "lsd"), (["recipe=lsd_state"], "lsd"),
+                                 (["recipe=diayn_state"], "diayn"), (["recipe=diayn_pixels"], "diayn")):
+        cfg = load_config(overrides)
+        config = METRAAgent.make_config(cfg.agent.preset, **cfg.agent.overrides)
+        assert config.objective == objective, overrides
+
+
+def test_diayn_skills_are_gaussian_not_unit_length():
+    g = torch.Generator().manual_seed(0)
+    skills = sample_skills(500, 2, False, generator=g, unit_length=False)
+    assert torch.equal(skills, torch.randn(500, 2, generator=torch.Generator().manual_seed(0)))
+    agent = _agent(objective="diayn")
+    policy = agent.policy(explore=True)
+    policy(TensorDict({"state": torch.randn(200, 2)}, [200]))
+    norms = policy.extras()["skill"].norm(dim=-1)
+    assert norms.std() > 0.2 and not torch.allclose(norms, torch.ones(200))  # N(0, I), as --unit_length 0
+    assert not torch.allclose(agent.sample_skills(50).norm(dim=-1), torch.ones(50))
+    from latentrl.training.skills import _eval_skills
+
+    eval_skills, _ = _eval_skills(4, False, 48, 0, unit_length=agent.config.switch("unit_length"))
+    assert not torch.allclose(eval_skills.norm(dim=-1), torch.ones(48))  # evaluation draws from the same prior
+    lsd = _agent(objective="lsd").policy(explore=True)
+    lsd(TensorDict({"state": torch.randn(20, 2)}, [20]))
+    assert torch.allclose(lsd.extras()["skill"].norm(dim=-1), torch.ones(20))
+
+
+@pytest.mark.parametrize("discrete", [False, True])
+def test_diayn_reward_is_the_skill_log_likelihood_of_the_next_state(discrete):
+    agent = _agent(objective="diayn", discrete=discrete, dim_option=3)
+    wm = agent.world_model
+    s, s_next = torch.randn(5, 2), torch.randn(5, 2)
+    z = F.one_hot(torch.arange(5) % 3, 3).float() if discrete else torch.randn(5, 3)
+    with torch.no_grad():
+        h = wm.encoder(s_next)
+        mean, log_std = wm.head(h), wm.log_std_head(h)
+        if discrete:
+            expected = torch.log_softmax(mean, dim=-1)[torch.arange(5), torch.arange(5) % 3]
+        else:
+            expected = torch.distributions.Normal(mean, log_std.exp()).log_prob(z).sum(-1)
+    reward = agent.intrinsic_reward(_batch(s, s_next, z))
+    assert torch.allclose(reward, expected, atol=1e-6)
+    other = agent.intrinsic_reward(_batch(torch.randn(5, 2), s_next, z))
+    assert torch.allclose(other, reward)  # s does not enter: q(z | s')
+    metrics = agent.update(_batch(s, s_next, z))
+    assert metrics["lambda_loss"] == 0.0 and "constraint" not in metrics
+
+
+def test_diayn_has_no_goal_mode_and_lsd_reaches_goals_with_phi_differences():
+    goal = GoalObservation(TensorDict({"state": torch.randn(2, 2)}, [2]))
+    agent = _agent(objective="diayn")
+    with pytest.raises(UnsupportedTaskError, match="DIAYN"):
+        agent.infer_task(goal)
+    with pytest.raises(UnsupportedTaskError, match="inner=False"):
+        agent.policy(Task(z=torch.randn(2, 4), info={"kind": "goal"}))
+    agent.policy(agent.skill_task(torch.randn(4)))  # skills still run
+    lsd = _agent(objective="lsd").eval()  # eval mode: no power iteration, phi is fixed between the calls
+    task = lsd.infer_task(goal)
+    policy = lsd.policy(task)
+    obs = TensorDict({"state": torch.randn(2, 2)}, [2])
+    policy(obs)
+    with torch.no_grad():
+        direction = lsd.world_model.phi(goal.obs["state"]) - lsd.world_model.phi(obs["state"])
+    assert torch.allclose(policy.extras()["skill"], direction / direction.norm(dim=-1, keepdim=True), atol=1e-5)
+
+
+@pytest.mark.parametrize("obs_type", ["state", "pixels"])
+def test_lsd_spectrally_normalises_every_layer_of_phi_only(obs_type):
+    torch.manual_seed(0)
+    agent = _agent(objective="lsd", obs_type=obs_type, hidden_dim=16)
+    wm = agent.world_model
+    layers = [m for m in wm.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    assert layers and all(hasattr(m, "weight_orig") for m in layers)  # the head's Linears, the CNN's convs
+    assert len([m for m in layers if isinstance(m, torch.nn.Conv2d)]) == (4 if obs_type == "pixels" else 0)
+    others = [m for net in (agent.actor, agent.critic1, agent.critic2) for m in net.modules()
+              if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    assert others and not any(hasattr(m, "weight_orig") for m in others)  # policy and Qs: plain layers
+    x = torch.randn(8, 2) if obs_type == "state" else torch.randint(0, 256, (8, 9, IMAGE, IMAGE), dtype=torch.uint8)
+    for _ in range(100):  # power iterations converge: each effective weight has spectral norm 1
+        wm.phi(x)
+    def sigma(w):
+        return torch.linalg.matrix_norm(w.detach().reshape(w.shape[0], -1), ord=2).item()
+
+    assert all(sigma(m.weight) == pytest.approx(1.0, abs=1e-2) for m in layers)
+    assert max(abs(sigma(m.weight_orig) - 1.0) for m in layers) > 0.1  # not so by construction
+    assert not any(hasattr(m, "weight_orig") for m in _agent().world_model.modules())  # METRA: none
+
+
+@pytest.mark.parametrize("objective", ["lsd", "diayn"])
+def test_train_agent_smoke_of_the_baselines_and_checkpoint_reload(tmp_path, objective):
+    from latentrl.training.checkpoint import load_agent
+    from latentrl.training.cli import train_main
+
+    run_dir = tmp_path / objective
+    result = train_main(["agent=metra", "preset=smoke", "env=cheetah-run", "log.progress=false",
+                         "log.tensorboard=false", "eval.video=false", f"run_dir={run_dir}", "agent.obs_type=physics",
+                         f"agent.objective={objective}", "steps=200", "env.episode_length=50"])
+    assert result["eval/coverage"] >= 1
+    agent, _ = load_agent(run_dir / "checkpoints" / "latest.pt")
+    assert agent.config.objective == objective
+    if objective == "lsd":  # the spectral-norm state (weight_orig, u, v) comes back
+        layer = agent.world_model.head[0]
+        assert hasattr(layer, "weight_u") and layer.weight_u.norm().item() == pytest.approx(1.0, abs=1e-5)

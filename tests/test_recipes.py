@@ -13,7 +13,10 @@ from latentrl.agents.registry import agent_class
 from latentrl.training.cli import ConfigError, list_recipes, load_config, train_main
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = ("metra_pixels", "metra_state", "td_jepa_pixels", "td_jepa_proprio", "fb_pixels", "fb_proprio")
+RECIPES = ("metra_pixels", "metra_state", "td_jepa_pixels", "td_jepa_proprio", "fb_pixels", "fb_proprio",
+           "lsd_state", "lsd_pixels", "diayn_state", "diayn_pixels")
+BASELINE_OF = {"lsd": "metra", "diayn": "metra"}
+"""Recipes named after a baseline that runs as switches of another agent (METRA's LSD and DIAYN)."""
 
 
 def _agent_config(cfg):
@@ -26,7 +29,8 @@ def test_every_recipe_composes_into_a_valid_agent_config():
     for name, line in list_recipes().items():
         assert line, f"configs/recipe/{name}.yaml has no '# recipe:' line"
         cfg = load_config([f"recipe={name}"])
-        assert cfg.agent.name == name.rsplit("_", 1)[0]
+        prefix = name.rsplit("_", 1)[0]
+        assert cfg.agent.name == BASELINE_OF.get(prefix, prefix)
         _agent_config(cfg)  # every field exists and has a valid value
 
 
@@ -49,6 +53,26 @@ def test_metra_state_uses_the_state_update_ratio_and_buffer():
     agent = _agent_config(cfg)
     assert (agent.obs_type, agent.dim_option, agent.discrete) == ("physics", 16, True)
     assert agent.obs_normalizer_warmup > 0
+
+
+@pytest.mark.parametrize("kind", ["state", "pixels"])
+def test_baseline_recipes_are_the_metra_recipe_with_the_official_baseline_flags(kind):
+    """recipe=lsd_<kind> / diayn_<kind>: every trainer, env and agent setting of recipe=metra_<kind>, plus the
+    official flags (LSD: --dual_reg 0 --spectral_normalization 1; DIAYN: --inner 0 --unit_length 0 --dual_reg 0)."""
+    metra_cfg = load_config([f"recipe=metra_{kind}"])
+    metra = _agent_config(metra_cfg)
+    for baseline in ("lsd", "diayn"):
+        cfg = load_config([f"recipe={baseline}_{kind}"])
+        assert cfg.agent.name == "metra" and cfg.agent.preset == metra_cfg.agent.preset
+        for key in ("steps", "learning_starts", "buffer_capacity", "updates_per_step", "env", "eval"):
+            assert cfg[key] == metra_cfg[key], (baseline, key)
+        agent = _agent_config(cfg)
+        assert agent.objective == baseline
+        assert {**vars(agent), "objective": "metra"} == vars(metra)  # nothing else differs
+        flags = {f: agent.switch(f) for f in ("inner", "unit_length", "dual_reg", "spectral_norm")}
+        assert flags == ({"inner": True, "unit_length": True, "dual_reg": False, "spectral_norm": True}
+                         if baseline == "lsd" else
+                         {"inner": False, "unit_length": False, "dual_reg": False, "spectral_norm": False})
 
 
 @pytest.mark.parametrize("name, batch", [("td_jepa_pixels", 512), ("td_jepa_proprio", 1024),

@@ -249,6 +249,170 @@ def test_metra_update_matches_reference(obs_type):
     _run_both(agent, _metra_reference, batches, f"METRA ({obs_type})")
 
 
+# ------------------------------------------------------------------------------- METRA's baselines: LSD, DIAYN
+# The official code runs LSD and DIAYN as flags of the same learner (README; shared/algorithms/metra.md §4):
+# LSD = --dual_reg 0 --spectral_normalization 1, DIAYN = --inner 0 --unit_length 0 --dual_reg 0. Facts
+# transcribed: iod/metra.py (_update_rewards with and without `inner`, _update_loss_te without `dual_reg`,
+# _optimize_te: no dual_lam step without it), garage's GaussianMLPIndependentStdModule (a separate log-std MLP,
+# log-std clamped below at log 1e-6, std = exp) and MultiHeadedMLPModule / with_encoder.CNN (spectral norm on
+# every Linear and Conv2d of the traj encoder), garagei's SpectralNorm.compute_weight (one power iteration per
+# forward pass in training mode, u and v updated in place).
+
+
+def _sn_weight(layer: torch.nn.Module) -> torch.Tensor:
+    """garagei ``SpectralNorm.compute_weight`` (training mode): one power iteration, in place, then W / sigma."""
+    weight = layer.weight_orig
+    u, v = layer.weight_u, layer.weight_v
+    weight_mat = weight.reshape(weight.shape[0], -1)
+    with torch.no_grad():
+        v.copy_(F.normalize(torch.mv(weight_mat.t(), u), dim=0, eps=1e-12))
+        u.copy_(F.normalize(torch.mv(weight_mat, v), dim=0, eps=1e-12))
+        u, v = u.clone(), v.clone()
+    sigma = torch.dot(u, torch.mv(weight_mat, v))
+    return weight / sigma
+
+
+def _metra_baseline_reference(ref: METRAAgent):
+    """``_train_components``' inner loop with the official flags ``inner``, ``dual_reg`` and spectral
+    normalisation read from the config (LSD, DIAYN), for one minibatch."""
+    cfg = ref.config
+    wm = ref.world_model
+    inner, dual_reg, spectral = cfg.switch("inner"), cfg.switch("dual_reg"), cfg.switch("spectral_norm")
+    te_params = [*wm.encoder.parameters(), *wm.head.parameters()]
+    if not inner:
+        te_params += list(wm.log_std_head.parameters())
+    opt = {
+        "te": torch.optim.Adam(te_params, lr=cfg.lr_of("phi")),
+        "dual_lam": torch.optim.Adam([wm.log_lambda], lr=cfg.lr_of("lambda")),
+        "qf": torch.optim.Adam([*ref.critic1.parameters(), *ref.critic2.parameters()], lr=cfg.lr_of("q")),
+        "option_policy": torch.optim.Adam(ref.actor.parameters(), lr=cfg.lr_of("policy")),
+        "log_alpha": torch.optim.Adam([ref.log_alpha], lr=cfg.lr_of("alpha")),
+    }
+    target_entropy = -ACTION_DIM / 2.0 * cfg.target_entropy_coef
+
+    def linear(layer, x):
+        return F.linear(x, _sn_weight(layer) if spectral else layer.weight, layer.bias)
+
+    def mlp_forward(seq, x):  # garage MLPModule: Linear, ReLU, ..., Linear (spectral norm on each Linear)
+        layers = [m for m in seq if isinstance(m, torch.nn.Linear)]
+        for layer in layers[:-1]:
+            x = torch.relu(linear(layer, x))
+        return linear(layers[-1], x)
+
+    def cnn_forward(x):  # with_encoder.CNN: 4 x Conv(k4, s2), ELU, flatten (spectral norm on each conv)
+        if cfg.obs_type != "pixels":
+            return x.float()
+        # channels_last as DreamerEncoder lays it out (the same values; the same float rounding)
+        h = (x.float() / 255.0).contiguous(memory_format=torch.channels_last)
+        for conv in [m for m in wm.encoder.modules() if isinstance(m, torch.nn.Conv2d)]:
+            weight = _sn_weight(conv) if spectral else conv.weight
+            h = F.elu(F.conv2d(h, weight, conv.bias, stride=2))
+        return h.flatten(1)
+
+    def traj_encoder(x):
+        """(mean, log_std) of GaussianMLPIndependentStdModule on the CNN features (log_std: DIAYN only)."""
+        h = cnn_forward(x)
+        mean = mlp_forward(wm.head, h)
+        log_std = None if inner else mlp_forward(wm.log_std_head, h).clamp(min=math.log(1e-6))
+        return mean, log_std
+
+    def qf(critic, x, z, a):
+        return critic.head(torch.cat([critic.encoder(x), z, a], dim=-1)).flatten()
+
+    def policy_dist(x, z):
+        head = ref.actor.head
+        h = head.trunk(torch.cat([ref.actor.encoder(x), z], dim=-1))
+        log_std = head.log_std_head(h).clamp(math.log(1e-6), math.log(cfg.policy_max_std))
+        return torch.distributions.Normal(head.mean_head(h), log_std.exp())
+
+    def rsample_with_log_prob(normal):
+        pre_tanh = normal.rsample()
+        action = torch.tanh(pre_tanh)
+        log_prob = normal.log_prob(pre_tanh) - torch.log((1.0 - action.pow(2)).clamp(0.0, 1.0) + 1e-6)
+        return action, log_prob.sum(-1)
+
+    def update_rewards(obs, next_obs, options):
+        """iod/metra.py ``_update_rewards``: two traj_encoder calls with ``inner``, one (on s') without."""
+        if inner:
+            cur_z, _ = traj_encoder(obs)
+            next_z, _ = traj_encoder(next_obs)
+            target_z = next_z - cur_z
+            if cfg.discrete:
+                d = cfg.dim_option
+                masks = (options - options.mean(dim=1, keepdim=True)) * d / (d - 1)
+                return (target_z * masks).sum(dim=1), cur_z, next_z
+            return (target_z * options).sum(dim=1), cur_z, next_z
+        mean, log_std = traj_encoder(next_obs)
+        if cfg.discrete:
+            return -F.cross_entropy(mean, options.argmax(dim=1), reduction="none"), None, None
+        std = log_std.exp()  # Independent(Normal(mean, std), 1).log_prob(options), written out
+        log_prob = -((options - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+        return log_prob.sum(dim=1), None, None
+
+    def update(v: TensorDict) -> dict:
+        obs, next_obs = v[cfg.obs_type], v["next", cfg.obs_type]
+        options, actions = v["skill"].float(), v["action"].float()
+        dones = v["next", "terminated"].float().flatten()
+        # _update_loss_te (+ _update_loss_dual_lam only with dual_reg)
+        r, cur_z, next_z = update_rewards(obs, next_obs, options)
+        te_obj = r
+        loss_dual_lam = torch.zeros(())
+        if dual_reg:
+            cst_penalty = torch.clamp(1.0 - torch.square(next_z - cur_z).mean(dim=1), max=cfg.dual_slack)
+            te_obj = r + wm.log_lambda.exp().detach() * cst_penalty
+            loss_dual_lam = (wm.log_lambda * cst_penalty.detach()).mean()
+        loss_te = -te_obj.mean()
+        _adam_step(opt["te"], loss_te)
+        if dual_reg:
+            _adam_step(opt["dual_lam"], loss_dual_lam)
+        # _update_rewards again, with the updated traj encoder
+        with torch.no_grad():
+            r = update_rewards(obs, next_obs, options)[0]
+        # sac_utils: Q, policy, alpha, targets
+        with torch.no_grad():
+            alpha = ref.log_alpha.exp()
+        q1_pred, q2_pred = qf(ref.critic1, obs, options, actions), qf(ref.critic2, obs, options, actions)
+        next_actions, next_log_probs = rsample_with_log_prob(policy_dist(next_obs, options))
+        target_q = torch.min(qf(ref.critic1_target, next_obs, options, next_actions),
+                             qf(ref.critic2_target, next_obs, options, next_actions))
+        with torch.no_grad():
+            q_target = r * cfg.reward_scale + (target_q - alpha * next_log_probs) * cfg.discount * (1.0 - dones)
+        loss_qf = F.mse_loss(q1_pred, q_target) * 0.5 + F.mse_loss(q2_pred, q_target) * 0.5
+        _adam_step(opt["qf"], loss_qf)
+        new_actions, new_log_probs = rsample_with_log_prob(policy_dist(obs, options))
+        min_q = torch.min(qf(ref.critic1, obs, options, new_actions), qf(ref.critic2, obs, options, new_actions))
+        loss_sacp = (alpha * new_log_probs - min_q).mean()
+        _adam_step(opt["option_policy"], loss_sacp)
+        loss_alpha = (-ref.log_alpha * (new_log_probs.detach() + target_entropy)).mean()
+        _adam_step(opt["log_alpha"], loss_alpha)
+        _polyak(ref.critic1, ref.critic1_target, cfg.tau)
+        _polyak(ref.critic2, ref.critic2_target, cfg.tau)
+        return {"phi_loss": loss_te, "lambda_loss": loss_dual_lam, "q_loss": loss_qf, "policy_loss": loss_sacp,
+                "alpha_loss": loss_alpha, "intrinsic_reward_mean": r.mean()}
+
+    return update
+
+
+@pytest.mark.parametrize("objective, obs_type, discrete", [
+    ("lsd", "state", False), ("lsd", "state", True), ("lsd", "pixels", False),
+    ("diayn", "state", False), ("diayn", "state", True), ("diayn", "pixels", False),
+])
+def test_metra_baseline_update_matches_reference(objective, obs_type, discrete):
+    agent = _build(METRAAgent, obs_type, **METRA_TINY, objective=objective, discrete=discrete)
+    assert agent.config.switch("spectral_norm") == (objective == "lsd")
+    _perturb(agent.critic1, agent.critic2)
+    batches = [_batch(obs_type, 6, seed=k, skill_dim=3) for k in range(3)]
+    g = torch.Generator().manual_seed(7)
+    for b in batches:
+        if discrete:
+            b["skill"] = F.one_hot(torch.randint(3, (6,), generator=g), 3).float()
+        elif objective == "diayn":  # --unit_length 0: skills ~ N(0, I)
+            b["skill"] = torch.randn(6, 3, generator=g)
+    lambda_before = agent.world_model.log_lambda.detach().clone()
+    _run_both(agent, _metra_baseline_reference, batches, f"{objective} ({obs_type}, discrete={discrete})")
+    assert torch.equal(agent.world_model.log_lambda.detach(), lambda_before)  # no dual step without dual_reg
+
+
 # ----------------------------------------------------------------------------- TD-JEPA and FB pieces
 
 

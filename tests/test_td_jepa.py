@@ -230,7 +230,7 @@ def test_update_returns_finite_metrics_and_trains_every_network(obs_type, symmet
     agent = _agent(obs_type, symmetric=symmetric, batch_size=8)
     before = copy.deepcopy(agent.state_dict())
     metrics = agent.update(replay_batch(obs_type, 8))
-    assert all(isinstance(v, float) and np.isfinite(v) for v in metrics.values()), metrics
+    assert all(v.shape == () and np.isfinite(float(v)) for v in metrics.values()), metrics
     assert {"phi_loss", "phi_ortho_loss", "actor_loss", "q", "total_loss", "z_goal_fraction"} <= set(metrics)
     assert ("psi_loss" in metrics) != symmetric
     def part(name: str) -> str:  # the EMA targets live in the world model: world_model.targets.<name>

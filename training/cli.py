@@ -352,6 +352,7 @@ def check_train_config(cfg: DictConfig) -> None:
     for key in _RUN_FLAGS:
         value = get(key)
         put(key, False if value is None else check_flag(key, value))  # overwrite: absent in older run configs
+    _check_collector(get, put)
     if cfg.get("resume") and cfg.get("overwrite"):
         raise ConfigError("resume=true continues the run in run_dir and overwrite=true replaces it: give one of them")
     for key in ("run_dir", "out", "log.wandb_project"):
@@ -373,6 +374,23 @@ def check_train_config(cfg: DictConfig) -> None:
               and all(isinstance(k, str) for k in obs)):
         raise ConfigError(f"env.obs={_shown(obs)}: env.obs must be auto or a list of observation keys (pixels, "
                           "state, physics); e.g. env.obs=[pixels,state,physics]")
+
+
+def _check_collector(get, put) -> None:
+    """``collector.*``: absent in older run configs (then the trainer's own loop, as those runs had)."""
+    from latentrl.training.collectors import COLLECTOR_KINDS
+
+    kind = get("collector.kind")
+    if kind is None:
+        put("collector.kind", "inline")
+    elif kind not in COLLECTOR_KINDS:
+        raise ConfigError(f"collector.kind={_shown(kind)}: valid kinds are {', '.join(COLLECTOR_KINDS)} (inline: the "
+                          "trainer steps the envs itself); e.g. collector.kind=multisync")
+    limits = {"collector.workers": ("collector processes (multisync, ray)", 2),
+              "collector.steps_per_batch": ("steps of every env per collected batch", 50)}
+    for key, (meaning, default) in limits.items():
+        value = get(key)
+        put(key, default if value is None else check_int(key, value, low=1, meaning=meaning, example=default))
 
 
 def _check_agent_overrides(cfg: DictConfig) -> None:
@@ -601,7 +619,10 @@ def _prepare(argv: list[str] | None, config_name: str = "train",
     _resolve_obs(cfg)
     if extra_checks is not None:
         extra_checks(cfg)
-    run_dir, undo = _resolve_run_dir(cfg)
+    # once per job: under torchrun rank 0 claims the folder and the other ranks get its path
+    from latentrl.training import distributed
+
+    run_dir, undo = distributed.main_then_share(_resolve_run_dir, cfg, share=lambda result: (result[0], None))
     cfg.run_dir = str(run_dir)
     return cfg, run_dir, undo
 
@@ -633,27 +654,49 @@ def train_main(argv: list[str] | None = None) -> dict:
     """``train_agent.py``: train an agent online or offline; prints where results went.
 
     Exit codes: 2 for bad input (a sentence on stderr, nothing trained or overwritten), 1 when training
-    stopped on non-finite values (the last checkpoint is kept)."""
+    stopped on non-finite values (the last checkpoint is kept) or, data-parallel, when another rank failed.
+
+    Started by ``torchrun`` (``WORLD_SIZE`` > 1 in the environment), the process joins the job's process group
+    and trains its share of every batch (``latentrl.training.distributed``); rank 0 alone prints and writes."""
+    from latentrl.training import distributed
     from latentrl.training.trainer import NonFiniteLossError, Trainer
 
     undo = None
     try:
+        distributed.init_from_env()
         cfg, run_dir, undo = _prepare(argv, extra_checks=_check_online_training)
         trainer = Trainer(cfg, run_dir, agent_overrides=dict(cfg.agent.get("overrides", {})))
     except _INPUT_ERRORS as err:
         if undo is not None:
             undo()
+        distributed.mark_failed(err)
         _fail(err)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-    mode = f"offline on {cfg.data}" if cfg.data else f"online on {cfg.env.task} x{cfg.env.num_envs}"
-    print(f"[latentrl] training {cfg.agent.name} ({cfg.agent.preset}) {mode}; device {trainer.device}; "
-          f"run dir {run_dir}")
+    main = distributed.is_main()
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+        mode = f"offline on {cfg.data}" if cfg.data else f"online on {cfg.env.task} x{cfg.env.num_envs}"
+        ranks = f" x{trainer.world_size} processes" if trainer.world_size > 1 else ""
+        print(f"[latentrl] training {cfg.agent.name} ({cfg.agent.preset}) {mode}{ranks}; device {trainer.device}; "
+              f"run dir {run_dir}")
     try:
         result = trainer.train()
     except NonFiniteLossError as err:
+        distributed.mark_failed(err)
         _fail(err, code=1)
+    except Exception as err:
+        if distributed.current() is None:
+            raise
+        if not distributed.is_collective_failure(err):  # this rank's own error: say so to the others, then raise
+            distributed.mark_failed(err)
+            raise
+        _fail(distributed.PeerFailedError(
+            f"{distributed.describe_peer_failure(err)}. The job stops; continue it from its last checkpoint with "
+            f"torchrun ... scripts/train_agent.py ... resume=true run_dir={run_dir}"), code=1)
+    distributed.shutdown()
     _exit_if_stopped(trainer)
+    if not main:
+        return result
     print(f"[latentrl] done: {trainer.env_steps} env steps, {trainer.updates} updates")
     print(f"[latentrl] logs:       {run_dir / 'metrics.csv'} and {run_dir / 'tb'} (tensorboard --logdir {run_dir})")
     print(f"[latentrl] checkpoint: {trainer.checkpoint_path}")

@@ -43,12 +43,15 @@ def count_cells(trajectories: list[np.ndarray], bin_size: float = 1.0) -> int:
     return len({tuple(c) for c in cells})
 
 
-def _eval_skills(dim: int, discrete: bool, num_skills: int, seed: int) -> tuple[Tensor, np.ndarray]:
-    """METRA's evaluation skills and a colour index: one-hots spread evenly, or prior samples."""
+def _eval_skills(dim: int, discrete: bool, num_skills: int, seed: int,
+                 unit_length: bool = True) -> tuple[Tensor, np.ndarray]:
+    """METRA's evaluation skills and a colour index: one-hots spread evenly, or prior samples (``N(0, I)``
+    without ``unit_length``, DIAYN's prior)."""
     if discrete:
         index = np.concatenate([[i] * (num_skills // dim + (i < num_skills % dim)) for i in range(dim)]).astype(int)
         return F.one_hot(torch.as_tensor(index), dim).float(), index
-    skills = sample_skills(num_skills, dim, False, generator=torch.Generator().manual_seed(seed))
+    skills = sample_skills(num_skills, dim, False, generator=torch.Generator().manual_seed(seed),
+                           unit_length=unit_length)
     return skills, np.arange(num_skills)
 
 
@@ -85,7 +88,8 @@ def evaluate_coverage(agent: METRAAgent, env: EnvBase, num_skills: int = 48, *, 
     observation key; its ``batch_size`` envs run skills in parallel.
     """
     cfg = agent.config
-    skills, colour_index = _eval_skills(cfg.dim_option, cfg.discrete, num_skills, seed)
+    skills, colour_index = _eval_skills(cfg.dim_option, cfg.discrete, num_skills, seed,
+                                        unit_length=cfg.switch("unit_length") if hasattr(cfg, "switch") else True)
 
     def make_policy(first: int, n: int) -> Policy:
         z = skills[first:first + n]
@@ -109,7 +113,8 @@ def evaluate_coverage(agent: METRAAgent, env: EnvBase, num_skills: int = 48, *, 
     if plot_path is not None:
         result.plot_path = plot_skill_trajectories(
             trajectories, skills.numpy(), plot_path, discrete=cfg.discrete, colour_index=colour_index,
-            title=f"METRA skills on {_task_of(env).name}: {result.coverage} cells of {bin_size:g} m",
+            title=f"{getattr(cfg, 'objective', 'metra').upper()} skills on {_task_of(env).name}: "
+                  f"{result.coverage} cells of {bin_size:g} m",
         )
     return result
 

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
 from tqdm import tqdm
 
 from latentrl.agents import make_agent
@@ -27,9 +28,12 @@ from latentrl.agents.base import Agent, resolve_device, sample_batches
 from latentrl.agents.model_files import save_model
 from latentrl.envs import make_env
 from latentrl.replay import ReplayBuffer
-from latentrl.training.checkpoint import load_checkpoint, restore_agent, save_checkpoint
+from latentrl.training import distributed
+from latentrl.training.checkpoint import capture_rng, load_checkpoint, restore_agent, restore_rng, save_checkpoint
 from latentrl.training.evaluation import evaluate_agent, rollout
 from latentrl.training.logger import RunLogger, write_video
+from latentrl.world_models.encoders import set_channels_last
+from latentrl.world_models.layers import adam_implementation, compile_networks
 
 __all__ = ["Trainer", "NonFiniteLossError", "resolve_device", "seed_everything"]
 
@@ -37,7 +41,8 @@ __all__ = ["Trainer", "NonFiniteLossError", "resolve_device", "seed_everything"]
 # Settings a resumed run must share with the run that wrote the checkpoint: they shape the networks
 # (agent, preset, its overrides, observations) or the saved replay buffer (env streams, capacity).
 RESUME_MUST_MATCH = ("agent.name", "agent.preset", "agent.overrides", "env.task", "env.num_envs", "env.obs",
-                     "env.image_size", "env.action_repeat", "buffer_capacity", "data")
+                     "env.image_size", "env.action_repeat", "buffer_capacity", "data", "collector.kind",
+                     "collector.workers")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -49,7 +54,10 @@ class GracefulStop:
 
     The training loop checks ``requested`` between steps, so a stopped run ends on a whole step with a
     checkpoint, instead of dying inside an update or a buffer write (schedulers send SIGTERM before killing).
-    Outside the main thread signals cannot be caught, and the block changes nothing.
+    Outside the main thread signals cannot be caught, and the block changes nothing; nor does it under
+    data-parallel training, where the ranks would see the signal at different steps and stop out of step
+    with each other's collectives: there a signal stops the job at once and ``resume=true`` continues it
+    from the last (atomic) checkpoint.
     """
 
     def __init__(self):
@@ -57,7 +65,7 @@ class GracefulStop:
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> GracefulStop:
-        if threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is threading.main_thread() and distributed.current() is None:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
@@ -82,13 +90,16 @@ def seed_everything(seed: int) -> None:
 
 
 def _check_finite(metrics: dict[str, float], update: int, env_steps: int, *, agent: Agent | None = None,
-                  batch=None) -> None:
+                  batch=None, inputs: list[str] | None = None, checked_at: int | None = None) -> None:
+    """Raise :class:`NonFiniteLossError` when a metric of update ``update`` is NaN or infinite, naming it, the first
+    non-finite parameter (as of update ``checked_at`` when later) and the non-finite inputs (``inputs``, or those of
+    ``batch``)."""
     bad = {k: v for k, v in metrics.items() if not math.isfinite(float(v))}
     if bad:
         raise NonFiniteLossError(
             f"non-finite values at update {update} (env step {env_steps}): "
             + ", ".join(f"{k}={v}" for k, v in bad.items())
-            + _diagnosis(agent, batch)
+            + _diagnosis(agent, batch, inputs=inputs, after=checked_at if checked_at != update else None)
             + ". Training stopped; the last checkpoint holds the state before this update. Lower the "
             "learning rate, check the inputs, or resume from the checkpoint with another seed."
         )
@@ -110,32 +121,121 @@ def first_non_finite_parameter(agent: Agent) -> str | None:
     return None
 
 
-def _non_finite_inputs(batch) -> list[str]:
-    """Keys of a sampled batch holding NaN or infinite values (rewards of reward-free data are NaN by design)."""
+def _non_finite_input_counts(batch) -> tuple[list[str], Tensor | None]:
+    """The floating-point keys of a sampled batch and how many NaN / infinite values each holds ``[K]`` (int64, on
+    the batch's device; no host sync). Rewards are left out: those of reward-free data are NaN by design."""
+    names, counts = [], []
     if batch is None:
-        return []
-    bad = []
+        return names, None
     for key, value in batch.items(include_nested=True, leaves_only=True):
         name = key if isinstance(key, str) else ".".join(key)
         if name.split(".")[-1] == "reward" or not torch.is_tensor(value) or not value.is_floating_point():
             continue
-        count = int((~torch.isfinite(value)).sum())
-        if count:
-            bad.append(f"{name} ({count} values)")
-    return bad
+        names.append(name)
+        counts.append((~torch.isfinite(value)).sum())
+    return names, (torch.stack(counts) if counts else None)
 
 
-def _diagnosis(agent: Agent | None, batch) -> str:
-    """What a failed update's error adds: the first non-finite parameter, and non-finite inputs if any."""
+def _non_finite_inputs(batch) -> list[str]:
+    """Keys of a sampled batch holding NaN or infinite values, with their counts (one host sync)."""
+    names, counts = _non_finite_input_counts(batch)
+    if counts is None:
+        return []
+    return [f"{name} ({count} values)" for name, count in zip(names, counts.tolist(), strict=True) if count]
+
+
+def _diagnosis(agent: Agent | None, batch, *, inputs: list[str] | None = None, after: int | None = None) -> str:
+    """What a failed update's error adds: the first non-finite parameter (``after`` a later update when the
+    check runs later than the update), and non-finite inputs if any (``inputs``, else read from ``batch``)."""
     out = ""
     param = first_non_finite_parameter(agent) if agent is not None else None
     if param:
-        out += f"; first non-finite parameter: {param}"
-    inputs = _non_finite_inputs(batch)
+        out += f"; first non-finite parameter{'' if after is None else f' after update {after}'}: {param}"
+    inputs = _non_finite_inputs(batch) if inputs is None else inputs
     if inputs:
         out += (f"; the sampled batch held non-finite observations: {', '.join(inputs)} (the data is damaged: "
                 "check the dataset or the env)")
     return out
+
+
+LEARNER_DEFAULTS = {"adam": "auto", "channels_last": "auto", "compile": False, "amp": None}
+LEARNER_CHOICES = {"adam": ("auto", "fused", "foreach", "loop"), "channels_last": ("auto", True, False),
+                   "compile": (False, True, "default", "reduce-overhead", "max-autotune",
+                               "max-autotune-no-cudagraphs"),
+                   "amp": (None, "bf16")}
+
+
+def learner_options(cfg: DictConfig) -> dict[str, Any]:
+    """The run's ``learner.*`` speed options (configs/train.yaml), defaults filled in for run configs without
+    them; a value outside its choices is a ``ValueError`` naming them.
+
+    ``adam`` (:func:`~latentrl.world_models.layers.make_adam`), ``channels_last``
+    (:func:`~latentrl.world_models.encoders.set_channels_last`), ``compile``
+    (:func:`~latentrl.world_models.layers.compile_networks`; ``true`` = ``reduce-overhead``, CUDA graphs, on CUDA
+    and ``default`` elsewhere) and ``amp`` (``bf16``: bfloat16 autocast around ``update``). Only the exact ones are
+    on by default (docs/bench_learner.md; tests/test_learner_speed.py).
+    """
+    given = OmegaConf.select(cfg, "learner", default=None) or {}
+    given = OmegaConf.to_container(given, resolve=True) if OmegaConf.is_config(given) else dict(given)
+    unknown = sorted(set(given) - set(LEARNER_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown learner option(s) {', '.join(unknown)}; valid: {', '.join(LEARNER_DEFAULTS)}")
+    out = {**LEARNER_DEFAULTS, **given}
+    for key, choices in LEARNER_CHOICES.items():
+        value = out[key]
+        if isinstance(value, str) and value.lower() in ("true", "false", "null", "none"):
+            value = {"true": True, "false": False}.get(value.lower())
+        if not any(value == choice and type(value) is type(choice) for choice in choices):
+            shown = " | ".join("null" if c is None else str(c).lower() if isinstance(c, bool) else c for c in choices)
+            raise ValueError(f"learner.{key}={out[key]!r} is not one of {shown}; e.g. "
+                             f"learner.{key}={choices[1] if choices[0] is None else choices[0]}")
+        out[key] = value
+    return out
+
+
+class PendingMetrics:
+    """The metrics of the updates since they were last read, kept on the device: ``append`` after each update
+    costs no host sync; ``read`` copies all of them to the host at once (one sync) and raises
+    :class:`NonFiniteLossError` at the first update with a NaN or infinite metric, naming its update number, env
+    step, the non-finite inputs of its batch (counted on the device at the update) and the first non-finite
+    parameter. The trainer reads them at each log row, before each evaluation and save, and every
+    ``MAX_PENDING`` updates."""
+
+    MAX_PENDING = 1000
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._rows: list[tuple[int, int, tuple[str, ...], list[str], Tensor]] = []
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def append(self, update: int, env_steps: int, metrics: dict[str, Tensor | float], batch=None) -> None:
+        """Keep update ``update``'s metrics (tensors or floats) with its batch's non-finite input counts."""
+        values = [v.detach().reshape(()).to(self.device, torch.float32) if torch.is_tensor(v)
+                  else torch.tensor(float(v), device=self.device) for v in metrics.values()]
+        names, counts = _non_finite_input_counts(batch)
+        if counts is not None:
+            values.append(counts.to(self.device, torch.float32))
+        row = torch.cat([v.reshape(-1) for v in values]) if values else torch.zeros(0, device=self.device)
+        self._rows.append((update, env_steps, tuple(metrics), names, row))
+
+    def read(self, agent: Agent | None = None) -> dict[str, float]:
+        """The last update's metrics as floats (``{}`` when none is pending); checks every pending update."""
+        if not self._rows:
+            return {}
+        rows, self._rows = self._rows, []
+        flat = torch.cat([row for *_, row in rows]).tolist()  # the one host sync
+        last_update = rows[-1][0]
+        offset, metrics = 0, {}
+        for update, env_steps, keys, input_names, row in rows:
+            values = flat[offset:offset + row.numel()]
+            offset += row.numel()
+            metrics = dict(zip(keys, values[:len(keys)], strict=True))
+            counts = values[len(keys):]
+            inputs = [f"{name} ({int(c)} values)" for name, c in zip(input_names, counts, strict=True) if c]
+            _check_finite(metrics, update, env_steps, agent=agent, inputs=inputs, checked_at=last_update)
+        return metrics
 
 
 class Trainer:
@@ -148,15 +248,27 @@ class Trainer:
         from latentrl.training.cli import check_train_config
 
         check_train_config(cfg)  # ranges and types, before anything is built
+        self.learner = learner_options(cfg)
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.device = resolve_device(cfg.device)
+        # Data-parallel (torchrun; training/distributed.py): rank r trains on its share of every batch with its
+        # own seed and envs; rank 0 alone logs, evaluates and writes files.
+        self.dist = distributed.current()
+        self.rank, self.world_size = (self.dist.rank, self.dist.world_size) if self.dist else (0, 1)
+        if self.dist is not None:
+            distributed.check_supported(cfg.agent.name)
+            if self.device.type == "cuda":
+                self.device = torch.device("cuda", self.dist.local_rank)  # one GPU per process
+            if not self.dist.is_main:
+                cfg.log.progress = False
+        rank_seed = cfg.seed + self.rank * distributed.RANK_SEED_STRIDE
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed image and batch shapes: let cuDNN pick its fastest convs
         torch.set_num_threads(_resolve_threads(cfg.get("threads", "auto")))
         self.offline = cfg.data is not None
-        seed_everything(cfg.seed)
+        seed_everything(rank_seed)
         self.agent_overrides = dict(agent_overrides or {})
         e = cfg.env
         obs = tuple(e.obs)
@@ -164,33 +276,44 @@ class Trainer:
         env_device = str(self.device) if e.backend == "mjwarp" else "cpu"
         self.env = make_env(e.task, obs=obs, image_size=e.image_size, camera=e.camera,
                             action_repeat=e.action_repeat, num_envs=1 if self.offline else e.num_envs,
-                            backend=e.backend, device=env_device, seed=cfg.seed, floor=e.floor,
+                            backend=e.backend, device=env_device, seed=rank_seed, floor=e.floor,
                             episode_length=e.episode_length, num_workers=0 if self.offline else e.num_workers)
         self.eval_env = None
         try:
             eval_obs = tuple(dict.fromkeys((*obs, "pixels"))) if cfg.eval.video else obs
-            self.eval_env = make_env(e.task, obs=eval_obs, image_size=e.image_size, camera=e.camera,
-                                     action_repeat=e.action_repeat, num_envs=int(cfg.eval.get("num_envs", 1)),
-                                     backend=e.backend, device=env_device,
-                                     seed=cfg.seed + 10_000, floor=e.floor, episode_length=e.episode_length,
-                                     num_workers=0)
-            self.agent: Agent = make_agent(cfg.agent.name, self.env, preset=cfg.agent.preset,
-                                           device=str(self.device), **self.agent_overrides)
+            if self.rank == 0:  # rank 0 alone evaluates
+                self.eval_env = make_env(e.task, obs=eval_obs, image_size=e.image_size, camera=e.camera,
+                                         action_repeat=e.action_repeat, num_envs=int(cfg.eval.get("num_envs", 1)),
+                                         backend=e.backend, device=env_device,
+                                         seed=cfg.seed + 10_000, floor=e.floor, episode_length=e.episode_length,
+                                         num_workers=0)
+            with adam_implementation(self.learner["adam"]):  # every agent builds its Adams with make_adam
+                self.agent: Agent = make_agent(cfg.agent.name, self.env, preset=cfg.agent.preset,
+                                               device=str(self.device), **self.agent_overrides)
             self.buffer = self.make_buffer()
             if self.offline:
                 self._check_dataset_fits()
             self.spec = self.agent.sample_spec()
             _check_sample_spec(self.spec)
+            if self.dist is not None:  # each rank samples its share of the global batch, offline from its episodes
+                self.spec = distributed.shard_spec(self.spec, self.world_size)
+                if self.offline:
+                    self.buffer.shard_episodes(self.rank, self.world_size)
             self.env_steps = 0
             self.updates = 0
             self.episodes = 0
             self.checkpoint_path = self.run_dir / "checkpoints" / "latest.pt"
             self.model_path = self.run_dir / "model"
             self._params_checked_at = 0  # the update at which every parameter was last seen finite
+            self._apply_learner_options()
             if cfg.resume:  # before the logger: a checkpoint that cannot be resumed leaves the run folder untouched
                 self._resume(finished_ok)
-            self.logger = RunLogger(self.run_dir, tensorboard=cfg.log.tensorboard, wandb_project=cfg.log.wandb_project,
-                                    config=OmegaConf.to_container(cfg, resolve=True))
+            if self.dist is not None:  # identical replicas, kept identical by averaged gradients
+                distributed.broadcast_module(self.agent)
+                self._averager = distributed.GradientAverager(self.agent.optimizers())
+            self.logger = _NullLogger() if self.rank else RunLogger(
+                self.run_dir, tensorboard=cfg.log.tensorboard, wandb_project=cfg.log.wandb_project,
+                config=OmegaConf.to_container(cfg, resolve=True))
             if cfg.resume:  # rows logged after the checkpoint would be logged again: metrics.csv keeps one history
                 dropped = self.logger.drop_rows_after(self.current)
                 if dropped:
@@ -245,6 +368,7 @@ class Trainer:
         out = OmegaConf.to_container(self.cfg, resolve=True)
         out["agent"]["overrides"] = {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
                                      for k, v in self.agent_overrides.items()}  # list overrides as plain lists
+        out["world_size"] = self.world_size  # data-parallel processes (resume checks it)
         return out
 
     def check_parameters(self) -> None:
@@ -264,8 +388,39 @@ class Trainer:
         self._params_checked_at = self.updates
 
     def save(self) -> Path:
-        """The checkpoint (``checkpoints/latest.pt``, to resume) and the model directory (``model/``, to use)."""
+        """The checkpoint (``checkpoints/latest.pt``, to resume) and the model directory (``model/``, to use).
+
+        Data-parallel: every rank calls it. The ranks are first checked identical; ranks >= 1 write their own
+        resume state (RNG streams, online replay buffer: ``checkpoints/rank<r>-<step>.pt``), then all wait at a
+        barrier while rank 0 alone writes the checkpoint and the model directory, and again after it, so a job
+        stopped during a save never leaves a checkpoint naming rank states that are not on disk."""
         self.check_parameters()
+        if self.dist is None:
+            return self._write_checkpoint()
+        distributed.check_consistent(self.agent)
+        if self.rank:
+            self._save_rank_state()
+        distributed.barrier()
+        path = self.checkpoint_path if self.rank else self._write_checkpoint()
+        distributed.barrier()
+        if self.rank and not self.cfg.keep_checkpoints:  # the checkpoint now names this step: older states go
+            for old in self.checkpoint_path.parent.glob(f"rank{self.rank}-*.pt"):
+                if old != distributed.rank_state_path(self.checkpoint_path, self.rank, self.current):
+                    old.unlink(missing_ok=True)
+        return path
+
+    def _save_rank_state(self) -> None:
+        """Rank >= 1's own resume state, written atomically (a temporary file moved into place)."""
+        path = distributed.rank_state_path(self.checkpoint_path, self.rank, self.current)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {"step": self.current, "world_size": self.world_size, "rank": self.rank, "rng": capture_rng(),
+                 "buffer": None if self.offline else self.buffer.state_dict()}
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+
+    def _write_checkpoint(self) -> Path:
+        """Write the checkpoint and the model directory (rank 0's part of :meth:`save`)."""
         buffer_state = None if self.offline else self.buffer.state_dict()
         config = self._config_dict()
         keep = self.cfg.keep_checkpoints
@@ -294,8 +449,9 @@ class Trainer:
         if payload.get("buffer") is not None and not self.offline:
             self.buffer.load_state_dict(payload["buffer"])
             self.buffer.end_episodes()
+        self._resume_rank_state(int((payload.get("config") or {}).get("world_size", 1)))
         # Episodes in flight when the run stopped are lost; the env starts fresh ones with new ids.
-        self.env.set_seed(self.cfg.seed + 1_000_003 * (self.env_steps + 1))
+        self.env.set_seed(self.cfg.seed + 1_000_003 * (self.env_steps + 1) + self.rank * distributed.RANK_SEED_STRIDE)
         print(f"[latentrl] resumed from {self.checkpoint_path} at env step {self.env_steps}, update {self.updates}")
         self._params_checked_at = self.updates
         if self.current >= self.cfg.steps and not finished_ok:
@@ -303,6 +459,39 @@ class Trainer:
             raise ValueError(f"resume=true: the run in {self.run_dir} is already at {self.current} {unit} and "
                              f"steps={self.cfg.steps}, so nothing is left to train; to train longer, raise steps "
                              f"(e.g. steps={2 * self.current})")
+
+    def _resume_rank_state(self, saved_world: int) -> None:
+        """Data-parallel resume: with the checkpoint's world size, rank r >= 1 takes back its RNG streams (and its
+        online replay buffer) from ``checkpoints/rank<r>-<step>.pt``; rank 0's are in the checkpoint itself.
+        Offline, another world size re-shards the dataset (episode ids modulo the new size; the global batch is
+        unchanged) and ranks >= 1 draw fresh RNG streams. Online, another world size is refused: each rank's
+        envs and replay buffer belong to that rank."""
+        world = self.world_size
+        if saved_world != world:
+            if not self.offline:
+                how = (f"torchrun --nproc_per_node {saved_world} scripts/train_agent.py ... resume=true"
+                       if saved_world > 1 else "scripts/train_agent.py ... resume=true without torchrun")
+                raise ValueError(f"cannot resume {self.checkpoint_path} with {world} process(es): the online run was "
+                                 f"trained by {saved_world}, each with its own envs and replay buffer (saved per "
+                                 f"rank), which cannot be split or merged. Resume it with {saved_world}: {how}")
+            if self.rank == 0:
+                print(f"[latentrl] resuming an offline run of {saved_world} process(es) with {world}: the dataset is "
+                      f"re-sharded by episode, the global batch stays agent.batch_size")
+            if self.rank:
+                seed_everything(self.cfg.seed + self.rank * distributed.RANK_SEED_STRIDE + self.updates)
+            return
+        if self.rank == 0:
+            return
+        path = distributed.rank_state_path(self.checkpoint_path, self.rank, self.current)
+        if not path.is_file():
+            raise FileNotFoundError(f"cannot resume rank {self.rank}: {path} (its RNG streams and replay buffer at "
+                                    f"step {self.current}) is missing. With several nodes, run_dir must be on storage "
+                                    "every node sees")
+        state = torch.load(path, weights_only=True)
+        restore_rng(state["rng"])
+        if state.get("buffer") is not None and not self.offline:
+            self.buffer.load_state_dict(state["buffer"])
+            self.buffer.end_episodes()
 
     def _check_resume_config(self, saved: dict) -> None:
         """Refuse to resume with settings that change the networks or the replay buffer's layout."""
@@ -327,10 +516,35 @@ class Trainer:
                              + f"). Resume with the run's settings: {fix}")
 
     # ----------------------------------------------------------------------------------------- loop
-    def _update(self) -> dict[str, float]:
+    def _apply_learner_options(self) -> None:
+        """``learner.channels_last`` and ``learner.compile`` on the agent's networks (``learner.adam`` was applied
+        when the agent was built, ``learner.amp`` wraps each update); the metrics of updates wait in
+        :class:`PendingMetrics` until a log row, an evaluation or a save reads them."""
+        self._pending = PendingMetrics(self.device)
+        self.last_metrics: dict[str, float] = {}
+        if self.learner["channels_last"] != "auto":
+            set_channels_last(self.agent, self.learner["channels_last"])
+        mode = self.learner["compile"]
+        if mode:
+            compile_networks(self.agent, mode=None if mode is True else mode)
+        # CUDA graphs (compile's reduce-overhead / max-autotune on CUDA) are told where each update starts, so a
+        # replay never overwrites outputs an update still reads
+        self._cudagraphs = self.device.type == "cuda" and mode in (True, "reduce-overhead", "max-autotune")
+
+    def _read_metrics(self) -> dict[str, float]:
+        """The last update's metrics as floats, after checking every update since the last read (one host sync);
+        the previous ones when no update came since."""
+        self.last_metrics.update(self._pending.read(self.agent))
+        return dict(self.last_metrics)
+
+    def _update(self) -> dict[str, Tensor]:
+        """One update; its metrics stay on the device (read later by :meth:`_read_metrics`)."""
         batch = sample_batches(self.buffer, self.spec)
+        if self._cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
         try:
-            metrics = self.agent.update(batch)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.learner["amp"] == "bf16"):
+                metrics = self.agent.update(batch)
         except RuntimeError as err:  # e.g. an eigen-solver failing on NaN inputs
             inputs = _non_finite_inputs(batch)
             if not inputs:
@@ -342,10 +556,14 @@ class Trainer:
                 "stopped; the last checkpoint holds the state before this update."
             ) from err
         self.updates += 1
-        _check_finite(metrics, self.updates, self.env_steps, agent=self.agent, batch=batch)
+        self._pending.append(self.updates, self.env_steps, metrics, batch)
+        if len(self._pending) >= PendingMetrics.MAX_PENDING:
+            self._read_metrics()  # bounded memory between log rows; one sync per MAX_PENDING updates
         return metrics
 
     def evaluate(self, step: int) -> dict[str, float]:
+        if self.rank:  # rank 0 alone evaluates; the others wait at their next collective
+            return {}
         cfg = self.cfg.eval
         self.agent.eval()
         try:
@@ -373,7 +591,6 @@ class Trainer:
         next_eval = _next_multiple(self.current, cfg.eval.every) if self.current > 0 else 0
         next_log = _next_multiple(self.current, cfg.log.every)
         next_ckpt = _next_multiple(self.current, cfg.checkpoint_every)
-        metrics: dict[str, float] = {}
         started, start_count = time.time(), self.current
         self.stopped_by: str | None = None  # the signal that stopped this run early, if one did
         try:
@@ -382,10 +599,10 @@ class Trainer:
             else:
                 loop = self._online_steps()
             with GracefulStop() as stop:
-                for step_metrics in loop:
-                    metrics.update(step_metrics)
+                for _ in loop:  # updates leave their metrics on the device; they are read below, not per update
                     progress.update(self.current - progress.n)
                     if self.current >= next_log:
+                        metrics = self._read_metrics()  # raises at the first non-finite update since the last read
                         self.check_parameters()
                         rate = (self.current - start_count) / max(time.time() - started, 1e-9)
                         self.logger.log(self.current, {**metrics, "updates": self.updates, "env_steps": self.env_steps,
@@ -393,10 +610,12 @@ class Trainer:
                         progress.set_postfix({k: f"{v:.3g}" for k, v in list(metrics.items())[:3]})
                         next_log = _next_multiple(self.current, cfg.log.every)
                     if self.current >= next_eval and cfg.eval.every > 0:
+                        self._read_metrics()  # a non-finite update stops the run before it is evaluated
                         last_eval, last_eval_at = self.evaluate(self.current), self.current
                         self.logger.log(self.current, last_eval)
                         next_eval = _next_multiple(self.current, cfg.eval.every)
                     if self.current >= next_ckpt:
+                        self._read_metrics()  # ... and before it is saved over the last good checkpoint
                         self.save()
                         next_ckpt = _next_multiple(self.current, cfg.checkpoint_every)
                     if self.current >= total or stop.requested:
@@ -405,6 +624,7 @@ class Trainer:
             progress.n = self.current
             progress.close()
             at_end = (cfg.eval.every > 0 or cfg.eval.at_end) and last_eval_at != self.current  # not twice at one step
+            self._read_metrics()
             if at_end and self.stopped_by is None:
                 last_eval = self.evaluate(self.current)
                 self.logger.log(self.current, last_eval)
@@ -427,6 +647,9 @@ class Trainer:
 
     def _online_steps(self):
         cfg = self.cfg
+        if OmegaConf.select(cfg, "collector.kind", default="inline") != "inline":
+            yield from self._collector_steps()
+            return
         env, agent = self.env, self.agent
         policy = agent.policy(explore=True)
         td = env.reset()
@@ -445,16 +668,73 @@ class Trainer:
             is_first = td["next", "done"].reshape(-1).cpu()
             if is_first.any():
                 self.episodes += int(is_first.sum())
-            self.env_steps += n
+            self.env_steps += n * self.world_size  # every rank steps n envs: counters are the job's
             agent.env_steps = self.env_steps
             metrics: dict[str, float] = {}
             if self.env_steps >= cfg.learning_starts and len(self.buffer) > 0:
-                update_debt += n * cfg.updates_per_step
+                update_debt += n * self.world_size * cfg.updates_per_step
                 while update_debt >= 1:
                     metrics = self._update()
                     update_debt -= 1
             td = td_next
             yield metrics
+
+    def _collector_steps(self):
+        """Online steps through a TorchRL collector (``collector.kind``; :mod:`latentrl.training.collectors`):
+        each collected batch ``[workers * num_envs, T]`` goes to the buffer whole, the updates it pays for
+        follow, and the new weights go to the collector's workers before it collects the next batch."""
+        from latentrl.training.collectors import make_collector, replay_steps
+
+        cfg, e, agent = self.cfg, self.cfg.env, self.agent
+        if e.backend != "dmc":
+            raise ValueError(f"collector.kind={cfg.collector.kind} runs dm_control envs in collector processes; "
+                             f"env.backend={e.backend} steps its batch on the learner's device: use "
+                             "collector.kind=inline with it")
+        env_kwargs = dict(task=e.task, obs=tuple(e.obs), image_size=e.image_size, camera=e.camera,
+                          action_repeat=e.action_repeat, num_envs=e.num_envs, backend="dmc", device="cpu",
+                          floor=e.floor, episode_length=e.episode_length,
+                          num_workers=0 if e.num_workers is None else e.num_workers)
+        # a resumed run continues with fresh env streams (as the inline loop's set_seed does)
+        seed = (cfg.seed + 1_000_003 * (self.env_steps + 1) * (self.env_steps > 0)
+                + self.rank * distributed.RANK_SEED_STRIDE)
+        policy = agent.policy(explore=True)
+        collector = make_collector(cfg.collector.kind, env_kwargs, policy, tuple(e.obs),
+                                   workers=int(cfg.collector.workers),
+                                   steps_per_batch=int(cfg.collector.steps_per_batch), seed=seed)
+        update_debt = 0.0
+        world_size = self.world_size
+        try:
+            for batch in collector:
+                steps = replay_steps(batch)
+                self.buffer.extend(steps)
+                n = steps.numel()
+                self.episodes += int(steps["next", "done"].sum())
+                self.env_steps += n * world_size
+                agent.env_steps = self.env_steps
+                metrics: dict[str, float] = {}
+                if self.env_steps >= cfg.learning_starts and len(self.buffer) > 0:
+                    update_debt += n * world_size * cfg.updates_per_step
+                    while update_debt >= 1:
+                        metrics = self._update()
+                        update_debt -= 1
+                    collector.update_policy_weights_()
+                yield metrics
+        finally:
+            collector.shutdown()
+
+
+class _NullLogger:
+    """What ranks other than 0 log to under data parallelism: nothing."""
+
+    def log(self, step: int, metrics: dict) -> None:
+        del step, metrics
+
+    def drop_rows_after(self, step: int) -> int:
+        del step
+        return 0
+
+    def close(self) -> None:
+        pass
 
 
 def _check_buffer_fits(capacity: int, env) -> None:

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from latentrl.world_models.base import WorldModel
 from latentrl.world_models.encoders import make_encoder, read_key
-from latentrl.world_models.layers import LOG_2PI, gaussian_kl, gaussian_log_prob, mlp
+from latentrl.world_models.layers import LOG_2PI, gaussian_fuse, gaussian_kl, gaussian_log_prob, mlp
 
 __all__ = ["ActiveInferenceModel", "GaussianHead", "PixelDecoder", "ensemble_epistemic"]
 
@@ -218,6 +218,32 @@ class ActiveInferenceModel(WorldModel):
             state = self.predict(state, actions[:, t], {"eps": noise["eps"][:, t], "member": noise["member"][:, t]})
             steps.append(state)
         return torch.stack(steps, dim=1)
+
+    def view_epistemic(self, mean: Tensor, std: Tensor, context: Tensor | None = None) -> Tensor:
+        """AV's epistemic value of imagined steps: how far the imagined view would move the belief,
+        ``KL(fuse(p, q(s | dec(s))) || p)`` per step ``[M, H]``, for predicted beliefs ``p = N(mean, std)``
+        ``[M, H, D]`` (spec §7, "epist_k"; the view is decoded from the predicted mean).
+
+        Pixels: the encoder reads ``frame_stack`` frames, so each step's view is stacked with the views
+        decoded before it, the first steps with the newest observed frames ``context`` ``[M, 3 (k - 1), H, W]``
+        (uint8 scale; ``None``: the first decoded view repeated). Where the decoder draws what the encoder
+        knows the fused belief stays near ``p`` (value ~0); a view unlike the training frames moves it.
+        """
+        m, h, d = mean.shape
+        view = self.decode(mean.reshape(m * h, d))[self.obs_key]
+        if self.obs_key == "pixels":
+            frames = view.reshape(m, h, *self.obs_shape)
+            k = self.frame_stack
+            if k > 1:
+                older = (frames[:, :1].expand(-1, k - 1, *self.obs_shape) if context is None
+                         else context.float().reshape(m, k - 1, *self.obs_shape))
+                frames = torch.cat([older, frames], dim=1)
+                frames = torch.stack([frames[:, t:t + k] for t in range(h)], dim=1).flatten(2, 3)
+            view = frames.reshape(m * h, -1, *self.obs_shape[1:])
+        view_mean, view_std = self.posterior(view)
+        prior_mean, prior_std = mean.reshape(m * h, d), std.reshape(m * h, d)
+        post_mean, post_std = gaussian_fuse(prior_mean, prior_std, view_mean, view_std)
+        return gaussian_kl(post_mean, post_std, prior_mean, prior_std).reshape(m, h)
 
     # ------------------------------------------------------------------------------------- loss
     def sequence(self, batch: TensorDict) -> tuple[Tensor, Tensor, Tensor]:

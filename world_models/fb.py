@@ -17,7 +17,7 @@ from tensordict import TensorDict
 from torch import Tensor, nn
 
 from latentrl.world_models.encoders import RandomShiftsAug
-from latentrl.world_models.layers import soft_update_params
+from latentrl.world_models.layers import gather_batch, local_rows, soft_update_params
 from latentrl.world_models.sphere import sample_mixed_z
 from latentrl.world_models.zero_shot import ForwardMap, LatentEncoder, NextAction, ZeroShotModel, orthonormality_loss
 
@@ -78,14 +78,20 @@ class FBModel(ZeroShotModel):
         return self.forward_map(latent, action, z)
 
     @torch.no_grad()
-    def fb_target(self, next_left_features: Tensor, backward_features: Tensor, z: Tensor,
-                  next_action: NextAction) -> tuple[Tensor, Tensor]:
-        """``M'`` ``[B, B]`` = ``mean_e F-(L-(s'), a', z)[e] B-(s')^T`` and the next actions ``[B, A]``."""
+    def fb_target_parts(self, next_left_features: Tensor, backward_features: Tensor, z: Tensor,
+                        next_action: NextAction) -> tuple[Tensor, Tensor, Tensor]:
+        """The target networks' ``F-(L-(s'), a', z)`` ``[E, B, d]`` and ``B-(s')`` ``[B, d]`` (the factors of
+        :meth:`fb_target`), and the next actions ``a'`` ``[B, A]`` from ``next_action``."""
         targets = self.targets
         next_left = targets["left_head"](next_left_features)
         action = next_action(next_left, z)
-        target_f = targets["forward_map"](next_left, action, z)
-        target_b = targets["backward_head"](backward_features)
+        return targets["forward_map"](next_left, action, z), targets["backward_head"](backward_features), action
+
+    @torch.no_grad()
+    def fb_target(self, next_left_features: Tensor, backward_features: Tensor, z: Tensor,
+                  next_action: NextAction) -> tuple[Tensor, Tensor]:
+        """``M'`` ``[B, B]`` = ``mean_e F-(L-(s'), a', z)[e] B-(s')^T`` and the next actions ``[B, A]``."""
+        target_f, target_b, action = self.fb_target_parts(next_left_features, backward_features, z, next_action)
         return (target_f @ target_b.T).mean(0), action
 
     def loss(self, batch: TensorDict, next_action: NextAction) -> TensorDict:
@@ -99,12 +105,19 @@ class FBModel(ZeroShotModel):
         with torch.no_grad():
             next_h_fw = self.left_encoder.trunk(next_obs)
         goal = self.backward_map.trunk(next_obs)
-        with torch.no_grad():
-            z, is_goal = sample_mixed_z(self.backward_map.head(goal), self.train_goal_ratio)
-        target_m, _ = self.fb_target(next_h_fw, goal, z, next_action)
+        with torch.no_grad():  # goals are permuted rows of the whole (global, under data parallelism) batch
+            z, is_goal = sample_mixed_z(gather_batch(self.backward_map.head(goal)), self.train_goal_ratio)
+            z, is_goal = local_rows(z), local_rows(is_goal)
+        target_f, target_b, _ = self.fb_target_parts(next_h_fw, goal, z, next_action)
 
         f = self.forward_map(self.left_encoder.head(h_fw), action, z)  # [E, B, d]
         b = self.backward_map.head(goal)  # [B, d]
+        # The loss pairs every F(s_i) with every B(s'_j): under data-parallel training each rank computes it on the
+        # gathered global batch (gradients flow back to each rank's rows; gather_batch's docstring says why the
+        # averaged gradient is then the single-process one). One process: the tensors themselves.
+        f, b, discount = gather_batch(f.transpose(0, 1), grad=True).transpose(0, 1), gather_batch(b, grad=True), \
+            gather_batch(discount)
+        target_m = (gather_batch(target_f.transpose(0, 1)).transpose(0, 1) @ gather_batch(target_b).T).mean(0)
         fb, fb_diag, fb_offdiag = fb_loss(f @ b.T, target_m, discount)
         orth, orth_diag, orth_offdiag = orthonormality_loss(b)
         loss = fb + self.ortho_coef * orth

@@ -3,20 +3,28 @@
 - :func:`mlp`: Linear -> ReLU stacks.
 - :func:`weight_init` (orthogonal, DrQ-v2 / URLB) and :func:`xavier_init` (garage / METRA).
 - :func:`soft_update_params`: Polyak averaging (EMA) of a target network.
-- :class:`RunningMeanStd`: running mean / variance for normalisation.
+- :class:`RunningMeanStd`: running mean / variance for normalisation (folds the global batch under
+  data-parallel training).
+- :func:`gather_batch` / :func:`local_rows`: the rows of every data-parallel rank's shard of an update
+  batch, for terms that couple rows (``latentrl.training.distributed`` declares the group).
 - Diagonal Gaussians: :func:`gaussian_kl`, :func:`gaussian_log_prob`, :func:`gaussian_entropy`,
   :func:`gaussian_fuse` (the product of two Gaussians), used by the active inference model and agent.
+- :func:`make_adam`: every agent's Adam / AdamW, with the fastest exact implementation for the device.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["RunningMeanStd", "gaussian_entropy", "gaussian_fuse", "gaussian_kl", "gaussian_log_prob", "mlp",
-           "soft_update_params", "weight_init", "xavier_init"]
+__all__ = ["RunningMeanStd", "gaussian_entropy", "gaussian_fuse", "gaussian_kl", "gaussian_log_prob",
+           "adam_implementation", "make_adam", "mlp", "soft_update_params", "weight_init", "xavier_init",
+           "data_parallel_group", "gather_batch", "local_rows", "set_data_parallel_group"]
 
 LOG_2PI = math.log(2.0 * math.pi)
 
@@ -47,6 +55,154 @@ def xavier_init(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
+_ADAM_IMPLS = ("auto", "fused", "foreach", "loop")
+_adam_impl = "auto"  # what make_adam(impl=None) builds; changed only inside adam_implementation(...)
+
+
+@contextlib.contextmanager
+def adam_implementation(impl: str) -> Iterator[None]:
+    """Within the block, :func:`make_adam` builds ``impl`` ("auto", "fused", "foreach", "loop") unless told
+    otherwise: agents built inside use it (the learner benchmark's "speed-ups off" rows, equivalence tests)."""
+    global _adam_impl
+    if impl not in _ADAM_IMPLS:
+        raise ValueError(f"adam_implementation: impl must be one of {', '.join(_ADAM_IMPLS)}, got {impl!r}")
+    previous, _adam_impl = _adam_impl, impl
+    try:
+        yield
+    finally:
+        _adam_impl = previous
+
+
+def make_adam(params, lr: float, *, decoupled_weight_decay: bool = False, impl: str | None = None,
+              **kwargs) -> torch.optim.Optimizer:
+    """``torch.optim.Adam`` (or ``AdamW`` with ``decoupled_weight_decay=True``) over ``params``: every agent's
+    optimizers are built here, so one setting picks the implementation of the same update rule for all.
+
+    ``impl=None`` reads the default (``"auto"``, or what :func:`adam_implementation` set). ``"auto"`` is the
+    fused implementation (the whole step in a few kernels) on CUDA, and ``foreach`` (one kernel per op over all
+    parameters) elsewhere: on the CPU ``foreach`` gives bit-for-bit the per-parameter loop's parameters (PyTorch's
+    CPU default), so golden files and seeded runs are unchanged. ``"fused"`` on the CPU is 4-8x faster per step
+    for the agents' paper networks but rounds differently (about one ulp per step; tests/test_learner_speed.py
+    bounds N updates within 1e-4), so it is an opt-in there (``learner.adam=fused``). ``"foreach"`` and
+    ``"loop"`` (``foreach=False``) force those. ``kwargs`` go to the optimizer (``betas``, ``weight_decay``, ...).
+    """
+    params = list(params)
+    impl = _adam_impl if impl is None else impl
+    if impl not in _ADAM_IMPLS:
+        raise ValueError(f"make_adam: impl must be one of {', '.join(_ADAM_IMPLS)}, got {impl!r}")
+    if impl == "auto":
+        tensors = [p for group in params for p in (group["params"] if isinstance(group, dict) else [group])]
+        cuda = bool(tensors) and all(p.device.type == "cuda" and p.is_floating_point() for p in tensors)
+        impl = "fused" if cuda else "foreach"
+    flags = {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}}[impl]
+    cls = torch.optim.AdamW if decoupled_weight_decay else torch.optim.Adam
+    return cls(params, lr=lr, **flags, **kwargs)
+
+
+def compile_networks(module: nn.Module, mode: str | None = None) -> list[str]:
+    """``torch.compile`` the networks inside ``module`` in place and return their names.
+
+    The networks are the outermost ``nn.Sequential`` stacks and pixel / state encoders (the conv trunks, MLPs and
+    heads where an update spends its time); the glue between them (losses, EMA, sphere projections) stays eager.
+    ``nn.Module.compile`` keeps the modules and their ``state_dict`` keys, so checkpoints and model files are
+    unchanged. ``mode=None`` is ``"reduce-overhead"`` (CUDA graphs) when the parameters are on CUDA, else
+    ``"default"``. Compiled code rounds differently from eager (fused kernels), so this is an opt-in
+    (``learner.compile=true``); the first calls of each shape compile (tens of seconds on a CPU).
+    """
+    from latentrl.world_models.encoders import ENCODERS  # encoders import this module
+
+    if mode is None:
+        on_cuda = any(p.device.type == "cuda" for p in module.parameters())
+        mode = "reduce-overhead" if on_cuda else "default"
+    kinds = (nn.Sequential, *ENCODERS.values())
+    names: list[str] = []
+
+    def visit(prefix: str, sub: nn.Module) -> None:
+        for name, child in sub.named_children():
+            path = f"{prefix}{name}"
+            if isinstance(child, kinds) and any(True for _ in child.parameters()):
+                child.compile(mode=mode)
+                names.append(path)
+            else:
+                visit(f"{path}.", child)
+
+    visit("", module)
+    return names
+
+
+# ---------------------------------------------------------------------- data-parallel update batches
+# Under data-parallel training (latentrl.training.distributed) every rank's update sees its own shard of the
+# global batch, b = B / world_size rows, and the optimizers average gradients. Terms that couple rows (an
+# orthonormality loss over all pairs, goals drawn from other rows, batch statistics) must see the global
+# batch to give the single-process update: they call gather_batch, which is the identity in one process.
+_DATA_PARALLEL_GROUP: list = [None]  # [group]; None: a single process (the default)
+
+
+def set_data_parallel_group(group) -> None:
+    """Declare the ``torch.distributed`` process group whose ranks each hold one equal shard of every update
+    batch (``latentrl.training.distributed.init_from_env`` does it; ``None`` turns it off). Explicit, so that a
+    process group made for something else (e.g. TorchRL's distributed collectors) never changes an update."""
+    _DATA_PARALLEL_GROUP[0] = group
+
+
+def data_parallel_group():
+    """The declared data-parallel group, or ``None`` in a single process (or a world of one)."""
+    group = _DATA_PARALLEL_GROUP[0]
+    if group is None or not torch.distributed.is_initialized() or torch.distributed.get_world_size(group) < 2:
+        return None
+    return group
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """The identity, whose backward makes the incoming gradient contiguous. ``all_gather``'s backward hands
+    each rank's slice of the gradient to gloo's all-to-all, which reads strided memory wrongly: a gathered
+    tensor used through a transposed view (FB's ``[E, B, d]`` maps) would send back garbage gradients."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad.contiguous()
+
+
+def gather_batch(x: Tensor, *, grad: bool = False) -> Tensor:
+    """The rows of every rank's shard of ``x`` ``[b, *]``, in rank order: ``[world_size * b, *]`` (the global
+    batch, as one process would hold it); ``x`` itself in a single process.
+
+    ``grad=True`` keeps the autograd graph (``torch.distributed.nn.functional.all_gather``): its backward sums
+    over ranks the gradients that reach each rank's own rows. A loss computed identically on every rank from
+    the gathered rows thus gives each rank ``world_size`` times its rows' share of the gradient, and the
+    optimizers' gradient averaging (a mean over ranks) turns the sum of those shares into the single-process
+    gradient. Every rank must call it at the same point with the same shape (shards are equal by design).
+    """
+    group = data_parallel_group()
+    if group is None:
+        return x
+    if grad:
+        from torch.distributed.nn.functional import all_gather
+
+        with warnings.catch_warnings():  # deprecated for a private successor; still the public autograd gather
+            warnings.simplefilter("ignore", FutureWarning)
+            return _ContiguousGrad.apply(torch.cat(all_gather(x.contiguous(), group=group)))
+    parts = [torch.empty_like(x) for _ in range(torch.distributed.get_world_size(group))]
+    torch.distributed.all_gather(parts, x.detach().contiguous(), group=group)
+    return torch.cat(parts)
+
+
+def local_rows(x: Tensor) -> Tensor:
+    """This rank's rows of a global-batch tensor ``[world_size * b, *]`` (the inverse of :func:`gather_batch`);
+    ``x`` itself in a single process."""
+    group = data_parallel_group()
+    if group is None:
+        return x
+    world, rank = torch.distributed.get_world_size(group), torch.distributed.get_rank(group)
+    if x.shape[0] % world:
+        raise ValueError(f"a global batch of {x.shape[0]} rows does not split into {world} equal shards")
+    return x.chunk(world)[rank]
+
+
 @torch.no_grad()
 def soft_update_params(net: nn.Module, target: nn.Module, tau: float) -> None:
     """Polyak averaging ``target <- tau * net + (1 - tau) * target``, parameter by parameter."""
@@ -70,8 +226,13 @@ class RunningMeanStd(nn.Module):
 
     @torch.no_grad()
     def update(self, x: Tensor) -> None:
-        """Fold in a batch ``[N, *shape]`` (N >= 2 for a variance; N = 1 updates the mean only)."""
+        """Fold in a batch ``[N, *shape]`` (N >= 2 for a variance; N = 1 updates the mean only).
+
+        Under data-parallel training (in training mode) the batch is every rank's shard together
+        (:func:`gather_batch`), so the statistics stay identical on all ranks and equal one process's."""
         x = x.detach().reshape(-1, *self.mean.shape).to(self.mean.dtype)
+        if self.training:
+            x = gather_batch(x)
         n = x.shape[0]
         if n == 0:
             return

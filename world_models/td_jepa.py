@@ -27,7 +27,7 @@ from tensordict import TensorDict
 from torch import Tensor, nn
 
 from latentrl.world_models.encoders import RandomShiftsAug
-from latentrl.world_models.layers import soft_update_params
+from latentrl.world_models.layers import gather_batch, local_rows, soft_update_params
 from latentrl.world_models.sphere import sample_mixed_z
 from latentrl.world_models.zero_shot import ForwardMap, LatentEncoder, NextAction, ZeroShotModel, orthonormality_loss
 
@@ -135,8 +135,12 @@ class TDJEPAModel(ZeroShotModel):
 
     @torch.no_grad()
     def sample_z(self, next_psi_features: Tensor) -> tuple[Tensor, Tensor]:
-        """Pre-training ``z`` ``[B, d_psi]`` and the mask of goal rows (§4), from trunk features of ``s'``."""
-        return sample_mixed_z(self.psi.head(next_psi_features), self.train_goal_ratio)
+        """Pre-training ``z`` ``[B, d_psi]`` and the mask of goal rows (§4), from trunk features of ``s'``.
+
+        Goals are permuted rows of the whole batch: under data-parallel training the ``z`` of the global
+        batch is drawn from every rank's goals (``gather_batch``) and each rank keeps its own rows."""
+        z, is_goal = sample_mixed_z(gather_batch(self.psi.head(next_psi_features)), self.train_goal_ratio)
+        return local_rows(z), local_rows(is_goal)
 
     @torch.no_grad()
     def td_targets(self, next_phi_features: Tensor, next_psi_features: Tensor, z: Tensor, discount: Tensor,
@@ -172,7 +176,8 @@ class TDJEPAModel(ZeroShotModel):
 
         phi = self.phi_encoder.head(h["phi"])
         phi_loss = predictive_loss(self.phi_predictor(phi, action, z), target["phi"])
-        phi_reg, _, phi_offdiag = orthonormality_loss(phi)
+        # The regulariser pairs rows: over the global batch under data-parallel training (gather_batch).
+        phi_reg, _, phi_offdiag = orthonormality_loss(gather_batch(phi, grad=True))
         loss = phi_loss + self.phi_ortho_coef * phi_reg
         out = {"phi_loss": phi_loss, "phi_ortho_loss": phi_reg, "phi_ortho_offdiag": phi_offdiag,
                "phi_norm": phi.norm(dim=-1).mean()}
@@ -181,7 +186,7 @@ class TDJEPAModel(ZeroShotModel):
         else:
             psi = self.psi_encoder.head(h["psi"])
             psi_loss = predictive_loss(self.psi_predictor(psi, action, z), target["psi"])
-            psi_reg, _, psi_offdiag = orthonormality_loss(psi)
+            psi_reg, _, psi_offdiag = orthonormality_loss(gather_batch(psi, grad=True))
             loss = loss + psi_loss + self.psi_ortho_coef * psi_reg
             out |= {"psi_loss": psi_loss, "psi_ortho_loss": psi_reg, "psi_ortho_offdiag": psi_offdiag,
                     "psi_norm": psi.norm(dim=-1).mean()}

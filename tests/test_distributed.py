@@ -1,0 +1,403 @@
+"""Data-parallel learners (training/distributed.py): 2 gloo processes on the CPU against one process.
+
+- The parameters (and every buffer: EMA targets, normalisers, optimizer moments) after k updates of 2 ranks,
+  each on its half of the global batch, equal one process's on the whole batch (within 1e-5), for TD-JEPA,
+  METRA and FB; and the two ranks hold bitwise identical agents.
+- ``torchrun`` runs of ``train_agent.py``: rank 0 alone writes the run's files; a rank killed mid-run stops
+  the job with a message naming it, and ``resume=true`` continues from the checkpoint; a resume with another
+  world size re-shards an offline run and is refused for an online one.
+
+Random draws: a rank draws noise for its rows only, one process for all rows, so the draws would differ.
+:class:`GlobalDraws` (test only) makes each draw of an update a function of the update, the call and the
+global row: a draw of ``b`` rows on rank ``r`` is rows ``r*b .. (r+1)*b`` of the draw one process makes
+for the ``B = W*b`` rows, from a generator seeded identically everywhere. Draws over the global batch (the
+``z`` mixing under data parallelism) are made whole on every rank. Everything else (gradients, gathers,
+normaliser statistics) is the code under test.
+
+Workers are this file run as a script (``python tests/test_distributed.py worker ...``), one per rank.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+GLOBAL_BATCH, UPDATES = 10, 6  # 5 rows per rank: no other dim of the draws is 5 (actions 6, latents 8 / 16 / 32)
+AGENT_OVERRIDES = {
+    "td_jepa": {"batch_size": GLOBAL_BATCH, "lr_phi": 1e-3, "lr_psi": 1e-3, "lr_predictor": 1e-3,
+                "lr_actor": 1e-3},
+    "metra": {"obs_type": "state", "batch_size": GLOBAL_BATCH, "obs_normalizer_warmup": 4, "lr": 1e-3},
+    "fb": {"batch_size": GLOBAL_BATCH, "lr_f": 1e-3, "lr_b": 1e-3, "lr_actor": 1e-3},
+}
+ADAM_EPS = 1e-4
+"""Adam's eps in these tests (1e-8 in the agents). Some parameters have an analytically zero gradient (METRA's
+``phi`` output bias cancels in ``phi(s') - phi(s)``); at eps 1e-8 Adam turns their float32 rounding noise
+(~1e-9, different for a sum over 10 rows and a mean of two sums over 5) into steps of the learning rate. At
+1e-4 that noise moves them by ~1e-8 per step, while real gradients (>= 1e-3 here) still take full steps."""
+
+
+# ----------------------------------------------------------------------------------------- worker side
+class GlobalDraws:
+    """Within the block, the random draws of torch (``randn``, ``rand``, ``randperm``, distributions'
+    standard normal) come from a generator seeded by ``(seed, call number)``; a draw whose first dim is the
+    rank's ``local`` rows is taken from the draw of the ``world * local`` global rows at this rank's offset."""
+
+    def __init__(self, rank: int, world: int, local: int, seed: int = 1234):
+        self.rank, self.world, self.local, self.seed, self.calls = rank, world, local, seed, 0
+        import torch.distributions.normal as normal_module
+
+        self._normal_module = normal_module
+        self._saved = {}
+
+    def _generator(self) -> torch.Generator:
+        self.calls += 1
+        return torch.Generator().manual_seed(self.seed * 100_003 + self.calls)
+
+    def _rows(self, shape: tuple, make):
+        g = self._generator()
+        if self.world > 1 and shape and shape[0] == self.local:
+            return make((self.world * self.local, *shape[1:]), g)[self.rank * self.local:(self.rank + 1) * self.local]
+        return make(shape, g)
+
+    def __enter__(self):
+        orig_randn, orig_rand, orig_randperm = torch.randn, torch.rand, torch.randperm
+        self._saved = {"randn": orig_randn, "rand": orig_rand, "randperm": orig_randperm,
+                       "std": self._normal_module._standard_normal}
+
+        def shape_of(args):
+            return tuple(args[0]) if len(args) == 1 and isinstance(args[0], (tuple, list, torch.Size)) else tuple(args)
+
+        def randn(*args, **kw):
+            kw.pop("generator", None)
+            return self._rows(shape_of(args), lambda s, g: orig_randn(s, generator=g, **kw))
+
+        def rand(*args, **kw):
+            kw.pop("generator", None)
+            return self._rows(shape_of(args), lambda s, g: orig_rand(s, generator=g, **kw))
+
+        def randperm(n, **kw):
+            kw.pop("generator", None)
+            return orig_randperm(n, generator=self._generator(), **kw)
+
+        def standard_normal(shape, dtype, device):
+            return self._rows(tuple(shape), lambda s, g: orig_randn(s, generator=g, dtype=dtype).to(device))
+
+        torch.randn, torch.rand, torch.randperm = randn, rand, randperm
+        self._normal_module._standard_normal = standard_normal
+        return self
+
+    def __exit__(self, *exc):
+        torch.randn, torch.rand, torch.randperm = self._saved["randn"], self._saved["rand"], self._saved["randperm"]
+        self._normal_module._standard_normal = self._saved["std"]
+
+
+def global_batches(agent_name: str, n: int, skill_dim: int = 2, seed: int = 7):
+    """``n`` global replay batches ``[GLOBAL_BATCH]`` (states; METRA's with skills), the same in every process."""
+    from tensordict import TensorDict
+
+    from tests.fakes import ACTION_DIM, STATE_DIM
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        b = GLOBAL_BATCH
+        td = {"state": 2.0 + 3.0 * torch.randn(b, STATE_DIM, generator=g),
+              "action": torch.rand(b, ACTION_DIM, generator=g) * 2 - 1,
+              "next": {"state": 2.0 + 3.0 * torch.randn(b, STATE_DIM, generator=g),
+                       "terminated": torch.rand(b, 1, generator=g) < 0.1}}
+        if agent_name == "metra":
+            skill = torch.randn(b, skill_dim, generator=g)
+            td["skill"] = skill / skill.norm(dim=-1, keepdim=True)
+        out.append(TensorDict(td, batch_size=[b]))
+    return out
+
+
+def run_worker(agent_name: str, rank: int, world: int, port: int, out: str, breakage: str) -> None:
+    """Train ``UPDATES`` updates on this rank's shard of the global batches; save the agent's state."""
+    torch.set_num_threads(1)
+    sys.path.insert(0, str(REPO))
+    from latentrl.agents import make_agent
+    from latentrl.training import distributed
+    from latentrl.world_models import layers
+    from tests.fakes import SpecEnv
+
+    if world > 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                          LOCAL_RANK=str(rank), LATENTRL_DIST_TIMEOUT="60")
+        distributed.init_from_env()
+    torch.manual_seed(100 + rank)  # ranks initialise differently: the broadcast must make them identical
+    agent = make_agent(agent_name, SpecEnv(keys=("state",)), preset="smoke", **AGENT_OVERRIDES[agent_name])
+    for opt in agent.optimizers().values():  # see ADAM_EPS
+        for group in opt.param_groups:
+            group["eps"] = ADAM_EPS
+    distributed.broadcast_module(agent)
+    averager = distributed.GradientAverager(agent.optimizers())
+    if breakage == "no_average":
+        averager.remove()
+    if breakage == "no_gather":  # TD-JEPA's / FB's row-pairing terms on the rank's own rows only
+        import latentrl.world_models.fb as fb_module
+        import latentrl.world_models.td_jepa as td_jepa_module
+
+        for module in (td_jepa_module, fb_module):
+            module.gather_batch = lambda x, grad=False: x
+            module.local_rows = lambda x: x
+    if breakage == "local_normalizer":  # running statistics of the rank's own rows only
+        layers.gather_batch = lambda x, grad=False: x
+    local = GLOBAL_BATCH // world
+    skill_dim = getattr(agent.config, "dim_option", 2)
+    for i, batch in enumerate(global_batches(agent_name, UPDATES, skill_dim)):
+        shard = batch[rank * local:(rank + 1) * local]
+        with GlobalDraws(rank, world, local, seed=i):
+            agent.update(shard)
+        if breakage == "rank1_ema" and rank == 1 and agent_name == "td_jepa":  # an EMA target drifts on one rank
+            with torch.no_grad():
+                next(agent.world_model.targets.parameters()).add_(1e-3)
+    state = {f"agent.{k}": v.clone() for k, v in agent.state_dict().items() if torch.is_tensor(v)}
+    for name, opt in agent.optimizers().items():
+        for i, per_param in opt.state_dict()["state"].items():
+            for key, value in per_param.items():
+                if torch.is_tensor(value) and value.numel() > 1:
+                    state[f"optim.{name}.{i}.{key}"] = value.clone()
+    torch.save(state, out)
+    try:
+        distributed.check_consistent(agent)
+        consistent = "yes"
+    except distributed.RankDivergedError as err:
+        consistent = str(err)
+    Path(out + ".json").write_text(json.dumps({"consistent": consistent}))
+    distributed.shutdown()
+
+
+def run_gradient_worker(rank: int, world: int, port: int, out: str) -> None:
+    """Parameters with a gradient on one rank only, on both, on none: what the averaging makes of them."""
+    sys.path.insert(0, str(REPO))
+    from latentrl.training import distributed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LATENTRL_DIST_TIMEOUT="60")
+    distributed.init_from_env()
+    both, only_rank1, none = (torch.nn.Parameter(torch.zeros(3)) for _ in range(3))
+    opt = torch.optim.SGD([both, only_rank1, none], lr=1.0)
+    distributed.GradientAverager([opt])
+    both.grad = torch.full((3,), float(rank + 1))  # 1 and 2: mean 1.5
+    if rank == 1:
+        only_rank1.grad = torch.full((3,), 4.0)  # rank 0 counts as 0: mean 2
+    opt.step()
+    torch.save({"both": both.grad, "only_rank1": only_rank1.grad, "none": none.grad}, out)
+    distributed.shutdown()
+
+
+# ------------------------------------------------------------------------------------------ test side
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env(**extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                          "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}", **extra)
+    return env
+
+
+def run_workers(agent_name: str, world: int, tmp: Path, breakage: str = "none") -> list[Path]:
+    port = free_port()
+    outs = [tmp / f"{agent_name}-w{world}-r{r}-{breakage}.pt" for r in range(world)]
+    procs = [subprocess.Popen([sys.executable, __file__, "worker", agent_name, str(r), str(world), str(port),
+                               str(outs[r]), breakage], env=child_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in range(world)]
+    logs = [p.communicate(timeout=240)[0] for p in procs]
+    for p, log in zip(procs, logs, strict=True):
+        assert p.returncode == 0, log[-3000:]
+    return outs
+
+
+def max_difference(a: dict, b: dict) -> tuple[float, str]:
+    assert a.keys() == b.keys()
+    worst = max(((a[k].double() - b[k].double()).abs().max().item(), k) for k in a if a[k].is_floating_point())
+    return worst
+
+
+@pytest.fixture(scope="module")
+def single_process(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("single")
+    return {name: torch.load(run_workers(name, 1, tmp)[0]) for name in AGENT_OVERRIDES}
+
+
+@pytest.mark.parametrize("agent_name", ["td_jepa", "metra", "fb"])
+def test_two_gloo_ranks_equal_one_process(agent_name, single_process, tmp_path):
+    """2 ranks x 5 rows == 1 process x 10 rows after 6 updates: parameters, EMA targets, normaliser
+    statistics and Adam moments within 1e-5; the two ranks bitwise identical."""
+    rank0, rank1 = (torch.load(p) for p in run_workers(agent_name, 2, tmp_path))
+    diff, key = max_difference(single_process[agent_name], rank0)
+    assert diff < 1e-5, f"{agent_name}: rank 0 differs from one process by {diff:.2e} in {key}"
+    for k in rank0:
+        assert torch.equal(rank0[k], rank1[k]), f"ranks differ in {k}"
+    moved = max_difference(single_process[agent_name], {k: torch.zeros_like(v) for k, v in rank0.items()})
+    assert moved[0] > 0
+    if agent_name == "metra":  # the normaliser folded the global batches: not the identity any more
+        assert not torch.allclose(rank0["agent.world_model.normalizer.rms.mean"], torch.zeros(24))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("agent_name,breakage", [("td_jepa", "no_average"), ("td_jepa", "no_gather"),
+                                                 ("metra", "no_average"), ("metra", "local_normalizer"),
+                                                 ("td_jepa", "rank1_ema"), ("fb", "no_gather")])
+def test_equality_test_catches_breakages(agent_name, breakage, single_process, tmp_path):
+    """Each way of breaking data parallelism makes rank 0 differ from one process, or the ranks differ
+    (and check_consistent says which tensor)."""
+    rank0, rank1 = (torch.load(p) for p in run_workers(agent_name, 2, tmp_path, breakage))
+    diff, _ = max_difference(single_process[agent_name], rank0)
+    ranks_equal = all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    assert diff > 1e-5 or not ranks_equal, f"{breakage} went unnoticed: rank 0 within {diff:.1e} of one process"
+    if breakage == "rank1_ema":
+        report = json.loads(Path(str(tmp_path / f"{agent_name}-w2-r0-{breakage}.pt") + ".json").read_text())
+        assert "world_model.targets" in report["consistent"] and "rank(s) 1" in report["consistent"]
+
+
+def test_gradient_averaging_with_missing_gradients(tmp_path):
+    """A gradient missing on one rank takes part as zeros (the collectives match) and the average is set on
+    every rank; a parameter without a gradient anywhere keeps none (Adam then skips it on every rank)."""
+    port = free_port()
+    outs = [tmp_path / f"grad{r}.pt" for r in range(2)]
+    procs = [subprocess.Popen([sys.executable, __file__, "gradients", str(r), "2", str(port), str(outs[r])],
+                              env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(2)]
+    for p in procs:
+        log = p.communicate(timeout=120)[0]
+        assert p.returncode == 0, log[-3000:]
+    for out in outs:
+        grads = torch.load(out)
+        assert torch.equal(grads["both"], torch.full((3,), 1.5))
+        assert torch.equal(grads["only_rank1"], torch.full((3,), 2.0))
+        assert grads["none"] is None
+
+
+def test_shard_spec_and_episode_shards(tmp_path):
+    """Each rank samples batch_size / world_size rows, only from episodes id % world_size == rank."""
+    from tensordict import TensorDict
+
+    from latentrl.agents.base import SampleSpec
+    from latentrl.replay import ReplayBuffer
+    from latentrl.training.distributed import shard_spec
+
+    assert shard_spec(SampleSpec(batch_size=12), 3).batch_size == 4
+    assert shard_spec({"a": SampleSpec(batch_size=8)}, 2)["a"].batch_size == 4
+    with pytest.raises(ValueError, match="agent.batch_size=10 does not split over 4 .*agent.batch_size=8"):
+        shard_spec(SampleSpec(batch_size=10), 4)
+
+    steps = 60  # 6 episodes of 10 steps, one stream
+    done = (torch.arange(steps) % 10 == 9).reshape(-1, 1)
+    td = TensorDict({"state": torch.arange(steps, dtype=torch.float32).reshape(-1, 1), "action": torch.zeros(steps, 1),
+                     "next": {"state": torch.arange(1, steps + 1, dtype=torch.float32).reshape(-1, 1),
+                              "reward": torch.zeros(steps, 1), "done": done, "terminated": done,
+                              "truncated": torch.zeros(steps, 1, dtype=torch.bool)}}, batch_size=[steps])
+    buffer = ReplayBuffer.from_dataset(td)
+    assert buffer.episodes()["id"].tolist() == list(range(6))
+    for rank in range(3):
+        buffer.shard_episodes(rank, 3)
+        ids = buffer.sample(200)["segment_id"]
+        assert set(ids.tolist()) == {rank, rank + 3}
+    buffer.shard_episodes(0, 1)
+    assert set(buffer.sample(300)["segment_id"].tolist()) == set(range(6))
+    with pytest.raises(ValueError, match="none of them in shard 7 of 8"):
+        buffer.shard_episodes(7, 8)
+    with pytest.raises(ValueError, match="0 <= index < count"):
+        buffer.shard_episodes(3, 3)
+
+
+# -------------------------------------------------------------------------------------- train_agent.py
+TRAIN = [str(REPO / "scripts" / "train_agent.py"), "preset=smoke", "log.progress=false", "log.tensorboard=false",
+         "eval.video=false", "threads=1"]
+
+
+def torchrun(*args: str, nproc: int = 2, timeout: int = 240, **env: str) -> subprocess.CompletedProcess:
+    torchrun_bin = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun_bin), "--nproc_per_node", str(nproc), "--master_port", str(free_port()), *TRAIN, *args]
+    return subprocess.run(cmd, env=child_env(LATENTRL_DIST_TIMEOUT="60", **env), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_killed_rank_stops_the_job_and_resume_continues(walker_dataset, tmp_path):
+    """torchrun, TD-JEPA offline on 2 processes: rank 1 killed in update 8 (os._exit, no cleanup) stops the job
+    with torchrun's report naming rank 1; rank 0 alone wrote the run's files (rank 1 only its resume state);
+    resume=true continues from the update-4 checkpoint to the end; a resume in one process re-shards."""
+    run = tmp_path / "run"
+    args = ["agent=td_jepa", f"data={walker_dataset}", "env.obs=[state,physics]", "steps=12", "checkpoint_every=4",
+            "log.every=4", "eval.every=0", "eval.at_end=false", f"run_dir={run}"]
+    # TD-JEPA has 5 optimizers: the 40th gradient averaging is the last step of update 8
+    killed = torchrun(*args, LATENTRL_FAULT_INJECT="1:40")
+    out = killed.stdout + killed.stderr
+    assert killed.returncode != 0
+    assert "rank 1 exits now" in out
+    root_cause = out[out.index("Root Cause"):]
+    assert "rank      : 1 (local_rank: 1)" in root_cause and "exitcode  : 1" in root_cause
+    payload = torch.load(run / "checkpoints" / "latest.pt", weights_only=True)
+    assert payload["counters"]["updates"] == 4 and payload["config"]["world_size"] == 2
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest.pt", "rank1-000000004.pt"]
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml", "metrics.csv", "model"]
+    assert [int(line.split(",")[0]) for line in (run / "metrics.csv").read_text().splitlines()[1:]] == [4]
+
+    resumed = torchrun(*args, "resume=true")
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
+    assert resumed.stdout.count("resumed from") == 2 and "update 4" in resumed.stdout  # both ranks, once each
+    payload = torch.load(run / "checkpoints" / "latest.pt", weights_only=True)
+    assert payload["counters"]["updates"] == 12
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest.pt", "rank1-000000012.pt"]
+    assert [int(line.split(",")[0]) for line in (run / "metrics.csv").read_text().splitlines()[1:]] == [4, 8, 12]
+
+    longer = [a for a in args if not a.startswith("steps=")] + ["steps=14", "resume=true"]
+    one = subprocess.run([sys.executable, *TRAIN, *longer], env=child_env(), capture_output=True, text=True,
+                         timeout=240)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert "re-sharded by episode" in one.stdout
+    assert torch.load(run / "checkpoints" / "latest.pt", weights_only=True)["config"]["world_size"] == 1
+
+
+def test_surviving_rank_names_the_failed_one(walker_dataset, tmp_path):
+    """Without torchrun's agent (which stops the others at once), the surviving rank's collective fails and its
+    error names the rank that vanished and how to resume."""
+    port = free_port()
+    args = ["agent=td_jepa", f"data={walker_dataset}", "env.obs=[state,physics]", "steps=12", "checkpoint_every=4",
+            "eval.every=0", "eval.at_end=false", f"run_dir={tmp_path / 'run'}"]
+    procs = [subprocess.Popen([sys.executable, *TRAIN, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=child_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(r),
+                                                       LOCAL_RANK=str(r), WORLD_SIZE="2", LATENTRL_DIST_TIMEOUT="60",
+                                                       LATENTRL_FAULT_INJECT="1:20"))
+             for r in range(2)]
+    (_, err0), _ = (p.communicate(timeout=240) for p in procs)
+    assert procs[0].returncode == 1 and procs[1].returncode == 1
+    assert "error: rank 1 failed: it stopped without reporting an error" in err0
+    assert f"resume=true run_dir={tmp_path / 'run'}" in err0
+
+
+def test_online_resume_with_another_world_size_is_refused(tmp_path):
+    """Each rank's envs and replay buffer are its own: an online run of 1 process resumed by 2 is refused with
+    both sizes and the command that works."""
+    run = tmp_path / "run"
+    args = ["agent=metra", "steps=120", "learning_starts=100", "checkpoint_every=0", "eval.every=0",
+            "eval.at_end=false", f"run_dir={run}"]
+    first = subprocess.run([sys.executable, *TRAIN, *args], env=child_env(), capture_output=True, text=True,
+                           timeout=240)
+    assert first.returncode == 0, first.stderr[-3000:]
+    refused = torchrun(*args[:-1], "steps=140", f"run_dir={run}", "resume=true")
+    assert refused.returncode != 0
+    assert ("cannot resume" in refused.stderr and "with 2 process(es): the online run was trained by 1"
+            in refused.stderr and "without torchrun" in refused.stderr)
+
+
+if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "gradients":
+    run_gradient_worker(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
+
+if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "worker":
+    _, _, name, rank_, world_, port_, out_, breakage_ = sys.argv
+    run_worker(name, int(rank_), int(world_), int(port_), out_, breakage_)
