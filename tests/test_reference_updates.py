@@ -143,6 +143,36 @@ def _adam_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
 # --------------------------------------------------------------------------------------------- METRA
 
 
+def _sac_steps(ref: METRAAgent, opt: dict, nets: tuple, obs, next_obs, options, actions, dones,
+               r) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """METRA's SAC part, shared by METRA and its baselines: ``sac_utils.update_loss_qf``, ``update_loss_sacp``,
+    ``update_loss_alpha`` and ``update_targets`` in the authors' order. ``nets`` holds the reference's own
+    forward passes ``(qf, policy_dist, rsample_with_log_prob)``; returns the Q, policy and alpha losses."""
+    qf, policy_dist, rsample_with_log_prob = nets
+    cfg = ref.config
+    target_entropy = -ACTION_DIM / 2.0 * cfg.target_entropy_coef  # -|A|/2 * sac_target_coef
+    with torch.no_grad():
+        alpha = ref.log_alpha.exp()
+    q1_pred, q2_pred = qf(ref.critic1, obs, options, actions), qf(ref.critic2, obs, options, actions)
+    next_actions, next_log_probs = rsample_with_log_prob(policy_dist(next_obs, options))
+    target_q = torch.min(qf(ref.critic1_target, next_obs, options, next_actions),
+                         qf(ref.critic2_target, next_obs, options, next_actions))
+    target_q = (target_q - alpha * next_log_probs) * cfg.discount
+    with torch.no_grad():
+        q_target = r * cfg.reward_scale + target_q * (1.0 - dones)
+    loss_qf = F.mse_loss(q1_pred, q_target) * 0.5 + F.mse_loss(q2_pred, q_target) * 0.5
+    _adam_step(opt["qf"], loss_qf)
+    new_actions, new_log_probs = rsample_with_log_prob(policy_dist(obs, options))
+    min_q = torch.min(qf(ref.critic1, obs, options, new_actions), qf(ref.critic2, obs, options, new_actions))
+    loss_sacp = (alpha * new_log_probs - min_q).mean()
+    _adam_step(opt["option_policy"], loss_sacp)
+    loss_alpha = (-ref.log_alpha * (new_log_probs.detach() + target_entropy)).mean()
+    _adam_step(opt["log_alpha"], loss_alpha)
+    _polyak(ref.critic1, ref.critic1_target, cfg.tau)
+    _polyak(ref.critic2, ref.critic2_target, cfg.tau)
+    return loss_qf, loss_sacp, loss_alpha
+
+
 def _metra_reference(ref: METRAAgent):
     """METRA's ``_train_components`` inner loop for one minibatch, as the official code runs it."""
     cfg = ref.config
@@ -154,7 +184,6 @@ def _metra_reference(ref: METRAAgent):
         "option_policy": torch.optim.Adam(ref.actor.parameters(), lr=cfg.lr_of("policy")),
         "log_alpha": torch.optim.Adam([ref.log_alpha], lr=cfg.lr_of("alpha")),
     }
-    target_entropy = -ACTION_DIM / 2.0 * cfg.target_entropy_coef  # -|A|/2 * sac_target_coef
 
     def traj_encoder(x):  # phi: its own encoder, then the mean MLP (no normaliser in these configs)
         return wm.head(wm.encoder(x))
@@ -204,29 +233,8 @@ def _metra_reference(ref: METRAAgent):
         # _update_rewards with the updated phi
         with torch.no_grad():
             r = rewards(*traj_encoder_pair(obs, next_obs), options)
-        # sac_utils.update_loss_qf
-        with torch.no_grad():
-            alpha = ref.log_alpha.exp()
-        q1_pred, q2_pred = qf(ref.critic1, obs, options, actions), qf(ref.critic2, obs, options, actions)
-        next_actions, next_log_probs = rsample_with_log_prob(policy_dist(next_obs, options))
-        target_q = torch.min(qf(ref.critic1_target, next_obs, options, next_actions),
-                             qf(ref.critic2_target, next_obs, options, next_actions))
-        target_q = (target_q - alpha * next_log_probs) * cfg.discount
-        with torch.no_grad():
-            q_target = r * cfg.reward_scale + target_q * (1.0 - dones)
-        loss_qf = F.mse_loss(q1_pred, q_target) * 0.5 + F.mse_loss(q2_pred, q_target) * 0.5
-        _adam_step(opt["qf"], loss_qf)
-        # sac_utils.update_loss_sacp
-        new_actions, new_log_probs = rsample_with_log_prob(policy_dist(obs, options))
-        min_q = torch.min(qf(ref.critic1, obs, options, new_actions), qf(ref.critic2, obs, options, new_actions))
-        loss_sacp = (alpha * new_log_probs - min_q).mean()
-        _adam_step(opt["option_policy"], loss_sacp)
-        # sac_utils.update_loss_alpha
-        loss_alpha = (-ref.log_alpha * (new_log_probs.detach() + target_entropy)).mean()
-        _adam_step(opt["log_alpha"], loss_alpha)
-        # sac_utils.update_targets
-        _polyak(ref.critic1, ref.critic1_target, cfg.tau)
-        _polyak(ref.critic2, ref.critic2_target, cfg.tau)
+        loss_qf, loss_sacp, loss_alpha = _sac_steps(ref, opt, (qf, policy_dist, rsample_with_log_prob), obs, next_obs,
+                                                    options, actions, dones, r)
         return {"phi_loss": loss_te, "lambda_loss": loss_dual_lam, "q_loss": loss_qf, "policy_loss": loss_sacp,
                 "alpha_loss": loss_alpha, "intrinsic_reward_mean": r.mean()}
 
@@ -288,7 +296,6 @@ def _metra_baseline_reference(ref: METRAAgent):
         "option_policy": torch.optim.Adam(ref.actor.parameters(), lr=cfg.lr_of("policy")),
         "log_alpha": torch.optim.Adam([ref.log_alpha], lr=cfg.lr_of("alpha")),
     }
-    target_entropy = -ACTION_DIM / 2.0 * cfg.target_entropy_coef
 
     def linear(layer, x):
         return F.linear(x, _sn_weight(layer) if spectral else layer.weight, layer.bias)
@@ -368,25 +375,8 @@ def _metra_baseline_reference(ref: METRAAgent):
         # _update_rewards again, with the updated traj encoder
         with torch.no_grad():
             r = update_rewards(obs, next_obs, options)[0]
-        # sac_utils: Q, policy, alpha, targets
-        with torch.no_grad():
-            alpha = ref.log_alpha.exp()
-        q1_pred, q2_pred = qf(ref.critic1, obs, options, actions), qf(ref.critic2, obs, options, actions)
-        next_actions, next_log_probs = rsample_with_log_prob(policy_dist(next_obs, options))
-        target_q = torch.min(qf(ref.critic1_target, next_obs, options, next_actions),
-                             qf(ref.critic2_target, next_obs, options, next_actions))
-        with torch.no_grad():
-            q_target = r * cfg.reward_scale + (target_q - alpha * next_log_probs) * cfg.discount * (1.0 - dones)
-        loss_qf = F.mse_loss(q1_pred, q_target) * 0.5 + F.mse_loss(q2_pred, q_target) * 0.5
-        _adam_step(opt["qf"], loss_qf)
-        new_actions, new_log_probs = rsample_with_log_prob(policy_dist(obs, options))
-        min_q = torch.min(qf(ref.critic1, obs, options, new_actions), qf(ref.critic2, obs, options, new_actions))
-        loss_sacp = (alpha * new_log_probs - min_q).mean()
-        _adam_step(opt["option_policy"], loss_sacp)
-        loss_alpha = (-ref.log_alpha * (new_log_probs.detach() + target_entropy)).mean()
-        _adam_step(opt["log_alpha"], loss_alpha)
-        _polyak(ref.critic1, ref.critic1_target, cfg.tau)
-        _polyak(ref.critic2, ref.critic2_target, cfg.tau)
+        loss_qf, loss_sacp, loss_alpha = _sac_steps(ref, opt, (qf, policy_dist, rsample_with_log_prob), obs, next_obs,
+                                                    options, actions, dones, r)
         return {"phi_loss": loss_te, "lambda_loss": loss_dual_lam, "q_loss": loss_qf, "policy_loss": loss_sacp,
                 "alpha_loss": loss_alpha, "intrinsic_reward_mean": r.mean()}
 
