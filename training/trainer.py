@@ -451,7 +451,7 @@ class Trainer:
             self.buffer.end_episodes()
         self._resume_rank_state(int((payload.get("config") or {}).get("world_size", 1)))
         # Episodes in flight when the run stopped are lost; the env starts fresh ones with new ids.
-        self.env.set_seed(self.cfg.seed + 1_000_003 * (self.env_steps + 1) + self.rank * distributed.RANK_SEED_STRIDE)
+        self.env.set_seed(self._env_seed(resumed=True))
         print(f"[latentrl] resumed from {self.checkpoint_path} at env step {self.env_steps}, update {self.updates}")
         self._params_checked_at = self.updates
         if self.current >= self.cfg.steps and not finished_ok:
@@ -492,6 +492,12 @@ class Trainer:
         if state.get("buffer") is not None and not self.offline:
             self.buffer.load_state_dict(state["buffer"])
             self.buffer.end_episodes()
+
+    def _env_seed(self, resumed: bool) -> int:
+        """This rank's env seed; a resumed run continues with fresh env streams (from its env step), never the
+        ones the stopped run started with."""
+        fresh = 1_000_003 * (self.env_steps + 1) if resumed else 0
+        return self.cfg.seed + fresh + self.rank * distributed.RANK_SEED_STRIDE
 
     def _check_resume_config(self, saved: dict) -> None:
         """Refuse to resume with settings that change the networks or the replay buffer's layout."""
@@ -668,16 +674,23 @@ class Trainer:
             is_first = td["next", "done"].reshape(-1).cpu()
             if is_first.any():
                 self.episodes += int(is_first.sum())
-            self.env_steps += n * self.world_size  # every rank steps n envs: counters are the job's
-            agent.env_steps = self.env_steps
-            metrics: dict[str, float] = {}
-            if self.env_steps >= cfg.learning_starts and len(self.buffer) > 0:
-                update_debt += n * self.world_size * cfg.updates_per_step
-                while update_debt >= 1:
-                    metrics = self._update()
-                    update_debt -= 1
+            metrics, update_debt = self._count_and_update(n, update_debt)
             td = td_next
             yield metrics
+
+    def _count_and_update(self, frames: int, debt: float) -> tuple[dict, float]:
+        """Count ``frames`` env steps this rank collected (the counters are the job's: every rank steps alike)
+        and make the updates they pay for (``updates_per_step``, once ``learning_starts`` is reached). Returns
+        the last update's metrics (``{}`` when none was made) and the fraction of an update carried over."""
+        self.env_steps += frames * self.world_size
+        self.agent.env_steps = self.env_steps
+        metrics: dict = {}
+        if self.env_steps >= self.cfg.learning_starts and len(self.buffer) > 0:
+            debt += frames * self.world_size * self.cfg.updates_per_step
+            while debt >= 1:
+                metrics = self._update()
+                debt -= 1
+        return metrics, debt
 
     def _collector_steps(self):
         """Online steps through a TorchRL collector (``collector.kind``; :mod:`latentrl.training.collectors`):
@@ -694,29 +707,19 @@ class Trainer:
                           action_repeat=e.action_repeat, num_envs=e.num_envs, backend="dmc", device="cpu",
                           floor=e.floor, episode_length=e.episode_length,
                           num_workers=0 if e.num_workers is None else e.num_workers)
-        # a resumed run continues with fresh env streams (as the inline loop's set_seed does)
-        seed = (cfg.seed + 1_000_003 * (self.env_steps + 1) * (self.env_steps > 0)
-                + self.rank * distributed.RANK_SEED_STRIDE)
         policy = agent.policy(explore=True)
         collector = make_collector(cfg.collector.kind, env_kwargs, policy, tuple(e.obs),
                                    workers=int(cfg.collector.workers),
-                                   steps_per_batch=int(cfg.collector.steps_per_batch), seed=seed)
+                                   steps_per_batch=int(cfg.collector.steps_per_batch),
+                                   seed=self._env_seed(resumed=self.env_steps > 0))
         update_debt = 0.0
-        world_size = self.world_size
         try:
             for batch in collector:
                 steps = replay_steps(batch)
                 self.buffer.extend(steps)
-                n = steps.numel()
                 self.episodes += int(steps["next", "done"].sum())
-                self.env_steps += n * world_size
-                agent.env_steps = self.env_steps
-                metrics: dict[str, float] = {}
-                if self.env_steps >= cfg.learning_starts and len(self.buffer) > 0:
-                    update_debt += n * world_size * cfg.updates_per_step
-                    while update_debt >= 1:
-                        metrics = self._update()
-                        update_debt -= 1
+                metrics, update_debt = self._count_and_update(steps.numel(), update_debt)
+                if metrics:  # new weights: to the collector's workers before the next batch
                     collector.update_policy_weights_()
                 yield metrics
         finally:
