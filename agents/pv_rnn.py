@@ -41,7 +41,7 @@ from latentrl.agents.base import (
     resolve_device,
     scalar_metrics,
 )
-from latentrl.world_models.layers import make_adam
+from latentrl.world_models.layers import data_parallel_world_size, make_adam
 from latentrl.world_models.pv_rnn import AdaptiveVectors, PVRNNModel
 
 __all__ = ["PRESETS", "PVRNNAgent", "PVRNNConfig", "PVRNNPolicy", "pd_control"]
@@ -65,6 +65,9 @@ class PVRNNConfig:
     """Meta-prior w per layer: the weight of the dimension-normalised KL at t >= 2."""
     w1: list[float] = field(default_factory=lambda: [0.01, 0.01])
     """KL weight at an episode's first step (the unit-Gaussian prior; GLean's ugaussian_weight)."""
+    recon_weight: float = 1.0
+    """Weight of the squared-error reconstruction against the KL (1: OT / pvrnn_sa; ~10 gives GLean's
+    softmax-code balance on data in [0, 1], see :class:`~latentrl.world_models.pv_rnn.PVRNNModel`)."""
     model_dims: list[int] | None = None
     """State indices the model predicts (``None``: all); reacher: ``[0, 1]`` (joint angles)."""
     control_dims: list[int] | None = None
@@ -102,6 +105,10 @@ class PVRNNConfig:
     """GLean planning Adam rate."""
     plan_candidates: int = 8
     """Adaptive-vector sequences optimised in parallel per goal; the lowest free energy is kept."""
+    plan_sample: bool = False
+    """Plan with sampled z (GLean's protocol; the plan is one sample) instead of posterior means."""
+    plan_rec_weighting: float = 0.0
+    """GLean's planning_auto_weight: > 0 scales the start/goal accuracy by horizon x this / 3 (0: off)."""
     plan_er_iters: int = 0
     """Error-regression iterations per step while following a plan."""
     goal_dims: list[int] | None = None
@@ -265,7 +272,8 @@ class PVRNNAgent(Agent):
         self.world_model = PVRNNModel(
             cfg.obs_type, self.obs_shape, d_sizes=cfg.d_sizes, z_sizes=cfg.z_sizes, taus=cfg.taus,
             meta_prior=cfg.meta_prior, w1=cfg.w1, model_dims=cfg.model_dims, pixel_latent_dim=cfg.pixel_latent_dim,
-            autoencoder_depth=cfg.autoencoder_depth, er_iters=cfg.er_iters, er_lr=cfg.er_lr)
+            autoencoder_depth=cfg.autoencoder_depth, er_iters=cfg.er_iters, er_lr=cfg.er_lr,
+            recon_weight=cfg.recon_weight)
         self.adaptive_vectors = AdaptiveVectors(cfg.num_sequences, cfg.max_steps, self.world_model.adaptive_dim)
         self.register_buffer("autoencoder_steps", torch.zeros((), dtype=torch.int64))
         self.to(self.device)
@@ -312,7 +320,8 @@ class PVRNNAgent(Agent):
             mask = torch.zeros(wm.x_dim, device=self.device)
             mask[cfg.goal_dims] = 1.0
         out = wm.plan(goal, cfg.plan_horizon, start=start, goal_mask=mask, candidates=cfg.plan_candidates,
-                      iters=cfg.plan_iters, lr=cfg.plan_lr, generator=generator)
+                      iters=cfg.plan_iters, lr=cfg.plan_lr, generator=generator, sample=cfg.plan_sample,
+                      rec_weighting=cfg.plan_rec_weighting)
         return Task(z=out["x_hat"], goal=spec.obs.select(key).clone(),
                     info={"kind": "plan", "goal_error": out["goal_error"].tolist()})
 
@@ -336,7 +345,9 @@ class PVRNNAgent(Agent):
         out = wm.loss(batch, adaptive=adaptive)
         self._optimizer.zero_grad(set_to_none=True)
         self.adaptive_vectors.values.grad = None
-        out["loss"].backward()
+        # The loss sums over rows: under data parallelism each rank's share counts world_size times, so that the
+        # averaged gradients (and the adaptive vectors' gathered ones) are those of the global batch's sum.
+        (out["loss"] * data_parallel_world_size()).backward()
         self._optimizer.step()
         self.adaptive_vectors.adam_step(rows, steps, self.config.lr)
         metrics.update({k: v for k, v in out.items()})

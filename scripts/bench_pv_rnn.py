@@ -44,7 +44,7 @@ import torch
 from tensordict import TensorDict
 
 from latentrl.agents import GoalObservation, Task
-from latentrl.agents.pv_rnn import PVRNNAgent, PVRNNPolicy, branch_side, branching_paths
+from latentrl.agents.pv_rnn import PVRNNAgent, PVRNNPolicy, branch_side, branching_paths, pd_control
 from latentrl.replay import ReplayBuffer
 
 PUBLISHED_T3 = {"weak": (38.3, 61.7), "intermediate": (46.7, 53.3), "strong": (55.0, 45.0)}
@@ -74,10 +74,13 @@ def record_sequences(buffer: ReplayBuffer, states: torch.Tensor, actions: torch.
 
 
 def full_batch(buffer: ReplayBuffer) -> TensorDict:
-    """Every complete stored episode, stacked ``[S, T]`` (the spec's full-batch training)."""
+    """Every complete stored episode, stacked ``[S, T]`` (the spec's full-batch training), ordered by env
+    stream, then id: with one episode per env that is the env order (the FSM branch / goal order)."""
     table = buffer.episodes()
+    table = table[table["complete"]]
+    order = torch.argsort(table["env"] * (int(table["id"].max()) + 1) + table["id"])
     eps = [buffer.episode(int(i), keys=("state",)).select("state", "segment_id", "segment_step")
-           for i in table["id"][table["complete"]]]
+           for i in table["id"][order]]
     return torch.stack(eps)
 
 
@@ -93,6 +96,28 @@ def train_full_batch(agent: PVRNNAgent, batch: TensorDict, epochs: int, label: s
 
 
 # ---------------------------------------------------------------------------------- Setting A
+def glean_paths(root: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GLean's own branching-path data (``oist-cnru/GLean`` ``data/branching_path``, spec §7): the 60
+    training and 20 test paths, stored as 10-bin softmax codes over [0, 1] per dimension, decoded by
+    their expectation (GLean ``ops.unsoftmax``). Returns ``train [60, 30, 2]``, ``train_left``,
+    ``test [20, 30, 2]``, ``test_left``."""
+    refs = torch.linspace(0.0, 1.0, 10, dtype=torch.float64)
+
+    def decode(code: np.ndarray) -> torch.Tensor:
+        code = torch.from_numpy(code).double()
+        return torch.stack([code[..., 10 * i:10 * (i + 1)] @ refs for i in range(code.shape[-1] // 10)], -1).float()
+
+    train_file = root / "train" / "path_2g_60_softmax10.npy"
+    test_files = sorted((root / "test").glob("path_2g_test_*_softmax10.npy"),
+                        key=lambda f: int(f.name.split("_")[3]))
+    if not train_file.exists() or len(test_files) != 20:
+        raise FileNotFoundError(f"{root} must hold GLean's train/path_2g_60_softmax10.npy and 20 "
+                                "test/path_2g_test_<i>_softmax10.npy files (oist-cnru/GLean data/branching_path)")
+    train = decode(np.load(train_file))
+    test = torch.stack([decode(np.load(f)).reshape(30, 2) for f in test_files])
+    return train, branch_side(train), test, branch_side(test)
+
+
 def regenerate_from_first(agent: PVRNNAgent, segment_id: int, runs: int, steps: int) -> torch.Tensor:
     """Sample step 1 from the posterior A_1 of a training segment, the prior afterwards: ``[runs, steps, x]``."""
     wm = agent.world_model
@@ -121,10 +146,73 @@ def run_policy_on_sequence(policy: PVRNNPolicy, seq: torch.Tensor) -> dict[str, 
     return {"pred": torch.stack(preds, 1)}
 
 
+def trained_agent_a(args, batch: TensorDict, level: str, w: list[float], seed: int):
+    """The Setting A agent of ``level`` trained from ``seed`` (full batch, ``--epochs-a`` epochs at ``--lr-a``),
+    or loaded from ``--model-dir`` when an earlier run saved it there (it is saved there after training).
+    Returns the agent (eval mode), its training seconds and its loss history."""
+    torch.manual_seed(seed)
+    config = PVRNNAgent.make_config(
+        "paper", d_sizes=[20, 10], z_sizes=[2, 1], taus=[4.0, 8.0], meta_prior=w, w1=[0.01, 0.01],
+        recon_weight=args.recon_weight, num_sequences=60, max_steps=30, seq_len=30, batch_size=60, lr=args.lr_a,
+        er_window=args.er_window, er_iters=args.er_iters, er_lr=0.09, plan_horizon=30, plan_iters=args.plan_iters,
+        plan_lr=0.05, plan_candidates=8, control_dims=[0, 1], kp=1.0, kd=0.0)
+    agent = PVRNNAgent(config, (2,), 2)
+    name = (f"A_{level}_rw{args.recon_weight:g}_lr{args.lr_a:g}_ep{args.epochs_a}_seed{seed}"
+            f"{'_glean' if args.glean_data else ''}.pt")
+    path = None if args.model_dir is None else args.model_dir / name
+    if path is not None and path.exists():
+        saved = torch.load(path, weights_only=False)
+        agent.load_state_dict(saved["agent"])
+        train_s, history = saved["train_seconds"], saved["history"]
+        log(f"A/{level} seed {seed}: loaded {path}")
+    else:
+        t0 = time.time()
+        history = train_full_batch(agent, batch, args.epochs_a, f"A/{level}/seed{seed}")
+        train_s = time.time() - t0
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"agent": agent.state_dict(), "train_seconds": train_s, "history": history}, path)
+    agent.eval()
+    return agent, train_s, history
+
+
+def table5(args, wm, test: torch.Tensor, test_left: torch.Tensor, seed: int) -> dict:
+    """GLean Table 5: plans for the untrained test paths given their start and goal, RMSE to the whole
+    ground-truth path, the plan's KL (per step / z, summed over steps and layers) and the goal deviation.
+
+    ``glean``: GLean's protocol (plan.py / model.py): every forward pass samples z, the accuracy is
+    reweighted as if every step were observed (planning_auto_weight 1), ``--plan-runs`` runs (GLean: 10)
+    of 8 candidates x ``--plan-iters`` iterations (GLean: 500) at 0.05. ``mean``: posterior means (the
+    deterministic plan the agent tracks), no reweighting, one run."""
+    out: dict = {}
+    for name, sample, rec_weighting, runs in (("glean", True, 1.0, args.plan_runs), ("mean", False, 0.0, 1)):
+        rmses, goal_devs, klds, follows = [], [], [], []
+        t0 = time.time()
+        for run in range(runs):
+            torch.manual_seed(1000 * seed + run)  # the sampled z
+            plan = wm.plan(test[:, -1], 30, start=test[:, 0], candidates=8, iters=args.plan_iters, lr=0.05,
+                           generator=torch.Generator().manual_seed(1000 * seed + 17 * run), sample=sample,
+                           rec_weighting=rec_weighting)
+            rmses.append((plan["x_hat"] - test).square().mean((1, 2)).sqrt().mean().item())
+            goal_devs.append((plan["x_hat"][:, -1] - test[:, -1]).square().mean(-1).mean().item())
+            klds.append(plan["kl_layers"].sum(-1).mean().item())
+            follows.append((branch_side(plan["x_hat"]) == test_left).float().mean().item())
+            if name == "glean" and run == 0:
+                out["plan_example"] = plan["x_hat"][:6].tolist()
+        out[name] = {"rmse": float(np.mean(rmses)), "rmse_runs": rmses,
+                     "rmse_std_over_runs": float(np.std(rmses)), "kld": float(np.mean(klds)),
+                     "goal_deviation": float(np.mean(goal_devs)), "plan_branch_follows_goal": float(np.mean(follows)),
+                     "seconds": time.time() - t0}
+    return out
+
+
 def setting_a(args, fig_dir: Path) -> dict:
     torch.manual_seed(args.seed)
-    train, train_left = branching_paths(60, generator=torch.Generator().manual_seed(args.seed))
-    test, test_left = branching_paths(20, generator=torch.Generator().manual_seed(args.seed + 1000))
+    if args.glean_data is not None:
+        train, train_left, test, test_left = glean_paths(args.glean_data)
+    else:
+        train, train_left = branching_paths(60, generator=torch.Generator().manual_seed(args.seed))
+        test, test_left = branching_paths(20, generator=torch.Generator().manual_seed(args.seed + 1000))
     buffer = ReplayBuffer(60 * 31)
     record_sequences(buffer, train, torch.zeros(60, 29, 1))
     batch = full_batch(buffer)
@@ -133,79 +221,74 @@ def setting_a(args, fig_dir: Path) -> dict:
     for level, w in META_PRIORS.items():
         if level not in args.levels:
             continue
-        torch.manual_seed(args.seed)
-        config = PVRNNAgent.make_config(
-            "paper", d_sizes=[20, 10], z_sizes=[2, 1], taus=[4.0, 8.0], meta_prior=w, w1=[0.01, 0.01],
-            num_sequences=60, max_steps=30, seq_len=30, batch_size=60, lr=args.lr_a, er_window=args.er_window,
-            er_iters=args.er_iters, er_lr=0.09, plan_horizon=30, plan_iters=args.plan_iters, plan_lr=0.05,
-            plan_candidates=8, control_dims=[0, 1], kp=1.0, kd=0.0)
-        agent = PVRNNAgent(config, (2,), 2)
-        t0 = time.time()
-        history = train_full_batch(agent, batch, args.epochs_a, f"A/{level}")
-        train_s = time.time() - t0
-        agent.eval()
-        wm = agent.world_model
-        res: dict = {"meta_prior": w, "train_seconds": train_s, "history": history}
-        with torch.no_grad():
-            gens = wm.generate(60, 30, sample=True)
-            left = branch_side(gens).float().mean().item() * 100
-            res["table3_left_right"] = (left, 100 - left)
-            seg_left = int(batch["segment_id"][train_left.nonzero()[0, 0], 0])
-            regen = regenerate_from_first(agent, seg_left, 60, 30)
-            rl = branch_side(regen).float().mean().item() * 100
-            res["table4_left_right"] = (rl, 100 - rl)
-            res["gens_example"], res["regen_example"] = gens[:20].tolist(), regen[:20].tolist()
-            out = wm.loss(batch, adaptive=agent.adaptive_vectors.gather(
-                agent.adaptive_vectors.rows(batch["segment_id"][:, 0], create=False), batch["segment_step"]))
-            res["kl_layers"] = [float(out[f"kl_layer{layer}"]) for layer in range(wm.num_layers)]
-            res["train_rmse"] = float(out["rmse"])
-        # Table 5: plans for untrained test paths
-        rmses, goal_devs, klds, plans = [], [], [], []
-        t0 = time.time()
-        for run in range(args.plan_runs):
-            g = torch.Generator().manual_seed(args.seed + 17 * run)
-            plan = wm.plan(test[:, -1], 30, start=test[:, 0], candidates=8, iters=args.plan_iters, lr=0.05,
-                           generator=g)
-            rmses.append((plan["x_hat"] - test).square().mean((1, 2)).sqrt())
-            goal_devs.append((plan["x_hat"][:, -1] - test[:, -1]).square().mean(-1))
-            klds.append(plan["kl_layers"].sum(-1))
-            plans.append(plan["x_hat"])
-        rmse = torch.stack(rmses)  # [runs, 20]
-        res["table5"] = {"kld": torch.stack(klds).mean().item(), "rmse": rmse.mean().item(),
-                         "rmse_std_over_runs": rmse.mean(1).std().item() if args.plan_runs > 1 else 0.0,
-                         "goal_deviation": torch.stack(goal_devs).mean().item(),
-                         "plan_branch_follows_goal": (branch_side(plans[0]) == test_left).float().mean().item(),
-                         "seconds": time.time() - t0}
-        res["plan_example"] = plans[0][:6].tolist()
-        # error regression on held-out paths through the policy (ER vs prior-only)
-        er_policy = agent.policy()
-        er_policy.eval()
-        prior_cfg = PVRNNAgent.make_config("paper", **{**config.__dict__, "er_iters": 0})
-        prior_policy = PVRNNPolicy(wm, prior_cfg, 2)
-        t0 = time.time()
-        pred_er = run_policy_on_sequence(er_policy, test)["pred"]
-        er_seconds = time.time() - t0
-        pred_prior = run_policy_on_sequence(prior_policy, test)["pred"]
-        err_er = (pred_er - test[:, 1:]).square().mean().sqrt().item()
-        err_prior = (pred_prior - test[:, 1:]).square().mean().sqrt().item()
-        # window reconstruction over ER iterations: windows ending at t = 10, 15, 20, 25, from zero state
-        curves = []
-        for end in (10, 15, 20, 25):
-            window = TensorDict({"x": test[:, end - args.er_window:end]}, batch_size=[20, args.er_window])
-            state = wm.initial_state(20)
-            state["steps"] = torch.full((20,), end - args.er_window)
-            first = torch.zeros(20, args.er_window, dtype=torch.bool)
-            first[:, 0] = end - args.er_window == 0
-            window["first"] = first
-            out = wm.infer(window, state, args.er_iters, history=True)
-            curves.append(out["recon_history"].mean(0) / args.er_window)
-        curve = torch.stack(curves).mean(0)
-        res["er"] = {"one_step_rmse_er": err_er, "one_step_rmse_prior": err_prior,
-                     "window_recon_iter0": curve[0].item(), "window_recon_final": curve[-1].item(),
-                     "curve": curve.tolist(), "seconds_per_step": er_seconds / (20 * 29) * 20}
+        res: dict = {"meta_prior": w, "table5_seeds": {}}
+        for seed in args.seeds:
+            agent, train_s, history = trained_agent_a(args, batch, level, w, seed)
+            wm = agent.world_model
+            res["table5_seeds"][seed] = t5 = table5(args, wm, test, test_left, seed)
+            log(f"A/{level} seed {seed}: Table 5 " + ", ".join(
+                f"{k}: RMSE {v['rmse']:.4f} KLD {v['kld']:.3g} goal dev. {v['goal_deviation']:.2e}"
+                for k, v in t5.items() if isinstance(v, dict)))
+            if seed != args.seeds[0]:
+                continue
+            config = agent.config
+            res.update({"train_seconds": train_s, "history": history, "plan_example": t5.pop("plan_example")})
+            with torch.no_grad():
+                gens = wm.generate(60, 30, sample=True)
+                left = branch_side(gens).float().mean().item() * 100
+                res["table3_left_right"] = (left, 100 - left)
+                seg_left = int(batch["segment_id"][train_left.nonzero()[0, 0], 0])
+                regen = regenerate_from_first(agent, seg_left, 60, 30)
+                rl = branch_side(regen).float().mean().item() * 100
+                res["table4_left_right"] = (rl, 100 - rl)
+                res["gens_example"], res["regen_example"] = gens[:20].tolist(), regen[:20].tolist()
+                out = wm.loss(batch, adaptive=agent.adaptive_vectors.gather(
+                    agent.adaptive_vectors.rows(batch["segment_id"][:, 0], create=False), batch["segment_step"]))
+                res["kl_layers"] = [float(out[f"kl_layer{layer}"]) for layer in range(wm.num_layers)]
+                res["train_rmse"] = float(out["rmse"])
+            # error regression on held-out paths through the policy (ER vs prior-only)
+            er_policy = agent.policy()
+            er_policy.eval()
+            prior_cfg = PVRNNAgent.make_config("paper", **{**config.__dict__, "er_iters": 0})
+            prior_policy = PVRNNPolicy(wm, prior_cfg, 2)
+            t0 = time.time()
+            pred_er = run_policy_on_sequence(er_policy, test)["pred"]
+            er_seconds = time.time() - t0
+            pred_prior = run_policy_on_sequence(prior_policy, test)["pred"]
+            err_er = (pred_er - test[:, 1:]).square().mean().sqrt().item()
+            err_prior = (pred_prior - test[:, 1:]).square().mean().sqrt().item()
+            # window reconstruction over ER iterations: windows ending at t = 10, 15, 20, 25, from zero state
+            curves = []
+            for end in (10, 15, 20, 25):
+                window = TensorDict({"x": test[:, end - args.er_window:end]}, batch_size=[20, args.er_window])
+                state = wm.initial_state(20)
+                state["steps"] = torch.full((20,), end - args.er_window)
+                first = torch.zeros(20, args.er_window, dtype=torch.bool)
+                first[:, 0] = end - args.er_window == 0
+                window["first"] = first
+                out = wm.infer(window, state, args.er_iters, history=True)
+                curves.append(out["recon_history"].mean(0) / args.er_window)
+            curve = torch.stack(curves).mean(0)
+            res["er"] = {"one_step_rmse_er": err_er, "one_step_rmse_prior": err_prior,
+                         "window_recon_iter0": curve[0].item(), "window_recon_final": curve[-1].item(),
+                         "curve": curve.tolist(), "seconds_per_step": er_seconds / (20 * 29) * 20,
+                         "per_t_er": (pred_er - test[:, 1:]).square().mean((0, 2)).sqrt().tolist(),
+                         "per_t_prior": (pred_prior - test[:, 1:]).square().mean((0, 2)).sqrt().tolist()}
+            # other ER windows (W = 30 keeps the whole path, A_1 included, in the window)
+            res["er_by_window"] = {}
+            for window_len in args.er_windows_extra:
+                cfg_w = PVRNNAgent.make_config("paper", **{**config.__dict__, "er_window": window_len})
+                pred_w = run_policy_on_sequence(PVRNNPolicy(wm, cfg_w, 2).eval(), test)["pred"]
+                res["er_by_window"][window_len] = {
+                    "one_step_rmse_er": (pred_w - test[:, 1:]).square().mean().sqrt().item(),
+                    "per_t_er": (pred_w - test[:, 1:]).square().mean((0, 2)).sqrt().tolist()}
+        t5_all = [r["glean"] for r in res["table5_seeds"].values()]
+        res["table5"] = {k: float(np.mean([r[k] for r in t5_all])) for k in ("rmse", "kld", "goal_deviation")}
+        res["table5"]["rmse_std_over_seeds"] = float(np.std([r["rmse"] for r in t5_all]))
         results[level] = res
         log(f"A/{level}: T3 {res['table3_left_right']} T4 {res['table4_left_right']} T5 {res['table5']} "
-            f"KL {res['kl_layers']} ER {res['er']['one_step_rmse_er']:.4f} vs prior {err_prior:.4f}")
+            f"KL {res['kl_layers']} ER {res['er']['one_step_rmse_er']:.4f} vs prior "
+            f"{res['er']['one_step_rmse_prior']:.4f}")
     plot_setting_a(results, train, test, fig_dir)
     return results
 
@@ -218,7 +301,7 @@ def plot_setting_a(results: dict, train: torch.Tensor, test: torch.Tensor, fig_d
 
     levels = list(results)
     fig, axes = plt.subplots(1, len(levels) + 1, figsize=(4 * (len(levels) + 1), 4))
-    for p in train[:20]:
+    for p in train[::3]:  # every third: GLean's files list the left paths first
         axes[0].plot(p[:, 0], p[:, 1], color="grey", alpha=0.6)
     axes[0].set_title("training paths (20 of 60)")
     for ax, level in zip(axes[1:], levels, strict=True):
@@ -251,7 +334,7 @@ def plot_setting_a(results: dict, train: torch.Tensor, test: torch.Tensor, fig_d
     for lv in levels:
         ax.plot(results[lv]["er"]["curve"], label=lv)
     ax.set_xlabel("ER iteration")
-    ax.set_ylabel("window reconstruction (sq. error / dim / step)")
+    ax.set_ylabel("window reconstruction term / step\n(recon_weight x sq. error / dim)")
     ax.set_yscale("log")
     ax.legend()
     fig.tight_layout()
@@ -281,15 +364,21 @@ def report_a(results: dict) -> list[str]:
         lines.append(f"| {lv} | {r['meta_prior']} | {t3[0]:.1f} / {t3[1]:.1f} | {PUBLISHED_T3[lv][0]} / "
                      f"{PUBLISHED_T3[lv][1]} | {t4[0]:.1f} / {t4[1]:.1f} | {PUBLISHED_T4[lv][0]} / "
                      f"{PUBLISHED_T4[lv][1]} | {r['train_rmse']:.4f} | {r['train_seconds']:.0f} |")
-    lines += ["", "Table 5 (plans for 20 untrained test paths, start + goal given):", "",
-              "| meta-prior | KLD (ours) | RMSE (ours) | goal deviation (ours) | branch follows goal | "
-              "published KLD / RMSE / goal dev. |", "|---|---|---|---|---|---|"]
+    lines += ["", "Table 5 (plans for the 20 untrained test paths, start + goal given). `glean`: GLean's protocol "
+              "(z sampled in every pass, accuracy reweighted x T/3, mean over runs); `mean`: posterior means, one run:",
+              "", "| meta-prior | seed | RMSE glean (runs) | KLD glean | goal dev. glean | branch follows goal | "
+              "RMSE mean | KLD mean | published KLD / RMSE / goal dev. |", "|---|---|---|---|---|---|---|---|---|"]
     for lv, r in results.items():
-        t5 = r["table5"]
         p = PUBLISHED_T5[lv]
-        lines.append(f"| {lv} | {t5['kld']:.3g} | {t5['rmse']:.4f} ± {t5['rmse_std_over_runs']:.4f} | "
-                     f"{t5['goal_deviation']:.2e} | {100 * t5['plan_branch_follows_goal']:.0f}% | "
-                     f"{p[0]} / {p[1]} / {p[2]:.1e} |")
+        for seed, t5 in r["table5_seeds"].items():
+            g, m = t5["glean"], t5["mean"]
+            runs = ", ".join(f"{x:.4f}" for x in g["rmse_runs"])
+            lines.append(f"| {lv} | {seed} | {g['rmse']:.4f} ({runs}) | {g['kld']:.3g} | {g['goal_deviation']:.2e} | "
+                         f"{100 * g['plan_branch_follows_goal']:.0f}% | {m['rmse']:.4f} | {m['kld']:.3g} | "
+                         f"{p[0]} / {p[1]} / {p[2]:.1e} |")
+        t5 = r["table5"]
+        lines.append(f"| **{lv}** | mean | **{t5['rmse']:.4f}** ± {t5['rmse_std_over_seeds']:.4f} (seeds) | "
+                     f"{t5['kld']:.3g} | {t5['goal_deviation']:.2e} | | | | |")
     lines += ["", "Per-layer KL (training, per step, divided by z) and error regression on the 20 held-out paths:", "",
               "| meta-prior | KL layer 0 | KL layer 1 | window recon iter 0 | after ER | one-step RMSE, ER | "
               "prior only |", "|---|---|---|---|---|---|---|"]
@@ -297,6 +386,14 @@ def report_a(results: dict) -> list[str]:
         e = r["er"]
         lines.append(f"| {lv} | {r['kl_layers'][0]:.4g} | {r['kl_layers'][1]:.4g} | {e['window_recon_iter0']:.2e} | "
                      f"{e['window_recon_final']:.2e} | {e['one_step_rmse_er']:.4f} | {e['one_step_rmse_prior']:.4f} |")
+    extra = sorted({w for r in results.values() for w in r.get("er_by_window", {})})
+    if extra:
+        lines += ["", "One-step-ahead RMSE with other ER windows (same iterations and rate):", "",
+                  "| meta-prior | " + " | ".join(f"ER, W = {w}" for w in extra) + " | prior only |",
+                  "|---|" + "---|" * (len(extra) + 1)]
+        for lv, r in results.items():
+            cells = [f"{r['er_by_window'][w]['one_step_rmse_er']:.4f}" for w in extra]
+            lines.append(f"| {lv} | " + " | ".join(cells) + f" | {r['er']['one_step_rmse_prior']:.4f} |")
     lines += ["", "![prior generations](bench_pv_rnn/prior_generations.png)",
               "![KL vs meta-prior](bench_pv_rnn/kl_vs_meta_prior.png)", "![ER curves](bench_pv_rnn/er_curves.png)",
               "![plans](bench_pv_rnn/plans_setting_a.png)", ""]
@@ -321,50 +418,69 @@ def primitive_targets(branch: str, steps: int, split: int, rng: np.random.Genera
     return np.concatenate([ease(np.asarray(HOME), via, split), ease(via, end, steps - split)])
 
 
-def reacher_env(seed: int):
-    from dm_control import suite
+def reacher_env(num_envs: int, seed: int, episode_length: int):
+    """``num_envs`` reacher-easy envs through :func:`latentrl.envs.make_env` (state + physics, stepped in this
+    process), each episode ``episode_length`` steps long."""
+    from latentrl.envs import make_env
 
-    return suite.load("reacher", "easy", task_kwargs={"random": seed})
-
-
-def reset_home(env, rng: np.random.Generator) -> np.ndarray:
-    env.reset()
-    with env.physics.reset_context():
-        env.physics.named.data.qpos[:] = np.asarray(HOME) + 0.03 * rng.standard_normal(2)
-        env.physics.named.data.qvel[:] = 0.0
-    return reacher_state(env)
+    env = make_env("reacher-easy", obs=("state", "physics"), num_envs=num_envs, num_workers=0, seed=seed,
+                   episode_length=episode_length)
+    if env.physics_dim != 4:
+        raise RuntimeError(f"expected reacher's physics state [qpos(2), qvel(2)], got {env.physics_dim} dims")
+    return env
 
 
-def reacher_state(env) -> np.ndarray:
-    """latentrl's flattened reacher ``state``: position (2), to_target (2), velocity (2)."""
-    obs = env.task.get_observation(env.physics)
-    return np.concatenate([obs["position"], obs["to_target"], obs["velocity"]]).astype(np.float32)
+def reset_home(env, rng: np.random.Generator) -> TensorDict:
+    """Reset every env, then put both joints at ``HOME`` (+ 0.03 rad noise) at rest through
+    ``env.set_physics_state``; returns the first step's TensorDict (``state``: position (2),
+    to_target (2), velocity (2))."""
+    td = env.reset()
+    physics = td["physics"].clone()
+    n = physics.shape[0]
+    physics[:, :2] = torch.tensor(HOME, dtype=physics.dtype) + 0.03 * torch.from_numpy(rng.standard_normal((n, 2)))
+    physics[:, 2:] = 0.0
+    td.update(env.set_physics_state(physics))
+    return td
 
 
-def run_fsm_episode(env, branch: str, steps: int, split: int, rng: np.random.Generator):
-    """One scripted episode: states ``[steps + 1, 6]``, actions ``[steps, 2]``."""
-    targets = primitive_targets(branch, steps, split, rng)
-    states, actions = [reset_home(env, rng)], []
+def run_episodes(env, act, steps: int, rng: np.random.Generator, buffer: ReplayBuffer | None = None) -> torch.Tensor:
+    """One episode of ``steps`` steps in every env of ``env`` from home: ``act(t, td) -> actions [N, 2]``;
+    every step goes into ``buffer`` (TorchRL step TensorDicts, as the trainer writes them). Returns the
+    states ``[N, steps + 1, 6]``."""
+    from torchrl.envs.utils import step_mdp
+
+    td = reset_home(env, rng)
+    states = [td["state"]]
     for t in range(steps):
-        q, qdot = states[-1][:2], states[-1][4:]
-        a = np.clip(KP * (targets[t] - q) - KD * qdot, -1, 1).astype(np.float32)
-        env.step(a)
-        actions.append(a)
-        states.append(reacher_state(env))
-    return np.stack(states), np.stack(actions)
+        td["action"] = act(t, td)
+        td = env.step(td)
+        if buffer is not None:
+            buffer.extend(td)
+        td = step_mdp(td)
+        states.append(td["state"])
+    return torch.stack(states, 1)
 
 
-def execute_policy(env, policy: PVRNNPolicy, steps: int, rng: np.random.Generator) -> np.ndarray:
-    """Run ``policy`` (batch 1) for ``steps`` steps from home; returns joint angles ``[steps + 1, 2]``."""
-    state = reset_home(env, rng)
-    carry, qs = policy.init_carry(1), [state[:2]]
-    for t in range(steps):
-        obs = TensorDict({"state": torch.from_numpy(state)[None]}, batch_size=[1])
-        action, carry = policy.step(obs, carry, torch.full((1,), t == 0))
-        env.step(action[0].numpy())
-        state = reacher_state(env)
-        qs.append(state[:2])
-    return np.stack(qs)
+def fsm_actor(branches: list[str], steps: int, split: int, rng: np.random.Generator):
+    """The scripted FSM for one episode per env: primitive A, then the env's branch, tracked by the PD."""
+    targets = torch.from_numpy(np.stack([primitive_targets(b, steps, split, rng) for b in branches])).float()
+
+    def act(t: int, td: TensorDict) -> torch.Tensor:
+        state = td["state"]
+        return pd_control(state[:, :2], targets[:, t], state[:, 4:], KP, KD)
+
+    return act
+
+
+def policy_actor(policy: PVRNNPolicy, num_envs: int):
+    """``policy`` (its carry kept across steps) as an actor for :func:`run_episodes`."""
+    box = {"carry": policy.init_carry(num_envs)}
+
+    def act(t: int, td: TensorDict) -> torch.Tensor:
+        action, box["carry"] = policy.step(td.select("state"), box["carry"], torch.full((num_envs,), t == 0))
+        return action
+
+    return act
 
 
 def step_latency(policy: PVRNNPolicy, states: torch.Tensor, repeats: int) -> dict:
@@ -383,17 +499,18 @@ def step_latency(policy: PVRNNPolicy, states: torch.Tensor, repeats: int) -> dic
 def setting_b(args, fig_dir: Path) -> dict:
     steps, split = args.steps_b, args.steps_b * 3 // 8
     rng = np.random.default_rng(args.seed)
-    env = reacher_env(args.seed)
     t0 = time.time()
     branches = ["B" if i % 2 == 0 else "C" for i in range(args.episodes_b)]
     rng.shuffle(branches)
-    states, actions = zip(*[run_fsm_episode(env, b, steps, split, rng) for b in branches], strict=True)
-    states, actions = torch.from_numpy(np.stack(states)), torch.from_numpy(np.stack(actions))
+    # the FSM's episodes, all envs at once through make_env, every step recorded into the shared buffer
+    env = reacher_env(args.episodes_b, args.seed, steps)
     buffer = ReplayBuffer(args.episodes_b * (steps + 2))
-    record_sequences(buffer, states, actions)
+    run_episodes(env, fsm_actor(branches, steps, split, rng), steps, rng, buffer)
+    env.close()
     batch = full_batch(buffer)
-    log(f"B: recorded {len(branches)} FSM episodes of {steps} steps into the buffer ({time.time() - t0:.0f}s); "
-        f"batch {list(batch.batch_size)}")
+    states = batch["state"]  # [episodes, steps + 1, 6]: every episode's rows, its last observation included
+    log(f"B: recorded {len(branches)} FSM episodes of {steps} steps into the buffer through make_env "
+        f"({time.time() - t0:.0f}s); batch {list(batch.batch_size)}")
     torch.manual_seed(args.seed)
     config = PVRNNAgent.make_config(
         "paper", model_dims=[0, 1], velocity_dims=[4, 5], kp=KP, kd=KD, meta_prior=[args.meta_prior_b] * 2,
@@ -419,21 +536,24 @@ def setting_b(args, fig_dir: Path) -> dict:
                                                         batch_size=[args.goals_b])),
                             generator=torch.Generator().manual_seed(args.seed))
     plan_s = time.time() - t0
-    executed, planned = [], task.z
-    for i in range(args.goals_b):
-        policy = agent.policy(Task(z=planned[i:i + 1], info={"kind": "plan"}))
-        executed.append(execute_policy(env, policy, steps + args.settle_b, rng))
-    executed = np.stack(executed)
-    final = torch.from_numpy(executed[:, -1])
+    planned = task.z
+    # every goal's plan executed at once (one env per goal) through make_env; the steps go to a buffer
+    env = reacher_env(args.goals_b, args.seed + 1, steps + args.settle_b)
+    eval_buffer = ReplayBuffer(args.goals_b * (steps + args.settle_b + 2))
+    policy = agent.policy(Task(z=planned, info={"kind": "plan"}))
+    run_episodes(env, policy_actor(policy, args.goals_b), steps + args.settle_b, rng, eval_buffer)
+    env.close()
+    executed = full_batch(eval_buffer)["state"][:, :, :2]  # [goals, steps + settle + 1, 2], goal order
+    final = executed[:, -1]
     dist = (final - goals).norm(dim=-1)
     took_b = (final - ends["B"]).norm(dim=-1) < (final - ends["C"]).norm(dim=-1)
     follows = (took_b == torch.tensor([s == "B" for s in sides])).float().mean().item()
     # random-primitive baseline: the FSM's own coin flip, same PD controller
-    base_final = []
-    for _ in range(args.goals_b):
-        branch = "B" if rng.random() < 0.5 else "C"
-        base_final.append(run_fsm_episode(env, branch, steps, split, rng)[0][-1, :2])
-    base_dist = (torch.from_numpy(np.stack(base_final)) - goals).norm(dim=-1)
+    env = reacher_env(args.goals_b, args.seed + 2, steps)
+    coin = ["B" if rng.random() < 0.5 else "C" for _ in range(args.goals_b)]
+    base_final = run_episodes(env, fsm_actor(coin, steps, split, rng), steps, rng)[:, -1, :2]
+    env.close()
+    base_dist = (base_final - goals).norm(dim=-1)
     # step latency at batch 1 (ER window x iterations of the presets), on the trained model
     latency = {}
     for name in ("paper", "small"):
@@ -444,7 +564,9 @@ def setting_b(args, fig_dir: Path) -> dict:
         latency[name] = {"er_window": cfg.er_window, "er_iters": cfg.er_iters,
                          **step_latency(pol, states[0], args.latency_steps)}
     # one-step prediction on held-out FSM episodes: ER vs prior-only
-    held = torch.from_numpy(np.stack([run_fsm_episode(env, b, steps, split, rng)[0] for b in ("B", "C", "B", "C")]))
+    env = reacher_env(4, args.seed + 3, steps)
+    held = run_episodes(env, fsm_actor(["B", "C", "B", "C"], steps, split, rng), steps, rng)
+    env.close()
     er_pol = PVRNNPolicy(agent.world_model, config, 2)
     prior_pol = PVRNNPolicy(agent.world_model, PVRNNAgent.make_config("paper", **{**config.__dict__, "er_iters": 0}), 2)
     q = held[:, :, :2]
@@ -499,10 +621,13 @@ def report_b(r: dict) -> list[str]:
     return [
         "## Setting B: dm_control reacher, scripted probabilistic FSM of motion primitives", "",
         f"{r['episodes']} FSM episodes of {r['steps']} steps (primitive A home -> via, then B or C, p = 0.5; PD "
-        f"kp {KP}, kd {KD}) recorded into a `ReplayBuffer`; PV-RNN 40/4/2 + 20/2/8 on the two joint angles, "
+        f"kp {KP}, kd {KD}), one env each of `make_env('reacher-easy')` with the joints put at home by "
+        "`set_physics_state`, recorded step by step into a `ReplayBuffer` and trained on its stacked episodes; "
+        "PV-RNN 40/4/2 + 20/2/8 on the two joint angles, "
         f"meta-prior {r['meta_prior']}, trained full batch for {r['history'][-1]['epoch'] + 1} epochs "
         f"({r['train_seconds']:.0f} s; final train RMSE {r['train_rmse']:.4f} rad). GLean plans "
-        f"({r['plan_seconds']:.0f} s for all goals) executed in the simulator through `PVRNNPolicy` (plan -> PD) "
+        f"({r['plan_seconds']:.0f} s for all goals) executed through `PVRNNPolicy` (plan -> PD) in `make_env` "
+        "(one env per goal, the steps recorded into a second buffer, the final states read from it) "
         f"for the plan's {r['steps']} steps plus {r['settle']} steps holding its last point (the PD lags the plan; "
         "the FSM baseline runs its primitives for the same 40 steps the data was recorded with).", "",
         f"Goal areas (mean recorded end of each primitive): {r['goal_areas']}; goals drawn around them (std 0.05 "
@@ -531,10 +656,20 @@ def main(argv=None) -> int:
     parser.add_argument("--levels", nargs="+", choices=list(META_PRIORS), default=list(META_PRIORS),
                         help="Setting A meta-prior levels to run")
     parser.add_argument("--lr-a", type=float, default=5e-3)
+    parser.add_argument("--recon-weight", type=float, default=10.0,
+                        help="Setting A: reconstruction weight against the KL (10: GLean's softmax-code balance)")
+    parser.add_argument("--glean-data", type=Path, default=None,
+                        help="Setting A: GLean's data/branching_path folder (oist-cnru/GLean), not synthesised paths")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="Setting A training seeds (Table 5 per seed; the other tables from the first)")
+    parser.add_argument("--model-dir", type=Path, default=None,
+                        help="Setting A: save trained agents here, and load them instead of training when present")
     parser.add_argument("--plan-iters", type=int, default=300)
     parser.add_argument("--plan-runs", type=int, default=2)
     parser.add_argument("--er-window", type=int, default=10)
     parser.add_argument("--er-iters", type=int, default=50)
+    parser.add_argument("--er-windows-extra", type=int, nargs="*", default=[30],
+                        help="Setting A: further ER windows for the one-step prediction check")
     parser.add_argument("--episodes-b", type=int, default=48)
     parser.add_argument("--steps-b", type=int, default=40)
     parser.add_argument("--epochs-b", type=int, default=1500)

@@ -307,3 +307,122 @@ def test_policy_window_slides_and_advances_its_start_belief(trained):
         carry = new
     assert torch.equal(carry["x"][0], paths[0, 2:w + 2]) and bool(carry["valid"].all())
     assert carry["start_steps"].item() == 2 and carry["t"].item() == w + 2
+
+
+# ------------------------------------------------------------------------ GLean's balance and protocol
+
+
+def test_recon_weight_scales_only_the_accuracy():
+    """``recon_weight`` multiplies the reconstruction term (GLean's softmax-code balance) and nothing else."""
+    plain, weighted = model(), model(recon_weight=10.0)  # same seed: same weights
+    g = torch.Generator().manual_seed(3)
+    adaptive = 0.5 * torch.randn(3, 5, plain.adaptive_dim, generator=g)
+    x = torch.rand(3, 5, 2, generator=g)
+    first = torch.zeros(3, 5, dtype=torch.bool)
+    first[:, 0] = True
+    out = plain.rollout(plain.zero_state(3), adaptive, first, sample=False)
+    a, b = plain.free_energy(x, out, first), weighted.free_energy(x, out, first)
+    torch.testing.assert_close(b["recon"], 10.0 * a["recon"])
+    torch.testing.assert_close(b["kl"], a["kl"])
+    torch.testing.assert_close(b["loss"], 10.0 * a["recon"] + a["kl"])
+    with pytest.raises(ValueError, match="recon_weight"):
+        model(recon_weight=0.0)
+
+
+def test_glean_plan_protocol_reweights_the_accuracy_and_samples(trained):
+    """GLean's planning_auto_weight scales the start + goal accuracy by T x rec_weighting / 3, the KL not at
+    all; with ``sample`` every pass (and the returned plan) draws z, without it the plan is deterministic."""
+    agent, paths, _, _ = trained
+    wm = agent.world_model
+    goal, start = torch.tensor([[0.2, 0.8]]), paths[:1, 0]
+
+    def loss(**kw):
+        return wm.plan(goal, 12, start=start, candidates=1, iters=0, generator=torch.Generator().manual_seed(0),
+                       **kw)["loss"].item()
+
+    l0, l1, l2 = loss(), loss(rec_weighting=1.0), loss(rec_weighting=2.0)
+    # accuracy a, KL k: l0 = a + k, l1 = 4a + k, l2 = 8a + k (T = 12: weight 12 x r / 3)
+    assert l1 > l0 and abs((l2 - l1) / (l1 - l0) - 4.0 / 3.0) < 1e-3, (l0, l1, l2)
+
+    def plan(sample: bool, seed: int, iters: int) -> dict:  # one candidate: no selection among samples
+        torch.manual_seed(seed)
+        return wm.plan(goal, 12, start=start, candidates=1, iters=iters, generator=torch.Generator().manual_seed(0),
+                       sample=sample)
+
+    # the returned plan is a sample (iters = 0: only the final pass draws z) ...
+    assert torch.equal(plan(False, 1, 0)["x_hat"], plan(False, 2, 0)["x_hat"])
+    assert not torch.equal(plan(True, 1, 0)["x_hat"], plan(True, 2, 0)["x_hat"])
+    torch.testing.assert_close(plan(True, 1, 0)["x_hat"], plan(True, 1, 0)["x_hat"])
+    # ... and the iterations optimise the sampled free energy
+    assert torch.equal(plan(False, 1, 3)["adaptive"], plan(False, 2, 3)["adaptive"])
+    assert not torch.equal(plan(True, 1, 3)["adaptive"], plan(True, 2, 3)["adaptive"])
+
+
+# ------------------------------------------------------------------------------- Setting B's data path
+
+
+def test_setting_b_records_the_fsm_through_make_env_into_the_buffer():
+    """The benchmark's Setting B collects the scripted FSM through ``make_env`` (joints reset to home by
+    ``set_physics_state``) into a ``ReplayBuffer``: whole episodes, in env order, with the PD's torques."""
+    import importlib.util
+    from pathlib import Path
+
+    import numpy as np
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_pv_rnn", Path(__file__).resolve().parents[1] / "scripts" / "bench_pv_rnn.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    steps, rng = 6, np.random.default_rng(0)
+    env = bench.reacher_env(2, 0, steps)
+    buffer = ReplayBuffer(2 * (steps + 2))
+    try:
+        states = bench.run_episodes(env, bench.fsm_actor(["B", "C"], steps, 2, rng), steps, rng, buffer)
+    finally:
+        env.close()
+    batch = bench.full_batch(buffer)
+    assert batch.batch_size == (2, steps + 1) and bool(buffer.episodes()["complete"].all())
+    torch.testing.assert_close(batch["state"], states)
+    assert (states[:, 0, :2] - torch.tensor(bench.HOME)).abs().max() < 0.15  # started at home
+    assert (states[:, 0, 4:] == 0).all()  # at rest
+    table = buffer.episodes()
+    first = buffer.episode(int(table["id"][0]))
+    s = first["state"][:-1]
+    targets = torch.from_numpy(bench.primitive_targets("B", steps, 2, np.random.default_rng(0))).float()
+    assert first["action"][:-1].abs().max() <= 1.0 and (first["action"][:-1] != 0).any()
+    # the first action is the PD toward the first target (targets drawn from the same stream)
+    torch.testing.assert_close(first["action"][0], pd_control(s[0, :2], targets[0], s[0, 4:], bench.KP, bench.KD))
+
+
+# ------------------------------------------------------------------------ pixels through train_agent.py
+
+
+def test_train_agent_on_a_pixel_dataset_and_load_policy(tmp_path):
+    """``collect_dataset.py`` writes a small reacher dataset with frames; ``train_agent.py agent=pv_rnn
+    data=<it>`` with ``obs_type=pixels`` trains the autoencoder (then frozen) and the PV-RNN on its latents;
+    the model directory loads with ``load_policy`` and its policy acts on frames like the trained agent's."""
+    from latentrl import load_policy
+    from latentrl.training.checkpoint import load_agent
+    from latentrl.training.cli import collect_main, train_main
+
+    common = ["log.progress=false", "log.tensorboard=false", "eval.video=false", "env=reacher-easy",
+              "env.episode_length=12"]
+    data = tmp_path / "reacher-pixels"
+    collect_main(["preset=smoke", *common, "env.obs=[pixels,state,physics]", "steps=60", "learning_starts=24",
+                  f"out={data}", f"run_dir={tmp_path / 'collect'}"])
+    run = tmp_path / "run"
+    train_main(["agent=pv_rnn", "agent.preset=smoke", f"data={data}", *common, "env.obs=[pixels]", "eval.every=0",
+                "eval.at_end=false", "steps=8", "agent.obs_type=pixels", "agent.seq_len=6",
+                "agent.autoencoder_updates=4", f"run_dir={run}"])
+    agent, _ = load_agent(run / "checkpoints" / "latest.pt")
+    assert agent.config.obs_type == "pixels" and int(agent.autoencoder_steps) == 4  # trained, then frozen
+    assert bool((agent.adaptive_vectors.segment_ids >= 0).any())  # rows keyed by the dataset's segments
+    policy = load_policy(run / "model")
+    frames = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    obs = TensorDict({"pixels": frames}, batch_size=[2])
+    first = torch.ones(2, dtype=torch.bool)
+    a, carry = policy.step(obs, policy.init_carry(2), first)
+    b, ref = agent.policy().step(obs, agent.policy().init_carry(2), first)
+    assert a.shape == (2, 2) and a.abs().max() <= 1.0
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(carry["x"][:, -1], agent.world_model.features(frames))

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from latentrl.world_models.base import WorldModel
 from latentrl.world_models.encoders import read_key
+from latentrl.world_models.layers import data_parallel_group, data_parallel_world_size, gather_batch
 
 __all__ = ["AdaptiveVectors", "ConvAutoencoder", "PVRNNModel", "gaussian_kl_log_sigma"]
 
@@ -94,6 +95,11 @@ class PVRNNModel(WorldModel):
         model_dims: state indices the model predicts (``None``: all); pixels use the autoencoder latent.
         pixel_latent_dim: autoencoder latent size (pixels only).
         er_iters, er_lr: error-regression iterations and Adam rate of :meth:`observe` / :meth:`infer`.
+        recon_weight: weight of the reconstruction term against the KL (training, error regression and
+            planning alike). 1 is OT / pvrnn_sa's ``||x - x_hat||^2 / x_dim``. GLean's accuracy is the KL
+            between 10-bin softmax codes (kernel sigma 0.005 on [0, 1]), about 15-26 x ``delta^2`` per dim
+            for small errors, against a ``2 w KL / z`` prior term: the same meta-prior w means the same
+            balance as GLean's only with ``recon_weight`` ~= 10 on data in [0, 1].
     """
 
     capabilities = frozenset({"sequence", "infer"})
@@ -101,7 +107,7 @@ class PVRNNModel(WorldModel):
     def __init__(self, obs_key: str, obs_shape: Sequence[int], *, d_sizes: Sequence[int], z_sizes: Sequence[int],
                  taus: Sequence[float], meta_prior: Sequence[float], w1: Sequence[float],
                  model_dims: Sequence[int] | None = None, pixel_latent_dim: int = 16, autoencoder_depth: int = 16,
-                 er_iters: int = 10, er_lr: float = 0.09):
+                 er_iters: int = 10, er_lr: float = 0.09, recon_weight: float = 1.0):
         super().__init__()
         sizes = {len(d_sizes), len(z_sizes), len(taus), len(meta_prior), len(w1)}
         if len(sizes) != 1:
@@ -116,6 +122,9 @@ class PVRNNModel(WorldModel):
         self.register_buffer("meta_prior", torch.tensor([float(w) for w in meta_prior]))
         self.register_buffer("w1", torch.tensor([float(w) for w in w1]))
         self.er_iters, self.er_lr = int(er_iters), float(er_lr)
+        if recon_weight <= 0:
+            raise ValueError(f"recon_weight must be > 0, got {recon_weight}")
+        self.recon_weight = float(recon_weight)
         if obs_key == "pixels":
             self.autoencoder = ConvAutoencoder(self.obs_shape[-1], pixel_latent_dim, autoencoder_depth)
             self.register_buffer("model_dims", None)
@@ -236,7 +245,7 @@ class PVRNNModel(WorldModel):
 
     def free_energy(self, x: Tensor, out: dict[str, Tensor], first: Tensor, *, accuracy_mask: Tensor | None = None,
                     meta_prior: Tensor | None = None, w1: Tensor | None = None) -> dict[str, Tensor]:
-        """Per-row terms ``[B]``: ``recon = sum_t ||x - x_hat||^2 / x_dim`` over ``accuracy_mask``
+        """Per-row terms ``[B]``: ``recon = recon_weight sum_t ||x - x_hat||^2 / x_dim`` over ``accuracy_mask``
         ``[B, T]`` or ``[B, T, x_dim]`` (default: every step), ``kl = sum_l sum_t w KL / z_l`` (``w1`` at
         first steps), and ``kl_layers`` ``[B, L]`` (unweighted, summed over t)."""
         w = self.meta_prior if meta_prior is None else meta_prior
@@ -245,7 +254,7 @@ class PVRNNModel(WorldModel):
         if accuracy_mask is not None:
             mask = accuracy_mask if accuracy_mask.dim() == 3 else accuracy_mask.unsqueeze(-1)
             err = err * mask
-        recon = err.sum((1, 2)) / self.x_dim
+        recon = self.recon_weight * err.sum((1, 2)) / self.x_dim
         weights = torch.where(first.unsqueeze(-1), w_first, w)  # [B, T, L]
         kl = (out["kl"] * weights).sum((1, 2))
         return {"recon": recon, "kl": kl, "loss": recon + kl, "kl_layers": out["kl"].sum(1)}
@@ -398,13 +407,20 @@ class PVRNNModel(WorldModel):
     # ---------------------------------------------------------------------------- GLean planning
     def plan(self, goal: Tensor, horizon: int, *, start: Tensor | None = None, goal_mask: Tensor | None = None,
              candidates: int = 8, iters: int = 500, lr: float = 0.05, generator: torch.Generator | None = None,
-             meta_prior: Tensor | None = None) -> dict[str, Tensor]:
+             meta_prior: Tensor | None = None, sample: bool = False, rec_weighting: float = 0.0) -> dict[str, Tensor]:
         """GLean planning (spec §6, GL eq. 12): for each goal ``[N, x_dim]`` optimise ``candidates``
         adaptive-vector sequences ``[horizon, A]`` from zero (plus a little noise so the candidates
         differ) with accuracy only on the goal at the last step (``goal_mask`` ``[x_dim]`` or
         ``[N, x_dim]`` hides dims) and, if given, on the start observation ``[N, x_dim]`` at step 1;
         keep the candidate with the lowest free energy. Returns ``x_hat`` ``[N, horizon, x_dim]`` (the
-        plan, posterior means), ``adaptive`` ``[N, horizon, A]``, ``loss`` / ``goal_error`` ``[N]``."""
+        plan), ``adaptive`` ``[N, horizon, A]``, ``loss`` / ``goal_error`` ``[N]``.
+
+        ``sample``: GLean's protocol, where every forward pass samples ``z = mu + sigma eps`` (plan.py
+        through ops.calculate_z_posterior): the iterations optimise the reparameterised free energy and
+        the returned plan is one sample (else: posterior means throughout, the deterministic plan the
+        agent tracks). ``rec_weighting``: GLean's ``planning_auto_weight`` (model.py; default 1 there):
+        > 0 multiplies the accuracy by ``horizon * rec_weighting / (1 + [start given] + 1)``, as if
+        every step were observed (0: no reweighting)."""
         n = goal.shape[0]
         k = int(candidates)
         device = self.output.weight.device
@@ -416,6 +432,8 @@ class PVRNNModel(WorldModel):
         if start is not None:
             mask[:, 0] = 1.0
             target[:, 0] = start.to(device).float().repeat_interleave(k, 0)
+        if rec_weighting > 0:  # GLean: error_weight = T * rec_weighting / (1 + init_depth + 1)
+            mask = mask * (horizon * rec_weighting / (2.0 + (start is not None)))
         first = torch.zeros(n * k, horizon, dtype=torch.bool, device=device)
         first[:, 0] = True
         noise = torch.randn(n * k, horizon, self.adaptive_dim, generator=generator).to(device)
@@ -431,14 +449,14 @@ class PVRNNModel(WorldModel):
                 optimizer = torch.optim.Adam([adaptive], lr=lr, eps=lr / 10.0)
                 zero = self.zero_state(n * k)
                 for _ in range(int(iters)):
-                    out = self.rollout(zero, adaptive, first, sample=False)
+                    out = self.rollout(zero, adaptive, first, sample=sample)
                     terms = self.free_energy(target, out, first, accuracy_mask=mask, meta_prior=meta_prior)
                     optimizer.zero_grad(set_to_none=True)
                     terms["loss"].sum().backward()
                     optimizer.step()
             with torch.no_grad():
                 adaptive = adaptive.detach()
-                out = self.rollout(zero, adaptive, first, sample=False)
+                out = self.rollout(zero, adaptive, first, sample=sample)
                 terms = self.free_energy(target, out, first, accuracy_mask=mask, meta_prior=meta_prior)
         finally:
             for p, flag in zip(params, saved, strict=True):
@@ -446,7 +464,8 @@ class PVRNNModel(WorldModel):
         loss = terms["loss"].reshape(n, k)
         best = loss.argmin(dim=1)
         rows = torch.arange(n, device=device) * k + best
-        goal_err = ((out["x_hat"][:, -1] - target[:, -1]).square() * mask[:, -1]).sum(-1) / mask[:, -1].sum(
+        goal_mask = (mask[:, -1] > 0).float()
+        goal_err = ((out["x_hat"][:, -1] - target[:, -1]).square() * goal_mask).sum(-1) / goal_mask.sum(
             -1).clamp_min(1)
         return {"x_hat": out["x_hat"][rows], "adaptive": adaptive[rows], "loss": loss.gather(1, best[:, None])[:, 0],
                 "goal_error": goal_err[rows], "kl_layers": terms["kl_layers"][rows]}
@@ -463,6 +482,13 @@ class AdaptiveVectors(nn.Module):
     is recycled (its vectors and moments zeroed), the segments a FIFO replay buffer drops first.
     Updates are per entry (:meth:`adam_step`): only the (row, step) entries of the batch move, so
     rows of different segments never share a gradient or an optimiser moment.
+
+    Data-parallel training (``latentrl.training.distributed``, in training mode): the store is the global
+    batch's on every rank. :meth:`rows` assigns rows for every rank's segment ids (gathered in rank order, so
+    the assignment and recycling are those of one process on the global batch), and :meth:`adam_step` steps
+    every entry of the global batch with its gradient averaged over the ranks, as the optimizers average the
+    weights'. The store stays identical on all ranks without any gradient averaging of ``values`` (it is in no
+    optimizer). Segment ids must then name the same segment on every rank (offline: the dataset's episode ids).
     """
 
     def __init__(self, capacity: int, max_steps: int, dim: int):
@@ -474,31 +500,40 @@ class AdaptiveVectors(nn.Module):
         self.register_buffer("exp_avg_sq", torch.zeros(self.capacity, self.max_steps, self.dim))
         self.register_buffer("updates", torch.zeros(self.capacity, self.max_steps, dtype=torch.int64))
 
+    def _data_parallel(self) -> bool:
+        return self.training and data_parallel_group() is not None
+
     def rows(self, segment_ids: Tensor, *, create: bool = True) -> Tensor:
-        """Row index ``[B]`` of each segment id ``[B]``; new ids take free (or recycled) rows."""
-        ids = segment_ids.reshape(-1).to(self.segment_ids.device)
-        for sid in torch.unique(ids).tolist():
-            if bool((self.segment_ids == sid).any()):
-                continue
-            if not create:
-                raise KeyError(f"segment {sid} has no adaptive vectors (it was not trained on)")
-            free = (self.segment_ids < 0).nonzero().flatten()
-            if len(free):
-                row = int(free[0])
-            else:
+        """Row index ``[B]`` of each segment id ``[B]``; new ids take free (or recycled) rows, smallest id
+        first. ``create=False`` only looks up (a ``KeyError`` names an id without a row).
+
+        Under data-parallel training (``create`` in training mode) this is a collective: the rows are
+        assigned for the global batch's ids and this rank's rows are returned."""
+        local = segment_ids.reshape(-1).to(self.segment_ids.device)
+        ids = gather_batch(local) if create and self._data_parallel() else local
+        # The key -> row map is an allocation whose size depends on the data (how many ids are new, which rows
+        # are free): it is decided on the host, with one sync per update (two when a batch brings new ids).
+        unique = torch.unique(ids)
+        new = unique[~torch.isin(unique, self.segment_ids)].tolist()
+        if new and not create:
+            raise KeyError(f"segment {new[0]} has no adaptive vectors (it was not trained on)")
+        if new:
+            free = (self.segment_ids < 0).nonzero().flatten()[:len(new)]
+            if len(free) < len(new):  # recycle the oldest segments' rows, never a row of this batch
                 held = self.segment_ids.clone()
-                held[torch.isin(held, ids)] = torch.iinfo(torch.int64).max  # never evict a row of this batch
-                row = int(held.argmin())
-                if int(held[row]) == torch.iinfo(torch.int64).max:
+                held[torch.isin(held, ids) | (held < 0)] = torch.iinfo(torch.int64).max
+                oldest = held.argsort()[:len(new) - len(free)]
+                if len(oldest) < len(new) - len(free) or bool((held[oldest] == torch.iinfo(torch.int64).max).any()):
                     raise ValueError(f"a batch holds more than {self.capacity} segments; raise the agent's "
                                      "num_sequences")
-            self.segment_ids[row] = sid
+                free = torch.cat([free, oldest])
+            self.segment_ids[free] = torch.tensor(new, dtype=torch.int64, device=free.device)
             with torch.no_grad():
-                self.values[row].zero_()
-            self.exp_avg[row].zero_()
-            self.exp_avg_sq[row].zero_()
-            self.updates[row].zero_()
-        match = self.segment_ids.unsqueeze(0) == ids.unsqueeze(1)  # [B, capacity]
+                self.values[free] = 0.0
+            self.exp_avg[free] = 0.0
+            self.exp_avg_sq[free] = 0.0
+            self.updates[free] = 0
+        match = self.segment_ids.unsqueeze(0) == local.unsqueeze(1)  # [B, capacity]
         return match.float().argmax(dim=1)
 
     def gather(self, rows: Tensor, steps: Tensor) -> Tensor:
@@ -511,13 +546,24 @@ class AdaptiveVectors(nn.Module):
     @torch.no_grad()
     def adam_step(self, rows: Tensor, steps: Tensor, lr: float, betas: tuple[float, float] = (0.9, 0.999),
                   eps: float = 1e-8) -> None:
-        """Adam on the entries ``(rows, steps)`` only (with per-entry bias correction), from ``values.grad``."""
+        """Adam on the entries ``(rows, steps)`` only (with per-entry bias correction), from ``values.grad``.
+
+        Under data-parallel training (in training mode) this is a collective: every rank's entries and their
+        gradients are gathered, an entry's gradient is the sum of the ranks' divided by the world size (the
+        weights' averaging: a loss summed over rows is scaled by the world size on each rank, see
+        ``world_models.layers.data_parallel_world_size``), and every rank steps every entry of the global batch."""
         grad = self.values.grad
         if grad is None:
             return
         r = rows.reshape(-1, 1).expand_as(steps).reshape(-1)
         s = steps.reshape(-1)
         flat = r * self.max_steps + s
+        if self._data_parallel():
+            # ``grad[entry]`` holds the entry's gradient summed over this rank's rows: send each entry once
+            g = grad[r, s] * _first_occurrence(flat).unsqueeze(-1).to(grad.dtype)
+            flat, g = gather_batch(flat), gather_batch(g)
+            grad = torch.zeros_like(grad)
+            grad.view(-1, self.dim).index_add_(0, flat, g).div_(data_parallel_world_size())
         flat = torch.unique(flat)
         r, s = flat // self.max_steps, flat % self.max_steps
         g = grad[r, s]
@@ -530,3 +576,11 @@ class AdaptiveVectors(nn.Module):
         v_hat = v / (1 - betas[1] ** count)
         self.values[r, s] -= lr * m_hat / (v_hat.sqrt() + eps)
         self.values.grad = None
+
+
+def _first_occurrence(keys: Tensor) -> Tensor:
+    """Bool ``[N]``: whether each of ``keys`` ``[N]`` is the first of its value (fixed shape, no host sync)."""
+    ordered, order = keys.sort(stable=True)
+    first = torch.ones_like(keys, dtype=torch.bool)
+    first[1:] = ordered[1:] != ordered[:-1]
+    return torch.empty_like(first).scatter_(0, order, first)
