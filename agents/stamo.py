@@ -52,7 +52,7 @@ from latentrl.agents.base import (
     resolve_device,
     scalar_metrics,
 )
-from latentrl.world_models.layers import RunningMeanStd, make_adam, mlp
+from latentrl.world_models.layers import RunningMeanStd, gather_batch, make_adam, mlp
 from latentrl.world_models.stamo import StaMoModel
 
 __all__ = ["PRESETS", "GoalBCNet", "LatentActionProbe", "StaMoAgent", "StaMoBCPolicy", "StaMoCollectPolicy",
@@ -183,13 +183,21 @@ class LatentActionProbe(nn.Module):
         self.register_buffer("seen", torch.zeros((), dtype=torch.int64))
 
     @torch.no_grad()
-    def observe(self, delta: Tensor) -> None:
-        """Fold a batch of training differences into the running statistics."""
+    def observe(self, delta: Tensor, mask: Tensor | None = None) -> None:
+        """Fold a batch of training differences ``[B, N, D]`` into the running statistics; ``mask`` ``[B]``
+        (bool): only those rows, with fixed shapes (no host sync; no row: nothing changes).
+
+        Under data-parallel training (in training mode) the batch is every rank's rows together
+        (``gather_batch``), so ``stats`` and ``delta_norm`` stay identical on all ranks and equal one process's."""
         flat = delta.flatten(1)
-        self.stats.update(flat)
-        n = flat.shape[0]
-        total = self.seen + n
-        self.delta_norm.mul_(self.seen / total).add_(flat.norm(dim=-1).sum() / total)
+        self.stats.update(flat, mask=mask)
+        weight = flat.new_ones(flat.shape[0]) if mask is None else mask.reshape(-1).to(flat.dtype)
+        norms = torch.stack([flat.norm(dim=-1) * weight, weight], dim=1)  # [B, 2]: one gather for both
+        if self.training:
+            norms = gather_batch(norms)
+        total = self.seen + norms[:, 1].sum().to(self.seen.dtype)
+        denominator = total.clamp_min(1)  # 0 only before any row was seen
+        self.delta_norm.mul_(self.seen / denominator).add_(norms[:, 0].sum() / denominator)
         self.seen.copy_(total)
 
     def forward(self, delta: Tensor) -> Tensor:
@@ -380,16 +388,28 @@ class StaMoAgent(Agent):
             action = action.to(self.device).float()
         return obs.to(self.device), target.to(self.device), action, labelled.to(self.device)
 
-    def probe_loss(self, k: int, batch: TensorDict, *, observe: bool = True) -> Tensor | None:
-        """MSE of probe ``k`` on the labelled rows of a batch (see :meth:`pair`; ``None`` when it has none)."""
+    def probe_loss(self, k: int, batch: TensorDict, *, observe: bool = True, delta: Tensor | None = None) -> Tensor:
+        """MSE of probe ``k`` on the labelled rows of a batch (see :meth:`pair`): a masked mean over all rows,
+        ``0`` (with a zero gradient) when none is labelled. ``delta``: the rows' latent actions, when known.
+
+        Fixed shapes (no host sync), so every data-parallel rank steps the probes whatever its rows. Under
+        data-parallel training (in training mode) the mean is over the global batch's labelled rows (each
+        rank's squared errors and labels gathered, the gradient flowing back to its own rows) and ``observe``
+        folds the global batch: the single-process loss, statistics and (averaged) gradient."""
         obs, target, action, labelled = self.pair(batch, k)
-        if action is None or not bool(labelled.any()):
-            return None
-        delta = self.latent_action(obs[labelled], target[labelled])
+        if action is None:  # a batch without an action column: nothing is labelled
+            action = torch.zeros(obs.shape[0], k, self.action_dim, device=self.device)
+            labelled = torch.zeros_like(labelled, dtype=torch.bool)
+        delta = self.latent_action(obs, target) if delta is None else delta
         probe = self.probes[str(k)]
         if observe:
-            probe.observe(delta)
-        return (probe(delta) - action[labelled]).square().mean()
+            probe.observe(delta, labelled)
+        weight = labelled.reshape(-1).to(action.dtype)
+        err = (probe(delta) - action).square().flatten(1).sum(1) * weight  # [B]
+        both = torch.stack([err, weight], dim=1)
+        if self.training:
+            both = gather_batch(both, grad=True)
+        return both[:, 0].sum() / (both[:, 1].sum() * (k * self.action_dim)).clamp_min(1)
 
     @torch.no_grad()
     def pseudo_actions(self, k: int, delta: Tensor) -> Tensor:
@@ -397,15 +417,16 @@ class StaMoAgent(Agent):
         delta = delta.reshape(delta.shape[0], self.config.num_tokens, self.config.token_dim).to(self.device)
         return self.probes[str(k)](delta).clamp(-1.0, 1.0)
 
-    def cotrain_loss(self, batch: TensorDict, k: int | None = None) -> Tensor:
+    def cotrain_loss(self, batch: TensorDict, k: int | None = None, *, delta: Tensor | None = None) -> Tensor:
         """BC loss of ``pi(o_t, o_{t+k}) -> a_t`` (see :meth:`pair`): recorded actions where labelled, the
-        probe's pseudo-actions ``probe_k(E(o_{t+k}) - E(o_t))[0]`` elsewhere."""
+        probe's pseudo-actions ``probe_k(E(o_{t+k}) - E(o_t))[0]`` elsewhere (computed for every row and
+        selected: fixed shapes, no host sync). ``delta``: the rows' latent actions, when known."""
         k = self.config.cotrain_offset if k is None else int(k)
         obs, target, action, labelled = self.pair(batch, k)
         label = action[:, 0] if action is not None else torch.zeros(obs.shape[0], self.action_dim, device=self.device)
-        if not bool(labelled.all()):
-            pseudo = self.pseudo_actions(k, self.latent_action(obs, target))[:, 0]
-            label = torch.where(labelled.reshape(-1, 1), label, pseudo)
+        delta = self.latent_action(obs, target) if delta is None else delta
+        pseudo = self.pseudo_actions(k, delta)[:, 0]
+        label = torch.where(labelled.reshape(-1, 1), label, pseudo)
         return (self.bc(obs, target) - label).square().mean()
 
     @torch.no_grad()
@@ -488,18 +509,20 @@ class StaMoAgent(Agent):
         out["loss"].backward()
         self._optimizer.step()
         metrics = {k: v for k, v in out.items() if k != "loss"}
+        # The latent actions of every row, once per offset (the encoder is not trained by the probes or BC).
+        deltas = {k: self.latent_action(*self.pair(batch, k)[:2]) for k in cfg.probe_offsets}
         probe_losses = []
         for k in cfg.probe_offsets:
-            loss = self.probe_loss(k, batch)
-            if loss is not None:
-                probe_losses.append(loss)
-                metrics[f"probe_mse_{k}"] = loss.detach()
-        if probe_losses:
-            self._probe_optimizer.zero_grad(set_to_none=True)
-            torch.stack(probe_losses).sum().backward()
-            self._probe_optimizer.step()
+            loss = self.probe_loss(k, batch, delta=deltas[k])
+            probe_losses.append(loss)
+            metrics[f"probe_mse_{k}"] = loss.detach()
+        # Always a step, so that every data-parallel rank steps. A global batch without labelled rows gives zero
+        # gradients: Adam then moves the probes by its momentum alone (the one difference from skipping the step).
+        self._probe_optimizer.zero_grad(set_to_none=True)
+        torch.stack(probe_losses).sum().backward()
+        self._probe_optimizer.step()
         if cfg.cotrain:
-            bc_loss = self.cotrain_loss(batch)
+            bc_loss = self.cotrain_loss(batch, delta=deltas[cfg.cotrain_offset])
             self._bc_optimizer.zero_grad(set_to_none=True)
             bc_loss.backward()
             self._bc_optimizer.step()

@@ -80,17 +80,10 @@ def test_policy_module_restarts_rows_marked_is_init():
         env.close()
 
 
-def test_multisync_workers_fill_the_buffer_and_receive_new_weights():
-    """Two collector processes: each batch holds both workers' envs as separate streams, and the workers act
-    with the learner's current weights (a zeroed actor's mean action is 0). On the CPU TorchRL keeps the policy's
-    weights in shared memory, so they arrive even without ``update_policy_weights_``, which copies them where
-    they are not shared (GPU, Ray)."""
-    agent = _metra()
-    policy = agent.policy(explore=False)
-    collector = make_collector("multisync", ENV, policy, ("physics",), workers=2, steps_per_batch=12,
-                               total_frames=2 * 2 * 12 * 2)
-    buffer = ReplayBuffer(1000)
-    actions = []
+def _two_batches_then_a_zeroed_actor(agent, collector) -> tuple[ReplayBuffer, list[float]]:
+    """Collect 2 batches of ``[2 workers x 2 envs, 12]`` into a buffer; after the first, zero the actor's head and
+    send the weights (``update_policy_weights_``). Returns the buffer and each batch's largest |action|."""
+    buffer, actions = ReplayBuffer(1000), []
     try:
         for i, batch in enumerate(collector):
             steps = replay_steps(batch)
@@ -102,12 +95,46 @@ def test_multisync_workers_fill_the_buffer_and_receive_new_weights():
                     for p in agent.actor.head.parameters():
                         p.zero_()
                 collector.update_policy_weights_()
+            if i == 1:
+                break
     finally:
         collector.shutdown()
+    return buffer, actions
+
+
+def test_multisync_workers_fill_the_buffer_and_receive_new_weights():
+    """Two collector processes: each batch holds both workers' envs as separate streams, and the workers act
+    with the learner's current weights (a zeroed actor's mean action is 0). On the CPU TorchRL keeps the policy's
+    weights in shared memory, so they arrive even without ``update_policy_weights_``, which copies them where
+    they are not shared (GPU, Ray)."""
+    agent = _metra()
+    collector = make_collector("multisync", ENV, agent.policy(explore=False), ("physics",), workers=2,
+                               steps_per_batch=12, total_frames=2 * 2 * 12 * 2)
+    buffer, actions = _two_batches_then_a_zeroed_actor(agent, collector)
     assert buffer.num_episodes == 8 and _skills_per_episode(buffer) == [1] * 8
     first = buffer.episode(0, keys=("physics",))["physics"][0]
     assert not all(torch.equal(first, buffer.episode(i, keys=("physics",))["physics"][0]) for i in range(1, 4))
     assert actions[0] > 0.01 and actions[1] == 0.0  # workers seeded apart; new weights reached both workers
+
+
+@pytest.mark.slow
+def test_ray_workers_fill_the_buffer_and_receive_new_weights():
+    """``collector.kind=ray`` on a local Ray instance (2 collector actors): separate streams per worker's envs, one
+    skill per episode, and after ``update_policy_weights_`` the actors act with the learner's weights (a zeroed
+    actor's mean action is 0), which Ray's actors do not share in memory (without the update they kept acting:
+    0.95). Ray is optional (``pip install "latentrl[ray]"``); the test is skipped without it."""
+    ray = pytest.importorskip("ray")
+    agent = _metra()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    try:
+        collector = make_collector("ray", ENV, agent.policy(explore=False), ("physics",), workers=2,
+                                   steps_per_batch=12)
+        collector.update_policy_weights_()
+        buffer, actions = _two_batches_then_a_zeroed_actor(agent, collector)
+    finally:
+        ray.shutdown()
+    assert buffer.num_episodes == 8 and _skills_per_episode(buffer) == [1] * 8
+    assert actions[0] > 0.01 and actions[1] == 0.0
 
 
 def test_unknown_collector_kind_is_refused():

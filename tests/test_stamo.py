@@ -14,6 +14,7 @@ from latentrl.agents import GoalObservation, RewardSamples, UnsupportedTaskError
 from latentrl.agents.model_files import save_model
 from latentrl.agents.stamo import StaMoAgent, StaMoCollectPolicy, StaMoGoalPolicy
 from latentrl.replay import ReplayBuffer
+from latentrl.world_models.layers import RunningMeanStd
 from latentrl.world_models.stamo import (
     StaMoModel,
     euler_sample,
@@ -241,8 +242,38 @@ def test_probe_learns_from_labelled_rows_only():
     delta = a.latent_action(obs[labelled], target[labelled])
     expected = (a.probes["2"](delta) - action[labelled]).square().mean()
     torch.testing.assert_close(loss, expected)
+    # the statistics folded the labelled rows only (a masked fold over all rows: fixed shapes)
+    probe = a.probes["2"]
+    loss = a.probe_loss(2, batch)
+    reference = RunningMeanStd((delta.flatten(1).shape[1],))
+    reference.update(delta.flatten(1))
+    torch.testing.assert_close(probe.stats.mean, reference.mean)
+    torch.testing.assert_close(probe.stats.var, reference.var)
+    torch.testing.assert_close(probe.delta_norm, delta.flatten(1).norm(dim=-1).mean())
+    assert int(probe.seen) == int(labelled.sum())
+    # a batch without labelled rows: a zero loss with zero gradients, and the statistics untouched
     video_only = batch[~batch["has_action"][:, :2].all(1)]
-    assert a.probe_loss(2, video_only) is None
+    stats = {k: v.clone() for k, v in probe.state_dict().items() if not k.startswith("net.")}
+    loss = a.probe_loss(2, video_only)
+    a.probes.zero_grad(set_to_none=True)
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and all(not param.grad.any() for param in probe.parameters())
+    assert all(torch.equal(v, stats[k]) for k, v in probe.state_dict().items() if k in stats)
+
+
+def test_masked_running_statistics_fold_the_marked_rows_only():
+    """RunningMeanStd.update(x, mask) (fixed shapes, as the probes fold labelled rows) equals folding x[mask];
+    one marked row updates the mean only, none changes nothing."""
+    g = torch.Generator().manual_seed(3)
+    masked, selected = RunningMeanStd((4,)), RunningMeanStd((4,))
+    for rows in ([0, 2, 3], [1], []):
+        x = 1.0 + 2.0 * torch.randn(6, 4, generator=g)
+        mask = torch.zeros(6, dtype=torch.bool)
+        mask[rows] = True
+        masked.update(x, mask=mask)
+        selected.update(x[mask])
+        for key in ("mean", "var", "count"):
+            torch.testing.assert_close(getattr(masked, key), getattr(selected, key))
 
 
 def test_cotraining_targets_are_actions_or_pseudo_actions():

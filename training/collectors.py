@@ -153,6 +153,8 @@ def make_collector(kind: str, env_kwargs: dict[str, Any], policy: Policy, obs_ke
                                   "trainer on the head node") from err
     from torchrl.collectors.distributed import RayCollector
 
+    # RayCollector stops at once with total_frames=-1 (it compares collected < total; the local collectors read -1
+    # as "no end"): the trainer decides when to stop, so give it no end of its own
     return RayCollector([env_fn(i) for i in range(workers)], module,
-                        frames_per_batch=num_envs * steps_per_batch * workers, total_frames=total_frames,
-                        num_collectors=workers, sync=True)
+                        frames_per_batch=num_envs * steps_per_batch * workers,
+                        total_frames=total_frames if total_frames > 0 else 2**62, num_collectors=workers, sync=True)

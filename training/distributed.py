@@ -31,10 +31,18 @@ What is not a plain gradient step stays identical across ranks by construction, 
 is a gradient step; running normalisers (METRA's ``ObservationNormalizer``, RND's statistics) fold the
 global batch (``world_models.layers.gather_batch``); terms that pair rows of a batch (TD-JEPA's and FB's
 orthonormality losses, FB's [B, B] successor-measure matrix, the ``z`` drawn from permuted rows' goals) are
-computed on the gathered global batch, with the gradient flowing back to each rank's rows.
+computed on the gathered global batch, with the gradient flowing back to each rank's rows. Means over a
+data-dependent subset of rows (StaMo's probes on action-labelled rows, active inference's transition KL on
+recorded actions, and the free-nats clamp of that mean) divide by the global count, and every rank steps every
+optimizer whatever its rows hold (masked losses, no branch on the data), so the averaging never waits for a
+rank that skipped a step. A loss that sums over rows (PV-RNN's) is scaled by the world size on each rank
+(``layers.data_parallel_world_size``), so the averaged gradient is that of the global sum. PV-RNN's adaptive
+vectors, per-segment parameters with their own per-entry Adam outside the optimizers, are the global batch's
+on every rank (``world_models.pv_rnn.AdaptiveVectors``): rows are assigned for the gathered segment ids, and
+each touched entry steps with its gradient gathered from every rank and averaged as the weights' are.
 :func:`check_consistent` compares every parameter and buffer across ranks at each checkpoint and stops the
-run, naming the tensor, if one drifted. Agents whose updates keep per-sequence state outside the optimizers
-or pair rows without that gathering (:data:`UNSUPPORTED`) are refused.
+run, naming the tensor, if one drifted. Agents whose updates would drift (:data:`UNSUPPORTED`, and online only
+:data:`UNSUPPORTED_ONLINE`) are refused.
 
 Random draws (exploration noise, target smoothing, augmentation, the ``z`` of each row) come from each
 rank's own RNG streams: a job's draws are not those of one process, only distributed alike. The equality
@@ -74,10 +82,11 @@ from torch import nn
 
 from latentrl.world_models.layers import set_data_parallel_group
 
-__all__ = ["DEFAULT_TIMEOUT_S", "RANK_SEED_STRIDE", "UNSUPPORTED", "DistContext", "GradientAverager",
-           "PeerFailedError", "RankDivergedError", "barrier", "broadcast_module", "check_consistent",
-           "check_supported", "current", "describe_peer_failure", "init_from_env", "is_collective_failure", "is_main",
-           "main_then_share", "mark_failed", "rank_state_path", "shard_spec", "shutdown"]
+__all__ = ["DEFAULT_TIMEOUT_S", "RANK_SEED_STRIDE", "UNSUPPORTED", "UNSUPPORTED_ONLINE", "DistContext",
+           "GradientAverager", "PeerFailedError", "RankDivergedError", "barrier", "broadcast_module",
+           "check_consistent", "check_supported", "current", "describe_peer_failure", "init_from_env",
+           "is_collective_failure", "is_main", "main_then_share", "mark_failed", "rank_state_path", "shard_spec",
+           "shutdown"]
 
 TIMEOUT_ENV = "LATENTRL_DIST_TIMEOUT"
 """Seconds any collective (gradient averaging, barrier, broadcast) waits for the other ranks."""
@@ -90,12 +99,13 @@ FAULT_ENV = "LATENTRL_FAULT_INJECT"
 ``k``-th gradient averaging. Used by ``tests/test_distributed.py`` to kill a rank mid-run."""
 RANK_SEED_STRIDE = 104_729
 """Rank ``r`` seeds its RNGs and its envs with ``seed + r * RANK_SEED_STRIDE``: distinct streams per rank."""
-UNSUPPORTED = {
-    "pv_rnn": "PV-RNN's adaptive vectors are per-segment parameters with their own per-entry Adam outside the "
-              "optimizers, which the gradient averaging does not reach",
-    "stamo": "StaMo's probe statistics (delta_norm) fold each rank's own rows",
-}
-"""Agents refused under data-parallel training, with the reason (their state would drift between ranks)."""
+UNSUPPORTED: dict[str, str] = {}
+"""Agents refused under data-parallel training, with the reason (their state would drift between ranks).
+None at present; pv_rnn and stamo left it once their updates folded the global batch (module docstring)."""
+UNSUPPORTED_ONLINE: dict[str, str] = {}
+"""Agents refused under data-parallel training of an online run (own envs and buffer per rank), with the reason.
+None at present: PV-RNN, whose adaptive vectors are keyed by episode ids, left it once each rank's buffer numbered
+its episodes ``rank, rank + W, ...`` (``ReplayBuffer.number_episodes``), so ids are unique across the job."""
 _STORE_PREFIX = "latentrl/"
 
 
@@ -368,13 +378,17 @@ def shard_spec(spec, world_size: int):
     return dataclasses.replace(spec, batch_size=spec.batch_size // world_size)
 
 
-def check_supported(agent_name: str) -> None:
-    """Refuse agents whose update would drift between ranks (:data:`UNSUPPORTED`)."""
+def check_supported(agent_name: str, *, online: bool = True) -> None:
+    """Refuse agents whose update would drift between ranks (:data:`UNSUPPORTED`; with ``online``, a run that
+    collects its own data, also :data:`UNSUPPORTED_ONLINE`)."""
     ctx = current()
-    if ctx is not None and agent_name in UNSUPPORTED:
-        raise ValueError(f"agent={agent_name} cannot train data-parallel yet ({ctx.world_size} processes): "
-                         f"{UNSUPPORTED[agent_name]}. Run it in one process (without torchrun, or "
-                         "--nproc_per_node 1)")
+    if ctx is None:
+        return
+    reason = UNSUPPORTED.get(agent_name) or (UNSUPPORTED_ONLINE.get(agent_name) if online else None)
+    if reason is not None:
+        run = "an online run " if agent_name not in UNSUPPORTED else ""
+        raise ValueError(f"agent={agent_name} cannot train {run}data-parallel yet ({ctx.world_size} processes): "
+                         f"{reason}. Run it in one process (without torchrun, or --nproc_per_node 1)")
 
 
 def rank_state_path(checkpoint: Path, rank: int, step: int) -> Path:

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from latentrl.world_models.base import WorldModel
 from latentrl.world_models.encoders import make_encoder, read_key
-from latentrl.world_models.layers import LOG_2PI, gaussian_fuse, gaussian_kl, gaussian_log_prob, mlp
+from latentrl.world_models.layers import LOG_2PI, gather_batch, gaussian_fuse, gaussian_kl, gaussian_log_prob, mlp
 
 __all__ = ["ActiveInferenceModel", "GaussianHead", "PixelDecoder", "ensemble_epistemic"]
 
@@ -272,8 +272,10 @@ class ActiveInferenceModel(WorldModel):
         mean, std, s = (v.reshape(b, t1, -1) for v in (mean, std, s))
         p_means, p_stds = self.transition_members(s[:, :-1].flatten(0, 1), action.flatten(0, 1))
         kl_members = gaussian_kl(mean[:, 1:].flatten(0, 1), std[:, 1:].flatten(0, 1), p_means, p_stds)  # [E, B*L]
-        weight = mask.flatten()
-        kl_transition = (kl_members.mean(0) * weight).sum() / weight.sum().clamp_min(1.0)
+        # The masked mean over the global batch under data-parallel training (every rank's rows gathered, the
+        # gradient flowing back to its own; the identity in one process): the free-nats clamp below acts on it.
+        kl_rows = gather_batch((kl_members.mean(0) * mask.flatten()).reshape(b, -1), grad=True)  # [B, L]
+        kl_transition = kl_rows.sum() / gather_batch(mask).sum().clamp_min(1.0)
         # Free nats (Dreamer): the batch-mean transition KL below ``free_nats`` costs nothing and gives no
         # gradient, so the posterior can carry that much information before the prior pulls on it.
         kl_term = kl_transition.clamp_min(self.free_nats) if self.free_nats > 0 else kl_transition

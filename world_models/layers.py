@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 __all__ = ["RunningMeanStd", "gaussian_entropy", "gaussian_fuse", "gaussian_kl", "gaussian_log_prob",
            "adam_implementation", "make_adam", "mlp", "soft_update_params", "weight_init", "xavier_init",
-           "data_parallel_group", "gather_batch", "local_rows", "set_data_parallel_group"]
+           "data_parallel_group", "data_parallel_world_size", "gather_batch", "local_rows", "set_data_parallel_group"]
 
 LOG_2PI = math.log(2.0 * math.pi)
 
@@ -153,6 +153,14 @@ def data_parallel_group():
     return group
 
 
+def data_parallel_world_size() -> int:
+    """Ranks of the declared data-parallel group (1 in a single process). A loss that *sums* over the batch's
+    rows is multiplied by it on each rank, so that the optimizers' gradient averaging (a mean over ranks) gives
+    the gradient of the sum over the global batch."""
+    group = data_parallel_group()
+    return 1 if group is None else torch.distributed.get_world_size(group)
+
+
 class _ContiguousGrad(torch.autograd.Function):
     """The identity, whose backward makes the incoming gradient contiguous. ``all_gather``'s backward hands
     each rank's slice of the gradient to gloo's all-to-all, which reads strided memory wrongly: a gathered
@@ -225,19 +233,30 @@ class RunningMeanStd(nn.Module):
         self.register_buffer("count", torch.tensor(epsilon, dtype=torch.float64))
 
     @torch.no_grad()
-    def update(self, x: Tensor) -> None:
-        """Fold in a batch ``[N, *shape]`` (N >= 2 for a variance; N = 1 updates the mean only).
+    def update(self, x: Tensor, mask: Tensor | None = None) -> None:
+        """Fold in a batch ``[N, *shape]`` (N >= 2 for a variance; N = 1 updates the mean only). ``mask``
+        ``[N]`` (bool) folds only the rows it marks, with fixed shapes (no host sync, and every data-parallel
+        rank keeps its N rows); a mask without rows changes nothing.
 
         Under data-parallel training (in training mode) the batch is every rank's shard together
         (:func:`gather_batch`), so the statistics stay identical on all ranks and equal one process's."""
         x = x.detach().reshape(-1, *self.mean.shape).to(self.mean.dtype)
+        if mask is not None:
+            mask = mask.detach().reshape(-1).to(x.dtype)
         if self.training:
             x = gather_batch(x)
-        n = x.shape[0]
-        if n == 0:
-            return
-        batch_mean = x.mean(dim=0)
-        batch_var = x.var(dim=0) if n > 1 else torch.zeros_like(batch_mean)
+            mask = None if mask is None else gather_batch(mask)
+        if mask is None:
+            n = x.shape[0]
+            if n == 0:
+                return
+            batch_mean = x.mean(dim=0)
+            batch_var = x.var(dim=0) if n > 1 else torch.zeros_like(batch_mean)
+        else:  # n is a tensor: with no row, new_share below is 0 and the statistics stay as they are
+            w = mask.reshape(-1, *[1] * self.mean.dim())
+            n = mask.sum().to(self.count.dtype)
+            batch_mean = (x * w).sum(dim=0) / n.clamp_min(1).to(x.dtype)
+            batch_var = ((x - batch_mean).square() * w).sum(dim=0) / (n - 1).clamp_min(1).to(x.dtype)
         total = self.count + n  # tensors throughout: no host sync on accelerators
         dtype = self.mean.dtype
         old_share, new_share = (self.count / total).to(dtype), (n / total).to(dtype)
