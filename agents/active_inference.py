@@ -55,7 +55,7 @@ from latentrl.agents.base import (
     scalar_metrics,
 )
 from latentrl.world_models.active_inference import ActiveInferenceModel
-from latentrl.world_models.layers import gaussian_kl, make_adam, mlp
+from latentrl.world_models.layers import gather_batch, gaussian_kl, make_adam, mlp
 
 __all__ = [
     "PRESETS",
@@ -547,15 +547,20 @@ class ActiveInferenceAgent(Agent):
         loss = out["loss"]
         reward_loss = torch.zeros((), device=self.device)
         if ("next", "reward") in batch.keys(True):
+            # the mean over the rows with a reward (NaN marks reward-free steps), masked rather than selected so
+            # that no host read decides anything; a batch without any reward gives the head a zero gradient.
+            # Data-parallel: over the global batch (gathered with gradient, as the transition KL), so the mean
+            # divides by every rank's count of rewarded rows.
             reward = batch["next", "reward"].float().reshape(-1)
             finite = torch.isfinite(reward)
-            if bool(finite.any()):
-                x_next = batch["next", self.obs_key]
-                with torch.no_grad():
-                    s = self.world_model.posterior(x_next.reshape(-1, *x_next.shape[batch.batch_dims:]))[0]
-                pred = self.reward_head(s).reshape(-1)
-                reward_loss = (pred[finite] - reward[finite]).square().mean()
-                loss = loss + reward_loss
+            x_next = batch["next", self.obs_key]
+            with torch.no_grad():
+                s = self.world_model.posterior(x_next.reshape(-1, *x_next.shape[batch.batch_dims:]))[0]
+            pred = self.reward_head(s).reshape(-1)
+            error = torch.where(finite, pred - torch.nan_to_num(reward), 0.0)
+            squared = gather_batch(error.square(), grad=True)
+            reward_loss = squared.sum() / gather_batch(finite).sum().clamp_min(1)
+            loss = loss + reward_loss
         self._optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self._optimizer.step()

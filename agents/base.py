@@ -140,6 +140,10 @@ class Policy(nn.Module):
     """
 
     uses_autograd: bool = False
+    sync_free: bool = False
+    """Set by the trainer's GPU loop (``collector.inline_steps`` > 1): restarting rows never reads ``is_first``
+    on the host. :meth:`start_episode` then draws rows for every env and keeps those of ``is_first``, which
+    changes the random stream (not the distribution) of policies that draw at episode start (METRA's skills)."""
 
     def __init__(self, obs_key: str | None, obs_shape: tuple[int, ...], action_dim: int, *,
                  frame_stack: int = 1, explore: bool = False):
@@ -244,6 +248,8 @@ class Policy(nn.Module):
         return obs.device if obs.device is not None else torch.device("cpu")
 
     def _restart_rows(self, carry: TensorDict, is_first: Tensor) -> TensorDict:
+        if self.sync_free:  # no host read of is_first: fresh rows for every env, kept where is_first
+            return self.start_episode(carry.batch_size[0]).where(is_first, carry)
         if not bool(is_first.any()):
             return carry
         fresh = self.start_episode(int(is_first.sum()))

@@ -109,12 +109,14 @@ def check_env_args(obs, floor: str, action_repeat: int, num_envs: int, image_siz
     return obs
 
 
-def check_action(action, shape: tuple[int, ...], spec: str = "env.action_spec.shape") -> torch.Tensor:
+def check_action(action, shape: tuple[int, ...], spec: str = "env.action_spec.shape", *,
+                 finite: bool = True) -> torch.Tensor:
     """The action to execute: float32 ``shape``, clipped to [-1, 1], on ``action``'s device.
 
     Raises on a wrong shape (naming the expected one) and on non-finite values (NaN, inf), naming the
     rows and the values: they must never reach the physics (dm_control raises ``PhysicsError`` on them,
     MuJoCo Warp's worlds diverge). Values outside [-1, 1] are clipped, as the physics would.
+    ``finite=False`` skips the finiteness check (a host read): the caller handles non-finite rows itself.
     """
     action = torch.as_tensor(action)
     if tuple(action.shape) != tuple(shape):
@@ -127,6 +129,8 @@ def check_action(action, shape: tuple[int, ...], spec: str = "env.action_spec.sh
     if action.is_complex() or action.dtype == torch.bool:
         raise ValueError(f"action must be real-valued (float32), got dtype {action.dtype}")
     action = action.detach().to(torch.float32)
+    if not finite:
+        return action.clamp(-1.0, 1.0)
     finite = torch.isfinite(action)
     if not bool(finite.all()):
         rows = finite.reshape(-1, shape[-1]).all(-1).logical_not().nonzero().flatten().tolist()

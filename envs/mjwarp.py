@@ -51,7 +51,7 @@ from latentrl.envs.backend import (
 from latentrl.envs.batched_tasks import BatchedTask, PhysicsBatch, make_batched_task
 from latentrl.envs.tasks import PHYSICS_STATE, Task, get_physics_state, get_task
 
-__all__ = ["MJWarpEnv"]
+__all__ = ["MJWarpEnv", "PhysicsDivergedError"]
 
 # Model fields that a task's ``initialize_episode`` changes per episode, per domain: uploaded per world.
 _EPISODE_MODEL_FIELDS = {"reacher": ("geom_pos",)}
@@ -76,6 +76,10 @@ def _warp_device(device: torch.device) -> wp.context.Device:
     raise ValueError(f"backend='mjwarp' runs on 'cpu' or 'cuda' devices, got {str(device)!r}")
 
 
+class PhysicsDivergedError(RuntimeError):
+    """A world's physics went non-finite in ``sync_free`` mode, where it cannot be reset at once."""
+
+
 class MJWarpEnv(EnvBase):
     """``num_envs`` worlds of one task in one MuJoCo Warp batch, as a TorchRL env (``batch_size=[num_envs]``).
 
@@ -88,7 +92,16 @@ class MJWarpEnv(EnvBase):
 
     The first env of a model on a device compiles Warp kernels (about a minute on a CPU; cached in
     Warp's kernel cache afterwards). On CUDA a control step and a frame each run as one CUDA graph.
+
+    ``sync_free = True`` (set by the trainer's GPU loop, ``collector.inline_steps`` > 1) steps without
+    reading anything on the host: the action's finiteness check becomes a per-world count on the device
+    (non-finite rows run a zero action), TorchRL's per-step "any env done?" read becomes the host's own
+    count of steps (every world truncates after ``episode_length`` steps; worlds only terminate when their
+    physics diverges), and :meth:`check_deferred`, called once per batch of steps, raises for either. A
+    world that diverged is not reset in this mode: the run stops at the next check with its step.
     """
+
+    sync_free: bool = False
 
     def __init__(self, task: str, *, obs=("pixels", "state"), image_size: int = 64, camera: int | None = None,
                  action_repeat: int = 1, num_envs: int = 1, seed: int = 0, floor: str = "default",
@@ -178,6 +191,9 @@ class MJWarpEnv(EnvBase):
         self._num_episodes = np.zeros(num_envs, dtype=np.int64)
         self._episode = torch.full((num_envs,), -1, dtype=torch.int64, device=device)
         self._step_count = torch.zeros(num_envs, dtype=torch.int64, device=device)
+        self._host_steps = np.zeros(num_envs, dtype=np.int64)  # _step_count as the host counts it (sync_free)
+        self._bad_actions = torch.zeros(num_envs, dtype=torch.int64, device=device)  # since check_deferred()
+        self._diverged = torch.zeros(num_envs, dtype=torch.bool, device=device)
         self._other_tasks: dict[str, BatchedTask] = {}
         self._closed = False
 
@@ -349,6 +365,7 @@ class MJWarpEnv(EnvBase):
             backup[index] = torch.from_numpy(sensors).to(self.device, torch.float32)
             sensordata.copy_(backup)
             self._step_count[index] = 0
+            self._host_steps[ids] = 0
             if self._rc is not None:
                 self._launch("render", self._render_kernels)
             out = self._observation_td().update(self._done_td(False))
@@ -356,8 +373,14 @@ class MJWarpEnv(EnvBase):
 
     def _step(self, tensordict: TensorDict) -> TensorDict:
         self._check_open()
-        # one host sync: a non-finite action must not reach the worlds (they would diverge and end as terminated)
-        action = check_action(tensordict.get("action").to(self.device), (self.num_envs, self._nu))
+        # one host sync: a non-finite action must not reach the worlds (they would diverge and end as terminated);
+        # sync_free: those rows run a zero action and are counted for check_deferred()
+        action = check_action(tensordict.get("action").to(self.device), (self.num_envs, self._nu),
+                              finite=not self.sync_free)
+        if self.sync_free:
+            bad = ~torch.isfinite(action).all(-1)
+            self._bad_actions += bad
+            action = torch.where(bad[:, None], 0.0, action)
         tensordict.set("action", action)  # what the worlds run, so that whatever stores the step stores that
         with self._on_device():
             v = self._view
@@ -367,16 +390,48 @@ class MJWarpEnv(EnvBase):
                 self._launch("control_step", self._control_step_kernels)
                 reward += self._batched.reward(v).to(torch.float32)
             self._step_count += 1
+            self._host_steps += 1
             valid = torch.isfinite(v.qpos).all(-1) & torch.isfinite(v.qvel).all(-1) & (self._overflow == 0)
             terminated = ~valid
             truncated = valid & (self._step_count >= self.episode_length)
             reward = torch.where(valid, reward, 0.0)
+            if self.sync_free:
+                self._diverged |= terminated
             if self._rc is not None:
                 self._launch("render", self._render_kernels)
             out = self._observation_td()
             out.update({"reward": reward.reshape(-1, 1), "terminated": terminated.reshape(-1, 1),
                         "truncated": truncated.reshape(-1, 1), "done": (terminated | truncated).reshape(-1, 1)})
         return out
+
+    def maybe_reset(self, tensordict: TensorDict) -> TensorDict:
+        """TorchRL's auto-reset after a step; ``sync_free``: decided by the host's step count, with no read of
+        the done flags on the device (a diverged world is reported by :meth:`check_deferred` instead)."""
+        if not self.sync_free:
+            return super().maybe_reset(tensordict)
+        if not (self._host_steps >= self.episode_length).any():
+            return tensordict
+        return self.reset(tensordict, select_reset_only=True)
+
+    def check_deferred(self) -> None:
+        """``sync_free``: raise for the non-finite actions and diverged worlds since the last call (one host
+        read), naming the worlds; then start counting again."""
+        bad, diverged = self._bad_actions.to("cpu", copy=True), self._diverged.to("cpu", copy=True)
+        self._bad_actions.zero_()
+        self._diverged.zero_()
+        if bool(bad.any()):
+            rows = bad.nonzero().flatten().tolist()
+            raise ValueError(
+                f"the policy sent non-finite actions (NaN or inf) to env rows {rows[:10]} ({int(bad.sum())} steps "
+                "since the last check; they ran a zero action). A NaN action usually means the policy's parameters "
+                "or inputs went non-finite: fix the policy, or replace those values before env.step()")
+        if bool(diverged.any()):
+            rows = diverged.nonzero().flatten().tolist()
+            raise PhysicsDivergedError(
+                f"the physics of {self.task.name} worlds {rows[:10]} diverged (non-finite state or solver overflow) "
+                "since the last check. With collector.inline_steps > 1 the env reads nothing per step and cannot "
+                "reset a diverged world at once; rerun with collector.inline_steps=1 (those worlds then end as "
+                "terminated and restart), or make the physics stable (action_repeat, the task's timestep)")
 
     def _set_seed(self, seed: int | None) -> int | None:
         self._check_open()

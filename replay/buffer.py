@@ -348,7 +348,13 @@ class ReplayBuffer:
             episode end. Split evenly over the env streams (``capacity // num_envs`` each).
         path: folder for an on-disk (memory-mapped) buffer; ``None`` keeps it in memory. Rows already
             stored there are never overwritten (open them with :meth:`load` or :meth:`load_state_dict`).
-        device: where :meth:`sample` puts its batches (storage stays on the CPU).
+        device: where :meth:`sample` puts its batches.
+        storage_device: where an in-memory buffer keeps its rows (observations, actions, extras, rewards);
+            ``None`` (default): the CPU. ``"cuda"`` keeps them on the GPU beside MuJoCo Warp envs and the
+            learner, so that neither :meth:`extend` nor :meth:`sample` copies frames between host and GPU
+            (the trainer's online loop on a GPU). The small bookkeeping columns (episode bounds, ids, steps)
+            stay on the CPU, where rows are drawn; an ``extend`` then reads only its done flags and episode
+            ids on the host (extend ``[num_envs, T]`` steps at once to make that one read per ``T`` steps).
         domain: the domain whose physics states the buffer holds (``"walker"``), saved with it; lets
             :meth:`relabel` refuse another domain's task whose physics happen to have the same size
             (cheetah and walker states both have 18 numbers).
@@ -359,10 +365,14 @@ class ReplayBuffer:
     """
 
     def __init__(self, capacity: int, *, path: str | Path | None = None, device: str | torch.device = "cpu",
-                 domain: str | None = None):
+                 domain: str | None = None, storage_device: str | torch.device | None = None):
         self.capacity = _check_capacity(capacity)
         self.path = None if path is None else Path(path)
         self.device = _check_device(device)
+        self.storage_device = None if storage_device is None else _check_device(storage_device)
+        if self.storage_device is not None and self.path is not None:
+            raise ValueError(f"storage_device={str(self.storage_device)!r} is for in-memory buffers; a path-backed "
+                             f"buffer ({self.path}) keeps its rows in memory-mapped files on the host")
         if domain is not None and (not isinstance(domain, str) or not domain or "-" in domain):
             raise ValueError(f"domain must be a domain name such as 'walker' (a task name's part before '-'), "
                              f"got {domain!r}")
@@ -381,6 +391,7 @@ class ReplayBuffer:
         self._version = 0  # bumped by every write; keys the cached episode table
         self._table: tuple[int, TensorDict] | None = None
         self._shard: tuple[int, int] | None = None  # (index, count): sample only episodes id % count == index
+        self._segment_numbering = (0, 1)  # (first id, stride) of the episode ids this buffer gives out
 
     # ------------------------------------------------------------------ layout and state
     def _init_layout(self, num_envs: int, td: TensorDictBase, actions: bool, action_shape) -> None:
@@ -398,7 +409,7 @@ class ReplayBuffer:
         self._cur_episode = torch.full((num_envs,), -1, dtype=torch.int64)
         self._cur_segment = torch.full((num_envs,), -1, dtype=torch.int64)  # id of the running episode
         self._next_episode_id = 0  # for data without an `episode` key
-        self._next_segment_id = 0
+        self._next_segment_id = self._segment_numbering[0]
         self._any_actionless = False  # some step was written with actions=False (else has_action needs no read)
         self._refresh_bounds()
 
@@ -480,7 +491,9 @@ class ReplayBuffer:
         """
         size = self.num_envs * self.per_env
         if self.path is None:
-            data = template.apply(lambda x: torch.empty((size, *x.shape[1:]), dtype=x.dtype), batch_size=[size])
+            data = template.named_apply(
+                lambda key, x: torch.empty((size, *x.shape[1:]), dtype=x.dtype, device=self._column_device(key)),
+                nested_keys=True, batch_size=[size], device=None)
         else:
             storage = self.path / _STORAGE_DIR
             if storage.is_dir() and any(storage.iterdir()):
@@ -492,6 +505,20 @@ class ReplayBuffer:
             data = template.expand(size).memmap_like(prefix=storage, existsok=True)
         data.get(_META).apply_(lambda x: x.zero_())
         return data
+
+    def _column_device(self, key) -> torch.device:
+        """Where column ``key`` lives: the bookkeeping (``_replay`` columns, ``episode``, ``step``) on the CPU,
+        where rows are drawn and episodes are tracked; the rest on ``storage_device`` (default the CPU)."""
+        if self.storage_device is None or _key_tuple(key)[0] in (_META, "episode", "step"):
+            return torch.device("cpu")
+        return self.storage_device
+
+    def _place_columns(self, data: TensorDict) -> TensorDict:
+        """``data`` (rows on the CPU) with each column moved to :meth:`_column_device`."""
+        if self.storage_device is None:
+            return data
+        return data.named_apply(lambda key, x: x.as_subclass(torch.Tensor).to(self._column_device(key)),
+                                nested_keys=True, device=None)
 
     def _attach(self) -> None:
         """Cache flat ``[rows, -1]`` views of the storage columns for the sampling hot path.
@@ -518,7 +545,8 @@ class ReplayBuffer:
         n = slots.numel()
         for key, value in rows.items(include_nested=True, leaves_only=True):
             col = self._cols[_norm_key(key)]
-            col.index_copy_(0, slots, value.reshape(n, -1).to(col.dtype))
+            index = slots if col.device == slots.device else slots.to(col.device, non_blocking=True)
+            col.index_copy_(0, index, value.reshape(n, -1).to(col.device, col.dtype))
 
     def _metadata(self) -> dict:
         meta = {"format": _FORMAT, "capacity": self.capacity, "num_envs": self.num_envs,
@@ -534,6 +562,7 @@ class ReplayBuffer:
                 "cur_segment": self._cur_segment.tolist(),
                 "next_episode_id": self._next_episode_id,
                 "next_segment_id": self._next_segment_id,
+                "segment_stride": self._segment_numbering[1],
                 "any_actionless": self._any_actionless,
             })
         return meta
@@ -571,6 +600,8 @@ class ReplayBuffer:
         if _SEGMENT in data.keys(include_nested=True, leaves_only=True):
             self._cur_segment = torch.tensor(meta["cur_segment"], dtype=torch.int64)
             self._next_segment_id = meta["next_segment_id"]
+            stride = int(meta.get("segment_stride", 1))  # older layouts: ids 0, 1, 2, ...
+            self._segment_numbering = (self._next_segment_id % stride, stride)
             self._any_actionless = meta.get("any_actionless", True)  # unknown: read the column
             self._attach()
         else:
@@ -623,7 +654,7 @@ class ReplayBuffer:
                 rows = min(self.per_env, int(self._hi.max()))
                 data = self._data.reshape(self.num_envs, self.per_env)[:, :rows].reshape(-1)
                 # clone: a view would save the whole storage
-                out["storage"] = data.apply(lambda x: x.as_subclass(torch.Tensor).clone()).to_dict()
+                out["storage"] = data.apply(lambda x: x.as_subclass(torch.Tensor).to("cpu", copy=True)).to_dict()
                 out["rows_per_env"] = rows
             else:
                 self._persist()
@@ -643,10 +674,13 @@ class ReplayBuffer:
                 saved = TensorDict(state_dict["storage"], batch_size=[num_envs * rows])
                 self.num_envs, self.per_env = num_envs, per_env
                 path, self.path = self.path, None  # an in-memory checkpoint restores in memory
-                data = self._allocate(saved[:1])
-                self.path = path
                 index = torch.arange(num_envs)[:, None] * per_env + torch.arange(rows)
+                storage_device, self.storage_device = self.storage_device, None  # placed on the CPU, then moved
+                data = self._allocate(saved[:1])
+                self.storage_device = storage_device
+                self.path = path
                 data[index.reshape(-1)] = saved
+                data = self._place_columns(data)
             elif self.path is not None:
                 data = _open_mapped(self.path / _STORAGE_DIR, rows=num_envs * per_env, writable=True,
                                     expected=_expected_columns(meta))
@@ -717,7 +751,8 @@ class ReplayBuffer:
                 "extend() expects env steps with batch [num_envs] or [num_envs, T] (or a flat [N] dataset "
                 f"with flat=True), got batch size {list(td.batch_size)}"
             )
-        td = td.to("cpu")
+        if self.storage_device is None:
+            td = td.to("cpu")
         actions = bool(actions)
         num_envs, steps = td.batch_size
         if num_envs == 0 or steps == 0:
@@ -839,10 +874,10 @@ class ReplayBuffer:
     def _extend_chunk(self, td: TensorDictBase, actions: bool) -> None:
         num_envs, steps = td.batch_size
         nxt = td.get("next")
-        done = self._done(nxt).reshape(num_envs, steps)
+        done = self._done(nxt).reshape(num_envs, steps).cpu()  # the host's one read of the steps (bookkeeping)
         if self._schema["has_episode"] and bool(self._pending.any()):
             # an env whose step opens another episode without a done flag: its episode was cut
-            cut = self._pending & (td.get("episode").reshape(num_envs, steps)[:, 0] != self._cur_episode)
+            cut = self._pending & (td.get("episode").reshape(num_envs, steps)[:, 0].cpu() != self._cur_episode)
             if bool(cut.any()):
                 self._close_pending(cut)
         head, pending, per_env = self._head, self._pending, self.per_env
@@ -860,7 +895,8 @@ class ReplayBuffer:
         last = torch.where(done, abs_next, _NO_END).flip(1).cummin(1).values.flip(1)
         episode, step = self._episode_and_step(td, start, abs_obs - first)
         # episode ids in start order: by step, then by env (so chunking does not change them)
-        new_ids = self._next_segment_id + start.T.reshape(-1).long().cumsum(0).reshape(steps, num_envs).T - 1
+        stride = self._segment_numbering[1]
+        new_ids = self._next_segment_id + stride * (start.T.reshape(-1).long().cumsum(0).reshape(steps, num_envs).T - 1)
         segment = torch.where(start, new_ids, -1)
         segment[:, 0] = torch.where(start[:, 0], segment[:, 0], self._cur_segment)
         segment = segment.cummax(1).values
@@ -923,7 +959,7 @@ class ReplayBuffer:
         self._cur_first = first[:, -1]
         self._cur_episode = episode[:, -1]
         self._cur_segment = segment[:, -1]
-        self._next_segment_id += int(start.sum())
+        self._next_segment_id += stride * int(start.sum())
         self._any_actionless |= not actions
         self._refresh_bounds()
 
@@ -936,14 +972,14 @@ class ReplayBuffer:
     def _episode_and_step(self, td, start, offset):
         """Episode ids and steps of the chunk's rows; numbered by the buffer when the data has none."""
         if self._schema["has_episode"]:
-            episode = td.get("episode")
+            episode = td.get("episode").cpu()
         else:
             ids = self._next_episode_id + start.reshape(-1).long().cumsum(0).reshape(start.shape) - 1
             episode = torch.where(start, ids, -1)
             episode[:, 0] = torch.where(start[:, 0], episode[:, 0], self._cur_episode)
             episode = episode.cummax(1).values
             self._next_episode_id += int(start.sum())
-        step = td.get("step") if self._schema["has_step"] else offset
+        step = td.get("step").cpu() if self._schema["has_step"] else offset
         return episode.reshape(start.shape).long(), step.reshape(start.shape).long()
 
     def _close_pending(self, envs: torch.Tensor) -> None:
@@ -1057,6 +1093,18 @@ class ReplayBuffer:
             else:
                 out[key] = self._gather(key, slot)
         return TensorDict(out, batch_size=[length], device=self.device)
+
+    def number_episodes(self, index: int, count: int) -> None:
+        """Give new episodes the ids ``index, index + count, index + 2 count, ...`` instead of ``0, 1, 2, ...``:
+        the buffers of ``count`` data-parallel ranks that collect their own data (online) then never give two
+        episodes one id, so per-episode state keyed by it (PV-RNN's adaptive vectors) stays apart. Only for a
+        buffer that holds no steps yet; saved with it."""
+        if not (_is_int(count) and _is_int(index) and count >= 1 and 0 <= index < count):
+            raise ValueError(f"number_episodes(index, count) needs 0 <= index < count, got index={index!r}, "
+                             f"count={count!r}")
+        if self.num_envs is not None:
+            raise RuntimeError("number_episodes() is for an empty buffer: this one already numbered its episodes")
+        self._segment_numbering = (int(index), int(count))
 
     def shard_episodes(self, index: int, count: int) -> None:
         """From now on, :meth:`sample` draws only from the episodes whose id satisfies ``id % count == index``
@@ -1244,9 +1292,12 @@ class ReplayBuffer:
     def _gather(self, key, slot: torch.Tensor) -> torch.Tensor:
         """Rows ``slot`` of a column (``key`` as TensorDict spells it: a str, or a tuple when nested), on the
         sampling device (moved before any view is taken)."""
-        out = self._cols[key].index_select(0, slot if slot.dim() == 1 else slot.reshape(-1))
-        out = out.view(*slot.shape, *self._shapes[key])
-        return out if self.device.type == "cpu" else out.to(self.device, non_blocking=True)
+        col = self._cols[key]
+        index = slot if slot.dim() == 1 else slot.reshape(-1)
+        if index.device != col.device:  # a column on storage_device: the row indices go there, not the rows here
+            index = index.to(col.device, non_blocking=True)
+        out = col.index_select(0, index).view(*slot.shape, *self._shapes[key])
+        return out if out.device == self.device else out.to(self.device, non_blocking=True)
 
     def _valid(self, env, row, frame_stack: int, horizon: int, transition: bool):
         """Which candidate rows (``row >= lo``) can start a sample; also returns their episode starts."""
@@ -1424,7 +1475,8 @@ class ReplayBuffer:
         tmp = path.parent / f".{path.name}.saving-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
-            self._data.memmap(prefix=tmp / _STORAGE_DIR, copy_existing=True)
+            data = self._data if self.storage_device is None else self._data.to("cpu")
+            data.memmap(prefix=tmp / _STORAGE_DIR, copy_existing=True)
             self._write_manifest(tmp)
             if path.exists():  # an empty folder, or the dataset to replace (overwrite=True)
                 old = path.parent / f".{path.name}.replaced-{os.getpid()}-{uuid.uuid4().hex[:8]}"

@@ -89,6 +89,7 @@ def test_make_adam_picks_an_exact_implementation_on_the_cpu():
         make_adam(params, lr=1e-3, impl="sgd")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_make_adam_is_fused_on_cuda():
     params = [torch.nn.Parameter(torch.randn(3, 4, device="cuda"))]
@@ -119,23 +120,32 @@ HOST_READS = ("item", "tolist", "__int__", "__float__", "__bool__", "__index__")
 
 
 class HostReads:
-    """Counts the tensor reads to the host (``.item()``, ``.tolist()``, ``int()``, ``float()``, ``bool()``) made by
-    latentrl's own code inside the block (torch's CPU-side optimizer bookkeeping and ``skip`` are not counted)."""
+    """Counts the tensor reads to the host (``.item()``, ``.tolist()``, ``int()``, ``float()``, ``bool()``, or
+    ``names``) made by latentrl's own code inside the block, and by the code of ``libraries`` (e.g. ``"torchrl"``);
+    torch's CPU-side optimizer bookkeeping and ``skip`` are not counted, nor anything while ``paused``."""
 
-    def __init__(self, skip=()):
+    def __init__(self, skip=(), names=HOST_READS, libraries=(), pausable=False):
         self.calls: list[str] = []
         self.skip = [id(t) for t in skip]
+        self.names = names
+        self.libraries = [f"/{name}/" for name in libraries]
+        self.paused = False
+
+    def _counted(self, filename: str) -> bool:
+        ours = str(ROOT) in filename and "/tests/" not in filename
+        return ours or any(lib in filename for lib in self.libraries)
 
     def __enter__(self):
         import traceback
 
-        self.saved = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+        self.saved = {name: getattr(torch.Tensor, name) for name in self.names}
 
         def wrap(name, original):
             def read(tensor, *args, **kwargs):
-                caller = traceback.extract_stack(limit=2)[0]
-                if str(ROOT) in caller.filename and "/tests/" not in caller.filename and id(tensor) not in self.skip:
-                    self.calls.append(f"{name} at {Path(caller.filename).name}:{caller.lineno}: {caller.line}")
+                if not self.paused and id(tensor) not in self.skip:
+                    caller = traceback.extract_stack(limit=2)[0]
+                    if self._counted(caller.filename):
+                        self.calls.append(f"{name} at {caller.filename}:{caller.lineno}: {caller.line}")
                 return original(tensor, *args, **kwargs)
             return read
 
@@ -149,7 +159,29 @@ class HostReads:
 
 
 SYNC_FREE = [("metra", "pixels", {}), ("metra", "state", {"obs_normalizer_warmup": 2}), ("td_jepa", "pixels", {}),
-             ("td_jepa", "state", {}), ("fb", "state", {}), ("rnd", "pixels", {}), ("rnd", "state", {})]
+             ("td_jepa", "state", {}), ("fb", "state", {}), ("rnd", "pixels", {}), ("rnd", "state", {}),
+             ("active_inference", "pixels", {})]
+
+
+def test_active_inference_reward_loss_is_the_mean_over_rows_with_a_reward():
+    """The reward head's loss, masked instead of selected (no host read): the mean over the rows whose reward is
+    finite (NaN marks reward-free steps), 0 with a zero head gradient when a batch has none."""
+    agent = _agent("active_inference", "pixels")
+    batch = _batches(agent, "pixels")[0].clone()
+    reward = batch["next", "reward"]
+    reward.view(-1)[::3] = float("nan")
+    finite = torch.isfinite(reward).reshape(-1)
+    x_next = batch["next", "pixels"]
+    with torch.no_grad():
+        s = agent.world_model.posterior(x_next.reshape(-1, *x_next.shape[2:]))[0]
+        expected = (agent.reward_head(s).reshape(-1)[finite] - reward.reshape(-1)[finite]).square().mean()
+    metrics = agent.update(batch)
+    assert torch.allclose(metrics["reward_loss"], expected, rtol=1e-6, atol=0)
+    batch = _batches(agent, "pixels")[1].clone()
+    batch["next", "reward"].fill_(float("nan"))
+    metrics = agent.update(batch)
+    assert float(metrics["reward_loss"]) == 0.0 and all(torch.isfinite(v) for v in metrics.values())
+    assert all(p.grad is None or not p.grad.any() for p in agent.reward_head.parameters())
 
 
 @pytest.mark.parametrize(("name", "obs_type", "overrides"), SYNC_FREE, ids=[f"{n}-{o}" for n, o, _ in SYNC_FREE])

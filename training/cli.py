@@ -391,6 +391,18 @@ def _check_collector(get, put) -> None:
     for key, (meaning, default) in limits.items():
         value = get(key)
         put(key, default if value is None else check_int(key, value, low=1, meaning=meaning, example=default))
+    inline_steps = get("collector.inline_steps")
+    if inline_steps is None:
+        put("collector.inline_steps", "auto")
+    elif inline_steps != "auto":
+        put("collector.inline_steps", check_int("collector.inline_steps", inline_steps, low=1,
+                                                meaning="env steps the inline loop keeps on the env's device before "
+                                                        "one write to the buffer", example=16))
+    buffer_device = get("buffer_device")
+    if buffer_device is None:
+        put("buffer_device", "auto")
+    elif buffer_device != "auto":
+        check_device("buffer_device", buffer_device)
 
 
 def _check_agent_overrides(cfg: DictConfig) -> None:

@@ -258,7 +258,7 @@ class Trainer:
         self.dist = distributed.current()
         self.rank, self.world_size = (self.dist.rank, self.dist.world_size) if self.dist else (0, 1)
         if self.dist is not None:
-            distributed.check_supported(cfg.agent.name)
+            distributed.check_supported(cfg.agent.name, online=cfg.data is None)
             if self.device.type == "cuda":
                 self.device = torch.device("cuda", self.dist.local_rank)  # one GPU per process
             if not self.dist.is_main:
@@ -290,6 +290,9 @@ class Trainer:
             with adam_implementation(self.learner["adam"]):  # every agent builds its Adams with make_adam
                 self.agent: Agent = make_agent(cfg.agent.name, self.env, preset=cfg.agent.preset,
                                                device=str(self.device), **self.agent_overrides)
+            self._stage: list = []  # online steps kept on the env's device until one write (collector.inline_steps)
+            self.inline_steps, storage = self._online_placement()
+            self.buffer_storage_device = storage
             self.buffer = self.make_buffer()
             if self.offline:
                 self._check_dataset_fits()
@@ -299,6 +302,8 @@ class Trainer:
                 self.spec = distributed.shard_spec(self.spec, self.world_size)
                 if self.offline:
                     self.buffer.shard_episodes(self.rank, self.world_size)
+                else:  # online, each rank's buffer numbers its episodes rank, rank + W, ...: ids unique in the job
+                    self.buffer.number_episodes(self.rank, self.world_size)
             self.env_steps = 0
             self.updates = 0
             self.episodes = 0
@@ -333,9 +338,28 @@ class Trainer:
         """
         if self.offline:
             return ReplayBuffer.load(self.cfg.data, device=self.device)
-        _check_buffer_fits(self.cfg.buffer_capacity, self.env)
+        _check_buffer_fits(self.cfg.buffer_capacity, self.env, self.buffer_storage_device)
         # the buffer records its domain: a dataset saved from it is never relabelled with another domain's rewards
-        return ReplayBuffer(self.cfg.buffer_capacity, device=self.device, domain=self.env.task.domain)
+        return ReplayBuffer(self.cfg.buffer_capacity, device=self.device, domain=self.env.task.domain,
+                            storage_device=self.buffer_storage_device)
+
+    def _online_placement(self) -> tuple[int, torch.device | None]:
+        """``collector.inline_steps`` and the online buffer's storage device (``buffer_device``), resolved.
+
+        ``auto``: with MuJoCo Warp envs on a GPU, the frames stay on the GPU (buffer storage there) and 16 steps
+        of every env are written at once, with no host read per step (:meth:`_online_steps`); otherwise the
+        CPU loop as before (storage on the host, each step written as it comes)."""
+        cfg = self.cfg
+        gpu_envs = cfg.env.backend == "mjwarp" and self.device.type == "cuda"
+        steps = OmegaConf.select(cfg, "collector.inline_steps", default="auto")
+        steps = (16 if gpu_envs else 1) if steps == "auto" else int(steps)
+        where = OmegaConf.select(cfg, "buffer_device", default="auto")
+        if self.offline:
+            return steps, None
+        if where == "auto":
+            return steps, self.device if gpu_envs else None
+        where = resolve_device(where)
+        return steps, None if where.type == "cpu" else where
 
     def _check_dataset_fits(self) -> None:
         """An offline dataset must be of the run's domain and hold the observations the env is built with,
@@ -395,6 +419,7 @@ class Trainer:
         barrier while rank 0 alone writes the checkpoint and the model directory, and again after it, so a job
         stopped during a save never leaves a checkpoint naming rank states that are not on disk."""
         self.check_parameters()
+        self._flush_stage()  # steps collected but not yet written belong in the checkpoint's buffer
         if self.dist is None:
             return self._write_checkpoint()
         distributed.check_consistent(self.agent)
@@ -658,10 +683,20 @@ class Trainer:
             return
         env, agent = self.env, self.agent
         policy = agent.policy(explore=True)
+        # inline_steps > 1: nothing is read on the host per step. The policy restarts rows without reading
+        # is_first, the env decides resets from its own step count (MuJoCo Warp's sync_free), and the steps stay
+        # on the env's device until inline_steps of them go to the buffer in one write (_flush_stage), which
+        # makes the loop's one host read (done flags, episode ids; the env's deferred action / physics checks).
+        # The updates in between sample from the buffer without those steps (as with a TorchRL collector).
+        # (dm_control envs step on the host anyway: there it only batches the writes.)
+        sync_free = self.inline_steps > 1
+        policy.sync_free = sync_free
+        if sync_free and hasattr(env, "check_deferred"):
+            env.sync_free = True
         td = env.reset()
         n = env.batch_size[0]
         carry = policy.init_carry(n)
-        is_first = torch.ones(n, dtype=torch.bool)
+        is_first = torch.ones(n, dtype=torch.bool, device=td.device)
         update_debt = 0.0
         while True:
             obs = td.exclude("action", "next")
@@ -670,13 +705,24 @@ class Trainer:
             for key, value in policy.extras(carry).items():
                 td[key] = value.to(action.device)
             td, td_next = env.step_and_maybe_reset(td)
-            self.buffer.extend(td)
-            is_first = td["next", "done"].reshape(-1).cpu()
-            if is_first.any():
-                self.episodes += int(is_first.sum())
+            is_first = td["next", "done"].reshape(-1)  # stays on the env's device
+            self._stage.append(td)
+            if len(self._stage) >= self.inline_steps:
+                self._flush_stage()
             metrics, update_debt = self._count_and_update(n, update_debt)
             td = td_next
             yield metrics
+
+    def _flush_stage(self) -> None:
+        """Write the online steps kept on the env's device to the buffer (``[num_envs, T]`` at once)."""
+        if not self._stage:
+            return
+        stage, self._stage = self._stage, []
+        if getattr(self.env, "sync_free", False):
+            self.env.check_deferred()  # non-finite actions or diverged worlds: raised before they are stored
+        steps = stage[0] if len(stage) == 1 else torch.stack(stage, dim=1)
+        self.buffer.extend(steps)
+        self.episodes += int(steps["next", "done"].sum())
 
     def _count_and_update(self, frames: int, debt: float) -> tuple[dict, float]:
         """Count ``frames`` env steps this rank collected (the counters are the job's: every rank steps alike)
@@ -740,19 +786,24 @@ class _NullLogger:
         pass
 
 
-def _check_buffer_fits(capacity: int, env) -> None:
-    """Refuse a replay capacity whose storage would not fit in memory (it is allocated on first write)."""
+def _check_buffer_fits(capacity: int, env, storage_device: torch.device | None = None) -> None:
+    """Refuse a replay capacity whose storage would not fit in memory, or in the GPU's memory for a buffer
+    stored there (``buffer_device``); it is allocated on first write."""
     row = sum(int(np.prod(spec.shape[1:])) * spec.dtype.itemsize for spec in env.observation_spec.values())
     row += int(np.prod(env.action_spec.shape[1:])) * 4 + 16
     need = capacity * row
+    where = "memory"
     try:
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
+        if storage_device is not None and storage_device.type == "cuda":
+            available, where = torch.cuda.mem_get_info(storage_device)[0], f"{storage_device} memory"
+        else:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, RuntimeError):
         return
     if need > 0.8 * available:
         raise MemoryError(
             f"buffer_capacity={capacity} needs about {need / 2**30:.1f} GiB ({row} bytes per step) but only "
-            f"{available / 2**30:.1f} GiB of memory is free; lower buffer_capacity (e.g. "
+            f"{available / 2**30:.1f} GiB of {where} is free; lower buffer_capacity (e.g. "
             f"buffer_capacity={int(0.5 * available / row)})"
         )
 
