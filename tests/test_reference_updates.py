@@ -341,8 +341,11 @@ def _metra_baseline_reference(ref: METRAAgent):
     def update_rewards(obs, next_obs, options):
         """iod/metra.py ``_update_rewards``: two traj_encoder calls with ``inner``, one (on s') without."""
         if inner:
-            cur_z, _ = traj_encoder(obs)
-            next_z, _ = traj_encoder(next_obs)
+            if spectral:  # two calls, as the official code: each runs one power iteration
+                cur_z, _ = traj_encoder(obs)
+                next_z, _ = traj_encoder(next_obs)
+            else:  # one call on both (same values; see _metra_reference's traj_encoder_pair for the rounding)
+                cur_z, next_z = traj_encoder(torch.cat([obs, next_obs]))[0].chunk(2)
             target_z = next_z - cur_z
             if cfg.discrete:
                 d = cfg.dim_option
@@ -384,6 +387,7 @@ def _metra_baseline_reference(ref: METRAAgent):
 
 
 @pytest.mark.parametrize("objective, obs_type, discrete", [
+    ("metra", "state", True),  # METRA's discrete skills: the zero-centred one-hot reward of iod/metra.py
     ("lsd", "state", False), ("lsd", "state", True), ("lsd", "pixels", False),
     ("diayn", "state", False), ("diayn", "state", True), ("diayn", "pixels", False),
 ])
@@ -400,7 +404,8 @@ def test_metra_baseline_update_matches_reference(objective, obs_type, discrete):
             b["skill"] = torch.randn(6, 3, generator=g)
     lambda_before = agent.world_model.log_lambda.detach().clone()
     _run_both(agent, _metra_baseline_reference, batches, f"{objective} ({obs_type}, discrete={discrete})")
-    assert torch.equal(agent.world_model.log_lambda.detach(), lambda_before)  # no dual step without dual_reg
+    moved = not torch.equal(agent.world_model.log_lambda.detach(), lambda_before)
+    assert moved == agent.config.switch("dual_reg")  # no dual step without dual_reg
 
 
 # ----------------------------------------------------------------------------- TD-JEPA and FB pieces
@@ -544,6 +549,58 @@ def test_td_jepa_update_matches_reference(obs_type):
     _perturb(wm.phi_encoder.head, wm.psi_encoder.head, wm.phi_predictor, wm.psi_predictor)
     batches = [_batch(obs_type, 6, seed=10 + k) for k in range(3)]
     _run_both(agent, _td_jepa_reference, batches, f"TD-JEPA ({obs_type})")
+
+
+def _td_jepa_sym_reference(ref: TDJEPAAgent):
+    """Symmetric TD-JEPA's ``update`` (``update_tdjepa_sym``: one encoder ``psi = phi``, one predictor; goals from
+    the online phi head; ``update_actor``; soft updates of phi's head and predictor only)."""
+    cfg, wm, targets = ref.config, ref.world_model, ref.world_model.targets
+    phi_trunk, phi_mlp = wm.phi_encoder.trunk, wm.phi_encoder.head
+    adam = torch.optim.Adam
+    phi_encoder_optimizer = adam([*phi_mlp.parameters(), *phi_trunk.parameters()], lr=cfg.lr_phi)
+    phi_predictor_optimizer = adam(wm.phi_predictor.parameters(), lr=cfg.lr_predictor)
+    actor_optimizer = adam(ref.actor.parameters(), lr=cfg.lr_actor)
+
+    def update(batch: TensorDict) -> None:
+        obs, action, next_obs, discount = _inputs(cfg, batch, cfg.image_pad)
+        with torch.no_grad():  # encode_image: psi_next_obs is phi_next_obs
+            phi_next_obs = phi_trunk(next_obs)
+        phi_obs = phi_trunk(obs)
+        z = _sample_mixed_z(phi_mlp, phi_next_obs, wm.phi_encoder.dim, cfg.train_goal_ratio)  # z_dim = d_phi
+        with torch.no_grad():
+            next_phi_enc = targets["phi_head"](phi_next_obs)
+            next_action = _truncated_normal_sample(_z_actor_mean(ref.actor, next_phi_enc, z), cfg.actor_std,
+                                                   cfg.stddev_clip)
+            td_target_phi = next_phi_enc + discount * targets["phi_predictor"](next_phi_enc, next_action, z).mean(0)
+        phi_enc = phi_mlp(phi_obs)
+        phi_preds = wm.phi_predictor(phi_enc, action, z)
+        tdjepa_loss = (phi_preds - td_target_phi).pow(2).sum(-1).mean()
+        total_loss = tdjepa_loss + cfg.phi_ortho_coef * _orth_loss(phi_enc)
+        phi_predictor_optimizer.zero_grad(set_to_none=True)
+        phi_encoder_optimizer.zero_grad(set_to_none=True)
+        total_loss.backward()
+        phi_predictor_optimizer.step()
+        phi_encoder_optimizer.step()
+        with torch.no_grad():  # update_actor
+            phi_enc = phi_mlp(phi_obs.detach())
+        actor_action = _truncated_normal_sample(_z_actor_mean(ref.actor, phi_enc, z), cfg.actor_std, cfg.stddev_clip)
+        actor_loss = -(wm.phi_predictor(phi_enc, actor_action, z) * z).sum(-1).mean(dim=0).mean()
+        _adam_step(actor_optimizer, actor_loss)
+        _polyak(wm.phi_predictor, targets["phi_predictor"], cfg.predictor_target_tau)
+        _polyak(phi_mlp, targets["phi_head"], cfg.encoder_target_tau)
+        return {"total_loss": total_loss, "actor_loss": actor_loss}
+
+    return update
+
+
+@pytest.mark.parametrize("obs_type", ["state", "pixels"])
+def test_symmetric_td_jepa_update_matches_reference(obs_type):
+    agent = _build(TDJEPAAgent, obs_type, **TD_JEPA_TINY, symmetric=True)
+    wm = agent.world_model
+    assert wm.symmetric and wm.psi_encoder is None and wm.psi_predictor is None
+    _perturb(wm.phi_encoder.head, wm.phi_predictor)
+    batches = [_batch(obs_type, 6, seed=20 + k) for k in range(3)]
+    _run_both(agent, _td_jepa_sym_reference, batches, f"symmetric TD-JEPA ({obs_type})")
 
 
 # ------------------------------------------------------------------------------------------------ FB
@@ -864,25 +921,46 @@ def test_zero_shot_rollouts_are_deterministic(cheetah_steps):
     assert returns[0] == returns[1]
 
 
-def test_metra_coverage_evaluation_is_deterministic():
-    """Coverage runs the deterministic skill policy: fresh envs of one seed give the same trajectories
-    whatever the global random state."""
+def _metra_evaluations(evaluate, seeds: list[tuple[int, int]]) -> list:
+    """``evaluate(agent, env, seed)`` of one small METRA agent on fresh cheetah envs (env seed 0), once per
+    ``(global torch seed, evaluation seed)``."""
     from latentrl.envs import make_env
-    from latentrl.training.skills import evaluate_coverage
 
     torch.manual_seed(0)
     agent = None
     results = []
-    for seed in (0, 1):
+    for global_seed, seed in seeds:
         env = make_env("cheetah-run", obs=("physics",), num_envs=2, episode_length=10, seed=0, num_workers=0)
         try:
             if agent is None:
                 agent = METRAAgent.from_env(env, preset="smoke", obs_type="physics", hidden_dim=16,
                                             policy_init_std=2.0)
-            torch.manual_seed(seed)
-            results.append(evaluate_coverage(agent, env, num_skills=4, seed=0))
+            torch.manual_seed(global_seed)
+            results.append(evaluate(agent, env, seed))
         finally:
             env.close()
-    a, b = results
+    return results
+
+
+def test_metra_coverage_evaluation_is_deterministic():
+    """Coverage runs the deterministic skill policy: fresh envs of one seed give the same trajectories
+    whatever the global random state."""
+    from latentrl.training.skills import evaluate_coverage
+
+    a, b = _metra_evaluations(lambda agent, env, seed: evaluate_coverage(agent, env, num_skills=4, seed=seed),
+                              [(0, 0), (1, 0)])
     assert a.coverage == b.coverage and a.direction_cos == b.direction_cos
     assert all(np.array_equal(x, y) for x, y in zip(a.trajectories, b.trajectories, strict=True))
+
+
+def test_metra_goal_reaching_evaluation_is_deterministic():
+    """Goal reaching runs the deterministic goal policy (z = normalise(phi(g) - phi(s)), mean action) from goals
+    drawn by its own seed: the same distances whatever the global random state, and other goals with another
+    seed."""
+    from latentrl.training.skills import evaluate_goal_reaching
+
+    results = _metra_evaluations(
+        lambda agent, env, seed: evaluate_goal_reaching(agent, env, num_goals=4, goal_range=2.0, seed=seed),
+        [(0, 0), (1, 0), (1, 1)])
+    assert results[0] == results[1]
+    assert results[0]["final_distance"] != results[2]["final_distance"]
