@@ -104,6 +104,21 @@ def _body_qpos_index(name: str) -> tuple[int, ...]:
     return tuple(found[i] for i in sorted(found))
 
 
+@functools.cache
+def _end_effector_body(name: str) -> int:
+    """The body whose x-y is the position of a robot fixed to the world (reacher's finger): the deepest body of
+    the kinematic tree, which must be unique. Raises when the model has none (no moving body)."""
+    model = Task(name).make_dm_env(seed=0).physics.model.ptr
+    depth = [0] * model.nbody
+    for b in range(1, model.nbody):
+        depth[b] = depth[model.body_parentid[b]] + 1
+    deepest = [b for b in range(model.nbody) if depth[b] == max(depth)]
+    if max(depth) == 0 or len(deepest) != 1:
+        raise ValueError(f"task {name!r}: its body has no position to measure (no free or slide joint, and no single "
+                         "end of its kinematic chain); coverage and goal distances need one")
+    return deepest[0]
+
+
 @dataclass(frozen=True)
 class Task:
     """A named task: how to build its dm_control environment and its reward of the physics state."""
@@ -150,9 +165,15 @@ class Task:
         """Where the body is: ``physics`` ``[..., P]`` -> ``[..., k]`` (``k`` = 1 for planar runners, else 2),
         the one definition behind coverage cells, goal distances and zero-shot goal success.
 
+        A robot fixed to the world (reacher) has no body position in ``qpos``: its end effector's x-y (the
+        deepest body of the kinematic tree, reacher's finger) is computed by forward kinematics instead.
+
         NumPy in, float64 NumPy out; a torch tensor in, a tensor out on its device.
         """
-        index = list(self.body_qpos_index)
+        try:
+            index = list(self.body_qpos_index)
+        except ValueError:
+            return self._end_effector_position(physics)
         if isinstance(physics, np.ndarray):
             return np.asarray(physics, dtype=np.float64)[..., index]
         import torch
@@ -160,6 +181,24 @@ class Task:
         if isinstance(physics, torch.Tensor):
             return physics[..., index]
         return np.asarray(physics, dtype=np.float64)[..., index]
+
+    def _end_effector_position(self, physics):
+        """``body_position`` of a robot fixed to the world: its end effector's x-y ``[..., 2]`` by kinematics."""
+        body = _end_effector_body(self.name)  # raises for a model without one
+        model = self._relabel_env.physics.model.ptr
+        import torch
+
+        as_tensor = isinstance(physics, torch.Tensor)
+        states = (physics.detach().cpu().numpy() if as_tensor else np.asarray(physics)).astype(np.float64)
+        flat = states.reshape(-1, states.shape[-1])
+        data = mujoco.MjData(model)
+        out = np.empty((len(flat), 2))
+        for i, state in enumerate(flat):
+            data.qpos[:] = state[:model.nq]
+            mujoco.mj_kinematics(model, data)
+            out[i] = data.xpos[body, :2]
+        out = out.reshape(*states.shape[:-1], 2)
+        return torch.as_tensor(out, dtype=physics.dtype, device=physics.device) if as_tensor else out
 
     def reward(self, physics) -> float:
         """The task reward of a dm_control ``physics`` whose derived quantities are current."""

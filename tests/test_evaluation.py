@@ -184,9 +184,27 @@ def test_body_position_reads_the_root_joints_of_each_task(task, joints):
     assert np.allclose(as_tensor.numpy(), batch[:, list(get_task(task).body_qpos_index)])
 
 
-def test_a_body_fixed_to_the_world_has_no_position():
+def test_a_body_fixed_to_the_world_is_placed_by_its_end_effector():
+    """Reacher has no body position in qpos (so METRA cannot place it at goals), but its fingertip's x-y is where it
+    is for goal distances: forward kinematics of the stored angles, as dm_control's own finger_to_target."""
     with pytest.raises(ValueError, match="no free joint"):
         _ = get_task("reacher-easy").body_qpos_index
+    env = get_task("reacher-hard").make_dm_env(seed=0)
+    rng = np.random.default_rng(0)
+    states, expected = [], []
+    for _ in range(4):
+        env.reset()
+        physics = env.physics
+        with physics.reset_context():
+            physics.named.data.qpos[:] = rng.uniform(-np.pi, np.pi, size=2)
+        states.append(get_physics_state(physics))
+        expected.append(physics.named.data.geom_xpos["finger", :2].copy())
+    states, expected = np.stack(states), np.stack(expected)
+    assert np.allclose(body_position("reacher-hard", states), expected, atol=1e-9)
+    as_tensor = get_task("reacher-easy").body_position(torch.as_tensor(states[None]))  # [1, 4, P] -> [1, 4, 2]
+    assert isinstance(as_tensor, torch.Tensor) and as_tensor.shape == (1, 4, 2)
+    assert np.allclose(as_tensor[0].numpy(), expected, atol=1e-9)
+    assert len({tuple(np.round(e, 3)) for e in expected}) == 4  # the angles moved the finger
 
 
 class _TinyAgent(Agent):
