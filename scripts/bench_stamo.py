@@ -39,6 +39,7 @@ import torch
 
 from latentrl.agents.base import GoalObservation, Policy, UniformRandomPolicy
 from latentrl.agents.stamo import StaMoAgent, StaMoCollectPolicy
+from latentrl.training.logger import write_report_page
 from latentrl.world_models.layers import mlp
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -628,7 +629,7 @@ def write_report(args, r: dict) -> None:
               "(the probe fitted on the labelled part only), and on all 5 parts with actions; held-out action MSE.",
               ""]
     Path(args.report).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.report).write_text("\n".join(lines))
+    write_report_page(args.report, "\n".join(lines))  # keeps the page's hand-written sections
 
 
 @torch.no_grad()

@@ -40,7 +40,7 @@ from latentrl.envs.tasks import resolve_task_list
 from latentrl.replay import ReplayBuffer
 from latentrl.training.checkpoint import load_agent
 from latentrl.training.evaluation import rollout
-from latentrl.training.logger import machine_description
+from latentrl.training.logger import machine_description, write_report_page
 from latentrl.training.zero_shot import evaluate_reward_tasks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -226,7 +226,7 @@ def write_report(args, raw: dict, seconds: float, buffer) -> None:
     plot = Path(args.out).with_suffix(".png")
     plot_curves(plot, args, points, curves, random_avg)
     lines += ["", f"![{args.domain} average against updates]({plot.name})", ""]
-    Path(args.out).write_text("\n".join(lines) + "\n")
+    write_report_page(args.out, "\n".join(lines))  # keeps the page's hand-written reading
     print("\n".join(lines))
 
 

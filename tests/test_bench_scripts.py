@@ -122,3 +122,18 @@ def test_bench_active_inference_quick_writes_the_report_figures_and_numbers(tmp_
     assert {"epistemic_right", "epistemic_left", "pass"} <= results["check5"].keys()
     assert results["check5"]["train_fraction_right_of_0"] < 0.5  # the left-half data stays mostly left
     assert results["check5"]["transitions_right"] + results["check5"]["transitions_left"] > 0
+
+
+def test_rewritten_benchmark_pages_keep_their_hand_written_part(tmp_path):
+    from latentrl.training.logger import HAND_WRITTEN, write_report_page
+
+    page = tmp_path / "bench.md"
+    write_report_page(page, "# Bench\n\n| old | 1 |")
+    assert page.read_text() == "# Bench\n\n| old | 1 |\n"  # a page without a hand-written part: replaced
+    page.write_text(page.read_text() + f"\n{HAND_WRITTEN}\n\n## Reading\n\nold is slow.\n")
+    write_report_page(page, "# Bench\n\n| new | 2 |\n")
+    text = page.read_text()
+    assert text.startswith("# Bench\n\n| new | 2 |\n") and "| old |" not in text
+    assert text.endswith(f"{HAND_WRITTEN}\n\n## Reading\n\nold is slow.\n")
+    write_report_page(page, "# Bench\n\n| newer | 3 |")  # again: kept once, not twice
+    assert page.read_text().count("## Reading") == 1 and not list(tmp_path.glob(".*.tmp"))

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["RunLogger", "machine_description", "processor_name", "write_video"]
+__all__ = ["HAND_WRITTEN", "RunLogger", "machine_description", "processor_name", "write_report_page", "write_video"]
 
 
 def write_video(path: str | Path, frames: np.ndarray | torch.Tensor, fps: int = 30) -> Path:
@@ -129,3 +129,26 @@ def machine_description(device: str | torch.device = "cpu") -> str:
     return (f"{platform.platform()}, {processor_name('cpu')}, {os.cpu_count()} CPUs{gpu}, "
             f"python {platform.python_version()}, torch {torch.__version__}, torchrl {torchrl.__version__}, "
             f"mujoco {mujoco.__version__}")
+
+
+HAND_WRITTEN = "<!-- hand-written below: kept when the benchmark script rewrites this page -->"
+"""Marker line in a benchmark page: what follows it (the reading of the figures, notes on runs) is written by
+people, and :func:`write_report_page` carries it over when the script regenerates the page above it."""
+
+
+def write_report_page(path: str | Path, generated: str) -> None:
+    """Write a benchmark page: ``generated`` (the script's part), then the hand-written part of the page already
+    at ``path`` (everything from its :data:`HAND_WRITTEN` line on), so that rerunning a benchmark never drops
+    what people wrote there. Written to a temporary file first, then moved into place."""
+    path = Path(path)
+    kept = ""
+    if path.exists():
+        old = path.read_text()
+        if HAND_WRITTEN in old:
+            kept = old[old.index(HAND_WRITTEN):]
+    text = generated.rstrip("\n") + "\n"
+    if kept:
+        text += "\n" + kept.rstrip("\n") + "\n"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
