@@ -146,6 +146,17 @@ def random_eval_coverage(env, episodes: int, bin_size: float, seed: int) -> tupl
     return count_cells(trajectories, bin_size), trajectories
 
 
+def _save_figure(fig, title: str, path: Path) -> None:
+    """Title ``fig``, write it to ``path`` (its folder made) and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def plot_curves(curve: list[dict], random_eval: int, random_total: list[int], path: Path, title: str) -> None:
     import matplotlib
 
@@ -167,11 +178,7 @@ def plot_curves(curve: list[dict], random_eval: int, random_total: list[int], pa
     ax.set_xlabel("env steps (agent steps, action repeat 2)")
     ax.set_title("total coverage", fontsize=9)
     ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save_figure(fig, title, path)
 
 
 PARTS = {
@@ -404,11 +411,7 @@ def plot_baselines(runs: dict[str, dict[int, dict]], path: Path, title: str) -> 
         ax.set_ylabel("unique 1 x 1 m cells of torso x")
         ax.set_title(name, fontsize=9)
         ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save_figure(fig, title, path)
 
 
 def _mean_sd(values: list[float]) -> str:
