@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from latentrl.training.logger import processor_name, write_report_page
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT_MD = ROOT / "docs" / "bench_online_loop.md"
 OUT_DIR = ROOT / "docs" / "bench_online_loop"
@@ -127,15 +129,11 @@ def run_variant(args, variant: str, profile: bool) -> dict:
 def _machine(device: str) -> dict:
     out = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
            "python": platform.python_version(), "torch": torch.__version__, "device": device,
-           "cpu": platform.processor() or platform.machine()}
-    try:
-        out["cpu"] = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                          if line.startswith("model name"))
+           "cpu": processor_name("cpu")}
+    if Path("/proc/loadavg").exists():
         out["load"] = Path("/proc/loadavg").read_text().split()[:3]
-    except (OSError, StopIteration):
-        pass
     if device.startswith("cuda"):
-        out["gpu"] = torch.cuda.get_device_name()
+        out["gpu"] = processor_name(device)
     return out
 
 
@@ -164,10 +162,7 @@ def write_page(results: list[dict], path: Path) -> None:
             lines.append(f"| {name} | {r['inline_steps']} | {r['buffer_storage']} | {r['frames_per_s']:.0f}{ratio} | "
                          f"{r['updates_per_s']:.1f} | " + " | ".join(cells) + " |")
         lines.append("")
-    notes = path.parent / "bench_online_loop" / "notes.md"
-    if notes.exists():
-        lines += [notes.read_text().rstrip(), ""]
-    path.write_text("\n".join(lines))
+    write_report_page(path, "\n".join(lines))  # keeps the page's hand-written reading
 
 
 def main(argv: list[str] | None = None) -> None:
