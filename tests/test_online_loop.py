@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tensordict import TensorDict
 from test_learner_speed import HostReads
 from test_training import SMOKE
 
@@ -162,8 +163,6 @@ def test_sync_free_restart_gives_the_per_step_restart(tmp_path):
         policy.sync_free = sync_free
         carry, actions = policy.init_carry(3), []
         for t in range(6):
-            from tensordict import TensorDict
-
             action, carry = policy.step(TensorDict(pixels=frames[t], batch_size=[3]), carry, restarts[t])
             actions.append(action)
         out[sync_free] = torch.stack(actions), carry
@@ -174,8 +173,6 @@ def test_sync_free_restart_gives_the_per_step_restart(tmp_path):
 def test_buffer_rows_on_a_storage_device_sample_and_checkpoint_as_on_the_host(tmp_path):
     """``storage_device`` keeps the rows apart from the bookkeeping (on the GPU in the trainer's GPU loop); on the
     CPU the same code path must give the host storage's samples, checkpoints and datasets."""
-    from tensordict import TensorDict
-
     generator = torch.Generator().manual_seed(0)
 
     def steps(t0: int) -> TensorDict:

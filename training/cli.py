@@ -338,6 +338,9 @@ def check_train_config(cfg: DictConfig) -> None:
     put("seed", check_int("seed", get("seed"), low=0, high=SEED_MAX,
                           meaning="seeds Python, NumPy, torch and the envs", example=0))
     check_device("device", get("device"))
+    if get("buffer_device") is None:
+        put("buffer_device", "auto")  # absent in older run configs
+    check_device("buffer_device", get("buffer_device"))
     threads = get("threads")
     if threads != "auto":
         put("threads", check_int("threads", threads, low=1, meaning="torch CPU threads of the learner; auto: half the "
@@ -398,11 +401,6 @@ def _check_collector(get, put) -> None:
         put("collector.inline_steps", check_int("collector.inline_steps", inline_steps, low=1,
                                                 meaning="env steps the inline loop keeps on the env's device before "
                                                         "one write to the buffer", example=16))
-    buffer_device = get("buffer_device")
-    if buffer_device is None:
-        put("buffer_device", "auto")
-    elif buffer_device != "auto":
-        check_device("buffer_device", buffer_device)
 
 
 def _check_agent_overrides(cfg: DictConfig) -> None:
