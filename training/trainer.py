@@ -720,7 +720,10 @@ class Trainer:
         stage, self._stage = self._stage, []
         if getattr(self.env, "sync_free", False):
             self.env.check_deferred()  # non-finite actions or diverged worlds: raised before they are stored
-        steps = stage[0] if len(stage) == 1 else torch.stack(stage, dim=1)
+        self._store(stage[0] if len(stage) == 1 else torch.stack(stage, dim=1))
+
+    def _store(self, steps) -> None:
+        """Collected env steps (``[num_envs]`` or ``[num_envs, T]``) into the buffer; count the episodes they end."""
         self.buffer.extend(steps)
         self.episodes += int(steps["next", "done"].sum())
 
@@ -762,8 +765,7 @@ class Trainer:
         try:
             for batch in collector:
                 steps = replay_steps(batch)
-                self.buffer.extend(steps)
-                self.episodes += int(steps["next", "done"].sum())
+                self._store(steps)
                 metrics, update_debt = self._count_and_update(steps.numel(), update_debt)
                 if metrics:  # new weights: to the collector's workers before the next batch
                     collector.update_policy_weights_()
