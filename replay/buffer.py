@@ -136,6 +136,12 @@ def _check_capacity(capacity) -> int:
     return int(capacity)
 
 
+def _check_rank_pair(method: str, index, count) -> None:
+    """``index`` of ``count`` data-parallel ranks: ints with ``0 <= index < count``, else an error naming ``method``."""
+    if not (_is_int(count) and _is_int(index) and count >= 1 and 0 <= index < count):
+        raise ValueError(f"{method}(index, count) needs 0 <= index < count, got index={index!r}, count={count!r}")
+
+
 def _check_device(device) -> torch.device:
     try:
         device = torch.device(device)
@@ -1099,9 +1105,7 @@ class ReplayBuffer:
         the buffers of ``count`` data-parallel ranks that collect their own data (online) then never give two
         episodes one id, so per-episode state keyed by it (PV-RNN's adaptive vectors) stays apart. Only for a
         buffer that holds no steps yet; saved with it."""
-        if not (_is_int(count) and _is_int(index) and count >= 1 and 0 <= index < count):
-            raise ValueError(f"number_episodes(index, count) needs 0 <= index < count, got index={index!r}, "
-                             f"count={count!r}")
+        _check_rank_pair("number_episodes", index, count)
         if self.num_envs is not None:
             raise RuntimeError("number_episodes() is for an empty buffer: this one already numbered its episodes")
         self._segment_numbering = (int(index), int(count))
@@ -1111,9 +1115,7 @@ class ReplayBuffer:
         (data-parallel training: rank ``index`` of ``count`` learns from its own share of a dataset, split by
         episode); ``count=1`` lifts the restriction. Goals with ``goal="random"`` may still come from any
         episode. Nothing is copied: the restriction applies when rows are drawn."""
-        if not (_is_int(count) and _is_int(index) and count >= 1 and 0 <= index < count):
-            raise ValueError(f"shard_episodes(index, count) needs 0 <= index < count, got index={index!r}, "
-                             f"count={count!r}")
+        _check_rank_pair("shard_episodes", index, count)
         if count == 1:
             self._shard = None
             return
