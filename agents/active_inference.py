@@ -106,6 +106,9 @@ class ActiveInferenceConfig:
     """Free nats of the transition KL (Dreamer: 3): below it the KL is not minimised (against collapse)."""
     lr: float = 1e-3
     """Adam learning rate of the world model and the reward head."""
+    max_grad_norm: float | None = None
+    """Clip the global gradient norm to this before each Adam step (Dreamer: 100); None: no clipping (the
+    spec names none; docs/bench_active_inference.md has a 20k-update run that diverged without it)."""
     batch_size: int = 64
     """Slices per update."""
     seq_len: int = 1
@@ -348,12 +351,19 @@ class ActiveInferencePolicy(Policy):
         n, k, h = actions.shape[:3]
         j = cfg.num_samples
         start = state.repeat_interleave(k, dim=0)
-        noise = None
+        # Common random numbers: an env's J belief samples and transition draws (s_j ~ q_now, the ensemble member
+        # and p(s'|s, a) noise per step) are the same for all its K candidates, as in the spec's s_j (j = 1..J,
+        # not per k), so candidates differ by their actions only. Drawn per candidate, the noise of J = 1-4
+        # samples outweighs what one action changes and the argmin picks the luckiest draw.
+        members = len(wm.transitions)
         if gens is not None:
-            m = k * j
-            noise = {"eps": self._draw(gens, "randn", (n, m, h, wm.latent_dim)).flatten(0, 1),
-                     "member": torch.stack([torch.randint(len(wm.transitions), (m, h), generator=g) for g in gens])
-                     .flatten(0, 1).to(self.device)}
+            eps = self._draw(gens, "randn", (n, j, h, wm.latent_dim))
+            member = torch.stack([torch.randint(members, (j, h), generator=g) for g in gens]).to(self.device)
+        else:
+            eps = torch.randn(n, j, h, wm.latent_dim, device=self.device)
+            member = torch.randint(members, (n, j, h), device=self.device)
+        noise = {"eps": eps.unsqueeze(1).expand(n, k, j, h, wm.latent_dim).reshape(n * k * j, h, wm.latent_dim),
+                 "member": member.unsqueeze(1).expand(n, k, j, h).reshape(n * k * j, h)}
         rollout = wm.imagine(start, actions.flatten(0, 1), num_samples=j, noise=noise)  # [N*K*J, H]
         if goal_mean is not None:
             goal_mean = goal_mean.repeat_interleave(k * j, dim=0)
@@ -468,7 +478,7 @@ class ActiveInferenceAgent(Agent):
         self.reward_head = mlp(cfg.latent_dim, [cfg.transition_hidden], 1)
         self.to(self.device)
         self._optimizer = make_adam([*self.world_model.parameters(), *self.reward_head.parameters()],
-                                           lr=cfg.lr)
+                                    lr=cfg.lr, max_grad_norm=cfg.max_grad_norm)
 
     @property
     def frame_stack(self) -> int:

@@ -132,7 +132,11 @@ def parse_overrides(items: list[str]) -> dict:
         key, sep, value = item.partition("=")
         if not sep or key not in fields:
             raise SystemExit(f"--set {item!r}: expected KEY=VALUE with KEY one of {sorted(fields)}")
-        kind = type(getattr(defaults, key))
+        default = getattr(defaults, key)
+        if default is None:  # an optional number (max_grad_norm): "none" or a float
+            out[key] = None if value.lower() == "none" else float(value)
+            continue
+        kind = type(default)
         out[key] = value if kind is str else kind(float(value)) if kind is int else kind(value)
     return out
 

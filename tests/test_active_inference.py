@@ -270,9 +270,14 @@ def test_reward_task_recovers_a_readout_and_survives_a_model_directory(tmp_path)
     actions = torch.zeros(3, 4, agent.config.plan_horizon, ACTION_DIM)
     torch.manual_seed(3)
     terms = policy.score(state, actions, None, None)
-    torch.manual_seed(3)
-    j = agent.config.num_samples
-    rollout = agent.world_model.imagine(state.repeat_interleave(4, dim=0), actions.flatten(0, 1), num_samples=j)
+    torch.manual_seed(3)  # the same draws: each env's J samples, shared by its 4 candidates
+    j, h, d = agent.config.num_samples, agent.config.plan_horizon, agent.config.latent_dim
+    eps = torch.randn(3, j, h, d)
+    member = torch.randint(len(agent.world_model.transitions), (3, j, h))
+    noise = {"eps": eps.repeat_interleave(4, dim=0).flatten(0, 1), "member": member.repeat_interleave(4, dim=0)
+             .flatten(0, 1)}
+    rollout = agent.world_model.imagine(state.repeat_interleave(4, dim=0), actions.flatten(0, 1), num_samples=j,
+                                        noise=noise)
     with torch.no_grad():
         log_pref = (agent.reward_features(rollout["mean"]) @ task.z[0, :-1] + task.z[0, -1]).sum(-1)
     torch.testing.assert_close(terms["risk"], -log_pref.reshape(3, 4, j).mean(-1))
@@ -328,6 +333,28 @@ def test_precision_formula_matches_fountas_eq_10():
     assert omega[2].item() == pytest.approx(1.5, abs=1e-4)
     assert precision(0.0).item() == pytest.approx(1.0 / (1.0 + math.exp(-5.0)) + 1.5, abs=1e-6)  # code defaults
     assert bool((omega[:-1] > omega[1:]).all())  # a larger KL lowers the precision
+
+
+@pytest.mark.parametrize("seeded", [True, False])
+def test_candidates_share_their_random_draws(seeded):
+    """Common random numbers: an env's J belief samples, ensemble members and transition noise are the same
+    for all of its K candidates, so candidates with the same actions get the same G and two candidates differ
+    by their actions only (drawn per candidate, the luckiest draw wins the argmin). With per-env generators (the policy's) and with torch's global random state."""
+    agent = make_agent("state", num_samples=3)
+    agent.eval()
+    policy = agent.policy(state_obs_and_goal_task(agent, 2)[1])
+    obs = state_obs_and_goal_task(agent, 2)[0]
+    state = agent.world_model.observe(agent.world_model.initial_state(2), obs["state"], torch.zeros(2, ACTION_DIM),
+                                      torch.ones(2, dtype=torch.bool))
+    goal_mean, goal_std = policy._goal(2)
+    k, h = 6, agent.config.plan_horizon
+    same = torch.rand(2, 1, h, ACTION_DIM).expand(2, k, h, ACTION_DIM).mul(2).sub(1)
+    gens = [torch.Generator().manual_seed(s) for s in (3, 4)] if seeded else None
+    with torch.no_grad():
+        terms = policy.score(state, same, goal_mean, goal_std, gens)
+    assert terms["G"].shape == (2, k)
+    assert torch.equal(terms["G"], terms["G"][:, :1].expand(2, k)), terms["G"]
+    assert torch.equal(terms["epistemic"], terms["epistemic"][:, :1].expand(2, k))
 
 
 def test_planning_is_not_blinded_by_a_large_constant_ambiguity(monkeypatch):

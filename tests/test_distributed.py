@@ -302,7 +302,15 @@ def run_gradient_worker(rank: int, world: int, port: int, out: str) -> None:
     if rank == 1:
         only_rank1.grad = torch.full((3,), 4.0)  # rank 0 counts as 0: mean 2
     opt.step()
-    torch.save({"both": both.grad, "only_rank1": only_rank1.grad, "none": none.grad}, out)
+    # make_adam's clipping hook is installed before the averager's and must still run after it
+    from latentrl.world_models.layers import make_adam
+
+    clipped = torch.nn.Parameter(torch.zeros(2))
+    clip_opt = make_adam([clipped], lr=0.1, max_grad_norm=2.0)
+    distributed.GradientAverager([clip_opt])
+    clipped.grad = torch.tensor([3.0, 0.0]) if rank == 0 else torch.tensor([-3.0, 8.0])  # mean (0, 4), norm 4
+    clip_opt.step()
+    torch.save({"both": both.grad, "only_rank1": only_rank1.grad, "none": none.grad, "clipped": clipped.grad}, out)
     distributed.shutdown()
 
 
@@ -414,7 +422,8 @@ def test_equality_test_catches_breakages(agent_name, breakage, single_process, t
 
 def test_gradient_averaging_with_missing_gradients(tmp_path):
     """A gradient missing on one rank takes part as zeros (the collectives match) and the average is set on
-    every rank; a parameter without a gradient anywhere keeps none (Adam then skips it on every rank)."""
+    every rank; a parameter without a gradient anywhere keeps none (Adam then skips it on every rank).
+    make_adam's gradient clipping sees the averaged gradient, though its hook was installed first."""
     port = free_port()
     outs = [tmp_path / f"grad{r}.pt" for r in range(2)]
     procs = [subprocess.Popen([sys.executable, __file__, "gradients", str(r), "2", str(port), str(outs[r])],
@@ -428,6 +437,8 @@ def test_gradient_averaging_with_missing_gradients(tmp_path):
         assert torch.equal(grads["both"], torch.full((3,), 1.5))
         assert torch.equal(grads["only_rank1"], torch.full((3,), 2.0))
         assert grads["none"] is None
+        # clipped after averaging: (0, 4) -> (0, 2) on both ranks (each rank clipping its own first: (0.65, 0.94))
+        torch.testing.assert_close(grads["clipped"], torch.tensor([0.0, 2.0]))
 
 
 def test_shard_spec_and_episode_shards(tmp_path):

@@ -89,6 +89,35 @@ def test_make_adam_picks_an_exact_implementation_on_the_cpu():
         make_adam(params, lr=1e-3, impl="sgd")
 
 
+def test_make_adam_clips_the_global_gradient_norm_before_each_step():
+    """``max_grad_norm``: every ``step()`` is ``clip_grad_norm_`` over all the optimizer's gradients, then Adam,
+    with gradients whose norms cross the bound both ways (Adam's first step is scale-free, so several steps with
+    other norms are what shows clipping). The active inference agent passes its ``max_grad_norm`` on."""
+    torch.manual_seed(0)
+    init = [torch.randn(3, 4), torch.randn(2)]
+    grads = [[torch.randn(3, 4) * scale, torch.randn(2) * scale] for scale in (0.1, 10.0, 3.0, 0.5, 20.0)]
+
+    def run(max_norm, reference_clip):
+        params = [torch.nn.Parameter(p.clone()) for p in init]
+        opt = make_adam(params, lr=0.1, max_grad_norm=max_norm)
+        for g in grads:
+            for p, gp in zip(params, g, strict=True):
+                p.grad = gp.clone()
+            if reference_clip:
+                torch.nn.utils.clip_grad_norm_(params, 2.0)
+            opt.step()
+        return torch.cat([p.detach().reshape(-1) for p in params])
+
+    clipped, reference, unclipped = run(2.0, False), run(None, True), run(None, False)
+    torch.testing.assert_close(clipped, reference, rtol=0, atol=1e-6)
+    assert (clipped - unclipped).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        make_adam(init, lr=1e-3, max_grad_norm=0.0)
+    agent = _agent("active_inference", "state", max_grad_norm=5.0)
+    hooks = list(agent.optimizers()["model"]._optimizer_step_pre_hooks.values())
+    assert [h.max_norm for h in hooks] == [5.0]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_make_adam_is_fused_on_cuda():

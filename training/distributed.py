@@ -308,7 +308,14 @@ class GradientAverager:
         self.steps = 0
         self._fault_at = _fault_injection(self.rank)
         opts = list(optimizers.values()) if isinstance(optimizers, dict) else list(optimizers)
-        self._handles = [opt.register_step_pre_hook(self._hook) for opt in opts] if ctx is not None else []
+        self._handles = []
+        for opt in opts if ctx is not None else []:
+            handle = opt.register_step_pre_hook(self._hook)
+            # first among the optimizer's pre-hooks (they run in insertion order and torch has no `prepend=`
+            # here): hooks installed with the optimizer, such as make_adam's gradient clipping, must see the
+            # averaged gradient, or each rank would clip its own and the ranks would step differently
+            opt._optimizer_step_pre_hooks.move_to_end(handle.id, last=False)
+            self._handles.append(handle)
 
     def remove(self) -> None:
         for handle in self._handles:

@@ -74,7 +74,7 @@ def adam_implementation(impl: str) -> Iterator[None]:
 
 
 def make_adam(params, lr: float, *, decoupled_weight_decay: bool = False, impl: str | None = None,
-              **kwargs) -> torch.optim.Optimizer:
+              max_grad_norm: float | None = None, **kwargs) -> torch.optim.Optimizer:
     """``torch.optim.Adam`` (or ``AdamW`` with ``decoupled_weight_decay=True``) over ``params``: every agent's
     optimizers are built here, so one setting picks the implementation of the same update rule for all.
 
@@ -85,7 +85,14 @@ def make_adam(params, lr: float, *, decoupled_weight_decay: bool = False, impl: 
     for the agents' paper networks but rounds differently (about one ulp per step; tests/test_learner_speed.py
     bounds N updates within 1e-4), so it is an opt-in there (``learner.adam=fused``). ``"foreach"`` and
     ``"loop"`` (``foreach=False``) force those. ``kwargs`` go to the optimizer (``betas``, ``weight_decay``, ...).
+
+    ``max_grad_norm``: clip the global L2 norm of the optimizer's gradients to it before each step
+    (``clip_grad_norm_`` in a step pre-hook, so every ``step()`` clips without the agent's update saying so).
+    Under torchrun :class:`~latentrl.training.distributed.GradientAverager` puts its averaging hook in front of
+    this one, so the norm is that of the averaged (global-batch) gradient on every rank, as in one process.
     """
+    if max_grad_norm is not None and not max_grad_norm > 0:
+        raise ValueError(f"make_adam: max_grad_norm must be positive or None, got {max_grad_norm!r}")
     params = list(params)
     impl = _adam_impl if impl is None else impl
     if impl not in _ADAM_IMPLS:
@@ -96,7 +103,22 @@ def make_adam(params, lr: float, *, decoupled_weight_decay: bool = False, impl: 
         impl = "fused" if cuda else "foreach"
     flags = {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}}[impl]
     cls = torch.optim.AdamW if decoupled_weight_decay else torch.optim.Adam
-    return cls(params, lr=lr, **flags, **kwargs)
+    optimizer = cls(params, lr=lr, **flags, **kwargs)
+    if max_grad_norm is not None:
+        optimizer.register_step_pre_hook(_GradNormClip(float(max_grad_norm)))
+    return optimizer
+
+
+class _GradNormClip:
+    """Step pre-hook: ``clip_grad_norm_`` over every parameter of the optimizer (see :func:`make_adam`)."""
+
+    def __init__(self, max_norm: float):
+        self.max_norm = max_norm
+
+    def __call__(self, optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        # no host read: the clip coefficient stays a tensor (min(1, max_norm / norm) multiplies every gradient)
+        torch.nn.utils.clip_grad_norm_(params, self.max_norm)
 
 
 def compile_networks(module: nn.Module, mode: str | None = None) -> list[str]:
