@@ -351,20 +351,8 @@ class ActiveInferencePolicy(Policy):
         n, k, h = actions.shape[:3]
         j = cfg.num_samples
         start = state.repeat_interleave(k, dim=0)
-        # Common random numbers: an env's J belief samples and transition draws (s_j ~ q_now, the ensemble member
-        # and p(s'|s, a) noise per step) are the same for all its K candidates, as in the spec's s_j (j = 1..J,
-        # not per k), so candidates differ by their actions only. Drawn per candidate, the noise of J = 1-4
-        # samples outweighs what one action changes and the argmin picks the luckiest draw.
-        members = len(wm.transitions)
-        if gens is not None:
-            eps = self._draw(gens, "randn", (n, j, h, wm.latent_dim))
-            member = torch.stack([torch.randint(members, (j, h), generator=g) for g in gens]).to(self.device)
-        else:
-            eps = torch.randn(n, j, h, wm.latent_dim, device=self.device)
-            member = torch.randint(members, (n, j, h), device=self.device)
-        noise = {"eps": eps.unsqueeze(1).expand(n, k, j, h, wm.latent_dim).reshape(n * k * j, h, wm.latent_dim),
-                 "member": member.unsqueeze(1).expand(n, k, j, h).reshape(n * k * j, h)}
-        rollout = wm.imagine(start, actions.flatten(0, 1), num_samples=j, noise=noise)  # [N*K*J, H]
+        rollout = wm.imagine(start, actions.flatten(0, 1), num_samples=j,
+                             noise=self.common_noise(n, k, h, gens))  # [N*K*J, H]
         if goal_mean is not None:
             goal_mean = goal_mean.repeat_interleave(k * j, dim=0)
             goal_std = goal_std.repeat_interleave(k * j, dim=0)
@@ -379,6 +367,26 @@ class ActiveInferencePolicy(Policy):
         if cfg.epistemic == "belief_change":
             terms = self._belief_change(terms, rollout, (n, k, j), context)
         return terms.reshape(n, k, j).mean(-1)
+
+    def common_noise(self, n: int, k: int, h: int, gens: list[torch.Generator] | None = None) -> dict[str, Tensor]:
+        """:meth:`ActiveInferenceModel.imagine`'s draws for ``k`` candidates of ``h`` steps in each of ``n`` envs
+        (``J = num_samples`` rollouts each): ``eps`` ``[N*K*J, H, D]``, ``member`` ``[N*K*J, H]``, from ``gens``
+        (one per env) or torch's random state.
+
+        Common random numbers: an env's J belief samples and transition draws (s_j ~ q_now, the ensemble member
+        and the p(s'|s, a) noise per step) are the same for all of its K candidates, as in the spec's s_j
+        (j = 1..J, not per k), so candidates differ by their actions only. Drawn per candidate, the noise of
+        J = 1-4 samples outweighs what one action changes and the argmin picks the luckiest draw."""
+        wm, j, d = self.world_model, self.config.num_samples, self.world_model.latent_dim
+        members = len(wm.transitions)
+        if gens is not None:
+            eps = self._draw(gens, "randn", (n, j, h, d))
+            member = torch.stack([torch.randint(members, (j, h), generator=g) for g in gens]).to(self.device)
+        else:
+            eps = torch.randn(n, j, h, d, device=self.device)
+            member = torch.randint(members, (n, j, h), device=self.device)
+        return {"eps": eps.unsqueeze(1).expand(n, k, j, h, d).reshape(n * k * j, h, d),
+                "member": member.unsqueeze(1).expand(n, k, j, h).reshape(n * k * j, h)}
 
     def _belief_change(self, terms: TensorDict, rollout: TensorDict, sizes: tuple[int, int, int],
                        context: Tensor | None) -> TensorDict:

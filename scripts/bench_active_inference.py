@@ -247,11 +247,12 @@ def scorer_ranking(agent: ActiveInferenceAgent, heldout: ReplayBuffer, args, hor
     # G as computed adds the constant ambiguity (~1.7e4 nats for 64x64x3 pixels), which rounds float32 G
     # values into ties; "G_nonconstant" = risk - epistemic_weight * epistemic ranks the same way without it.
     terms["G_nonconstant"] = terms["risk"] - agent.config.epistemic_weight * terms["epistemic"]
-    if h > 1:  # the last imagined step's KL to the goal belief, J samples each, case by case
+    if h > 1:  # the last imagined step's KL to the goal belief, J samples each (shared by the candidates)
         j = agent.config.num_samples
         last = []
         for i in range(n):
-            roll = wm.imagine(state[i : i + 1].repeat_interleave(k + 1, dim=0), actions[i], num_samples=j)
+            roll = wm.imagine(state[i : i + 1].repeat_interleave(k + 1, dim=0), actions[i], num_samples=j,
+                              noise=policy.common_noise(1, k + 1, h))
             kl = gaussian_kl(roll["mean"][:, -1], roll["std"][:, -1], goal_mean[i], goal_std[i])
             last.append(kl.reshape(k + 1, j).mean(-1))
         terms["final_risk"] = torch.stack(last)
