@@ -342,17 +342,19 @@ class ActiveInferencePolicy(Policy):
 
     def score(self, state: TensorDict, actions: Tensor, goal_mean: Tensor | None,
               goal_std: Tensor | None, gens: list[torch.Generator] | None = None,
-              context: Tensor | None = None) -> TensorDict:
-        """EFE terms ``[N, K]`` of candidates ``actions`` ``[N, K, H, A]`` from beliefs ``state`` ``[N]``;
-        ``gens`` (one generator per env) makes the rollouts' draws per env. ``context`` ``[N, 3 (k - 1), H, W]``:
+              context: Tensor | None = None, draws: dict[str, Tensor] | None = None) -> TensorDict:
+        """EFE terms ``[N, K]`` of candidates ``actions`` ``[N, K, H, A]`` from beliefs ``state`` ``[N]``.
+        The rollouts' random draws are ``draws`` (:meth:`draw_noise`, shared by the K candidates), else drawn
+        from ``gens`` (one generator per env) or torch's random state. ``context`` ``[N, 3 (k - 1), H, W]``:
         the newest observed frames, which the first imagined views are stacked with (``belief_change``).
         ``screened`` is 1 for candidates left out of the ``belief_change`` term (their ``G`` is inf)."""
         cfg, wm = self.config, self.world_model
         n, k, h = actions.shape[:3]
         j = cfg.num_samples
         start = state.repeat_interleave(k, dim=0)
+        draws = self.draw_noise(n, h, gens) if draws is None else draws
         rollout = wm.imagine(start, actions.flatten(0, 1), num_samples=j,
-                             noise=self.common_noise(n, k, h, gens))  # [N*K*J, H]
+                             noise=self.common_noise(draws, k))  # [N*K*J, H]
         if goal_mean is not None:
             goal_mean = goal_mean.repeat_interleave(k * j, dim=0)
             goal_std = goal_std.repeat_interleave(k * j, dim=0)
@@ -368,23 +370,30 @@ class ActiveInferencePolicy(Policy):
             terms = self._belief_change(terms, rollout, (n, k, j), context)
         return terms.reshape(n, k, j).mean(-1)
 
-    def common_noise(self, n: int, k: int, h: int, gens: list[torch.Generator] | None = None) -> dict[str, Tensor]:
-        """:meth:`ActiveInferenceModel.imagine`'s draws for ``k`` candidates of ``h`` steps in each of ``n`` envs
-        (``J = num_samples`` rollouts each): ``eps`` ``[N*K*J, H, D]``, ``member`` ``[N*K*J, H]``, from ``gens``
-        (one per env) or torch's random state.
+    def draw_noise(self, n: int, h: int, gens: list[torch.Generator] | None = None) -> dict[str, Tensor]:
+        """The random draws of ``J = num_samples`` imagined ``h``-step rollouts in each of ``n`` envs: ``eps``
+        ``[N, J, H, D]`` (standard normal) and ``member`` ``[N, J, H]``, from ``gens`` (one per env) or torch's
+        random state. :meth:`common_noise` shares them among an env's candidates."""
+        wm, j, d = self.world_model, self.config.num_samples, self.world_model.latent_dim
+        members = len(wm.transitions)
+        if gens is not None:
+            return {"eps": self._draw(gens, "randn", (n, j, h, d)),
+                    "member": torch.stack([torch.randint(members, (j, h), generator=g) for g in gens])
+                    .to(self.device)}
+        return {"eps": torch.randn(n, j, h, d, device=self.device),
+                "member": torch.randint(members, (n, j, h), device=self.device)}
+
+    @staticmethod
+    def common_noise(draws: dict[str, Tensor], k: int) -> dict[str, Tensor]:
+        """:meth:`ActiveInferenceModel.imagine`'s ``noise`` for ``k`` candidates per env from per-env
+        ``draws`` (:meth:`draw_noise`): ``eps`` ``[N*K*J, H, D]``, ``member`` ``[N*K*J, H]``.
 
         Common random numbers: an env's J belief samples and transition draws (s_j ~ q_now, the ensemble member
         and the p(s'|s, a) noise per step) are the same for all of its K candidates, as in the spec's s_j
         (j = 1..J, not per k), so candidates differ by their actions only. Drawn per candidate, the noise of
         J = 1-4 samples outweighs what one action changes and the argmin picks the luckiest draw."""
-        wm, j, d = self.world_model, self.config.num_samples, self.world_model.latent_dim
-        members = len(wm.transitions)
-        if gens is not None:
-            eps = self._draw(gens, "randn", (n, j, h, d))
-            member = torch.stack([torch.randint(members, (j, h), generator=g) for g in gens]).to(self.device)
-        else:
-            eps = torch.randn(n, j, h, d, device=self.device)
-            member = torch.randint(members, (n, j, h), device=self.device)
+        eps, member = draws["eps"], draws["member"]
+        n, j, h, d = eps.shape
         return {"eps": eps.unsqueeze(1).expand(n, k, j, h, d).reshape(n * k * j, h, d),
                 "member": member.unsqueeze(1).expand(n, k, j, h).reshape(n * k * j, h)}
 
@@ -435,10 +444,14 @@ class ActiveInferencePolicy(Policy):
                 return torch.stack([torch.multinomial(p, 1, generator=gen)[0] for p, gen in zip(probs, gens,
                                                                                                  strict=True)]
                                    ).to(g.device)
+        # one set of draws for the whole planning step: every CEM round and the executed plan's terms below use
+        # them, so a round's candidates are compared with the best of earlier rounds under the same noise
+        draws = self.draw_noise(n, cfg.plan_horizon, gens)
+
         def rank(a: Tensor) -> Tensor:
             # G without its ambiguity term: that term is the same for every candidate (fixed-variance decoder)
             # and ~1e4 nats, so adding it in float32 rounds away the differences the argmin has to see.
-            terms = self.score(state, a, goal_mean, goal_std, gens, context)
+            terms = self.score(state, a, goal_mean, goal_std, context=context, draws=draws)
             value = terms["risk"] - cfg.epistemic_weight * terms["epistemic"]
             return value.masked_fill(terms["screened"] > 0, float("inf"))
 
@@ -447,7 +460,7 @@ class ActiveInferencePolicy(Policy):
                           iterations=cfg.cem_iterations, num_elites=cfg.num_elites, device=x.device, select=select,
                           draw=lambda kind, shape: self._draw(gens, kind, shape))
         action = actions[:, 0].clamp(-1.0, 1.0)
-        chosen = self.score(state, actions.unsqueeze(1), goal_mean, goal_std, gens, context)[:, 0]
+        chosen = self.score(state, actions.unsqueeze(1), goal_mean, goal_std, context=context, draws=draws)[:, 0]
         carry = carry.clone(False)
         for term in EFE_TERMS:
             carry[f"efe_{term}"] = chosen[term]

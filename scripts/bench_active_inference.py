@@ -252,7 +252,7 @@ def scorer_ranking(agent: ActiveInferenceAgent, heldout: ReplayBuffer, args, hor
         last = []
         for i in range(n):
             roll = wm.imagine(state[i : i + 1].repeat_interleave(k + 1, dim=0), actions[i], num_samples=j,
-                              noise=policy.common_noise(1, k + 1, h))
+                              noise=policy.common_noise(policy.draw_noise(1, h), k + 1))
             kl = gaussian_kl(roll["mean"][:, -1], roll["std"][:, -1], goal_mean[i], goal_std[i])
             last.append(kl.reshape(k + 1, j).mean(-1))
         terms["final_risk"] = torch.stack(last)

@@ -339,7 +339,8 @@ def test_precision_formula_matches_fountas_eq_10():
 def test_candidates_share_their_random_draws(seeded):
     """Common random numbers: an env's J belief samples, ensemble members and transition noise are the same
     for all of its K candidates, so candidates with the same actions get the same G and two candidates differ
-    by their actions only (drawn per candidate, the luckiest draw wins the argmin). With per-env generators (the policy's) and with torch's global random state."""
+    by their actions only (drawn per candidate, the luckiest draw wins the argmin). With per-env generators
+    (the policy's) and with torch's global random state."""
     agent = make_agent("state", num_samples=3)
     agent.eval()
     policy = agent.policy(state_obs_and_goal_task(agent, 2)[1])
@@ -355,6 +356,31 @@ def test_candidates_share_their_random_draws(seeded):
     assert terms["G"].shape == (2, k)
     assert torch.equal(terms["G"], terms["G"][:, :1].expand(2, k)), terms["G"]
     assert torch.equal(terms["epistemic"], terms["epistemic"][:, :1].expand(2, k))
+
+
+@pytest.mark.parametrize("planner", ["cem", "shooting"])
+def test_executed_plan_is_scored_with_the_planners_draws(planner, monkeypatch):
+    """One set of draws per planning step: every CEM round compares its candidates with the best of the earlier
+    rounds under the same noise, and the carry's EFE terms of the executed plan are the planner's own score of
+    it (risk - w * epistemic equals the plan's best value exactly)."""
+    import latentrl.agents.active_inference as module
+
+    agent = make_agent("state", planner=planner, cem_iterations=3, num_candidates=16, epistemic_weight=0.5)
+    agent.eval()
+    obs, task = state_obs_and_goal_task(agent, 3)
+    policy = agent.policy(task)
+    best = []
+    real_plan = module.plan
+
+    def recording_plan(*args, **kwargs):
+        actions, value = real_plan(*args, **kwargs)
+        best.append(value)
+        return actions, value
+
+    monkeypatch.setattr(module, "plan", recording_plan)
+    torch.manual_seed(0)
+    _, carry = policy.step(obs, policy.start_episode(3), torch.zeros(3, dtype=torch.bool))
+    torch.testing.assert_close(carry["efe_risk"] - 0.5 * carry["efe_epistemic"], best[0], rtol=0, atol=1e-5)
 
 
 def test_planning_is_not_blinded_by_a_large_constant_ambiguity(monkeypatch):
