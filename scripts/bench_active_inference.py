@@ -268,10 +268,9 @@ def scorer_ranking(agent: ActiveInferenceAgent, heldout: ReplayBuffer, args, hor
     return out
 
 
-def goal_episodes(env, policy: Policy, steps: int, task, goal_pos: np.ndarray) -> dict:
-    """Run ``policy`` from ``env.reset()`` for ``steps`` steps; the distance to each goal after every step
+def goal_episodes(env, td: TensorDict, policy: Policy, steps: int, task, goal_pos: np.ndarray) -> dict:
+    """Run ``policy`` from the observations ``td`` for ``steps`` steps; the distance to each goal after every step
     ``[steps, N]`` and, for an active inference policy, the executed plan's EFE terms ``[steps, N]``."""
-    td = env.reset()
     n = td.batch_size[0]
     carry = policy.init_carry(n)
     is_first = torch.ones(n, dtype=torch.bool)
@@ -303,8 +302,12 @@ def goal_reaching(agent: ActiveInferenceAgent, heldout: ReplayBuffer, args) -> d
                        episode_length=args.goal_steps + 1, num_envs=args.goals, num_workers=0, seed=args.seed + 3)
         start = time.perf_counter()
         try:
+            # the goal frames are rendered in the episodes' own scene (reacher: the target ball the episode drew
+            # at reset, which is not part of the physics state), then the start state is put back
+            start_physics = env.reset()["physics"].clone()
+            goal_obs = env.set_physics_state(goal_physics)
+            td = env.set_physics_state(start_physics)
             if name in ("agent", "risk_only"):
-                goal_obs = env.set_physics_state(goal_physics)
                 with torch.no_grad():
                     inferred = agent.infer_task(GoalObservation(obs=goal_obs.select("pixels")))
                 policy = agent.policy(inferred)
@@ -317,7 +320,7 @@ def goal_reaching(agent: ActiveInferenceAgent, heldout: ReplayBuffer, args) -> d
             else:
                 policy = ZeroPolicy(agent.action_dim)
             torch.manual_seed(args.seed + 5)
-            run = goal_episodes(env, policy, args.goal_steps, task, goal_pos)
+            run = goal_episodes(env, td, policy, args.goal_steps, task, goal_pos)
         finally:
             env.close()
         dist = run["distance"]
