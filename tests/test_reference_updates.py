@@ -185,8 +185,17 @@ def _metra_reference(ref: METRAAgent):
         "log_alpha": torch.optim.Adam([ref.log_alpha], lr=cfg.lr_of("alpha")),
     }
 
-    def traj_encoder(x):  # phi: its own encoder, then the mean MLP (no normaliser in these configs)
+    def traj_encoder(x):  # phi: its own encoder, then the mean MLP (inputs already normalised, see update)
         return wm.head(wm.encoder(x))
+
+    # --normalizer_type preset: the official env wrapper hands every network (s - mean) / std with a fixed
+    # (preset) mean and std; ours folds them from the first warm-up batches and then freezes them. The test
+    # with a frozen normaliser gives both sides the same preset, copied here once.
+    rms = wm.normalizer.rms
+    preset = None if rms is None else (rms.mean.clone(), rms.var.sqrt().clone())
+
+    def normalise(x):
+        return x if preset is None else (x - preset[0]) / preset[1]
 
     def traj_encoder_pair(x, x_next):
         # phi(s) and phi(s') in one call. The official code makes two calls; one call gives the same values
@@ -215,7 +224,7 @@ def _metra_reference(ref: METRAAgent):
         return ((next_z - cur_z) * options).sum(dim=1)
 
     def update(v: TensorDict) -> None:
-        obs, next_obs = v[cfg.obs_type], v["next", cfg.obs_type]
+        obs, next_obs = normalise(v[cfg.obs_type]), normalise(v["next", cfg.obs_type])
         options, actions = v["skill"].float(), v["action"].float()
         dones = v["next", "terminated"].float().flatten()
         # _update_loss_te
@@ -245,9 +254,19 @@ METRA_TINY = {"hidden_dim": 16, "batch_size": 6, "dim_option": 3, "tau": 0.05, "
               "phi_lr": 2e-3, "lambda_lr": 3e-2, "q_lr": 1.5e-3, "policy_lr": 2.5e-3, "alpha_lr": 2e-2}
 
 
-@pytest.mark.parametrize("obs_type", ["state", "pixels"])
+@pytest.mark.parametrize("obs_type", ["state", "pixels", "state-preset-normaliser"])
 def test_metra_update_matches_reference(obs_type):
-    agent = _build(METRAAgent, obs_type, **METRA_TINY)
+    """``state-preset-normaliser``: the state normaliser past its warm-up (frozen statistics, as the official
+    ``--normalizer_type preset``): phi, the policy, the Qs and their targets all read ``(s - mean) / std``."""
+    normalised = obs_type == "state-preset-normaliser"
+    obs_type = "state" if normalised else obs_type
+    agent = _build(METRAAgent, obs_type, **METRA_TINY, obs_normalizer_warmup=1 if normalised else 0)
+    if normalised:
+        norm, g = agent.world_model.normalizer, torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            norm.rms.mean.copy_(0.5 * torch.randn(STATE_DIM, generator=g))
+            norm.rms.var.copy_((0.5 + torch.rand(STATE_DIM, generator=g)).square())
+            norm.batches.fill_(1)  # the warm-up is over: the statistics stay as they are
     _perturb(agent.critic1, agent.critic2)
     # large steps in phi: the constraint is violated on some rows and slack on others
     batches = [_batch(obs_type, 6, seed=k, skill_dim=3) for k in range(3)]
