@@ -104,6 +104,10 @@ def _body_qpos_index(name: str) -> tuple[int, ...]:
     return tuple(found[i] for i in sorted(found))
 
 
+_GOAL_RADIUS = {"point_mass": 0.05, "reacher": 0.05}
+"""Per-domain :attr:`Task.goal_radius` (the default 1 m is for bodies that travel)."""
+
+
 @functools.cache
 def _end_effector_body(name: str) -> int:
     """The body whose x-y is the position of a robot fixed to the world (reacher's finger): the deepest body of
@@ -160,6 +164,14 @@ class Task:
         position: ``(x, y)`` of a free joint (quadruped, humanoid), else the slide joints along x and y
         (cheetah and walker: x alone; point_mass: x and y). Raises for a body fixed to the world."""
         return _body_qpos_index(self.name)
+
+    @property
+    def goal_radius(self) -> float:
+        """The distance between body positions (:meth:`body_position`) that counts as a goal reached by default:
+        1 m for bodies that travel (METRA's goal protocol), 0.05 for the tabletop arenas: point_mass's arena is
+        0.6 m across (the active inference spec's success radius) and reacher's fingertip reaches 0.22 m from
+        the centre (0.05 is the easy target's radius)."""
+        return _GOAL_RADIUS.get(self.domain, 1.0)
 
     def body_position(self, physics):
         """Where the body is: ``physics`` ``[..., P]`` -> ``[..., k]`` (``k`` = 1 for planar runners, else 2),

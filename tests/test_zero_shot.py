@@ -187,3 +187,72 @@ def test_paper_preset_updates_at_its_published_size(agent_name):
     assert agent.config.obs_type == "pixels" and agent.config.actor_hidden_dim == 1024
     metrics = agent.update(replay_batch("pixels", 4))
     assert all(np.isfinite(v) for v in metrics.values())
+
+
+def _ball_centre(frames: torch.Tensor) -> torch.Tensor:
+    """Pixel position ``[N, 2]`` of reacher's target ball: the red pixels (R well above G and B; the arm is
+    yellow) within 6 pixels of their median, which the ball's ~80 pixels set (the fingertip has a few more)."""
+    out = []
+    for frame in frames.float():
+        r, g, b = frame[:3]
+        ys, xs = torch.nonzero((r > g + 60) & (r > b + 60), as_tuple=True)
+        points = torch.stack([ys, xs], dim=1).float()
+        near = (points - points.median(dim=0).values).abs().max(dim=1).values <= 6
+        out.append(points[near].mean(dim=0))
+    return torch.stack(out)
+
+
+def test_goal_frames_show_each_episodes_own_scene():
+    """Reacher draws its target ball at reset, outside the physics state: each goal frame is rendered after its
+    episode's reset (the ball where the episode has it, whatever the arm pose), and the episode starts from its
+    reset state, not from the goal's. The default success radius is the task's (0.05 for reacher)."""
+    from tensordict import TensorDict
+
+    from latentrl.agents.base import GoalObservation
+    from latentrl.envs.tasks import get_physics_state
+
+    dm_env = get_task("reacher-easy").make_dm_env(seed=0)
+    dm_env.reset()
+    goals = []
+    for angles in ((0.3, 1.0), (2.0, -0.5), (-1.5, 0.2)):
+        with dm_env.physics.reset_context():
+            dm_env.physics.data.qpos[:] = angles
+        goals.append(torch.as_tensor(get_physics_state(dm_env.physics)))
+    goal = torch.stack(goals)
+
+    class GoalBuffer:
+        def sample(self, n, keys=None):
+            return TensorDict({"physics": goal[:n].clone()}, [n])
+
+    class FirstFrames(Policy):
+        def __init__(self, record):
+            super().__init__("pixels", (3, 64, 64), 2)
+            self.record = record
+
+        def act(self, x, carry, is_first):
+            if bool(is_first.all()):
+                self.record["first"] = x.clone()
+            return torch.zeros(x.shape[0], 2), carry
+
+    class Recorder(_RecordingAgent):
+        record: dict = {}
+
+        def infer_task(self, spec):
+            assert isinstance(spec, GoalObservation)
+            self.record["goal"] = spec.obs["pixels"].clone()
+            return Task(z=torch.zeros(1))
+
+        def policy(self, task=None, *, explore=False):
+            return FirstFrames(self.record)
+
+    agent = Recorder()
+    env_cfg = {"task": "reacher-easy", "obs": ["pixels", "physics"], "image_size": 64, "action_repeat": 1,
+               "floor": "default", "camera": None, "episode_length": 3}
+    result = evaluate_goals(agent, GoalBuffer(), env_cfg, num_goals=3, progress=lambda s: None)
+    goal_frames, first = agent.record["goal"], agent.record["first"]
+    assert not torch.equal(goal_frames, first)  # the arm is in the goal pose there, in the start pose here
+    torch.testing.assert_close(_ball_centre(goal_frames), _ball_centre(first), atol=1.0, rtol=0)
+    # the three episodes drew three targets: a goal frame rendered before the reset would show another one
+    assert torch.cdist(_ball_centre(first), _ball_centre(first)).max() > 5
+    assert result.values is not None and result.final_distance > 0.05  # zero actions stay away from the goals
+    assert result.mean == float(np.mean(np.asarray(result.values) < get_task("reacher-easy").goal_radius))

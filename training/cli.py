@@ -772,7 +772,8 @@ EVAL_DEFAULTS = {
     "samples": 10000,       # relabelled transitions per reward task
     "episodes": 10,         # evaluation episodes per reward task
     "goals": 10,            # goal episodes (goal mode)
-    "success_radius": 1.0,  # goal mode: success when the final position is this close to the goal
+    "success_radius": "auto",  # goal mode: success within this distance of the goal; auto: the task's
+                               # goal_radius (1 m for bodies that travel, 0.05 for point_mass and reacher)
     "episode_length": None,  # agent steps per evaluation episode; default: the task's own (1000 for most)
     "out": None,            # default: <run dir>/zero_shot
     "overwrite": False,     # replace the results already in out (else an error: earlier results are kept)
@@ -789,8 +790,12 @@ def _check_eval_args(args: dict) -> dict:
     args["episodes"] = check_int("episodes", args["episodes"], low=1, example=10,
                                  meaning="evaluation episodes per reward task")
     args["goals"] = check_int("goals", args["goals"], low=1, example=10, meaning="goal episodes in goal mode")
-    args["success_radius"] = check_real("success_radius", args["success_radius"], above=0, example=1.0,
-                                        meaning="goal mode: distance to the goal that counts as reached")
+    if args["success_radius"] in ("auto", None):
+        args["success_radius"] = None  # the task's goal_radius
+    else:
+        args["success_radius"] = check_real("success_radius", args["success_radius"], above=0, example=1.0,
+                                            meaning="goal mode: distance to the goal that counts as reached "
+                                                    "(or auto: the task's goal_radius)")
     args["episode_length"] = check_int("episode_length", args["episode_length"], low=1, optional=True, example=1000,
                                        meaning="agent steps per evaluation episode; null: the task's own")
     args["seed"] = check_int("seed", args["seed"], low=0, high=SEED_MAX, example=0, meaning="seeds the evaluation")

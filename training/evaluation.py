@@ -109,7 +109,9 @@ def _require_physics(td: TensorDict, what: str) -> None:
 def rollout(env: EnvBase, policy: Policy | Callable[[int, int], Policy], num_episodes: int, *,
             reward_task: Task | str | None = None, video: bool = False, positions: bool = False,
             keep_obs: str | None = None, obs_frame_stack: int | None = None, extras: bool = False,
-            final_physics: bool = False) -> RolloutResult:
+            final_physics: bool = False,
+            after_reset: Callable[[TensorDict, int, int], tuple[TensorDict, Policy | None]] | None = None
+            ) -> RolloutResult:
     """Run ``num_episodes`` whole episodes of ``policy`` on ``env``, in rounds of ``env.batch_size[0]``.
 
     Each round resets every env (``env.reset()``), starts a carry (``policy.init_carry(n)``) and calls
@@ -133,6 +135,10 @@ def rollout(env: EnvBase, policy: Policy | Callable[[int, int], Policy], num_epi
             ``frame_stack`` when it reads ``keep_obs``, else 1): METRA's ``phi(s_T) - phi(s_0)``.
         extras: keep ``policy.extras(carry)`` after every step (``Episode.extras``).
         final_physics: keep ``physics`` after each episode's last step (``Episode.final_physics``).
+        after_reset: ``after_reset(td, first, n) -> (td, policy or None)``, called with each round's reset
+            observations: the observations to start from, and the round's policy when not None. Goal reaching
+            renders its goals here, in the episodes' own scene (reacher's target ball is drawn at reset and is
+            not part of the physics state), infers the goal tasks and puts the start state back.
 
     The policy runs with whatever gradient mode the caller set (``Policy.step`` turns gradients off
     unless the policy uses autograd), so wrap the call in ``torch.no_grad()`` only if that is meant.
@@ -147,6 +153,9 @@ def rollout(env: EnvBase, policy: Policy | Callable[[int, int], Policy], num_epi
         first_round = not out
         pol = policy if fixed else policy(len(out), n)
         td = env.reset()
+        if after_reset is not None:
+            td, replaced = after_reset(td, len(out), n)
+            pol = pol if replaced is None else replaced
         if positions or final_physics:
             _require_physics(td, "rollout(positions=True / final_physics=True)")
         obs = td.exclude(*_NOT_OBS)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tensordict import TensorDict
 
 from latentrl.agents.base import Agent, GoalObservation, RewardSamples, SampleSpec, UnsupportedTaskError
 from latentrl.envs import get_task, make_env
@@ -155,35 +156,45 @@ def evaluate_reward_tasks(agent: Agent, buffer: ReplayBuffer, tasks: list[str], 
 
 
 def evaluate_goals(agent: Agent, buffer: ReplayBuffer, env_cfg: dict, *, num_goals: int = 10,
-                   success_radius: float = 1.0, seed: int = 0, progress=print) -> TaskResult:
+                   success_radius: float | None = None, seed: int = 0, progress=print) -> TaskResult:
     """Goals = stored states: render them, infer the goal task, run ``num_goals`` episodes (one per goal)
-    and report success (final body position within ``success_radius`` of the goal's) and the final distance.
+    and report success (final body position within ``success_radius`` of the goal's; ``None``: the task's
+    :attr:`~latentrl.envs.Task.goal_radius`) and the final distance.
 
     The body position is the task's (:meth:`latentrl.envs.Task.body_position`): x for cheetah and
-    walker, the free joint's x-y for quadruped, x-y for the point masses.
+    walker, the free joint's x-y for quadruped, x-y for the point masses, the fingertip's x-y for reacher.
+    Each goal frame is rendered after its episode's reset, in that episode's scene (reacher's target ball
+    is drawn at reset and is not part of the physics state), and the start state is put back before the
+    first step.
     """
     task_name = env_cfg["task"]
+    task = get_task(task_name)
+    radius = task.goal_radius if success_radius is None else float(success_radius)
     frame_stack = _frame_stack(agent)
     env = _make_task_env(task_name, env_cfg, num_goals, seed)
-    try:
-        goal_physics = buffer.sample(num_goals, keys=["physics"])["physics"]
-        goal_obs = env.set_physics_state(goal_physics)
+    goal_physics = buffer.sample(num_goals, keys=["physics"])["physics"]
+
+    def goals_in_the_episodes_scene(td: TensorDict, first: int, n: int):
+        start = td["physics"].clone()
+        goal_obs = env.set_physics_state(goal_physics[first:first + n])
         if frame_stack > 1 and "pixels" in goal_obs.keys():
             goal_obs["pixels"] = goal_obs["pixels"].repeat(1, frame_stack, 1, 1)
         keys = [k for k in ("pixels", "state") if k in goal_obs.keys()]
-        try:
-            with torch.no_grad():
-                inferred = agent.infer_task(GoalObservation(obs=goal_obs.select(*keys)))
-        except UnsupportedTaskError as err:
-            progress(f"[zero-shot] goals: unsupported ({err})")
-            return TaskResult(f"{task_name}-goals", "goal", unsupported=str(err))
-        episodes = rollout(env, agent.policy(inferred), num_goals, final_physics=True).episodes
+        with torch.no_grad():
+            inferred = agent.infer_task(GoalObservation(obs=goal_obs.select(*keys)))
+        return env.set_physics_state(start), agent.policy(inferred)
+
+    try:
+        episodes = rollout(env, lambda first, n: None, num_goals, final_physics=True,
+                           after_reset=goals_in_the_episodes_scene).episodes
+    except UnsupportedTaskError as err:
+        progress(f"[zero-shot] goals: unsupported ({err})")
+        return TaskResult(f"{task_name}-goals", "goal", unsupported=str(err))
     finally:
         env.close()
     final = torch.stack([e.final_physics for e in episodes]).cpu().numpy()
-    task = get_task(task_name)
     distance = np.linalg.norm(task.body_position(final) - task.body_position(goal_physics.cpu().numpy()), axis=-1)
-    success = float(np.mean(distance < success_radius))
+    success = float(np.mean(distance < radius))
     progress(f"[zero-shot] goals: success {success:.2f}, final distance {distance.mean():.2f}")
     return TaskResult(f"{task_name}-goals", "goal", success, None, distance.tolist(), float(distance.mean()))
 
