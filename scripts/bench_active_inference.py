@@ -51,7 +51,7 @@ from latentrl.agents.base import GoalObservation, Policy, UniformRandomPolicy
 from latentrl.control.telemetry import step_latencies
 from latentrl.envs import get_task, make_env
 from latentrl.replay import ReplayBuffer
-from latentrl.training.logger import machine_description
+from latentrl.training.logger import machine_description, write_report_page
 from latentrl.world_models.layers import gaussian_kl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -700,7 +700,7 @@ def main(argv: list[str] | None = None) -> int:
         results["check5"] = epistemic_check(args, config, heldout)
     results["total_seconds"] = time.perf_counter() - t0
     (fig_dir / "results.json").write_text(json.dumps(results, indent=1, default=str))
-    Path(args.out).write_text(report(args, results, argv))
+    write_report_page(args.out, report(args, results, argv))  # keeps the page's hand-written part
     print(f"[bench_ai] done in {results['total_seconds']:.0f} s: {args.out}", flush=True)
     return 0
 
