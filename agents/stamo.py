@@ -95,9 +95,6 @@ class StaMoConfig:
     prediction: Literal["x", "v"] = "x"
     """What the DiT outputs: ``"x"`` x0 (velocity ``(z - x0_hat) / max(sigma, 0.05)``; pixel space) or ``"v"``
     the velocity itself (the reference's latent-space SD3). The loss is the velocity MSE either way."""
-    flow_weight_sigma: float = 0.0
-    """tau > 0: weight each frame's flow error by ``min(1, (sigma / tau)^2)`` (:meth:`StaMoModel.flow_loss`: caps
-    the x-prediction's ``1 / sigma^2`` weight of nearly clean frames); 0: the spec's plain velocity MSE."""
     lr: float = 3e-4
     """AdamW learning rate of the autoencoder (3e-4 from scratch; the reference's 3e-5 fine-tunes SD3)."""
     betas: tuple[float, float] = (0.9, 0.98)
@@ -344,7 +341,7 @@ class StaMoAgent(Agent):
             stem_channels=cfg.stem_channels, encoder_blocks=cfg.encoder_blocks, heads=cfg.heads, compress=cfg.compress,
             pooled_dim=cfg.pooled_dim, state_patches=cfg.state_patches, decoder_dim=cfg.decoder_dim,
             decoder_blocks=cfg.decoder_blocks, patch=cfg.patch, sample_steps=cfg.sample_steps,
-            prediction=cfg.prediction, flow_weight_sigma=cfg.flow_weight_sigma)
+            prediction=cfg.prediction)
         self.latent_dim = cfg.num_tokens * cfg.token_dim
         self.probes = nn.ModuleDict({str(k): LatentActionProbe(self.latent_dim, k, self.action_dim, cfg.probe_hidden)
                                      for k in cfg.probe_offsets})

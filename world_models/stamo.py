@@ -308,11 +308,8 @@ class StaMoModel(WorldModel):
                  stem_channels: Sequence[int] = (32, 64), encoder_blocks: int = 2, heads: int = 4,
                  compress: Sequence[int] = (16, 4), pooled_dim: int = 256, state_patches: int = 8,
                  decoder_dim: int = 128, decoder_blocks: int = 4, patch: int = 8, sample_steps: int = 20,
-                 prediction: str = "x", stem: nn.Module | None = None, flow_weight_sigma: float = 0.0):
+                 prediction: str = "x", stem: nn.Module | None = None):
         super().__init__()
-        if not flow_weight_sigma >= 0:
-            raise ValueError(f"flow_weight_sigma must be >= 0 (0: the plain velocity MSE), got {flow_weight_sigma!r}")
-        self.flow_weight_sigma = float(flow_weight_sigma)
         if obs_key not in ("pixels", "state"):
             raise ValueError(f"StaMoModel reads 'pixels' or 'state', got {obs_key!r}")
         self.obs_key, self.obs_shape = obs_key, tuple(int(s) for s in obs_shape)
@@ -393,26 +390,15 @@ class StaMoModel(WorldModel):
     def flow_loss(self, x: Tensor, eps: Tensor | None = None, sigma: Tensor | None = None) -> TensorDict:
         """Rectified-flow loss of frames ``x`` ``[B, *obs_shape]`` (raw: uint8 pixels or states):
         ``mean (D(z_sigma, sigma, E(x)) - (eps - x0))^2`` with ``z_sigma = (1 - sigma) x0 + sigma eps``,
-        ``sigma`` logit-normal; ``eps`` and ``sigma`` may be given (tests).
-
-        ``flow_weight_sigma`` (tau > 0) weights each frame's squared error by ``min(1, (sigma / tau)^2)``. With
-        x-prediction the velocity error is ``(x0 - x0_hat) / sigma``, so the plain loss weights the x0 error by
-        ``1 / sigma^2``: the nearly clean frames (sigma < 0.2, 8% of logit-normal draws, weights 25-400) dominate,
-        and those the decoder denoises from ``z`` alone, without the tokens. The clamp caps that weight at
-        ``1 / tau^2`` (a min-SNR-style weighting, Hang et al. 2023) and leaves ``sigma >= tau`` as they are. 0:
-        the spec's plain velocity MSE. ``flow_mse`` is always the plain one."""
+        ``sigma`` logit-normal; ``eps`` and ``sigma`` may be given (tests)."""
         tokens = self.encoder(x)
         x0 = self.to_model_space(x)
         eps = torch.randn_like(x0) if eps is None else eps
         sigma = logit_normal_sigma(x0.shape[0], device=x0.device) if sigma is None else sigma
         z = flow_interpolant(x0, eps, sigma)
         v_hat = self.decoder(z, sigma, tokens, self.pooled(tokens))
-        per_frame = (v_hat - flow_target(x0, eps)).square().flatten(1).mean(1)
-        flow_mse = per_frame.mean()
-        loss = flow_mse
-        if self.flow_weight_sigma > 0:
-            loss = (per_frame * (sigma.reshape(-1) / self.flow_weight_sigma).square().clamp(max=1.0)).mean()
-        return TensorDict({"loss": loss, "flow_mse": flow_mse.detach(), "sigma_mean": sigma.mean().detach(),
+        loss = (v_hat - flow_target(x0, eps)).square().mean()
+        return TensorDict({"loss": loss, "flow_mse": loss.detach(), "sigma_mean": sigma.mean().detach(),
                            "token_norm": tokens.detach().norm(dim=-1).mean()}, batch_size=[])
 
     def loss(self, batch: TensorDict) -> TensorDict:
