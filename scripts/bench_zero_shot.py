@@ -124,6 +124,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--domain", default="walker", choices=["walker", "point_mass_maze", "cheetah", "quadruped"])
     parser.add_argument("--dataset-steps", type=int, default=100000)
+    parser.add_argument("--dataset-seed", type=int, default=0,
+                        help="seed of the RND collection run (another seed: another dataset of the same size)")
     parser.add_argument("--collect-updates-per-step", type=float, default=0.25,
                         help="RND updates per env step while collecting (URLB: 0.5)")
     parser.add_argument("--updates", type=int, default=20000)
@@ -148,7 +150,8 @@ def main() -> None:
         subprocess.run([sys.executable, str(ROOT / "scripts" / "collect_dataset.py"), "agent=rnd",
                         f"env={collect_task(args.domain)}", "agent.preset=small", f"steps={args.dataset_steps}",
                         "learning_starts=1000", f"updates_per_step={args.collect_updates_per_step}", "threads=1",
-                        "env.obs=[state,physics]", f"out={data}", f"run_dir={work / 'collect'}", *QUIET], check=True)
+                        "env.obs=[state,physics]", f"seed={args.dataset_seed}", f"out={data}",
+                        f"run_dir={work / 'collect'}", *QUIET], check=True)
     points = [args.updates // args.eval_points * (i + 1) for i in range(args.eval_points)]
     jobs = [{"agent": a, "seed": s, "run": str(work / f"{a}-s{s}"), "data": str(data), "domain": args.domain,
              "points": points, "samples": args.samples, "episodes": args.episodes}
