@@ -199,19 +199,30 @@ def global_slices(agent_name: str, n: int, seed: int = 7):
     return out
 
 
-def run_worker(agent_name: str, rank: int, world: int, port: int, out: str, breakage: str) -> None:
-    """Train ``UPDATES`` updates on this rank's shard of the global batches; save the agent's state."""
+def run_worker(agent_names: list[str], rank: int, world: int, port: int, out_dir: str, breakage: str) -> None:
+    """For each agent in turn (one process start for all: importing the stack costs seconds), train ``UPDATES``
+    updates on this rank's shard of the global batches and save the agent's state to ``worker_output``."""
     torch.set_num_threads(1)
     sys.path.insert(0, str(REPO))
-    from latentrl.agents import make_agent
     from latentrl.training import distributed
-    from latentrl.world_models import layers
-    from tests.fakes import SpecEnv
 
     if world > 1:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                           LOCAL_RANK=str(rank), LATENTRL_DIST_TIMEOUT="60")
         distributed.init_from_env()
+    assert breakage == "none" or len(agent_names) == 1, "a breakage patches modules: one agent per process"
+    for agent_name in agent_names:
+        train_one(agent_name, rank, world, str(worker_output(Path(out_dir), agent_name, world, rank, breakage)),
+                  breakage)
+    distributed.shutdown()
+
+
+def train_one(agent_name: str, rank: int, world: int, out: str, breakage: str) -> None:
+    from latentrl.agents import make_agent
+    from latentrl.training import distributed
+    from latentrl.world_models import layers
+    from tests.fakes import SpecEnv
+
     torch.manual_seed(100 + rank)  # ranks initialise differently: the broadcast must make them identical
     agent = make_agent(agent_name, SpecEnv(keys=("state",)), preset="smoke", **AGENT_OVERRIDES[agent_name])
     for opt in agent.optimizers().values():  # see ADAM_EPS
@@ -284,7 +295,6 @@ def run_worker(agent_name: str, rank: int, world: int, port: int, out: str, brea
     except distributed.RankDivergedError as err:
         consistent = str(err)
     Path(out + ".json").write_text(json.dumps({"consistent": consistent}))
-    distributed.shutdown()
 
 
 def run_gradient_worker(rank: int, world: int, port: int, out: str) -> None:
@@ -328,16 +338,24 @@ def child_env(**extra: str) -> dict:
     return env
 
 
-def run_workers(agent_name: str, world: int, tmp: Path, breakage: str = "none") -> list[Path]:
+def worker_output(tmp: Path, agent_name: str, world: int, rank: int, breakage: str = "none") -> Path:
+    return tmp / f"{agent_name}-w{world}-r{rank}-{breakage}.pt"
+
+
+def run_workers(agent_names: list[str], world: int, tmp: Path, breakage: str = "none") -> None:
+    """``world`` worker processes, each training every agent of ``agent_names`` in turn; states in ``tmp``."""
     port = free_port()
-    outs = [tmp / f"{agent_name}-w{world}-r{r}-{breakage}.pt" for r in range(world)]
-    procs = [subprocess.Popen([sys.executable, __file__, "worker", agent_name, str(r), str(world), str(port),
-                               str(outs[r]), breakage], env=child_env(), stdout=subprocess.PIPE,
+    procs = [subprocess.Popen([sys.executable, __file__, "worker", ",".join(agent_names), str(r), str(world),
+                               str(port), str(tmp), breakage], env=child_env(), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for r in range(world)]
-    logs = [p.communicate(timeout=240)[0] for p in procs]
+    logs = [p.communicate(timeout=240 * len(agent_names))[0] for p in procs]
     for p, log in zip(procs, logs, strict=True):
         assert p.returncode == 0, log[-3000:]
-    return outs
+
+
+def two_ranks(agent_name: str, tmp: Path, breakage: str = "none") -> tuple[dict, dict]:
+    run_workers([agent_name], 2, tmp, breakage)
+    return tuple(torch.load(worker_output(tmp, agent_name, 2, r, breakage)) for r in range(2))
 
 
 def max_difference(a: dict, b: dict, *, integers_equal: bool = True) -> tuple[float, str]:
@@ -358,7 +376,8 @@ class SingleProcessStates(dict):
         self.tmp = tmp
 
     def __missing__(self, agent_name: str) -> dict:
-        self[agent_name] = torch.load(run_workers(agent_name, 1, self.tmp)[0])
+        run_workers([agent_name], 1, self.tmp)
+        self[agent_name] = torch.load(worker_output(self.tmp, agent_name, 1, 0))
         return self[agent_name]
 
 
@@ -367,12 +386,26 @@ def single_process(tmp_path_factory):
     return SingleProcessStates(tmp_path_factory.mktemp("single"))
 
 
-@pytest.mark.parametrize("agent_name", ["td_jepa", "metra", "fb", "pv_rnn", "stamo", "active_inference"])
-def test_two_gloo_ranks_equal_one_process(agent_name, single_process, tmp_path):
+AGENTS = ["td_jepa", "metra", "fb", "pv_rnn", "stamo", "active_inference"]
+
+
+@pytest.fixture(scope="module")
+def every_agent_two_ranks(single_process, tmp_path_factory) -> Path:
+    """Every agent trained by one process and by 2 gloo ranks: one launch of each for all six agents (starting a
+    process costs seconds of imports); the states lie in the returned folder."""
+    tmp = tmp_path_factory.mktemp("two_ranks")
+    run_workers(AGENTS, 1, single_process.tmp)
+    single_process.update({a: torch.load(worker_output(single_process.tmp, a, 1, 0)) for a in AGENTS})
+    run_workers(AGENTS, 2, tmp)
+    return tmp
+
+
+@pytest.mark.parametrize("agent_name", AGENTS)
+def test_two_gloo_ranks_equal_one_process(agent_name, single_process, every_agent_two_ranks):
     """2 ranks x 5 rows == 1 process x 10 rows after 6 updates: parameters, EMA targets, normaliser
     statistics, Adam moments, PV-RNN's adaptive-vector store and StaMo's probe statistics within 1e-5 (integer
     state equal); the two ranks bitwise identical."""
-    rank0, rank1 = (torch.load(p) for p in run_workers(agent_name, 2, tmp_path))
+    rank0, rank1 = (torch.load(worker_output(every_agent_two_ranks, agent_name, 2, r)) for r in range(2))
     diff, key = max_difference(single_process[agent_name], rank0)
     assert diff < 1e-5, f"{agent_name}: rank 0 differs from one process by {diff:.2e} in {key}"
     for k in rank0:
@@ -408,7 +441,7 @@ def test_equality_test_catches_sequence_agent_breakages(agent_name, breakage, si
 def test_equality_test_catches_breakages(agent_name, breakage, single_process, tmp_path):
     """Each way of breaking data parallelism makes rank 0 differ from one process, or the ranks differ
     (and check_consistent says which tensor)."""
-    rank0, rank1 = (torch.load(p) for p in run_workers(agent_name, 2, tmp_path, breakage))
+    rank0, rank1 = two_ranks(agent_name, tmp_path, breakage)
     single = single_process[agent_name]
     diff, _ = max_difference(single, rank0, integers_equal=False)
     integers_equal = all(v.is_floating_point() or torch.equal(v, single[k]) for k, v in rank0.items())
@@ -599,5 +632,5 @@ if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "gradients":
     run_gradient_worker(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
 
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "worker":
-    _, _, name, rank_, world_, port_, out_, breakage_ = sys.argv
-    run_worker(name, int(rank_), int(world_), int(port_), out_, breakage_)
+    _, _, names, rank_, world_, port_, out_dir_, breakage_ = sys.argv
+    run_worker(names.split(","), int(rank_), int(world_), int(port_), out_dir_, breakage_)

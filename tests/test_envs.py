@@ -28,7 +28,8 @@ def _rollout(env, steps: int, seed: int = 0) -> list:
                                   "quadruped-jump"])
 @pytest.mark.parametrize("num_envs", [1, 2])
 def test_check_env_specs(task, num_envs):
-    env = make_env(task, obs=("pixels", "state", "physics"), num_envs=num_envs, num_workers=min(num_envs, 1))
+    """TorchRL's spec check in-process (1 env) and through a worker process (2 envs)."""
+    env = make_env(task, obs=("pixels", "state", "physics"), num_envs=num_envs, num_workers=num_envs - 1)
     try:
         check_env_specs(env)
         td = env.reset()

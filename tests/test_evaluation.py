@@ -146,6 +146,33 @@ def test_per_round_policy_positions_stacked_observations_and_final_physics():
     assert result.positions[0].shape == (6, 2)
 
 
+def test_after_reset_gives_each_rounds_policy_and_start():
+    """``rollout(env, None, ..., after_reset=f)``: ``f(td, first, n)`` sees each round's reset observations and
+    returns the observations to start from and the round's policy; without ``after_reset``, or when it returns
+    no policy, ``None`` is refused with a message."""
+    seen, rounds = [], []
+
+    def after_reset(td, first, n):
+        seen.append((first, n, td["physics"].clone()))
+        rounds.append(RecordingPolicy(4, 2))
+        start = td.clone()
+        start["physics"] = td["physics"] + 1.0  # what the policy must see at its first step
+        return start, rounds[-1]
+
+    env = _env(episode_length=3)
+    try:
+        rollout(env, None, 3, after_reset=after_reset)
+        assert [(f, n) for f, n, _ in seen] == [(0, 2), (2, 2)]
+        for (_, _, reset_physics), policy in zip(seen, rounds, strict=True):
+            assert len(policy.calls) == 3 and torch.equal(policy.calls[0]["physics"], reset_physics + 1.0)
+        with pytest.raises(ValueError, match="needs after_reset"):
+            rollout(env, None, 1)
+        with pytest.raises(ValueError, match="returned no policy for episodes 0..1"):
+            rollout(env, None, 1, after_reset=lambda td, first, n: (td, None))
+    finally:
+        env.close()
+
+
 def test_video_keeps_the_first_episode_frames():
     policy = StatePolicy(4, 2)
     env = _env(num_envs=1, episode_length=3, obs=("pixels", "state", "physics"))

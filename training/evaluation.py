@@ -106,7 +106,7 @@ def _require_physics(td: TensorDict, what: str) -> None:
                        "(train_agent.py includes it with env.obs=auto)")
 
 
-def rollout(env: EnvBase, policy: Policy | Callable[[int, int], Policy], num_episodes: int, *,
+def rollout(env: EnvBase, policy: Policy | Callable[[int, int], Policy] | None, num_episodes: int, *,
             reward_task: Task | str | None = None, video: bool = False, positions: bool = False,
             keep_obs: str | None = None, obs_frame_stack: int | None = None, extras: bool = False,
             final_physics: bool = False,
@@ -124,7 +124,7 @@ def rollout(env: EnvBase, policy: Policy | Callable[[int, int], Policy], num_epi
     Args:
         policy: one Policy for every round, or ``policy(first, n) -> Policy`` called at the start of
             each round, before its reset, for episodes ``first .. first + n - 1`` (METRA's coverage
-            runs other skills per round; goal reaching sets goals with ``env.set_physics_state`` there).
+            runs other skills per round), or ``None`` when ``after_reset`` returns each round's policy.
         reward_task: a task (or its name) whose reward, recomputed from ``("next", "physics")`` and the
             action, replaces the env's (zero-shot reward tasks); ``None``: the env's reward.
         video: keep the first episode's ``pixels`` frames (``RolloutResult.frames``).
@@ -147,15 +147,20 @@ def rollout(env: EnvBase, policy: Policy | Callable[[int, int], Policy], num_epi
     task = get_task(reward_task) if isinstance(reward_task, str) else reward_task
     body = _task_of(env) if positions else None
     fixed = isinstance(policy, Policy)
+    if policy is None and after_reset is None:
+        raise ValueError("rollout(policy=None) needs after_reset to return each round's policy")
     out: list[Episode] = []
     frames: list[np.ndarray] = []
     while len(out) < num_episodes:
         first_round = not out
-        pol = policy if fixed else policy(len(out), n)
+        pol = policy if fixed or policy is None else policy(len(out), n)
         td = env.reset()
         if after_reset is not None:
             td, replaced = after_reset(td, len(out), n)
             pol = pol if replaced is None else replaced
+        if pol is None:
+            raise ValueError("rollout(policy=None): after_reset returned no policy for episodes "
+                             f"{len(out)}..{len(out) + n - 1}")
         if positions or final_physics:
             _require_physics(td, "rollout(positions=True / final_physics=True)")
         obs = td.exclude(*_NOT_OBS)

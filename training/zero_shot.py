@@ -185,7 +185,7 @@ def evaluate_goals(agent: Agent, buffer: ReplayBuffer, env_cfg: dict, *, num_goa
         return env.set_physics_state(start), agent.policy(inferred)
 
     try:
-        episodes = rollout(env, lambda first, n: None, num_goals, final_physics=True,
+        episodes = rollout(env, None, num_goals, final_physics=True,
                            after_reset=goals_in_the_episodes_scene).episodes
     except UnsupportedTaskError as err:
         progress(f"[zero-shot] goals: unsupported ({err})")
