@@ -45,6 +45,10 @@ def load(items: list[str]) -> dict[str, dict]:
     return {label: {**e, "random": {t: list(v.values()) for t, v in e["random"].items()}} for label, e in out.items()}
 
 
+def walker_average(scores: dict[str, float]) -> float:
+    return float(np.mean([scores[t] for t in TASKS]))
+
+
 def mean_se(values) -> str:
     v = np.asarray(values, dtype=float)
     se = v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else 0.0
@@ -60,16 +64,16 @@ def table(label: str, entry: dict) -> str:
         for s in seeds:
             sc = runs[(agent, s)]
             lines.append(f"| {NAMES[agent]} | {s} | " + " | ".join(f"{sc[t]:.1f}" for t in TASKS)
-                         + f" | {np.mean([sc[t] for t in TASKS]):.1f} |")
+                         + f" | {walker_average(sc):.1f} |")
         lines.append(f"| **{NAMES[agent]}** | mean +- s.e. ({len(seeds)}) | "
                      + " | ".join(mean_se([runs[(agent, s)][t] for s in seeds]) for t in TASKS)
-                     + f" | **{mean_se([np.mean([runs[(agent, s)][t] for t in TASKS]) for s in seeds])}** |")
+                     + f" | **{mean_se([walker_average(runs[(agent, s)]) for s in seeds])}** |")
     rnd = entry["random"]
     lines.append(f"| random | mean ({len(rnd[TASKS[0]])} seeds) | "
                  + " | ".join(f"{np.mean(rnd[t]):.1f}" for t in TASKS)
                  + f" | {np.mean([np.mean(rnd[t]) for t in TASKS]):.1f} |")
     both = sorted({s for a, s in runs if a == "td_jepa"} & {s for a, s in runs if a == "fb"})
-    diffs = [np.mean([runs[("td_jepa", s)][t] - runs[("fb", s)][t] for t in TASKS]) for s in both]
+    diffs = [walker_average(runs[("td_jepa", s)]) - walker_average(runs[("fb", s)]) for s in both]
     lines += ["", f"TD-JEPA minus FB, walker average, per seed {both}: " + ", ".join(f"{d:+.1f}" for d in diffs)
               + f" (ahead on {sum(d > 0 for d in diffs)} of {len(diffs)})"]
     if entry.get("reproduced"):
@@ -87,7 +91,7 @@ def plot(data: dict[str, dict], path: Path) -> None:
     colors = {"td_jepa": "tab:blue", "fb": "tab:orange"}
     for i, entry in enumerate(data.values()):
         for j, agent in enumerate(NAMES):
-            vals = [np.mean([sc[t] for t in TASKS]) for (a, _), sc in sorted(entry["runs"].items()) if a == agent]
+            vals = [walker_average(sc) for (a, _), sc in sorted(entry["runs"].items()) if a == agent]
             x = i + (j - 0.5) * 0.3
             ax.scatter(np.full(len(vals), x) + np.linspace(-0.05, 0.05, len(vals)), vals, color=colors[agent],
                        s=18, label=NAMES[agent] if i == 0 else None, zorder=3)

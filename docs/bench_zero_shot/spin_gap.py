@@ -117,14 +117,16 @@ def main() -> None:
         buffer = ReplayBuffer.load(work / "data")
         data = buffer.sample(min(len(buffer), 50000), keys=["state", "physics"])["next"]
         entry = {"dataset": describe(data["physics"].double().numpy()), "random": {}, "agents": {}}
+        random_runs = {}  # seed -> the random walker's trajectory (deterministic: simulated once per seed)
         runs = [p for p in work.iterdir() if re.fullmatch(r"(td_jepa|fb)-s\d+", p.name)
                 and (p / "checkpoints" / "latest.pt").exists()]  # not collect/, the RND run
         for run in sorted(runs):
             agent_name, seed = run.name.rsplit("-s", 1)
             seed = int(seed)
-            if seed not in entry["random"]:
+            if seed not in random_runs:
                 random_policy = UniformRandomPolicy(6, torch.Generator().manual_seed(seed))
-                entry["random"][seed] = describe(trajectory(random_policy, seed, args.episodes)[0])
+                random_runs[seed] = trajectory(random_policy, seed, args.episodes)
+                entry["random"][seed] = describe(random_runs[seed][0])
             agent, _ = load_agent(run / "checkpoints" / "latest.pt")
             agent.eval()
             torch.manual_seed(seed)
@@ -132,14 +134,11 @@ def main() -> None:
             buffer.relabel(SPIN, batch)
             task = agent.infer_task(RewardSamples(obs=batch["next", "state"], reward=batch["next", "reward"]))
             fit = feature_fit(agent, buffer, args.samples)
-
             implied = implied_reward(agent, task.z)
-            random_policy = UniformRandomPolicy(6, torch.Generator().manual_seed(seed))
             entry["agents"][run.name] = {
                 "agent": agent_name, "seed": seed,
                 "rollout": describe(*trajectory(agent.policy(task), seed, args.episodes), fit=fit, implied=implied),
-                "on_random_states": describe(*trajectory(random_policy, seed, args.episodes), fit=fit,
-                                             implied=implied),
+                "on_random_states": describe(*random_runs[seed], fit=fit, implied=implied),
                 "on_dataset": describe(data["physics"][:10000].double().numpy(), data["state"][:10000], fit=fit,
                                        implied=implied)}
             a = entry["agents"][run.name]
