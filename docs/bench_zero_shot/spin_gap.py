@@ -115,6 +115,7 @@ def main() -> None:
     report = {}
     for work in map(Path, args.workdirs):
         buffer = ReplayBuffer.load(work / "data")
+        torch.manual_seed(0)  # the dataset sample below, so a rerun gives the same dataset rows
         data = buffer.sample(min(len(buffer), 50000), keys=["state", "physics"])["next"]
         entry = {"dataset": describe(data["physics"].double().numpy()), "random": {}, "agents": {}}
         random_runs = {}  # seed -> the random walker's trajectory (deterministic: simulated once per seed)
