@@ -88,7 +88,7 @@ def test_resume_continues_a_killed_run(tmp_path):
     assert all(a < b for a, b in zip(logged, logged[1:], strict=False))  # dropped: what the kill lost
 
 
-def test_ctrl_c_stops_on_a_whole_step_and_saves_a_checkpoint(tmp_path):
+def test_ctrl_c_stops_on_a_whole_step_and_saves_a_checkpoint(tmp_path, capsys):
     run_dir = tmp_path / "run"
     ckpt = run_dir / "checkpoints" / "latest.pt"
     args = [sys.executable, str(ROOT / "scripts" / "train_agent.py"), *SMOKE, f"run_dir={run_dir}", "steps=100000",
@@ -113,8 +113,10 @@ def test_ctrl_c_stops_on_a_whole_step_and_saves_a_checkpoint(tmp_path):
     stopped_at = torch.load(ckpt, weights_only=True)["counters"]
     assert 150 <= stopped_at["env_steps"] < 100000 and stopped_at["updates"] > 0
     target = stopped_at["env_steps"] + 100
-    refused = _run_script("train_agent.py", *SMOKE, f"run_dir={run_dir}", f"steps={target}", "resume=true")
-    assert refused.returncode == 2 and "env.num_envs: 2 there, 1 now" in refused.stderr, refused.stderr[-3000:]
+    with pytest.raises(SystemExit) as refused:  # in this process: the refusal comes before any env worker starts
+        train_main([*SMOKE, f"run_dir={run_dir}", f"steps={target}", "resume=true"])
+    err = capsys.readouterr().err
+    assert refused.value.code == 2 and "env.num_envs: 2 there, 1 now" in err, err[-3000:]
     resumed = _run_script("train_agent.py", *SMOKE, f"run_dir={run_dir}", f"steps={target}", "resume=true",
                           "env.num_envs=2")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
