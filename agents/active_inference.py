@@ -85,7 +85,11 @@ class ActiveInferenceConfig:
     encoder_depth: int = 16
     """DreamerV2 CNN depth (channels 16, 32, 64, 128) of the pixel encoder."""
     decoder_depth: int = 16
-    """Depth of the transposed-conv decoder."""
+    """Depth of the pixel decoder."""
+    decoder: Literal["conv", "broadcast"] = "conv"
+    """Pixel decoder: ``"conv"``, the spec's transposed convolutions from a 1x1 map (DreamerV2), or
+    ``"broadcast"``, a spatial broadcast decoder (the latent tiled over a 16x16 map with coordinate channels;
+    not in the spec, see ``world_models.active_inference.BroadcastDecoder``)."""
     hidden_dim: int = 256
     """Width of the encoder's last layer (and of the state MLPs)."""
     transition_hidden: int = 128
@@ -144,6 +148,8 @@ class ActiveInferenceConfig:
     def __post_init__(self) -> None:
         if self.obs_type not in OBS_TYPES:
             raise ValueError(f"ActiveInferenceConfig.obs_type must be one of {OBS_TYPES}, got {self.obs_type!r}")
+        if self.decoder not in ("conv", "broadcast"):
+            raise ValueError(f"ActiveInferenceConfig.decoder must be 'conv' or 'broadcast', got {self.decoder!r}")
         if self.planner not in ("shooting", "cem"):
             raise ValueError(f"ActiveInferenceConfig.planner must be 'shooting' or 'cem', got {self.planner!r}")
         for name in ("frame_stack", "latent_dim", "ensemble_size", "batch_size", "seq_len", "num_candidates",
@@ -493,7 +499,7 @@ class ActiveInferenceAgent(Agent):
             cfg.obs_type, self.obs_shape, self.action_dim, latent_dim=cfg.latent_dim, frame_stack=cfg.frame_stack,
             encoder_depth=cfg.encoder_depth, hidden_dim=cfg.hidden_dim, transition_hidden=cfg.transition_hidden,
             transition_layers=cfg.transition_layers, ensemble_size=cfg.ensemble_size,
-            decoder_depth=cfg.decoder_depth, obs_std=cfg.obs_std, min_std=cfg.min_std,
+            decoder_depth=cfg.decoder_depth, decoder=cfg.decoder, obs_std=cfg.obs_std, min_std=cfg.min_std,
             kl_transition_weight=cfg.kl_transition_weight, kl_prior_weight=cfg.kl_prior_weight,
             free_nats=cfg.free_nats)
         self.reward_head = mlp(cfg.latent_dim, [cfg.transition_hidden], 1)

@@ -16,7 +16,7 @@ from torch.distributions import Normal, kl_divergence
 
 from latentrl.agents import GoalObservation
 from latentrl.agents.active_inference import ActiveInferenceAgent, expected_free_energy, plan, precision
-from latentrl.world_models.active_inference import ActiveInferenceModel, ensemble_epistemic
+from latentrl.world_models.active_inference import ActiveInferenceModel, BroadcastDecoder, ensemble_epistemic
 from latentrl.world_models.layers import gaussian_entropy, gaussian_fuse, gaussian_kl, gaussian_log_prob
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -305,6 +305,39 @@ def test_updates_on_a_fixed_batch_lower_the_free_energy():
     # reward-free data (NaN rewards) skips the reward head
     batch["next", "reward"] = torch.full_like(reward, float("nan"))
     assert agent.update(batch)["reward_loss"] == 0.0
+
+
+def _blobs(pos: torch.Tensor, size: int = 16) -> torch.Tensor:
+    """Gaussian blobs centred at ``pos`` ``[N, 2]`` (x, y in [-1, 1]): ``[N, 3, size, size]`` in [-0.5, 0.5]."""
+    axis = torch.linspace(-1.0, 1.0, size)
+    ys, xs = torch.meshgrid(axis, axis, indexing="ij")
+    d2 = (xs - pos[:, 0, None, None]) ** 2 + (ys - pos[:, 1, None, None]) ** 2
+    return (torch.exp(-d2 / (2 * 0.2**2)) - 0.5)[:, None].expand(-1, 3, size, size)
+
+
+def test_broadcast_decoder_draws_held_out_positions_from_its_coordinate_channels():
+    """The spatial broadcast decoder, given a blob's (x, y) as its latent, learns to draw blobs at positions it
+    did not see. Measured: held-out MSE 0.20 of the mean image's; 0.45 with the coordinate channels zeroed."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    train, test = (torch.rand(256, 2, generator=g) * 1.6 - 0.8 for _ in range(2))
+    decoder = BroadcastDecoder(2, 8, (16, 16), grid=4)
+    assert decoder.coords[0, :, 0, -1].tolist() == [1.0, -1.0]  # x grows along columns, y along rows
+    opt = torch.optim.Adam(decoder.parameters(), lr=3e-3)
+    images = _blobs(train)
+    for _ in range(200):
+        idx = torch.randint(0, len(train), (64,))
+        loss = (decoder(train[idx]) - images[idx]).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        held_out = _blobs(test)
+        error = (decoder(test) - held_out).square().mean() / (images.mean(0) - held_out).square().mean()
+    assert error < 0.3, float(error)
+    assert BroadcastDecoder(16, 4, (64, 64))(torch.zeros(2, 16)).shape == (2, 3, 64, 64)
+    with pytest.raises(ValueError, match="decoder must be 'conv' or 'broadcast'"):
+        make_agent("pixels", decoder="deconv")
 
 
 def test_train_agent_smoke_and_model_directory(tmp_path):

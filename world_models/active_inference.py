@@ -38,7 +38,7 @@ from latentrl.world_models.base import WorldModel
 from latentrl.world_models.encoders import make_encoder, read_key
 from latentrl.world_models.layers import LOG_2PI, gather_batch, gaussian_fuse, gaussian_kl, gaussian_log_prob, mlp
 
-__all__ = ["ActiveInferenceModel", "GaussianHead", "PixelDecoder", "ensemble_epistemic"]
+__all__ = ["ActiveInferenceModel", "BroadcastDecoder", "GaussianHead", "PixelDecoder", "ensemble_epistemic"]
 
 
 class GaussianHead(nn.Module):
@@ -75,6 +75,40 @@ class PixelDecoder(nn.Module):
         return x
 
 
+class BroadcastDecoder(nn.Module):
+    """Spatial broadcast decoder (Watters et al. 2019, arXiv:1901.07017): ``[N, D] -> [N, 3, H, W]``.
+
+    The latent is tiled over a ``grid x grid`` map with two coordinate channels (x, y in [-1, 1]), two 3x3
+    convolutions read it, and two stride-2 transposed convolutions upsample to ``4 grid`` pixels (other sizes
+    are resized). A deconvolution from a 1x1 map must learn where to draw from the latent alone; with the
+    coordinate channels the decoder can compare the latent with the position, so a latent that codes an
+    object's position smoothly is the easy solution. On point_mass the belief KL to a goal then grows with the
+    distance to the goal (docs/bench_active_inference.md, "A latent in which the goal is downhill").
+    Not the spec's symmetric decoder: ``ActiveInferenceConfig.decoder = "broadcast"`` selects it.
+    """
+
+    def __init__(self, latent_dim: int, depth: int, image_size: tuple[int, int], grid: int = 16):
+        super().__init__()
+        self.image_size, self.grid = tuple(int(s) for s in image_size), int(grid)
+        axis = torch.linspace(-1.0, 1.0, self.grid)
+        ys, xs = torch.meshgrid(axis, axis, indexing="ij")
+        self.register_buffer("coords", torch.stack([xs, ys])[None], persistent=False)  # [1, 2, g, g]
+        self.net = nn.Sequential(
+            nn.Conv2d(latent_dim + 2, 4 * depth, 3, padding=1), nn.ELU(),
+            nn.Conv2d(4 * depth, 4 * depth, 3, padding=1), nn.ELU(),
+            nn.ConvTranspose2d(4 * depth, 2 * depth, 4, stride=2, padding=1), nn.ELU(),   # g -> 2g
+            nn.ConvTranspose2d(2 * depth, 3, 4, stride=2, padding=1),                     # 2g -> 4g
+        )
+
+    def forward(self, s: Tensor) -> Tensor:
+        n, g = s.shape[0], self.grid
+        tiled = s[:, :, None, None].expand(n, s.shape[1], g, g)
+        x = self.net(torch.cat([tiled, self.coords.expand(n, 2, g, g)], dim=1))
+        if tuple(x.shape[-2:]) != self.image_size:
+            x = F.interpolate(x, size=self.image_size, mode="bilinear", align_corners=False)
+        return x
+
+
 def ensemble_epistemic(means: Tensor, stds: Tensor) -> Tensor:
     """Ensemble disagreement ``[...]`` of members' Gaussians ``means``, ``stds`` ``[E, ..., D]``:
     ``1/2 sum_d log(1 + Var_e[mu_e,d] / E_e[sigma_e,d^2])`` (0 when the members agree)."""
@@ -96,7 +130,7 @@ class ActiveInferenceModel(WorldModel):
     def __init__(self, obs_key: str, obs_shape: tuple[int, ...], action_dim: int, *, latent_dim: int = 16,
                  frame_stack: int = 2, encoder_depth: int = 16, hidden_dim: int = 256, transition_hidden: int = 128,
                  transition_layers: int = 2, ensemble_size: int = 5, decoder_depth: int = 16,
-                 obs_std: float = 1.0, min_std: float = 0.01, kl_transition_weight: float = 1.0,
+                 decoder: str = "conv", obs_std: float = 1.0, min_std: float = 0.01, kl_transition_weight: float = 1.0,
                  kl_prior_weight: float = 0.1, free_nats: float = 0.0):
         super().__init__()
         if obs_key not in ("pixels", "state"):
@@ -115,7 +149,10 @@ class ActiveInferenceModel(WorldModel):
             c, h, w = self.obs_shape
             trunk = make_encoder("dreamer", (c * self.frame_stack, h, w), depth=encoder_depth)
             self.encoder = nn.Sequential(trunk, nn.Linear(trunk.repr_dim, hidden_dim), nn.ELU())
-            self.decoder = PixelDecoder(latent_dim, decoder_depth, (h, w))
+            if decoder not in ("conv", "broadcast"):
+                raise ValueError(f"decoder must be 'conv' or 'broadcast', got {decoder!r}")
+            decoder_cls = PixelDecoder if decoder == "conv" else BroadcastDecoder
+            self.decoder = decoder_cls(latent_dim, decoder_depth, (h, w))
         else:
             self.encoder = nn.Sequential(make_encoder("state", self.obs_shape, hidden_dims=(hidden_dim, hidden_dim)))
             self.decoder = mlp(latent_dim, [hidden_dim, hidden_dim], self.obs_shape[0])
