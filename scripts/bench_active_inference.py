@@ -133,12 +133,26 @@ def parse_overrides(items: list[str]) -> dict:
         if not sep or key not in fields:
             raise SystemExit(f"--set {item!r}: expected KEY=VALUE with KEY one of {sorted(fields)}")
         default = getattr(defaults, key)
-        if default is None:  # an optional number (max_grad_norm): "none" or a float
-            out[key] = None if value.lower() == "none" else float(value)
+        optional = "None" in str(fields[key].type)  # an optional number (max_grad_norm): "none" or a float
+        if optional and value.lower() == "none":
+            out[key] = None
             continue
-        kind = type(default)
+        if isinstance(default, bool):
+            if value.lower() not in ("true", "false"):
+                raise SystemExit(f"--set {item!r}: {key} takes true or false")
+            out[key] = value.lower() == "true"
+            continue
+        kind = float if default is None else type(default)
         out[key] = value if kind is str else kind(float(value)) if kind is int else kind(value)
     return out
+
+
+def load_saved_agent(args) -> ActiveInferenceAgent:
+    """The agent of ``--load-model`` with the settings of ``--preset`` / ``--set``, in eval mode."""
+    config = ActiveInferenceAgent.make_config(args.preset, obs_type="pixels", **parse_overrides(args.overrides))
+    agent = ActiveInferenceAgent(config, (3, 64, 64), 2)
+    agent.load_state_dict(torch.load(args.load_model, weights_only=True)["agent"])
+    return agent.eval()
 
 
 # -------------------------------------------------------------------------------------- data
@@ -549,7 +563,8 @@ def report(args, results: dict, argv: list[str]) -> str:
         f"episodes x {args.episode_length} steps.",
         f"- Agent: preset `{args.preset}`{' with ' + ', '.join(args.overrides) if args.overrides else ''} "
         f"(latent {cfg['latent_dim']}, ensemble {cfg['ensemble_size']}, batch {cfg['batch_size']}, "
-        f"lr {cfg['lr']}, obs_std {cfg['obs_std']}, free nats {cfg.get('free_nats', 0.0)}, planner "
+        f"lr {cfg['lr']}, obs_std {cfg['obs_std']}, free nats {cfg.get('free_nats', 0.0)}, gradient clip "
+        f"{cfg.get('max_grad_norm')}, decoder {cfg.get('decoder', 'conv')} depth {cfg['decoder_depth']}, planner "
         f"{cfg['planner']} K={cfg['num_candidates']} x {cfg['cem_iterations']} rounds, H={cfg['plan_horizon']}, "
         f"J={cfg['num_samples']}).",
     ]

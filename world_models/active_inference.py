@@ -10,9 +10,10 @@
   uniformly per row and returns that member's Gaussian ``p_e(s'|s,a)``; its ``epistemic`` entry is the
   members' disagreement ``1/2 sum_d log(1 + Var_e[mu_e] / E_e[sigma_e^2])`` (the information a
   Gaussian ensemble's parameters carry about s', a stand-in for the spec's parameter information gain).
-- **Decoder** p(o|s): transposed convolutions to the newest 64x64 frame (pixels scaled to
-  ``x / 255 - 0.5``) or an MLP to the state; a Gaussian with the fixed std ``obs_std``, so the
-  ambiguity ``E[H p(o|s)]`` is the constant :meth:`ambiguity`.
+- **Decoder** p(o|s): to the newest 64x64 frame (pixels scaled to ``x / 255 - 0.5``), by the spec's
+  transposed convolutions from a 1x1 map (``decoder="conv"``, :class:`PixelDecoder`) or a spatial broadcast
+  decoder (``decoder="broadcast"``, :class:`BroadcastDecoder`, the agent's default), or an MLP to the state;
+  a Gaussian with the fixed std ``obs_std``, so the ambiguity ``E[H p(o|s)]`` is the constant :meth:`ambiguity`.
 - **Loss** (:meth:`loss`): the variational free energy of ``[B, L]`` slices (``L`` transitions and
   ``L + 1`` observations), per observation and summed over dims:
   ``-log p(o_t|s_t) + kl_transition_weight * KL(q(s_{t+1}|o_{t+1}) || p(s_{t+1}|s_t, a_t)) +
@@ -83,7 +84,7 @@ class BroadcastDecoder(nn.Module):
     are resized). A deconvolution from a 1x1 map must learn where to draw from the latent alone; with the
     coordinate channels the decoder can compare the latent with the position, so a latent that codes an
     object's position smoothly is the easy solution. On point_mass the belief KL to a goal then grows with the
-    distance to the goal (docs/bench_active_inference.md, "A latent in which the goal is downhill").
+    distance to the goal (docs/bench_active_inference.md, "Check 3 met on point_mass").
     Not the spec's symmetric decoder: ``ActiveInferenceConfig.decoder = "broadcast"`` selects it.
     """
 

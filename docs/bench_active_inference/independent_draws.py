@@ -39,10 +39,7 @@ def main() -> None:
     args = bench.parse_args(sys.argv[1:])
     torch.set_num_threads(args.threads)
     _, heldout = bench.load_or_collect(args)
-    config = ActiveInferenceAgent.make_config(args.preset, obs_type="pixels", **bench.parse_overrides(args.overrides))
-    agent = ActiveInferenceAgent(config, (3, 64, 64), 2)
-    agent.load_state_dict(torch.load(args.load_model, weights_only=True)["agent"])
-    agent.eval()
+    agent = bench.load_saved_agent(args)
     ActiveInferencePolicy.common_noise = independent_noise(agent)
     torch.manual_seed(args.seed)
     out = {"check2": bench.scorer_ranking(agent, heldout, args),
