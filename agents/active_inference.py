@@ -54,7 +54,7 @@ from latentrl.agents.base import (
     resolve_device,
     scalar_metrics,
 )
-from latentrl.world_models.active_inference import ActiveInferenceModel
+from latentrl.world_models.active_inference import ActiveInferenceModel, decoder_choice_error
 from latentrl.world_models.layers import gather_batch, gaussian_kl, make_adam, mlp
 
 __all__ = [
@@ -153,8 +153,8 @@ class ActiveInferenceConfig:
     def __post_init__(self) -> None:
         if self.obs_type not in OBS_TYPES:
             raise ValueError(f"ActiveInferenceConfig.obs_type must be one of {OBS_TYPES}, got {self.obs_type!r}")
-        if self.decoder not in ("conv", "broadcast"):
-            raise ValueError(f"ActiveInferenceConfig.decoder must be 'conv' or 'broadcast', got {self.decoder!r}")
+        if (message := decoder_choice_error("ActiveInferenceConfig.decoder", self.decoder)) is not None:
+            raise ValueError(message)
         if self.planner not in ("shooting", "cem"):
             raise ValueError(f"ActiveInferenceConfig.planner must be 'shooting' or 'cem', got {self.planner!r}")
         for name in ("frame_stack", "latent_dim", "ensemble_size", "batch_size", "seq_len", "num_candidates",

@@ -39,7 +39,8 @@ from latentrl.world_models.base import WorldModel
 from latentrl.world_models.encoders import make_encoder, read_key
 from latentrl.world_models.layers import LOG_2PI, gather_batch, gaussian_fuse, gaussian_kl, gaussian_log_prob, mlp
 
-__all__ = ["ActiveInferenceModel", "BroadcastDecoder", "GaussianHead", "PixelDecoder", "ensemble_epistemic"]
+__all__ = ["ActiveInferenceModel", "BroadcastDecoder", "GaussianHead", "PIXEL_DECODERS", "PixelDecoder",
+           "ensemble_epistemic"]
 
 
 class GaussianHead(nn.Module):
@@ -110,6 +111,17 @@ class BroadcastDecoder(nn.Module):
         return x
 
 
+# ``decoder=`` name -> pixel decoder class (``ActiveInferenceModel``, ``ActiveInferenceConfig.decoder``)
+PIXEL_DECODERS: dict[str, type[nn.Module]] = {"conv": PixelDecoder, "broadcast": BroadcastDecoder}
+
+
+def decoder_choice_error(owner: str, decoder: object) -> str | None:
+    """The message refusing an unknown ``decoder`` name, or None when it is one of :data:`PIXEL_DECODERS`."""
+    if decoder in PIXEL_DECODERS:
+        return None
+    return f"{owner} must be {' or '.join(map(repr, PIXEL_DECODERS))}, got {decoder!r}"
+
+
 def ensemble_epistemic(means: Tensor, stds: Tensor) -> Tensor:
     """Ensemble disagreement ``[...]`` of members' Gaussians ``means``, ``stds`` ``[E, ..., D]``:
     ``1/2 sum_d log(1 + Var_e[mu_e,d] / E_e[sigma_e,d^2])`` (0 when the members agree)."""
@@ -138,6 +150,8 @@ class ActiveInferenceModel(WorldModel):
             raise ValueError(f"ActiveInferenceModel reads 'pixels' or 'state', got {obs_key!r}")
         if ensemble_size < 1:
             raise ValueError(f"ensemble_size must be >= 1, got {ensemble_size}")
+        if (message := decoder_choice_error("decoder", decoder)) is not None:
+            raise ValueError(message)
         self.obs_key, self.obs_shape = obs_key, tuple(int(s) for s in obs_shape)
         self.action_dim, self.latent_dim = int(action_dim), int(latent_dim)
         self.frame_stack = int(frame_stack) if obs_key == "pixels" else 1
@@ -150,10 +164,7 @@ class ActiveInferenceModel(WorldModel):
             c, h, w = self.obs_shape
             trunk = make_encoder("dreamer", (c * self.frame_stack, h, w), depth=encoder_depth)
             self.encoder = nn.Sequential(trunk, nn.Linear(trunk.repr_dim, hidden_dim), nn.ELU())
-            if decoder not in ("conv", "broadcast"):
-                raise ValueError(f"decoder must be 'conv' or 'broadcast', got {decoder!r}")
-            decoder_cls = PixelDecoder if decoder == "conv" else BroadcastDecoder
-            self.decoder = decoder_cls(latent_dim, decoder_depth, (h, w))
+            self.decoder = PIXEL_DECODERS[decoder](latent_dim, decoder_depth, (h, w))
         else:
             self.encoder = nn.Sequential(make_encoder("state", self.obs_shape, hidden_dims=(hidden_dim, hidden_dim)))
             self.decoder = mlp(latent_dim, [hidden_dim, hidden_dim], self.obs_shape[0])
