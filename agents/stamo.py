@@ -78,8 +78,11 @@ class StaMoConfig:
     """Self-attention blocks over the patch features before compression."""
     heads: int = 4
     """Attention heads (encoder and decoder)."""
+    compression: Literal["transposed", "queries"] = "transposed"
+    """How E compresses the patch features to the tokens: the reference's transposed attention (a linear map
+    over the patch positions, then blocks over the channels) or learned queries (``compress``)."""
     compress: tuple[int, ...] = (16, 4)
-    """Learned-query counts of the compression stages before the last (which has ``num_tokens``)."""
+    """``compression="queries"``: query counts of the stages before the last (which has ``num_tokens``)."""
     pooled_dim: int = 256
     """Size of the pooled vector (AdaLN conditioning of the decoder)."""
     state_patches: int = 8
@@ -95,6 +98,9 @@ class StaMoConfig:
     prediction: Literal["x", "v"] = "x"
     """What the DiT outputs: ``"x"`` x0 (velocity ``(z - x0_hat) / max(sigma, 0.05)``; pixel space) or ``"v"``
     the velocity itself (the reference's latent-space SD3). The loss is the velocity MSE either way."""
+    sigma_shift: float = 3.0
+    """SD3's timestep shift of the training and sampling sigmas (``FlowMatchEulerDiscreteScheduler(shift=3.0)``
+    in SD3-medium's config, which the reference trains with); 1: the plain logit-normal."""
     lr: float = 3e-4
     """AdamW learning rate of the autoencoder (3e-4 from scratch; the reference's 3e-5 fine-tunes SD3)."""
     betas: tuple[float, float] = (0.9, 0.98)
@@ -133,6 +139,8 @@ class StaMoConfig:
     def __post_init__(self) -> None:
         if self.obs_type not in OBS_TYPES:
             raise ValueError(f"StaMoConfig.obs_type must be one of {OBS_TYPES}, got {self.obs_type!r}")
+        if self.compression not in ("transposed", "queries"):
+            raise ValueError(f"StaMoConfig.compression must be 'transposed' or 'queries', got {self.compression!r}")
         if self.goal_policy not in ("probe", "cotrained"):
             raise ValueError(f"StaMoConfig.goal_policy must be 'probe' or 'cotrained', got {self.goal_policy!r}")
         self.stem_channels = tuple(int(c) for c in self.stem_channels)
@@ -338,10 +346,11 @@ class StaMoAgent(Agent):
         self.obs_key = cfg.obs_type
         self.world_model = StaMoModel(
             cfg.obs_type, self.obs_shape, token_dim=cfg.token_dim, num_tokens=cfg.num_tokens,
-            stem_channels=cfg.stem_channels, encoder_blocks=cfg.encoder_blocks, heads=cfg.heads, compress=cfg.compress,
+            stem_channels=cfg.stem_channels, encoder_blocks=cfg.encoder_blocks, heads=cfg.heads,
+            compression=cfg.compression, compress=cfg.compress,
             pooled_dim=cfg.pooled_dim, state_patches=cfg.state_patches, decoder_dim=cfg.decoder_dim,
             decoder_blocks=cfg.decoder_blocks, patch=cfg.patch, sample_steps=cfg.sample_steps,
-            prediction=cfg.prediction)
+            prediction=cfg.prediction, sigma_shift=cfg.sigma_shift)
         self.latent_dim = cfg.num_tokens * cfg.token_dim
         self.probes = nn.ModuleDict({str(k): LatentActionProbe(self.latent_dim, k, self.action_dim, cfg.probe_hidden)
                                      for k in cfg.probe_offsets})

@@ -137,3 +137,31 @@ def test_rewritten_benchmark_pages_keep_their_hand_written_part(tmp_path):
     assert text.endswith(f"{HAND_WRITTEN}\n\n## Reading\n\nold is slow.\n")
     write_report_page(page, "# Bench\n\n| newer | 3 |")  # again: kept once, not twice
     assert page.read_text().count("## Reading") == 1 and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_bench_stamo_checkpoint_keeps_its_autoencoder_settings(tmp_path):
+    """``bench_stamo.py train`` stores the settings it trained with; a resume or an eval with a contradicting flag is
+    refused instead of loading the weights into another architecture, and a checkpoint from before the settings
+    were stored reads as what it was trained with (learned queries, no shift)."""
+    import argparse
+
+    import torch
+
+    bench = _load("bench_stamo")
+    g = torch.Generator().manual_seed(0)
+    torch.save({"pixels": torch.randint(0, 256, (5, 4, 3, 64, 64), dtype=torch.uint8, generator=g)},
+               tmp_path / "episodes.pt")
+    common = ["--out-dir", str(tmp_path), "--quick"]
+    bench.main(["train", *common, "--sigma-shift", "2", "--compression", "queries"])
+    state = torch.load(tmp_path / "stamo_wm.pt", weights_only=True)
+    assert state["config"] == {"preset": "smoke", "sigma_shift": 2.0, "compression": "queries"}
+    for flag in (["--sigma-shift", "3"], ["--compression", "transposed"]):
+        with pytest.raises(SystemExit, match="was trained with"):
+            bench.main(["train", *common, "--updates", "30", *flag])
+    args = argparse.Namespace(out_dir=str(tmp_path), preset="smoke", sample_steps=2, sigma_shift=None, compression=None)
+    agent = bench.load_model(args)
+    assert (agent.config.sigma_shift, agent.config.compression) == (2.0, "queries")
+    with pytest.raises(SystemExit, match="--preset smoke"):
+        bench.load_model(argparse.Namespace(**{**vars(args), "preset": "small"}))
+    del state["config"]  # an old checkpoint
+    assert bench.saved_config(state) == {"sigma_shift": 1.0, "compression": "queries"}

@@ -17,10 +17,13 @@ from latentrl.replay import ReplayBuffer
 from latentrl.world_models.layers import RunningMeanStd
 from latentrl.world_models.stamo import (
     StaMoModel,
+    TransposedCompressor,
     euler_sample,
     flow_interpolant,
     flow_target,
     logit_normal_sigma,
+    shift_sigma,
+    transposed_stage_sizes,
 )
 
 torch.set_num_threads(1)
@@ -86,6 +89,41 @@ def test_pooled_vector_is_affine_in_the_tokens():
     torch.testing.assert_close(mid, 0.3 * wm.pooled(a) + 0.7 * wm.pooled(b), atol=1e-5, rtol=1e-5)
 
 
+def test_transposed_compression_has_the_references_stage_sizes():
+    """``2 ** ceil(linspace(floor(log2 P), log2 2, 6))``: the spec's [256, 128, 64, 16, 8, 2] at 224 px and
+    [512, 256, 64, 32, 8, 2] at 336 px; ours, 64 patches: 64 -> 32 -> 16 -> 8 -> 4 -> 2."""
+    assert transposed_stage_sizes(256, 2) == [256, 128, 64, 16, 8, 2]
+    assert transposed_stage_sizes(576, 2) == [512, 256, 64, 32, 8, 2]
+    assert transposed_stage_sizes(64, 2) == [64, 32, 16, 8, 4, 2]
+    comp = tiny_model().encoder.compressor
+    assert isinstance(comp, TransposedCompressor) and comp.sizes == [64, 32, 16, 8, 4, 2]
+    assert comp.align.in_features == 64  # the first map is over the 64 patch positions
+    assert len(comp.blocks) == 5  # the reference's unused sixth block is not built
+    with pytest.raises(ValueError, match="compression"):
+        tiny_model(compression="pool")
+
+
+def square_position_r2(compression: str) -> float:
+    """Held-out R^2 of a ridge probe from the tokens of an *untrained* encoder to the x position of a square."""
+    wm = tiny_model(compression=compression).eval()
+    x = torch.randint(0, 52, (80,), generator=torch.Generator().manual_seed(0)).float()
+    with torch.no_grad():
+        tokens = wm.encode(square_frames(x)).flatten(1).double()
+    a = torch.cat([tokens, torch.ones(len(x), 1, dtype=tokens.dtype)], 1)
+    eye = torch.eye(a.shape[1], dtype=a.dtype)
+    w = torch.linalg.solve(a[:60].T @ a[:60] + 1e-3 * eye, a[:60].T @ x[:60, None].double())
+    pred, y = (a[60:] @ w).flatten(), x[60:].double()
+    return float(1 - (pred - y).square().sum() / (y - y.mean()).square().sum())
+
+
+def test_transposed_compression_keeps_where_things_are():
+    """The reference's compression starts with a map that is linear in the patch positions, so even an untrained
+    encoder's tokens tell where a square is (R^2 > 0.85); pooling the patches by attention to learned queries
+    blurs it (the variant whose tokens lost the reacher arm; < 0.8 here)."""
+    assert square_position_r2("transposed") > 0.85
+    assert square_position_r2("queries") < 0.8
+
+
 # -------------------------------------------------------------------------------- flow (check 2)
 
 
@@ -105,17 +143,18 @@ def test_interpolant_endpoints_and_target_is_its_velocity():
     torch.testing.assert_close(flow_target(x0, eps), eps - x0)
 
 
+@pytest.mark.parametrize("shift", [1.0, 3.0])
 @pytest.mark.parametrize("steps", [1, 4, 20])
-def test_euler_sampler_with_an_oracle_velocity_reconstructs_x0(steps):
+def test_euler_sampler_with_an_oracle_velocity_reconstructs_x0(steps, shift):
     g = torch.Generator().manual_seed(1)
     x0, eps = torch.randn(3, 3, 8, 8, generator=g), torch.randn(3, 3, 8, 8, generator=g)
 
     def oracle(z, sigma):  # the velocity of the straight path through z that ends at x0: (z - x0) / sigma
         return (z - x0) / sigma.reshape(-1, 1, 1, 1)
 
-    torch.testing.assert_close(euler_sample(oracle, eps, steps), x0, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(euler_sample(oracle, eps, steps, shift), x0, atol=1e-5, rtol=1e-5)
     # a wrong field does not (the check can fail)
-    assert not torch.allclose(euler_sample(lambda z, s: eps + x0, eps, steps), x0, atol=1e-3)
+    assert not torch.allclose(euler_sample(lambda z, s: eps + x0, eps, steps, shift), x0, atol=1e-3)
 
 
 def test_decode_runs_the_sampler_from_the_noise_through_the_velocity():
@@ -135,6 +174,32 @@ def test_sigma_is_logit_normal():
     u = torch.logit(sigma)
     assert sigma.min() > 0 and sigma.max() < 1
     assert abs(float(u.mean())) < 0.03 and abs(float(u.std()) - 1.0) < 0.03  # uniform sigma: std pi/sqrt(3)
+
+
+def test_shift_is_sd3s_and_moves_sigma_towards_noise():
+    """``shift * s / (1 + (shift - 1) s)``: keeps 0, 1/2 -> shift / (1 + shift), 1; the training draws are the
+    logit-normal through it (median 0.75 at shift 3; 0.7% below 0.2 against 8% unshifted)."""
+    s = torch.tensor([0.0, 0.5, 1.0])
+    torch.testing.assert_close(shift_sigma(s, 3.0), torch.tensor([0.0, 0.75, 1.0]))
+    torch.testing.assert_close(shift_sigma(s, 1.0), s)
+    sigma = logit_normal_sigma(40000, generator=torch.Generator().manual_seed(0), shift=3.0)
+    assert abs(float(sigma.median()) - 0.75) < 0.01
+    assert float((sigma < 0.2).float().mean()) < 0.012
+    assert float((logit_normal_sigma(40000, generator=torch.Generator().manual_seed(0)) < 0.2).float().mean()) > 0.07
+
+
+def test_model_trains_and_samples_on_the_shifted_sigmas():
+    """The model's ``sigma_shift`` reaches both the training draws and the sampler's grid."""
+    wm = tiny_model(sigma_shift=3.0)
+    torch.manual_seed(0)
+    means = torch.stack([wm.flow_loss(frames(64, i))["sigma_mean"] for i in range(4)])
+    assert abs(float(means.mean()) - 0.714) < 0.04  # E[shift(sigmoid(N(0, 1)))] = 0.714; unshifted 0.5
+    seen = []
+    wm.velocity = lambda z, sigma, tokens: seen.append(float(sigma[0])) or torch.zeros_like(z)
+    wm.decode(wm.encode(frames(1)), steps=4)
+    torch.testing.assert_close(torch.tensor(seen), shift_sigma(torch.tensor([1.0, 0.75, 0.5, 0.25]), 3.0))
+    with pytest.raises(ValueError, match="sigma_shift"):
+        tiny_model(sigma_shift=0.0)
 
 
 def test_flow_loss_is_the_velocity_mse_against_eps_minus_x0():

@@ -2,16 +2,18 @@
 
 - **Encoder** ``E(o) -> tokens [B, 2, D]`` (plus a pooled vector): a patch stem gives ``P`` patch
   features ``[B, P, D]`` (64 for a 64x64 frame), ``encoder_blocks`` transformer blocks mix them, and
-  attention compresses them to 2 tokens through stages of learned queries (64 -> 16 -> 4 -> 2; the
-  spec's "learned queries" variant of the reference's transposed attention). ``pooled = Linear(mean
-  over tokens)`` (the reference's ``DiTConditionHead``). E reads **one frame**: no time, no action,
-  no other frame.
+  the reference's transposed attention compresses them to 2 tokens (:class:`TransposedCompressor`: the
+  sequence is the D channels, their feature the map over the patches, shrunk 64 -> 32 -> 16 -> 8 -> 4
+  -> 2; ``compression="queries"``: the spec's learned-query variant, which loses where things are).
+  ``pooled = Linear(mean over tokens)`` (the reference's ``DiTConditionHead``). E reads **one frame**:
+  no time, no action, no other frame.
 - **Patch stem: trained jointly (the spec's option (b)).** The reference freezes a pretrained
   DINOv2; no pretrained weights can be downloaded here, so :class:`ConvPatchStem` (conv 3 -> 32 ->
   64 -> 128, stride 2 each) is trained with the rest. This is a deviation: E is then no longer
   "frozen features + compressor". The stem is a plain ``nn.Module`` ``pixels uint8 [B, 3, H, W] ->
-  [B, P, D]`` passed as ``stem=``: a frozen pretrained extractor (e.g. DINOv2 ViT-S/14 patch
-  features projected to D, with ``requires_grad_(False)``) drops in without other changes.
+  [B, P, D]`` with a ``num_patches`` attribute, passed as ``stem=``: a frozen pretrained extractor (e.g.
+  DINOv2 ViT-S/14 patch features projected to D, with ``requires_grad_(False)``) drops in without other
+  changes.
 - **Decoder** ``D(z_sigma, sigma, tokens) -> velocity``: a pixel-space DiT (patch 8 -> 64 tokens x
   ``decoder_dim``) whose blocks are self-attention, **cross-attention to the tokens** and an MLP, each
   modulated by AdaLN-zero on ``time embedding + Linear(pooled)`` (SD3's ``encoder_hidden_states`` and
@@ -19,10 +21,11 @@
   transformer predicts ``x0`` and the velocity is formed from it (:class:`StaMoDecoder`, ``prediction``).
 - **Objective** (eq. 1, the reference's ``train_step``): rectified flow, ``z_sigma = (1 - sigma) x0 +
   sigma eps`` (:func:`flow_interpolant`), target ``eps - x0`` (:func:`flow_target`), ``sigma =
-  sigmoid(N(0, 1))`` (logit-normal, weight 1), loss ``mean (v_hat - target)^2``. Nothing else trains
+  shift_sigma(sigmoid(N(0, 1)), sigma_shift)`` (logit-normal read through SD3's shifted scheduler sigmas,
+  ``sigma_shift = 3``; weight 1), loss ``mean (v_hat - target)^2``. Nothing else trains
   the model: no action, temporal or reconstruction-in-latent loss.
-- **Sampler**: Euler from ``sigma = 1`` (pure noise) to ``0`` in ``sample_steps`` equal steps
-  (:func:`euler_sample`).
+- **Sampler**: Euler from ``sigma = 1`` (pure noise) to ``0`` in ``sample_steps`` steps on the same
+  shifted grid (:func:`euler_sample`).
 
 Observations: ``pixels`` uint8 ``[B, 3, H, W]`` (scaled to [-1, 1] for both E and D) or ``state``
 ``[B, S]``; for states the stem is an MLP to ``state_patches`` tokens and the decoder denoises the
@@ -43,7 +46,7 @@ from latentrl.world_models.base import WorldModel
 from latentrl.world_models.encoders import read_key
 
 __all__ = ["ConvPatchStem", "StaMoDecoder", "StaMoEncoder", "StaMoModel", "StatePatchStem", "euler_sample",
-           "flow_interpolant", "flow_target", "logit_normal_sigma"]
+           "flow_interpolant", "flow_target", "logit_normal_sigma", "shift_sigma"]
 
 
 # ---------------------------------------------------------------------------------- rectified flow
@@ -60,17 +63,28 @@ def flow_target(x0: Tensor, eps: Tensor) -> Tensor:
     return eps - x0
 
 
-def logit_normal_sigma(n: int, *, device=None, generator: torch.Generator | None = None) -> Tensor:
-    """``sigma = sigmoid(u)``, ``u ~ N(0, 1)`` ``[n]`` (SD3's ``logit_normal`` density, mean 0, std 1)."""
-    return torch.sigmoid(torch.randn(n, generator=generator).to(device))
+def shift_sigma(sigma: Tensor, shift: float) -> Tensor:
+    """SD3's timestep shift ``shift * s / (1 + (shift - 1) * s)``: a monotone map of [0, 1] onto itself that
+    keeps 0 and 1 and moves the mass towards noise for ``shift > 1`` (``FlowMatchEulerDiscreteScheduler``
+    applies it to its training and sampling sigmas; SD3-medium's scheduler config has ``shift = 3.0``)."""
+    return shift * sigma / (1.0 + (shift - 1.0) * sigma)
 
 
-def euler_sample(velocity: Callable[[Tensor, Tensor], Tensor], noise: Tensor, steps: int) -> Tensor:
+def logit_normal_sigma(n: int, *, device=None, generator: torch.Generator | None = None,
+                       shift: float = 1.0) -> Tensor:
+    """``sigma = shift_sigma(sigmoid(u), shift)``, ``u ~ N(0, 1)`` ``[n]`` (SD3's ``logit_normal`` density,
+    mean 0, std 1, read through the scheduler's shifted sigmas; ``shift = 1``: the plain logit-normal)."""
+    return shift_sigma(torch.sigmoid(torch.randn(n, generator=generator).to(device)), shift)
+
+
+def euler_sample(velocity: Callable[[Tensor, Tensor], Tensor], noise: Tensor, steps: int,
+                 shift: float = 1.0) -> Tensor:
     """Integrate ``dz/dsigma = velocity(z, sigma)`` from ``z = noise`` at ``sigma = 1`` to ``sigma = 0`` in
-    ``steps`` equal Euler steps; returns ``z`` at ``sigma = 0`` (the sample)."""
+    ``steps`` Euler steps on the grid ``shift_sigma(linspace(1, 0, steps + 1), shift)`` (equal steps for
+    ``shift = 1``); returns ``z`` at ``sigma = 0`` (the sample)."""
     if steps < 1:
         raise ValueError(f"euler_sample needs steps >= 1, got {steps}")
-    sigmas = torch.linspace(1.0, 0.0, steps + 1, device=noise.device)
+    sigmas = shift_sigma(torch.linspace(1.0, 0.0, steps + 1, device=noise.device), shift)
     z = noise
     for i in range(steps):
         sigma = sigmas[i].expand(noise.shape[0])
@@ -90,24 +104,27 @@ def _timestep_embedding(sigma: Tensor, dim: int, scale: float = 1000.0) -> Tenso
 
 
 class _Attention(nn.Module):
-    """Multi-head attention of ``x`` ``[B, N, D]`` over ``context`` ``[B, M, Dc]`` (itself when ``None``)."""
+    """Multi-head attention of ``x`` ``[B, N, D]`` over ``context`` ``[B, M, Dc]`` (itself when ``None``);
+    ``inner`` is the width of the heads together (``dim`` unless given: the transposed compressor's
+    features are a few wide, its heads are not)."""
 
-    def __init__(self, dim: int, heads: int, context_dim: int | None = None):
+    def __init__(self, dim: int, heads: int, context_dim: int | None = None, inner: int | None = None):
         super().__init__()
-        if dim % heads:
-            raise ValueError(f"attention dim {dim} is not divisible by {heads} heads")
-        self.heads = heads
-        self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(context_dim or dim, 2 * dim)
-        self.out = nn.Linear(dim, dim)
+        inner = int(inner or dim)
+        if inner % heads:
+            raise ValueError(f"attention width {inner} is not divisible by {heads} heads")
+        self.heads, self.inner = heads, inner
+        self.q = nn.Linear(dim, inner)
+        self.kv = nn.Linear(context_dim or dim, 2 * inner)
+        self.out = nn.Linear(inner, dim)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        b, n, d = x.shape
+        b, n, _ = x.shape
         context = x if context is None else context
         q = self.q(x).reshape(b, n, self.heads, -1).transpose(1, 2)
         k, v = self.kv(context).reshape(b, context.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)
         y = F.scaled_dot_product_attention(q, k, v)
-        return self.out(y.transpose(1, 2).reshape(b, n, d))
+        return self.out(y.transpose(1, 2).reshape(b, n, self.inner))
 
 
 class _Block(nn.Module):
@@ -166,20 +183,103 @@ class StatePatchStem(nn.Module):
         return self.net(state.float()).reshape(state.shape[0], self.num_patches, self.dim)
 
 
+class _ChannelBlock(nn.Module):
+    """diffusers' ``BasicTransformerBlock`` as the reference's projector uses it: self-attention, cross-attention
+    to ``context`` and an MLP, each pre-normed and residual, with heads ``heads x head_dim`` wide whatever
+    the (small) feature size ``dim``."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int):
+        super().__init__()
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.self_attn = _Attention(dim, heads, inner=heads * head_dim)
+        self.cross_attn = _Attention(dim, heads, context_dim, inner=heads * head_dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        x = x + self.self_attn(self.norm1(x))
+        x = x + self.cross_attn(self.norm2(x), context)
+        return x + self.mlp(self.norm3(x))
+
+
+def transposed_stage_sizes(num_patches: int, num_tokens: int, stages: int = 6) -> list[int]:
+    """The reference's ``2 ** ceil(linspace(floor(log2 P), log2 N, stages))`` with the last size ``N`` itself:
+    ``[64, 32, 16, 8, 4, 2]`` for 64 patches and 2 tokens (``[256, 128, 64, 16, 8, 2]`` at 224 px)."""
+    if num_patches < num_tokens:
+        raise ValueError(f"cannot compress {num_patches} patches to {num_tokens} tokens")
+    ends = torch.linspace(math.floor(math.log2(num_patches)), math.log2(num_tokens), stages).tolist()
+    return [2 ** math.ceil(v - 1e-9) for v in ends[:-1]] + [int(num_tokens)]
+
+
+class TransposedCompressor(nn.Module):
+    """The reference's compression (``projector.py``; spec §2 "transposed attention"): patch features
+    ``[B, P, D]`` -> ``q [B, P, D]`` and ``kv [B, P, Dkv]``; ``q`` is transposed to ``[B, D, P]`` so the
+    sequence is the ``D`` channels and each channel's feature is its map over the patches; ``Linear(P -> d0)``
+    mixes the patch positions, then stages of (block over the channels, cross-attending to ``kv``;
+    ``Linear(d_i -> d_{i+1})``) shrink the feature to ``num_tokens``; the result ``[B, D, N]`` is transposed
+    to tokens ``[B, N, D]``.
+
+    The first map is linear in the patch positions, so where a feature fires survives compression. The
+    learned-query variant (:class:`QueryCompressor`) pools patches by content-based attention, and in our
+    measurement its tokens lost the reacher arm. Trained on the joint angles directly, that encoder stayed
+    at held-out R^2 ~0 after 400 updates, while its patch stem, flattened, reached 0.71; see
+    docs/bench_stamo.md."""
+
+    def __init__(self, num_patches: int, dim: int, num_tokens: int, *, heads: int = 4, head_dim: int = 16,
+                 kv_dim: int | None = None, stages: int = 6):
+        super().__init__()
+        self.dim, self.kv_dim = int(dim), int(kv_dim or dim // 2)
+        self.sizes = transposed_stage_sizes(num_patches, num_tokens, stages)
+        self.qkv = nn.Linear(dim, self.dim + self.kv_dim)
+        self.align = nn.Linear(num_patches, self.sizes[0])
+        # the reference zips 5 down-projections with 6 blocks, so its last block (feature size 2) never runs
+        self.blocks = nn.ModuleList(_ChannelBlock(d, heads, head_dim, self.kv_dim) for d in self.sizes[:-1])
+        self.downs = nn.ModuleList(nn.Linear(a, b) for a, b in zip(self.sizes[:-1], self.sizes[1:], strict=True))
+
+    def forward(self, h: Tensor) -> Tensor:
+        q, kv = self.qkv(h).split([self.dim, self.kv_dim], dim=-1)
+        x = self.align(q.transpose(1, 2))  # [B, D, d0]: every channel's map over the patches, linearly mixed
+        for block, down in zip(self.blocks, self.downs, strict=True):
+            x = down(block(x, kv))
+        return x.transpose(1, 2)  # [B, N, D]
+
+
+class QueryCompressor(nn.Module):
+    """Compression by learned queries (the spec's allowed variant): stage ``i`` has ``counts[i]`` queries that
+    cross-attend to the previous stage's tokens (the patch features first); the last has ``num_tokens``."""
+
+    def __init__(self, dim: int, num_tokens: int, *, heads: int = 4, counts: Sequence[int] = (16, 4)):
+        super().__init__()
+        counts = [*counts, num_tokens]
+        self.queries = nn.ParameterList(nn.Parameter(torch.randn(1, n, dim) * 0.02) for n in counts)
+        self.blocks = nn.ModuleList(_Block(dim, heads, dim, cross=True) for _ in counts)
+
+    def forward(self, h: Tensor) -> Tensor:
+        for queries, block in zip(self.queries, self.blocks, strict=True):
+            h = block(queries.expand(h.shape[0], -1, -1), h)
+        return h
+
+
+COMPRESSIONS = ("transposed", "queries")
+
+
 class StaMoEncoder(nn.Module):
     """``E``: one observation -> tokens ``[B, num_tokens, dim]``; see the module docstring.
 
-    Compression: each stage ``i`` has ``compress[i]`` learned queries that cross-attend to the previous
-    stage's tokens (the patch features first); the last stage has ``num_tokens`` queries."""
+    ``compression``: ``"transposed"`` (the reference's, :class:`TransposedCompressor`; needs the stem's
+    ``num_patches``) or ``"queries"`` (:class:`QueryCompressor` with ``compress`` query counts)."""
 
     def __init__(self, stem: nn.Module, dim: int = 128, *, blocks: int = 2, heads: int = 4,
-                 compress: Sequence[int] = (16, 4), num_tokens: int = 2, pooled_dim: int = 256):
+                 compression: str = "transposed", compress: Sequence[int] = (16, 4), num_tokens: int = 2,
+                 pooled_dim: int = 256):
         super().__init__()
+        if compression not in COMPRESSIONS:
+            raise ValueError(f"StaMoEncoder compression must be one of {COMPRESSIONS}, got {compression!r}")
         self.stem, self.dim, self.num_tokens = stem, int(dim), int(num_tokens)
         self.blocks = nn.ModuleList(_Block(dim, heads) for _ in range(blocks))
-        counts = [*compress, num_tokens]
-        self.queries = nn.ParameterList(nn.Parameter(torch.randn(1, n, dim) * 0.02) for n in counts)
-        self.compressors = nn.ModuleList(_Block(dim, heads, dim, cross=True) for _ in counts)
+        if compression == "transposed":
+            self.compressor = TransposedCompressor(int(stem.num_patches), dim, num_tokens, heads=heads)
+        else:
+            self.compressor = QueryCompressor(dim, num_tokens, heads=heads, counts=compress)
         self.norm = nn.LayerNorm(dim)
         self.pooled_head = nn.Linear(dim, pooled_dim)
 
@@ -188,9 +288,7 @@ class StaMoEncoder(nn.Module):
         h = self.stem(x)
         for block in self.blocks:
             h = block(h)
-        for queries, block in zip(self.queries, self.compressors, strict=True):
-            h = block(queries.expand(h.shape[0], -1, -1), h)
-        return self.norm(h)
+        return self.norm(self.compressor(h))
 
     def pooled(self, tokens: Tensor) -> Tensor:
         """The pooled vector ``[B, pooled_dim]`` = ``Linear(mean over tokens)`` (affine in the tokens)."""
@@ -306,19 +404,23 @@ class StaMoModel(WorldModel):
 
     def __init__(self, obs_key: str, obs_shape: Sequence[int], *, token_dim: int = 128, num_tokens: int = 2,
                  stem_channels: Sequence[int] = (32, 64), encoder_blocks: int = 2, heads: int = 4,
-                 compress: Sequence[int] = (16, 4), pooled_dim: int = 256, state_patches: int = 8,
+                 compression: str = "transposed", compress: Sequence[int] = (16, 4), pooled_dim: int = 256,
+                 state_patches: int = 8,
                  decoder_dim: int = 128, decoder_blocks: int = 4, patch: int = 8, sample_steps: int = 20,
-                 prediction: str = "x", stem: nn.Module | None = None):
+                 prediction: str = "x", sigma_shift: float = 3.0, stem: nn.Module | None = None):
         super().__init__()
         if obs_key not in ("pixels", "state"):
             raise ValueError(f"StaMoModel reads 'pixels' or 'state', got {obs_key!r}")
         self.obs_key, self.obs_shape = obs_key, tuple(int(s) for s in obs_shape)
         self.token_dim, self.num_tokens, self.sample_steps = int(token_dim), int(num_tokens), int(sample_steps)
+        if not sigma_shift > 0:
+            raise ValueError(f"StaMoModel.sigma_shift must be > 0, got {sigma_shift}")
+        self.sigma_shift = float(sigma_shift)
         if stem is None:
             stem = (ConvPatchStem(self.obs_shape, token_dim, stem_channels) if obs_key == "pixels"
                     else StatePatchStem(self.obs_shape[0], token_dim, state_patches))
-        self.encoder = StaMoEncoder(stem, token_dim, blocks=encoder_blocks, heads=heads, compress=compress,
-                                    num_tokens=num_tokens, pooled_dim=pooled_dim)
+        self.encoder = StaMoEncoder(stem, token_dim, blocks=encoder_blocks, heads=heads, compression=compression,
+                                    compress=compress, num_tokens=num_tokens, pooled_dim=pooled_dim)
         self.decoder = StaMoDecoder(self.obs_shape, token_dim, pooled_dim, dim=decoder_dim, blocks=decoder_blocks,
                                     heads=heads, patch=patch, prediction=prediction)
 
@@ -365,7 +467,8 @@ class StaMoModel(WorldModel):
         tokens = latent.to(self.device)
         if noise is None:
             noise = torch.randn((tokens.shape[0], *self.obs_shape), generator=generator).to(self.device)
-        x0 = euler_sample(lambda z, s: self.velocity(z, s, tokens), noise, int(steps or self.sample_steps))
+        x0 = euler_sample(lambda z, s: self.velocity(z, s, tokens), noise, int(steps or self.sample_steps),
+                          self.sigma_shift)
         out = self.from_model_space(x0)
         return TensorDict({self.obs_key: out}, batch_size=[out.shape[0]])
 
@@ -390,11 +493,12 @@ class StaMoModel(WorldModel):
     def flow_loss(self, x: Tensor, eps: Tensor | None = None, sigma: Tensor | None = None) -> TensorDict:
         """Rectified-flow loss of frames ``x`` ``[B, *obs_shape]`` (raw: uint8 pixels or states):
         ``mean (D(z_sigma, sigma, E(x)) - (eps - x0))^2`` with ``z_sigma = (1 - sigma) x0 + sigma eps``,
-        ``sigma`` logit-normal; ``eps`` and ``sigma`` may be given (tests)."""
+        ``sigma`` logit-normal through the shift; ``eps`` and ``sigma`` may be given (tests)."""
         tokens = self.encoder(x)
         x0 = self.to_model_space(x)
         eps = torch.randn_like(x0) if eps is None else eps
-        sigma = logit_normal_sigma(x0.shape[0], device=x0.device) if sigma is None else sigma
+        if sigma is None:
+            sigma = logit_normal_sigma(x0.shape[0], device=x0.device, shift=self.sigma_shift)
         z = flow_interpolant(x0, eps, sigma)
         v_hat = self.decoder(z, sigma, tokens, self.pooled(tokens))
         loss = (v_hat - flow_target(x0, eps)).square().mean()
