@@ -53,7 +53,7 @@ from latentrl.agents.base import (
     scalar_metrics,
 )
 from latentrl.world_models.layers import RunningMeanStd, gather_batch, make_adam, mlp
-from latentrl.world_models.stamo import StaMoModel
+from latentrl.world_models.stamo import COMPRESSIONS, StaMoModel
 
 __all__ = ["PRESETS", "GoalBCNet", "LatentActionProbe", "StaMoAgent", "StaMoBCPolicy", "StaMoCollectPolicy",
            "StaMoConfig", "StaMoGoalPolicy"]
@@ -139,8 +139,8 @@ class StaMoConfig:
     def __post_init__(self) -> None:
         if self.obs_type not in OBS_TYPES:
             raise ValueError(f"StaMoConfig.obs_type must be one of {OBS_TYPES}, got {self.obs_type!r}")
-        if self.compression not in ("transposed", "queries"):
-            raise ValueError(f"StaMoConfig.compression must be 'transposed' or 'queries', got {self.compression!r}")
+        if self.compression not in COMPRESSIONS:
+            raise ValueError(f"StaMoConfig.compression must be one of {COMPRESSIONS}, got {self.compression!r}")
         if self.goal_policy not in ("probe", "cotrained"):
             raise ValueError(f"StaMoConfig.goal_policy must be 'probe' or 'cotrained', got {self.goal_policy!r}")
         self.stem_channels = tuple(int(c) for c in self.stem_channels)

@@ -41,6 +41,7 @@ from latentrl.agents.base import GoalObservation, Policy, UniformRandomPolicy
 from latentrl.agents.stamo import StaMoAgent, StaMoCollectPolicy
 from latentrl.training.logger import write_report_page
 from latentrl.world_models.layers import mlp
+from latentrl.world_models.stamo import COMPRESSIONS
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK = "reacher-easy"
@@ -60,6 +61,12 @@ def log(msg: str) -> None:
     print(f"[bench_stamo {dt.datetime.now(dt.timezone.utc):%H:%M:%S}] {msg}", flush=True)
 
 
+# autoencoder settings the command line may set; a checkpoint keeps them ("config") and eval reads them back
+AUTOENCODER_FLAGS = ("sigma_shift", "compression")
+# what checkpoints from before a setting existed were trained with
+OLD_CHECKPOINT_CONFIG = {"sigma_shift": 1.0, "compression": "queries"}
+
+
 def make_agent(args, saved: dict | None = None) -> StaMoAgent:
     """The agent of ``--preset`` with the autoencoder settings of a checkpoint (``saved``) or of the command
     line; a command line that contradicts the checkpoint is refused rather than silently mixed."""
@@ -76,12 +83,6 @@ def make_agent(args, saved: dict | None = None) -> StaMoAgent:
                              "drop the flag or train anew in another --out-dir (or with --restart)")
         overrides.update({k: saved[k] for k in AUTOENCODER_FLAGS})
     return StaMoAgent(StaMoAgent.make_config(args.preset, **overrides), (3, 64, 64), 2, device="cpu")
-
-
-# autoencoder settings the command line may set; a checkpoint keeps them ("config") and eval reads them back
-AUTOENCODER_FLAGS = ("sigma_shift", "compression")
-# what checkpoints from before a setting existed were trained with
-OLD_CHECKPOINT_CONFIG = {"sigma_shift": 1.0, "compression": "queries"}
 
 
 def saved_config(state: dict) -> dict:
@@ -730,7 +731,7 @@ def main(argv=None) -> None:
     p.add_argument("--sigma-shift", type=float, default=None,
                    help="train: SD3's timestep shift of the flow sigmas (default: the config's, 3.0; 1: plain "
                         "logit-normal); kept in the checkpoint and read back by eval")
-    p.add_argument("--compression", choices=["transposed", "queries"], default=None,
+    p.add_argument("--compression", choices=COMPRESSIONS, default=None,
                    help="train: how E compresses patch features to 2 tokens (default: the config's, the "
                         "reference's transposed attention); kept in the checkpoint")
     p.add_argument("--restart", action="store_true", help="train from scratch even if a checkpoint exists")

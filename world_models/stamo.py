@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from latentrl.world_models.base import WorldModel
 from latentrl.world_models.encoders import read_key
 
-__all__ = ["ConvPatchStem", "StaMoDecoder", "StaMoEncoder", "StaMoModel", "StatePatchStem", "euler_sample",
+__all__ = ["COMPRESSIONS", "ConvPatchStem", "StaMoDecoder", "StaMoEncoder", "StaMoModel", "StatePatchStem", "euler_sample",
            "flow_interpolant", "flow_target", "logit_normal_sigma", "shift_sigma"]
 
 
@@ -221,7 +221,7 @@ class TransposedCompressor(nn.Module):
     The first map is linear in the patch positions, so where a feature fires survives compression. The
     learned-query variant (:class:`QueryCompressor`) pools patches by content-based attention, and in our
     measurement its tokens lost the reacher arm. Trained on the joint angles directly, that encoder stayed
-    at held-out R^2 ~0 after 400 updates, while its patch stem, flattened, reached 0.71; see
+    at held-out R^2 ~0 after 400 updates, while its patch stem, flattened, reached 0.70; see
     docs/bench_stamo.md."""
 
     def __init__(self, num_patches: int, dim: int, num_tokens: int, *, heads: int = 4, head_dim: int = 16,
