@@ -45,8 +45,9 @@ from torch import Tensor, nn
 from latentrl.world_models.base import WorldModel
 from latentrl.world_models.encoders import read_key
 
-__all__ = ["COMPRESSIONS", "ConvPatchStem", "StaMoDecoder", "StaMoEncoder", "StaMoModel", "StatePatchStem", "euler_sample",
-           "flow_interpolant", "flow_target", "logit_normal_sigma", "shift_sigma"]
+__all__ = ["COMPRESSIONS", "ConvPatchStem", "QueryCompressor", "StaMoDecoder", "StaMoEncoder", "StaMoModel",
+           "StatePatchStem", "TransposedCompressor", "euler_sample", "flow_interpolant", "flow_target",
+           "logit_normal_sigma", "shift_sigma", "transposed_stage_sizes"]
 
 
 # ---------------------------------------------------------------------------------- rectified flow
