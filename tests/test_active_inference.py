@@ -340,6 +340,44 @@ def test_broadcast_decoder_draws_held_out_positions_from_its_coordinate_channels
         make_agent("pixels", decoder="deconv")
 
 
+def test_broadcast_decoder_canvas_holds_the_static_scene_and_old_files_load_unchanged():
+    """The learned canvas added to the broadcast decoder's output takes the static scene off the network: on
+    blobs over a fixed random texture, held-out MSE with the canvas is below the same decoder with its canvas
+    frozen at zero (measured over seeds 0-2: 0.70-0.79 of it). A state dict saved before the canvas existed
+    loads strictly and decodes exactly as before."""
+    g = torch.Generator().manual_seed(1)
+    train, test = (torch.rand(256, 2, generator=g) * 1.6 - 0.8 for _ in range(2))
+    scene = torch.rand(1, 3, 16, 16, generator=g) - 0.5
+    images, held_out = 0.5 * _blobs(train) + scene, 0.5 * _blobs(test) + scene
+
+    def held_out_mse(learn_canvas: bool) -> float:
+        torch.manual_seed(0)
+        decoder = BroadcastDecoder(2, 8, (16, 16), grid=4)
+        decoder.canvas.requires_grad_(learn_canvas)
+        opt = torch.optim.Adam([p for p in decoder.parameters() if p.requires_grad], lr=1e-2)
+        for _ in range(150):
+            idx = torch.randint(0, len(train), (64,))
+            loss = (decoder(train[idx]) - images[idx]).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            return float((decoder(test) - held_out).square().mean())
+
+    with_canvas, without = held_out_mse(True), held_out_mse(False)
+    assert with_canvas < 0.85 * without, (with_canvas, without)
+
+    decoder = BroadcastDecoder(4, 4, (16, 16), grid=4)
+    old = {k: v for k, v in decoder.state_dict().items() if k != "canvas"}  # a file from before the canvas
+    with torch.no_grad():
+        canvas = decoder.canvas.normal_().clone()
+        s = torch.randn(3, 4)
+        shifted = decoder(s)
+        decoder.load_state_dict(old)  # strict: the missing canvas is filled with zeros
+        assert decoder.canvas.abs().max() == 0
+        torch.testing.assert_close(decoder(s), shifted - canvas)  # the canvas is added, and nothing else changed
+
+
 def test_train_agent_smoke_and_model_directory(tmp_path):
     """``train_agent.py agent=active_inference`` online on point_mass pixels, then the model directory
     loads with ``latentrl.load_policy`` and acts."""
