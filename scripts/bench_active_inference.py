@@ -33,6 +33,7 @@ import datetime as dt
 import json
 import sys
 import time
+import typing
 from dataclasses import replace
 from pathlib import Path
 
@@ -125,7 +126,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def parse_overrides(items: list[str]) -> dict:
     """``["obs_std=0.1", "planner=cem"]`` -> typed ActiveInferenceConfig overrides."""
-    fields = ActiveInferenceAgent.config_class.__dataclass_fields__
+    fields = typing.get_type_hints(ActiveInferenceAgent.config_class)
     defaults = ActiveInferenceAgent.config_class()
     out = {}
     for item in items:
@@ -133,7 +134,7 @@ def parse_overrides(items: list[str]) -> dict:
         if not sep or key not in fields:
             raise SystemExit(f"--set {item!r}: expected KEY=VALUE with KEY one of {sorted(fields)}")
         default = getattr(defaults, key)
-        optional = "None" in str(fields[key].type)  # an optional number (max_grad_norm): "none" or a float
+        optional = type(None) in typing.get_args(fields[key])  # an optional number (max_grad_norm): none or a float
         if optional and value.lower() == "none":
             out[key] = None
             continue
@@ -143,14 +144,23 @@ def parse_overrides(items: list[str]) -> dict:
             out[key] = value.lower() == "true"
             continue
         kind = float if default is None else type(default)
-        out[key] = value if kind is str else kind(float(value)) if kind is int else kind(value)
+        try:
+            out[key] = value if kind is str else kind(float(value)) if kind is int else kind(value)
+        except ValueError:
+            also = " or none" if optional else ""
+            raise SystemExit(f"--set {item!r}: {key} takes {kind.__name__}{also}, e.g. {key}={default}") from None
     return out
+
+
+def build_agent(args) -> ActiveInferenceAgent:
+    """A fresh agent on 64x64 pixels (2 action dimensions) with the settings of ``--preset`` / ``--set``."""
+    config = ActiveInferenceAgent.make_config(args.preset, obs_type="pixels", **parse_overrides(args.overrides))
+    return ActiveInferenceAgent(config, (3, 64, 64), 2)
 
 
 def load_saved_agent(args) -> ActiveInferenceAgent:
     """The agent of ``--load-model`` with the settings of ``--preset`` / ``--set``, in eval mode."""
-    config = ActiveInferenceAgent.make_config(args.preset, obs_type="pixels", **parse_overrides(args.overrides))
-    agent = ActiveInferenceAgent(config, (3, 64, 64), 2)
+    agent = build_agent(args)
     agent.load_state_dict(torch.load(args.load_model, weights_only=True)["agent"])
     return agent.eval()
 
@@ -675,8 +685,8 @@ def main(argv: list[str] | None = None) -> int:
     train_buf, heldout = load_or_collect(args)
     collect_seconds = time.perf_counter() - t0
     print(f"[bench_ai] data: {len(train_buf)} + {len(heldout)} steps in {collect_seconds:.0f} s", flush=True)
-    config = ActiveInferenceAgent.make_config(args.preset, obs_type="pixels", **parse_overrides(args.overrides))
-    agent = ActiveInferenceAgent(config, (3, 64, 64), 2)
+    agent = build_agent(args)
+    config = agent.config
     results = {}
     if args.merge and (fig_dir / "results.json").exists():
         results = json.loads((fig_dir / "results.json").read_text())

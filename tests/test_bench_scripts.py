@@ -94,6 +94,19 @@ def test_machine_description_names_the_cores_and_versions():
     assert f"{os.cpu_count()} CPUs" in text and f"torch {torch.__version__}" in text and "GPU" not in text
 
 
+def test_bench_active_inference_set_overrides_are_typed_and_refused_clearly():
+    """``--set KEY=VALUE`` takes the field's type; ``none`` only where the field is optional."""
+    bench = _load("bench_active_inference")
+    parsed = bench.parse_overrides(["max_grad_norm=none", "obs_std=0.05", "batch_size=32", "decoder=conv"])
+    assert parsed == {"max_grad_norm": None, "obs_std": 0.05, "batch_size": 32, "decoder": "conv"}
+    assert isinstance(parsed["batch_size"], int)
+    assert bench.parse_overrides(["max_grad_norm=5"]) == {"max_grad_norm": 5.0}
+    with pytest.raises(SystemExit, match="obs_std takes float, e.g. obs_std=0.1"):
+        bench.parse_overrides(["obs_std=none"])
+    with pytest.raises(SystemExit, match="KEY one of"):
+        bench.parse_overrides(["obs_sdt=0.1"])
+
+
 def test_bench_active_inference_quick_writes_the_report_figures_and_numbers(tmp_path):
     """``bench_active_inference.py --quick`` runs every check end to end (tiny data and model) in seconds."""
     import json
