@@ -107,6 +107,25 @@ def test_bench_active_inference_set_overrides_are_typed_and_refused_clearly():
         bench.parse_overrides(["obs_sdt=0.1"])
 
 
+def test_bench_active_inference_static_pixels_are_the_scene_outside_the_moving_object():
+    """Check 1's split of the error: the mask excludes exactly the pixels the object covers in either frame."""
+    import torch
+
+    bench = _load("bench_active_inference")
+    scene = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(0)) - 0.5
+    current, target = scene.repeat(5, 1, 1, 1), scene.repeat(5, 1, 1, 1)
+    for i in range(5):  # a 2x2 object moving one pixel right per frame, a different place in every sample
+        current[i, :, i:i + 2, i:i + 2] = 0.9
+        target[i, :, i:i + 2, i + 1:i + 3] = 0.9
+    static = bench.static_pixels(current, target)
+    assert static.shape == target.shape
+    moving = ~static[:, 0]
+    for i in range(5):
+        expected = torch.zeros(8, 8, dtype=torch.bool)
+        expected[i:i + 2, i:i + 3] = True
+        assert torch.equal(moving[i], expected), i
+
+
 def test_bench_active_inference_quick_writes_the_report_figures_and_numbers(tmp_path):
     """``bench_active_inference.py --quick`` runs every check end to end (tiny data and model) in seconds."""
     import json
@@ -123,7 +142,9 @@ def test_bench_active_inference_quick_writes_the_report_figures_and_numbers(tmp_
     results = json.loads((figs / "results.json").read_text())
     assert {"train", "check1", "check2", "check3", "check5", "latency", "strip", "config", "machine"} <= results.keys()
     assert results["train"]["updates"] == 6 and len(results["train"]["free_energy"]) == 6
-    assert {"model_mse", "copy_frame_mse", "pass"} <= results["check1"].keys()
+    c1 = results["check1"]
+    assert {"model_mse", "copy_frame_mse", "pass"} <= c1.keys()
+    assert 0.0 <= c1["model_mse_static_part"] <= c1["model_mse"] and "on the static scene" in report
     assert 0.0 <= results["check2"]["G_fraction_in_best_20pct"] <= 1.0
     c3 = results["check3"]
     for name in ("agent", "risk_only", "random", "zero"):
