@@ -721,13 +721,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.load_model:
             saved = torch.load(args.load_model, weights_only=True)
             agent.load_state_dict(saved["agent"])
-            results["train"] = saved["train"]
-            print(f"[bench_ai] loaded {args.load_model} ({results['train']['updates']} updates)", flush=True)
+            record = saved.get("train", {})
+            print(f"[bench_ai] loaded {args.load_model} ({record.get('updates', '?')} updates)", flush=True)
+            if "free_energy" in record:
+                results["train"] = record
+            else:  # a file saved outside this script: no training curve to report
+                results.pop("train", None)
+                results["loaded_train"] = record
         else:
             results["train"] = train(agent, train_buf, args)
             if args.save_model:
                 torch.save({"agent": agent.state_dict(), "train": results["train"]}, args.save_model)
-        plot_free_energy(results["train"], fig_dir / "free_energy.png")
+        if "train" in results:
+            plot_free_energy(results["train"], fig_dir / "free_energy.png")
     agent.eval()
     if "1" in checks:
         results["check1"] = one_step_mse(agent, heldout, args)
