@@ -158,6 +158,24 @@ def test_bench_active_inference_quick_writes_the_report_figures_and_numbers(tmp_
     assert results["check5"]["transitions_right"] + results["check5"]["transitions_left"] > 0
 
 
+def test_bench_active_inference_reads_a_model_file_saved_without_a_training_curve(tmp_path):
+    """``--load-model`` of a file holding the agent and only an update count (a model trained on elsewhere) runs
+    the checks and reports no training row, instead of failing on the missing curve."""
+    import json
+
+    import torch
+
+    bench = _load("bench_active_inference")
+    agent = bench.build_agent(bench.parse_args(["--quick"]))
+    model = tmp_path / "model.pt"
+    torch.save({"agent": agent.state_dict(), "train": {"updates": 7}}, model)
+    out, figs = tmp_path / "report.md", tmp_path / "figs"
+    assert bench.main(["--quick", "--load-model", str(model), "--out", str(out), "--fig-dir", str(figs)]) == 0
+    results = json.loads((figs / "results.json").read_text())
+    assert results["loaded_train"] == {"updates": 7} and "train" not in results
+    assert "check1" in results and "free energy, smoothed" not in out.read_text()
+
+
 def test_rewritten_benchmark_pages_keep_their_hand_written_part(tmp_path):
     from latentrl.training.logger import HAND_WRITTEN, write_report_page
 
