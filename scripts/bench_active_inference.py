@@ -159,10 +159,17 @@ def build_agent(args) -> ActiveInferenceAgent:
     return ActiveInferenceAgent(config, (3, 64, 64), 2)
 
 
+def load_model_file(agent: ActiveInferenceAgent, path) -> dict:
+    """Load the weights of a ``--save-model`` file into ``agent``; returns its training record (``{}`` if none)."""
+    saved = torch.load(path, weights_only=True)
+    agent.load_state_dict(saved["agent"])
+    return saved.get("train", {})
+
+
 def load_saved_agent(args) -> ActiveInferenceAgent:
     """The agent of ``--load-model`` with the settings of ``--preset`` / ``--set``, in eval mode."""
     agent = build_agent(args)
-    agent.load_state_dict(torch.load(args.load_model, weights_only=True)["agent"])
+    load_model_file(agent, args.load_model)
     return agent.eval()
 
 
@@ -719,9 +726,7 @@ def main(argv: list[str] | None = None) -> int:
                     "config": {k: getattr(config, k) for k in config.__dataclass_fields__}})
     if checks - {"5"}:
         if args.load_model:
-            saved = torch.load(args.load_model, weights_only=True)
-            agent.load_state_dict(saved["agent"])
-            record = saved.get("train", {})
+            record = load_model_file(agent, args.load_model)
             print(f"[bench_ai] loaded {args.load_model} ({record.get('updates', '?')} updates)", flush=True)
             if "free_energy" in record:
                 results["train"] = record

@@ -32,7 +32,7 @@ import bench_active_inference as bench  # noqa: E402
 def camera_scale(frames: torch.Tensor, position: torch.Tensor) -> dict:
     """Pixels per metre along x and y from the mass's centroid (``frames`` uint8 ``[N, 3, H, W]``)."""
     pixels = frames.float() / 255
-    mass = (pixels - pixels.median(0).values).abs().amax(1) > 0.1  # [N, H, W]
+    mass = ~bench.static_pixels(pixels, pixels)[:, 0]  # [N, H, W]: off the median frame by > 0.1 in a channel
     ys, xs = torch.meshgrid(*(torch.arange(s, dtype=torch.float32) for s in mass.shape[1:]), indexing="ij")
     weight = mass.float()
     count = weight.sum((1, 2)).clamp(min=1)
