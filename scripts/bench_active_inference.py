@@ -29,11 +29,11 @@ vs open-loop imagined frames of one held-out sequence) under ``--fig-dir``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import sys
 import time
-import typing
 from dataclasses import replace
 from pathlib import Path
 
@@ -53,6 +53,7 @@ from latentrl.agents.base import GoalObservation, Policy, UniformRandomPolicy
 from latentrl.control.telemetry import step_latencies
 from latentrl.envs import get_task, make_env
 from latentrl.replay import ReplayBuffer
+from latentrl.training.cli import ConfigError, typed_config_overrides
 from latentrl.training.logger import machine_description, write_report_page
 from latentrl.world_models.layers import gaussian_kl
 
@@ -125,32 +126,35 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def _command_line_value(text: str):
+    """A ``--set`` value as Hydra would read it: none / null, true / false, an int, a float, else the string."""
+    if text.lower() in ("none", "null"):
+        return None
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def parse_overrides(items: list[str]) -> dict:
-    """``["obs_std=0.1", "planner=cem"]`` -> typed ActiveInferenceConfig overrides."""
-    fields = typing.get_type_hints(ActiveInferenceAgent.config_class)
-    defaults = ActiveInferenceAgent.config_class()
-    out = {}
+    """``["obs_std=0.1", "planner=cem"]`` -> typed ActiveInferenceConfig overrides, checked as ``train_agent.py``
+    checks ``agent.<field>=`` (``training.cli.typed_config_overrides``)."""
+    config_class = ActiveInferenceAgent.config_class
+    fields = {f.name for f in dataclasses.fields(config_class)}
+    raw = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or key not in fields:
             raise SystemExit(f"--set {item!r}: expected KEY=VALUE with KEY one of {sorted(fields)}")
-        default = getattr(defaults, key)
-        optional = type(None) in typing.get_args(fields[key])  # an optional number (max_grad_norm): none or a float
-        if optional and value.lower() == "none":
-            out[key] = None
-            continue
-        if isinstance(default, bool):
-            if value.lower() not in ("true", "false"):
-                raise SystemExit(f"--set {item!r}: {key} takes true or false")
-            out[key] = value.lower() == "true"
-            continue
-        kind = float if default is None else type(default)
-        try:
-            out[key] = value if kind is str else kind(float(value)) if kind is int else kind(value)
-        except ValueError:
-            also = " or none" if optional else ""
-            raise SystemExit(f"--set {item!r}: {key} takes {kind.__name__}{also}, e.g. {key}={default}") from None
-    return out
+        raw[key] = _command_line_value(value)
+    try:
+        return typed_config_overrides(config_class, config_class(), raw, source="the default")
+    except ConfigError as err:
+        raise SystemExit(f"--set {err.args[0]}") from None
 
 
 def build_agent(args) -> ActiveInferenceAgent:

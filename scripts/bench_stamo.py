@@ -1,8 +1,10 @@
 #!/usr/bin/env python
 """Small-scale benchmark of the StaMo agent (issue 16; spec ``shared/algorithms/stamo.md`` §6 and §8) on
-dm_control reacher-easy, 64x64 pixels, action repeat 4, random actions held 1-4 steps.
+dm_control reacher-easy or cheetah-run (``--task``), 64x64 pixels, action repeat 4, random actions held
+1-4 steps.
 
     python scripts/bench_stamo.py data  --out-dir /tmp/stamo            # collect (~1 min)
+    python scripts/bench_stamo.py data  --out-dir /tmp/stamo_cheetah --task cheetah-run
     python scripts/bench_stamo.py train --out-dir /tmp/stamo --train-seconds 900
     python scripts/bench_stamo.py eval  --out-dir /tmp/stamo            # checks 3-8, figures, report
     python scripts/bench_stamo.py all --quick --out-dir /tmp/stamo      # everything, tiny
@@ -11,17 +13,19 @@ dm_control reacher-easy, 64x64 pixels, action repeat 4, random actions held 1-4 
    (uniform random actions held 1-4 steps), written as arrays (``episodes.pt``: pixels, state,
    physics, actions) and as a replay dataset (``dataset/``) in which 1 episode in 5 keeps its actions
    and the others are stored as action-less video (``extend(..., actions=False)``), for
-   ``train_agent.py agent=stamo data=<out-dir>/dataset``. Episodes are split 80/20 by episode.
+   ``train_agent.py agent=stamo data=<out-dir>/dataset``. Episodes are split 80/20 by episode. The task is
+   kept in ``episodes.pt``; ``train`` and ``eval`` read it from there.
 2. ``train``: the diffusion autoencoder alone (flow loss, AdamW), on single frames of the training
    episodes, for ``--updates`` updates or ``--train-seconds`` seconds; times each update.
 3. ``eval`` on the held-out episodes: reconstruction PSNR (Euler, ``--sample-steps``) vs the dataset-mean
-   image and vs the decoder with zeroed tokens; a linear probe tokens -> (sin, cos) of the joint angles
-   (R^2); latent-action probes at k in {1, 2, 4, 8} vs the same MLP on 8x8x3 pooled pixel differences
-   and vs the mean action; interpolation (Spearman rho of the decoded angle readout vs alpha); motion
+   image and vs the decoder with zeroed tokens; a linear probe tokens -> proprioceptive positions (R^2; the
+   task's joints, ``TASKS``); latent-action probes at k in {1, 2, 4, 8} vs the same MLP on 8x8x3 pooled pixel
+   differences and vs the mean action; interpolation (Spearman rho of the decoded angle readout vs alpha); motion
    transfer (cosine of decoded vs source angle change); goal reaching from goal images vs random and
-   zero-action policies; co-training of the goal-conditioned BC policy on 1 part labelled, 1 part + 4
-   parts pseudo-labelled, and 5 parts labelled data. Writes ``docs/bench_stamo.md`` (``--report``),
-   ``results.json`` and figures (``--fig-dir``).
+   zero-action policies (reacher only: the spec's goal check is reacher's); co-training of the goal-conditioned
+   BC policy on 1 part labelled, 1 part + 4 parts pseudo-labelled, and 5 parts labelled data. Writes
+   ``docs/bench_stamo.md`` (``--report``; cheetah: ``docs/bench_stamo_cheetah.md``), ``results.json`` and
+   figures (``--fig-dir``).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import json
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +49,64 @@ from latentrl.world_models.layers import mlp
 from latentrl.world_models.stamo import COMPRESSIONS
 
 ROOT = Path(__file__).resolve().parents[1]
-TASK = "reacher-easy"
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What the probes read for one task: the proprioceptive positions are ``physics[..., columns]`` (qpos
+    entries), one per joint; a joint that wraps around is probed as (sin, cos), the others as they are."""
+
+    action_dim: int
+    joints: tuple[str, ...]
+    columns: tuple[int, ...]
+    wrapped: tuple[bool, ...]
+    description: str
+    goal_reaching: bool = False  # the goal check (spec 8.6) is reacher's: its goal is a pose of two joints
+
+    def coords(self, physics: torch.Tensor) -> torch.Tensor:
+        return physics[..., list(self.columns)].float()
+
+    def features(self, q: torch.Tensor) -> torch.Tensor:
+        """The probe's regression target: (sin, cos) of each wrapping joint, the value of the others."""
+        parts = []
+        for j, wraps in enumerate(self.wrapped):
+            parts += [q[..., j].sin(), q[..., j].cos()] if wraps else [q[..., j]]
+        return torch.stack(parts, -1)
+
+    def feature_names(self) -> list[str]:
+        return [n for name, wraps in zip(self.joints, self.wrapped, strict=True)
+                for n in ((f"sin {name}", f"cos {name}") if wraps else (name,))]
+
+    def from_features(self, f: torch.Tensor) -> torch.Tensor:
+        """Joint values from (predicted) features: atan2 of (sin, cos) for a wrapping joint."""
+        out, i = [], 0
+        for wraps in self.wrapped:
+            out.append(torch.atan2(f[..., i], f[..., i + 1]) if wraps else f[..., i])
+            i += 2 if wraps else 1
+        return torch.stack(out, -1)
+
+    def difference(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """a - b per joint, wrapped to [-pi, pi) where the joint wraps."""
+        d = a - b
+        mask = torch.tensor(self.wrapped)
+        return torch.where(mask, wrap(d), d)
+
+
+TASKS = {
+    # physics = (qpos, qvel); qpos = (shoulder, wrist, target x, target y). Both probed as (sin, cos), as before
+    # this table existed (the shoulder is unlimited; the wrist's +-160 degrees make sin/cos harmless).
+    "reacher-easy": TaskSpec(2, ("q1", "q2"), (0, 1), (True, True),
+                             "(sin, cos) of both joint angles (reacher's proprioceptive positions; sin/cos because "
+                             "the shoulder wraps)", goal_reaching=True),
+    # qpos = (rootx, rootz, rooty, bthigh, bshin, bfoot, fthigh, fshin, ffoot). rootx is left out: the camera
+    # tracks the torso, so forward position is not in a frame. rooty (the torso's pitch) wraps when it flips.
+    "cheetah-run": TaskSpec(6, ("rootz", "rooty", "bthigh", "bshin", "bfoot", "fthigh", "fshin", "ffoot"),
+                            (1, 2, 3, 4, 5, 6, 7, 8), (False, True, False, False, False, False, False, False),
+                            "cheetah's proprioceptive positions: torso height (m), torso pitch as (sin, cos), and "
+                            "the six leg joint angles (rad); the forward position is left out because the camera "
+                            "tracks the torso"),
+}
+DEFAULT_TASK = "reacher-easy"  # and the task of an episodes.pt written before the task was stored in it
 
 
 class ZeroPolicy(Policy):
@@ -82,7 +144,8 @@ def make_agent(args, saved: dict | None = None) -> StaMoAgent:
             raise SystemExit(f"bench_stamo: the checkpoint in {args.out_dir} was trained with {', '.join(clash)}; "
                              "drop the flag or train anew in another --out-dir (or with --restart)")
         overrides.update({k: saved[k] for k in AUTOENCODER_FLAGS})
-    return StaMoAgent(StaMoAgent.make_config(args.preset, **overrides), (3, 64, 64), 2, device="cpu")
+    action_dim = TASKS[getattr(args, "task", None) or DEFAULT_TASK].action_dim
+    return StaMoAgent(StaMoAgent.make_config(args.preset, **overrides), (3, 64, 64), action_dim, device="cpu")
 
 
 def saved_config(state: dict) -> dict:
@@ -99,10 +162,12 @@ def collect(args) -> None:
 
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    env = make_env(TASK, obs=("pixels", "state", "physics"), image_size=64, action_repeat=4, num_envs=1,
+    args.task = args.task or DEFAULT_TASK
+    spec = TASKS[args.task]
+    env = make_env(args.task, obs=("pixels", "state", "physics"), image_size=64, action_repeat=4, num_envs=1,
                    num_workers=0, seed=args.seed, episode_length=args.episode_length)
     agent = make_agent(args)
-    policy = StaMoCollectPolicy("pixels", (3, 64, 64), 2, agent.latent_dim, hold_min=1, hold_max=4)
+    policy = StaMoCollectPolicy("pixels", (3, 64, 64), spec.action_dim, agent.latent_dim, hold_min=1, hold_max=4)
     torch.manual_seed(args.seed)
     buffer = ReplayBuffer(args.episodes * (args.episode_length + 2) + 8)
     arrays = {k: [] for k in ("pixels", "state", "physics", "action")}
@@ -127,10 +192,11 @@ def collect(args) -> None:
         arrays["action"].append(torch.stack([s["action"][0] for s in steps]))
         rollout_td = torch.stack(steps, dim=1)  # [1, T]
         labelled = e % 5 == 0  # 1 part with actions, 4 parts as video
-        buffer.extend(rollout_td, actions=labelled, action_shape=[2])
+        buffer.extend(rollout_td, actions=labelled, action_shape=[spec.action_dim])
     env.close()
     data = {k: torch.stack(v) for k, v in arrays.items()}
     data["labelled"] = torch.tensor([e % 5 == 0 for e in range(args.episodes)])
+    data["task"] = args.task
     torch.save(data, out / "episodes.pt")
     buffer.save(out / "dataset", overwrite=True)
     log(f"collected {args.episodes} episodes x {args.episode_length} steps in {time.time() - t0:.0f}s -> {out}")
@@ -140,7 +206,17 @@ LATENT = "latent_action"
 
 
 def load_data(args):
-    data = torch.load(Path(args.out_dir) / "episodes.pt")
+    """The episodes of ``--out-dir`` with a train / held-out mask; sets ``args.task`` to the data's task (and
+    refuses a ``--task`` that contradicts it)."""
+    path = Path(args.out_dir) / "episodes.pt"
+    if not path.exists():
+        raise SystemExit(f"bench_stamo: no {path}; run `bench_stamo.py data --out-dir {args.out_dir}` first")
+    data = torch.load(path)
+    task = data.get("task", DEFAULT_TASK)
+    if args.task is not None and args.task != task:
+        raise SystemExit(f"bench_stamo: {path} holds {task} episodes, not --task {args.task}; collect them into "
+                         "another --out-dir")
+    args.task = task
     n = data["pixels"].shape[0]
     test = torch.arange(n) % 5 == 4  # 20% of episodes held out (one of every five)
     return data, ~test, test
@@ -229,17 +305,8 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(255.0 ** 2 / mse)
 
 
-def angles(physics: torch.Tensor) -> torch.Tensor:
-    return physics[..., :2].float()
-
-
 def wrap(x: torch.Tensor) -> torch.Tensor:
     return torch.remainder(x + math.pi, 2 * math.pi) - math.pi
-
-
-def angle_features(q: torch.Tensor) -> torch.Tensor:
-    """(sin q1, cos q1, sin q2, cos q2): the joint angles without the wrap-around."""
-    return torch.stack([q[..., 0].sin(), q[..., 0].cos(), q[..., 1].sin(), q[..., 1].cos()], -1)
 
 
 def ridge(x: torch.Tensor, y: torch.Tensor, lam: float = 1e-3):
@@ -312,11 +379,12 @@ def evaluate(args) -> None:
     fig_dir.mkdir(parents=True, exist_ok=True)
     data, train_mask, test_mask = load_data(args)
     agent = load_model(args)
+    spec = TASKS[args.task]
     wm = agent.world_model
     px, phys, act = data["pixels"], data["physics"], data["action"]
     n_ep, n_frames = px.shape[:2]
     train_eps, test_eps = train_mask.nonzero().flatten(), test_mask.nonzero().flatten()
-    results: dict = {"setting": {"task": TASK, "episodes": n_ep, "episode_length": n_frames - 1,
+    results: dict = {"setting": {"task": args.task, "episodes": n_ep, "episode_length": n_frames - 1,
                                  "train_episodes": len(train_eps), "test_episodes": len(test_eps),
                                  "preset": args.preset, "updates": agent.trained_updates,
                                  "compression": agent.config.compression, "sigma_shift": agent.config.sigma_shift,
@@ -358,19 +426,18 @@ def evaluate(args) -> None:
     fig.savefig(fig_dir / "reconstructions.png", dpi=80)
     plt.close(fig)
 
-    # ---- check 4: linear probe tokens -> proprio (joint angles as sin / cos)
-    q = angles(phys)
-    y_train, y_test = angle_features(q[train_eps]).flatten(0, 1), angle_features(q[test_eps]).flatten(0, 1)
+    # ---- check 4: linear probe tokens -> proprio positions (wrapping joints as sin / cos)
+    q = spec.coords(phys)
+    y_train, y_test = spec.features(q[train_eps]).flatten(0, 1), spec.features(q[test_eps]).flatten(0, 1)
     state_probe = ridge(flat_tokens[train_eps].flatten(0, 1), y_train)
     r2s = r2(state_probe(flat_tokens[test_eps].flatten(0, 1)), y_test)
     results["state_probe"] = {"r2_per_output": [float(v) for v in r2s], "r2_mean": float(r2s.mean()),
-                              "outputs": ["sin q1", "cos q1", "sin q2", "cos q2"], "pass": bool(r2s.mean() > 0.8)}
+                              "outputs": spec.feature_names(), "pass": bool(r2s.mean() > 0.8)}
     log(f"state probe {results['state_probe']}")
 
     @torch.no_grad()
     def readout(tok: torch.Tensor) -> torch.Tensor:
-        f = state_probe(tok.flatten(1))
-        return torch.stack([torch.atan2(f[:, 0], f[:, 1]), torch.atan2(f[:, 2], f[:, 3])], -1)
+        return spec.from_features(state_probe(tok.flatten(1)))
 
     # ---- check 5: latent-action probes vs pooled pixel differences vs the mean action
     probe_res = {}
@@ -416,13 +483,14 @@ def evaluate(args) -> None:
     z1, z2 = tokens[e_i, t_i], tokens[e_i, t_i + k_int]
     interp = torch.cat([(1 - a) * z1 + a * z2 for a in alphas])  # [5 * n, 2, D]
     decoded = decode(wm, interp, args.sample_steps, seed=1)  # the same noise index per alpha block is not needed
-    read = readout(encode_all(wm, decoded.round().to(torch.uint8)[None])[0]).reshape(len(alphas), n_pairs, 2)
-    true_move = wrap(q[e_i, t_i + k_int] - q[e_i, t_i])
+    read = readout(encode_all(wm, decoded.round().to(torch.uint8)[None])[0])
+    read = read.reshape(len(alphas), n_pairs, len(spec.joints))
+    true_move = spec.difference(q[e_i, t_i + k_int], q[e_i, t_i])
     rhos = []
     for i in range(n_pairs):
-        for j in range(2):
+        for j in range(len(spec.joints)):
             if 0.1 < abs(float(true_move[i, j])) < 2.5:
-                rel = wrap(read[:, i, j] - read[0, i, j]).numpy()
+                rel = spec.difference(read[:, i], read[0, i])[:, j].numpy()
                 rhos.append(spearman(alphas.numpy(), np.sign(float(true_move[i, j])) * rel))
     results["interpolation"] = {"cases": len(rhos), "spearman_mean": float(np.mean(rhos)) if rhos else None,
                                 "share_rho_above_0.9": float(np.mean(np.array(rhos) > 0.9)) if rhos else None,
@@ -456,8 +524,8 @@ def evaluate(args) -> None:
     base_img, moved_img = both[:n_tr], both[n_tr:]
     r_base = readout(encode_all(wm, base_img.round().to(torch.uint8)[None])[0])
     r_moved = readout(encode_all(wm, moved_img.round().to(torch.uint8)[None])[0])
-    src_change = wrap(q[e_src, t_src + k_int] - q[e_src, t_src])
-    dec_change = wrap(r_moved - r_base)
+    src_change = spec.difference(q[e_src, t_src + k_int], q[e_src, t_src])
+    dec_change = spec.difference(r_moved, r_base)
     cos = torch.nn.functional.cosine_similarity(dec_change, src_change, dim=-1)
     results["motion_transfer"] = {"cases": n_tr, "share_positive_cosine": float((cos > 0).float().mean()),
                                   "mean_cosine": float(cos.mean()), "k": k_int}
@@ -487,7 +555,8 @@ def evaluate(args) -> None:
     dz_lab = flat_tokens[e_lab, t_lab + k_bc] - flat_tokens[e_lab, t_lab]
     pseudo_probe = fit_mlp(dz_lab, y_lab, args.probe_updates, seed=11)  # fitted on the labelled part only
     is_lab = torch.isin(e_all, labelled_eps)
-    pseudo = pseudo_probe(flat_tokens[e_all, t_all + k_bc] - flat_tokens[e_all, t_all]).reshape(-1, k_bc, 2)[:, 0]
+    pseudo = pseudo_probe(flat_tokens[e_all, t_all + k_bc] - flat_tokens[e_all, t_all])
+    pseudo = pseudo.reshape(-1, k_bc, spec.action_dim)[:, 0]
     pseudo = pseudo.clamp(-1, 1)
     e_te, t_te = offset_pairs(n_frames - 1, k_bc, test_eps)
     cot = {}
@@ -498,7 +567,7 @@ def evaluate(args) -> None:
     for name, (e, t, y) in conditions.items():
         torch.manual_seed(0)
         from latentrl.agents.stamo import GoalBCNet
-        net = GoalBCNet("pixels", (3, 64, 64), 2, agent.config.bc_channels)
+        net = GoalBCNet("pixels", (3, 64, 64), spec.action_dim, agent.config.bc_channels)
         opt = torch.optim.Adam(net.parameters(), lr=agent.config.bc_lr)
         gb = torch.Generator().manual_seed(0)
         for _ in range(args.bc_updates):
@@ -514,7 +583,7 @@ def evaluate(args) -> None:
         cot[name] = {"heldout_action_mse": float((preds - act[e_te, t_te]).square().mean()), "pairs": len(e)}
         if name.startswith("1 part + 4"):
             from latentrl.agents.stamo import StaMoBCPolicy
-            args.bc_goal_policy = lambda goal, net=net: StaMoBCPolicy(net, goal.float(), 2)
+            args.bc_goal_policy = lambda goal, net=net: StaMoBCPolicy(net, goal.float(), spec.action_dim)
         log(f"co-training {name}: {cot[name]}")
     one, mix, five = (cot[n]["heldout_action_mse"] for n in conditions)
     cot["gap_recovered"] = (one - mix) / (one - five) if one != five else None
@@ -524,8 +593,9 @@ def evaluate(args) -> None:
     results["cotraining"] = cot
 
     # ---- goal reaching from goal images (reacher): the probe policy vs random and zero actions
-    results["goal_reaching"] = goal_reaching(args, agent, phys[test_eps].flatten(0, 1))
-    log(f"goal reaching {results['goal_reaching']}")
+    if spec.goal_reaching:
+        results["goal_reaching"] = goal_reaching(args, agent, phys[test_eps].flatten(0, 1))
+        log(f"goal reaching {results['goal_reaching']}")
 
     # ---- curves, report
     hist = np.array(agent.history)
@@ -555,7 +625,7 @@ def write_report(args, r: dict) -> None:
     tm = r.get("train_timing", {})
     yes = lambda ok: "**yes**" if ok else "**no**"  # noqa: E731
     lines = [
-        "# StaMo benchmark (issue 16)", "",
+        "# StaMo benchmark (issue 16)" + ("" if st["task"] == DEFAULT_TASK else f": {st['task']}"), "",
         f"Generated by `scripts/bench_stamo.py` on {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC. "
         f"Task `{st['task']}`, 64x64 pixels, action repeat {st['action_repeat']}, random actions held "
         f"{st['hold_steps'][0]}-{st['hold_steps'][1]} steps; {st['episodes']} episodes x {st['episode_length']} steps, "
@@ -567,7 +637,7 @@ def write_report(args, r: dict) -> None:
         "| check | measured | threshold | met |", "|---|---|---|---|",
         f"| reconstruction PSNR (held-out) | {rec['psnr_tokens']:.2f} dB; mean image {rec['psnr_mean_image']:.2f} dB; "
         f"zeroed tokens {rec['psnr_zero_tokens']:.2f} dB | >= 3 dB above both | {yes(rec['pass'])} |",
-        f"| linear probe tokens -> joint angles (sin, cos) | R^2 {sp['r2_mean']:.3f} "
+        f"| linear probe tokens -> proprio positions | R^2 {sp['r2_mean']:.3f} "
         f"({', '.join(f'{v:.2f}' for v in sp['r2_per_output'])}) | > 0.8 | {yes(sp['pass'])} |",
     ]
     for k, v in r["latent_action_probe"].items():
@@ -581,11 +651,15 @@ def write_report(args, r: dict) -> None:
                  f"{yes(it['pass'])} (counted met when >= 50% of cases) |")
     lines.append(f"| motion transfer (k={mt['k']}) | positive cosine in {100 * mt['share_positive_cosine']:.0f}% of "
                  f"{mt['cases']} cases (mean {mt['mean_cosine']:.2f}) | > 70% | {yes(mt['pass'])} |")
-    gr = r["goal_reaching"]
-    names = [n for n in gr if isinstance(gr[n], dict)]
-    lines.append(f"| goal reaching ({gr['goals']} goals, {gr['steps']} steps) | final angle distance "
-                 + "; ".join(f"{n} {gr[n]['final_distance']:.2f}" for n in names)
-                 + f" | StaMo below random and zero | {yes(gr['pass'])} |")
+    gr = r.get("goal_reaching")
+    if gr is None:
+        lines.append(f"| goal reaching | not run on {st['task']}: the spec's goal check is reacher's "
+                     "(docs/bench_stamo.md) | StaMo below random and zero | - |")
+    else:
+        names = [n for n in gr if isinstance(gr[n], dict)]
+        lines.append(f"| goal reaching ({gr['goals']} goals, {gr['steps']} steps) | final angle distance "
+                     + "; ".join(f"{n} {gr[n]['final_distance']:.2f}" for n in names)
+                     + f" | StaMo below random and zero | {yes(gr['pass'])} |")
     ct = r["cotraining"]
     conds = [n for n in ct if isinstance(ct[n], dict)]
     lines.append(f"| co-training (k={ct['k']}) | held-out action MSE "
@@ -636,8 +710,7 @@ def write_report(args, r: dict) -> None:
               "(the pooled vector then is the head's bias); the mean training image. PSNR per image on [0, "
               "255], averaged.",
               "- State probe: ridge regression (standardised tokens, lambda 1e-3) from the flattened tokens [2 x D] to "
-              "(sin, cos) of both joint angles (reacher's proprioceptive positions; sin/cos because the "
-              "shoulder wraps).",
+              f"{TASKS[st['task']].description}; outputs {', '.join(sp['outputs'])}.",
               "- Latent-action probes: every (o_t, o_{t+k}, a_{t:t+k}) pair of the training episodes, MLP in "
               "-> 256 -> 256 "
               "-> kA on standardised inputs (Adam 1e-3, batch 256, the best of every 100 updates on the last "
@@ -673,7 +746,8 @@ def goal_reaching(args, agent: StaMoAgent, goal_pool: torch.Tensor) -> dict:
     from latentrl.envs import make_env
 
     n = args.goals
-    env = make_env(TASK, obs=("pixels", "physics"), image_size=64, action_repeat=4, num_envs=n, num_workers=0,
+    spec = TASKS[args.task]
+    env = make_env(args.task, obs=("pixels", "physics"), image_size=64, action_repeat=4, num_envs=n, num_workers=0,
                    seed=args.seed + 123, episode_length=4 * args.goal_steps + 10)
     g = torch.Generator().manual_seed(args.seed + 7)
     goals = goal_pool[torch.randint(len(goal_pool), (n,), generator=g)]
@@ -702,10 +776,11 @@ def goal_reaching(args, agent: StaMoAgent, goal_pool: torch.Tensor) -> dict:
             step_td = obs.select("pixels", "physics").clone()
             step_td["action"] = action
             obs = env.step(step_td)["next"]
-            dists.append(wrap(angles(obs["physics"]) - angles(goals)).norm(dim=-1))
+            dists.append(spec.difference(spec.coords(obs["physics"]), spec.coords(goals)).norm(dim=-1))
         d = torch.stack(dists)
         out[name] = {"final_distance": float(d[-1].mean()), "min_distance": float(d.min(0).values.mean()),
-                     "start_distance": float(wrap(angles(start) - angles(goals)).norm(dim=-1).mean()),
+                     "start_distance": float(spec.difference(spec.coords(start), spec.coords(goals)).norm(dim=-1)
+                                             .mean()),
                      "final_distances": d[-1].tolist()}
     env.close()
     names = list(policies)
@@ -722,6 +797,8 @@ def main(argv=None) -> None:
     p.add_argument("phase", choices=["data", "train", "eval", "all"])
     p.add_argument("--out-dir", default="/tmp/stamo_bench")
     p.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run")
+    p.add_argument("--task", choices=sorted(TASKS), default=None,
+                   help=f"data: the task to collect (default {DEFAULT_TASK}); train / eval read it from the data")
     p.add_argument("--preset", default="small")
     p.add_argument("--episodes", type=int, default=80)
     p.add_argument("--episode-length", type=int, default=100)
@@ -743,8 +820,9 @@ def main(argv=None) -> None:
     p.add_argument("--bc-updates", type=int, default=1500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--report", default=str(ROOT / "docs" / "bench_stamo.md"))
-    p.add_argument("--fig-dir", default=str(ROOT / "docs" / "bench_stamo"))
+    p.add_argument("--report", default=None, help="default docs/bench_stamo.md (reacher), "
+                                                     "docs/bench_stamo_<domain>.md (other tasks)")
+    p.add_argument("--fig-dir", default=None, help="default: the report's path without .md")
     args = p.parse_args(argv)
     if args.quick:
         args.episodes, args.episode_length, args.updates = 10, 30, 20
@@ -757,6 +835,10 @@ def main(argv=None) -> None:
     if args.phase in ("train", "all"):
         train(args)
     if args.phase in ("eval", "all"):
+        load_data(args)  # the task of the data names the default page
+        page = "bench_stamo" if args.task == DEFAULT_TASK else f"bench_stamo_{args.task.split('-')[0]}"
+        args.report = args.report or str(ROOT / "docs" / f"{page}.md")
+        args.fig_dir = args.fig_dir or str(Path(args.report).with_suffix(""))
         evaluate(args)
 
 

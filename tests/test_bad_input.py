@@ -726,3 +726,40 @@ def test_replay_buffer_refuses_bad_arguments():
         ReplayBuffer(10, device="gpu")
     with pytest.raises(ValueError, match="domain must be a domain name such as 'walker'"):
         ReplayBuffer(10, domain="walker-walk")
+
+
+def test_typed_config_overrides_read_the_field_types():
+    """The one checker behind ``agent.<field>=`` and the benchmarks' ``--set``: null only where the type hint is
+    optional, whole numbers for int fields, numbers (not strings, not bools) for float fields."""
+    from latentrl.agents.active_inference import ActiveInferenceAgent
+    from latentrl.training.cli import ConfigError, typed_config_overrides
+
+    cls = ActiveInferenceAgent.config_class
+    defaults = ActiveInferenceAgent.make_config("small")
+    typed = typed_config_overrides(cls, defaults, {"max_grad_norm": None, "lr": 1, "batch_size": 32.0,
+                                                   "decoder": "conv", "unknown_field": 3}, prefix="agent.")
+    assert typed == {"max_grad_norm": None, "lr": 1.0, "batch_size": 32, "decoder": "conv", "unknown_field": 3}
+    assert isinstance(typed["lr"], float) and isinstance(typed["batch_size"], int)
+    assert typed_config_overrides(cls, defaults, {"max_grad_norm": 5}) == {"max_grad_norm": 5.0}
+    for bad, message in (({"obs_std": None}, r"agent.obs_std=null: .*obs_std must be set \(not null\)"),
+                         ({"batch_size": True}, r"agent.batch_size=true: .* must be an integer \(the preset has 64\)"),
+                         ({"batch_size": 2.5}, r"must be an integer"),
+                         ({"lr": "fast"}, r"agent.lr=fast: .* must be a number"),
+                         ({"max_grad_norm": "x"}, r"must be a number or null"),
+                         ({"decoder": 3}, r"must be a string")):
+        with pytest.raises(ConfigError, match=message):
+            typed_config_overrides(cls, defaults, bad, prefix="agent.")
+
+
+def test_agent_overrides_are_written_back_typed():
+    """``agent.batch_size=1e3`` reaches the agent as the int 1000 and ``agent.max_grad_norm=null`` is accepted
+    where the field is optional (the config the run saves and builds from holds the typed values)."""
+    from omegaconf import OmegaConf
+
+    from latentrl.training.cli import _check_agent_overrides
+
+    cfg = OmegaConf.create({"agent": {"name": "active_inference", "preset": "small",
+                                      "overrides": {"batch_size": "1e3", "max_grad_norm": None, "lr": 1}}})
+    _check_agent_overrides(cfg)
+    assert OmegaConf.to_container(cfg.agent.overrides) == {"batch_size": 1000, "max_grad_norm": None, "lr": 1.0}
+    assert isinstance(cfg.agent.overrides.batch_size, int)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 def _load(name: str):
     spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # as `import` would: dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -101,8 +103,12 @@ def test_bench_active_inference_set_overrides_are_typed_and_refused_clearly():
     assert parsed == {"max_grad_norm": None, "obs_std": 0.05, "batch_size": 32, "decoder": "conv"}
     assert isinstance(parsed["batch_size"], int)
     assert bench.parse_overrides(["max_grad_norm=5"]) == {"max_grad_norm": 5.0}
-    with pytest.raises(SystemExit, match="obs_std takes float, e.g. obs_std=0.1"):
+    with pytest.raises(SystemExit, match=r"obs_std=null: ActiveInferenceConfig.obs_std must be set .*e.g. obs_std=0.1"):
         bench.parse_overrides(["obs_std=none"])
+    with pytest.raises(SystemExit, match=r"batch_size=abc: .* must be an integer \(the default has 64\)"):
+        bench.parse_overrides(["batch_size=abc"])
+    with pytest.raises(SystemExit, match=r"max_grad_norm=fast: .* must be a number or null"):
+        bench.parse_overrides(["max_grad_norm=fast"])
     with pytest.raises(SystemExit, match="KEY one of"):
         bench.parse_overrides(["obs_sdt=0.1"])
 
@@ -217,3 +223,35 @@ def test_bench_stamo_checkpoint_keeps_its_autoencoder_settings(tmp_path):
         bench.load_model(argparse.Namespace(**{**vars(args), "preset": "small"}))
     del state["config"]  # an old checkpoint
     assert bench.saved_config(state) == {"sigma_shift": 1.0, "compression": "queries"}
+
+
+def test_bench_stamo_task_probe_targets(tmp_path):
+    """The state probe's targets per task: a wrapping joint as (sin, cos) and read back through atan2, the others
+    as they are; differences wrap only for wrapping joints; cheetah's forward position (qpos 0) is not a target;
+    eval refuses a ``--task`` that contradicts the collected data."""
+    import math
+
+    import torch
+
+    bench = _load("bench_stamo")
+    cheetah = bench.TASKS["cheetah-run"]
+    physics = torch.zeros(3, 18, dtype=torch.float64)
+    physics[:, 0] = torch.tensor([5.0, -7.0, 100.0])  # rootx: invisible to a tracking camera
+    physics[:, 2] = torch.tensor([3.0, -3.0, 0.5])  # rooty (pitch), past +-pi after a flip
+    physics[:, 3] = torch.tensor([2.0, -2.0, 0.1])  # bthigh (beyond its range: only the arithmetic is tested)
+    q = cheetah.coords(physics)
+    assert q.shape == (3, 8) and not torch.isin(physics[:, 0].float(), q).any()
+    f = cheetah.features(q)
+    assert f.shape == (3, 9) and cheetah.feature_names()[:3] == ["rootz", "sin rooty", "cos rooty"]
+    assert torch.allclose(cheetah.from_features(f), q, atol=1e-6)
+    d = cheetah.difference(q[0], q[1])
+    assert math.isclose(float(d[1]), 6.0 - 2 * math.pi, abs_tol=1e-5)  # pitch 3 -> -3 is a 0.28 rad turn
+    assert math.isclose(float(d[2]), 4.0, abs_tol=1e-6)  # a leg joint does not wrap
+    reacher = bench.TASKS["reacher-easy"]
+    assert reacher.feature_names() == ["sin q1", "cos q1", "sin q2", "cos q2"]
+    assert reacher.difference(torch.tensor([3.0, 3.0]), torch.tensor([-3.0, 0.0])).tolist() == pytest.approx(
+        [6.0 - 2 * math.pi, 3.0])
+    torch.save({"pixels": torch.zeros(5, 4, 3, 64, 64, dtype=torch.uint8), "task": "cheetah-run"},
+               tmp_path / "episodes.pt")
+    with pytest.raises(SystemExit, match="holds cheetah-run episodes"):
+        bench.main(["eval", "--out-dir", str(tmp_path), "--task", "reacher-easy"])

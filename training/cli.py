@@ -15,6 +15,7 @@ import shutil
 import signal
 import sys
 import time
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -403,6 +404,45 @@ def _check_collector(get, put) -> None:
                                                         "one write to the buffer", example=16))
 
 
+def typed_config_overrides(config_class: type, defaults: Any, overrides: dict, prefix: str = "",
+                           source: str = "the preset") -> dict:
+    """``overrides`` of ``config_class`` fields, each checked against the type of its value in ``defaults`` (the
+    preset's config; the type hint where that value is None) and returned typed: whole numbers as int for int
+    fields, numbers as float for float fields, ``None`` only where the type hint is optional. A mismatch raises
+    ConfigError naming the field, ``source``'s value and an example (``{prefix}{field}=<value>``). Fields the
+    config lacks are passed through: ``make_config`` names them with the valid ones. Used by ``agent.<field>=``
+    here and by the benchmarks' ``--set``."""
+    hints = typing.get_type_hints(config_class)
+    out = {}
+    for field, value in overrides.items():
+        if not hasattr(defaults, field):
+            out[field] = value
+            continue
+        default = getattr(defaults, field)
+        optional = type(None) in typing.get_args(hints.get(field))
+        base = type(default) if default is not None else next(
+            (t for t in typing.get_args(hints.get(field)) if t is not type(None)), type(None))
+        key, kind, typed = f"{prefix}{field}", None, value
+        if value is None:
+            kind = None if optional else "set (not null)"
+        elif base is bool:
+            kind = None if isinstance(value, bool) else "true or false"
+        elif base is int:
+            typed = _as_int(value)
+            kind = None if typed is not None else "an integer"
+        elif base is float:
+            typed = None if isinstance(value, str) else _as_float(value)
+            kind = None if typed is not None else "a number"
+        elif base is str:
+            kind = None if isinstance(value, str) else "a string"
+        if kind is not None:
+            also = " or null" if optional and value is not None else ""
+            raise ConfigError(f"{key}={_shown(value)}: {config_class.__name__}.{field} must be {kind}{also} "
+                              f"({source} has {_shown(default)}); e.g. {key}={_shown(default)}")
+        out[field] = typed
+    return out
+
+
 def _check_agent_overrides(cfg: DictConfig) -> None:
     """``agent.<field>=<value>`` must have the type of the field's preset value (``agent.batch_size=abc`` is
     refused here, not at the first update)."""
@@ -413,25 +453,10 @@ def _check_agent_overrides(cfg: DictConfig) -> None:
     if not overrides or getattr(cls, "config_class", None) is None:
         return
     defaults = cls.make_config(cfg.agent.preset)  # an unknown preset is named by make_config
-    for field, value in overrides.items():
-        if not hasattr(defaults, field):
-            continue  # make_config names unknown fields with the valid ones
-        default = getattr(defaults, field)
-        key, kind = f"agent.{field}", None
-        if isinstance(default, bool):
-            kind = None if isinstance(value, bool) else "true or false"
-        elif isinstance(default, int):
-            number = _as_int(value)
-            kind = None if number is not None else "an integer"
-            if number is not None:
-                cfg.agent.overrides[field] = number
-        elif isinstance(default, float):
-            kind = None if _as_float(value) is not None and not isinstance(value, str) else "a number"
-        elif isinstance(default, str):
-            kind = None if isinstance(value, str) else "a string"
-        if kind is not None:
-            raise ConfigError(f"{key}={_shown(value)}: {cls.config_class.__name__}.{field} must be {kind} (the "
-                              f"{cfg.agent.preset!r} preset has {_shown(default)}); e.g. {key}={_shown(default)}")
+    typed = typed_config_overrides(cls.config_class, defaults, overrides, prefix="agent.",
+                                   source=f"the {cfg.agent.preset!r} preset")
+    for field, value in typed.items():
+        cfg.agent.overrides[field] = value
 
 
 # ------------------------------------------------------------------------------------------- run folders
