@@ -97,6 +97,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="folder for the collected buffers (train/, heldout/): reused when present, else written")
     p.add_argument("--load-model", default=None, help="a state dict saved by --save-model: skip training")
     p.add_argument("--save-model", default=None, help="save the trained agent's state dict here")
+    p.add_argument("--resume", action="store_true",
+                   help="with --load-model: train that model on (--updates / --train-seconds more, its Adam state "
+                        "too when the file has it), continue its training record and save it to --save-model")
     p.add_argument("--latency-presets", default="paper,small,realtime",
                    help="planner presets whose step latency (batch 1) is measured; empty: none")
     p.add_argument("--latency-steps", type=int, default=60, help="timed policy steps per preset (after 5 warm-up)")
@@ -115,6 +118,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="a seconds-long run for tests: smoke preset, tiny data, few updates and cases")
     args = p.parse_args(argv)
+    if args.resume and not (args.load_model and args.save_model):
+        p.error("--resume trains the --load-model on and needs --save-model for the result (it may be the same path)")
     if args.quick:
         args.preset = "smoke"
         args.train_episodes, args.heldout_episodes, args.episode_length, args.num_envs = 2, 1, 12, 2
@@ -163,11 +168,24 @@ def build_agent(args) -> ActiveInferenceAgent:
     return ActiveInferenceAgent(config, (3, 64, 64), 2)
 
 
-def load_model_file(agent: ActiveInferenceAgent, path) -> dict:
-    """Load the weights of a ``--save-model`` file into ``agent``; returns its training record (``{}`` if none)."""
+def load_model_file(agent: ActiveInferenceAgent, path, optimizer: bool = False) -> dict:
+    """Load the weights of a ``--save-model`` file into ``agent`` (and its Adam state with ``optimizer``, when the
+    file has one); returns its training record (``{}`` if none)."""
     saved = torch.load(path, weights_only=True)
     agent.load_state_dict(saved["agent"])
+    if optimizer and "optimizer" in saved:
+        agent.optimizers()["model"].load_state_dict(saved["optimizer"])
     return saved.get("train", {})
+
+
+def save_model_file(agent: ActiveInferenceAgent, record: dict, path) -> None:
+    """The agent, its Adam state and its training record, written whole or not at all (a crash or a full disk
+    leaves the previous file, which may be the ``--load-model`` being trained on)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save({"agent": agent.state_dict(), "optimizer": agent.optimizers()["model"].state_dict(),
+                "train": record}, tmp)
+    tmp.replace(path)
 
 
 def load_saved_agent(args) -> ActiveInferenceAgent:
@@ -210,12 +228,16 @@ def smooth(values: list[float], window: int) -> np.ndarray:
     return np.convolve(v, np.ones(window) / window, mode="valid")
 
 
-def train(agent: ActiveInferenceAgent, buffer: ReplayBuffer, args) -> dict:
+def train(agent: ActiveInferenceAgent, buffer: ReplayBuffer, args, previous: dict | None = None) -> dict:
+    """``--updates`` / ``--train-seconds`` world-model updates; with ``previous`` (the record of a loaded model,
+    ``--resume``) the update count, curve and time continue from it."""
     kwargs = agent.sample_spec().sample_kwargs()
-    curve, steps = [], []
+    previous = previous or {}
+    curve, steps = list(previous.get("free_energy", [])), list(previous.get("free_energy_steps", []))
+    done = int(previous.get("updates", 0))
     start = time.perf_counter()
-    updates = 0
-    while updates < args.updates and time.perf_counter() - start < args.train_seconds:
+    updates = done
+    while updates - done < args.updates and time.perf_counter() - start < args.train_seconds:
         metrics = {k: float(v) for k, v in agent.update(buffer.sample(**kwargs)).items()}
         updates += 1
         if updates % args.log_every == 0 or updates == 1:
@@ -225,7 +247,7 @@ def train(agent: ActiveInferenceAgent, buffer: ReplayBuffer, args) -> dict:
                 print(f"[bench_ai] update {updates}: free energy {metrics['free_energy']:.1f} "
                       f"(recon {metrics['recon']:.1f}, kl_transition {metrics['kl_transition']:.2f}, "
                       f"epistemic {metrics['epistemic']:.3f}), {time.perf_counter() - start:.0f} s", flush=True)
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start + float(previous.get("seconds", 0.0))
     sm = smooth(curve, max(1, len(curve) // 10))
     # "decreases monotonically (smoothed)": the smoothed curve read at 10 evenly spaced points
     marks = sm[np.linspace(0, len(sm) - 1, min(10, len(sm))).round().astype(int)]
@@ -234,7 +256,8 @@ def train(agent: ActiveInferenceAgent, buffer: ReplayBuffer, args) -> dict:
             "free_energy_steps": steps, "free_energy": curve,
             "free_energy_first_smoothed": float(sm[0]), "free_energy_last_smoothed": float(sm[-1]),
             "smoothed_marks": marks.tolist(),
-            "smoothed_monotone": bool(np.all(np.diff(marks) <= 0))}
+            "smoothed_monotone": bool(np.all(np.diff(marks) <= 0)),
+            "resumed_at": [*previous.get("resumed_at", []), done] if previous else []}
 
 
 # ----------------------------------------------------------------------------------------- checks
@@ -730,9 +753,12 @@ def main(argv: list[str] | None = None) -> int:
                     "config": {k: getattr(config, k) for k in config.__dataclass_fields__}})
     if checks - {"5"}:
         if args.load_model:
-            record = load_model_file(agent, args.load_model)
+            record = load_model_file(agent, args.load_model, optimizer=args.resume)
             print(f"[bench_ai] loaded {args.load_model} ({record.get('updates', '?')} updates)", flush=True)
-            if "free_energy" in record:
+            if args.resume:
+                results["train"] = train(agent, train_buf, args, previous=record)
+                save_model_file(agent, results["train"], args.save_model)
+            elif "free_energy" in record:
                 results["train"] = record
             else:  # a file saved outside this script: no training curve to report
                 results.pop("train", None)
@@ -740,7 +766,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             results["train"] = train(agent, train_buf, args)
             if args.save_model:
-                torch.save({"agent": agent.state_dict(), "train": results["train"]}, args.save_model)
+                save_model_file(agent, results["train"], args.save_model)
         if "train" in results:
             plot_free_energy(results["train"], fig_dir / "free_energy.png")
     agent.eval()

@@ -164,6 +164,33 @@ def test_bench_active_inference_quick_writes_the_report_figures_and_numbers(tmp_
     assert results["check5"]["transitions_right"] + results["check5"]["transitions_left"] > 0
 
 
+def test_bench_active_inference_resume_trains_a_saved_model_on(tmp_path):
+    """``--load-model m --resume --save-model m`` continues the model, its Adam state and its training record:
+    6 + 6 quick updates give a 12-update record with one curve and Adam at step 12; --resume alone is refused."""
+    import json
+
+    import torch
+
+    bench = _load("bench_active_inference")
+    model, figs = tmp_path / "model.pt", tmp_path / "figs"
+    common = ["--quick", "--checks", "1", "--out", str(tmp_path / "r.md"), "--fig-dir", str(figs)]
+    assert bench.main([*common, "--save-model", str(model)]) == 0
+    first = torch.load(model, weights_only=True)
+    assert bench.main([*common, "--load-model", str(model), "--resume", "--save-model", str(model)]) == 0
+    saved = torch.load(model, weights_only=True)
+    record = saved["train"]
+    assert record["updates"] == 12 and record["free_energy_steps"] == list(range(1, 13))
+    assert record["free_energy"][:6] == first["train"]["free_energy"] and record["resumed_at"] == [6]
+    assert record["seconds"] > first["train"]["seconds"]
+    steps = {int(state["step"]) for state in saved["optimizer"]["state"].values()}
+    assert steps == {12}  # Adam went on from the saved moments, not from a fresh optimizer
+    assert any(not torch.equal(a, saved["agent"][k]) for k, a in first["agent"].items())  # it trained on
+    assert json.loads((figs / "results.json").read_text())["train"]["updates"] == 12
+    assert not list(tmp_path.glob(".*.tmp"))
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--resume", "--load-model", str(model)])
+
+
 def test_bench_active_inference_reads_a_model_file_saved_without_a_training_curve(tmp_path):
     """``--load-model`` of a file holding the agent and only an update count (a model trained on elsewhere) runs
     the checks and reports no training row, instead of failing on the missing curve."""
