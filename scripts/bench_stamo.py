@@ -377,9 +377,14 @@ def evaluate(args) -> None:
     import matplotlib.pyplot as plt
 
     t_start = time.time()
+    data, train_mask, test_mask = load_data(args)
+    # the task of the data names the default page
+    page = "bench_stamo" if args.task == DEFAULT_TASK else f"bench_stamo_{args.task.split('-')[0]}"
+    # a --quick run never writes over the docs' page: its default page lies in --out-dir
+    args.report = args.report or str((Path(args.out_dir) if args.quick else ROOT / "docs") / f"{page}.md")
+    args.fig_dir = args.fig_dir or str(Path(args.report).with_suffix(""))
     fig_dir = Path(args.fig_dir)
     fig_dir.mkdir(parents=True, exist_ok=True)
-    data, train_mask, test_mask = load_data(args)
     agent = load_model(args)
     spec = TASKS[args.task]
     wm = agent.world_model
@@ -837,10 +842,6 @@ def main(argv=None) -> None:
     if args.phase in ("train", "all"):
         train(args)
     if args.phase in ("eval", "all"):
-        load_data(args)  # the task of the data names the default page
-        page = "bench_stamo" if args.task == DEFAULT_TASK else f"bench_stamo_{args.task.split('-')[0]}"
-        args.report = args.report or str(ROOT / "docs" / f"{page}.md")
-        args.fig_dir = args.fig_dir or str(Path(args.report).with_suffix(""))
         evaluate(args)
 
 
