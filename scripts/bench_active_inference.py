@@ -170,11 +170,15 @@ def build_agent(args) -> ActiveInferenceAgent:
 
 def load_model_file(agent: ActiveInferenceAgent, path, optimizer: bool = False) -> dict:
     """Load the weights of a ``--save-model`` file into ``agent`` (and its Adam state with ``optimizer``, when the
-    file has one); returns its training record (``{}`` if none)."""
+    file has one); returns its training record (``{}`` if none). The learning rate stays the one of the agent's
+    config (``--set lr=``): Adam's saved state carries the old one, which would silently win."""
     saved = torch.load(path, weights_only=True)
     agent.load_state_dict(saved["agent"])
     if optimizer and "optimizer" in saved:
-        agent.optimizers()["model"].load_state_dict(saved["optimizer"])
+        adam = agent.optimizers()["model"]
+        adam.load_state_dict(saved["optimizer"])
+        for group in adam.param_groups:
+            group["lr"] = agent.config.lr
     return saved.get("train", {})
 
 

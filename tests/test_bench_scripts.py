@@ -189,6 +189,10 @@ def test_bench_active_inference_resume_trains_a_saved_model_on(tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))
     with pytest.raises(SystemExit):
         bench.parse_args(["--resume", "--load-model", str(model)])
+    # a resume at another learning rate trains at that rate (the saved Adam state holds the preset's)
+    assert bench.main([*common, "--set", "lr=0.0002", "--load-model", str(model), "--resume",
+                       "--save-model", str(model)]) == 0
+    assert {g["lr"] for g in torch.load(model, weights_only=True)["optimizer"]["param_groups"]} == {0.0002}
 
 
 def test_bench_active_inference_reads_a_model_file_saved_without_a_training_curve(tmp_path):
