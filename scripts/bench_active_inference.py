@@ -3,7 +3,7 @@
 ``shared/algorithms/active_inference.md`` §8 and §10 checks 1-3) on point_mass-easy, 64x64 pixels.
 
     python scripts/bench_active_inference.py                 # the default run (~15 min on 2 CPU cores)
-    python scripts/bench_active_inference.py --quick --out /tmp/ai.md --fig-dir /tmp/ai
+    python scripts/bench_active_inference.py --quick        # seconds; writes under the temp dir, never docs/
 
 1. Collects ``--train-episodes`` uniform-random-action episodes (``--episode-length`` steps, action
    repeat 4) into a ``ReplayBuffer``, and ``--heldout-episodes`` more (another seed) for testing.
@@ -33,6 +33,7 @@ import dataclasses
 import datetime as dt
 import json
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -113,13 +114,21 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="start from the results.json already in --fig-dir (add or replace the checks run now)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=str(ROOT / "docs" / "bench_active_inference.md"))
-    p.add_argument("--fig-dir", default=str(ROOT / "docs" / "bench_active_inference"))
+    p.add_argument("--out", default=None,
+                   help="the report page (default docs/bench_active_inference.md; with --quick <fig-dir>/page.md)")
+    p.add_argument("--fig-dir", default=None,
+                   help="figures and results.json (default docs/bench_active_inference/; with --quick a new "
+                        "folder under the system's temp dir)")
     p.add_argument("--quick", action="store_true",
                    help="a seconds-long run for tests: smoke preset, tiny data, few updates and cases")
     args = p.parse_args(argv)
     if args.resume and not (args.load_model and args.save_model):
         p.error("--resume trains the --load-model on and needs --save-model for the result (it may be the same path)")
+    if args.quick:  # a smoke run never writes over the docs' page, figures or results.json
+        args.fig_dir = args.fig_dir or tempfile.mkdtemp(prefix="bench_active_inference_quick_")
+        args.out = args.out or str(Path(args.fig_dir) / "page.md")
+    args.fig_dir = args.fig_dir or str(ROOT / "docs" / "bench_active_inference")
+    args.out = args.out or str(ROOT / "docs" / "bench_active_inference.md")
     if args.quick:
         args.preset = "smoke"
         args.train_episodes, args.heldout_episodes, args.episode_length, args.num_envs = 2, 1, 12, 2

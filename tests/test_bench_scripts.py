@@ -164,6 +164,20 @@ def test_bench_active_inference_quick_writes_the_report_figures_and_numbers(tmp_
     assert results["check5"]["transitions_right"] + results["check5"]["transitions_left"] > 0
 
 
+def test_bench_active_inference_quick_never_defaults_to_the_docs_page(tmp_path, monkeypatch):
+    """A ``--quick`` run without ``--out`` / ``--fig-dir`` writes under the temp dir, not over the docs' page,
+    figures and results.json; given paths and a full run's defaults are unchanged."""
+    bench = _load("bench_active_inference")
+    monkeypatch.setattr(bench.tempfile, "tempdir", str(tmp_path))
+    docs = bench.ROOT / "docs"
+    args = bench.parse_args(["--quick"])
+    assert Path(args.fig_dir).parent == tmp_path and Path(args.out) == Path(args.fig_dir) / "page.md"
+    args = bench.parse_args(["--quick", "--fig-dir", str(tmp_path / "f")])
+    assert args.out == str(tmp_path / "f" / "page.md")
+    args = bench.parse_args([])
+    assert (Path(args.out), Path(args.fig_dir)) == (docs / "bench_active_inference.md", docs / "bench_active_inference")
+
+
 def test_bench_active_inference_resume_trains_a_saved_model_on(tmp_path):
     """``--load-model m --resume --save-model m`` continues the model, its Adam state and its training record:
     6 + 6 quick updates give a 12-update record with one curve and Adam at step 12; --resume alone is refused."""
