@@ -124,12 +124,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.resume and not (args.load_model and args.save_model):
         p.error("--resume trains the --load-model on and needs --save-model for the result (it may be the same path)")
-    if args.quick:  # a smoke run never writes over the docs' page, figures or results.json
+    if args.quick:
+        # a smoke run never writes over the docs' page, figures or results.json
         args.fig_dir = args.fig_dir or tempfile.mkdtemp(prefix="bench_active_inference_quick_")
         args.out = args.out or str(Path(args.fig_dir) / "page.md")
-    args.fig_dir = args.fig_dir or str(ROOT / "docs" / "bench_active_inference")
-    args.out = args.out or str(ROOT / "docs" / "bench_active_inference.md")
-    if args.quick:
         args.preset = "smoke"
         args.train_episodes, args.heldout_episodes, args.episode_length, args.num_envs = 2, 1, 12, 2
         args.updates, args.train_seconds, args.log_every = 6, 30.0, 1
@@ -137,6 +135,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.goals, args.goal_steps, args.strip_steps = 2, 3, 3
         args.latency_presets, args.latency_steps = "small,realtime", 3
         args.checks, args.epistemic_updates = "1,2,3,latency,5", 3
+    args.fig_dir = args.fig_dir or str(ROOT / "docs" / "bench_active_inference")
+    args.out = args.out or str(ROOT / "docs" / "bench_active_inference.md")
     return args
 
 
