@@ -290,11 +290,16 @@ def one_step_mse(agent: ActiveInferenceAgent, heldout: ReplayBuffer, args) -> di
     static = static_pixels(current, target)
     out = {"cases": args.mse_cases, "static_pixel_fraction": static.float().mean().item()}
     for name, image in (("model", pred), ("copy_frame", current), ("reconstruction", recon)):
-        error = (image - target).square()
-        out[f"{name}_mse"] = error.mean().item()
-        # the part of that per-pixel MSE on pixels of the static scene (model + moving part = the total)
-        out[f"{name}_mse_static_part"] = (error * static).sum().item() / error.numel()
+        split = error_split(image, target, static)
+        out[f"{name}_mse"], out[f"{name}_mse_static_part"] = split["mse"], split["static_part"]
     return {**out, "pass": out["model_mse"] < out["copy_frame_mse"]}
+
+
+def error_split(image: Tensor, target: Tensor, static: Tensor) -> dict:
+    """The per-pixel MSE of ``image`` against ``target`` and the part of it on pixels of the static scene
+    (``static_pixels``); the rest of the total is on the moving pixels."""
+    error = (image - target).square()
+    return {"mse": error.mean().item(), "static_part": (error * static).sum().item() / error.numel()}
 
 
 def static_pixels(current: Tensor, target: Tensor, threshold: float = 0.1) -> Tensor:

@@ -44,10 +44,8 @@ def sensitivity(agent, heldout, cases: int) -> dict:
     images = {name: wm.decode_mean(z) for name, z in latents.items()}
     images["copy_frame"] = current
     for name, image in images.items():
-        error = (image - target).square()
-        static_part = (error * static).sum().item() / error.numel()
-        out[name] = {"mse": error.mean().item(), "static_part": static_part,
-                     "moving_part": error.mean().item() - static_part}
+        split = bench.error_split(image, target, static)  # check 1's split
+        out[name] = {**split, "moving_part": split["mse"] - split["static_part"]}
         if name in latents:
             out[name]["latent_distance"] = (latents[name] - target_latent).norm(dim=-1).mean().item()
     return out
