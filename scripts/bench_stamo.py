@@ -331,7 +331,8 @@ def fit_mlp(x: torch.Tensor, y: torch.Tensor, updates: int, seed: int, hidden: i
     (x, xv), (y, yv) = (x[:cut], x[cut:]), (y[:cut], y[cut:])
     # a floor under each input's spread: a column that (nearly) never changes in training (cheetah's sky in a
     # pooled pixel difference) would otherwise blow up a held-out value by 1e6 (held-out MSE 369 at k = 1)
-    mu, sd = x.mean(0), x.std(0).clamp_min(1e-2 * float(x.std(0).mean()) + 1e-6)
+    mu, sd = x.mean(0), x.std(0)
+    sd = sd.clamp_min(1e-2 * float(sd.mean()) + 1e-6)
     net = mlp(x.shape[1], [hidden, hidden], y.shape[1])
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(seed)
