@@ -93,6 +93,10 @@ class ActiveInferenceConfig:
     coordinate channels; ``world_models.active_inference.BroadcastDecoder``), or ``"conv"``, the spec's symmetric
     transposed convolutions from a 1x1 map (DreamerV2). Not the spec's default: on point_mass its latent orders
     goals by distance and goal success rose from 0.12 to 0.68 (docs/bench_active_inference.md)."""
+    decoder_canvas: bool = False
+    """``decoder="conv"``: add a learned image to its output (``PixelDecoder(canvas=True)``), so the network draws
+    only what differs from the static scene; the broadcast decoder always has one. Off by default (the spec's conv
+    decoder has none)."""
     hidden_dim: int = 256
     """Width of the encoder's last layer (and of the state MLPs)."""
     transition_hidden: int = 128
@@ -504,9 +508,9 @@ class ActiveInferenceAgent(Agent):
             cfg.obs_type, self.obs_shape, self.action_dim, latent_dim=cfg.latent_dim, frame_stack=cfg.frame_stack,
             encoder_depth=cfg.encoder_depth, hidden_dim=cfg.hidden_dim, transition_hidden=cfg.transition_hidden,
             transition_layers=cfg.transition_layers, ensemble_size=cfg.ensemble_size,
-            decoder_depth=cfg.decoder_depth, decoder=cfg.decoder, obs_std=cfg.obs_std, min_std=cfg.min_std,
-            kl_transition_weight=cfg.kl_transition_weight, kl_prior_weight=cfg.kl_prior_weight,
-            free_nats=cfg.free_nats)
+            decoder_depth=cfg.decoder_depth, decoder=cfg.decoder, decoder_canvas=cfg.decoder_canvas,
+            obs_std=cfg.obs_std, min_std=cfg.min_std, kl_transition_weight=cfg.kl_transition_weight,
+            kl_prior_weight=cfg.kl_prior_weight, free_nats=cfg.free_nats)
         self.reward_head = mlp(cfg.latent_dim, [cfg.transition_hidden], 1)
         self.to(self.device)
         self._optimizer = make_adam([*self.world_model.parameters(), *self.reward_head.parameters()],

@@ -185,10 +185,28 @@ def load_model_file(agent: ActiveInferenceAgent, path, optimizer: bool = False) 
     agent.load_state_dict(saved["agent"])
     if optimizer and "optimizer" in saved:
         adam = agent.optimizers()["model"]
-        adam.load_state_dict(saved["optimizer"])
+        adam.load_state_dict(optimizer_state_for(agent, saved))
         for group in adam.param_groups:
             group["lr"] = agent.config.lr
     return saved.get("train", {})
+
+
+def optimizer_state_for(agent: ActiveInferenceAgent, saved: dict) -> dict:
+    """The saved Adam state of a ``--save-model`` file laid out for ``agent``'s parameters. Adam keys its state by
+    parameter index, so a parameter the file lacks (a canvas switched on with ``--set decoder_canvas=true``)
+    shifts every index after it: the file's state is mapped back by parameter name, and the new parameter starts
+    with no Adam state (as in a fresh Adam)."""
+    names = [f"world_model.{n}" for n, _ in agent.world_model.named_parameters()]
+    names += [f"reward_head.{n}" for n, _ in agent.reward_head.named_parameters()]
+    state = saved["optimizer"]
+    (group,) = state["param_groups"]
+    old = [n for n in names if n in saved["agent"]]
+    if len(old) != len(group["params"]):
+        raise ValueError(f"the file's Adam state has {len(group['params'])} parameters but its weights name "
+                         f"{len(old)} of this agent's; was it saved by another model?")
+    by_name = {n: state["state"][i] for n, i in zip(old, group["params"], strict=True) if i in state["state"]}
+    return {"state": {i: by_name[n] for i, n in enumerate(names) if n in by_name},
+            "param_groups": [{**group, "params": list(range(len(names)))}]}
 
 
 def save_model_file(agent: ActiveInferenceAgent, record: dict, path) -> None:

@@ -16,7 +16,12 @@ from torch.distributions import Normal, kl_divergence
 
 from latentrl.agents import GoalObservation
 from latentrl.agents.active_inference import ActiveInferenceAgent, expected_free_energy, plan, precision
-from latentrl.world_models.active_inference import ActiveInferenceModel, BroadcastDecoder, ensemble_epistemic
+from latentrl.world_models.active_inference import (
+    ActiveInferenceModel,
+    BroadcastDecoder,
+    PixelDecoder,
+    ensemble_epistemic,
+)
 from latentrl.world_models.layers import gaussian_entropy, gaussian_fuse, gaussian_kl, gaussian_log_prob
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -347,11 +352,17 @@ def test_broadcast_decoder_draws_held_out_positions_from_its_coordinate_channels
         make_agent("pixels", decoder="deconv")
 
 
-def test_broadcast_decoder_canvas_holds_the_static_scene_and_old_files_load_unchanged():
-    """The learned canvas added to the broadcast decoder's output takes the static scene off the network: on
-    blobs over a fixed random texture, held-out MSE with the canvas is below the same decoder with its canvas
-    frozen at zero (measured over seeds 0-2: 0.70-0.79 of it). A state dict saved before the canvas existed
-    loads strictly and decodes exactly as before."""
+_CANVAS_DECODERS = {"broadcast": lambda d: BroadcastDecoder(d, 8 if d == 2 else 4, (16, 16), grid=4),
+                    "conv": lambda d: PixelDecoder(d, 8 if d == 2 else 4, (16, 16), canvas=True)}
+
+
+@pytest.mark.parametrize("kind", sorted(_CANVAS_DECODERS))
+def test_decoder_canvas_holds_the_static_scene_and_old_files_load_unchanged(kind):
+    """The learned canvas added to a decoder's output (the broadcast decoder's always, the conv decoder's with
+    ``canvas=True``) takes the static scene off the network: on blobs over a fixed random texture, held-out MSE
+    with the canvas is below the same decoder with its canvas frozen at zero (broadcast, seeds 0-2: 0.70-0.79 of
+    it; conv: 0.48). A state dict saved without a canvas loads strictly and decodes exactly as before."""
+    make = _CANVAS_DECODERS[kind]
     g = torch.Generator().manual_seed(1)
     train, test = (torch.rand(256, 2, generator=g) * 1.6 - 0.8 for _ in range(2))
     scene = torch.rand(1, 3, 16, 16, generator=g) - 0.5
@@ -359,7 +370,7 @@ def test_broadcast_decoder_canvas_holds_the_static_scene_and_old_files_load_unch
 
     def held_out_mse(learn_canvas: bool) -> float:
         torch.manual_seed(0)
-        decoder = BroadcastDecoder(2, 8, (16, 16), grid=4)
+        decoder = make(2)
         decoder.canvas.requires_grad_(learn_canvas)
         _fit_decoder(decoder, train, images, updates=150, lr=1e-2)
         with torch.no_grad():
@@ -368,7 +379,7 @@ def test_broadcast_decoder_canvas_holds_the_static_scene_and_old_files_load_unch
     with_canvas, without = held_out_mse(True), held_out_mse(False)
     assert with_canvas < 0.85 * without, (with_canvas, without)
 
-    decoder = BroadcastDecoder(4, 4, (16, 16), grid=4)
+    decoder = make(4)
     old = {k: v for k, v in decoder.state_dict().items() if k != "canvas"}  # a file from before the canvas
     with torch.no_grad():
         canvas = decoder.canvas.normal_().clone()
@@ -377,6 +388,9 @@ def test_broadcast_decoder_canvas_holds_the_static_scene_and_old_files_load_unch
         decoder.load_state_dict(old)  # strict: the missing canvas is filled with zeros
         assert decoder.canvas.abs().max() == 0
         torch.testing.assert_close(decoder(s), shifted - canvas)  # the canvas is added, and nothing else changed
+    assert PixelDecoder(4, 4, (16, 16)).canvas is None  # the spec's conv decoder has none unless asked
+    conv = make_agent("pixels", decoder="conv", decoder_canvas=True).world_model.decoder
+    assert isinstance(conv, PixelDecoder) and conv.canvas is not None
 
 
 def test_train_agent_smoke_and_model_directory(tmp_path):

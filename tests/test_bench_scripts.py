@@ -209,6 +209,40 @@ def test_bench_active_inference_resume_trains_a_saved_model_on(tmp_path):
     assert {g["lr"] for g in torch.load(model, weights_only=True)["optimizer"]["param_groups"]} == {0.0002}
 
 
+def test_bench_active_inference_resume_with_a_new_canvas_keeps_each_parameters_adam_state(tmp_path):
+    """A conv-decoder model resumed with ``--set decoder_canvas=true`` gains a parameter in the middle of the
+    parameter list; the file's Adam moments still go to the parameters they belong to (mapped by name, not by
+    index), the canvas starts without state, and the decoder decodes as before until trained."""
+    import torch
+
+    bench = _load("bench_active_inference")
+    model = tmp_path / "model.pt"
+    common = ["--quick", "--checks", "1", "--out", str(tmp_path / "r.md"), "--fig-dir", str(tmp_path / "f"),
+              "--set", "decoder=conv"]
+    assert bench.main([*common, "--save-model", str(model)]) == 0
+    saved = torch.load(model, weights_only=True)
+    plain = bench.build_agent(bench.parse_args(common))
+    bench.load_model_file(plain, model, optimizer=True)
+    agent = bench.build_agent(bench.parse_args([*common, "--set", "decoder_canvas=true"]))
+    bench.load_model_file(agent, model, optimizer=True)
+    adam, plain_adam = agent.optimizers()["model"], plain.optimizers()["model"]
+    params, plain_params = dict(agent.named_parameters()), dict(plain.named_parameters())
+    assert len(params) == len(plain_params) + 1
+    for name, p in plain_params.items():  # every old parameter has exactly its own moments
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(adam.state[params[name]][key], plain_adam.state[p][key]), name
+    assert params["world_model.decoder.canvas"] not in adam.state
+    with torch.no_grad():
+        s = torch.randn(3, agent.config.latent_dim)
+        assert torch.equal(agent.world_model.decoder(s), plain.world_model.decoder(s))
+    # and the resume itself trains the canvas on from there
+    assert bench.main([*common, "--set", "decoder_canvas=true", "--load-model", str(model), "--resume",
+                       "--save-model", str(model)]) == 0
+    resumed = torch.load(model, weights_only=True)
+    assert resumed["agent"]["world_model.decoder.canvas"].abs().max() > 0
+    assert resumed["train"]["updates"] == 2 * saved["train"]["updates"]
+
+
 def test_bench_active_inference_reads_a_model_file_saved_without_a_training_curve(tmp_path):
     """``--load-model`` of a file holding the agent and only an update count (a model trained on elsewhere) runs
     the checks and reports no training row, instead of failing on the missing curve."""

@@ -57,9 +57,14 @@ class GaussianHead(nn.Module):
 
 
 class PixelDecoder(nn.Module):
-    """DreamerV2-style transposed-conv decoder: ``[N, D] -> [N, 3, 64, 64]`` (other sizes are resized)."""
+    """DreamerV2-style transposed-conv decoder: ``[N, D] -> [N, 3, 64, 64]`` (other sizes are resized).
 
-    def __init__(self, latent_dim: int, depth: int, image_size: tuple[int, int]):
+    ``canvas=True`` adds a learned image to the output, as :class:`BroadcastDecoder` always does (off by default:
+    the spec's decoder has none). On reacher most of this decoder's one-step error was blur on pixels that do
+    not change (docs/bench_active_inference.md, "A canvas for the conv decoder").
+    """
+
+    def __init__(self, latent_dim: int, depth: int, image_size: tuple[int, int], canvas: bool = False):
         super().__init__()
         self.depth, self.image_size = int(depth), tuple(int(s) for s in image_size)
         self.linear = nn.Linear(latent_dim, 32 * depth)
@@ -69,12 +74,19 @@ class PixelDecoder(nn.Module):
             nn.ConvTranspose2d(2 * depth, depth, 6, stride=2), nn.ELU(),        # 13 -> 30
             nn.ConvTranspose2d(depth, 3, 6, stride=2),                          # 30 -> 64
         )
+        self.canvas = nn.Parameter(torch.zeros(1, 3, *self.image_size)) if canvas else None
 
     def forward(self, s: Tensor) -> Tensor:
         x = self.net(self.linear(s).reshape(-1, 32 * self.depth, 1, 1))
         if tuple(x.shape[-2:]) != self.image_size:
             x = F.interpolate(x, size=self.image_size, mode="bilinear", align_corners=False)
-        return x
+        return x if self.canvas is None else x + self.canvas
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a model file saved without a canvas loads into a decoder with one as a zero canvas (decodes as before)
+        if self.canvas is not None:
+            state_dict.setdefault(prefix + "canvas", torch.zeros_like(self.canvas))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class BroadcastDecoder(nn.Module):
@@ -153,8 +165,8 @@ class ActiveInferenceModel(WorldModel):
     def __init__(self, obs_key: str, obs_shape: tuple[int, ...], action_dim: int, *, latent_dim: int = 16,
                  frame_stack: int = 2, encoder_depth: int = 16, hidden_dim: int = 256, transition_hidden: int = 128,
                  transition_layers: int = 2, ensemble_size: int = 5, decoder_depth: int = 16,
-                 decoder: str = "conv", obs_std: float = 1.0, min_std: float = 0.01, kl_transition_weight: float = 1.0,
-                 kl_prior_weight: float = 0.1, free_nats: float = 0.0):
+                 decoder: str = "conv", decoder_canvas: bool = False, obs_std: float = 1.0, min_std: float = 0.01,
+                 kl_transition_weight: float = 1.0, kl_prior_weight: float = 0.1, free_nats: float = 0.0):
         super().__init__()
         if obs_key not in ("pixels", "state"):
             raise ValueError(f"ActiveInferenceModel reads 'pixels' or 'state', got {obs_key!r}")
@@ -174,7 +186,9 @@ class ActiveInferenceModel(WorldModel):
             c, h, w = self.obs_shape
             trunk = make_encoder("dreamer", (c * self.frame_stack, h, w), depth=encoder_depth)
             self.encoder = nn.Sequential(trunk, nn.Linear(trunk.repr_dim, hidden_dim), nn.ELU())
-            self.decoder = PIXEL_DECODERS[decoder](latent_dim, decoder_depth, (h, w))
+            # the broadcast decoder always has a canvas; the conv decoder when asked (``decoder_canvas``)
+            canvas = {"canvas": decoder_canvas} if decoder == "conv" else {}
+            self.decoder = PIXEL_DECODERS[decoder](latent_dim, decoder_depth, (h, w), **canvas)
         else:
             self.encoder = nn.Sequential(make_encoder("state", self.obs_shape, hidden_dims=(hidden_dim, hidden_dim)))
             self.decoder = mlp(latent_dim, [hidden_dim, hidden_dim], self.obs_shape[0])
