@@ -55,7 +55,7 @@ from latentrl.control.telemetry import step_latencies
 from latentrl.envs import get_task, make_env
 from latentrl.replay import ReplayBuffer
 from latentrl.training.cli import ConfigError, typed_config_overrides
-from latentrl.training.logger import machine_description, write_report_page
+from latentrl.training.logger import machine_description, processor_name, write_report_page
 from latentrl.world_models.layers import gaussian_kl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,15 +104,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--latency-presets", default="paper,small,realtime",
                    help="planner presets whose step latency (batch 1) is measured; empty: none")
     p.add_argument("--latency-steps", type=int, default=60, help="timed policy steps per preset (after 5 warm-up)")
-    p.add_argument("--checks", default="1,2,3,latency",
+    p.add_argument("--checks", default=None,
                    help="what to run, comma-separated: 1 (and the imagined strip), 2, 3, latency, 5 (trains a "
-                   "second model on the left half of the arena; its own budget: --epistemic-updates / -seconds)")
+                   "second model on the left half of the arena; its own budget: --epistemic-updates / -seconds); "
+                   "default 1,2,3,latency (with --quick all five)")
     p.add_argument("--epistemic-updates", type=int, default=3000)
     p.add_argument("--epistemic-seconds", type=float, default=1800.0)
     p.add_argument("--notes", default=None, help="a markdown file appended to the report (the reading of the run)")
     p.add_argument("--merge", action="store_true",
                    help="start from the results.json already in --fig-dir (add or replace the checks run now)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu",
+                   help="where the agent runs (cpu, cuda); observations come from the CPU, as on a robot")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None,
                    help="the report page (default docs/bench_active_inference.md; with --quick <fig-dir>/page.md)")
@@ -134,7 +137,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.mse_cases, args.rank_cases, args.rank_candidates, args.rank_horizon = 16, 4, 20, 2
         args.goals, args.goal_steps, args.strip_steps = 2, 3, 3
         args.latency_presets, args.latency_steps = "small,realtime", 3
-        args.checks, args.epistemic_updates = "1,2,3,latency,5", 3
+        args.checks, args.epistemic_updates = args.checks or "1,2,3,latency,5", 3
+    args.checks = args.checks or "1,2,3,latency"
     args.fig_dir = args.fig_dir or str(ROOT / "docs" / "bench_active_inference")
     args.out = args.out or str(ROOT / "docs" / "bench_active_inference.md")
     return args
@@ -174,14 +178,14 @@ def parse_overrides(items: list[str]) -> dict:
 def build_agent(args) -> ActiveInferenceAgent:
     """A fresh agent on 64x64 pixels (2 action dimensions) with the settings of ``--preset`` / ``--set``."""
     config = ActiveInferenceAgent.make_config(args.preset, obs_type="pixels", **parse_overrides(args.overrides))
-    return ActiveInferenceAgent(config, (3, 64, 64), 2)
+    return ActiveInferenceAgent(config, (3, 64, 64), 2, device=args.device)
 
 
 def load_model_file(agent: ActiveInferenceAgent, path, optimizer: bool = False) -> dict:
     """Load the weights of a ``--save-model`` file into ``agent`` (and its Adam state with ``optimizer``, when the
     file has one); returns its training record (``{}`` if none). The learning rate stays the one of the agent's
     config (``--set lr=``): Adam's saved state carries the old one, which would silently win."""
-    saved = torch.load(path, weights_only=True)
+    saved = torch.load(path, weights_only=True, map_location=agent.device)
     agent.load_state_dict(saved["agent"])
     if optimizer and "optimizer" in saved:
         adam = agent.optimizers()["model"]
@@ -450,10 +454,12 @@ def goal_reaching(agent: ActiveInferenceAgent, heldout: ReplayBuffer, args) -> d
 
 def step_latency(agent: ActiveInferenceAgent, args) -> dict:
     """Policy step latency at batch 1 (observe + plan + act) for each planner preset in ``--latency-presets``,
-    toward a goal, on this machine's CPU with ``--threads`` threads (``latentrl.control.telemetry.step_latencies``,
-    what the control benchmark uses)."""
+    toward a goal, on ``--device`` with ``--threads`` threads (``latentrl.control.telemetry.step_latencies``, what
+    the control benchmark uses): frames come from the CPU and the action goes back to it, so on a GPU each step
+    includes both copies and waits for the plan."""
     names = [n for n in args.latency_presets.split(",") if n]
-    out = {"threads": torch.get_num_threads(), "steps": args.latency_steps, "presets": {}}
+    out = {"threads": torch.get_num_threads(), "steps": args.latency_steps, "device": str(agent.device),
+           "device_name": processor_name(agent.device), "presets": {}}
     with torch.no_grad():
         goal = agent.infer_task(GoalObservation(obs=TensorDict(
             {"pixels": torch.zeros(1, *agent.obs_shape, dtype=torch.uint8)}, batch_size=[1])))
@@ -663,6 +669,7 @@ def report(args, results: dict, argv: list[str]) -> str:
         f"- Command: `python scripts/bench_active_inference.py {' '.join(argv)}`"
         f" (total {results['total_seconds'] / 60:.1f} min).",
         f"- Task: {args.task}, 64x64 pixels, action repeat {args.action_repeat}, frame stack {cfg['frame_stack']}.",
+        "- Data: none (a latency-only run)." if results.get("untrained") else
         f"- Data: {args.train_episodes} training + {args.heldout_episodes} held-out (another seed) uniform-random "
         f"episodes x {args.episode_length} steps.",
         f"- Agent: preset `{args.preset}`{' with ' + ', '.join(args.overrides) if args.overrides else ''} "
@@ -730,15 +737,20 @@ def report(args, results: dict, argv: list[str]) -> str:
                   + ", ".join(f"{v:.4f}" for v in strip["open_loop_mse_per_step"]) + "."]
     lat = results.get("latency")
     if lat is not None:
-        lines += ["", f"Policy step latency (observe + plan + act), batch 1, CPU, {lat['threads']} thread(s), "
-                  f"{lat['steps']} steps after 5 warm-up:", "",
+        where = f"{lat['device']} ({lat['device_name']})" if lat.get("device", "cpu") != "cpu" else "CPU"
+        weights = " (untrained weights: a step's cost does not depend on them)" if results.get("untrained") else ""
+        lines += ["", f"Policy step latency (observe + plan + act), batch 1, {where}, {lat['threads']} thread(s), "
+                  f"{lat['steps']} steps after 5 warm-up{weights}:", "",
                   "| preset | planner | K x rounds | H | J | p50 (ms) | p99 (ms) | p99 < 20 ms (50 Hz) |",
                   "|---|---|---|---|---|---|---|---|"]
         for name, v in lat["presets"].items():
             lines.append(f"| {name} | {v['planner']} | {v['K']} x {v['rounds']} | {v['H']} | {v['J']} | "
                          f"{v['p50_ms']:.1f} | {v['p99_ms']:.1f} | {'yes' if v['fits_50hz'] else 'no'} |")
-    lines += ["", "![free energy](bench_active_inference/free_energy.png)", "",
-              "![real (top) vs open-loop imagined (bottom) frames](bench_active_inference/imagined.png)", ""]
+    lines.append("")
+    if tr is not None:
+        lines += ["![free energy](bench_active_inference/free_energy.png)", ""]
+    if strip is not None:
+        lines += ["![real (top) vs open-loop imagined (bottom) frames](bench_active_inference/imagined.png)", ""]
     if c3 is not None:
         lines += ["![goal reaching curves](bench_active_inference/goal_reaching.png)", "",
                   "![EFE terms of the executed plans](bench_active_inference/efe_terms.png)", ""]
@@ -776,18 +788,27 @@ def main(argv: list[str] | None = None) -> int:
     unknown = checks - {"1", "2", "3", "latency", "5"}
     if unknown:
         raise SystemExit(f"--checks: unknown {sorted(unknown)}; valid: 1, 2, 3, latency, 5")
-    train_buf, heldout = load_or_collect(args)
+    # a latency-only run (e.g. on a lent GPU, whose machine cannot render dm_control) needs no data and, without
+    # --load-model / --save-model, times the untrained model: the cost of a step does not depend on the weights
+    needs_model = bool(checks & {"1", "2", "3"}) or bool(args.load_model or args.save_model)
+    train_buf = heldout = None
+    if needs_model or "5" in checks:
+        train_buf, heldout = load_or_collect(args)
+        print(f"[bench_ai] data: {len(train_buf)} + {len(heldout)} steps in {time.perf_counter() - t0:.0f} s",
+              flush=True)
     collect_seconds = time.perf_counter() - t0
-    print(f"[bench_ai] data: {len(train_buf)} + {len(heldout)} steps in {collect_seconds:.0f} s", flush=True)
     agent = build_agent(args)
     config = agent.config
     results = {}
     if args.merge and (fig_dir / "results.json").exists():
         results = json.loads((fig_dir / "results.json").read_text())
     results.update({"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                    "machine": machine_description("cpu"), "args": vars(args), "collect_seconds": collect_seconds,
+                    "machine": machine_description(args.device), "args": vars(args), "collect_seconds": collect_seconds,
                     "config": {k: getattr(config, k) for k in config.__dataclass_fields__}})
-    if checks - {"5"}:
+    results.pop("untrained", None)
+    if not needs_model and checks - {"5"}:
+        results["untrained"] = True
+    elif checks - {"5"}:
         if args.load_model:
             record = load_model_file(agent, args.load_model, optimizer=args.resume)
             print(f"[bench_ai] loaded {args.load_model} ({record.get('updates', '?')} updates)", flush=True)

@@ -209,6 +209,28 @@ def test_bench_active_inference_resume_trains_a_saved_model_on(tmp_path):
     assert {g["lr"] for g in torch.load(model, weights_only=True)["optimizer"]["param_groups"]} == {0.0002}
 
 
+def test_bench_active_inference_latency_only_needs_no_data_and_no_training(tmp_path, monkeypatch):
+    """``--checks latency`` without a model file times the untrained agent on ``--device``: nothing is collected
+    (a lent GPU machine cannot render dm_control) and nothing trained; the page says so."""
+    import json
+
+    bench = _load("bench_active_inference")
+
+    def no_data(args):
+        raise AssertionError("a latency-only run collected data")
+
+    monkeypatch.setattr(bench, "load_or_collect", no_data)
+    monkeypatch.setattr(bench, "train", lambda *a, **k: (_ for _ in ()).throw(AssertionError("it trained")))
+    figs = tmp_path / "f"
+    assert bench.main(["--quick", "--checks", "latency", "--device", "cpu", "--fig-dir", str(figs)]) == 0
+    results = json.loads((figs / "results.json").read_text())
+    assert results["untrained"] and "train" not in results and results["latency"]["device"] == "cpu"
+    assert set(results["latency"]["presets"]) == {"small", "realtime"}
+    page = (figs / "page.md").read_text()
+    assert "Data: none (a latency-only run)" in page and "untrained weights" in page
+    assert "free_energy.png" not in page
+
+
 def test_bench_active_inference_resume_with_a_new_canvas_keeps_each_parameters_adam_state(tmp_path):
     """A conv-decoder model resumed with ``--set decoder_canvas=true`` gains a parameter in the middle of the
     parameter list; the file's Adam moments still go to the parameters they belong to (mapped by name, not by
