@@ -1,33 +1,81 @@
 #!/bin/bash
 # The GPU checks of the open issues, in one command for a lent GPU machine (see /work/.library/device or the
-# README's benchmarks section). At most about 14 minutes (each part has a timeout); every result lands in $OUT (default ./gpu_out).
+# README's benchmarks section); every result and each part's log land in $OUT (default ./gpu_out). The open issues'
+# parts come first, so a short lease still gets them. Each set of parts stays under 9 minutes (its timeouts add up
+# to 510 / 570 s), so one device call of at most 10 minutes runs one set:
 #
-#   bash scripts/gpu_checks.sh            # with latentrl installed: pip install -e ".[dev,gpu]"
+#   PARTS=open bash scripts/gpu_checks.sh      # issues 14 and 16 (with latentrl installed: pip install -e ".[dev,gpu]")
+#   PARTS=issue19 bash scripts/gpu_checks.sh   # the GPU tests and rows of issue 19 (closed; re-measured when time is left)
 #
 # Where the machine's image lacks the packages and cannot download (the lent H200s so far), carry them as
-# docs/bench_envs_mjwarp.md describes and put them on PYTHONPATH before calling this script.
+# docs/bench_envs_mjwarp.md describes and put them on PYTHONPATH before calling this script. Nothing here renders
+# with dm_control (its EGL context failed on those machines): the parts time untrained models on random frames.
+#
+# Environment: PARTS (default "open"; "open,issue19" runs both sets), DEVICE (default cuda; cpu with
+# QUICK=1 is the dry run tests/test_bench_scripts.py makes, so a typo here never costs a lease), OUT.
 set -u -o pipefail
 OUT=${OUT:-gpu_out}
+DEVICE=${DEVICE:-cuda}
+PARTS=${PARTS:-open}
+QUICK=${QUICK:-0}
 mkdir -p "$OUT"
 export MUJOCO_GL=${MUJOCO_GL:-egl} PYTHONUNBUFFERED=1
 T0=$(date +%s)
+FAILED=0
 step() { echo "[gpu_checks] $(( $(date +%s) - T0 )) s: $*"; }
+# run NAME TIMEOUT_S LINES CMD...: the part's whole output goes to $OUT/NAME.log and its last LINES lines here; a part
+# that fails or times out is reported and the next part still runs
+run() {
+  local name=$1 limit=$2 lines=$3; shift 3
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  tail -n "$lines" "$OUT/$name.log"
+  if [ "$rc" != 0 ]; then echo "[gpu_checks] FAILED (exit $rc, see $OUT/$name.log): $*"; FAILED=1; fi
+}
+THREADS=$(nproc)
+if [ "$QUICK" = 1 ]; then  # the dry run: the same commands at the smallest sizes
+  LAT_STEPS=3; LEARN=(--max-seconds 1 --min-blocks 1 --warmup 1 --timeout 120); PAPER=smoke; SMALL=smoke
+else
+  LAT_STEPS=200; LEARN=(--max-seconds 5 --timeout 90); PAPER=paper; SMALL=small
+fi
 
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt" 2>&1
-python -c "import torch; assert torch.cuda.is_available(), 'no CUDA'; print(torch.__version__, torch.cuda.get_device_name())" \
-  | tee -a "$OUT/gpu.txt" || exit 1
+if [ "$DEVICE" = cuda ]; then
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt" 2>&1
+  python -c "import torch; assert torch.cuda.is_available(), 'no CUDA'; print(torch.__version__, torch.cuda.get_device_name())" \
+    | tee -a "$OUT/gpu.txt" || exit 1
+fi
 
-step "GPU tests (issue 19: the loop without host syncs, fused / compiled updates; MuJoCo Warp on CUDA)"
-timeout 300 python -m pytest -q -m gpu tests/test_online_loop.py tests/test_learner_speed.py tests/test_mjwarp.py \
-  tests/test_replay.py 2>&1 | tail -30 | tee "$OUT/gpu_tests.txt"
+if [[ ",$PARTS," == *",open,"* ]]; then
+  step "issue 14: active inference policy step latency at batch 1, planner presets paper / small / realtime"
+  run ai_latency 150 6 python scripts/bench_active_inference.py --checks latency --device "$DEVICE" \
+    --threads "$THREADS" --latency-presets paper,small,realtime --latency-steps "$LAT_STEPS" \
+    --out "$OUT/bench_ai_latency.md" --fig-dir "$OUT/bench_ai_latency"
 
-step "online loop, METRA from pixels, 64 MuJoCo Warp envs (issue 19: bounded by the update?)"
-timeout 240 python scripts/bench_online_loop.py --device cuda --num-envs 64 --steps 320 --learning-starts 2048 \
-  --override agent.obs_type=pixels agent.batch_size=256 env.action_repeat=2 env.floor=gradient \
-  --json "$OUT/bench_online_loop_cuda.json" --out "$OUT/bench_online_loop_cuda.md" 2>&1 | tail -8
+  step "issues 14 and 16: world-model updates (active inference, StaMo's flow decoder + encoder, PV-RNN), paper preset"
+  run learner_open_paper 240 6 python scripts/bench_learner.py --device "$DEVICE" --threads "$THREADS" \
+    --variants on --preset "$PAPER" --agents active_inference stamo pv_rnn "${LEARN[@]}" \
+    --json "$OUT/bench_learner_open_paper.json" --out "$OUT/bench_learner_open_paper.md"
 
-step "every agent's update at its paper preset (issue 19: GPU rows of docs/bench_learner.md)"
-timeout 300 python scripts/bench_learner.py --device cuda --threads 16 --variants on compile \
-  --agents metra:pixels metra:physics td_jepa:pixels td_jepa:state fb:pixels fb:state \
-  --max-seconds 5 --timeout 90 --json "$OUT/bench_learner_cuda.json" --out "$OUT/bench_learner_cuda.md" 2>&1 | tail -20
-step done
+  step "issue 16: StaMo's update at the small preset (the one docs/bench_stamo.md times on the CPU)"
+  run learner_stamo_small 120 4 python scripts/bench_learner.py --device "$DEVICE" --threads "$THREADS" \
+    --variants on --preset "$SMALL" --agents stamo "${LEARN[@]}" \
+    --json "$OUT/bench_learner_stamo_small.json" --out "$OUT/bench_learner_stamo_small.md"
+fi
+
+if [[ ",$PARTS," == *",issue19,"* ]]; then
+  step "GPU tests (issue 19: the loop without host syncs, fused / compiled updates; MuJoCo Warp on CUDA)"
+  run gpu_tests 240 30 python -m pytest -q -m gpu tests/test_online_loop.py tests/test_learner_speed.py \
+    tests/test_mjwarp.py tests/test_replay.py
+
+  step "online loop, METRA from pixels, 64 MuJoCo Warp envs (issue 19: bounded by the update?)"
+  run online_loop 150 8 python scripts/bench_online_loop.py --device "$DEVICE" --num-envs 64 --steps 320 \
+    --learning-starts 2048 --override agent.obs_type=pixels agent.batch_size=256 env.action_repeat=2 \
+    env.floor=gradient --json "$OUT/bench_online_loop.json" --out "$OUT/bench_online_loop.md"
+
+  step "every agent's update at its paper preset (issue 19: GPU rows of docs/bench_learner.md)"
+  run learner_first_agents 180 20 python scripts/bench_learner.py --device "$DEVICE" --threads "$THREADS" \
+    --variants on compile --preset "$PAPER" --agents metra:pixels metra:physics td_jepa:pixels td_jepa:state fb:pixels fb:state \
+    "${LEARN[@]}" --json "$OUT/bench_learner_first_agents.json" --out "$OUT/bench_learner_first_agents.md"
+fi
+step "done (a part failed: $FAILED)"
+exit "$FAILED"

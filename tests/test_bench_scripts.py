@@ -356,3 +356,24 @@ def test_bench_stamo_task_probe_targets(tmp_path):
                tmp_path / "episodes.pt")
     with pytest.raises(SystemExit, match="holds cheetah-run episodes"):
         bench.main(["eval", "--out-dir", str(tmp_path), "--task", "reacher-easy"])
+
+
+def test_gpu_checks_script_dry_run_on_the_cpu(tmp_path):
+    """``scripts/gpu_checks.sh`` with ``DEVICE=cpu QUICK=1`` runs the open issues' GPU parts at the smallest sizes:
+    every command parses and writes its results, so a typo there never costs a lent GPU's few minutes."""
+    import json
+    import os
+    import subprocess
+
+    out = tmp_path / "gpu_out"
+    env = {**os.environ, "DEVICE": "cpu", "QUICK": "1", "PARTS": "open", "OUT": str(out)}
+    proc = subprocess.run(["bash", str(SCRIPTS / "gpu_checks.sh")], cwd=SCRIPTS.parent, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "a part failed: 0" in proc.stdout
+    latency = json.loads((out / "bench_ai_latency" / "results.json").read_text())["latency"]
+    assert set(latency["presets"]) == {"paper", "small", "realtime"} and latency["device"] == "cpu"
+    rows = json.loads((out / "bench_learner_open_paper.json").read_text())["rows"]
+    assert {r["agent"] for r in rows if "updates_per_s" in r} == {"active_inference", "stamo", "pv_rnn"}
+    rows = json.loads((out / "bench_learner_stamo_small.json").read_text())["rows"]
+    assert [r["agent"] for r in rows if "updates_per_s" in r] == ["stamo"]
