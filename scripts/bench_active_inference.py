@@ -29,6 +29,7 @@ vs open-loop imagined frames of one held-out sequence) under ``--fig-dir``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime as dt
 import json
@@ -302,7 +303,8 @@ def train(agent: ActiveInferenceAgent, buffer: ReplayBuffer, args, previous: dic
 def one_step_mse(agent: ActiveInferenceAgent, heldout: ReplayBuffer, args) -> dict:
     """Check 1: MSE of decode(E[p(s'|s,a)]) vs o_{t+1}, and of the copy-current-frame baseline."""
     wm = agent.world_model
-    batch = heldout.sample(args.mse_cases, frame_stack=agent.frame_stack, keys=["pixels"])
+    with fixed_draws(args.seed + 10):
+        batch = heldout.sample(args.mse_cases, frame_stack=agent.frame_stack, keys=["pixels"])
     mean, _ = wm.posterior(batch["pixels"])
     means, _ = wm.transition_members(mean, batch["action"].float())
     pred = wm.decode_mean(means.mean(0))
@@ -315,6 +317,16 @@ def one_step_mse(agent: ActiveInferenceAgent, heldout: ReplayBuffer, args) -> di
         split = error_split(image, target, static)
         out[f"{name}_mse"], out[f"{name}_mse_static_part"] = split["mse"], split["static_part"]
     return {**out, "pass": out["model_mse"] < out["copy_frame_mse"]}
+
+
+@contextlib.contextmanager
+def fixed_draws(seed: int):
+    """Draws from the global torch generator inside the block come from ``seed``, and the generator is left as it
+    was: a check's held-out cases are the same whatever ran before it (training, other checks), so two models of
+    the same data are scored on the same cases."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def error_split(image: Tensor, target: Tensor, static: Tensor) -> dict:
@@ -339,6 +351,11 @@ def scorer_ranking(agent: ActiveInferenceAgent, heldout: ReplayBuffer, args, hor
     (H = 1: the spec's check). Ranked by G (the executed-plan score: risk summed over the imagined
     path minus the weighted epistemic value) and, for H > 1, by the risk of the last imagined step alone."""
     n, k, h = args.rank_cases, args.rank_candidates, int(horizon)
+    with fixed_draws(args.seed + 11 + h):  # the cases and the scorer's state samples
+        return _scorer_ranking(agent, heldout, args, n, k, h)
+
+
+def _scorer_ranking(agent: ActiveInferenceAgent, heldout: ReplayBuffer, args, n: int, k: int, h: int) -> dict:
     if h == 1:
         batch = heldout.sample(n, frame_stack=agent.frame_stack, keys=["pixels"])
         first, goal_frames = batch["pixels"], batch["next", "pixels"]

@@ -377,3 +377,21 @@ def test_gpu_checks_script_dry_run_on_the_cpu(tmp_path):
     assert {r["agent"] for r in rows if "updates_per_s" in r} == {"active_inference", "stamo", "pv_rnn"}
     rows = json.loads((out / "bench_learner_stamo_small.json").read_text())["rows"]
     assert [r["agent"] for r in rows if "updates_per_s" in r] == ["stamo"]
+
+
+def test_bench_active_inference_checks_draw_the_same_cases_whatever_ran_before():
+    """Checks 1 and 2 score a model on held-out cases drawn from seeds of their own: the same cases (so the same
+    figures) whatever the global generator's state after training."""
+    import torch
+
+    bench = _load("bench_active_inference")
+    args = bench.parse_args(["--quick"])
+    heldout = bench.collect(args, 2, seed=5)
+    agent = bench.build_agent(args).eval()
+    runs = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            runs.append((bench.one_step_mse(agent, heldout, args), bench.scorer_ranking(agent, heldout, args),
+                         bench.scorer_ranking(agent, heldout, args, horizon=2)))
+    assert runs[0] == runs[1]
