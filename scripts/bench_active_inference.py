@@ -140,6 +140,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.latency_presets, args.latency_steps = "small,realtime", 3
         args.checks, args.epistemic_updates = args.checks or "1,2,3,latency,5", 3
     args.checks = args.checks or "1,2,3,latency"
+    if args.device != "cpu" and set(args.checks.split(",")) - {"latency"}:
+        p.error(f"--device {args.device} times the policy only (--checks latency); checks 1, 2, 3 and 5 run on the "
+                "CPU here")
     args.fig_dir = args.fig_dir or str(ROOT / "docs" / "bench_active_inference")
     args.out = args.out or str(ROOT / "docs" / "bench_active_inference.md")
     return args

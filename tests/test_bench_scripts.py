@@ -229,6 +229,8 @@ def test_bench_active_inference_latency_only_needs_no_data_and_no_training(tmp_p
     page = (figs / "page.md").read_text()
     assert "Data: none (a latency-only run)" in page and "untrained weights" in page
     assert "free_energy.png" not in page
+    with pytest.raises(SystemExit):  # the checks that read held-out data run on the CPU only
+        bench.parse_args(["--checks", "1,latency", "--device", "cuda"])
 
 
 def test_bench_active_inference_resume_with_a_new_canvas_keeps_each_parameters_adam_state(tmp_path):
