@@ -23,6 +23,7 @@ import argparse
 import datetime
 import json
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -124,6 +125,7 @@ def run_variant(args, variant: str, profile: bool) -> dict:
         trainer.env.close()
         if trainer.eval_env is not None:
             trainer.eval_env.close()
+        shutil.rmtree(run_dir, ignore_errors=True)  # the trainer's run folder: nothing in it is reported
 
 
 def _machine(device: str) -> dict:

@@ -275,7 +275,7 @@ def test_bench_active_inference_reads_a_model_file_saved_without_a_training_curv
     import torch
 
     bench = _load("bench_active_inference")
-    agent = bench.build_agent(bench.parse_args(["--quick"]))
+    agent = bench.build_agent(bench.parse_args(["--quick", "--fig-dir", str(tmp_path / "f")]))
     model = tmp_path / "model.pt"
     torch.save({"agent": agent.state_dict(), "train": {"updates": 7}}, model)
     out, figs = tmp_path / "report.md", tmp_path / "figs"
@@ -381,13 +381,13 @@ def test_gpu_checks_script_dry_run_on_the_cpu(tmp_path):
     assert [r["agent"] for r in rows if "updates_per_s" in r] == ["stamo"]
 
 
-def test_bench_active_inference_checks_draw_the_same_cases_whatever_ran_before():
+def test_bench_active_inference_checks_draw_the_same_cases_whatever_ran_before(tmp_path):
     """Checks 1 and 2 score a model on held-out cases drawn from seeds of their own: the same cases (so the same
     figures) whatever the global generator's state after training."""
     import torch
 
     bench = _load("bench_active_inference")
-    args = bench.parse_args(["--quick"])
+    args = bench.parse_args(["--quick", "--fig-dir", str(tmp_path)])
     heldout = bench.collect(args, 2, seed=5)
     agent = bench.build_agent(args).eval()
     runs = []

@@ -233,13 +233,19 @@ def test_gpu_loop_makes_no_host_sync_between_buffer_writes(tmp_path, monkeypatch
     trainer.env.close()
 
 
-def test_bench_online_loop_runs_both_loops_and_writes_the_page(tmp_path):
-    """The benchmark's harness on the CPU (tiny): both loops, the profile rows, the same frames and updates."""
+def test_bench_online_loop_runs_both_loops_and_writes_the_page(tmp_path, monkeypatch):
+    """The benchmark's harness on the CPU (tiny): both loops, the profile rows, the same frames and updates; the
+    trainers' run folders are removed afterwards."""
     import json
     import sys
+    import tempfile
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
     import bench_online_loop
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
 
     out, results = tmp_path / "page.md", tmp_path / "results.json"
     bench_online_loop.main(["--agent", "rnd", "--preset", "smoke", "--num-envs", "2", "--steps", "8", "--block", "4",
@@ -253,3 +259,4 @@ def test_bench_online_loop_runs_both_loops_and_writes_the_page(tmp_path):
     assert [r["inline_steps"] for r in rows] == [1, 1, 16, 16]
     page = out.read_text()
     assert "| staged | 16 | cpu |" in page and "| per_step (profile) | 1 | cpu |" in page
+    assert not any(p.name.startswith("bench_online_") for p in scratch.iterdir())
