@@ -54,7 +54,7 @@ from latentrl.agents.base import (
     resolve_device,
     scalar_metrics,
 )
-from latentrl.world_models.active_inference import ActiveInferenceModel, decoder_choice_error
+from latentrl.world_models.active_inference import ActiveInferenceModel, PixelDecoder, decoder_choice_error
 from latentrl.world_models.layers import gather_batch, gaussian_kl, make_adam, mlp
 
 __all__ = [
@@ -93,10 +93,10 @@ class ActiveInferenceConfig:
     coordinate channels; ``world_models.active_inference.BroadcastDecoder``), or ``"conv"``, the spec's symmetric
     transposed convolutions from a 1x1 map (DreamerV2). Not the spec's default: on point_mass its latent orders
     goals by distance and goal success rose from 0.12 to 0.68 (docs/bench_active_inference.md)."""
-    decoder_canvas: bool = False
-    """``decoder="conv"``: add a learned image to its output (``PixelDecoder(canvas=True)``), so the network draws
-    only what differs from the static scene; the broadcast decoder always has one. Off by default (the spec's conv
-    decoder has none)."""
+    decoder_canvas: Literal["none", "add", "mask"] = "none"
+    """``decoder="conv"``: a learned canvas image (``PixelDecoder(canvas=...)``): ``"add"`` adds it to the output,
+    ``"mask"`` composites the output over it with a predicted per-pixel alpha. ``"none"`` (default): the spec's conv
+    decoder, which has none. The broadcast decoder always adds one."""
     hidden_dim: int = 256
     """Width of the encoder's last layer (and of the state MLPs)."""
     transition_hidden: int = 128
@@ -159,6 +159,9 @@ class ActiveInferenceConfig:
             raise ValueError(f"ActiveInferenceConfig.obs_type must be one of {OBS_TYPES}, got {self.obs_type!r}")
         if (message := decoder_choice_error("ActiveInferenceConfig.decoder", self.decoder)) is not None:
             raise ValueError(message)
+        if self.decoder_canvas not in PixelDecoder.CANVAS_CHOICES:
+            raise ValueError(f"ActiveInferenceConfig.decoder_canvas must be one of {PixelDecoder.CANVAS_CHOICES}, "
+                             f"got {self.decoder_canvas!r}")
         if self.planner not in ("shooting", "cem"):
             raise ValueError(f"ActiveInferenceConfig.planner must be 'shooting' or 'cem', got {self.planner!r}")
         for name in ("frame_stack", "latent_dim", "ensemble_size", "batch_size", "seq_len", "num_candidates",

@@ -353,15 +353,17 @@ def test_broadcast_decoder_draws_held_out_positions_from_its_coordinate_channels
 
 
 _CANVAS_DECODERS = {"broadcast": lambda d: BroadcastDecoder(d, 8 if d == 2 else 4, (16, 16), grid=4),
-                    "conv": lambda d: PixelDecoder(d, 8 if d == 2 else 4, (16, 16), canvas=True)}
+                    "conv": lambda d: PixelDecoder(d, 8 if d == 2 else 4, (16, 16), canvas="add"),
+                    "conv_mask": lambda d: PixelDecoder(d, 8 if d == 2 else 4, (16, 16), canvas="mask")}
 
 
 @pytest.mark.parametrize("kind", sorted(_CANVAS_DECODERS))
 def test_decoder_canvas_holds_the_static_scene_and_old_files_load_unchanged(kind):
-    """The learned canvas added to a decoder's output (the broadcast decoder's always, the conv decoder's with
-    ``canvas=True``) takes the static scene off the network: on blobs over a fixed random texture, held-out MSE
-    with the canvas is below the same decoder with its canvas frozen at zero (broadcast, seeds 0-2: 0.70-0.79 of
-    it; conv: 0.48). A state dict saved without a canvas loads strictly and decodes exactly as before."""
+    """The learned canvas of a decoder (the broadcast decoder's always; the conv decoder's with ``canvas="add"``,
+    or with ``"mask"`` under a predicted gate on the network's image) takes the static scene off the network: on
+    blobs over a fixed random texture, held-out MSE with the canvas is below the same decoder with its canvas frozen
+    at zero (broadcast, seeds 0-2: 0.70-0.79 of it; conv: 0.48). A state dict saved without a canvas loads strictly
+    and decodes as before (the mask, at its initial gate sigmoid(4), scales the image by it)."""
     make = _CANVAS_DECODERS[kind]
     g = torch.Generator().manual_seed(1)
     train, test = (torch.rand(256, 2, generator=g) * 1.6 - 0.8 for _ in range(2))
@@ -387,10 +389,20 @@ def test_decoder_canvas_holds_the_static_scene_and_old_files_load_unchanged(kind
         shifted = decoder(s)
         decoder.load_state_dict(old)  # strict: the missing canvas is filled with zeros
         assert decoder.canvas.abs().max() == 0
+        if kind == "conv_mask":
+            old = {k: v for k, v in old.items() if not k.startswith("mask.")}  # a file from before the mask
+            decoder.load_state_dict(old)
+            assert decoder.canvas.abs().max() == 0 and decoder.mask.weight.abs().max() == 0
+            plain = PixelDecoder(4, 4, (16, 16))
+            plain.load_state_dict({k: v for k, v in old.items() if k != "canvas"})
+            torch.testing.assert_close(decoder(s), torch.sigmoid(torch.tensor(4.0)) * plain(s))
+            return
         torch.testing.assert_close(decoder(s), shifted - canvas)  # the canvas is added, and nothing else changed
     assert PixelDecoder(4, 4, (16, 16)).canvas is None  # the spec's conv decoder has none unless asked
-    conv = make_agent("pixels", decoder="conv", decoder_canvas=True).world_model.decoder
-    assert isinstance(conv, PixelDecoder) and conv.canvas is not None
+    conv = make_agent("pixels", decoder="conv", decoder_canvas="add").world_model.decoder
+    assert isinstance(conv, PixelDecoder) and conv.canvas is not None and conv.mask is None
+    with pytest.raises(ValueError, match="decoder_canvas must be one of"):
+        make_agent("pixels", decoder="conv", decoder_canvas="yes")
 
 
 def test_train_agent_smoke_and_model_directory(tmp_path):

@@ -234,7 +234,7 @@ def test_bench_active_inference_latency_only_needs_no_data_and_no_training(tmp_p
 
 
 def test_bench_active_inference_resume_with_a_new_canvas_keeps_each_parameters_adam_state(tmp_path):
-    """A conv-decoder model resumed with ``--set decoder_canvas=true`` gains a parameter in the middle of the
+    """A conv-decoder model resumed with ``--set decoder_canvas=add`` gains a parameter in the middle of the
     parameter list; the file's Adam moments still go to the parameters they belong to (mapped by name, not by
     index), the canvas starts without state, and the decoder decodes as before until trained."""
     import torch
@@ -247,7 +247,7 @@ def test_bench_active_inference_resume_with_a_new_canvas_keeps_each_parameters_a
     saved = torch.load(model, weights_only=True)
     plain = bench.build_agent(bench.parse_args(common))
     bench.load_model_file(plain, model, optimizer=True)
-    agent = bench.build_agent(bench.parse_args([*common, "--set", "decoder_canvas=true"]))
+    agent = bench.build_agent(bench.parse_args([*common, "--set", "decoder_canvas=add"]))
     bench.load_model_file(agent, model, optimizer=True)
     adam, plain_adam = agent.optimizers()["model"], plain.optimizers()["model"]
     params, plain_params = dict(agent.named_parameters()), dict(plain.named_parameters())
@@ -260,7 +260,7 @@ def test_bench_active_inference_resume_with_a_new_canvas_keeps_each_parameters_a
         s = torch.randn(3, agent.config.latent_dim)
         assert torch.equal(agent.world_model.decoder(s), plain.world_model.decoder(s))
     # and the resume itself trains the canvas on from there
-    assert bench.main([*common, "--set", "decoder_canvas=true", "--load-model", str(model), "--resume",
+    assert bench.main([*common, "--set", "decoder_canvas=add", "--load-model", str(model), "--resume",
                        "--save-model", str(model)]) == 0
     resumed = torch.load(model, weights_only=True)
     assert resumed["agent"]["world_model.decoder.canvas"].abs().max() > 0

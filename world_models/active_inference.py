@@ -59,14 +59,23 @@ class GaussianHead(nn.Module):
 class PixelDecoder(nn.Module):
     """DreamerV2-style transposed-conv decoder: ``[N, D] -> [N, 3, 64, 64]`` (other sizes are resized).
 
-    ``canvas=True`` adds a learned image to the output, as :class:`BroadcastDecoder` always does (off by default:
-    the spec's decoder has none). On reacher most of this decoder's one-step error was blur on pixels that do
-    not change (docs/bench_active_inference.md, "A canvas for the conv decoder").
+    ``canvas`` (off by default: the spec's decoder has none): ``"add"`` adds a learned image to the output, as
+    :class:`BroadcastDecoder` always does; ``"mask"`` also gates the network's image with a per-pixel ``a`` in
+    (0, 1) it predicts from the same features, ``a * net + canvas``. An added canvas only removes the mean error of
+    the static scene; where the network's output there varies with the latent (the conv decoder's on reacher), the
+    gate lets it switch itself off and leave those pixels to the canvas (docs/bench_active_inference.md, "A canvas
+    for the conv decoder"). The gate starts near 1 (zero weights, bias 4: ``a = 0.982``), so a decoder that gains
+    it decodes almost as before, and its canvas learns from the first update as an added one does.
     """
 
-    def __init__(self, latent_dim: int, depth: int, image_size: tuple[int, int], canvas: bool = False):
+    CANVAS_CHOICES = ("none", "add", "mask")
+    MASK_BIAS = 4.0  # sigmoid(4) = 0.982
+
+    def __init__(self, latent_dim: int, depth: int, image_size: tuple[int, int], canvas: str = "none"):
         super().__init__()
-        self.depth, self.image_size = int(depth), tuple(int(s) for s in image_size)
+        if canvas not in self.CANVAS_CHOICES:
+            raise ValueError(f"canvas must be one of {self.CANVAS_CHOICES}, got {canvas!r}")
+        self.depth, self.image_size, self.canvas_mode = int(depth), tuple(int(s) for s in image_size), canvas
         self.linear = nn.Linear(latent_dim, 32 * depth)
         self.net = nn.Sequential(
             nn.ConvTranspose2d(32 * depth, 4 * depth, 5, stride=2), nn.ELU(),   # 1 -> 5
@@ -74,18 +83,33 @@ class PixelDecoder(nn.Module):
             nn.ConvTranspose2d(2 * depth, depth, 6, stride=2), nn.ELU(),        # 13 -> 30
             nn.ConvTranspose2d(depth, 3, 6, stride=2),                          # 30 -> 64
         )
-        self.canvas = nn.Parameter(torch.zeros(1, 3, *self.image_size)) if canvas else None
+        self.canvas = nn.Parameter(torch.zeros(1, 3, *self.image_size)) if canvas != "none" else None
+        self.mask = nn.ConvTranspose2d(depth, 1, 6, stride=2) if canvas == "mask" else None
+        if self.mask is not None:
+            nn.init.zeros_(self.mask.weight)
+            nn.init.constant_(self.mask.bias, self.MASK_BIAS)
 
-    def forward(self, s: Tensor) -> Tensor:
-        x = self.net(self.linear(s).reshape(-1, 32 * self.depth, 1, 1))
+    def _resize(self, x: Tensor) -> Tensor:
         if tuple(x.shape[-2:]) != self.image_size:
             x = F.interpolate(x, size=self.image_size, mode="bilinear", align_corners=False)
-        return x if self.canvas is None else x + self.canvas
+        return x
+
+    def forward(self, s: Tensor) -> Tensor:
+        h = self.net[:-1](self.linear(s).reshape(-1, 32 * self.depth, 1, 1))
+        x = self._resize(self.net[-1](h))
+        if self.canvas is None:
+            return x
+        if self.mask is None:
+            return x + self.canvas
+        return torch.sigmoid(self._resize(self.mask(h))) * x + self.canvas
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # a model file saved without a canvas loads into a decoder with one as a zero canvas (decodes as before)
+        # a model file saved without a canvas (or mask) loads with a zero canvas (and the initial mask)
         if self.canvas is not None:
             state_dict.setdefault(prefix + "canvas", torch.zeros_like(self.canvas))
+        if self.mask is not None:
+            state_dict.setdefault(prefix + "mask.weight", torch.zeros_like(self.mask.weight))
+            state_dict.setdefault(prefix + "mask.bias", torch.full_like(self.mask.bias, self.MASK_BIAS))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
@@ -165,7 +189,7 @@ class ActiveInferenceModel(WorldModel):
     def __init__(self, obs_key: str, obs_shape: tuple[int, ...], action_dim: int, *, latent_dim: int = 16,
                  frame_stack: int = 2, encoder_depth: int = 16, hidden_dim: int = 256, transition_hidden: int = 128,
                  transition_layers: int = 2, ensemble_size: int = 5, decoder_depth: int = 16,
-                 decoder: str = "conv", decoder_canvas: bool = False, obs_std: float = 1.0, min_std: float = 0.01,
+                 decoder: str = "conv", decoder_canvas: str = "none", obs_std: float = 1.0, min_std: float = 0.01,
                  kl_transition_weight: float = 1.0, kl_prior_weight: float = 0.1, free_nats: float = 0.0):
         super().__init__()
         if obs_key not in ("pixels", "state"):
