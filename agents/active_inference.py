@@ -95,8 +95,9 @@ class ActiveInferenceConfig:
     goals by distance and goal success rose from 0.12 to 0.68 (docs/bench_active_inference.md)."""
     decoder_canvas: Literal["none", "add", "mask"] = "none"
     """``decoder="conv"``: a learned canvas image (``PixelDecoder(canvas=...)``): ``"add"`` adds it to the output,
-    ``"mask"`` composites the output over it with a predicted per-pixel alpha. ``"none"`` (default): the spec's conv
-    decoder, which has none. The broadcast decoder always adds one."""
+    ``"mask"`` adds it and gates the network's image with a predicted per-pixel factor in (0, 1). ``"none"``
+    (default): the spec's conv decoder, which has none. The broadcast decoder always adds one. On reacher neither
+    reached check 1 (docs/bench_active_inference.md, "A canvas for the conv decoder")."""
     hidden_dim: int = 256
     """Width of the encoder's last layer (and of the state MLPs)."""
     transition_hidden: int = 128

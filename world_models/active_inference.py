@@ -75,7 +75,7 @@ class PixelDecoder(nn.Module):
         super().__init__()
         if canvas not in self.CANVAS_CHOICES:
             raise ValueError(f"canvas must be one of {self.CANVAS_CHOICES}, got {canvas!r}")
-        self.depth, self.image_size, self.canvas_mode = int(depth), tuple(int(s) for s in image_size), canvas
+        self.depth, self.image_size = int(depth), tuple(int(s) for s in image_size)
         self.linear = nn.Linear(latent_dim, 32 * depth)
         self.net = nn.Sequential(
             nn.ConvTranspose2d(32 * depth, 4 * depth, 5, stride=2), nn.ELU(),   # 1 -> 5
