@@ -140,7 +140,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.latency_presets, args.latency_steps = "small,realtime", 3
         args.checks, args.epistemic_updates = args.checks or "1,2,3,latency,5", 3
     args.checks = args.checks or "1,2,3,latency"
-    if args.device != "cpu" and set(args.checks.split(",")) - {"latency"}:
+    if args.device != "cpu" and check_names(args.checks) - {"latency"}:
         p.error(f"--device {args.device} times the policy only (--checks latency); checks 1, 2, 3 and 5 run on the "
                 "CPU here")
     args.fig_dir = args.fig_dir or str(ROOT / "docs" / "bench_active_inference")
@@ -179,6 +179,11 @@ def parse_overrides(items: list[str]) -> dict:
         raise SystemExit(f"--set {err.args[0]}") from None
 
 
+def check_names(text: str) -> set[str]:
+    """The checks of a ``--checks`` value (comma-separated, spaces ignored)."""
+    return {c.strip() for c in text.split(",") if c.strip()}
+
+
 def build_agent(args) -> ActiveInferenceAgent:
     """A fresh agent on 64x64 pixels (2 action dimensions) with the settings of ``--preset`` / ``--set``."""
     config = ActiveInferenceAgent.make_config(args.preset, obs_type="pixels", **parse_overrides(args.overrides))
@@ -201,7 +206,7 @@ def load_model_file(agent: ActiveInferenceAgent, path, optimizer: bool = False) 
 
 def optimizer_state_for(agent: ActiveInferenceAgent, saved: dict) -> dict:
     """The saved Adam state of a ``--save-model`` file laid out for ``agent``'s parameters. Adam keys its state by
-    parameter index, so a parameter the file lacks (a canvas switched on with ``--set decoder_canvas=true``)
+    parameter index, so a parameter the file lacks (a canvas switched on with ``--set decoder_canvas=add``)
     shifts every index after it: the file's state is mapped back by parameter name, and the new parameter starts
     with no Adam state (as in a fresh Adam)."""
     names = [f"world_model.{n}" for n, _ in agent.world_model.named_parameters()]
@@ -804,7 +809,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     fig_dir = Path(args.fig_dir)
     fig_dir.mkdir(parents=True, exist_ok=True)
-    checks = {c.strip() for c in args.checks.split(",") if c.strip()}
+    checks = check_names(args.checks)
     unknown = checks - {"1", "2", "3", "latency", "5"}
     if unknown:
         raise SystemExit(f"--checks: unknown {sorted(unknown)}; valid: 1, 2, 3, latency, 5")
