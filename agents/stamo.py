@@ -19,11 +19,16 @@
   the **pseudo-action** ``probe_k(Delta z)[0]`` (the latent action decoded by the probe that was fitted on
   the labelled rows). How much of the data is labelled is a property of the dataset (e.g. 1 part with
   actions + 4 parts stored with ``extend(..., actions=False)``).
-- **Goal reaching** (§4.7): :meth:`StaMoAgent.infer_task` turns a goal image into its tokens
-  ``E(o_goal)``; at every step the policy feeds ``E(o_goal) - E(o_t)`` to the probe of ``goal_offset``
-  and executes the chunk's first action (MPC). The probe was fitted on ``k``-step differences, so with
-  ``goal_clip`` a larger difference is scaled down to the mean ``k``-step norm (its direction kept).
-  ``goal_policy="cotrained"`` acts with the co-trained BC policy instead.
+- **Goal reaching** (§4.7, Table 6: "frozen encoders + trained head"): :meth:`StaMoAgent.infer_task` turns a
+  goal image into its tokens ``E(o_goal)``. With ``goal_policy="head"`` (the default) a goal head on the frozen
+  encoder maps ``(E(o_t), E(o_goal) - E(o_t))`` to ``a_t``; it is trained on hindsight goals, every labelled
+  pair ``(o_t, o_{t+k}, a_t)`` of the slices with ``k`` drawn per row from ``probe_offsets``
+  (:meth:`StaMoAgent.goal_head_loss`). The paper leaves the head's training data open (appendix, unverified);
+  hindsight pairs are what an action-labelled random dataset offers. With ``goal_policy="probe"`` the policy
+  feeds ``E(o_goal) - E(o_t)`` to the latent-action probe of ``goal_offset`` and executes the chunk's first
+  action (MPC); the probe was fitted on ``k``-step differences, so with ``goal_clip`` a larger difference is
+  scaled down to the mean ``k``-step norm (its direction kept). ``goal_policy="cotrained"`` acts with the
+  co-trained BC policy.
 - **Without a task** the policy is the data-collection policy of the spec's CPU setting: uniform random
   actions, each held for ``hold_min .. hold_max`` steps (so that motion is visible), drawn from a
   per-env generator seeded in the carry. It stores a zero ``latent_action`` extra with every step, so
@@ -55,8 +60,8 @@ from latentrl.agents.base import (
 from latentrl.world_models.layers import RunningMeanStd, gather_batch, make_adam, mlp
 from latentrl.world_models.stamo import COMPRESSIONS, StaMoModel
 
-__all__ = ["PRESETS", "GoalBCNet", "LatentActionProbe", "StaMoAgent", "StaMoBCPolicy", "StaMoCollectPolicy",
-           "StaMoConfig", "StaMoGoalPolicy"]
+__all__ = ["PRESETS", "GoalBCNet", "GoalHead", "LatentActionProbe", "StaMoAgent", "StaMoBCPolicy", "StaMoCollectPolicy",
+           "StaMoConfig", "StaMoGoalPolicy", "StaMoHeadPolicy"]
 
 OBS_TYPES = ("pixels", "state")
 LATENT_ACTION = "latent_action"
@@ -121,8 +126,14 @@ class StaMoConfig:
     """The probe the goal policy reads (one of ``probe_offsets``)."""
     goal_clip: bool = True
     """Scale a goal difference down to the mean ``goal_offset``-step norm before the probe reads it."""
-    goal_policy: Literal["probe", "cotrained"] = "probe"
-    """Goal tasks act with the probe on token differences, or with the co-trained BC policy."""
+    goal_policy: Literal["head", "probe", "cotrained"] = "head"
+    """Goal tasks act with the goal head trained on hindsight goals (``head``), with the latent-action probe on
+    token differences (``probe``), or with the co-trained BC policy (``cotrained``). The goal head exists only
+    with ``head``, so model files written before it (which say ``probe``) load unchanged."""
+    goal_head_hidden: int = 256
+    """Hidden width of the goal head's MLP (two layers); 0: a linear head (Table 6's)."""
+    goal_head_lr: float = 1e-3
+    """Adam learning rate of the goal head."""
     cotrain: bool = True
     """Train the goal-conditioned BC policy on labelled + pseudo-labelled pairs."""
     cotrain_offset: int = 4
@@ -141,8 +152,11 @@ class StaMoConfig:
             raise ValueError(f"StaMoConfig.obs_type must be one of {OBS_TYPES}, got {self.obs_type!r}")
         if self.compression not in COMPRESSIONS:
             raise ValueError(f"StaMoConfig.compression must be one of {COMPRESSIONS}, got {self.compression!r}")
-        if self.goal_policy not in ("probe", "cotrained"):
-            raise ValueError(f"StaMoConfig.goal_policy must be 'probe' or 'cotrained', got {self.goal_policy!r}")
+        if self.goal_policy not in ("head", "probe", "cotrained"):
+            raise ValueError(f"StaMoConfig.goal_policy must be 'head', 'probe' or 'cotrained', got "
+                             f"{self.goal_policy!r}")
+        if self.goal_head_hidden < 0:
+            raise ValueError(f"StaMoConfig.goal_head_hidden must be >= 0, got {self.goal_head_hidden}")
         self.stem_channels = tuple(int(c) for c in self.stem_channels)
         self.compress = tuple(int(c) for c in self.compress)
         self.betas = tuple(float(b) for b in self.betas)
@@ -170,7 +184,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "smoke": {"token_dim": 16, "stem_channels": (8, 8), "encoder_blocks": 1, "heads": 2, "compress": (4,),
               "pooled_dim": 16, "state_patches": 4, "decoder_dim": 16, "decoder_blocks": 1, "sample_steps": 2,
               "batch_size": 8, "probe_offsets": (1, 2), "probe_hidden": 16, "probe_batch_size": 8, "goal_offset": 2,
-              "cotrain_offset": 2, "bc_channels": 4},
+              "cotrain_offset": 2, "bc_channels": 4, "goal_head_hidden": 16},
 }
 
 
@@ -212,6 +226,33 @@ class LatentActionProbe(nn.Module):
         flat = delta.flatten(1)
         x = (flat - self.stats.mean) / torch.sqrt(self.stats.var + 1e-8)
         return self.net(x.float()).reshape(-1, self.k, self.action_dim)
+
+
+class GoalHead(nn.Module):
+    """The goal head: ``(E(o_t), E(o_goal) - E(o_t))`` ``[B, N, D]`` each -> ``a_t`` ``[B, A]``; running
+    standardisation of the two flattened inputs side by side, then an MLP (``hidden`` > 0, two layers) or a
+    linear map (Table 6's head)."""
+
+    def __init__(self, latent_dim: int, action_dim: int, hidden: int = 256):
+        super().__init__()
+        self.action_dim = int(action_dim)
+        self.stats = RunningMeanStd((2 * latent_dim,))
+        self.net = mlp(2 * latent_dim, [hidden, hidden], action_dim) if hidden > 0 else \
+            nn.Linear(2 * latent_dim, action_dim)
+
+    @staticmethod
+    def inputs(tokens: Tensor, delta: Tensor) -> Tensor:
+        return torch.cat([tokens.flatten(1), delta.flatten(1)], dim=-1)
+
+    @torch.no_grad()
+    def observe(self, tokens: Tensor, delta: Tensor, mask: Tensor | None = None) -> None:
+        """Fold a batch into the running statistics; ``mask`` ``[B]`` (bool): only those rows (data-parallel:
+        every rank's rows, see :meth:`RunningMeanStd.update`)."""
+        self.stats.update(self.inputs(tokens, delta), mask=mask)
+
+    def forward(self, tokens: Tensor, delta: Tensor) -> Tensor:
+        x = self.inputs(tokens, delta)
+        return self.net(((x - self.stats.mean) / torch.sqrt(self.stats.var + 1e-8)).float())
 
 
 class GoalBCNet(nn.Module):
@@ -283,14 +324,12 @@ class StaMoCollectPolicy(Policy):
         return {LATENT_ACTION: torch.zeros(n, self.latent_dim, device=self.device)}
 
 
-class StaMoGoalPolicy(Policy):
-    """Goal-image planning (§4.7): ``a_t = probe_k(E(o_goal) - E(o_t))[0]`` each step (see the module docstring).
+class _TokenGoalPolicy(Policy):
+    """A goal policy that reads the goal's tokens: ``goal`` ``[1 or N, num_tokens * token_dim]`` (flattened)."""
 
-    ``goal`` ``[1 or N, num_tokens * token_dim]``: the goal's tokens, flattened."""
-
-    def __init__(self, world_model: StaMoModel, probe: LatentActionProbe, goal: Tensor, *, clip: bool = True):
-        super().__init__(world_model.obs_key, world_model.obs_shape, probe.action_dim)
-        self.world_model, self.probe, self.clip = world_model, probe, bool(clip)
+    def __init__(self, world_model: StaMoModel, action_dim: int, goal: Tensor):
+        super().__init__(world_model.obs_key, world_model.obs_shape, action_dim)
+        self.world_model = world_model
         goal = goal.detach().to(self.device, torch.float32)
         goal = goal.reshape(1, -1) if goal.dim() == 1 else goal.reshape(goal.shape[0], -1)
         want = world_model.num_tokens * world_model.token_dim
@@ -299,16 +338,40 @@ class StaMoGoalPolicy(Policy):
                              f"shape {list(goal.shape)}")
         self.register_buffer("goal", goal)
 
-    def act(self, x: Tensor, carry: TensorDict, is_first: Tensor) -> tuple[Tensor, TensorDict]:
+    def tokens_and_delta(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``E(o_t)`` and ``E(o_goal) - E(o_t)``, both ``[N, num_tokens, token_dim]``."""
         tokens = self.world_model.encode(x)
         goal = self.goal.expand(x.shape[0], -1) if self.goal.shape[0] == 1 else self.goal
         if goal.shape[0] != x.shape[0]:
             raise ValueError(f"the goal task holds {goal.shape[0]} goals but the observation has {x.shape[0]} envs")
-        delta = goal.reshape(tokens.shape) - tokens
+        return tokens, goal.reshape(tokens.shape) - tokens
+
+
+class StaMoGoalPolicy(_TokenGoalPolicy):
+    """Goal-image planning with the probe: ``a_t = probe_k(E(o_goal) - E(o_t))[0]`` each step (the module
+    docstring)."""
+
+    def __init__(self, world_model: StaMoModel, probe: LatentActionProbe, goal: Tensor, *, clip: bool = True):
+        super().__init__(world_model, probe.action_dim, goal)
+        self.probe, self.clip = probe, bool(clip)
+
+    def act(self, x: Tensor, carry: TensorDict, is_first: Tensor) -> tuple[Tensor, TensorDict]:
+        _, delta = self.tokens_and_delta(x)
         if self.clip and float(self.probe.delta_norm) > 0:
             norm = delta.flatten(1).norm(dim=-1).clamp_min(1e-8)
             delta = delta * (self.probe.delta_norm / norm).clamp(max=1.0).reshape(-1, 1, 1)
         return self.probe(delta)[:, 0].clamp(-1.0, 1.0), carry
+
+
+class StaMoHeadPolicy(_TokenGoalPolicy):
+    """Goal-image planning with the goal head: ``a_t = head(E(o_t), E(o_goal) - E(o_t))`` each step."""
+
+    def __init__(self, world_model: StaMoModel, head: GoalHead, goal: Tensor):
+        super().__init__(world_model, head.action_dim, goal)
+        self.head = head
+
+    def act(self, x: Tensor, carry: TensorDict, is_first: Tensor) -> tuple[Tensor, TensorDict]:
+        return self.head(*self.tokens_and_delta(x)).clamp(-1.0, 1.0), carry
 
 
 class StaMoBCPolicy(Policy):
@@ -334,7 +397,7 @@ class StaMoAgent(Agent):
     name = "stamo"
     config_class = StaMoConfig
     presets = PRESETS
-    inference_modules = ("world_model", "probes", "bc")
+    inference_modules = ("world_model", "probes", "bc", "goal_head")
 
     def __init__(self, config: StaMoConfig, obs_shape: tuple[int, ...], action_dim: int,
                  device: str | torch.device = "cpu"):
@@ -355,11 +418,15 @@ class StaMoAgent(Agent):
         self.probes = nn.ModuleDict({str(k): LatentActionProbe(self.latent_dim, k, self.action_dim, cfg.probe_hidden)
                                      for k in cfg.probe_offsets})
         self.bc = GoalBCNet(cfg.obs_type, self.obs_shape, self.action_dim, cfg.bc_channels)
+        self.goal_head = GoalHead(self.latent_dim, self.action_dim, cfg.goal_head_hidden) \
+            if cfg.goal_policy == "head" else None
         self.to(self.device)
         self._optimizer = make_adam(self.world_model.parameters(), lr=cfg.lr, betas=cfg.betas,
                                     weight_decay=cfg.weight_decay, decoupled_weight_decay=True)
         self._probe_optimizer = make_adam(self.probes.parameters(), lr=cfg.probe_lr)
         self._bc_optimizer = make_adam(self.bc.parameters(), lr=cfg.bc_lr)
+        self._goal_head_optimizer = None if self.goal_head is None else \
+            make_adam(self.goal_head.parameters(), lr=cfg.goal_head_lr)
 
     def sample_spec(self) -> SampleSpec:
         """Slices ``[B, K]`` with ``K = max(probe_offsets)``: every pair ``(o_t, o_{t+k}, a_{t:t+k})`` for
@@ -368,7 +435,10 @@ class StaMoAgent(Agent):
         return SampleSpec(batch_size=cfg.batch_size, horizon=max(cfg.probe_offsets), keys=(self.obs_key,))
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        return {"model": self._optimizer, "probes": self._probe_optimizer, "bc": self._bc_optimizer}
+        optimizers = {"model": self._optimizer, "probes": self._probe_optimizer, "bc": self._bc_optimizer}
+        if self._goal_head_optimizer is not None:
+            optimizers["goal_head"] = self._goal_head_optimizer
+        return optimizers
 
     # ------------------------------------------------------------------------------- latent actions
     @torch.no_grad()
@@ -438,6 +508,51 @@ class StaMoAgent(Agent):
         label = torch.where(labelled.reshape(-1, 1), label, pseudo)
         return (self.bc(obs, target) - label).square().mean()
 
+    def goal_head_loss(self, batch: TensorDict, offsets: Tensor | None = None, *, observe: bool = True,
+                       tokens: Tensor | None = None, deltas: dict[int, Tensor] | None = None) -> Tensor:
+        """MSE of the goal head on hindsight goals of slices ``[B, L >= max(probe_offsets)]``: row ``i`` pairs
+        ``o_0`` with the goal ``o_{k_i}`` (``offsets`` ``[B]``, each one of ``probe_offsets``; drawn uniformly
+        when None) and is labelled with ``a_0``. A masked mean over the rows whose ``a_{0:k_i}`` are recorded
+        (video rows say where the arm went, not which action took it there). ``tokens`` ``E(o_0)`` and
+        ``deltas`` ``{k: E(o_k) - E(o_0)}``, when known. Fixed shapes (no host sync unless ``offsets`` is
+        given); data-parallel as :meth:`probe_loss`."""
+        if self.goal_head is None:
+            raise RuntimeError(f"this stamo agent has no goal head (goal_policy={self.config.goal_policy!r})")
+        ks = list(self.config.probe_offsets)
+        if batch.batch_dims != 2 or batch.batch_size[1] < max(ks):
+            raise ValueError(f"goal_head_loss needs slices [B, L >= {max(ks)}], got batch size "
+                             f"{list(batch.batch_size)}")
+        if tokens is None:
+            with torch.no_grad():
+                tokens = self.world_model.encode(batch[self.obs_key][:, 0].to(self.device))
+        if deltas is None:
+            deltas = {k: self.latent_action(*self.pair(batch, k)[:2]) for k in ks}
+        rows = torch.arange(tokens.shape[0], device=self.device)
+        if offsets is None:
+            choice = torch.randint(len(ks), (tokens.shape[0],), device=self.device)
+        else:
+            offsets = torch.as_tensor(offsets, device=self.device).reshape(-1)
+            known = offsets.reshape(-1, 1) == torch.tensor(ks, device=self.device)
+            if offsets.shape[0] != tokens.shape[0] or not bool(known.any(1).all()):
+                raise ValueError(f"offsets must be [{tokens.shape[0]}] values from probe_offsets {ks}, got "
+                                 f"{offsets.tolist()}")
+            choice = known.float().argmax(1)
+        delta = torch.stack([deltas[k] for k in ks])[choice, rows]
+        labelled = torch.stack([self.pair(batch, k)[3].reshape(-1) for k in ks])[choice, rows]
+        if "action" in batch.keys():
+            action = batch["action"][:, 0].to(self.device).float()
+        else:  # nothing labelled
+            action = torch.zeros(tokens.shape[0], self.action_dim, device=self.device)
+            labelled = torch.zeros_like(labelled)
+        if observe:
+            self.goal_head.observe(tokens, delta, labelled)
+        weight = labelled.to(action.dtype)
+        err = (self.goal_head(tokens, delta) - action).square().sum(1) * weight  # [B]
+        both = torch.stack([err, weight], dim=1)
+        if self.training:
+            both = gather_batch(both, grad=True)
+        return both[:, 0].sum() / (both[:, 1].sum() * self.action_dim).clamp_min(1)
+
     @torch.no_grad()
     def write_pseudo_labels(self, buffer, *, only_video: bool = True, batch_size: int = 256) -> int:
         """Write ``m_t = E(o_{t+1}) - E(o_t)`` (flattened ``[num_tokens * token_dim]``) into the buffer's
@@ -485,6 +600,8 @@ class StaMoAgent(Agent):
                                        "none (the random data-collection policy)")
         if cfg.goal_policy == "cotrained":
             return StaMoBCPolicy(self.bc, task.z, self.action_dim)
+        if cfg.goal_policy == "head":
+            return StaMoHeadPolicy(self.world_model, self.goal_head, task.z)
         return StaMoGoalPolicy(self.world_model, self.probes[str(cfg.goal_offset)], task.z, clip=cfg.goal_clip)
 
     @torch.no_grad()
@@ -511,7 +628,8 @@ class StaMoAgent(Agent):
     # --------------------------------------------------------------------------------- update
     def update(self, batch: TensorDict) -> dict[str, Tensor]:
         """Flow loss on one frame per slice; probe ``k`` on each slice's ``(o_0, o_k)`` (labelled rows); BC
-        co-training on ``(o_0, o_{cotrain_offset})`` (``cotrain``)."""
+        co-training on ``(o_0, o_{cotrain_offset})`` (``cotrain``); the goal head on ``(o_0, o_k)`` with ``k``
+        drawn per row (labelled rows; ``goal_policy="head"``)."""
         cfg = self.config
         out = self.world_model.loss(batch.to(self.device))
         self._optimizer.zero_grad(set_to_none=True)
@@ -536,6 +654,14 @@ class StaMoAgent(Agent):
             bc_loss.backward()
             self._bc_optimizer.step()
             metrics["bc_mse"] = bc_loss.detach()
+        if self.goal_head is not None:
+            with torch.no_grad():
+                tokens = self.world_model.encode(batch[self.obs_key][:, 0].to(self.device))
+            head_loss = self.goal_head_loss(batch, tokens=tokens, deltas=deltas)
+            self._goal_head_optimizer.zero_grad(set_to_none=True)
+            head_loss.backward()
+            self._goal_head_optimizer.step()
+            metrics["goal_head_mse"] = head_loss.detach()
         return scalar_metrics(metrics, self.device)  # tensors: no host sync per update
 
     def extra_state(self) -> dict[str, Any]:

@@ -397,3 +397,28 @@ def test_bench_active_inference_checks_draw_the_same_cases_whatever_ran_before(t
             runs.append((bench.one_step_mse(agent, heldout, args), bench.scorer_ranking(agent, heldout, args),
                          bench.scorer_ranking(agent, heldout, args, horizon=2)))
     assert runs[0] == runs[1]
+
+
+def test_bench_stamo_trains_the_goal_policies_it_runs():
+    """``bench_stamo.py eval`` trains the agent's goal head and its goal probe before goal reaching (the
+    autoencoder run trains neither; the probe policy once ran with its initial weights): on tokens that move
+    by a fixed linear map of the action, both predict held-out actions better than the mean action. (A k-step
+    difference holds the sum of k actions: the best k = 2 probe halves the mean action's error, the best head,
+    over k in {1, 2}, quarters it.)"""
+    import torch
+
+    bench = _load("bench_stamo")
+    from latentrl.agents.stamo import StaMoAgent
+
+    agent = StaMoAgent(StaMoAgent.make_config("smoke"), (3, 64, 64), 2)
+    agent.eval()
+    g = torch.Generator().manual_seed(0)
+    episodes, steps, dim = 10, 30, agent.latent_dim
+    act = torch.rand(episodes, steps, 2, generator=g) * 2 - 1
+    mix = torch.randn(2, dim, generator=g)
+    start = torch.randn(episodes, 1, dim, generator=g)
+    tokens = torch.cat([start, start + torch.cumsum(act @ mix, dim=1)], dim=1)  # [E, T + 1, 2D]
+    eps = torch.arange(episodes)
+    res = bench.fit_goal_heads(agent, tokens, act, eps[eps % 5 != 4], eps[eps % 5 == 4], updates=300, seed=0)
+    for name, bound in (("probe", 0.6), ("goal_head", 0.4)):
+        assert res[name]["heldout_mse"] < bound * res[name]["mean_action_mse"], (name, res[name])
