@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -30,6 +31,7 @@ ROOT = HERE.parents[1]
 def bench_module():
     spec = importlib.util.spec_from_file_location("bench_stamo", ROOT / "scripts" / "bench_stamo.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_stamo"] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
