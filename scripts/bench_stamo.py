@@ -663,8 +663,19 @@ def evaluate(args) -> None:
         results["goal_heads"] = fit_goal_heads(agent, flat_tokens, act, train_eps, test_eps, args.probe_updates,
                                                seed=args.seed + 21)
         log(f"goal heads {results['goal_heads']}")
-        results["goal_reaching"] = goal_reaching(args, agent, phys[test_eps].flatten(0, 1))
-        log(f"goal reaching {results['goal_reaching']}")
+        results["goal_reaching"] = gr = goal_reaching(args, agent, phys[test_eps].flatten(0, 1))
+        log(f"goal reaching {gr}")
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for name in (n for n in gr if isinstance(gr[n], dict) and "mean_distance_per_step" in gr[n]):
+            curve = [gr[name]["start_distance"], *gr[name]["mean_distance_per_step"]]
+            ax.plot(range(len(curve)), curve, label=name, lw=2.5 if name == gr["judged"] else 1.2)
+        ax.set_xlabel("step")
+        ax.set_ylabel("mean joint-angle distance to goal (rad)")
+        ax.set_title(f"reacher goal reaching from goal images ({gr['goals']} goals)", fontsize=9)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(fig_dir / "goal_reaching.png", dpi=90)
+        plt.close(fig)
 
     # ---- curves, report
     hist = np.array(agent.history)
@@ -750,6 +761,7 @@ def write_report(args, r: dict) -> None:
               f"![interpolation]({fig_rel}/interpolation.png)", "",
               f"![probe MSE vs k]({fig_rel}/probe_mse_vs_k.png)", "",
               f"![motion transfer]({fig_rel}/motion_transfer.png)", "",
+              *([f"![goal reaching]({fig_rel}/goal_reaching.png)", ""] if gr is not None else []),
               f"![flow loss]({fig_rel}/flow_loss.png)", "",
               "## Scale and deviations", "",
               f"- Scale actually run: {st['updates']} autoencoder updates (spec: 20k, 20-40 min on a free CPU); on "
@@ -866,7 +878,7 @@ def goal_reaching(args, agent: StaMoAgent, goal_pool: torch.Tensor) -> dict:
         out[name] = {"final_distance": float(d[-1].mean()), "min_distance": float(d.min(0).values.mean()),
                      "start_distance": float(spec.difference(spec.coords(start), spec.coords(goals)).norm(dim=-1)
                                              .mean()),
-                     "final_distances": d[-1].tolist()}
+                     "final_distances": d[-1].tolist(), "mean_distance_per_step": d.mean(1).tolist()}
     env.close()
     judged = list(policies)[0]  # the agent's default goal policy (the head), else the probe
     out["judged"] = judged
