@@ -255,6 +255,18 @@ def test_decoder_is_conditioned_on_the_tokens_only():
 # ----------------------------------------------------------------------------------------- agent
 
 
+def episode_td(px: torch.Tensor, actions: torch.Tensor) -> TensorDict:
+    """One episode ``[1, T]`` of frames ``px`` ``[T + 1, ...]`` and ``actions`` ``[T, 2]`` for ``buffer.extend``,
+    with the zero ``latent_action`` extra the collection policy stores."""
+    length = len(actions)
+    last = torch.arange(length).reshape(-1, 1) == length - 1
+    return TensorDict({
+        "pixels": px[:-1], "action": actions, "latent_action": torch.zeros(length, 2 * 16),
+        "next": TensorDict({"pixels": px[1:], "reward": torch.zeros(length, 1), "done": last,
+                            "terminated": torch.zeros(length, 1, dtype=torch.bool), "truncated": last}, [length]),
+    }, batch_size=[length]).unsqueeze(0)
+
+
 def square_buffer(labelled_episodes=(0,), episodes=3, length=12) -> tuple[ReplayBuffer, list[torch.Tensor]]:
     """Episodes of a square moving by 2 px per step; some stored with actions, the others as video, each
     step carrying a zero ``latent_action`` extra (the collection policy's)."""
@@ -264,15 +276,8 @@ def square_buffer(labelled_episodes=(0,), episodes=3, length=12) -> tuple[Replay
         pos = torch.arange(length + 1) * 2 + e
         px = square_frames(pos)
         eps_frames.append(px)
-        td = TensorDict({
-            "pixels": px[:-1], "action": torch.full((length, 2), 0.5 if e in labelled_episodes else 9.0).clamp(-1, 1),
-            "latent_action": torch.zeros(length, 2 * 16),
-            "next": TensorDict({"pixels": px[1:], "reward": torch.zeros(length, 1),
-                                "done": torch.arange(length).reshape(-1, 1) == length - 1,
-                                "terminated": torch.zeros(length, 1, dtype=torch.bool),
-                                "truncated": torch.arange(length).reshape(-1, 1) == length - 1}, [length]),
-        }, batch_size=[length])
-        buffer.extend(td.unsqueeze(0), actions=e in labelled_episodes, action_shape=[2])
+        actions = torch.full((length, 2), 0.5 if e in labelled_episodes else 9.0).clamp(-1, 1)
+        buffer.extend(episode_td(px, actions), actions=e in labelled_episodes, action_shape=[2])
     return buffer, eps_frames
 
 
@@ -438,14 +443,7 @@ def stepped_square_buffer(episodes=6, length=24, labelled_episodes=(0, 1, 2, 3, 
             pos.append(min(52, max(0, pos[-1] + round(4 * float(actions[t, 0])))))
         px = square_frames(torch.tensor(pos))
         eps.append((px, actions, torch.tensor(pos)))
-        td = TensorDict({
-            "pixels": px[:-1], "action": actions, "latent_action": torch.zeros(length, 2 * 16),
-            "next": TensorDict({"pixels": px[1:], "reward": torch.zeros(length, 1),
-                                "done": torch.arange(length).reshape(-1, 1) == length - 1,
-                                "terminated": torch.zeros(length, 1, dtype=torch.bool),
-                                "truncated": torch.arange(length).reshape(-1, 1) == length - 1}, [length]),
-        }, batch_size=[length])
-        buffer.extend(td.unsqueeze(0), actions=e in labelled_episodes, action_shape=[2])
+        buffer.extend(episode_td(px, actions), actions=e in labelled_episodes, action_shape=[2])
     return buffer, eps
 
 
