@@ -16,7 +16,6 @@ Writes ``encoder_capacity.json`` beside this file (``--out``)."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import time
@@ -26,17 +25,12 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import bench_stamo as bs  # noqa: E402
 
 
-def bench_module():
-    spec = importlib.util.spec_from_file_location("bench_stamo", ROOT / "scripts" / "bench_stamo.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_stamo"] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-def run(bs, data, train, test, variant: str, updates: int, seed: int) -> list[dict]:
+def run(data, train, test, variant: str, updates: int, seed: int) -> list[dict]:
     from latentrl.agents.stamo import StaMoAgent
 
     torch.manual_seed(seed)
@@ -52,7 +46,8 @@ def run(bs, data, train, test, variant: str, updates: int, seed: int) -> list[di
                 h = block(h)
         return h.flatten(1)
 
-    y = bs.angle_features(bs.angles(data["physics"]))
+    reacher = bs.TASKS["reacher-easy"]
+    y = reacher.features(reacher.coords(data["physics"]))  # (sin, cos) of both joint angles
     x_train, y_train = data["pixels"][train].flatten(0, 1), y[train].flatten(0, 1)
     x_test, y_test = data["pixels"][test].flatten(0, 1)[::4], y[test].flatten(0, 1)[::4]
     with torch.no_grad():
@@ -88,9 +83,8 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=str(HERE / "encoder_capacity.json"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    bs = bench_module()
-    data, train, test = bs.load_data(argparse.Namespace(out_dir=args.data))
-    variants = {v: run(bs, data, train, test, v, args.updates, args.seed) for v in args.variants.split(",")}
+    data, train, test = bs.load_data(argparse.Namespace(out_dir=args.data, task=None))
+    variants = {v: run(data, train, test, v, args.updates, args.seed) for v in args.variants.split(",")}
     results = {"data": args.data, "updates": args.updates, "seed": args.seed,
                "targets": "sin q1, cos q1, sin q2, cos q2", "variants": variants}
     Path(args.out).write_text(json.dumps(results, indent=1))

@@ -17,7 +17,6 @@ Writes ``goal_heads.json`` beside this file (``--json``)."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import sys
@@ -28,14 +27,11 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
 
+import bench_stamo as bs  # noqa: E402
 
-def bench_module():
-    spec = importlib.util.spec_from_file_location("bench_stamo", ROOT / "scripts" / "bench_stamo.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_stamo"] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+from latentrl.agents.stamo import GoalHead  # noqa: E402
 
 
 def main() -> None:
@@ -49,8 +45,6 @@ def main() -> None:
     p.add_argument("--json", default=str(HERE / "goal_heads.json"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    bs = bench_module()
-    from latentrl.agents.stamo import GoalHead
 
     # the bench's argument names that load_model / goal_reaching read
     ns = argparse.Namespace(out_dir=args.out_dir, task=None, preset="small", sample_steps=20, sigma_shift=None,
