@@ -447,6 +447,16 @@ class StaMoAgent(Agent):
         both = self.world_model.encode(torch.cat([obs, target]).to(self.device))
         return both[obs.shape[0]:] - both[:obs.shape[0]]
 
+    @torch.no_grad()
+    def slice_latent_actions(self, batch: TensorDict) -> tuple[Tensor, dict[int, Tensor]]:
+        """``E(o_0)`` and the latent actions ``{k: E(o_k) - E(o_0)}`` for every ``k`` in ``probe_offsets`` of
+        slices ``[B, L]`` (see :meth:`pair`), from one encoder pass that reads ``o_0`` once."""
+        obs = batch[self.obs_key][:, 0].to(self.device)
+        ks = self.config.probe_offsets
+        encoded = self.world_model.encode(torch.cat([obs, *(self.pair(batch, k)[1] for k in ks)]))
+        tokens, *targets = encoded.split(obs.shape[0])
+        return tokens, {k: target - tokens for k, target in zip(ks, targets, strict=True)}
+
     def pair(self, batch: TensorDict, k: int) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
         """``(o_t, o_{t+k}, a_{t:t+k} [B, k, A] or None, labelled [B])`` of a fixed-offset batch
         (``sample(offset=k)``) or of slices ``[B, L]`` with ``L >= k`` (their first step)."""
@@ -522,11 +532,8 @@ class StaMoAgent(Agent):
         if batch.batch_dims != 2 or batch.batch_size[1] < max(ks):
             raise ValueError(f"goal_head_loss needs slices [B, L >= {max(ks)}], got batch size "
                              f"{list(batch.batch_size)}")
-        if tokens is None:
-            with torch.no_grad():
-                tokens = self.world_model.encode(batch[self.obs_key][:, 0].to(self.device))
-        if deltas is None:
-            deltas = {k: self.latent_action(*self.pair(batch, k)[:2]) for k in ks}
+        if tokens is None or deltas is None:
+            tokens, deltas = self.slice_latent_actions(batch)
         rows = torch.arange(tokens.shape[0], device=self.device)
         if offsets is None:
             choice = torch.randint(len(ks), (tokens.shape[0],), device=self.device)
@@ -636,8 +643,8 @@ class StaMoAgent(Agent):
         out["loss"].backward()
         self._optimizer.step()
         metrics = {k: v for k, v in out.items() if k != "loss"}
-        # The latent actions of every row, once per offset (the encoder is not trained by the probes or BC).
-        deltas = {k: self.latent_action(*self.pair(batch, k)[:2]) for k in cfg.probe_offsets}
+        # E(o_0) and the latent actions of every row, one encoder pass (the encoder is not trained by the heads).
+        tokens, deltas = self.slice_latent_actions(batch)
         probe_losses = []
         for k in cfg.probe_offsets:
             loss = self.probe_loss(k, batch, delta=deltas[k])
@@ -655,8 +662,6 @@ class StaMoAgent(Agent):
             self._bc_optimizer.step()
             metrics["bc_mse"] = bc_loss.detach()
         if self.goal_head is not None:
-            with torch.no_grad():
-                tokens = self.world_model.encode(batch[self.obs_key][:, 0].to(self.device))
             head_loss = self.goal_head_loss(batch, tokens=tokens, deltas=deltas)
             self._goal_head_optimizer.zero_grad(set_to_none=True)
             head_loss.backward()

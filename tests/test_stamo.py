@@ -296,6 +296,10 @@ def test_pairs_and_latent_action_are_token_differences_k_steps_apart():
         assert torch.equal(labelled, batch["segment_id"][:, 0] == 0)
         delta = a.latent_action(obs, target)
         torch.testing.assert_close(delta, a.world_model.encode(target) - a.world_model.encode(obs))
+        # the update's single encoder pass over o_0 and every o_k gives the same latent actions
+        tokens, deltas = a.slice_latent_actions(batch)
+        torch.testing.assert_close(tokens, a.world_model.encode(obs))
+        torch.testing.assert_close(deltas[k], delta)
     # the same pairs from a sample(offset=k) batch
     off = buffer.sample(8, offset=2)
     obs, target, action, _ = a.pair(off, 2)
