@@ -12,7 +12,9 @@
 3. On the held-out episodes:
    - check 1: the one-step prediction MSE of ``decode(E[p(s'|s,a)])`` (the ensemble members' mean from
      the posterior mean of o_t) against the copy-current-frame baseline, per pixel in ``x / 255 - 0.5``
-     units; and whether the smoothed free-energy curve decreases;
+     units; and whether the smoothed free-energy curve decreases. Also the model's predicted change applied to
+     the frame, o_t + decode(s') - decode(s), beside the same change under the zero action and another case's
+     action (see ``one_step_mse``);
    - check 2: for ``--rank-cases`` held-out (o_t, a_t, o_{t+1}) with the goal set to o_{t+1}, the rank
      of the true a_t among ``--rank-candidates`` uniform random one-step candidates by the agent's G
      (``ActiveInferencePolicy.score``, i.e. ``expected_free_energy`` on imagined one-step outcomes);
@@ -309,21 +311,36 @@ def train(agent: ActiveInferenceAgent, buffer: ReplayBuffer, args, previous: dic
 
 @torch.no_grad()
 def one_step_mse(agent: ActiveInferenceAgent, heldout: ReplayBuffer, args) -> dict:
-    """Check 1: MSE of decode(E[p(s'|s,a)]) vs o_{t+1}, and of the copy-current-frame baseline."""
+    """Check 1: MSE of decode(E[p(s'|s,a)]) vs o_{t+1}, and of the copy-current-frame baseline.
+
+    Also the model's predicted *change* applied to the frame, o_t + decode(s') - decode(s) with s the posterior mean
+    of o_t (``change_*``): what the decoder draws the same way for s and s' (its blur of the static scene, of the arm)
+    cancels, so this form asks whether the transition moves the picture the right way. Its controls are the same
+    change under the zero action and under another case's action: when those are no worse, the gain over copying
+    comes from the decoder, not from the transition."""
     wm = agent.world_model
     with fixed_draws(args.seed + 10):
         batch = heldout.sample(args.mse_cases, frame_stack=agent.frame_stack, keys=["pixels"])
     mean, _ = wm.posterior(batch["pixels"])
-    means, _ = wm.transition_members(mean, batch["action"].float())
-    pred = wm.decode_mean(means.mean(0))
+    action = batch["action"].float()
+
+    def predicted(a: Tensor) -> Tensor:
+        return wm.decode_mean(wm.transition_members(mean, a)[0].mean(0))
+
+    pred, now = predicted(action), wm.decode_mean(mean)
     target = wm.target(batch["next", "pixels"])
     current = wm.target(batch["pixels"])
     recon = wm.decode_mean(wm.posterior(batch["next", "pixels"])[0])
     static = static_pixels(current, target)
     out = {"cases": args.mse_cases, "static_pixel_fraction": static.float().mean().item()}
-    for name, image in (("model", pred), ("copy_frame", current), ("reconstruction", recon)):
+    images = {"model": pred, "copy_frame": current, "reconstruction": recon, "change": current + pred - now,
+              "change_zero_action": current + predicted(torch.zeros_like(action)) - now,
+              "change_other_action": current + predicted(action.roll(1, 0)) - now}
+    for name, image in images.items():
         split = error_split(image, target, static)
         out[f"{name}_mse"], out[f"{name}_mse_static_part"] = split["mse"], split["static_part"]
+    out["change_pass"] = out["change_mse"] < min(out["copy_frame_mse"], out["change_zero_action_mse"],
+                                                 out["change_other_action_mse"])
     return {**out, "pass": out["model_mse"] < out["copy_frame_mse"]}
 
 
@@ -713,6 +730,12 @@ def report(args, results: dict, argv: list[str]) -> str:
             f"| 1. one-step prediction MSE (per pixel, [-0.5, 0.5] scale, {c1['cases']} held-out transitions) | "
             f"model {c1['model_mse']:.5f} vs copy-frame {c1['copy_frame_mse']:.5f} (reconstruction "
             f"{c1['reconstruction_mse']:.5f}){static_note(c1)} | model < copy | {'yes' if c1['pass'] else 'no'} |")
+        if "change_mse" in c1:
+            lines.append(
+                f"| 1, the model's change applied to the frame: o_t + decode(s') - decode(s) | {c1['change_mse']:.5f} "
+                f"vs copy-frame {c1['copy_frame_mse']:.5f}; the same change under the zero action "
+                f"{c1['change_zero_action_mse']:.5f}, under another case's action {c1['change_other_action_mse']:.5f} "
+                f"| below copy and both controls | {'yes' if c1['change_pass'] else 'no'} |")
     if tr is not None:
         lines.append(
             f"| 1. free energy, smoothed | {tr['free_energy_first_smoothed']:.1f} -> "

@@ -399,6 +399,41 @@ def test_bench_active_inference_checks_draw_the_same_cases_whatever_ran_before(t
     assert runs[0] == runs[1]
 
 
+def test_bench_active_inference_change_form_of_check_1_credits_the_transition_only(tmp_path):
+    """Check 1's second form, o_t + decode(s') - decode(s): with a model whose decoder draws every frame with the
+    same error, whose transition knows each held-out case's true change (and only under its true action), the
+    change form is exact while the plain decode keeps the decoder's error; under the zero action it is the copy,
+    under another case's action worse than the copy."""
+    import types
+
+    import torch
+
+    bench = _load("bench_active_inference")
+    args = bench.parse_args(["--quick", "--fig-dir", str(tmp_path)])
+    heldout = bench.collect(args, 2, seed=5)
+    agent = bench.build_agent(args).eval()
+    real = agent.world_model
+    with bench.fixed_draws(args.seed + 10):
+        batch = heldout.sample(args.mse_cases, frame_stack=agent.frame_stack, keys=["pixels"])
+    cases = list(zip(batch["action"].float(), batch["pixels"], batch["next", "pixels"], strict=True))
+    moves = {tuple(a.tolist()): real.target(nxt) - real.target(now) for a, now, nxt in cases}
+    # an action names its case (a case drawn twice is the same case)
+    assert all(torch.equal(moves[tuple(a.tolist())], real.target(nxt) - real.target(now)) for a, now, nxt in cases)
+    bias = 0.3 * torch.rand(real.target(batch["pixels"]).shape[1:], generator=torch.Generator().manual_seed(1))
+
+    def transition_members(s, action):  # the case's true change under its own action, no change otherwise
+        change = torch.stack([moves.get(tuple(a.tolist()), torch.zeros_like(bias)) for a in action])
+        return (s + change)[None], None
+
+    fake = types.SimpleNamespace(posterior=lambda x: (real.target(x) + bias, None), decode_mean=lambda s: s,
+                                 transition_members=transition_members, target=real.target)
+    c1 = bench.one_step_mse(types.SimpleNamespace(world_model=fake, frame_stack=agent.frame_stack), heldout, args)
+    assert c1["change_mse"] < 1e-10 < c1["copy_frame_mse"]
+    assert c1["model_mse"] > c1["copy_frame_mse"] and not c1["pass"]  # the decoder's error stays in the plain form
+    assert abs(c1["change_zero_action_mse"] - c1["copy_frame_mse"]) < 1e-9
+    assert c1["change_other_action_mse"] > c1["copy_frame_mse"] and c1["change_pass"]
+
+
 def test_bench_stamo_trains_the_goal_policies_it_runs():
     """``bench_stamo.py eval`` trains the agent's goal head and its goal probe before goal reaching (the
     autoencoder run trains neither; the probe policy once ran with its initial weights): on tokens that move
