@@ -434,6 +434,25 @@ def test_bench_active_inference_change_form_of_check_1_credits_the_transition_on
     assert c1["change_other_action_mse"] > c1["copy_frame_mse"] and c1["change_pass"]
 
 
+def test_bench_stamo_quick_runs_every_check_and_judges_on_the_better_readout(tmp_path):
+    """``bench_stamo.py all --quick`` collects, trains and evaluates end to end in seconds; checks 6 and 7 are read
+    out by both state probes and judged on the one with the higher held-out R^2."""
+    import json
+
+    bench = _load("bench_stamo")
+    bench.main(["all", "--quick", "--out-dir", str(tmp_path)])
+    results = json.loads((tmp_path / "bench_stamo" / "results.json").read_text())
+    for key in ("reconstruction", "state_probe", "latent_action_probe", "interpolation", "motion_transfer",
+                "cotraining", "goal_reaching"):
+        assert key in results, key
+    r2 = results["readouts"]["r2_mean"]
+    assert set(r2) == {"linear", "mlp"} and r2["linear"] == pytest.approx(results["state_probe"]["r2_mean"])
+    best = max(r2, key=r2.get)
+    for check in ("interpolation", "motion_transfer"):
+        assert results[check]["readout"] == best and set(results[check]["by_readout"]) == {"linear", "mlp"}
+    assert "mlp readout" in (tmp_path / "bench_stamo.md").read_text()
+
+
 def test_bench_stamo_trains_the_goal_policies_it_runs():
     """``bench_stamo.py eval`` trains the agent's goal head and its goal probe before goal reaching (the
     autoencoder run trains neither; the probe policy once ran with its initial weights): on tokens that move
