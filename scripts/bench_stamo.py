@@ -21,7 +21,8 @@ dm_control reacher-easy or cheetah-run (``--task``), 64x64 pixels, action repeat
    image and vs the decoder with zeroed tokens; a linear probe tokens -> proprioceptive positions (R^2; the
    task's joints, ``TASKS``); latent-action probes at k in {1, 2, 4, 8} vs the same MLP on 8x8x3 pooled pixel
    differences and vs the mean action; interpolation (Spearman rho of the decoded angle readout vs alpha); motion
-   transfer (cosine of decoded vs source angle change); goal reaching from goal images vs random and
+   transfer (cosine of decoded vs source angle change), both read out by the linear probe and by an MLP probe and
+   judged on the one with the higher held-out R^2; goal reaching from goal images vs random and
    zero-action policies (reacher only: the spec's goal check is reacher's); co-training of the goal-conditioned
    BC policy on 1 part labelled, 1 part + 4 parts pseudo-labelled, and 5 parts labelled data. Writes
    ``docs/bench_stamo.md`` (``--report``; cheetah: ``docs/bench_stamo_cheetah.md``), ``results.json`` and
