@@ -2,12 +2,18 @@
 """Small-scale zero-shot benchmark: an RND dataset, then TD-JEPA vs FB vs a random policy.
 
     python scripts/bench_zero_shot.py --domain walker --dataset-steps 100000 --updates 20000 --seeds 0 1 2 --jobs 2
+    python scripts/bench_zero_shot.py --obs pixels --dataset-steps 30000 --updates 4000 --eval-points 2 --episodes 3
+
+``--obs pixels`` is the paper's RGB setting at CPU scale: the same RND collection (RND explores from
+states) also records 64x64 frames, the agents train from 3-frame stacks (``small`` preset with the
+pixel shrink of spec §10: DrQ trunk 32 channels, batch 64), the policies act from rendered frames,
+and the page (default ``docs/bench_zero_shot_pixels.md``) sets the paper's RGB Table 1 beside ours.
 
 1. ``collect_dataset.py agent=rnd`` writes a reward-free dataset (states + physics) of
    ``--dataset-steps`` transitions (1000-step episodes), RND making ``--collect-updates-per-step``
-   updates per env step.
+   updates per env step (and 64x64 frames with ``--obs pixels``).
 2. ``train_agent.py agent=td_jepa|fb data=<dataset>`` trains each agent offline (``small`` preset,
-   states) for ``--updates`` updates per seed, keeping ``--eval-points`` evenly spaced checkpoints;
+   from ``--obs``) for ``--updates`` updates per seed, keeping ``--eval-points`` evenly spaced checkpoints;
    ``--jobs`` runs train in parallel processes (one torch thread each).
 3. For every kept checkpoint the zero-shot harness relabels ``--samples`` transitions per task,
    infers the task and rolls out ``--episodes`` 1000-step episodes; a uniform random policy is
@@ -47,7 +53,17 @@ ROOT = Path(__file__).resolve().parents[1]
 # TD-JEPA paper, Table 1 (DMC proprio, mean +- s.e.; 5,000 RND episodes, 2M updates), for scale.
 PAPER_PROPRIO = {"walker": {"fb": "811.5 +- 5.9", "td_jepa": "785.2 +- 6.7"},
                  "point_mass_maze": {"fb": "513.0", "td_jepa": "479.3"}}
+# The same table's DMC RGB half (64x64 frames, frame stack 3; 5,000 RND episodes rendered, 2M updates).
+PAPER_RGB = {"walker": {"fb": "324.4 +- 16.6", "td_jepa": "738.9 +- 3.5"},
+             "cheetah": {"fb": "622.4 +- 23.1", "td_jepa": "706.0 +- 4.1"},
+             "quadruped": {"fb": "475.4 +- 16.7", "td_jepa": "626.7 +- 13.6"},
+             "point_mass_maze": {"fb": "402.8 +- 16.8", "td_jepa": "443.7 +- 10.9"}}
 QUIET = ["log.progress=false", "log.tensorboard=false", "eval.every=0", "eval.at_end=false", "eval.video=false"]
+
+
+def env_obs(obs: str) -> str:
+    """The env's observation keys for ``--obs``: physics always (the harness relabels rewards from it)."""
+    return "env.obs=[pixels,state,physics]" if obs == "pixels" else "env.obs=[state,physics]"
 
 
 def collect_task(domain: str) -> str:
@@ -69,8 +85,8 @@ def train_and_evaluate(job: dict) -> dict:
     if not all(p.exists() for p in ckpts.values()):
         started = time.time()
         cmd = [sys.executable, str(ROOT / "scripts" / "train_agent.py"), f"agent={job['agent']}", "agent.preset=small",
-               "agent.obs_type=state", f"data={job['data']}", f"env={collect_task(job['domain'])}",
-               "env.obs=[state,physics]", f"steps={points[-1]}", f"seed={job['seed']}", "threads=1",
+               f"agent.obs_type={job['obs']}", f"data={job['data']}", f"env={collect_task(job['domain'])}",
+               env_obs(job["obs"]), f"steps={points[-1]}", f"seed={job['seed']}", "threads=1",
                f"checkpoint_every={points[0]}", "keep_checkpoints=true", f"run_dir={run}", *QUIET]
         # train_agent.py continues a run only from its checkpoint (resume=true), starts a new one only in a
         # missing or empty folder, and replaces a run that stopped before its first checkpoint only with
@@ -135,9 +151,14 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=5)
     parser.add_argument("--samples", type=int, default=10000)
     parser.add_argument("--jobs", type=int, default=2, help="runs trained and evaluated in parallel")
-    parser.add_argument("--workdir", default="runs/bench_zero_shot")
-    parser.add_argument("--out", default="docs/bench_zero_shot.md")
+    parser.add_argument("--obs", default="state", choices=["state", "pixels"],
+                        help="what the agents read: the physics state (proprio) or 64x64 frames (RGB)")
+    parser.add_argument("--workdir", default=None, help="default runs/bench_zero_shot[_pixels]")
+    parser.add_argument("--out", default=None, help="default docs/bench_zero_shot[_pixels].md")
     args = parser.parse_args()
+    suffix = "_pixels" if args.obs == "pixels" else ""
+    args.workdir = args.workdir or f"runs/bench_zero_shot{suffix}"
+    args.out = args.out or f"docs/bench_zero_shot{suffix}.md"
     if args.updates % args.eval_points:
         parser.error(f"--updates ({args.updates}) must be a multiple of --eval-points ({args.eval_points})")
     torch.set_num_threads(1)
@@ -150,11 +171,11 @@ def main() -> None:
         subprocess.run([sys.executable, str(ROOT / "scripts" / "collect_dataset.py"), "agent=rnd",
                         f"env={collect_task(args.domain)}", "agent.preset=small", f"steps={args.dataset_steps}",
                         "learning_starts=1000", f"updates_per_step={args.collect_updates_per_step}", "threads=1",
-                        "env.obs=[state,physics]", f"seed={args.dataset_seed}", f"out={data}",
+                        env_obs(args.obs), f"seed={args.dataset_seed}", f"out={data}",
                         f"run_dir={work / 'collect'}", *QUIET], check=True)
     points = [args.updates // args.eval_points * (i + 1) for i in range(args.eval_points)]
     jobs = [{"agent": a, "seed": s, "run": str(work / f"{a}-s{s}"), "data": str(data), "domain": args.domain,
-             "points": points, "samples": args.samples, "episodes": args.episodes}
+             "obs": args.obs, "points": points, "samples": args.samples, "episodes": args.episodes}
             for s in args.seeds for a in args.agents]
     with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
         random_future = pool.submit(random_scores, args.domain, args.seeds, args.episodes)
@@ -187,16 +208,18 @@ def write_report(args, raw: dict, seconds: float, buffer) -> None:
     averages = {"random": random_avg, **{a: curves[a][points[-1]] for a in args.agents}}
     machine = f"{machine_description()}; 1 torch thread per run"
     lines = [
-        f"# Zero-shot benchmark: {args.domain}, TD-JEPA vs FB vs random (small scale, CPU)",
+        f"# Zero-shot benchmark: {args.domain}{' from pixels' if args.obs == 'pixels' else ''}, TD-JEPA vs FB vs "
+        "random (small scale, CPU)",
         "",
         f"- date: {time.strftime('%Y-%m-%d %H:%M')}",
         f"- machine: {machine}",
         f"- command: `python {' '.join(sys.argv)}` (this invocation took {seconds / 60:.0f} min; finished runs "
         "are reused)",
         f"- data: RND (`small` preset, {args.collect_updates_per_step} updates per env step) on "
-        f"{collect_task(args.domain)}, {len(buffer)} transitions in {buffer.num_episodes} episodes, states + physics, "
-        "reward-free",
-        f"- training: `small` presets from states, {points[-1]} updates per run, seeds {args.seeds}, "
+        f"{collect_task(args.domain)}, {len(buffer)} transitions in {buffer.num_episodes} episodes, "
+        f"{'64x64 frames + ' if args.obs == 'pixels' else ''}states + physics, reward-free",
+        f"- training: `small` presets from {'3-frame stacks of 64x64 pixels' if args.obs == 'pixels' else 'states'}, "
+        f"{points[-1]} updates per run, seeds {args.seeds}, "
         f"{args.jobs} runs in parallel; train time per run: "
         + ", ".join(f"{k} {np.mean(v):.1f} min" for k, v in train_min.items()),
         f"- evaluation: {args.samples} relabelled samples per task, lstsq (TD-JEPA) / sum r B (FB) task inference, "
@@ -210,9 +233,9 @@ def write_report(args, raw: dict, seconds: float, buffer) -> None:
     for task in tasks:
         lines.append(f"| {task} | " + " | ".join(mean_se(scores[n][task]) for n in names) + " |")
     lines.append(f"| **{args.domain} average** | " + " | ".join(f"**{mean_se(averages[n])}**" for n in names) + " |")
-    paper = PAPER_PROPRIO.get(args.domain, {})
+    paper = (PAPER_RGB if args.obs == "pixels" else PAPER_PROPRIO).get(args.domain, {})
     if paper:
-        lines.append("| paper Table 1 (proprio, 2M updates, 5k episodes) | - | "
+        lines.append(f"| paper Table 1 ({'RGB' if args.obs == 'pixels' else 'proprio'}, 2M updates, 5k episodes) | - | "
                      + " | ".join(paper.get(n, "-") for n in args.agents) + " |")
     lines += ["", "Held-out R^2 of each task's relabelled reward on the agent's task features (TD-JEPA: psi(s'), "
               f"FB: B(s'); fit on {args.samples // 2} samples, scored on the other {args.samples - args.samples // 2}; "
@@ -249,7 +272,8 @@ def plot_curves(path: Path, args, points: list[int], curves: dict, random_avg: l
     ax.axhline(float(np.mean(random_avg)), color="gray", ls="--", label="uniform random")
     ax.set_xlabel("offline updates")
     ax.set_ylabel(f"{args.domain} average return")
-    ax.set_title(f"zero-shot {args.domain} (4 tasks), {len(args.seeds)} seeds, mean +- s.e.", fontsize=9)
+    source = "from pixels, " if args.obs == "pixels" else ""
+    ax.set_title(f"zero-shot {args.domain} (4 tasks), {source}{len(args.seeds)} seeds, mean +- s.e.", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
