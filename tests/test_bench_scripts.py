@@ -476,3 +476,26 @@ def test_bench_stamo_trains_the_goal_policies_it_runs():
     res = bench.fit_goal_heads(agent, tokens, act, eps[eps % 5 != 4], eps[eps % 5 == 4], updates=300, seed=0)
     for name, bound in (("probe", 0.6), ("goal_head", 0.4)):
         assert res[name]["heldout_mse"] < bound * res[name]["mean_action_mse"], (name, res[name])
+
+
+@pytest.mark.parametrize("obs", ["state", "pixels"])
+def test_bench_zero_shot_trains_from_the_observation_it_names(tmp_path, monkeypatch, obs):
+    """``bench_zero_shot.py --obs pixels`` trains the agents from frames with an env that renders them (and
+    keeps physics for relabelling); the default trains from states. The training command is read, not run."""
+    bench = _load("bench_zero_shot")
+    commands = []
+
+    def record(cmd, **_):
+        commands.append(cmd)
+        raise RuntimeError("stop after the training command")
+
+    monkeypatch.setattr(bench.subprocess, "run", record)
+    job = {"agent": "td_jepa", "seed": 0, "run": str(tmp_path / "run"), "data": str(tmp_path / "data"),
+           "domain": "walker", "obs": obs, "points": [10, 20], "samples": 10, "episodes": 1}
+    with pytest.raises(RuntimeError, match="stop after"):
+        bench.train_and_evaluate(job)
+    (cmd,) = commands
+    assert f"agent.obs_type={obs}" in cmd and "steps=20" in cmd
+    env_obs = [c for c in cmd if c.startswith("env.obs=")]
+    expected = "env.obs=[pixels,state,physics]" if obs == "pixels" else "env.obs=[state,physics]"
+    assert env_obs == [expected]
