@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from latentrl.agents.base import UniformRandomPolicy
 from latentrl.envs import make_env
@@ -70,6 +71,40 @@ def collect_task(domain: str) -> str:
     return "point_mass_maze-reach_top_left" if domain == "point_mass_maze" else f"{domain}-walk"
 
 
+def reuse_problems(work: Path, jobs: list[dict], args) -> list[str]:
+    """What in ``work`` was made with other settings than this invocation asks for.
+
+    The benchmark reuses its dataset and runs by folder name; a shared ``--workdir`` given to a state and a pixel
+    benchmark (or to two domains) would otherwise train pixel agents from state data or report one setting's runs
+    under the other's name.
+    """
+    problems = []
+    meta = work / "data" / "replay.json"
+    if meta.exists():
+        head = json.loads(meta.read_text())
+        keys = set(head["schema"]["obs"])
+        need = {"pixels", "physics"} if args.obs == "pixels" else {"state", "physics"}
+        if not need <= keys:
+            problems.append(f"{meta.parent} holds {sorted(keys)}; --obs {args.obs} needs {sorted(need)}")
+        if head.get("domain") not in (None, args.domain):
+            problems.append(f"{meta.parent} was collected on {head['domain']}, not --domain {args.domain}")
+        if head["num_transitions"] != args.dataset_steps:
+            problems.append(f"{meta.parent} holds {head['num_transitions']} transitions, --dataset-steps asks "
+                            f"{args.dataset_steps}")
+    for job in jobs:
+        config = Path(job["run"]) / "config.yaml"
+        if not config.exists():
+            continue
+        cfg = yaml.safe_load(config.read_text())
+        have = {"agent": cfg["agent"]["name"], "obs": (cfg["agent"].get("overrides") or {}).get("obs_type"),
+                "seed": cfg["seed"], "data": str(Path(cfg["data"]).resolve()) if cfg.get("data") else None}
+        want = {"agent": job["agent"], "obs": job["obs"], "seed": job["seed"], "data": str(Path(job["data"]).resolve())}
+        diff = [f"{k} {have[k]} (asked: {want[k]})" for k in want if have[k] != want[k]]
+        if diff:
+            problems.append(f"{config.parent} was trained with " + ", ".join(diff))
+    return problems
+
+
 def train_and_evaluate(job: dict) -> dict:
     """One (agent, seed): train offline in a child process (kept checkpoints), evaluate each checkpoint.
 
@@ -98,7 +133,8 @@ def train_and_evaluate(job: dict) -> dict:
         run.parent.mkdir(parents=True, exist_ok=True)
         with open(run.parent / f"{run.name}.train.log", "a") as log:
             subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
-        done["train_seconds"] = time.time() - started
+        # a run extended by a later invocation (a larger --updates) adds its time to the earlier one's
+        done["train_seconds"] = (done.get("train_seconds") or 0.0) + time.time() - started
     buffer = ReplayBuffer.load(job["data"])
     tasks = resolve_task_list(f"{job['domain']}/all")
     for updates, path in ckpts.items():
@@ -165,6 +201,14 @@ def main() -> None:
     started = time.time()
     work = Path(args.workdir)
     data = work / "data"
+    points = [args.updates // args.eval_points * (i + 1) for i in range(args.eval_points)]
+    jobs = [{"agent": a, "seed": s, "run": str(work / f"{a}-s{s}"), "data": str(data), "domain": args.domain,
+             "obs": args.obs, "points": points, "samples": args.samples, "episodes": args.episodes}
+            for s in args.seeds for a in args.agents]
+    problems = reuse_problems(work, jobs, args)
+    if problems:
+        sys.exit("bench_zero_shot: --workdir " + str(work) + " holds results of other settings; nothing was "
+                 "changed. Give another --workdir (or the settings it was made with):\n  " + "\n  ".join(problems))
     if not (data / "replay.json").exists():
         print(f"[bench] collecting {args.dataset_steps} RND steps of {collect_task(args.domain)} -> {data}",
               flush=True)
@@ -173,10 +217,6 @@ def main() -> None:
                         "learning_starts=1000", f"updates_per_step={args.collect_updates_per_step}", "threads=1",
                         env_obs(args.obs), f"seed={args.dataset_seed}", f"out={data}",
                         f"run_dir={work / 'collect'}", *QUIET], check=True)
-    points = [args.updates // args.eval_points * (i + 1) for i in range(args.eval_points)]
-    jobs = [{"agent": a, "seed": s, "run": str(work / f"{a}-s{s}"), "data": str(data), "domain": args.domain,
-             "obs": args.obs, "points": points, "samples": args.samples, "episodes": args.episodes}
-            for s in args.seeds for a in args.agents]
     with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
         random_future = pool.submit(random_scores, args.domain, args.seeds, args.episodes)
         results = list(pool.map(train_and_evaluate, jobs))

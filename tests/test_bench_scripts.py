@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import yaml
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
@@ -499,3 +502,39 @@ def test_bench_zero_shot_trains_from_the_observation_it_names(tmp_path, monkeypa
     env_obs = [c for c in cmd if c.startswith("env.obs=")]
     expected = "env.obs=[pixels,state,physics]" if obs == "pixels" else "env.obs=[state,physics]"
     assert env_obs == [expected]
+
+
+def test_bench_zero_shot_refuses_a_workdir_made_with_other_settings(tmp_path, monkeypatch):
+    """Runs and data are reused by folder name: a workdir holding a state run, a walker dataset of another size or
+    one without frames is refused (with what differs) before anything is trained or overwritten."""
+    bench = _load("bench_zero_shot")
+    work = tmp_path / "bench"
+    (work / "data").mkdir(parents=True)
+    meta = {"domain": "walker", "num_transitions": 3000, "schema": {"obs": ["pixels", "state", "physics"]}}
+    (work / "data" / "replay.json").write_text(json.dumps(meta))
+    (work / "td_jepa-s0").mkdir()
+    config = work / "td_jepa-s0" / "config.yaml"
+    config.write_text(yaml.safe_dump({"agent": {"name": "td_jepa", "overrides": {"obs_type": "pixels"}}, "seed": 0,
+                                      "data": str(work / "data")}))
+    monkeypatch.setattr(bench.subprocess, "run", lambda *a, **k: pytest.fail(f"ran {a}"))
+
+    def main(*argv):
+        monkeypatch.setattr(sys, "argv", ["bench_zero_shot.py", "--workdir", str(work), "--agents", "td_jepa",
+                                          "--seeds", "0", "--updates", "20", "--eval-points", "1", *argv])
+        bench.main()
+
+    before = config.read_text()
+    with pytest.raises(SystemExit, match=r"td_jepa-s0 was trained with obs pixels \(asked: state\)"):
+        main("--obs", "state", "--dataset-steps", "3000")
+    with pytest.raises(SystemExit, match=r"holds 3000 transitions, --dataset-steps asks 5000"):
+        main("--obs", "pixels", "--dataset-steps", "5000")
+    with pytest.raises(SystemExit, match="collected on walker, not --domain cheetah"):
+        main("--obs", "pixels", "--dataset-steps", "3000", "--domain", "cheetah")
+    assert config.read_text() == before
+    # the settings it was made with pass the check
+    args = SimpleNamespace(obs="pixels", domain="walker", dataset_steps=3000)
+    job = {"agent": "td_jepa", "seed": 0, "run": str(work / "td_jepa-s0"), "data": str(work / "data"), "obs": "pixels"}
+    assert bench.reuse_problems(work, [job], args) == []
+    meta["schema"]["obs"] = ["state", "physics"]
+    (work / "data" / "replay.json").write_text(json.dumps(meta))
+    assert "needs ['physics', 'pixels']" in bench.reuse_problems(work, [job], args)[0]
