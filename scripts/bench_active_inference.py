@@ -808,13 +808,38 @@ def report(args, results: dict, argv: list[str]) -> str:
     return "\n".join(lines)
 
 
+def data_mismatch(buffer: ReplayBuffer, args, episodes: int, where: Path) -> list[str]:
+    """How a reused buffer differs from what ``collect`` makes of these flags: the task's domain, the number of
+    episodes and their length (the action repeat is not stored and cannot be checked)."""
+    n = min(args.num_envs, episodes)
+    expected_episodes = -(-episodes // n) * n
+    domain = args.task.split("-")[0]
+    problems = []
+    if buffer.domain != domain:
+        problems.append(f"{where} holds {buffer.domain} episodes, --task {args.task} is {domain}")
+    if buffer.num_episodes != expected_episodes:
+        problems.append(f"{where} holds {buffer.num_episodes} episodes, the flags ask {expected_episodes}")
+    elif len(buffer) != expected_episodes * args.episode_length:
+        problems.append(f"{where} holds episodes of {len(buffer) // max(buffer.num_episodes, 1)} steps, "
+                        f"--episode-length is {args.episode_length}")
+    return problems
+
+
 def load_or_collect(args) -> tuple[ReplayBuffer, ReplayBuffer]:
     """The training and held-out buffers: read from ``--data`` when it holds them, else collected (and
     written there when ``--data`` is given)."""
     data = Path(args.data) if args.data else None
     if data is not None and (data / "train").exists() and (data / "heldout").exists():
         print(f"[bench_ai] reusing the buffers in {data}", flush=True)
-        return ReplayBuffer.load(data / "train"), ReplayBuffer.load(data / "heldout")
+        buffers = ReplayBuffer.load(data / "train"), ReplayBuffer.load(data / "heldout")
+        problems = [p for buf, name, episodes in zip(buffers, ("train", "heldout"),
+                                                     (args.train_episodes, args.heldout_episodes), strict=True)
+                    for p in data_mismatch(buf, args, episodes, data / name)]
+        if problems:
+            raise SystemExit("bench_active_inference: --data " + str(data) + " was collected with other settings "
+                             "(nothing was changed; give another --data, or the flags it was collected with):\n  "
+                             + "\n  ".join(problems))
+        return buffers
     train_buf = collect(args, args.train_episodes, args.seed)
     heldout = collect(args, args.heldout_episodes, args.seed + 1000)
     if data is not None:

@@ -538,3 +538,27 @@ def test_bench_zero_shot_refuses_a_workdir_made_with_other_settings(tmp_path, mo
     meta["schema"]["obs"] = ["state", "physics"]
     (work / "data" / "replay.json").write_text(json.dumps(meta))
     assert "needs ['physics', 'pixels']" in bench.reuse_problems(work, [job], args)[0]
+
+
+def test_bench_active_inference_refuses_data_collected_with_other_flags(tmp_path, monkeypatch):
+    """``--data`` is reused when it holds buffers: ones of another domain, episode count or episode length are
+    refused with what differs (nothing collected or written), the ones the flags describe are read back."""
+    import torch
+
+    bench = _load("bench_active_inference")
+    data = tmp_path / "data"
+    args = bench.parse_args(["--quick", "--data", str(data), "--task", "point_mass-easy"])
+    train, heldout = bench.load_or_collect(args)  # 2 + 1 episodes x 12 steps, written to --data
+    assert (train.num_episodes, len(train), heldout.num_episodes) == (2, 24, 1)
+    monkeypatch.setattr(bench, "collect", lambda *a, **k: pytest.fail("collected again"))
+    again, _ = bench.load_or_collect(args)
+    assert torch.equal(torch.as_tensor(again.storage["pixels"]), torch.as_tensor(train.storage["pixels"]))
+    before = sorted(p.stat().st_mtime_ns for p in data.rglob("*") if p.is_file())
+    for change, message in ((("task", "reacher-easy"), r"holds point_mass episodes, --task reacher-easy is reacher"),
+                            (("episode_length", 10), r"train holds episodes of 12 steps, --episode-length is 10"),
+                            (("train_episodes", 4), r"train holds 2 episodes, the flags ask 4")):
+        bad = bench.parse_args(["--quick", "--data", str(data), "--task", "point_mass-easy"])
+        setattr(bad, *change)
+        with pytest.raises(SystemExit, match=message):
+            bench.load_or_collect(bad)
+    assert sorted(p.stat().st_mtime_ns for p in data.rglob("*") if p.is_file()) == before
