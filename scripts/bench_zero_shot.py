@@ -289,6 +289,13 @@ def write_report(args, raw: dict, seconds: float, buffer) -> None:
               "| updates | " + " | ".join(args.agents) + " |", "|---:|" + "---:|" * len(args.agents)]
     for u in points:
         lines.append(f"| {u} | " + " | ".join(mean_se(curves[a][u]) for a in args.agents) + " |")
+    seeds = {a: [r["seed"] for r in raw["runs"] if r["agent"] == a] for a in args.agents}
+    columns = [f"{a} s{seed}" for a in args.agents for seed in seeds[a]]
+    lines += ["", f"{args.domain} average per seed (random per seed: "
+              + ", ".join(f"{v:.1f}" for v in random_avg) + "):", "",
+              "| updates | " + " | ".join(columns) + " |", "|---:|" + "---:|" * len(columns)]
+    for u in points:
+        lines.append(f"| {u} | " + " | ".join(f"{v:.1f}" for a in args.agents for v in curves[a][u]) + " |")
     plot = Path(args.out).with_suffix(".png")
     plot_curves(plot, args, points, curves, random_avg)
     lines += ["", f"![{args.domain} average against updates]({plot.name})", ""]

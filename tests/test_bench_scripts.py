@@ -540,6 +540,41 @@ def test_bench_zero_shot_refuses_a_workdir_made_with_other_settings(tmp_path, mo
     assert "needs ['physics', 'pixels']" in bench.reuse_problems(work, [job], args)[0]
 
 
+def test_bench_zero_shot_report_averages_tasks_per_seed_and_lists_each_seed(tmp_path):
+    """The page's tables from a results.json: the domain average is the mean over tasks, per seed, then mean +- s.e.
+    over seeds; the per-seed table lists every run's average at every checkpoint, under its own seed."""
+    bench = _load("bench_zero_shot")
+    tasks = ["walker-stand", "walker-spin"]
+
+    def run(agent, seed, by_point):  # by_point: updates -> (stand, spin)
+        scores = {str(u): dict(zip(tasks, v, strict=True)) for u, v in by_point.items()}
+        return {"agent": agent, "seed": seed, "scores": scores, "train_seconds": 60.0,
+                "reward_r2": {"20": {t: 0.5 for t in tasks}}}
+
+    raw = {"random": {"walker-stand": [10.0, 20.0], "walker-spin": [30.0, 40.0]}, "points": [10, 20],
+           "runs": [run("td_jepa", 3, {10: (100.0, 0.0), 20: (300.0, 100.0)}),
+                    run("td_jepa", 4, {10: (50.0, 10.0), 20: (60.0, 20.0)}),
+                    run("fb", 3, {10: (1.0, 3.0), 20: (5.0, 7.0)}),
+                    run("fb", 4, {10: (2.0, 4.0), 20: (9.0, 11.0)})]}
+    args = SimpleNamespace(agents=["td_jepa", "fb"], seeds=[3, 4], domain="walker", obs="state", jobs=2,
+                           collect_updates_per_step=0.25, samples=10, episodes=1, out=str(tmp_path / "page.md"))
+    bench.write_report(args, raw, 60.0, _Buffer())
+    page = (tmp_path / "page.md").read_text()
+    # td_jepa at 20 updates: seed 3 (300 + 100) / 2 = 200, seed 4 (60 + 20) / 2 = 40 -> 120 +- 80
+    assert "| **walker average** | **25.0 +- 5.0** | **120.0 +- 80.0** | **8.0 +- 2.0** |" in page
+    assert "| updates | td_jepa s3 | td_jepa s4 | fb s3 | fb s4 |" in page
+    assert "| 10 | 50.0 | 30.0 | 2.0 | 3.0 |" in page
+    assert "| 20 | 200.0 | 40.0 | 6.0 | 10.0 |" in page
+    assert "random per seed: 20.0, 30.0" in page
+
+
+class _Buffer:
+    num_episodes = 2
+
+    def __len__(self):
+        return 2000
+
+
 def test_bench_active_inference_refuses_data_collected_with_other_flags(tmp_path, monkeypatch):
     """``--data`` is reused when it holds buffers: ones of another domain, episode count or episode length are
     refused with what differs (nothing collected or written), the ones the flags describe are read back."""
