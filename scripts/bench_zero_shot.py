@@ -18,6 +18,10 @@ and the page (default ``docs/bench_zero_shot_pixels.md``) sets the paper's RGB T
 3. For every kept checkpoint the zero-shot harness relabels ``--samples`` transitions per task,
    infers the task and rolls out ``--episodes`` 1000-step episodes; a uniform random policy is
    evaluated on the same tasks.
+4. For every kept checkpoint the agent's representation loss (TD-JEPA's ``phi_loss``, FB's ``fb_loss``)
+   is measured, without updating, on the training data and on ``--heldout-steps`` transitions of a
+   second, shorter RND run (another seed) that no agent trains on: the gap says whether a
+   representation overfits its dataset.
 
 Writes a markdown report (per-task mean +- s.e. over seeds at the last checkpoint, the domain average
 along training, the paper's Table 1 proprio figures beside them for scale) to ``--out``, a plot of
@@ -48,7 +52,7 @@ from latentrl.replay import ReplayBuffer
 from latentrl.training.checkpoint import load_agent
 from latentrl.training.evaluation import rollout
 from latentrl.training.logger import machine_description, write_report_page
-from latentrl.training.zero_shot import evaluate_reward_tasks
+from latentrl.training.zero_shot import evaluate_reward_tasks, representation_losses
 
 ROOT = Path(__file__).resolve().parents[1]
 # TD-JEPA paper, Table 1 (DMC proprio, mean +- s.e.; 5,000 RND episodes, 2M updates), for scale.
@@ -59,6 +63,9 @@ PAPER_RGB = {"walker": {"fb": "324.4 +- 16.6", "td_jepa": "738.9 +- 3.5"},
              "cheetah": {"fb": "622.4 +- 23.1", "td_jepa": "706.0 +- 4.1"},
              "quadruped": {"fb": "475.4 +- 16.7", "td_jepa": "626.7 +- 13.6"},
              "point_mass_maze": {"fb": "402.8 +- 16.8", "td_jepa": "443.7 +- 10.9"}}
+# The representation loss reported train vs held-out (the predictive term; ``loss`` adds the regularisers).
+MAIN_LOSS = {"td_jepa": "phi_loss", "fb": "fb_loss"}
+HELDOUT_SEED_OFFSET = 10_000  # the held-out RND run's seed: --dataset-seed + this (never another dataset's)
 QUIET = ["log.progress=false", "log.tensorboard=false", "eval.every=0", "eval.at_end=false", "eval.video=false"]
 
 
@@ -79,8 +86,13 @@ def reuse_problems(work: Path, jobs: list[dict], args) -> list[str]:
     under the other's name.
     """
     problems = []
-    meta = work / "data" / "replay.json"
-    if meta.exists():
+    datasets = [("data", args.dataset_steps, "--dataset-steps")]
+    if getattr(args, "heldout_steps", 0):
+        datasets.append(("heldout", args.heldout_steps, "--heldout-steps"))
+    for folder, steps, flag in datasets:
+        meta = work / folder / "replay.json"
+        if not meta.exists():
+            continue
         head = json.loads(meta.read_text())
         keys = set(head["schema"]["obs"])
         need = {"pixels", "physics"} if args.obs == "pixels" else {"state", "physics"}
@@ -88,9 +100,8 @@ def reuse_problems(work: Path, jobs: list[dict], args) -> list[str]:
             problems.append(f"{meta.parent} holds {sorted(keys)}; --obs {args.obs} needs {sorted(need)}")
         if head.get("domain") not in (None, args.domain):
             problems.append(f"{meta.parent} was collected on {head['domain']}, not --domain {args.domain}")
-        if head["num_transitions"] != args.dataset_steps:
-            problems.append(f"{meta.parent} holds {head['num_transitions']} transitions, --dataset-steps asks "
-                            f"{args.dataset_steps}")
+        if head["num_transitions"] != steps:
+            problems.append(f"{meta.parent} holds {head['num_transitions']} transitions, {flag} asks {steps}")
     for job in jobs:
         config = Path(job["run"]) / "config.yaml"
         if not config.exists():
@@ -136,21 +147,34 @@ def train_and_evaluate(job: dict) -> dict:
         # a run extended by a later invocation (a larger --updates) adds its time to the earlier one's
         done["train_seconds"] = (done.get("train_seconds") or 0.0) + time.time() - started
     buffer = ReplayBuffer.load(job["data"])
+    heldout = ReplayBuffer.load(job["heldout"]) if job.get("heldout") else None
     tasks = resolve_task_list(f"{job['domain']}/all")
     for updates, path in ckpts.items():
-        if str(updates) in done["scores"]:
+        need_scores = str(updates) not in done["scores"]
+        need_losses = heldout is not None and str(updates) not in done.get("losses", {})
+        if not (need_scores or need_losses):
             continue
         agent, cfg = load_agent(path)  # its env settings are the evaluation's, as in eval_zero_shot.py
-        torch.manual_seed(job["seed"])
-        results = evaluate_reward_tasks(agent, buffer, tasks, cfg["env"], num_samples=job["samples"],
-                                        episodes=job["episodes"], seed=job["seed"], progress=lambda *_: None)
-        done["scores"][str(updates)] = {r.task: r.mean for r in results}
-        done.setdefault("reward_r2", {})[str(updates)] = {r.task: r.reward_r2 for r in results}
-        cache.write_text(json.dumps(done, indent=2))
+        if need_losses:
+            done.setdefault("losses", {})[str(updates)] = checkpoint_losses(agent, buffer, heldout, job)
+            cache.write_text(json.dumps(done, indent=2))
+        if need_scores:
+            torch.manual_seed(job["seed"])
+            results = evaluate_reward_tasks(agent, buffer, tasks, cfg["env"], num_samples=job["samples"],
+                                            episodes=job["episodes"], seed=job["seed"], progress=lambda *_: None)
+            done["scores"][str(updates)] = {r.task: r.mean for r in results}
+            done.setdefault("reward_r2", {})[str(updates)] = {r.task: r.reward_r2 for r in results}
+            cache.write_text(json.dumps(done, indent=2))
         avg = np.mean(list(done["scores"][str(updates)].values()))
         print(f"[bench] {job['agent']} seed {job['seed']} at {updates} updates: {job['domain']} average {avg:.1f}",
               flush=True)
     return {**job, **done}
+
+
+def checkpoint_losses(agent, buffer, heldout, job: dict) -> dict[str, dict[str, float]]:
+    """The agent's loss terms on the training data and on the held-out run, the same draws' seed for both."""
+    return {name: representation_losses(agent, data, batches=job["loss_batches"], seed=job["seed"])
+            for name, data in (("train", buffer), ("heldout", heldout))}
 
 
 def random_scores(domain: str, seeds: list[int], episodes: int) -> dict[str, list[float]]:
@@ -189,6 +213,12 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="runs trained and evaluated in parallel")
     parser.add_argument("--obs", default="state", choices=["state", "pixels"],
                         help="what the agents read: the physics state (proprio) or 64x64 frames (RGB)")
+    parser.add_argument("--heldout-steps", type=int, default=None,
+                        help="transitions of the held-out RND run (another seed) on which each checkpoint's "
+                             "representation loss is measured beside the training data's (default: a tenth of "
+                             "--dataset-steps, at least 2 episodes; 0: off)")
+    parser.add_argument("--loss-batches", type=int, default=16,
+                        help="replay batches (the agent's batch size) per loss measurement")
     parser.add_argument("--workdir", default=None, help="default runs/bench_zero_shot[_pixels]")
     parser.add_argument("--out", default=None, help="default docs/bench_zero_shot[_pixels].md")
     args = parser.parse_args()
@@ -197,26 +227,37 @@ def main() -> None:
     args.out = args.out or f"docs/bench_zero_shot{suffix}.md"
     if args.updates % args.eval_points:
         parser.error(f"--updates ({args.updates}) must be a multiple of --eval-points ({args.eval_points})")
+    if args.heldout_steps is None:
+        args.heldout_steps = max(2000, args.dataset_steps // 10 // 1000 * 1000)
+    if args.heldout_steps < 0 or args.loss_batches < 1:
+        parser.error("--heldout-steps must be >= 0 and --loss-batches >= 1")
     torch.set_num_threads(1)
     started = time.time()
     work = Path(args.workdir)
     data = work / "data"
+    heldout = work / "heldout" if args.heldout_steps else None
     points = [args.updates // args.eval_points * (i + 1) for i in range(args.eval_points)]
     jobs = [{"agent": a, "seed": s, "run": str(work / f"{a}-s{s}"), "data": str(data), "domain": args.domain,
-             "obs": args.obs, "points": points, "samples": args.samples, "episodes": args.episodes}
+             "obs": args.obs, "points": points, "samples": args.samples, "episodes": args.episodes,
+             "heldout": str(heldout) if heldout else None, "loss_batches": args.loss_batches}
             for s in args.seeds for a in args.agents]
     problems = reuse_problems(work, jobs, args)
     if problems:
         sys.exit("bench_zero_shot: --workdir " + str(work) + " holds results of other settings; nothing was "
                  "changed. Give another --workdir (or the settings it was made with):\n  " + "\n  ".join(problems))
-    if not (data / "replay.json").exists():
-        print(f"[bench] collecting {args.dataset_steps} RND steps of {collect_task(args.domain)} -> {data}",
+    collections = [(data, args.dataset_steps, args.dataset_seed, "collect")]
+    if heldout:
+        collections.append((heldout, args.heldout_steps, args.dataset_seed + HELDOUT_SEED_OFFSET, "collect_heldout"))
+    for out, steps, seed, run_name in collections:
+        if (out / "replay.json").exists():
+            continue
+        print(f"[bench] collecting {steps} RND steps of {collect_task(args.domain)} (seed {seed}) -> {out}",
               flush=True)
         subprocess.run([sys.executable, str(ROOT / "scripts" / "collect_dataset.py"), "agent=rnd",
-                        f"env={collect_task(args.domain)}", "agent.preset=small", f"steps={args.dataset_steps}",
+                        f"env={collect_task(args.domain)}", "agent.preset=small", f"steps={steps}",
                         "learning_starts=1000", f"updates_per_step={args.collect_updates_per_step}", "threads=1",
-                        env_obs(args.obs), f"seed={args.dataset_seed}", f"out={data}",
-                        f"run_dir={work / 'collect'}", *QUIET], check=True)
+                        env_obs(args.obs), f"seed={seed}", f"out={out}",
+                        f"run_dir={work / run_name}", *QUIET], check=True)
     with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
         random_future = pool.submit(random_scores, args.domain, args.seeds, args.episodes)
         results = list(pool.map(train_and_evaluate, jobs))
@@ -285,6 +326,7 @@ def write_report(args, raw: dict, seconds: float, buffer) -> None:
         lines.append(f"| {task} | " + " | ".join(
             f"{np.mean([r['reward_r2'][final][task] for r in raw['runs'] if r['agent'] == a]):.2f}"
             for a in args.agents) + " |")
+    lines += loss_table(args, raw)
     lines += ["", f"{args.domain} average along training (random: {mean_se(random_avg)}):", "",
               "| updates | " + " | ".join(args.agents) + " |", "|---:|" + "---:|" * len(args.agents)]
     for u in points:
@@ -301,6 +343,43 @@ def write_report(args, raw: dict, seconds: float, buffer) -> None:
     lines += ["", f"![{args.domain} average against updates]({plot.name})", ""]
     write_report_page(args.out, "\n".join(lines))  # keeps the page's hand-written reading
     print("\n".join(lines))
+
+
+def loss_table(args, raw: dict) -> list[str]:
+    """Each agent's representation loss (``MAIN_LOSS``) on the training data and on the held-out run, at every
+    checkpoint, mean +- s.e. over seeds, with held-out / train per seed averaged; [] when none was measured."""
+    runs = [r for r in raw["runs"] if r.get("losses")]
+    if not runs:
+        return []
+    agents = [a for a in args.agents if any(r["agent"] == a for r in runs)]
+    heldout = getattr(args, "heldout_steps", None)
+    lines = ["", "Representation loss on the training data and on a held-out RND run"
+             + (f" ({heldout} transitions, another seed, never trained on)" if heldout else "")
+             + ", measured at each checkpoint without updating (" + ", ".join(
+                 f"{a}: `{MAIN_LOSS.get(a, 'loss')}`" for a in agents)
+             + "; same draws on both; mean +- s.e. over seeds; ratio: held-out / train, mean of the seeds' ratios):",
+             "", "| updates | " + " | ".join(f"{a} train | {a} held-out | {a} ratio" for a in agents) + " |",
+             "|---:|" + "---:|" * (3 * len(agents))]
+    for u in raw["points"]:
+        cells = []
+        for a in agents:
+            key = MAIN_LOSS.get(a, "loss")
+            pairs = [(r["losses"][str(u)]["train"][key], r["losses"][str(u)]["heldout"][key])
+                     for r in runs if r["agent"] == a and str(u) in r["losses"]]
+            if not pairs:
+                cells += ["-"] * 3
+                continue
+            train, held = np.array(pairs, dtype=float).T
+            cells += [mean_se_g(train), mean_se_g(held), f"{np.mean(held / train):.2f}"]
+        lines.append(f"| {u} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def mean_se_g(values) -> str:
+    """mean +- s.e. with three significant digits (losses span orders of magnitude)."""
+    values = np.asarray(values, dtype=float)
+    se = values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else 0.0
+    return f"{values.mean():.3g} +- {se:.2g}"
 
 
 def plot_curves(path: Path, args, points: list[int], curves: dict, random_avg: list[float]) -> None:

@@ -568,6 +568,64 @@ def test_bench_zero_shot_report_averages_tasks_per_seed_and_lists_each_seed(tmp_
     assert "random per seed: 20.0, 30.0" in page
 
 
+def test_bench_zero_shot_loss_table_reads_each_agents_term_on_train_and_heldout(tmp_path):
+    """The held-out loss table: each agent's own term (TD-JEPA phi_loss, FB fb_loss, not the total), train and
+    held-out as mean +- s.e. over seeds, and the ratio as the mean of the seeds' ratios; the page carries it."""
+    bench = _load("bench_zero_shot")
+
+    def run(agent, seed, pairs):  # pairs: (train, held-out) at updates 10 and 20
+        key = bench.MAIN_LOSS[agent]
+        losses = {str(u): {"train": {key: t, "loss": 99.0}, "heldout": {key: h, "loss": 99.0}}
+                  for u, (t, h) in zip([10, 20], pairs, strict=True)}
+        return {"agent": agent, "seed": seed, "losses": losses}
+
+    raw = {"points": [10, 20], "runs": [run("td_jepa", 0, [(1.0, 2.0), (2.0, 6.0)]),
+                                        run("td_jepa", 1, [(3.0, 3.0), (2.0, 2.0)]),
+                                        run("fb", 0, [(0.5, 1.0), (0.5, 1.0)])]}
+    lines = bench.loss_table(SimpleNamespace(agents=["td_jepa", "fb"], heldout_steps=3000), raw)
+    # td_jepa at 10: train (1, 3) -> 2 +- 1, held-out (2, 3) -> 2.5 +- 0.5, ratios (2, 1) -> 1.50
+    assert "| 10 | 2 +- 1 | 2.5 +- 0.5 | 1.50 | 0.5 +- 0 | 1 +- 0 | 2.00 |" in lines
+    assert "| 20 | 2 +- 0 | 4 +- 2 | 2.00 | 0.5 +- 0 | 1 +- 0 | 2.00 |" in lines
+    assert any("3000 transitions" in line and "`phi_loss`" in line and "`fb_loss`" in line for line in lines)
+    assert bench.loss_table(SimpleNamespace(agents=["td_jepa"]), {"points": [10], "runs": [{"agent": "td_jepa"}]}) == []
+
+
+def test_bench_zero_shot_measures_losses_of_checkpoints_scored_before(tmp_path, monkeypatch):
+    """A workdir scored before the held-out loss existed gets its losses measured on its kept checkpoints, without
+    rolling the policies out again; a run with both on disk loads nothing; each checkpoint is measured on the
+    training data and on the held-out data."""
+    bench = _load("bench_zero_shot")
+    run = tmp_path / "td_jepa-s0"
+    (run / "checkpoints").mkdir(parents=True)
+    for u in (10, 20):
+        (run / "checkpoints" / f"{u:09d}.pt").write_text("")
+    scores = {str(u): {"walker-stand": float(u)} for u in (10, 20)}
+    (run / "zero_shot.json").write_text(json.dumps({"scores": scores, "train_seconds": 5.0}))
+    loaded, measured = [], []
+    monkeypatch.setattr(bench.ReplayBuffer, "load", staticmethod(lambda path: f"buffer:{Path(path).name}"))
+    monkeypatch.setattr(bench, "load_agent", lambda path: (loaded.append(Path(path).name) or f"agent:{Path(path).stem}",
+                                                           {"env": {}}))
+    monkeypatch.setattr(bench, "evaluate_reward_tasks", lambda *a, **k: pytest.fail("rolled out again"))
+
+    def losses(agent, data, *, batches, seed):
+        measured.append((agent, data, batches, seed))
+        return {"phi_loss": 1.0 if data == "buffer:data" else 2.0}
+
+    monkeypatch.setattr(bench, "representation_losses", losses)
+    job = {"agent": "td_jepa", "seed": 3, "run": str(run), "data": str(tmp_path / "data"), "domain": "walker",
+           "obs": "state", "points": [10, 20], "samples": 10, "episodes": 1, "heldout": str(tmp_path / "heldout"),
+           "loss_batches": 4}
+    out = bench.train_and_evaluate(job)
+    assert loaded == ["000000010.pt", "000000020.pt"]
+    assert measured == [(f"agent:{u:09d}", data, 4, 3) for u in (10, 20) for data in ("buffer:data", "buffer:heldout")]
+    assert out["losses"]["20"] == {"train": {"phi_loss": 1.0}, "heldout": {"phi_loss": 2.0}}
+    assert out["scores"] == scores
+    assert json.loads((run / "zero_shot.json").read_text())["losses"] == out["losses"]
+    loaded.clear()
+    bench.train_and_evaluate(job)
+    assert loaded == []
+
+
 class _Buffer:
     num_episodes = 2
 

@@ -256,3 +256,50 @@ def test_goal_frames_show_each_episodes_own_scene():
     assert torch.cdist(_ball_centre(first), _ball_centre(first)).max() > 5
     assert result.values is not None and result.final_distance > 0.05  # zero actions stay away from the goals
     assert result.mean == float(np.mean(np.asarray(result.values) < get_task("reacher-easy").goal_radius))
+
+
+@pytest.mark.parametrize(("agent_name", "loss_key"), [("td_jepa", "phi_loss"), ("fb", "fb_loss")])
+def test_representation_losses_are_the_training_loss_without_a_step(walker_dataset, agent_name, loss_key):
+    """``representation_losses`` (bench_zero_shot's train / held-out loss) on one draw is the figure a training
+    step on that draw reports, before it steps; over several draws their mean; no weight moves and the global
+    RNG is put back, so measuring between evaluations changes nothing that follows."""
+    from copy import deepcopy
+
+    from latentrl.agents import make_agent
+    from latentrl.agents.base import sample_batches
+    from latentrl.envs import make_env
+    from latentrl.training.zero_shot import representation_losses
+
+    env = make_env("walker-walk", obs=("state", "physics"), num_envs=1, seed=0, num_workers=0)
+    try:
+        agent = make_agent(agent_name, env, preset="smoke", obs_type="state")
+    finally:
+        env.close()
+    buffer = ReplayBuffer.load(walker_dataset)
+    torch.manual_seed(0)
+    for _ in range(3):  # off the initial weights, and targets that differ from the online networks
+        agent.update(sample_batches(buffer, agent.sample_spec()))
+    weights = deepcopy(agent.state_dict())
+
+    torch.manual_seed(123)
+    rng = torch.random.get_rng_state()
+    one = representation_losses(agent, buffer, batches=1, seed=7)
+    three = representation_losses(agent, buffer, batches=3, seed=7)
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    assert all(torch.equal(value, agent.state_dict()[key]) for key, value in weights.items())
+
+    torch.manual_seed(7)
+    twin = deepcopy(agent)
+    reported = twin.update(sample_batches(buffer, twin.sample_spec()))
+    assert one[loss_key] == pytest.approx(float(reported[loss_key]), rel=1e-6)
+    assert one["loss"] == pytest.approx(float(reported["total_loss"]), rel=1e-6)
+
+    torch.manual_seed(7)
+    draws = []
+    for _ in range(3):
+        out = agent.world_model.loss(sample_batches(buffer, agent.sample_spec()), agent.target_action)
+        draws.append(float(out[loss_key]))
+    assert len(set(draws)) == 3  # the draws differ, so a mean over one draw repeated would show
+    assert three[loss_key] == pytest.approx(float(np.mean(draws)), rel=1e-6)
+    with pytest.raises(TypeError, match="zero-shot agent"):
+        representation_losses(_RecordingAgent(), buffer)

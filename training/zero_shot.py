@@ -21,13 +21,13 @@ import numpy as np
 import torch
 from tensordict import TensorDict
 
-from latentrl.agents.base import Agent, GoalObservation, RewardSamples, SampleSpec, UnsupportedTaskError
+from latentrl.agents.base import Agent, GoalObservation, RewardSamples, SampleSpec, UnsupportedTaskError, sample_batches
 from latentrl.envs import get_task, make_env
 from latentrl.replay import ReplayBuffer
 from latentrl.training.evaluation import rollout
 
 __all__ = ["TaskResult", "check_dataset_fits", "check_tasks_fit", "evaluate_reward_tasks", "evaluate_goals",
-           "write_report"]
+           "representation_losses", "write_report"]
 
 
 @dataclass
@@ -153,6 +153,38 @@ def evaluate_reward_tasks(agent: Agent, buffer: ReplayBuffer, tasks: list[str], 
         fit = f"; reward R^2 on task features {r2:.2f}" if r2 is not None else ""
         progress(f"[zero-shot] {name}: return {np.mean(returns):.1f} +- {np.std(returns):.1f} over {episodes}{fit}")
     return results
+
+
+def representation_losses(agent: Agent, buffer: ReplayBuffer, *, batches: int = 16, seed: int = 0) -> dict[str, float]:
+    """The agent's representation loss and its terms on ``batches`` replay batches, without updating.
+
+    The same computation as a training step's (``agent.world_model.loss`` on ``agent.sample_spec()``
+    batches, the agent's own target action, augmentation included), averaged; nothing is stepped, and
+    the global torch RNG is put back afterwards. On the training data it is the training loss at
+    these weights; on episodes the agent never saw it is a held-out loss, so the gap between the two
+    tells whether the representation overfits its dataset. Works for the zero-shot agents (TD-JEPA,
+    FB), whose ``world_model.loss(batch, next_action)`` takes ``agent.target_action``.
+    """
+    loss = getattr(getattr(agent, "world_model", None), "loss", None)
+    if loss is None or not hasattr(agent, "target_action"):
+        raise TypeError(f"representation_losses needs a zero-shot agent (world_model.loss and target_action), "
+                        f"got {type(agent).__name__}")
+    if batches < 1:
+        raise ValueError(f"batches must be >= 1, got {batches}")
+    rng = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    sums: dict[str, float] = {}
+    try:
+        with torch.no_grad():
+            for _ in range(batches):
+                batch = sample_batches(buffer, agent.sample_spec())
+                out = loss(batch.to(agent.device), agent.target_action)
+                for key, value in out.items():
+                    if value.ndim == 0:
+                        sums[key] = sums.get(key, 0.0) + float(value)
+    finally:
+        torch.random.set_rng_state(rng)
+    return {key: value / batches for key, value in sums.items()}
 
 
 def evaluate_goals(agent: Agent, buffer: ReplayBuffer, env_cfg: dict, *, num_goals: int = 10,
