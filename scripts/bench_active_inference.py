@@ -614,6 +614,19 @@ def epistemic_check(args, config, heldout: ReplayBuffer) -> dict:
 # ---------------------------------------------------------------------------------------- figures
 
 
+def free_energy_axis(curve: np.ndarray) -> tuple[str, tuple[float, float] | None]:
+    """The free-energy plot's y scale and limits: log while every value is positive; else (a Gaussian likelihood
+    of small ``obs_std`` makes it negative, where a log axis shows nothing) linear, limited to the values after the
+    first 2% of updates (the first few are orders of magnitude above the rest), with a 5% margin."""
+    curve = np.asarray(curve, dtype=float)
+    if curve.size == 0 or np.all(curve > 0):
+        return "log", None
+    rest = curve[int(len(curve) * 0.02):]
+    low, high = float(rest.min()), float(rest.max())
+    pad = 0.05 * (high - low) or 1.0
+    return "linear", (low - pad, high + pad)
+
+
 def plot_free_energy(result: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -625,9 +638,14 @@ def plot_free_energy(result: dict, path: Path) -> None:
     ax.plot(steps, curve, lw=0.6, alpha=0.4, label="per update")
     sm = smooth(curve.tolist(), window)
     ax.plot(steps[window - 1:], sm, lw=1.5, label=f"moving average ({window} points)")
-    ax.set_yscale("log")
+    scale, limits = free_energy_axis(curve)
+    ax.set_yscale(scale)
+    if limits is not None:
+        ax.set_ylim(*limits)
     ax.set_xlabel("update")
-    ax.set_ylabel("free energy (nats / observation)")
+    ax.set_ylabel("free energy (nats / observation)", fontsize=8)
+    if limits is not None:
+        ax.set_title("the first updates lie above the scale", fontsize=8)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)

@@ -7,9 +7,10 @@
 #   PARTS=open bash scripts/gpu_checks.sh      # issues 14 and 16 (with latentrl installed: pip install -e ".[dev,gpu]")
 #   PARTS=issue19 bash scripts/gpu_checks.sh   # the GPU tests and rows of issue 19 (closed; re-measured when time is left)
 #
-# Where the machine's image lacks the packages and cannot download (the lent H200s so far), carry them as
-# docs/bench_envs_mjwarp.md describes and put them on PYTHONPATH before calling this script. Nothing here renders
-# with dm_control (its EGL context failed on those machines): the parts time untrained models on random frames.
+# Where the machine's image lacks the packages and cannot download (the lent H200s so far), pack them here with
+# scripts/gpu_pack.sh and run this script through scripts/gpu_device.sh (as on 2026-12-04:
+# `bash scripts/gpu_device.sh bash scripts/gpu_checks.sh`, carry .gpucarry). Nothing here renders with dm_control
+# (MUJOCO_GL=disable: its EGL import failed on those machines): the parts time untrained models on random frames.
 #
 # Environment: PARTS (default "open"; "open,issue19" runs both sets), DEVICE (default cuda; cpu with
 # QUICK=1 is the dry run tests/test_bench_scripts.py makes, so a typo here never costs a lease), OUT.
@@ -19,7 +20,7 @@ DEVICE=${DEVICE:-cuda}
 PARTS=${PARTS:-open}
 QUICK=${QUICK:-0}
 mkdir -p "$OUT"
-export MUJOCO_GL=${MUJOCO_GL:-egl} PYTHONUNBUFFERED=1
+export MUJOCO_GL=${MUJOCO_GL:-disable} PYTHONUNBUFFERED=1  # nothing renders; EGL may be missing
 T0=$(date +%s)
 FAILED=0
 step() { echo "[gpu_checks] $(( $(date +%s) - T0 )) s: $*"; }

@@ -384,6 +384,55 @@ def test_gpu_checks_script_dry_run_on_the_cpu(tmp_path):
     assert [r["agent"] for r in rows if "updates_per_s" in r] == ["stamo"]
 
 
+def test_bench_active_inference_free_energy_plot_shows_a_negative_curve():
+    """The free energy of a small-obs_std Gaussian likelihood is negative after the first updates: its plot is linear
+    (a log axis drew nothing, as on the page until 2026-12-04), limited to the values after the first 2% of updates
+    so the first huge ones do not flatten the rest; a positive curve keeps the log axis."""
+    import numpy as np
+
+    bench = _load("bench_active_inference")
+    curve = np.concatenate([[7e4, 3e4], np.linspace(-14000.0, -16500.0, 198)])
+    scale, (low, high) = bench.free_energy_axis(curve)
+    assert scale == "linear"
+    assert low < -16500.0 < -14000.0 < high < 0.0
+    assert bench.free_energy_axis(np.array([9e4, 5e3, 40.0])) == ("log", None)
+
+
+def test_gpu_device_script_runs_a_command_with_the_packed_site_and_returns_one_file(tmp_path):
+    """``scripts/gpu_device.sh`` (what a lent GPU runs): the packed site is importable, other packed folders are
+    unpacked under $CARRY, ``python`` is the machine's python3, and everything the command wrote under $OUT comes
+    back as the single device_out.tgz (the device tool returns at most 8 files); the command's exit status is
+    the script's."""
+    import os
+    import subprocess
+    import tarfile
+
+    packed, site, data, out = (tmp_path / n for n in ("packed", "site", "data", "out"))
+    for folder in (packed, site, data):
+        folder.mkdir()
+    (site / "carried_mod.py").write_text("X = 'from the site'\n")
+    (data / "frames.txt").write_text("frames\n")
+    for name, folder in (("site", site), ("ai_data", data)):
+        with tarfile.open(packed / f"{name}.tar.xz", "w:xz") as tar:
+            tar.add(folder, arcname=".")
+    command = ("python -c \"import carried_mod, os; open(os.environ['OUT'] + '/a.txt', 'w').write(carried_mod.X)\" "
+               "&& mkdir -p $OUT/sub && cp $CARRY/ai_data/frames.txt $OUT/sub/")
+    env = {**os.environ, "PACKED": str(packed), "OUT": str(out)}
+    proc = subprocess.run(["bash", str(SCRIPTS / "gpu_device.sh"), command], cwd=SCRIPTS.parent, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["device_out.tgz"]
+    with tarfile.open(out / "device_out.tgz") as tar:
+        assert tar.extractfile("./a.txt").read() == b"from the site"
+        assert tar.extractfile("./sub/frames.txt").read() == b"frames\n"
+    # a command that fails after writing part of its results: the status is its own, the part still comes back
+    failed = subprocess.run(["bash", str(SCRIPTS / "gpu_device.sh"), "echo part > $OUT/part.txt; exit 3"],
+                            cwd=SCRIPTS.parent, env=env, capture_output=True, text=True, timeout=120)
+    assert failed.returncode == 3
+    with tarfile.open(out / "device_out.tgz") as tar:
+        assert tar.extractfile("./part.txt").read() == b"part\n"
+
+
 def test_bench_active_inference_checks_draw_the_same_cases_whatever_ran_before(tmp_path):
     """Checks 1 and 2 score a model on held-out cases drawn from seeds of their own: the same cases (so the same
     figures) whatever the global generator's state after training."""
