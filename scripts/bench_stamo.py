@@ -430,6 +430,18 @@ def fit_goal_heads(agent: StaMoAgent, flat_tokens: torch.Tensor, act: torch.Tens
     return out
 
 
+def transfer_cosines(decoded_change: torch.Tensor, source_change: torch.Tensor) -> dict:
+    """Check 7's figures from the decoded and the source joint-angle changes ``[N, J]``: the share of cases with a
+    positive cosine (judged) and the mean cosine; and the same share over the sources that move by what check 6
+    calls a move (norm above 0.1 rad, no joint beyond 2.5): a cosine with a change of a few hundredths of a
+    radian is the readout's noise, so that share is reported beside the judged one."""
+    cos = torch.nn.functional.cosine_similarity(decoded_change, source_change, dim=-1)
+    moving = (source_change.norm(dim=-1) > 0.1) & (source_change.abs().max(dim=-1).values < 2.5)
+    return {"share_positive_cosine": float((cos > 0).float().mean()), "mean_cosine": float(cos.mean()),
+            "moving_cases": int(moving.sum()),
+            "share_positive_cosine_moving": float((cos[moving] > 0).float().mean()) if moving.any() else None}
+
+
 def evaluate(args) -> None:
     import matplotlib
 
@@ -608,11 +620,8 @@ def evaluate(args) -> None:
     tok_base = encode_all(wm, base_img.round().to(torch.uint8)[None])[0]
     tok_moved = encode_all(wm, moved_img.round().to(torch.uint8)[None])[0]
     src_change = spec.difference(q[e_src, t_src + k_int], q[e_src, t_src])
-    by_readout = {}
-    for name in readouts:
-        dec_change = spec.difference(readout(tok_moved, name), readout(tok_base, name))
-        cos = torch.nn.functional.cosine_similarity(dec_change, src_change, dim=-1)
-        by_readout[name] = {"share_positive_cosine": float((cos > 0).float().mean()), "mean_cosine": float(cos.mean())}
+    by_readout = {name: transfer_cosines(spec.difference(readout(tok_moved, name), readout(tok_base, name)), src_change)
+                  for name in readouts}
     results["motion_transfer"] = {"cases": n_tr, **by_readout[judged_readout], "readout": judged_readout,
                                   "by_readout": by_readout, "k": k_int}
     results["motion_transfer"]["pass"] = results["motion_transfer"]["share_positive_cosine"] > 0.7
@@ -776,6 +785,12 @@ def write_report(args, r: dict) -> None:
             return "linear readout"
         return f"{check['readout']} readout, R^2 {r['readouts']['r2_mean'][check['readout']]:.2f}"
 
+    def moving_sources(check: dict) -> str:
+        share = check.get("share_positive_cosine_moving")
+        if share is None:  # results from before 2026-12-04, or no moving source
+            return ""
+        return f"; sources that move 0.1-2.5 rad: {100 * share:.0f}% of {check['moving_cases']}"
+
     lines.append(f"| interpolation (k={it['k']}) | Spearman rho > 0.9 in {100 * (it['share_rho_above_0.9'] or 0):.0f}% "
                  f"of {it['cases']} moving joints (mean rho {it['spearman_mean'] or 0:.2f}; {readout_name(it)})"
                  + other_readouts(it, lambda v: f"{100 * (v['share_rho_above_0.9'] or 0):.0f}% of {v['cases']}")
@@ -783,6 +798,7 @@ def write_report(args, r: dict) -> None:
     lines.append(f"| motion transfer (k={mt['k']}) | positive cosine in {100 * mt['share_positive_cosine']:.0f}% of "
                  f"{mt['cases']} cases (mean {mt['mean_cosine']:.2f}; {readout_name(mt)})"
                  + other_readouts(mt, lambda v: f"{100 * v['share_positive_cosine']:.0f}%")
+                 + moving_sources(mt)
                  + f" | > 70% | {yes(mt['pass'])} |")
     gr = r.get("goal_reaching")
     if gr is None:

@@ -704,3 +704,17 @@ def test_bench_active_inference_refuses_data_collected_with_other_flags(tmp_path
         with pytest.raises(SystemExit, match=message):
             bench.load_or_collect(bad)
     assert sorted(p.stat().st_mtime_ns for p in data.rglob("*") if p.is_file()) == before
+
+
+def test_bench_stamo_motion_transfer_reports_moving_sources_beside_every_case():
+    """Check 7's share of positive cosines counts every case (the judged figure); the share over sources that move
+    0.1-2.5 rad leaves out the still ones, whose cosine is the readout's noise, and the ones beyond 2.5 rad."""
+    import torch
+
+    bench = _load("bench_stamo")
+    source = torch.tensor([[0.5, 0.0], [0.0, -0.4], [0.01, 0.02], [0.02, -0.01], [3.0, 0.0]])
+    decoded = torch.tensor([[0.3, 0.1], [0.1, -0.2], [-0.05, -0.05], [-0.01, 0.02], [1.0, 0.0]])
+    out = bench.transfer_cosines(decoded, source)
+    assert out["share_positive_cosine"] == pytest.approx(3 / 5)  # the two still sources decode the wrong way
+    assert out["moving_cases"] == 2 and out["share_positive_cosine_moving"] == pytest.approx(1.0)
+    assert bench.transfer_cosines(decoded[2:4], source[2:4])["share_positive_cosine_moving"] is None
