@@ -296,9 +296,10 @@ def test_representation_losses_are_the_training_loss_without_a_step(walker_datas
 
     torch.manual_seed(7)
     draws = []
-    for _ in range(3):
-        out = agent.world_model.loss(sample_batches(buffer, agent.sample_spec()), agent.target_action)
-        draws.append(float(out[loss_key]))
+    with torch.no_grad():
+        for _ in range(3):
+            out = agent.world_model.loss(sample_batches(buffer, agent.sample_spec()), agent.target_action)
+            draws.append(float(out[loss_key]))
     assert len(set(draws)) == 3  # the draws differ, so a mean over one draw repeated would show
     assert three[loss_key] == pytest.approx(float(np.mean(draws)), rel=1e-6)
     with pytest.raises(TypeError, match="zero-shot agent"):
