@@ -190,10 +190,10 @@ def random_scores(domain: str, seeds: list[int], episodes: int) -> dict[str, lis
     return out
 
 
-def mean_se(values) -> str:
+def mean_se(values, mean_format: str = ".1f", se_format: str = ".1f") -> str:
     values = np.asarray(values, dtype=float)
     se = values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else 0.0
-    return f"{values.mean():.1f} +- {se:.1f}"
+    return f"{values.mean():{mean_format}} +- {se:{se_format}}"
 
 
 def main() -> None:
@@ -370,16 +370,10 @@ def loss_table(args, raw: dict) -> list[str]:
                 cells += ["-"] * 3
                 continue
             train, held = np.array(pairs, dtype=float).T
-            cells += [mean_se_g(train), mean_se_g(held), f"{np.mean(held / train):.2f}"]
+            # three significant digits: losses span orders of magnitude
+            cells += [mean_se(train, ".3g", ".2g"), mean_se(held, ".3g", ".2g"), f"{np.mean(held / train):.2f}"]
         lines.append(f"| {u} | " + " | ".join(cells) + " |")
     return lines
-
-
-def mean_se_g(values) -> str:
-    """mean +- s.e. with three significant digits (losses span orders of magnitude)."""
-    values = np.asarray(values, dtype=float)
-    se = values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else 0.0
-    return f"{values.mean():.3g} +- {se:.2g}"
 
 
 def plot_curves(path: Path, args, points: list[int], curves: dict, random_avg: list[float]) -> None:
