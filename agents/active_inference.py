@@ -55,7 +55,7 @@ from latentrl.agents.base import (
     scalar_metrics,
 )
 from latentrl.world_models.active_inference import ActiveInferenceModel, PixelDecoder, decoder_choice_error
-from latentrl.world_models.layers import gather_batch, gaussian_kl, make_adam, mlp
+from latentrl.world_models.layers import gather_batch, gaussian_kl, last_grad_norm, make_adam, mlp
 
 __all__ = [
     "PRESETS",
@@ -615,6 +615,9 @@ class ActiveInferenceAgent(Agent):
         loss.backward()
         self._optimizer.step()
         metrics = {**{k: v for k, v in out.items() if k != "loss"}, "reward_loss": reward_loss.detach()}
+        grad_norm = last_grad_norm(self._optimizer)
+        if grad_norm is not None:  # before clipping (max_grad_norm): spikes of the free energy show here first
+            metrics["grad_norm"] = grad_norm
         return scalar_metrics(metrics, self.device)  # tensors: no host sync per update
 
     def extra_state(self) -> dict[str, Any]:

@@ -280,26 +280,37 @@ def train(agent: ActiveInferenceAgent, buffer: ReplayBuffer, args, previous: dic
     kwargs = agent.sample_spec().sample_kwargs()
     previous = previous or {}
     curve, steps = list(previous.get("free_energy", [])), list(previous.get("free_energy_steps", []))
+    # the largest gradient norm (before clipping) of each log window, and the windows' last updates: a spike of
+    # the free energy that follows a gradient burst shows here (records from before this was kept lack it)
+    norms, norm_steps = list(previous.get("grad_norm_max", [])), list(previous.get("grad_norm_steps", []))
+    window_max = float("nan")
     done = int(previous.get("updates", 0))
     start = time.perf_counter()
     updates = done
     while updates - done < args.updates and time.perf_counter() - start < args.train_seconds:
         metrics = {k: float(v) for k, v in agent.update(buffer.sample(**kwargs)).items()}
         updates += 1
+        if "grad_norm" in metrics:
+            window_max = np.fmax(window_max, metrics["grad_norm"])
         if updates % args.log_every == 0 or updates == 1:
             curve.append(metrics["free_energy"])
             steps.append(updates)
+            if not np.isnan(window_max):
+                norms.append(float(window_max))
+                norm_steps.append(updates)
+            window_max = float("nan")
             if updates % (args.log_every * 20) == 0:
+                grad = f", grad norm max {norms[-1]:.3g}" if norm_steps and norm_steps[-1] == updates else ""
                 print(f"[bench_ai] update {updates}: free energy {metrics['free_energy']:.1f} "
                       f"(recon {metrics['recon']:.1f}, kl_transition {metrics['kl_transition']:.2f}, "
-                      f"epistemic {metrics['epistemic']:.3f}), {time.perf_counter() - start:.0f} s", flush=True)
+                      f"epistemic {metrics['epistemic']:.3f}{grad}), {time.perf_counter() - start:.0f} s", flush=True)
     seconds = time.perf_counter() - start + float(previous.get("seconds", 0.0))
     sm = smooth(curve, max(1, len(curve) // 10))
     # "decreases monotonically (smoothed)": the smoothed curve read at 10 evenly spaced points
     marks = sm[np.linspace(0, len(sm) - 1, min(10, len(sm))).round().astype(int)]
     return {"updates": updates, "seconds": seconds, "seconds_per_update": seconds / max(updates, 1),
             "sample_kwargs": {k: v for k, v in kwargs.items() if v is not None},
-            "free_energy_steps": steps, "free_energy": curve,
+            "free_energy_steps": steps, "free_energy": curve, "grad_norm_steps": norm_steps, "grad_norm_max": norms,
             "free_energy_first_smoothed": float(sm[0]), "free_energy_last_smoothed": float(sm[-1]),
             "smoothed_marks": marks.tolist(),
             "smoothed_monotone": bool(np.all(np.diff(marks) <= 0)),

@@ -312,6 +312,29 @@ def test_updates_on_a_fixed_batch_lower_the_free_energy():
     assert agent.update(batch)["reward_loss"] == 0.0
 
 
+def test_update_reports_the_gradient_norm_before_clipping():
+    """``grad_norm`` is the global norm of the free energy's gradient before ``max_grad_norm`` clips it (the same
+    draws through a copy of the agent, backward by hand); without clipping there is no such metric."""
+    import copy
+
+    agent = make_agent("state", max_grad_norm=1e-3)
+    b, length = 8, 2
+    g = torch.Generator().manual_seed(1)
+    states = torch.randn(b, length + 1, STATE_DIM, generator=g)
+    batch = TensorDict({"state": states[:, :-1], "action": torch.rand(b, length, ACTION_DIM, generator=g) * 2 - 1,
+                        "has_action": torch.ones(b, length, dtype=bool), "next": {"state": states[:, 1:]}},
+                       batch_size=[b, length])
+    reference = copy.deepcopy(agent.world_model)
+    torch.manual_seed(5)
+    reference.loss(batch)["loss"].backward()
+    norm = torch.stack([p.grad.norm() for p in reference.parameters() if p.grad is not None]).norm()
+    torch.manual_seed(5)
+    metrics = agent.update(batch)
+    assert norm > 100 * 1e-3  # so the clipped norm (1e-3) would not pass
+    assert metrics["grad_norm"] == pytest.approx(float(norm), rel=1e-5)
+    assert "grad_norm" not in make_agent("state", max_grad_norm=None).update(batch)
+
+
 def _blobs(pos: torch.Tensor, size: int = 16) -> torch.Tensor:
     """Gaussian blobs centred at ``pos`` ``[N, 2]`` (x, y in [-1, 1]): ``[N, 3, size, size]`` in [-0.5, 0.5]."""
     axis = torch.linspace(-1.0, 1.0, size)

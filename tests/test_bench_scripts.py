@@ -198,6 +198,10 @@ def test_bench_active_inference_resume_trains_a_saved_model_on(tmp_path):
     record = saved["train"]
     assert record["updates"] == 12 and record["free_energy_steps"] == list(range(1, 13))
     assert record["free_energy"][:6] == first["train"]["free_energy"] and record["resumed_at"] == [6]
+    # the largest gradient norm of each log window (one update each in --quick), kept across the resume
+    assert record["grad_norm_steps"] == list(range(1, 13))
+    assert record["grad_norm_max"][:6] == first["train"]["grad_norm_max"]
+    assert all(n > 0 for n in record["grad_norm_max"])
     assert record["seconds"] > first["train"]["seconds"]
     steps = {int(state["step"]) for state in saved["optimizer"]["state"].values()}
     assert steps == {12}  # Adam went on from the saved moments, not from a fresh optimizer

@@ -23,7 +23,8 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["RunningMeanStd", "gaussian_entropy", "gaussian_fuse", "gaussian_kl", "gaussian_log_prob",
-           "adam_implementation", "make_adam", "mlp", "soft_update_params", "weight_init", "xavier_init",
+           "adam_implementation", "last_grad_norm", "make_adam", "mlp", "soft_update_params", "weight_init",
+           "xavier_init",
            "data_parallel_group", "data_parallel_world_size", "gather_batch", "local_rows", "set_data_parallel_group"]
 
 LOG_2PI = math.log(2.0 * math.pi)
@@ -105,20 +106,30 @@ def make_adam(params, lr: float, *, decoupled_weight_decay: bool = False, impl: 
     cls = torch.optim.AdamW if decoupled_weight_decay else torch.optim.Adam
     optimizer = cls(params, lr=lr, **flags, **kwargs)
     if max_grad_norm is not None:
-        optimizer.register_step_pre_hook(_GradNormClip(float(max_grad_norm)))
+        optimizer._latentrl_clip = clip = _GradNormClip(float(max_grad_norm))
+        optimizer.register_step_pre_hook(clip)
     return optimizer
 
 
 class _GradNormClip:
-    """Step pre-hook: ``clip_grad_norm_`` over every parameter of the optimizer (see :func:`make_adam`)."""
+    """Step pre-hook: ``clip_grad_norm_`` over every parameter of the optimizer (see :func:`make_adam`). Keeps
+    the norm before clipping of the last step in ``last_norm`` (read it with :func:`last_grad_norm`)."""
 
     def __init__(self, max_norm: float):
         self.max_norm = max_norm
+        self.last_norm: Tensor | None = None
 
     def __call__(self, optimizer: torch.optim.Optimizer, args, kwargs) -> None:
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         # no host read: the clip coefficient stays a tensor (min(1, max_norm / norm) multiplies every gradient)
-        torch.nn.utils.clip_grad_norm_(params, self.max_norm)
+        self.last_norm = torch.nn.utils.clip_grad_norm_(params, self.max_norm).detach()
+
+
+def last_grad_norm(optimizer: torch.optim.Optimizer) -> Tensor | None:
+    """The global gradient norm, before clipping, of ``optimizer``'s last step when :func:`make_adam` clips it
+    (``max_grad_norm``); ``None`` when it does not clip or has not stepped. A tensor: no host read."""
+    clip = getattr(optimizer, "_latentrl_clip", None)
+    return None if clip is None else clip.last_norm
 
 
 def compile_networks(module: nn.Module, mode: str | None = None) -> list[str]:
