@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from latentrl.agents.base import GoalObservation, Policy, UniformRandomPolicy
+from latentrl.agents.base import GoalObservation, Policy, UniformRandomPolicy, resolve_device
 from latentrl.agents.stamo import StaMoAgent, StaMoCollectPolicy, StaMoGoalPolicy, StaMoHeadPolicy
 from latentrl.training.logger import write_report_page
 from latentrl.world_models.layers import mlp
@@ -130,9 +130,9 @@ AUTOENCODER_FLAGS = ("sigma_shift", "compression")
 OLD_CHECKPOINT_CONFIG = {"sigma_shift": 1.0, "compression": "queries"}
 
 
-def make_agent(args, saved: dict | None = None) -> StaMoAgent:
-    """The agent of ``--preset`` with the autoencoder settings of a checkpoint (``saved``) or of the command
-    line; a command line that contradicts the checkpoint is refused rather than silently mixed."""
+def make_agent(args, saved: dict | None = None, device: str = "cpu") -> StaMoAgent:
+    """The agent of ``--preset`` (on ``device``) with the autoencoder settings of a checkpoint (``saved``) or of
+    the command line; a command line that contradicts the checkpoint is refused rather than silently mixed."""
     overrides = {"sample_steps": args.sample_steps}
     for key in AUTOENCODER_FLAGS:
         if getattr(args, key, None) is not None:
@@ -146,7 +146,7 @@ def make_agent(args, saved: dict | None = None) -> StaMoAgent:
                              "drop the flag or train anew in another --out-dir (or with --restart)")
         overrides.update({k: saved[k] for k in AUTOENCODER_FLAGS})
     action_dim = TASKS[getattr(args, "task", None) or DEFAULT_TASK].action_dim
-    return StaMoAgent(StaMoAgent.make_config(args.preset, **overrides), (3, 64, 64), action_dim, device="cpu")
+    return StaMoAgent(StaMoAgent.make_config(args.preset, **overrides), (3, 64, 64), action_dim, device=device)
 
 
 def saved_config(state: dict) -> dict:
@@ -227,14 +227,18 @@ def load_data(args):
 
 
 def train(args) -> None:
+    """Train the autoencoder on the training episodes' frames (on ``--device``; the frames stay on the host and
+    each batch is copied over), resuming from ``--out-dir``'s checkpoint unless ``--restart``; a checkpoint every
+    500 updates and at the end, its tensors on the CPU whatever the device."""
     data, train_mask, _ = load_data(args)
     frames = data["pixels"][train_mask].flatten(0, 1)
     out = Path(args.out_dir)
     ckpt = out / "stamo_wm.pt"
     start, history = 0, []
     resume = ckpt.exists() and not args.restart
-    state = torch.load(ckpt, weights_only=True) if resume else None
-    agent = make_agent(args, saved_config(state) if resume else None)
+    state = torch.load(ckpt, weights_only=True, map_location=args.device) if resume else None
+    agent = make_agent(args, saved_config(state) if resume else None, device=args.device)
+    cuda = agent.device.type == "cuda"
     config = {"preset": args.preset, **{key: getattr(agent.config, key) for key in AUTOENCODER_FLAGS}}
     if resume:
         agent.world_model.load_state_dict(state["world_model"])
@@ -252,10 +256,12 @@ def train(args) -> None:
     while step < args.updates and time.time() - t0 < args.train_seconds:
         idx = torch.randint(len(frames), (agent.config.batch_size,), generator=g)
         ts = time.perf_counter()
-        loss = wm.flow_loss(frames[idx])["loss"]
+        loss = wm.flow_loss(frames[idx].to(agent.device, non_blocking=True))["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if cuda:
+            torch.cuda.synchronize()  # the time of the step, not of queueing its kernels
         times.append(time.perf_counter() - ts)
         step += 1
         history.append([step, float(loss.detach())])
@@ -263,22 +269,41 @@ def train(args) -> None:
             log(f"update {step}: flow mse {np.mean([h[1] for h in history[-100:]]):.4f}, "
                 f"{np.median(times[-100:]) * 1000:.0f} ms/update")
         if step % 500 == 0:
-            torch.save({"world_model": wm.state_dict(), "optimizer": opt.state_dict(), "updates": step,
-                        "history": history, "config": config}, ckpt)
-    torch.save({"world_model": wm.state_dict(), "optimizer": opt.state_dict(), "updates": step,
-                "history": history, "config": config}, ckpt)
+            save_checkpoint(ckpt, wm, opt, step, history, config)
+    save_checkpoint(ckpt, wm, opt, step, history, config)
     timing = {"updates": step, "batch_size": agent.config.batch_size, "preset": args.preset, "lr": args.lr,
+              "device": str(agent.device),
               "median_update_ms": float(np.median(times) * 1000) if times else None,
               "threads": torch.get_num_threads(), "seconds_this_run": time.time() - t0}
     (out / "train_timing.json").write_text(json.dumps(timing, indent=2))
     log(f"trained to update {step}; {timing}")
 
 
+def save_checkpoint(path: Path, wm, opt, step: int, history: list, config: dict) -> None:
+    """The autoencoder, its AdamW state and its training record, with every tensor on the CPU (a checkpoint
+    trained on a GPU loads here), written to a temporary file and renamed: a crash never leaves half a file."""
+    state = {"world_model": wm.state_dict(), "optimizer": opt.state_dict(), "updates": step, "history": history,
+             "config": config}
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(_to_cpu(state), tmp)
+    tmp.replace(path)
+
+
+def _to_cpu(x):
+    if isinstance(x, torch.Tensor):
+        return x.cpu()
+    if isinstance(x, dict):
+        return {k: _to_cpu(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return type(x)(_to_cpu(v) for v in x)
+    return x
+
+
 # ----------------------------------------------------------------------------------------------- eval
 
 
 def load_model(args) -> StaMoAgent:
-    state = torch.load(Path(args.out_dir) / "stamo_wm.pt", weights_only=True)
+    state = torch.load(Path(args.out_dir) / "stamo_wm.pt", weights_only=True, map_location="cpu")
     agent = make_agent(args, saved_config(state))
     agent.world_model.load_state_dict(state["world_model"])
     agent.eval()
@@ -1002,6 +1027,9 @@ def main(argv=None) -> None:
     p.add_argument("--bc-updates", type=int, default=1500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu",
+                   help="train: where the autoencoder trains (cuda on a lent GPU; its checkpoint is saved on the "
+                        "CPU, and eval runs on the CPU)")
     p.add_argument("--report", default=None, help="default docs/bench_stamo.md (reacher), "
                                                      "docs/bench_stamo_<domain>.md (other tasks)")
     p.add_argument("--fig-dir", default=None, help="default: the report's path without .md")
@@ -1012,6 +1040,9 @@ def main(argv=None) -> None:
         args.probe_updates, args.bc_updates, args.sample_steps = 20, 20, 2
         args.preset = "smoke"
     torch.set_num_threads(args.threads)
+    args.device = str(resolve_device(args.device))
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: this machine has no CUDA device (torch {torch.__version__})")
     if args.phase in ("data", "all"):
         collect(args)
     if args.phase in ("train", "all"):

@@ -335,6 +335,35 @@ def test_bench_stamo_checkpoint_keeps_its_autoencoder_settings(tmp_path):
     assert bench.saved_config(state) == {"sigma_shift": 1.0, "compression": "queries"}
 
 
+def test_bench_stamo_train_resumes_its_checkpoint_and_refuses_a_missing_gpu(tmp_path):
+    """A second ``train`` continues the checkpoint (weights, AdamW moments, record) to ``--updates`` instead of
+    starting over; checkpoints are renamed into place (no temporary file left); ``--device cuda`` on a machine
+    without CUDA is refused before anything is read or written."""
+    import torch
+
+    bench = _load("bench_stamo")
+    g = torch.Generator().manual_seed(0)
+    torch.save({"pixels": torch.randint(0, 256, (5, 4, 3, 64, 64), dtype=torch.uint8, generator=g)},
+               tmp_path / "episodes.pt")
+    common = ["--out-dir", str(tmp_path), "--quick"]
+    bench.main(["train", *common])  # --quick: 20 updates
+    first = torch.load(tmp_path / "stamo_wm.pt", weights_only=True)
+    bench.main(["train", *common[:2], "--preset", "smoke", "--updates", "30", "--sample-steps", "2"])
+    second = torch.load(tmp_path / "stamo_wm.pt", weights_only=True)
+    assert (first["updates"], second["updates"]) == (20, 30)
+    assert second["history"][:20] == first["history"] and len(second["history"]) == 30
+    assert {int(s["step"]) for s in second["optimizer"]["state"].values()} == {30}
+    assert all(t.device.type == "cpu" for t in second["world_model"].values())
+    assert not list(tmp_path.glob(".*.tmp"))
+    timing = json.loads((tmp_path / "train_timing.json").read_text())
+    assert timing["device"] == "cpu" and timing["updates"] == 30
+    if not torch.cuda.is_available():
+        (tmp_path / "stamo_wm.pt").unlink()
+        with pytest.raises(SystemExit):
+            bench.main(["train", *common, "--device", "cuda"])
+        assert not (tmp_path / "stamo_wm.pt").exists()
+
+
 def test_bench_stamo_task_probe_targets(tmp_path):
     """The state probe's targets per task: a wrapping joint as (sin, cos) and read back through atan2, the others
     as they are; differences wrap only for wrapping joints; cheetah's forward position (qpos 0) is not a target;
