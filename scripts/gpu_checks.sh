@@ -6,6 +6,7 @@
 #
 #   PARTS=open bash scripts/gpu_checks.sh      # issues 14 and 16 (with latentrl installed: pip install -e ".[dev,gpu]")
 #   PARTS=issue19 bash scripts/gpu_checks.sh   # the GPU tests and rows of issue 19 (closed; re-measured when time is left)
+#   PARTS=train STAMO_DIR=... AI_DATA=... bash scripts/gpu_checks.sh   # training runs of issues 14 / 16 (see below)
 #
 # Where the machine's image lacks the packages and cannot download (the lent H200s so far), pack them here with
 # scripts/gpu_pack.sh and run this script through scripts/gpu_device.sh (as on 2026-12-04:
@@ -78,5 +79,40 @@ if [[ ",$PARTS," == *",issue19,"* ]]; then
     --variants on compile --preset "$PAPER" --agents metra:pixels metra:physics td_jepa:pixels td_jepa:state fb:pixels fb:state \
     "${LEARN[@]}" --json "$OUT/bench_learner_first_agents.json" --out "$OUT/bench_learner_first_agents.md"
 fi
+if [[ ",$PARTS," == *",train,"* ]]; then
+  # Training that the open issues' unmet checks want and one CPU thread cannot give in a session. Nothing renders
+  # on the lent machines, so the data is carried (pack a folder here with `tar -cJf .gpucarry/NAME.tar.xz -C DIR .`;
+  # gpu_device.sh unpacks it to $CARRY/NAME) and evaluated here afterwards. A part whose variable is unset is skipped.
+  #   STAMO_DIR  a `bench_stamo.py` --out-dir (episodes.pt; with stamo_wm.pt the run continues that checkpoint), e.g.
+  #              the 250-episode reacher autoencoder of docs/bench_stamo.md; STAMO_SECONDS (default 180)
+  #   AI_DATA    a `bench_active_inference.py` --data folder of reacher-easy (train/, heldout/: 100 + 10 uniform-random
+  #              episodes x 250 steps); AI_MODEL (optional) a --save-model file to train on; AI_SECONDS (default 150)
+  # With the defaults the two parts' timeouts add up to 480 s, so both fit one device call with the unpacking.
+  # The results come back in $OUT: stamo_wm.pt + stamo_train_timing.json, ai_reacher_gpu.pt + ai_reacher_train/.
+  STAMO_SECONDS=${STAMO_SECONDS:-180}; AI_SECONDS=${AI_SECONDS:-150}
+  if [ "$QUICK" = 1 ]; then  # tiny data made here: random frames for StaMo, a --quick collection for the world model
+    STAMO_DIR=$OUT/quick_stamo; AI_DATA=$OUT/quick_ai_data; STAMO_SECONDS=30; AI_SECONDS=30
+    mkdir -p "$STAMO_DIR"
+    python -c "import sys, torch; torch.save({'pixels': torch.randint(0, 256, (5, 4, 3, 64, 64), dtype=torch.uint8)},
+                                           sys.argv[1])" "$STAMO_DIR/episodes.pt"
+    STAMO_SIZES=(--quick); AI_SIZES=(--quick)
+  else
+    STAMO_SIZES=(--updates 20000); AI_SIZES=(--episode-length 250 --train-episodes 100 --heldout-episodes 10 --updates 200000)
+  fi
+  if [ -n "${STAMO_DIR:-}" ]; then
+    step "issue 16: StaMo's autoencoder on reacher trained on towards the spec's 20k updates ($STAMO_DIR)"
+    run stamo_train $(( STAMO_SECONDS + 60 )) 4 python scripts/bench_stamo.py train --out-dir "$STAMO_DIR" \
+      --device "$DEVICE" --threads "$THREADS" --train-seconds "$STAMO_SECONDS" "${STAMO_SIZES[@]}"
+    cp "$STAMO_DIR/stamo_wm.pt" "$OUT/stamo_wm.pt" && cp "$STAMO_DIR/train_timing.json" "$OUT/stamo_train_timing.json"
+  fi
+  if [ -n "${AI_DATA:-}" ]; then
+    step "issue 14: the reacher world model trained on the GPU ($AI_DATA${AI_MODEL:+, on from $AI_MODEL})"
+    run ai_reacher_train $(( AI_SECONDS + 90 )) 4 python scripts/bench_active_inference.py --task reacher-easy \
+      "${AI_SIZES[@]}" --data "$AI_DATA" ${AI_MODEL:+--load-model "$AI_MODEL" --resume} \
+      --save-model "$OUT/ai_reacher_gpu.pt" --train-seconds "$AI_SECONDS" --checks latency --latency-presets "" \
+      --device "$DEVICE" --threads "$THREADS" --out "$OUT/ai_reacher_train.md" --fig-dir "$OUT/ai_reacher_train"
+  fi
+fi
+
 step "done (a part failed: $FAILED)"
 exit "$FAILED"

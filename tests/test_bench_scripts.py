@@ -417,6 +417,26 @@ def test_gpu_checks_script_dry_run_on_the_cpu(tmp_path):
     assert [r["agent"] for r in rows if "updates_per_s" in r] == ["stamo"]
 
 
+def test_gpu_checks_training_parts_dry_run_on_the_cpu(tmp_path):
+    """``PARTS=train`` (issues 14 and 16's training on a lent GPU) with ``DEVICE=cpu QUICK=1``: tiny data made on
+    the spot, StaMo's autoencoder and the reacher world model each trained and their files copied to $OUT."""
+    import os
+    import subprocess
+
+    import torch
+
+    out = tmp_path / "gpu_out"
+    env = {**os.environ, "DEVICE": "cpu", "QUICK": "1", "PARTS": "train", "OUT": str(out), "MUJOCO_GL": "egl"}
+    proc = subprocess.run(["bash", str(SCRIPTS / "gpu_checks.sh")], cwd=SCRIPTS.parent, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "a part failed: 0" in proc.stdout
+    assert torch.load(out / "stamo_wm.pt", weights_only=True)["updates"] == 20
+    assert json.loads((out / "stamo_train_timing.json").read_text())["device"] == "cpu"
+    record = torch.load(out / "ai_reacher_gpu.pt", weights_only=True)["train"]
+    assert record["updates"] == 6 and (out / "quick_ai_data" / "train").is_dir()
+
+
 def test_bench_active_inference_free_energy_plot_shows_a_negative_curve():
     """The free energy of a small-obs_std Gaussian likelihood is negative after the first updates: its plot is linear
     (a log axis drew nothing, as on the page until 2026-12-04), limited to the values after the first 2% of updates
