@@ -751,8 +751,12 @@ def report(args, results: dict, argv: list[str]) -> str:
         f"J={cfg['num_samples']}).",
     ]
     if tr is not None:
+        norms = tr.get("grad_norm_max") or []
+        clip = cfg.get("max_grad_norm")
+        grad = (f"; gradient norm before clipping (each log window's largest): median {np.median(norms):.3g}, "
+                f"max {max(norms):.3g}, clipped to {clip}" if norms else "")
         lines.append(f"- Training: {tr['updates']} updates in {tr['seconds']:.0f} s ({tr['seconds_per_update']:.2f} "
-                     f"s/update).")
+                     f"s/update){grad}.")
     lines += ["", "## Results", "", "| check | measured | target | pass |", "|---|---|---|---|"]
     if c1 is not None:
         lines.append(

@@ -202,6 +202,7 @@ def test_bench_active_inference_resume_trains_a_saved_model_on(tmp_path):
     assert record["grad_norm_steps"] == list(range(1, 13))
     assert record["grad_norm_max"][:6] == first["train"]["grad_norm_max"]
     assert all(n > 0 for n in record["grad_norm_max"])
+    assert "gradient norm before clipping (each log window's largest): median" in (tmp_path / "r.md").read_text()
     assert record["seconds"] > first["train"]["seconds"]
     steps = {int(state["step"]) for state in saved["optimizer"]["state"].values()}
     assert steps == {12}  # Adam went on from the saved moments, not from a fresh optimizer
