@@ -88,6 +88,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--updates", type=int, default=20000, help="most world-model updates")
     p.add_argument("--train-seconds", type=float, default=540.0, help="most seconds of training")
     p.add_argument("--log-every", type=int, default=10, help="keep the free energy every N updates")
+    p.add_argument("--save-every", type=float, default=600.0,
+                   help="with --save-model: also write it (weights, Adam state, record so far) every this many seconds "
+                        "of training, so a long run that is stopped keeps its updates (0: only at the end)")
     p.add_argument("--mse-cases", type=int, default=1000, help="held-out transitions for check 1")
     p.add_argument("--rank-cases", type=int, default=100)
     p.add_argument("--rank-candidates", type=int, default=1000)
@@ -276,7 +279,8 @@ def smooth(values: list[float], window: int) -> np.ndarray:
 
 def train(agent: ActiveInferenceAgent, buffer: ReplayBuffer, args, previous: dict | None = None) -> dict:
     """``--updates`` / ``--train-seconds`` world-model updates; with ``previous`` (the record of a loaded model,
-    ``--resume``) the update count, curve and time continue from it."""
+    ``--resume``) the update count, curve and time continue from it. With ``--save-model`` the model and the record
+    so far are written every ``--save-every`` seconds too (the caller writes the final one)."""
     kwargs = agent.sample_spec().sample_kwargs()
     previous = previous or {}
     curve, steps = list(previous.get("free_energy", [])), list(previous.get("free_energy_steps", []))
@@ -285,8 +289,22 @@ def train(agent: ActiveInferenceAgent, buffer: ReplayBuffer, args, previous: dic
     norms, norm_steps = list(previous.get("grad_norm_max", [])), list(previous.get("grad_norm_steps", []))
     window_max = float("nan")
     done = int(previous.get("updates", 0))
-    start = time.perf_counter()
+    start = last_save = time.perf_counter()
     updates = done
+
+    def record() -> dict:
+        seconds = time.perf_counter() - start + float(previous.get("seconds", 0.0))
+        sm = smooth(curve, max(1, len(curve) // 10))
+        # "decreases monotonically (smoothed)": the smoothed curve read at 10 evenly spaced points
+        marks = sm[np.linspace(0, len(sm) - 1, min(10, len(sm))).round().astype(int)]
+        return {"updates": updates, "seconds": seconds, "seconds_per_update": seconds / max(updates, 1),
+                "sample_kwargs": {k: v for k, v in kwargs.items() if v is not None},
+                "free_energy_steps": steps, "free_energy": curve, "grad_norm_steps": norm_steps,
+                "grad_norm_max": norms, "free_energy_first_smoothed": float(sm[0]),
+                "free_energy_last_smoothed": float(sm[-1]), "smoothed_marks": marks.tolist(),
+                "smoothed_monotone": bool(np.all(np.diff(marks) <= 0)),
+                "resumed_at": [*previous.get("resumed_at", []), done] if previous else []}
+
     while updates - done < args.updates and time.perf_counter() - start < args.train_seconds:
         metrics = {k: float(v) for k, v in agent.update(buffer.sample(**kwargs)).items()}
         updates += 1
@@ -304,17 +322,10 @@ def train(agent: ActiveInferenceAgent, buffer: ReplayBuffer, args, previous: dic
                 print(f"[bench_ai] update {updates}: free energy {metrics['free_energy']:.1f} "
                       f"(recon {metrics['recon']:.1f}, kl_transition {metrics['kl_transition']:.2f}, "
                       f"epistemic {metrics['epistemic']:.3f}{grad}), {time.perf_counter() - start:.0f} s", flush=True)
-    seconds = time.perf_counter() - start + float(previous.get("seconds", 0.0))
-    sm = smooth(curve, max(1, len(curve) // 10))
-    # "decreases monotonically (smoothed)": the smoothed curve read at 10 evenly spaced points
-    marks = sm[np.linspace(0, len(sm) - 1, min(10, len(sm))).round().astype(int)]
-    return {"updates": updates, "seconds": seconds, "seconds_per_update": seconds / max(updates, 1),
-            "sample_kwargs": {k: v for k, v in kwargs.items() if v is not None},
-            "free_energy_steps": steps, "free_energy": curve, "grad_norm_steps": norm_steps, "grad_norm_max": norms,
-            "free_energy_first_smoothed": float(sm[0]), "free_energy_last_smoothed": float(sm[-1]),
-            "smoothed_marks": marks.tolist(),
-            "smoothed_monotone": bool(np.all(np.diff(marks) <= 0)),
-            "resumed_at": [*previous.get("resumed_at", []), done] if previous else []}
+            if args.save_model and args.save_every > 0 and time.perf_counter() - last_save >= args.save_every:
+                save_model_file(agent, record(), args.save_model)
+                last_save = time.perf_counter()
+    return record()
 
 
 # ----------------------------------------------------------------------------------------- checks

@@ -217,6 +217,23 @@ def test_bench_active_inference_resume_trains_a_saved_model_on(tmp_path):
     assert {g["lr"] for g in torch.load(model, weights_only=True)["optimizer"]["param_groups"]} == {0.0002}
 
 
+def test_bench_active_inference_saves_the_model_while_training(tmp_path, monkeypatch):
+    """``--save-every S`` writes the ``--save-model`` file (with the record so far) every S seconds of training, so a
+    stopped run keeps its updates; 0 writes it only at the end."""
+    bench = _load("bench_active_inference")
+    saved = []
+    real_save = bench.save_model_file
+    monkeypatch.setattr(bench, "save_model_file",
+                        lambda agent, record, path: (saved.append(record["updates"]), real_save(agent, record, path)))
+    common = ["--quick", "--checks", "1", "--out", str(tmp_path / "r.md"), "--fig-dir", str(tmp_path / "figs"),
+              "--save-model", str(tmp_path / "m.pt")]
+    assert bench.main([*common, "--save-every", "1e-9"]) == 0
+    assert saved == [1, 2, 3, 4, 5, 6, 6]  # each log window (one update with --quick), then the final file
+    saved.clear()
+    assert bench.main([*common, "--save-every", "0"]) == 0
+    assert saved == [6]
+
+
 def test_bench_active_inference_latency_only_needs_no_data_and_no_training(tmp_path, monkeypatch):
     """``--checks latency`` without a model file times the untrained agent on ``--device``: nothing is collected
     (a lent GPU machine cannot render dm_control) and nothing trained; the page says so."""
