@@ -35,6 +35,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import json
+import math
 import sys
 import tempfile
 import time
@@ -361,6 +362,13 @@ def one_step_mse(agent: ActiveInferenceAgent, heldout: ReplayBuffer, args) -> di
     for name, image in images.items():
         split = error_split(image, target, static)
         out[f"{name}_mse"], out[f"{name}_mse_static_part"] = split["mse"], split["static_part"]
+    # the same cases for every image, so the comparison with the copy is paired: its standard error says whether a
+    # small margin is more than which cases were drawn
+    per_case = {name: (images[name] - target).square().flatten(1).mean(1) for name in ("model", "change")}
+    copy_case = (current - target).square().flatten(1).mean(1)
+    for name, errors in per_case.items():
+        for key, value in paired_difference(errors, copy_case).items():
+            out[f"{name}_minus_copy_{key}"] = value
     out["change_pass"] = out["change_mse"] < min(out["copy_frame_mse"], out["change_zero_action_mse"],
                                                  out["change_other_action_mse"])
     return {**out, "pass": out["model_mse"] < out["copy_frame_mse"]}
@@ -374,6 +382,14 @@ def fixed_draws(seed: int):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
+
+
+def paired_difference(a: Tensor, b: Tensor) -> dict:
+    """Per-case errors ``a`` and ``b`` of the same cases ``[N]``: the mean of ``a - b``, its standard error
+    (sample std / sqrt N) and the fraction of cases where ``a`` is below ``b``."""
+    diff = (a - b).double()
+    return {"mean": diff.mean().item(), "se": (diff.std() / math.sqrt(len(diff))).item(),
+            "below_fraction": (diff < 0).double().mean().item()}
 
 
 def error_split(image: Tensor, target: Tensor, static: Tensor) -> dict:
@@ -741,6 +757,14 @@ def static_note(c1: dict) -> str:
             f"{c1['copy_frame_mse_static_part']:.5f}")
 
 
+def paired_note(c1: dict, name: str) -> str:
+    """Check 1's paired comparison of ``name`` with the copy, for the page (results from before it have none)."""
+    if f"{name}_minus_copy_mean" not in c1:
+        return ""
+    return (f"; paired difference {c1[f'{name}_minus_copy_mean']:.2e} (s.e. {c1[f'{name}_minus_copy_se']:.1e}), "
+            f"below the copy in {c1[f'{name}_minus_copy_below_fraction']:.0%} of cases")
+
+
 def report(args, results: dict, argv: list[str]) -> str:
     tr, c1, c2, c3 = (results.get(k) for k in ("train", "check1", "check2", "check3"))
     cfg = results["config"]
@@ -773,13 +797,15 @@ def report(args, results: dict, argv: list[str]) -> str:
         lines.append(
             f"| 1. one-step prediction MSE (per pixel, [-0.5, 0.5] scale, {c1['cases']} held-out transitions) | "
             f"model {c1['model_mse']:.5f} vs copy-frame {c1['copy_frame_mse']:.5f} (reconstruction "
-            f"{c1['reconstruction_mse']:.5f}){static_note(c1)} | model < copy | {'yes' if c1['pass'] else 'no'} |")
+            f"{c1['reconstruction_mse']:.5f}){static_note(c1)}{paired_note(c1, 'model')} | model < copy | "
+            f"{'yes' if c1['pass'] else 'no'} |")
         if "change_mse" in c1:
             lines.append(
                 f"| 1, the model's change applied to the frame: o_t + decode(s') - decode(s) | {c1['change_mse']:.5f} "
                 f"vs copy-frame {c1['copy_frame_mse']:.5f}; the same change under the zero action "
-                f"{c1['change_zero_action_mse']:.5f}, under another case's action {c1['change_other_action_mse']:.5f} "
-                f"| below copy and both controls | {'yes' if c1['change_pass'] else 'no'} |")
+                f"{c1['change_zero_action_mse']:.5f}, under another case's action {c1['change_other_action_mse']:.5f}"
+                f"{paired_note(c1, 'change')} | below copy and both controls | "
+                f"{'yes' if c1['change_pass'] else 'no'} |")
     if tr is not None:
         lines.append(
             f"| 1. free energy, smoothed | {tr['free_energy_first_smoothed']:.1f} -> "

@@ -555,6 +555,21 @@ def test_bench_active_inference_change_form_of_check_1_credits_the_transition_on
     assert c1["model_mse"] > c1["copy_frame_mse"] and not c1["pass"]  # the decoder's error stays in the plain form
     assert abs(c1["change_zero_action_mse"] - c1["copy_frame_mse"]) < 1e-9
     assert c1["change_other_action_mse"] > c1["copy_frame_mse"] and c1["change_pass"]
+    # paired with the copy on the same cases: the mean difference is the difference of the means
+    for name in ("model", "change"):
+        assert c1[f"{name}_minus_copy_mean"] == pytest.approx(c1[f"{name}_mse"] - c1["copy_frame_mse"], abs=1e-7)
+    assert c1["model_minus_copy_below_fraction"] < 0.5 < c1["change_minus_copy_below_fraction"]
+
+
+def test_bench_active_inference_paired_difference():
+    """Check 1's paired comparison with the copy: mean of a - b, its standard error (sample std / sqrt N) and the
+    share of cases where a is lower."""
+    import torch
+
+    bench = _load("bench_active_inference")
+    d = bench.paired_difference(torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([0.0, 0.0, 5.0, 0.0]))
+    # differences 1, 2, -2, 4: mean 1.25, sample std 2.5, se 1.25
+    assert d == pytest.approx({"mean": 1.25, "se": 1.25, "below_fraction": 0.25})
 
 
 def test_bench_stamo_quick_runs_every_check_and_judges_on_the_better_readout(tmp_path):
