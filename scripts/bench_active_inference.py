@@ -58,6 +58,7 @@ from latentrl.agents.base import GoalObservation, Policy, UniformRandomPolicy
 from latentrl.control.telemetry import step_latencies
 from latentrl.envs import get_task, make_env
 from latentrl.replay import ReplayBuffer
+from latentrl.training.checkpoint import save_atomic
 from latentrl.training.cli import ConfigError, typed_config_overrides
 from latentrl.training.logger import machine_description, processor_name, write_report_page
 from latentrl.world_models.layers import gaussian_kl
@@ -231,11 +232,8 @@ def optimizer_state_for(agent: ActiveInferenceAgent, saved: dict) -> dict:
 def save_model_file(agent: ActiveInferenceAgent, record: dict, path) -> None:
     """The agent, its Adam state and its training record, written whole or not at all (a crash or a full disk
     leaves the previous file, which may be the ``--load-model`` being trained on)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"agent": agent.state_dict(), "optimizer": agent.optimizers()["model"].state_dict(),
-                "train": record}, tmp)
-    tmp.replace(path)
+    save_atomic({"agent": agent.state_dict(), "optimizer": agent.optimizers()["model"].state_dict(), "train": record},
+                path)
 
 
 def load_saved_agent(args) -> ActiveInferenceAgent:
@@ -364,10 +362,9 @@ def one_step_mse(agent: ActiveInferenceAgent, heldout: ReplayBuffer, args) -> di
         out[f"{name}_mse"], out[f"{name}_mse_static_part"] = split["mse"], split["static_part"]
     # the same cases for every image, so the comparison with the copy is paired: its standard error says whether a
     # small margin is more than which cases were drawn
-    per_case = {name: (images[name] - target).square().flatten(1).mean(1) for name in ("model", "change")}
-    copy_case = (current - target).square().flatten(1).mean(1)
-    for name, errors in per_case.items():
-        for key, value in paired_difference(errors, copy_case).items():
+    per_case = {name: (images[name] - target).square().flatten(1).mean(1) for name in ("model", "change", "copy_frame")}
+    for name in ("model", "change"):
+        for key, value in paired_difference(per_case[name], per_case["copy_frame"]).items():
             out[f"{name}_minus_copy_{key}"] = value
     out["change_pass"] = out["change_mse"] < min(out["copy_frame_mse"], out["change_zero_action_mse"],
                                                  out["change_other_action_mse"])

@@ -45,6 +45,7 @@ import torch
 
 from latentrl.agents.base import GoalObservation, Policy, UniformRandomPolicy, resolve_device
 from latentrl.agents.stamo import StaMoAgent, StaMoCollectPolicy, StaMoGoalPolicy, StaMoHeadPolicy
+from latentrl.training.checkpoint import save_atomic
 from latentrl.training.logger import write_report_page
 from latentrl.world_models.layers import mlp
 from latentrl.world_models.stamo import COMPRESSIONS
@@ -284,9 +285,7 @@ def save_checkpoint(path: Path, wm, opt, step: int, history: list, config: dict)
     trained on a GPU loads here), written to a temporary file and renamed: a crash never leaves half a file."""
     state = {"world_model": wm.state_dict(), "optimizer": opt.state_dict(), "updates": step, "history": history,
              "config": config}
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(_to_cpu(state), tmp)
-    tmp.replace(path)
+    save_atomic(_to_cpu(state), path)
 
 
 def _to_cpu(x):

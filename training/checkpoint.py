@@ -28,7 +28,7 @@ import torch
 from latentrl.agents.base import Agent
 
 __all__ = ["CHECKPOINT_FORMAT", "CheckpointError", "capture_rng", "load_agent", "load_checkpoint", "restore_rng",
-           "restore_agent", "save_checkpoint", "upgrade_checkpoint"]
+           "restore_agent", "save_atomic", "save_checkpoint", "upgrade_checkpoint"]
 
 CHECKPOINT_FORMAT = 2  # 2: weights_only-loadable (RNG states as tensors); 1: pickled numpy RNG state
 
@@ -62,6 +62,16 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def save_atomic(obj: Any, path: str | Path) -> Path:
+    """``torch.save(obj)`` to a temporary file beside ``path``, then moved over it: a crash or a full disk leaves the
+    previous file (or none), never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+    return path
+
+
 def agent_spec(agent: Agent) -> dict:
     """What rebuilds ``agent``'s networks without an env: its config as written, observation shape, action size."""
     import dataclasses
@@ -91,9 +101,7 @@ def save_checkpoint(path: str | Path, agent: Agent, *, counters: dict[str, int],
         "config": config,
         "buffer": buffer_state,
     }
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    save_atomic(payload, path)
     if keep_as is not None:
         kept = path.with_name(keep_as)
         kept.unlink(missing_ok=True)

@@ -29,7 +29,14 @@ from latentrl.agents.model_files import save_model
 from latentrl.envs import make_env
 from latentrl.replay import ReplayBuffer
 from latentrl.training import distributed
-from latentrl.training.checkpoint import capture_rng, load_checkpoint, restore_agent, restore_rng, save_checkpoint
+from latentrl.training.checkpoint import (
+    capture_rng,
+    load_checkpoint,
+    restore_agent,
+    restore_rng,
+    save_atomic,
+    save_checkpoint,
+)
 from latentrl.training.evaluation import evaluate_agent, rollout
 from latentrl.training.logger import RunLogger, write_video
 from latentrl.world_models.encoders import set_channels_last
@@ -440,9 +447,7 @@ class Trainer:
         path.parent.mkdir(parents=True, exist_ok=True)
         state = {"step": self.current, "world_size": self.world_size, "rank": self.rank, "rng": capture_rng(),
                  "buffer": None if self.offline else self.buffer.state_dict()}
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        save_atomic(state, path)
 
     def _write_checkpoint(self) -> Path:
         """Write the checkpoint and the model directory (rank 0's part of :meth:`save`)."""
