@@ -14,7 +14,8 @@
   reward_temperature``.
 - **Scoring** (:func:`expected_free_energy`): per candidate, summed over the horizon and averaged
   over state samples, ``G = risk + ambiguity - epistemic_weight * epistemic`` with
-  ``risk = KL(p(s_t|pi) || p~(s))`` ("state control", spec §1), ``ambiguity = E[H p(o|s)]`` (a
+  ``risk = KL(p(s_t|pi) || p~(s))`` ("state control", spec §1; with ``risk="observation"`` for goal tasks
+  AV's instrumental term ``||dec(s_t) - o_goal||^2 / (2 obs_std^2)`` instead), ``ambiguity = E[H p(o|s)]`` (a
   constant under the fixed-variance decoder, reported for completeness) and ``epistemic`` the
   transition ensemble's information gain (:func:`~latentrl.world_models.active_inference.ensemble_epistemic`),
   or with ``epistemic="belief_change"`` AV's belief change from the imagined view,
@@ -64,12 +65,14 @@ __all__ = [
     "ActiveInferencePolicy",
     "EFE_TERMS",
     "PLANNER_FIELDS",
+    "RISKS",
     "expected_free_energy",
     "plan",
     "precision",
 ]
 
 OBS_TYPES = ("pixels", "state")
+RISKS = ("latent", "observation")
 
 
 @dataclass
@@ -139,6 +142,11 @@ class ActiveInferenceConfig:
     """CEM rounds (``planner="cem"``)."""
     num_elites: int = 64
     """CEM elites refitted each round."""
+    risk: Literal["latent", "observation"] = "latent"
+    """The risk of goal tasks: ``"latent"``, FER's ``KL(p(s_t|pi) || q(s|o_goal))`` in latent space (the spec's
+    reference form), or ``"observation"``, AV's instrumental term ``||dec(s_t) - o_goal||^2 / (2 obs_std^2)``
+    in observation space (spec §7, ``instrum_k``; a decode per imagined step, so slower: the bench's latency
+    table). Reward tasks always use the log-preference."""
     epistemic_weight: float = 1.0
     """Weight of the epistemic term in G (0: the risk-only ablation)."""
     epistemic: Literal["ensemble", "belief_change"] = "ensemble"
@@ -169,6 +177,8 @@ class ActiveInferenceConfig:
                      "plan_horizon", "num_samples", "cem_iterations", "num_elites", "transition_layers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ActiveInferenceConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.risk not in RISKS:
+            raise ValueError(f"ActiveInferenceConfig.risk must be one of {RISKS}, got {self.risk!r}")
         if self.epistemic not in ("ensemble", "belief_change"):
             raise ValueError(f"ActiveInferenceConfig.epistemic must be 'ensemble' or 'belief_change', got "
                              f"{self.epistemic!r}")
@@ -304,7 +314,9 @@ EFE_TERMS = ("G", "risk", "ambiguity", "epistemic")
 class ActiveInferencePolicy(Policy):
     """Model-predictive control by expected free energy; see the module docstring.
 
-    ``goal`` ``[1 or N, 2D]`` holds the preferred-state distribution ``[mean ‖ std]``; ``reward``
+    ``goal`` ``[1 or N, 2D]`` holds the preferred-state distribution ``[mean ‖ std]``, and ``goal_obs``
+    ``[1 or N, *obs_shape]`` the goal observation in the decoder's scale (what ``config.risk="observation"``
+    compares the decoded predictions with; required by it); ``reward``
     ``[1, F + 1]`` a reward readout ``[w ‖ b]`` on ``reward_features`` (the reward head's hidden
     layers); neither: exploration by the epistemic term only. The carry holds ``mean``, ``std`` (the
     belief q(s_t|o_t)), ``prev_action``, the planner's per-env ``seed``, the frame stack, and the executed
@@ -313,8 +325,8 @@ class ActiveInferencePolicy(Policy):
     """
 
     def __init__(self, world_model: ActiveInferenceModel, config: ActiveInferenceConfig, *,
-                 goal: Tensor | None = None, reward: Tensor | None = None, reward_features: nn.Module | None = None,
-                 explore: bool = False):
+                 goal: Tensor | None = None, goal_obs: Tensor | None = None, reward: Tensor | None = None,
+                 reward_features: nn.Module | None = None, explore: bool = False):
         super().__init__(world_model.obs_key, world_model.obs_shape, world_model.action_dim,
                          frame_stack=world_model.frame_stack, explore=explore)
         if goal is not None and reward is not None:
@@ -333,6 +345,18 @@ class ActiveInferencePolicy(Policy):
                 raise ValueError(f"a goal preference is [mean ‖ std] with {2 * world_model.latent_dim} values, "
                                  f"got shape {list(goal.shape)}")
         self.register_buffer("goal", goal)
+        if config.risk == "observation" and goal is not None:
+            if goal_obs is None:
+                raise ValueError("risk='observation' compares predictions with the goal observation: pass goal_obs "
+                                 "(agent.policy(task) reads it from task.goal)")
+            goal_obs = goal_obs.detach().to(self.device, torch.float32)
+            goal_obs = goal_obs.unsqueeze(0) if goal_obs.dim() == len(world_model.obs_shape) else goal_obs
+            shape = ", ".join(map(str, world_model.obs_shape))
+            if tuple(goal_obs.shape[1:]) != tuple(world_model.obs_shape) or goal_obs.shape[0] not in (1, goal.shape[0]):
+                raise ValueError(f"goal_obs must be [1 or {goal.shape[0]}, {shape}], got {list(goal_obs.shape)}")
+        else:
+            goal_obs = None
+        self.register_buffer("goal_obs", goal_obs)
 
     def init_carry(self, batch_size: int) -> TensorDict:
         carry = super().init_carry(batch_size)
@@ -374,11 +398,18 @@ class ActiveInferencePolicy(Policy):
         draws = self.draw_noise(n, h, gens) if draws is None else draws
         rollout = wm.imagine(start, actions.flatten(0, 1), num_samples=j,
                              noise=self.common_noise(draws, k))  # [N*K*J, H]
-        if goal_mean is not None:
+        observation_risk = self.goal_obs is not None and goal_mean is not None
+        if goal_mean is not None and not observation_risk:
             goal_mean = goal_mean.repeat_interleave(k * j, dim=0)
             goal_std = goal_std.repeat_interleave(k * j, dim=0)
-        terms = expected_free_energy(rollout, goal_mean, goal_std, ambiguity=wm.ambiguity(),
-                                     epistemic_weight=cfg.epistemic_weight)
+        terms = expected_free_energy(rollout, None if observation_risk else goal_mean, goal_std,
+                                     ambiguity=wm.ambiguity(), epistemic_weight=cfg.epistemic_weight)
+        if observation_risk:  # AV's instrumental term: the decoded predictions against the goal observation
+            rows = torch.arange(n, device=actions.device) if self.goal_obs.shape[0] > 1 \
+                else torch.zeros(n, dtype=torch.int64, device=actions.device)
+            risk = wm.observation_risk(rollout["mean"], self.goal_obs, rows.repeat_interleave(k * j)).sum(-1)
+            terms["G"] = terms["G"] + risk
+            terms["risk"] = risk
         if self.reward is not None:  # risk = -expected log-preference, at each step's predicted mean
             w, b = self.reward[0, :-1], self.reward[0, -1]
             log_pref = (self.reward_features(rollout["mean"]) @ w + b).sum(-1) / cfg.reward_temperature
@@ -540,7 +571,14 @@ class ActiveInferenceAgent(Agent):
                 raise UnsupportedTaskError("the active inference policy takes a goal or reward task "
                                            "(agent.infer_task(GoalObservation | RewardSamples)) or none (exploration)")
             goal, reward = (task.z, None) if kind == "goal" else (None, task.z)
-        return ActiveInferencePolicy(self.world_model, self.config, goal=goal, reward=reward,
+        goal_obs = None
+        if goal is not None and self.config.risk == "observation":
+            if task.goal is None or self.obs_key not in task.goal.keys():
+                raise ValueError(f"risk='observation' needs the goal observation: a Task from infer_task("
+                                 f"GoalObservation) with task.goal[{self.obs_key!r}] (this task has none)")
+            goal_obs = self.world_model.target(task.goal[self.obs_key].to(self.device))
+            goal_obs = goal_obs.reshape(-1, *self.world_model.obs_shape)
+        return ActiveInferencePolicy(self.world_model, self.config, goal=goal, goal_obs=goal_obs, reward=reward,
                                      reward_features=self.reward_features, explore=explore)
 
     @property

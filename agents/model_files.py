@@ -3,11 +3,12 @@
 A model directory (DESIGN.md, "models on disk") holds two files:
 
 - ``config.json``: the agent's name, its config dataclass as written, observation key and shape,
-  action size, the task the policy is fixed to (if any), and the run's env settings (``env``), so
-  that evaluation can rebuild the same env;
+  action size, the task the policy is fixed to (if any; with its goal observation's keys and batch dims),
+  and the run's env settings (``env``), so that evaluation can rebuild the same env;
 - ``model.safetensors``: the agent's *inference* weights: the policy's modules plus what
   ``infer_task`` reads (TD-JEPA's ``psi``, FB's ``B``, METRA's ``phi``), without optimiser states,
-  target networks, critics or the replay buffer. A fixed task's tensors are stored as ``task.z``.
+  target networks, critics or the replay buffer. A fixed task's tensors are stored as ``task.z`` and its goal
+  observation (``Task.goal``, when it has one) as ``task.goal.<key>``.
 
 safetensors holds tensors only, and JSON holds data only, so opening a model directory never runs
 code. :func:`load_policy` and :func:`load_agent_for_inference` rebuild from these two files without
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tensordict import TensorDict
 from torch import Tensor
 
 from latentrl.agents.base import Agent, Policy, Task
@@ -76,8 +78,15 @@ def save_model(path: str | Path, agent: Agent, *, task: Task | None = None, env:
     if task is not None:
         if task.z is not None:
             tensors["task.z"] = torch.as_tensor(task.z).detach().to("cpu", torch.float32).contiguous().clone()
+        goal_keys = []
+        if task.goal is not None:  # the goal observation a policy keeps comparing against (Task.goal)
+            for key, value in task.goal.items(include_nested=True, leaves_only=True):
+                name = ".".join(key) if isinstance(key, tuple) else key
+                tensors[f"task.goal.{name}"] = value.detach().to("cpu").contiguous().clone()
+                goal_keys.append(name)
         task_json = {"info": _json_safe({k: v for k, v in task.info.items() if _json_safe(v) is not None}),
-                     "has_z": task.z is not None}
+                     "has_z": task.z is not None, "goal_keys": goal_keys,
+                     "goal_batch_dims": task.goal.batch_dims if task.goal is not None else 0}
     config = {
         "format": MODEL_FORMAT,
         "agent": agent.name,
@@ -166,8 +175,15 @@ def load_policy(path: str | Path, *, device: str | torch.device = "cpu", explore
     agent, config = load_agent_for_inference(path, device=device)
     task = None
     if config.get("task") is not None:
-        z = config["_task_tensors"].get("z")
-        task = Task(z=None if z is None else z.to(agent.device), info=dict(config["task"].get("info") or {}))
+        tensors = config["_task_tensors"]
+        z = tensors.get("z")
+        goal = None
+        if config["task"].get("goal_keys"):
+            keys = config["task"]["goal_keys"]
+            goal = TensorDict({tuple(k.split(".")): tensors[f"goal.{k}"].to(agent.device) for k in keys},
+                              batch_size=tensors[f"goal.{keys[0]}"].shape[:config["task"].get("goal_batch_dims", 0)])
+        task = Task(z=None if z is None else z.to(agent.device), goal=goal,
+                    info=dict(config["task"].get("info") or {}))
     policy = agent.policy(task, explore=explore)
     policy.eval()
     return policy

@@ -17,8 +17,9 @@
      action (see ``one_step_mse``);
    - check 2: for ``--rank-cases`` held-out (o_t, a_t, o_{t+1}) with the goal set to o_{t+1}, the rank
      of the true a_t among ``--rank-candidates`` uniform random one-step candidates by the agent's G
-     (``ActiveInferencePolicy.score``, i.e. ``expected_free_energy`` on imagined one-step outcomes);
-     target: in the best 20% in >= 80% of cases;
+     (``ActiveInferencePolicy.score``, i.e. ``expected_free_energy`` on imagined one-step outcomes), and on
+     the same cases and draws by G under the other risk forms of ``--rank-risks`` (the observation-space
+     risk, AV's ``||dec(s') - o_goal||^2``, decodes every candidate); target: in the best 20% in >= 80% of cases;
    - check 3: goal reaching from ``--goals`` goal images (physics states sampled from the held-out
      data, rendered with ``env.set_physics_state``) in ``--goal-steps`` steps, with the agent's
      policy vs uniform-random and zero-action policies: success (final distance < ``--success-radius``)
@@ -51,6 +52,7 @@ from latentrl.agents.active_inference import (
     EFE_TERMS,
     PLANNER_FIELDS,
     PRESETS,
+    RISKS,
     ActiveInferenceAgent,
     ActiveInferencePolicy,
 )
@@ -96,6 +98,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mse-cases", type=int, default=1000, help="held-out transitions for check 1")
     p.add_argument("--rank-cases", type=int, default=100)
     p.add_argument("--rank-candidates", type=int, default=1000)
+    p.add_argument("--rank-risks", default="latent,observation",
+                   help="check 2 (H = 1) also by G under these risk forms (comma list of latent, observation; "
+                        "the agent's own --set risk=... is always ranked): observation decodes every candidate "
+                        "(100 x 1000 x J frames, minutes on a CPU)")
     p.add_argument("--rank-horizon", type=int, default=5,
                    help="check 2 again with H-step sequences toward o_{t+H} (1: skip; see the report)")
     p.add_argument("--goals", type=int, default=20)
@@ -133,6 +139,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="a seconds-long run for tests: smoke preset, tiny data, few updates and cases")
     args = p.parse_args(argv)
+    args.rank_risks = [form.strip() for form in args.rank_risks.split(",") if form.strip()]
+    if unknown := [form for form in args.rank_risks if form not in RISKS]:
+        p.error(f"--rank-risks: unknown risk form(s) {unknown}; choose from {', '.join(RISKS)}")
     if args.resume and not (args.load_model and args.save_model):
         p.error("--resume trains the --load-model on and needs --save-model for the result (it may be the same path)")
     if args.quick:
@@ -432,12 +441,26 @@ def _scorer_ranking(agent: ActiveInferenceAgent, heldout: ReplayBuffer, args, n:
     candidates = torch.rand(n, k, h, wm.action_dim, generator=gen) * 2 - 1
     actions = torch.cat([true_actions, candidates], dim=1)  # the true sequence first
     goal_mean, goal_std = policy._goal(n)
-    terms = policy.score(state, actions, goal_mean, goal_std)
-    out = {"cases": n, "candidates": k, "horizon": h}
+    draws = policy.draw_noise(n, h)  # the state samples and transition draws, the same for every risk form
+    terms = policy.score(state, actions, goal_mean, goal_std, draws=draws)
+    out = {"cases": n, "candidates": k, "horizon": h, "risk_form": agent.config.risk}
     # G as computed adds the constant ambiguity (~1.7e4 nats for 64x64x3 pixels), which rounds float32 G
     # values into ties; "G_nonconstant" = risk - epistemic_weight * epistemic ranks the same way without it.
     terms["G_nonconstant"] = terms["risk"] - agent.config.epistemic_weight * terms["epistemic"]
-    if h > 1:  # the last imagined step's KL to the goal belief, J samples each (shared by the candidates)
+    if h == 1:  # G under the other risk forms asked for, on the same cases, candidates and draws
+        for form in args.rank_risks:
+            if form == agent.config.risk:
+                continue
+            other = ActiveInferencePolicy(wm, replace(agent.config, risk=form), goal=task.z,
+                                          goal_obs=wm.target(goal_frames))
+            started = time.perf_counter()
+            t = other.score(state, actions, goal_mean, goal_std, draws=draws)
+            g = t["risk"] - agent.config.epistemic_weight * t["epistemic"]
+            rank = ((g[:, 1:] < g[:, :1]).float() + 0.5 * (g[:, 1:] == g[:, :1]).float()).mean(1)
+            out[f"{form}_risk_G_fraction_in_best_20pct"] = float((rank < 0.2).float().mean())
+            out[f"{form}_risk_G_median_rank"] = float(rank.median())
+            out[f"{form}_risk_seconds"] = round(time.perf_counter() - started, 1)
+    if h > 1 and agent.config.risk == "latent":  # the last imagined step's KL to the goal belief (J samples)
         j = agent.config.num_samples
         last = []
         for i in range(n):
@@ -809,19 +832,26 @@ def report(args, results: dict, argv: list[str]) -> str:
             f"{tr['free_energy_last_smoothed']:.1f}; monotone at 10 marks: {'yes' if tr['smoothed_monotone'] else 'no'}"
             f" | decreasing | {'yes' if tr['smoothed_monotone'] else 'no'} |")
     if c2 is not None:
+        own = c2.get("risk_form", "latent")
+        others = "".join(
+            f"; by G with the {form} risk: {c2[f'{form}_risk_G_fraction_in_best_20pct']:.2f} (median rank "
+            f"{c2[f'{form}_risk_G_median_rank']:.2f})" for form in RISKS
+            if form != own and f"{form}_risk_G_fraction_in_best_20pct" in c2)
         lines.append(
             f"| 2. true a_t in best 20% of {c2['candidates']} random candidates by G ({c2['cases']} cases) | "
-            f"{c2['G_nonconstant_fraction_in_best_20pct']:.2f} (median rank {c2['G_nonconstant_median_rank']:.2f}; "
-            f"G with the constant ambiguity in float32, ties mid-ranked: {c2['G_fraction_in_best_20pct']:.2f}; "
-            f"risk only {c2['risk_fraction_in_best_20pct']:.2f}) | >= 0.80 | {'yes' if c2['pass'] else 'no'} |")
+            f"{c2['G_nonconstant_fraction_in_best_20pct']:.2f} ({own} risk; median rank "
+            f"{c2['G_nonconstant_median_rank']:.2f}; G with the constant ambiguity in float32, ties mid-ranked: "
+            f"{c2['G_fraction_in_best_20pct']:.2f}; risk only {c2['risk_fraction_in_best_20pct']:.2f}{others}) | "
+            f">= 0.80 | {'yes' if c2['pass'] else 'no'} |")
     c2m = results.get("check2_multistep")
     if c2m is not None:
         lines.append(
             f"| 2, H = {c2m['horizon']} (not in the spec): true a_t..a_t+{c2m['horizon'] - 1} in best 20% of "
             f"{c2m['candidates']} random sequences, goal o_t+{c2m['horizon']} ({c2m['cases']} cases) | by G "
-            f"{c2m['G_nonconstant_fraction_in_best_20pct']:.2f} (median rank {c2m['G_nonconstant_median_rank']:.2f}); "
-            f"by the last step's risk {c2m['final_risk_fraction_in_best_20pct']:.2f} (median rank "
-            f"{c2m['final_risk_median_rank']:.2f}) | - | - |")
+            f"{c2m['G_nonconstant_fraction_in_best_20pct']:.2f} (median rank {c2m['G_nonconstant_median_rank']:.2f})"
+            + (f"; by the last step's risk {c2m['final_risk_fraction_in_best_20pct']:.2f} (median rank "
+               f"{c2m['final_risk_median_rank']:.2f})" if "final_risk_fraction_in_best_20pct" in c2m else "")
+            + " | - | - |")
     if c3 is not None:
         a, r, z = c3["agent"], c3["random"], c3["zero"]
         ro = c3.get("risk_only")

@@ -590,3 +590,105 @@ def test_belief_change_scores_only_the_lowest_risk_candidates_and_prefers_inform
     torch.testing.assert_close(terms["risk"], plain["risk"])  # the risk is the ensemble scorer's
     assert terms["epistemic"][0, top3[2]] == pytest.approx(agent.config.plan_horizon)  # 1 per step
     assert int(terms["G"][0].argmin()) == int(top3[2])  # the informative candidate wins despite its risk
+
+
+# ------------------------------------------------------------ AV's instrumental term (risk="observation")
+
+
+def test_observation_risk_is_the_goal_frames_gaussian_nll_of_the_decoded_predictions():
+    """``risk="observation"``: per candidate, ``sum_t mean_j ||dec(mean_t) - o_goal||^2 / (2 obs_std^2)`` by hand,
+    each env against its own goal's newest frame (the goals are stacked frames whose two frames differ), with
+    the rollouts of the scorer's draws; G = risk + ambiguity - w * epistemic. Chunked decoding changes nothing."""
+    agent = make_agent("pixels", risk="observation", epistemic_weight=0.5, obs_std=0.2)
+    agent.eval()
+    wm, n, k = agent.world_model, 2, 3
+    g = torch.Generator().manual_seed(0)
+    goals = torch.randint(0, 256, (n, 6, 64, 64), generator=g, dtype=torch.uint8)
+    task = agent.infer_task(GoalObservation(TensorDict({"pixels": goals}, batch_size=[n])))
+    policy = agent.policy(task)
+    obs = torch.randint(0, 256, (n, 6, 64, 64), generator=g, dtype=torch.uint8)
+    state = wm.observe(wm.initial_state(n), obs, None, None)
+    h, j = agent.config.plan_horizon, agent.config.num_samples
+    actions = torch.rand(n, k, h, ACTION_DIM, generator=g) * 2 - 1
+    draws = policy.draw_noise(n, h, [torch.Generator().manual_seed(s) for s in range(n)])
+    with torch.no_grad():
+        terms = policy.score(state, actions, *policy._goal(n), draws=draws)
+        rollout = wm.imagine(state.repeat_interleave(k, dim=0), actions.flatten(0, 1), num_samples=j,
+                             noise=policy.common_noise(draws, k))
+        frames = wm.decode_mean(rollout["mean"].flatten(0, 1)).reshape(n, k, j, h, 3, 64, 64)
+        goal_frames = goals[:, 3:].float() / 255.0 - 0.5  # the newest of each goal's two frames
+        error = (frames - goal_frames[:, None, None, None]).square().sum((-3, -2, -1))  # [n, k, j, h]
+        expected = (error / (2 * 0.2 ** 2)).sum(-1).mean(-1)
+        torch.testing.assert_close(terms["risk"], expected)
+        torch.testing.assert_close(terms["G"], terms["risk"] + terms["ambiguity"] - 0.5 * terms["epistemic"])
+        chunked = wm.observation_risk(rollout["mean"], policy.goal_obs,
+                                      torch.arange(n).repeat_interleave(k * j), chunk=5)
+        torch.testing.assert_close(chunked.sum(-1).reshape(n, k, j).mean(-1), expected)
+
+
+def _linear_world(wm, monkeypatch):
+    """A world whose belief is the state's first D dims (sharp), whose transition adds the action to the first
+    A dims of the latent, and whose decoder writes the latent into the state's first D dims (0 after)."""
+    d = wm.latent_dim
+    monkeypatch.setattr(wm, "posterior", lambda x: (x[:, :d].float(), torch.full_like(x[:, :d].float(), 1e-4)))
+
+    def transition_members(s, action):
+        pad = torch.zeros(s.shape[0], d - action.shape[1])
+        mean = s + torch.cat([action, pad], dim=1)
+        return mean.expand(len(wm.transitions), -1, -1), torch.full((len(wm.transitions), *s.shape), 1e-4)
+
+    monkeypatch.setattr(wm, "transition_members", transition_members)
+    monkeypatch.setattr(wm, "decode_mean", lambda s: torch.cat([s, torch.zeros(s.shape[0], STATE_DIM - d)], 1))
+
+
+def test_observation_risk_policy_steers_to_the_goal_frame(monkeypatch):
+    """End to end (infer_task -> policy -> plan): in a linear world where the action moves the state, the policy
+    with the observation risk picks the action that lands on the goal observation, for each env its own goal.
+    The goal's last dim is one the decoder cannot draw, so its risk is a constant and the argmin ignores it."""
+    agent = make_agent("state", risk="observation", planner="shooting", num_candidates=4000, plan_horizon=1,
+                       epistemic_weight=0.0)
+    agent.eval()
+    _linear_world(agent.world_model, monkeypatch)
+    start = torch.tensor([[0.1, -0.2, 0.3, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0]])
+    move = torch.tensor([[0.6, -0.5], [-0.3, 0.8]])
+    goal = start.clone()
+    goal[:, :ACTION_DIM] += move
+    goal[:, -1] = 5.0
+    task = agent.infer_task(GoalObservation(TensorDict({"state": goal}, batch_size=[2])))
+    policy = agent.policy(task)
+    obs = TensorDict({"state": start}, batch_size=[2])
+    torch.manual_seed(0)
+    action, carry = policy.step(obs, policy.start_episode(2), torch.zeros(2, dtype=torch.bool))
+    torch.testing.assert_close(action, move, atol=0.05, rtol=0)
+    # the risk is in observation space: the undrawable dim's (5 - 0)^2 / (2 obs_std^2), the rest ~0
+    torch.testing.assert_close(carry["efe_risk"], torch.full((2,), 25.0 / (2 * agent.config.obs_std ** 2)),
+                               rtol=1e-3, atol=0)
+
+
+def test_observation_risk_survives_a_model_directory_and_needs_the_goal(tmp_path):
+    """The goal observation is saved with the task (``task.goal.<key>``), so a loaded observation-risk policy acts
+    as the original; a goal task without its observation is refused with a clear error, as is an unknown risk."""
+    from latentrl import load_policy
+    from latentrl.agents import Task
+    from latentrl.agents.model_files import save_model
+
+    agent = make_agent("pixels", risk="observation")
+    agent.eval()
+    g = torch.Generator().manual_seed(0)
+    goals = torch.randint(0, 256, (2, 3, 64, 64), generator=g, dtype=torch.uint8)
+    task = agent.infer_task(GoalObservation(TensorDict({"pixels": goals}, batch_size=[2])))
+    policy = agent.policy(task)
+    save_model(tmp_path / "model", agent, task=task)
+    loaded = load_policy(tmp_path / "model")
+    assert torch.equal(loaded.goal_obs, policy.goal_obs)
+    obs = TensorDict({"pixels": torch.randint(0, 256, (2, 3, 64, 64), generator=g, dtype=torch.uint8)},
+                     batch_size=[2])
+    torch.manual_seed(0)
+    carry = policy.start_episode(2)
+    a, _ = policy.step(obs, carry, torch.zeros(2, dtype=torch.bool))
+    b, _ = loaded.step(obs, carry.clone(), torch.zeros(2, dtype=torch.bool))
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="needs the goal observation"):
+        agent.policy(Task(z=task.z, info={"kind": "goal"}))
+    with pytest.raises(ValueError, match="risk must be one of"):
+        make_agent("pixels", risk="pixels")

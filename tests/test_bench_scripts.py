@@ -155,6 +155,8 @@ def test_bench_active_inference_quick_writes_the_report_figures_and_numbers(tmp_
     assert {"model_mse", "copy_frame_mse", "pass"} <= c1.keys()
     assert 0.0 <= c1["model_mse_static_part"] <= c1["model_mse"] and "on the static scene" in report
     assert 0.0 <= results["check2"]["G_fraction_in_best_20pct"] <= 1.0
+    assert 0.0 <= results["check2"]["observation_risk_G_fraction_in_best_20pct"] <= 1.0
+    assert "by G with the observation risk" in report
     c3 = results["check3"]
     for name in ("agent", "risk_only", "random", "zero"):
         assert {"success", "mean_distance"} <= c3[name].keys()
@@ -165,6 +167,67 @@ def test_bench_active_inference_quick_writes_the_report_figures_and_numbers(tmp_
     assert {"epistemic_right", "epistemic_left", "pass"} <= results["check5"].keys()
     assert results["check5"]["train_fraction_right_of_0"] < 0.5  # the left-half data stays mostly left
     assert results["check5"]["transitions_right"] + results["check5"]["transitions_left"] > 0
+
+
+class _ShiftWorld:
+    """Held-out transitions of a world whose state is written into the newest frame's first pixels (channel 0,
+    row 0) and moved by a tenth of the action per step; :func:`_shift_world` makes a model that knows it."""
+
+    def __init__(self, latent_dim: int, action_dim: int, seed: int = 0):
+        self.d, self.a, self.g = latent_dim, action_dim, __import__("torch").Generator().manual_seed(seed)
+
+    def sample(self, n, frame_stack=1, keys=None, horizon=None):
+        import torch
+        from tensordict import TensorDict
+
+        x = torch.zeros(n, 3 * frame_stack, 64, 64)
+        x[:, -3, 0, : self.d] = 0.3 + 0.4 * torch.rand(n, self.d, generator=self.g)
+        action = torch.rand(n, self.a, generator=self.g) * 2 - 1
+        nxt = x.clone()
+        nxt[:, -3, 0, : self.a] += 0.1 * action
+        scale = 255.0  # uint8 scale, as the buffer stores pixels (floats here, so the move is exact)
+        return TensorDict({"pixels": x * scale, "action": action, "next": {"pixels": nxt * scale}}, batch_size=[n])
+
+
+def _shift_world(wm, monkeypatch):
+    import torch
+
+    d = wm.latent_dim
+    monkeypatch.setattr(wm, "posterior", lambda x: (x[:, -3, 0, :d].float() / 255.0,
+                                                     torch.full((x.shape[0], d), 1e-3)))
+
+    def transition_members(s, action):
+        mean = s + 0.1 * torch.cat([action, torch.zeros(s.shape[0], d - action.shape[1])], dim=1)
+        return mean.expand(len(wm.transitions), -1, -1), torch.full((len(wm.transitions), *s.shape), 1e-3)
+
+    def decode_mean(s):
+        image = torch.full((s.shape[0], 3, 64, 64), -0.5)
+        image[:, 0, 0, :d] = s - 0.5
+        return image
+
+    monkeypatch.setattr(wm, "transition_members", transition_members)
+    monkeypatch.setattr(wm, "decode_mean", decode_mean)
+
+
+def test_bench_active_inference_check2_ranks_the_true_action_first_in_a_known_world(monkeypatch):
+    """Check 2's harness on a model that knows the world exactly: with the goal o_{t+1}, the true action ranks
+    among the best candidates in every case, by G with the latent risk and with the observation risk (both
+    ranked on the same cases and draws; only what was asked for is ranked)."""
+    from latentrl.agents.active_inference import ActiveInferenceAgent
+
+    bench = _load("bench_active_inference")
+    cfg = ActiveInferenceAgent.make_config("smoke", epistemic_weight=0.0, num_samples=2)
+    agent = ActiveInferenceAgent(cfg, (3, 64, 64), 2)
+    agent.eval()
+    _shift_world(agent.world_model, monkeypatch)
+    args = SimpleNamespace(seed=0, rank_risks=["latent", "observation"])
+    out = bench._scorer_ranking(agent, _ShiftWorld(cfg.latent_dim, 2), args, n=20, k=200, h=1)
+    assert out["risk_form"] == "latent"
+    assert out["G_nonconstant_fraction_in_best_20pct"] == 1.0 and out["G_nonconstant_median_rank"] < 0.02
+    assert out["observation_risk_G_fraction_in_best_20pct"] == 1.0 and out["observation_risk_G_median_rank"] < 0.02
+    args.rank_risks = ["latent"]
+    assert "observation_risk_G_median_rank" not in bench._scorer_ranking(agent, _ShiftWorld(cfg.latent_dim, 2),
+                                                                         args, n=4, k=10, h=1)
 
 
 def test_bench_active_inference_quick_never_defaults_to_the_docs_page(tmp_path, monkeypatch):

@@ -342,6 +342,25 @@ class ActiveInferenceModel(WorldModel):
         post_mean, post_std = gaussian_fuse(prior_mean, prior_std, view_mean, view_std)
         return gaussian_kl(post_mean, post_std, prior_mean, prior_std).reshape(m, h)
 
+    def observation_risk(self, mean: Tensor, goal: Tensor, goal_index: Tensor, chunk: int = 1024) -> Tensor:
+        """AV's instrumental term (spec §7, ``instrum_k``) per imagined step ``[M, H]``, in nats:
+        ``||dec(mean_t) - o_goal||^2 / (2 obs_std^2)``, the negative log-likelihood of the goal observation under
+        the decoder's fixed-variance Gaussian at each predicted mean, less its constant (so it adds to an
+        epistemic value in nats as the latent risk does).
+
+        ``mean`` ``[M, H, D]``: predicted beliefs' means; ``goal`` ``[G, *obs_shape]`` in the decoder's scale
+        (:meth:`target`: the newest frame, ``x / 255 - 0.5``); ``goal_index`` ``[M]`` (int64): the row of
+        ``goal`` each rollout is compared with. Decoded ``chunk`` frames at a time, which bounds the memory of
+        ``M * H`` decodes (a planning step of the paper preset decodes 20,000 frames per env)."""
+        m, h, d = mean.shape
+        flat = mean.reshape(m * h, d)
+        index = goal_index.to(mean.device).repeat_interleave(h)
+        out = []
+        for i in range(0, m * h, chunk):
+            error = self.decode_mean(flat[i:i + chunk]) - goal[index[i:i + chunk]]
+            out.append(error.square().flatten(1).sum(-1))
+        return (torch.cat(out) / (2.0 * self.obs_std ** 2)).reshape(m, h)
+
     # ------------------------------------------------------------------------------------- loss
     def sequence(self, batch: TensorDict) -> tuple[Tensor, Tensor, Tensor]:
         """A batch's observations ``[B, L+1, ...]``, actions ``[B, L, A]`` and action mask ``[B, L]``:
