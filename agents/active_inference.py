@@ -15,7 +15,8 @@
 - **Scoring** (:func:`expected_free_energy`): per candidate, summed over the horizon and averaged
   over state samples, ``G = risk + ambiguity - epistemic_weight * epistemic`` with
   ``risk = KL(p(s_t|pi) || p~(s))`` ("state control", spec §1; with ``risk="observation"`` for goal tasks
-  AV's instrumental term ``||dec(s_t) - o_goal||^2 / (2 obs_std^2)`` instead), ``ambiguity = E[H p(o|s)]`` (a
+  AV's instrumental term ``||dec(s_t) - o_goal||^2 / (2 obs_std^2)`` instead, and ``"observation_corrected"``
+  the same on predictions corrected by the decoder's error now), ``ambiguity = E[H p(o|s)]`` (a
   constant under the fixed-variance decoder, reported for completeness) and ``epistemic`` the
   transition ensemble's information gain (:func:`~latentrl.world_models.active_inference.ensemble_epistemic`),
   or with ``epistemic="belief_change"`` AV's belief change from the imagined view,
@@ -72,7 +73,7 @@ __all__ = [
 ]
 
 OBS_TYPES = ("pixels", "state")
-RISKS = ("latent", "observation")
+RISKS = ("latent", "observation", "observation_corrected")
 
 
 @dataclass
@@ -142,11 +143,15 @@ class ActiveInferenceConfig:
     """CEM rounds (``planner="cem"``)."""
     num_elites: int = 64
     """CEM elites refitted each round."""
-    risk: Literal["latent", "observation"] = "latent"
+    risk: Literal["latent", "observation", "observation_corrected"] = "latent"
     """The risk of goal tasks: ``"latent"``, FER's ``KL(p(s_t|pi) || q(s|o_goal))`` in latent space (the spec's
-    reference form), or ``"observation"``, AV's instrumental term ``||dec(s_t) - o_goal||^2 / (2 obs_std^2)``
-    in observation space (spec §7, ``instrum_k``; a decode per imagined step, so slower: the bench's latency
-    table). Reward tasks always use the log-preference."""
+    reference form); ``"observation"``, AV's instrumental term ``||dec(s_t) - o_goal||^2 / (2 obs_std^2)``
+    in observation space (spec §7, ``instrum_k``; a decode per imagined step, so slower); or
+    ``"observation_corrected"`` (ours, not in the spec), the same with every decoded prediction corrected by
+    the decoder's error on the current observation, ``dec(s_t) + (o_now - dec(E q(s|o_now)))``, as offset-free
+    MPC corrects its predictions by the measured output disturbance: what the decoder draws wrong now (a
+    blurred static scene) is taken as persisting, so the risk compares predicted changes (check 1's change
+    form). Reward tasks always use the log-preference."""
     epistemic_weight: float = 1.0
     """Weight of the epistemic term in G (0: the risk-only ablation)."""
     epistemic: Literal["ensemble", "belief_change"] = "ensemble"
@@ -345,10 +350,10 @@ class ActiveInferencePolicy(Policy):
                 raise ValueError(f"a goal preference is [mean ‖ std] with {2 * world_model.latent_dim} values, "
                                  f"got shape {list(goal.shape)}")
         self.register_buffer("goal", goal)
-        if config.risk == "observation" and goal is not None:
+        if config.risk != "latent" and goal is not None:
             if goal_obs is None:
-                raise ValueError("risk='observation' compares predictions with the goal observation: pass goal_obs "
-                                 "(agent.policy(task) reads it from task.goal)")
+                raise ValueError(f"risk={config.risk!r} compares predictions with the goal observation: pass "
+                                 "goal_obs (agent.policy(task) reads it from task.goal)")
             goal_obs = goal_obs.detach().to(self.device, torch.float32)
             goal_obs = goal_obs.unsqueeze(0) if goal_obs.dim() == len(world_model.obs_shape) else goal_obs
             shape = ", ".join(map(str, world_model.obs_shape))
@@ -385,12 +390,15 @@ class ActiveInferencePolicy(Policy):
 
     def score(self, state: TensorDict, actions: Tensor, goal_mean: Tensor | None,
               goal_std: Tensor | None, gens: list[torch.Generator] | None = None,
-              context: Tensor | None = None, draws: dict[str, Tensor] | None = None) -> TensorDict:
+              context: Tensor | None = None, draws: dict[str, Tensor] | None = None,
+              current: Tensor | None = None) -> TensorDict:
         """EFE terms ``[N, K]`` of candidates ``actions`` ``[N, K, H, A]`` from beliefs ``state`` ``[N]``.
         The rollouts' random draws are ``draws`` (:meth:`draw_noise`, shared by the K candidates), else drawn
         from ``gens`` (one generator per env) or torch's random state. ``context`` ``[N, 3 (k - 1), H, W]``:
         the newest observed frames, which the first imagined views are stacked with (``belief_change``).
-        ``screened`` is 1 for candidates left out of the ``belief_change`` term (their ``G`` is inf)."""
+        ``screened`` is 1 for candidates left out of the ``belief_change`` term (their ``G`` is inf).
+        ``current`` ``[N, *obs_shape]``: the current observation in the decoder's scale (``world_model.target``),
+        which ``risk="observation_corrected"`` needs."""
         cfg, wm = self.config, self.world_model
         n, k, h = actions.shape[:3]
         j = cfg.num_samples
@@ -407,7 +415,13 @@ class ActiveInferencePolicy(Policy):
         if observation_risk:  # AV's instrumental term: the decoded predictions against the goal observation
             rows = torch.arange(n, device=actions.device) if self.goal_obs.shape[0] > 1 \
                 else torch.zeros(n, dtype=torch.int64, device=actions.device)
-            risk = wm.observation_risk(rollout["mean"], self.goal_obs, rows.repeat_interleave(k * j)).sum(-1)
+            goal_obs = self.goal_obs
+            if cfg.risk == "observation_corrected":  # dec(s') + (o_now - dec(s_now)) vs o_goal, per env
+                if current is None:
+                    raise ValueError("risk='observation_corrected' needs the current observation (current=)")
+                goal_obs = goal_obs[rows] - current.reshape(n, *wm.obs_shape) + wm.decode_mean(state["mean"])
+                rows = torch.arange(n, device=actions.device)
+            risk = wm.observation_risk(rollout["mean"], goal_obs, rows.repeat_interleave(k * j)).sum(-1)
             terms["G"] = terms["G"] + risk
             terms["risk"] = risk
         if self.reward is not None:  # risk = -expected log-preference, at each step's predicted mean
@@ -487,6 +501,7 @@ class ActiveInferencePolicy(Policy):
         gens = [torch.Generator().manual_seed(int(seed)) for seed in carry["seed"].tolist()]
         k = self.frame_stack
         context = x[:, -3 * (k - 1):] if self.obs_key == "pixels" and k > 1 else None  # the newest k-1 frames
+        current = wm.target(x) if self.goal_obs is not None and cfg.risk == "observation_corrected" else None
         select = None
         if self.explore:
             def select(g: Tensor) -> Tensor:
@@ -501,7 +516,7 @@ class ActiveInferencePolicy(Policy):
         def rank(a: Tensor) -> Tensor:
             # G without its ambiguity term: that term is the same for every candidate (fixed-variance decoder)
             # and ~1e4 nats, so adding it in float32 rounds away the differences the argmin has to see.
-            terms = self.score(state, a, goal_mean, goal_std, context=context, draws=draws)
+            terms = self.score(state, a, goal_mean, goal_std, context=context, draws=draws, current=current)
             value = terms["risk"] - cfg.epistemic_weight * terms["epistemic"]
             return value.masked_fill(terms["screened"] > 0, float("inf"))
 
@@ -510,7 +525,8 @@ class ActiveInferencePolicy(Policy):
                           iterations=cfg.cem_iterations, num_elites=cfg.num_elites, device=x.device, select=select,
                           draw=lambda kind, shape: self._draw(gens, kind, shape))
         action = actions[:, 0].clamp(-1.0, 1.0)
-        chosen = self.score(state, actions.unsqueeze(1), goal_mean, goal_std, context=context, draws=draws)[:, 0]
+        chosen = self.score(state, actions.unsqueeze(1), goal_mean, goal_std, context=context, draws=draws,
+                            current=current)[:, 0]
         carry = carry.clone(False)
         for term in EFE_TERMS:
             carry[f"efe_{term}"] = chosen[term]
@@ -572,9 +588,9 @@ class ActiveInferenceAgent(Agent):
                                            "(agent.infer_task(GoalObservation | RewardSamples)) or none (exploration)")
             goal, reward = (task.z, None) if kind == "goal" else (None, task.z)
         goal_obs = None
-        if goal is not None and self.config.risk == "observation":
+        if goal is not None and self.config.risk != "latent":
             if task.goal is None or self.obs_key not in task.goal.keys():
-                raise ValueError(f"risk='observation' needs the goal observation: a Task from infer_task("
+                raise ValueError(f"risk={self.config.risk!r} needs the goal observation: a Task from infer_task("
                                  f"GoalObservation) with task.goal[{self.obs_key!r}] (this task has none)")
             goal_obs = self.world_model.target(task.goal[self.obs_key].to(self.device))
             goal_obs = goal_obs.reshape(-1, *self.world_model.obs_shape)

@@ -98,10 +98,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mse-cases", type=int, default=1000, help="held-out transitions for check 1")
     p.add_argument("--rank-cases", type=int, default=100)
     p.add_argument("--rank-candidates", type=int, default=1000)
-    p.add_argument("--rank-risks", default="latent,observation",
-                   help="check 2 (H = 1) also by G under these risk forms (comma list of latent, observation; "
-                        "the agent's own --set risk=... is always ranked): observation decodes every candidate "
-                        "(100 x 1000 x J frames, minutes on a CPU)")
+    p.add_argument("--rank-risks", default="latent,observation,observation_corrected",
+                   help="check 2 (H = 1) also by G under these risk forms (comma list of latent, observation, "
+                        "observation_corrected; the agent's own --set risk=... is always ranked): the observation "
+                        "forms decode every candidate (100 x 1000 x J frames: minutes each on a CPU)")
     p.add_argument("--rank-horizon", type=int, default=5,
                    help="check 2 again with H-step sequences toward o_{t+H} (1: skip; see the report)")
     p.add_argument("--goals", type=int, default=20)
@@ -442,7 +442,8 @@ def _scorer_ranking(agent: ActiveInferenceAgent, heldout: ReplayBuffer, args, n:
     actions = torch.cat([true_actions, candidates], dim=1)  # the true sequence first
     goal_mean, goal_std = policy._goal(n)
     draws = policy.draw_noise(n, h)  # the state samples and transition draws, the same for every risk form
-    terms = policy.score(state, actions, goal_mean, goal_std, draws=draws)
+    current = wm.target(first)  # o_t in the decoder's scale (risk="observation_corrected")
+    terms = policy.score(state, actions, goal_mean, goal_std, draws=draws, current=current)
     out = {"cases": n, "candidates": k, "horizon": h, "risk_form": agent.config.risk}
     # G as computed adds the constant ambiguity (~1.7e4 nats for 64x64x3 pixels), which rounds float32 G
     # values into ties; "G_nonconstant" = risk - epistemic_weight * epistemic ranks the same way without it.
@@ -454,7 +455,7 @@ def _scorer_ranking(agent: ActiveInferenceAgent, heldout: ReplayBuffer, args, n:
             other = ActiveInferencePolicy(wm, replace(agent.config, risk=form), goal=task.z,
                                           goal_obs=wm.target(goal_frames))
             started = time.perf_counter()
-            t = other.score(state, actions, goal_mean, goal_std, draws=draws)
+            t = other.score(state, actions, goal_mean, goal_std, draws=draws, current=current)
             g = t["risk"] - agent.config.epistemic_weight * t["epistemic"]
             rank = ((g[:, 1:] < g[:, :1]).float() + 0.5 * (g[:, 1:] == g[:, :1]).float()).mean(1)
             out[f"{form}_risk_G_fraction_in_best_20pct"] = float((rank < 0.2).float().mean())

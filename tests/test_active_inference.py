@@ -595,11 +595,14 @@ def test_belief_change_scores_only_the_lowest_risk_candidates_and_prefers_inform
 # ------------------------------------------------------------ AV's instrumental term (risk="observation")
 
 
-def test_observation_risk_is_the_goal_frames_gaussian_nll_of_the_decoded_predictions():
+@pytest.mark.parametrize("risk", ["observation", "observation_corrected"])
+def test_observation_risk_is_the_goal_frames_gaussian_nll_of_the_decoded_predictions(risk):
     """``risk="observation"``: per candidate, ``sum_t mean_j ||dec(mean_t) - o_goal||^2 / (2 obs_std^2)`` by hand,
     each env against its own goal's newest frame (the goals are stacked frames whose two frames differ), with
-    the rollouts of the scorer's draws; G = risk + ambiguity - w * epistemic. Chunked decoding changes nothing."""
-    agent = make_agent("pixels", risk="observation", epistemic_weight=0.5, obs_std=0.2)
+    the rollouts of the scorer's draws; G = risk + ambiguity - w * epistemic. ``"observation_corrected"``: the
+    same with ``dec(mean_t) + (o_now - dec(mean_now))``, o_now the newest observed frame. Chunked decoding
+    changes nothing."""
+    agent = make_agent("pixels", risk=risk, epistemic_weight=0.5, obs_std=0.2)
     agent.eval()
     wm, n, k = agent.world_model, 2, 3
     g = torch.Generator().manual_seed(0)
@@ -611,24 +614,32 @@ def test_observation_risk_is_the_goal_frames_gaussian_nll_of_the_decoded_predict
     h, j = agent.config.plan_horizon, agent.config.num_samples
     actions = torch.rand(n, k, h, ACTION_DIM, generator=g) * 2 - 1
     draws = policy.draw_noise(n, h, [torch.Generator().manual_seed(s) for s in range(n)])
+    current = agent.world_model.target(obs)
     with torch.no_grad():
-        terms = policy.score(state, actions, *policy._goal(n), draws=draws)
+        terms = policy.score(state, actions, *policy._goal(n), draws=draws, current=current)
         rollout = wm.imagine(state.repeat_interleave(k, dim=0), actions.flatten(0, 1), num_samples=j,
                              noise=policy.common_noise(draws, k))
         frames = wm.decode_mean(rollout["mean"].flatten(0, 1)).reshape(n, k, j, h, 3, 64, 64)
         goal_frames = goals[:, 3:].float() / 255.0 - 0.5  # the newest of each goal's two frames
+        if risk == "observation_corrected":
+            frames = frames + (obs[:, 3:].float() / 255.0 - 0.5 - wm.decode_mean(state["mean"]))[:, None, None, None]
         error = (frames - goal_frames[:, None, None, None]).square().sum((-3, -2, -1))  # [n, k, j, h]
         expected = (error / (2 * 0.2 ** 2)).sum(-1).mean(-1)
         torch.testing.assert_close(terms["risk"], expected)
         torch.testing.assert_close(terms["G"], terms["risk"] + terms["ambiguity"] - 0.5 * terms["epistemic"])
-        chunked = wm.observation_risk(rollout["mean"], policy.goal_obs,
-                                      torch.arange(n).repeat_interleave(k * j), chunk=5)
-        torch.testing.assert_close(chunked.sum(-1).reshape(n, k, j).mean(-1), expected)
+        if risk == "observation":
+            chunked = wm.observation_risk(rollout["mean"], policy.goal_obs,
+                                          torch.arange(n).repeat_interleave(k * j), chunk=5)
+            torch.testing.assert_close(chunked.sum(-1).reshape(n, k, j).mean(-1), expected)
+        else:
+            with pytest.raises(ValueError, match="needs the current observation"):
+                policy.score(state, actions, *policy._goal(n), draws=draws)
 
 
-def _linear_world(wm, monkeypatch):
+def _linear_world(wm, monkeypatch, bias: float = 0.0):
     """A world whose belief is the state's first D dims (sharp), whose transition adds the action to the first
-    A dims of the latent, and whose decoder writes the latent into the state's first D dims (0 after)."""
+    A dims of the latent, and whose decoder writes the latent into the state's first D dims (0 after), with
+    ``bias`` added to the first (a decoder that draws every state shifted)."""
     d = wm.latent_dim
     monkeypatch.setattr(wm, "posterior", lambda x: (x[:, :d].float(), torch.full_like(x[:, :d].float(), 1e-4)))
 
@@ -638,17 +649,24 @@ def _linear_world(wm, monkeypatch):
         return mean.expand(len(wm.transitions), -1, -1), torch.full((len(wm.transitions), *s.shape), 1e-4)
 
     monkeypatch.setattr(wm, "transition_members", transition_members)
-    monkeypatch.setattr(wm, "decode_mean", lambda s: torch.cat([s, torch.zeros(s.shape[0], STATE_DIM - d)], 1))
+    shift = torch.zeros(STATE_DIM)
+    shift[0] = bias
+    monkeypatch.setattr(wm, "decode_mean",
+                        lambda s: torch.cat([s, torch.zeros(s.shape[0], STATE_DIM - d)], 1) + shift)
 
 
-def test_observation_risk_policy_steers_to_the_goal_frame(monkeypatch):
+@pytest.mark.parametrize("risk, bias", [("observation", 0.0), ("observation_corrected", 0.0),
+                                        ("observation_corrected", 0.3), ("observation", 0.3)])
+def test_observation_risk_policy_steers_to_the_goal_frame(monkeypatch, risk, bias):
     """End to end (infer_task -> policy -> plan): in a linear world where the action moves the state, the policy
     with the observation risk picks the action that lands on the goal observation, for each env its own goal.
-    The goal's last dim is one the decoder cannot draw, so its risk is a constant and the argmin ignores it."""
-    agent = make_agent("state", risk="observation", planner="shooting", num_candidates=4000, plan_horizon=1,
+    The goal's last dim is one the decoder cannot draw, so its risk is a constant and the argmin ignores it.
+    A decoder that draws every state shifted (``bias``) misleads the plain form by the shift; the corrected form
+    subtracts the decoder's error on the current observation and still lands on the goal."""
+    agent = make_agent("state", risk=risk, planner="shooting", num_candidates=4000, plan_horizon=1,
                        epistemic_weight=0.0)
     agent.eval()
-    _linear_world(agent.world_model, monkeypatch)
+    _linear_world(agent.world_model, monkeypatch, bias)
     start = torch.tensor([[0.1, -0.2, 0.3, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0]])
     move = torch.tensor([[0.6, -0.5], [-0.3, 0.8]])
     goal = start.clone()
@@ -659,7 +677,9 @@ def test_observation_risk_policy_steers_to_the_goal_frame(monkeypatch):
     obs = TensorDict({"state": start}, batch_size=[2])
     torch.manual_seed(0)
     action, carry = policy.step(obs, policy.start_episode(2), torch.zeros(2, dtype=torch.bool))
-    torch.testing.assert_close(action, move, atol=0.05, rtol=0)
+    misled = risk == "observation" and bias != 0.0
+    expected = move - torch.tensor([bias, 0.0]) if misled else move
+    torch.testing.assert_close(action, expected, atol=0.05, rtol=0)
     # the risk is in observation space: the undrawable dim's (5 - 0)^2 / (2 obs_std^2), the rest ~0
     torch.testing.assert_close(carry["efe_risk"], torch.full((2,), 25.0 / (2 * agent.config.obs_std ** 2)),
                                rtol=1e-3, atol=0)

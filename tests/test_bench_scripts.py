@@ -189,7 +189,8 @@ class _ShiftWorld:
         return TensorDict({"pixels": x * scale, "action": action, "next": {"pixels": nxt * scale}}, batch_size=[n])
 
 
-def _shift_world(wm, monkeypatch):
+def _shift_world(wm, monkeypatch, bias: float = 0.0):
+    """``bias``: the decoder draws the state's first value shifted by it (a systematic drawing error)."""
     import torch
 
     d = wm.latent_dim
@@ -203,6 +204,7 @@ def _shift_world(wm, monkeypatch):
     def decode_mean(s):
         image = torch.full((s.shape[0], 3, 64, 64), -0.5)
         image[:, 0, 0, :d] = s - 0.5
+        image[:, 0, 0, 0] += bias
         return image
 
     monkeypatch.setattr(wm, "transition_members", transition_members)
@@ -220,14 +222,22 @@ def test_bench_active_inference_check2_ranks_the_true_action_first_in_a_known_wo
     agent = ActiveInferenceAgent(cfg, (3, 64, 64), 2)
     agent.eval()
     _shift_world(agent.world_model, monkeypatch)
-    args = SimpleNamespace(seed=0, rank_risks=["latent", "observation"])
+    args = SimpleNamespace(seed=0, rank_risks=["latent", "observation", "observation_corrected"])
     out = bench._scorer_ranking(agent, _ShiftWorld(cfg.latent_dim, 2), args, n=20, k=200, h=1)
     assert out["risk_form"] == "latent"
     assert out["G_nonconstant_fraction_in_best_20pct"] == 1.0 and out["G_nonconstant_median_rank"] < 0.02
     assert out["observation_risk_G_fraction_in_best_20pct"] == 1.0 and out["observation_risk_G_median_rank"] < 0.02
+    assert out["observation_corrected_risk_G_fraction_in_best_20pct"] == 1.0
     args.rank_risks = ["latent"]
     assert "observation_risk_G_median_rank" not in bench._scorer_ranking(agent, _ShiftWorld(cfg.latent_dim, 2),
                                                                          args, n=4, k=10, h=1)
+    # a decoder that draws the state shifted by a whole action's move: the plain observation risk then prefers
+    # the actions that undo the shift; the corrected form takes the decoder's error on o_t away and does not
+    _shift_world(agent.world_model, monkeypatch, bias=0.1)
+    args.rank_risks = ["observation", "observation_corrected"]
+    out = bench._scorer_ranking(agent, _ShiftWorld(cfg.latent_dim, 2), args, n=20, k=200, h=1)
+    assert out["observation_corrected_risk_G_fraction_in_best_20pct"] == 1.0
+    assert out["observation_risk_G_fraction_in_best_20pct"] < 0.5
 
 
 def test_bench_active_inference_quick_never_defaults_to_the_docs_page(tmp_path, monkeypatch):
