@@ -7,6 +7,7 @@
 #   PARTS=open bash scripts/gpu_checks.sh      # issues 14 and 16 (with latentrl installed: pip install -e ".[dev,gpu]")
 #   PARTS=issue19 bash scripts/gpu_checks.sh   # the GPU tests and rows of issue 19 (closed; re-measured when time is left)
 #   PARTS=train STAMO_DIR=... AI_DATA=... bash scripts/gpu_checks.sh   # training runs of issues 14 / 16 (see below)
+#   PARTS=pm AI_PM_DATA=... bash scripts/gpu_checks.sh   # issue 14's point_mass model with the lr drop (see below)
 #
 # Where the machine's image lacks the packages and cannot download (the lent H200s so far), pack them here with
 # scripts/gpu_pack.sh and run this script through scripts/gpu_device.sh (as on 2026-12-04:
@@ -111,6 +112,38 @@ if [[ ",$PARTS," == *",train,"* ]]; then
       "${AI_SIZES[@]}" --data "$AI_DATA" ${AI_MODEL:+--load-model "$AI_MODEL" --resume} \
       --save-model "$OUT/ai_reacher_gpu.pt" --train-seconds "$AI_SECONDS" --checks latency --latency-presets "" \
       --device "$DEVICE" --threads "$THREADS" --out "$OUT/ai_reacher_train.md" --fig-dir "$OUT/ai_reacher_train"
+  fi
+fi
+
+if [[ ",$PARTS," == *",pm,"* ]]; then
+  # Issue 14's check 2 wants a point_mass world model trained far past what one CPU thread gives in a session (the
+  # best one, 46k updates with the learning rate dropped 1e-3 -> 1e-4 -> 1e-5, took a GPU lease plus ~2 h here). This
+  # trains one in a single device call, A at lr 1e-3 then B resumed at 1e-4; checks 1-3 run here on the CPU afterwards
+  # (`bench_active_inference.py --load-model ai_pm_b.pt --checks 1,2`: check 2 ranks by the three risk forms).
+  #   AI_PM_DATA  a `bench_active_inference.py` --data folder of point_mass-easy_visible (train/, heldout/: 200 + 10
+  #               uniform-random episodes x 250 steps; collect here, then tar -cJf .gpucarry/ai_pm.tar.xz -C DIR .)
+  #   AI_PM_MODEL (optional) a --save-model file to train on; AI_PM_SECONDS (default 270: ~18k updates on the H200),
+  #   AI_PM_DROP_SECONDS (default 100). Timeouts add up to 520 s. Results in $OUT: ai_pm_a.pt, ai_pm_b.pt, logs.
+  AI_PM_SECONDS=${AI_PM_SECONDS:-270}; AI_PM_DROP_SECONDS=${AI_PM_DROP_SECONDS:-100}
+  if [ "$QUICK" = 1 ]; then
+    AI_PM_DATA=$OUT/quick_ai_pm_data; AI_PM_SECONDS=20; AI_PM_DROP_SECONDS=20; PM_SIZES=(--quick)
+  else
+    PM_SIZES=(--episode-length 250 --train-episodes 200 --heldout-episodes 10 --updates 200000)
+  fi
+  if [ -z "${AI_PM_DATA:-}" ]; then
+    echo "[gpu_checks] FAILED: PARTS=pm needs AI_PM_DATA (a point_mass data folder)"; FAILED=1
+  else
+    pm() {  # pm NAME SECONDS ARGS...: one training leg of the point_mass model
+      local name=$1 seconds=$2; shift 2
+      run "$name" $(( seconds + 75 )) 4 python scripts/bench_active_inference.py --task point_mass-easy_visible \
+        "${PM_SIZES[@]}" --data "$AI_PM_DATA" --train-seconds "$seconds" --checks latency --latency-presets "" \
+        --device "$DEVICE" --threads "$THREADS" --out "$OUT/$name.md" --fig-dir "$OUT/$name" "$@"
+    }
+    step "issue 14: point_mass world model, lr 1e-3 ($AI_PM_DATA${AI_PM_MODEL:+, on from $AI_PM_MODEL})"
+    pm ai_pm_a "$AI_PM_SECONDS" ${AI_PM_MODEL:+--load-model "$AI_PM_MODEL" --resume} --save-model "$OUT/ai_pm_a.pt"
+    step "issue 14: the same model trained on at lr 1e-4"
+    pm ai_pm_b "$AI_PM_DROP_SECONDS" --load-model "$OUT/ai_pm_a.pt" --resume --save-model "$OUT/ai_pm_b.pt" \
+      --set lr=0.0001
   fi
 fi
 

@@ -528,6 +528,30 @@ def test_gpu_checks_training_parts_dry_run_on_the_cpu(tmp_path):
     assert record["updates"] == 6 and (out / "quick_ai_data" / "train").is_dir()
 
 
+def test_gpu_checks_point_mass_part_dry_run_on_the_cpu(tmp_path):
+    """``PARTS=pm`` (issue 14's point_mass model on a lent GPU) with ``DEVICE=cpu QUICK=1``: leg A trains from
+    scratch, leg B resumes it at lr 1e-4 (its record continues A's updates), both files in $OUT; without
+    AI_PM_DATA outside the dry run the part fails with a clear line instead of running."""
+    import os
+    import subprocess
+
+    import torch
+
+    out = tmp_path / "gpu_out"
+    env = {**os.environ, "DEVICE": "cpu", "QUICK": "1", "PARTS": "pm", "OUT": str(out), "MUJOCO_GL": "egl"}
+    proc = subprocess.run(["bash", str(SCRIPTS / "gpu_checks.sh")], cwd=SCRIPTS.parent, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    a = torch.load(out / "ai_pm_a.pt", weights_only=True)
+    b = torch.load(out / "ai_pm_b.pt", weights_only=True)
+    assert a["train"]["updates"] == 6 and b["train"]["updates"] == 12
+    assert [x["optimizer"]["param_groups"][0]["lr"] for x in (a, b)] == [1e-3, 1e-4]
+    env.update(QUICK="0", OUT=str(tmp_path / "none"))
+    proc = subprocess.run(["bash", str(SCRIPTS / "gpu_checks.sh")], cwd=SCRIPTS.parent, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode != 0 and "needs AI_PM_DATA" in proc.stdout
+
+
 def test_bench_active_inference_free_energy_plot_shows_a_negative_curve():
     """The free energy of a small-obs_std Gaussian likelihood is negative after the first updates: its plot is linear
     (a log axis drew nothing, as on the page until 2026-12-04), limited to the values after the first 2% of updates
