@@ -901,3 +901,31 @@ def test_bench_stamo_motion_transfer_reports_moving_sources_beside_every_case():
     assert out["share_positive_cosine"] == pytest.approx(3 / 5)  # the two still sources decode the wrong way
     assert out["moving_cases"] == 2 and out["share_positive_cosine_moving"] == pytest.approx(1.0)
     assert bench.transfer_cosines(decoded[2:4], source[2:4])["share_positive_cosine_moving"] is None
+
+
+def test_gpu_prepare_collects_and_packs_the_carry(tmp_path):
+    """``scripts/gpu_prepare.sh`` (the next lease's carry from nothing) at tiny sizes: each part's data is collected
+    and packed into a tarball that unpacks to what gpu_checks.sh reads (train/ and heldout/ buffers; StaMo's
+    episodes.pt); run again, it packs the folders it finds instead of collecting; an unknown part is refused."""
+    import os
+    import subprocess
+    import tarfile
+
+    data, carry = tmp_path / "data", tmp_path / "carry"
+    env = {**os.environ, "WHAT": "pm stamo", "DATA": str(data), "CARRY_DIR": str(carry), "EPISODES_SCALE": "125",
+           "MUJOCO_GL": "egl"}
+    proc = subprocess.run(["bash", str(SCRIPTS / "gpu_prepare.sh")], cwd=SCRIPTS.parent, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with tarfile.open(carry / "ai_pm.tar.xz") as tar:
+        names = tar.getnames()
+    assert any(n.startswith("./train/") for n in names) and any(n.startswith("./heldout/") for n in names)
+    with tarfile.open(carry / "stamo_r250.tar.xz") as tar:
+        assert tar.getnames() == ["episodes.pt"]
+    assert not list(carry.glob("*.tmp"))
+    again = subprocess.run(["bash", str(SCRIPTS / "gpu_prepare.sh")], cwd=SCRIPTS.parent,
+                           env={**env, "WHAT": "pm"}, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "holds data already" in again.stdout
+    bad = subprocess.run(["bash", str(SCRIPTS / "gpu_prepare.sh")], cwd=SCRIPTS.parent, env={**env, "WHAT": "pmm"},
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown part 'pmm'" in bad.stdout
