@@ -323,8 +323,9 @@ class ActiveInferencePolicy(Policy):
     """Model-predictive control by expected free energy; see the module docstring.
 
     ``goal`` ``[1 or N, 2D]`` holds the preferred-state distribution ``[mean ‖ std]``, and ``goal_obs``
-    ``[1 or N, *obs_shape]`` the goal observation in the decoder's scale (what ``config.risk="observation"``
-    compares the decoded predictions with; required by it); ``reward``
+    ``[1 or N, *obs_shape]`` the goal observation in the decoder's scale (what the observation risks,
+    ``config.risk="observation"`` or ``"observation_corrected"``, compare the decoded predictions with; required
+    by them); ``reward``
     ``[1, F + 1]`` a reward readout ``[w ‖ b]`` on ``reward_features`` (the reward head's hidden
     layers); neither: exploration by the epistemic term only. The carry holds ``mean``, ``std`` (the
     belief q(s_t|o_t)), ``prev_action``, the planner's per-env ``seed``, the frame stack, and the executed
