@@ -693,7 +693,14 @@ def plot_free_energy(result: dict, path: Path) -> None:
 
     steps, curve = np.asarray(result["free_energy_steps"]), np.asarray(result["free_energy"])
     window = max(1, len(curve) // 10)
-    fig, ax = plt.subplots(figsize=(5, 3), dpi=80)
+    grad = result.get("grad_norm_max") or []
+    if grad:  # a second panel below: each log window's largest gradient norm before clipping (bursts show there)
+        fig, (ax, gax) = plt.subplots(2, 1, figsize=(5, 4.4), dpi=80, sharex=True, height_ratios=(2, 1))
+        gax.semilogy(result["grad_norm_steps"], grad, lw=0.6)
+        gax.set_ylabel("gradient norm\n(window max)", fontsize=8)
+        gax.set_xlabel("update")
+    else:
+        fig, ax = plt.subplots(figsize=(5, 3), dpi=80)
     ax.plot(steps, curve, lw=0.6, alpha=0.4, label="per update")
     sm = smooth(curve.tolist(), window)
     ax.plot(steps[window - 1:], sm, lw=1.5, label=f"moving average ({window} points)")
@@ -701,7 +708,8 @@ def plot_free_energy(result: dict, path: Path) -> None:
     ax.set_yscale(scale)
     if limits is not None:
         ax.set_ylim(*limits)
-    ax.set_xlabel("update")
+    if not grad:
+        ax.set_xlabel("update")
     ax.set_ylabel("free energy (nats / observation)", fontsize=8)
     if limits is not None:
         ax.set_title("the first updates lie above the scale", fontsize=8)
