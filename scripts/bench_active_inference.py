@@ -414,6 +414,12 @@ def static_pixels(current: Tensor, target: Tensor, threshold: float = 0.1) -> Te
     return (~moving).expand_as(target)
 
 
+def true_action_rank(g: Tensor) -> Tensor:
+    """``[N]``: per case, the fraction of the random candidates ``g[:, 1:]`` scored better than the true action
+    ``g[:, 0]`` (lower is better), ties counted half (mid-rank)."""
+    return ((g[:, 1:] < g[:, :1]).float() + 0.5 * (g[:, 1:] == g[:, :1]).float()).mean(1)
+
+
 @torch.no_grad()
 def scorer_ranking(agent: ActiveInferenceAgent, heldout: ReplayBuffer, args, horizon: int = 1) -> dict:
     """Check 2: rank of the true actions a_{t:t+H} among random H-step candidates, with the goal o_{t+H}
@@ -456,8 +462,7 @@ def _scorer_ranking(agent: ActiveInferenceAgent, heldout: ReplayBuffer, args, n:
                                           goal_obs=wm.target(goal_frames))
             started = time.perf_counter()
             t = other.score(state, actions, goal_mean, goal_std, draws=draws, current=current)
-            g = t["risk"] - agent.config.epistemic_weight * t["epistemic"]
-            rank = ((g[:, 1:] < g[:, :1]).float() + 0.5 * (g[:, 1:] == g[:, :1]).float()).mean(1)
+            rank = true_action_rank(t["risk"] - agent.config.epistemic_weight * t["epistemic"])
             out[f"{form}_risk_G_fraction_in_best_20pct"] = float((rank < 0.2).float().mean())
             out[f"{form}_risk_G_median_rank"] = float(rank.median())
             out[f"{form}_risk_seconds"] = round(time.perf_counter() - started, 1)
@@ -473,9 +478,7 @@ def _scorer_ranking(agent: ActiveInferenceAgent, heldout: ReplayBuffer, args, n:
     for name in ("G_nonconstant", "G", "risk", "final_risk"):
         if name not in terms.keys():
             continue
-        g = terms[name]
-        # the fraction of random candidates scored better, ties counted half (mid-rank)
-        rank = ((g[:, 1:] < g[:, :1]).float() + 0.5 * (g[:, 1:] == g[:, :1]).float()).mean(1)
+        rank = true_action_rank(terms[name])
         out[f"{name}_fraction_in_best_20pct"] = float((rank < 0.2).float().mean())
         out[f"{name}_median_rank"] = float(rank.median())
     out["pass"] = out["G_nonconstant_fraction_in_best_20pct"] >= 0.8
