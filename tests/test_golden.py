@@ -5,7 +5,7 @@ the ``smoke``-preset agent without an env, runs three updates on one fixed repla
 the deterministic policy for two steps. ``tests/golden/<agent>_<obs>.safetensors`` holds what the
 code of d7dbecc produced for exactly this; this test reruns it with the current code and wants every
 parameter / buffer, every metric of every update, both actions and the inferred task vector within
-``atol=1e-6`` (``rtol=0``, compared in float64). The few tensors of several MB are compared through a
+``atol=1e-6`` (``rtol=0``, compared in float64; pixel cases within ``PIXEL_ATOL``, see there). The few tensors of several MB are compared through a
 sample and column sums (see ``BIG``).
 
 A refactor that only renames things maps the old names in :data:`RENAMED` (and lists names that
@@ -37,6 +37,14 @@ NUM_UPDATES = 3
 INPUT_SEED = 20240601  # the generator of the batch, rewards, policy observations and skills
 INIT_SEED, UPDATE_SEED = 0, 1  # torch.manual_seed before construction / before the updates
 ATOL = 1e-6
+# Pixel cases on another CPU: oneDNN picks its convolution kernels by instruction set, so the conv trunks round
+# differently on a machine without AVX-512 than on the one that wrote the files, and Adam lifts those differences
+# in near-zero gradients to a whole step (lr 1e-4) of a few parameters. Measured 2026-12-04 on an AVX2-only EPYC
+# with the unchanged code of 30558f6: rnd / td_jepa / fb pixels off by up to 2e-4 (task z, one conv weight),
+# losses by up to 1.5e-4, while metra's Dreamer trunk and every state case stayed within 1e-6. So pixel cases use
+# PIXEL_ATOL: a changed loss or target still moves the losses and actions by 1e-2 or more after three updates;
+# the state cases keep 1e-6 for the agents' maths.
+PIXEL_ATOL = 1e-3
 # Tensors of at least two dims with more elements than this (the Linear(20000 -> k) after the pixel
 # conv trunks, several MB each) are kept as "<key>@sample" (about SAMPLE_SIZE elements at a stride
 # coprime with the last dim: every row, spread columns; atol ATOL) and "<key>@colsum" (float64 sums
@@ -168,9 +176,10 @@ def run_case(agent: str, obs_type: str) -> tuple[dict[str, torch.Tensor], dict]:
     return out, config
 
 
-def compact(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+def compact(tensors: dict[str, torch.Tensor], tol: float = ATOL) -> tuple[dict[str, torch.Tensor],
+                                                                          dict[str, float]]:
     """The recorded tensors as the golden files hold them (big tensors summarised, see BIG) and the atol
-    of each key that is not ATOL."""
+    of each key that is not ``tol``."""
     out, atol = {}, {}
     for key, t in tensors.items():
         if t.dim() < 2 or t.numel() <= BIG:
@@ -182,7 +191,7 @@ def compact(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], 
             stride += 1
         out[f"{key}@sample"] = t.reshape(-1)[::stride].clone()
         out[f"{key}@colsum"] = t.reshape(-1, cols).double().sum(0)
-        atol[f"{key}@colsum"] = ATOL * (t.numel() // cols)
+        atol[f"{key}@colsum"] = tol * (t.numel() // cols)
     return out, atol
 
 
@@ -229,7 +238,8 @@ def test_agent_reproduces_golden_file(agent, obs_type):
         new = _rename(case, key)
         if new is not None:
             expected[new] = value
-    actual, atol = compact(run_case(agent, obs_type)[0])
+    tol = PIXEL_ATOL if obs_type == "pixels" else ATOL
+    actual, atol = compact(run_case(agent, obs_type)[0], tol)
 
     missing = sorted(set(expected) - set(actual))
     unexpected = sorted(k for k in set(actual) - set(expected) if not _is_added(case, k))
@@ -244,11 +254,11 @@ def test_agent_reproduces_golden_file(agent, obs_type):
     for key in sorted(expected):
         want, got = expected[key].to(torch.float64), actual[key].detach().to(torch.float64)
         try:
-            torch.testing.assert_close(got, want, atol=atol.get(key, ATOL), rtol=0)
+            torch.testing.assert_close(got, want, atol=atol.get(key, tol), rtol=0)
         except AssertionError as err:
             detail = (f"max |diff| {(got - want).abs().max().item():.3g}" if got.shape == want.shape
                       else str(err).splitlines()[0])
             failures.append(f"  {key} {list(want.shape)}: {detail}")
     if failures:
         pytest.fail(f"{case}: {len(failures)} of {len(expected)} tensors differ from {path.name} "
-                    f"(atol={ATOL}, rtol=0):\n" + "\n".join(failures))
+                    f"(atol={tol}, rtol=0):\n" + "\n".join(failures))

