@@ -5,8 +5,8 @@ the ``smoke``-preset agent without an env, runs three updates on one fixed repla
 the deterministic policy for two steps. ``tests/golden/<agent>_<obs>.safetensors`` holds what the
 code of d7dbecc produced for exactly this; this test reruns it with the current code and wants every
 parameter / buffer, every metric of every update, both actions and the inferred task vector within
-``atol=1e-6`` (``rtol=0``, compared in float64; pixel cases within ``PIXEL_ATOL``, see there). The few tensors of several MB are compared through a
-sample and column sums (see ``BIG``).
+``atol=1e-6`` (``rtol=0``, compared in float64; pixel cases within ``PIXEL_ATOL``, see there). The few
+tensors of several MB are compared through a sample and column sums (see ``BIG``).
 
 A refactor that only renames things maps the old names in :data:`RENAMED` (and lists names that
 are new in :data:`ADDED`); anything else that fails here changed the maths. Regenerate the golden
