@@ -69,6 +69,7 @@ __all__ = [
     "RISKS",
     "expected_free_energy",
     "plan",
+    "plan_value",
     "precision",
 ]
 
@@ -260,6 +261,18 @@ def expected_free_energy(rollout: TensorDict, goal_mean: Tensor | None, goal_std
 
 
 # ------------------------------------------------------------------------------------- the planner
+
+
+def plan_value(terms: TensorDict, epistemic_weight: float) -> Tensor:
+    """What the planner minimises over candidates: ``G`` without its ambiguity, ``risk - epistemic_weight *
+    epistemic``, and inf for the candidates the ``belief_change`` term screened out. The ambiguity is the same
+    for every candidate (fixed-variance decoder) and ~1e4 nats, so adding it in float32 rounds away the
+    differences an argmin has to see; the order is G's otherwise. ``terms``: what ``ActiveInferencePolicy.score``
+    returns (``screened`` optional)."""
+    value = terms["risk"] - epistemic_weight * terms["epistemic"]
+    if "screened" in terms.keys():
+        value = value.masked_fill(terms["screened"] > 0, float("inf"))
+    return value
 
 
 def plan(score: Callable[[Tensor], Tensor], batch_size: int, horizon: int, action_dim: int, *,
@@ -518,11 +531,8 @@ class ActiveInferencePolicy(Policy):
         draws = self.draw_noise(n, cfg.plan_horizon, gens)
 
         def rank(a: Tensor) -> Tensor:
-            # G without its ambiguity term: that term is the same for every candidate (fixed-variance decoder)
-            # and ~1e4 nats, so adding it in float32 rounds away the differences the argmin has to see.
             terms = self.score(state, a, goal_mean, goal_std, context=context, draws=draws, current=current)
-            value = terms["risk"] - cfg.epistemic_weight * terms["epistemic"]
-            return value.masked_fill(terms["screened"] > 0, float("inf"))
+            return plan_value(terms, cfg.epistemic_weight)
 
         actions, _ = plan(rank, n, cfg.plan_horizon,
                           self.action_dim, num_candidates=cfg.num_candidates, method=cfg.planner,
@@ -650,9 +660,64 @@ class ActiveInferenceAgent(Agent):
 
     # --------------------------------------------------------------------------------- update
     def update(self, batch: TensorDict) -> dict[str, Tensor]:
+        terms, objective = self._objective_terms(batch)
+        self._optimizer.zero_grad(set_to_none=True)
+        sum(objective.values()).backward()
+        # each part's gradient norm (before clipping): where a burst of the global norm comes from
+        groups = {f"grad_norm_{name}": torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+                  for name, params in self.parameter_groups().items()}
+        self._optimizer.step()
+        metrics = {"free_energy": (terms["recon"] + self.world_model.kl_transition_weight * terms["kl_transition"]
+                                   + self.world_model.kl_prior_weight * terms["kl_prior"]),
+                   **{k: terms[k] for k in ("recon", "kl_transition", "kl_prior", "posterior_std", "epistemic")},
+                   "reward_loss": objective["reward"], **groups}
+        grad_norm = last_grad_norm(self._optimizer)
+        if grad_norm is not None:  # before clipping (max_grad_norm): spikes of the free energy show here first
+            metrics["grad_norm"] = grad_norm
+        return scalar_metrics({k: v.detach() for k, v in metrics.items()}, self.device)  # no host sync per update
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """The trained parameters by part (every parameter of the optimizer in exactly one): ``encoder`` (the
+        pixel or state trunk), ``posterior`` (q(s|o)'s head), ``transition`` (the ensemble), ``decoder`` and
+        ``reward`` (the reward head)."""
+        wm = self.world_model
+        return {"encoder": list(wm.encoder.parameters()), "posterior": list(wm.posterior_head.parameters()),
+                "transition": list(wm.transitions.parameters()), "decoder": list(wm.decoder.parameters()),
+                "reward": list(self.reward_head.parameters())}
+
+    def gradient_norms_by_term(self, batch: TensorDict) -> dict[str, dict[str, float]]:
+        """Each objective term's gradient norm on each part (:meth:`parameter_groups`, and ``"all"``) for the
+        batch, as :meth:`update` would compute it from the current parameters and torch's RNG state, and under
+        ``"total"`` the norms of their sum (the update's gradient). Changes nothing (no ``.grad``, no step). For
+        tracing a gradient burst: set the parameters and RNG state of the update that burst
+        (``bench_active_inference.py --burst-dump`` does)."""
+        _, objective = self._objective_terms(batch)
+        groups = self.parameter_groups()
+        params = [p for ps in groups.values() for p in ps]
+
+        def norms(grads: list[Tensor]) -> dict[str, float]:
+            out, i = {}, 0
+            for group, ps in groups.items():
+                out[group] = float(torch.nn.utils.get_total_norm(grads[i:i + len(ps)]))
+                i += len(ps)
+            return {**out, "all": float(torch.nn.utils.get_total_norm(grads))}
+
+        out: dict[str, dict[str, float]] = {}
+        total = [torch.zeros_like(p) for p in params]
+        for name, term in objective.items():
+            grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True) \
+                if term.requires_grad else [None] * len(params)
+            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
+            torch._foreach_add_(total, grads)
+            out[name] = norms(grads)
+        out["total"] = norms(total)  # the sum of the terms' gradients: the update's own
+        return out
+
+    def _objective_terms(self, batch: TensorDict) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """The world model's loss terms and the objective's summands (the model's weighted terms and the reward
+        head's squared error, ``reward``), all with their graphs."""
         batch = batch.to(self.device)
-        out = self.world_model.loss(batch)
-        loss = out["loss"]
+        terms = self.world_model.loss_terms(batch)
         reward_loss = torch.zeros((), device=self.device)
         if ("next", "reward") in batch.keys(True):
             # the mean over the rows with a reward (NaN marks reward-free steps), masked rather than selected so
@@ -668,15 +733,7 @@ class ActiveInferenceAgent(Agent):
             error = torch.where(finite, pred - torch.nan_to_num(reward), 0.0)
             squared = gather_batch(error.square(), grad=True)
             reward_loss = squared.sum() / gather_batch(finite).sum().clamp_min(1)
-            loss = loss + reward_loss
-        self._optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self._optimizer.step()
-        metrics = {**{k: v for k, v in out.items() if k != "loss"}, "reward_loss": reward_loss.detach()}
-        grad_norm = last_grad_norm(self._optimizer)
-        if grad_norm is not None:  # before clipping (max_grad_norm): spikes of the free energy show here first
-            metrics["grad_norm"] = grad_norm
-        return scalar_metrics(metrics, self.device)  # tensors: no host sync per update
+        return terms, {**terms["objective"], "reward": reward_loss}
 
     def extra_state(self) -> dict[str, Any]:
         return {"env_steps": self.env_steps}

@@ -55,6 +55,7 @@ from latentrl.agents.active_inference import (
     RISKS,
     ActiveInferenceAgent,
     ActiveInferencePolicy,
+    plan_value,
 )
 from latentrl.agents.base import GoalObservation, Policy, UniformRandomPolicy
 from latentrl.control.telemetry import step_latencies
@@ -92,6 +93,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--updates", type=int, default=20000, help="most world-model updates")
     p.add_argument("--train-seconds", type=float, default=540.0, help="most seconds of training")
     p.add_argument("--log-every", type=int, default=10, help="keep the free energy every N updates")
+    p.add_argument("--burst-dump", default=None, metavar="PREFIX",
+                   help="trace gradient bursts: an update whose gradient norm (before clipping) exceeds "
+                        "--burst-factor x the median of the previous 200 is re-run from its parameters and RNG "
+                        "state term by term (each objective term's gradient norm on each part, kept in the record "
+                        "and printed) and written to PREFIX.<update>.pt (parameters before it, RNG state, batch; "
+                        "the first 3)")
+    p.add_argument("--burst-factor", type=float, default=20.0)
     p.add_argument("--save-every", type=float, default=600.0,
                    help="with --save-model: also write it (weights, Adam state, record so far) every this many seconds "
                         "of training, so a long run that is stopped keeps its updates (0: only at the end)")
@@ -285,6 +293,61 @@ def smooth(values: list[float], window: int) -> np.ndarray:
     return np.convolve(v, np.ones(window) / window, mode="valid")
 
 
+class BurstTracer:
+    """``--burst-dump``: finds the updates whose gradient norm (before clipping) jumps above ``factor`` x the median
+    of the previous 200 and re-runs each from the parameters and RNG state it started from, one objective term at a
+    time (:meth:`ActiveInferenceAgent.gradient_norms_by_term`), so a burst is traced to a term and a part. Keeps
+    a copy of the parameters before every update (a few MB); leaves the training's RNG stream as it was."""
+
+    MAX_DUMPS = 3
+
+    def __init__(self, agent: ActiveInferenceAgent, prefix: str, factor: float, previous: dict | None = None):
+        self.agent, self.prefix, self.factor = agent, prefix, float(factor)
+        self.recent: list[float] = []
+        self.bursts: list[dict] = list((previous or {}).get("bursts", []))
+        self._state = self._rng = self._batch = None
+
+    def before(self, batch: TensorDict) -> None:
+        self._state = {k: v.detach().clone() for k, v in self.agent.state_dict().items()}
+        self._rng, self._batch = torch.get_rng_state(), batch
+
+    def after(self, update: int, metrics: dict[str, float]) -> None:
+        norm = metrics.get("grad_norm")
+        if norm is None:
+            return
+        if len(self.recent) >= 50 and norm > self.factor * float(np.median(self.recent)):
+            self._trace(update, metrics, float(np.median(self.recent)))
+        self.recent = [*self.recent[-199:], norm]
+
+    def _trace(self, update: int, metrics: dict[str, float], median: float) -> None:
+        rng_now = torch.get_rng_state()
+        state_now = {k: v.detach().clone() for k, v in self.agent.state_dict().items()}
+        self.agent.load_state_dict(self._state)
+        torch.set_rng_state(self._rng)
+        try:
+            by_term = self.agent.gradient_norms_by_term(self._batch)
+        finally:  # the training goes on from where it was, its RNG stream untouched
+            self.agent.load_state_dict(state_now)
+            torch.set_rng_state(rng_now)
+        entry = {"update": update, "grad_norm": metrics["grad_norm"], "median_before": median,
+                 "grad_norm_by_part": {k[len("grad_norm_"):]: v for k, v in metrics.items()
+                                       if k.startswith("grad_norm_")},
+                 "by_term": by_term,  # its "total" row re-computes the update's gradient: compare with the above
+                 "metrics": {k: v for k, v in metrics.items() if not k.startswith("grad_norm")}}
+        self.bursts.append(entry)
+        print(f"[bench_ai] gradient burst at update {update}: norm {metrics['grad_norm']:.3g} "
+              f"({metrics['grad_norm'] / median:.0f}x the median of the last {len(self.recent)})", flush=True)
+        parts = list(next(iter(by_term.values())))
+        print("    term \\ part  " + "".join(f"{p:>12}" for p in parts), flush=True)
+        for term, norms in by_term.items():
+            print(f"    {term:<13}" + "".join(f"{norms[p]:12.3g}" for p in parts), flush=True)
+        if sum(1 for b in self.bursts if "file" in b) < self.MAX_DUMPS:
+            path = f"{self.prefix}.{update}.pt"
+            save_atomic({"agent_before": self._state, "rng_state": self._rng, "batch": self._batch.to_dict(),
+                         "batch_size": list(self._batch.batch_size), "burst": entry}, path)
+            entry["file"] = path
+
+
 def train(agent: ActiveInferenceAgent, buffer: ReplayBuffer, args, previous: dict | None = None) -> dict:
     """``--updates`` / ``--train-seconds`` world-model updates; with ``previous`` (the record of a loaded model,
     ``--resume``) the update count, curve and time continue from it. With ``--save-model`` the model and the record
@@ -311,11 +374,18 @@ def train(agent: ActiveInferenceAgent, buffer: ReplayBuffer, args, previous: dic
                 "grad_norm_max": norms, "free_energy_first_smoothed": float(sm[0]),
                 "free_energy_last_smoothed": float(sm[-1]), "smoothed_marks": marks.tolist(),
                 "smoothed_monotone": bool(np.all(np.diff(marks) <= 0)),
-                "resumed_at": [*previous.get("resumed_at", []), done] if previous else []}
+                "resumed_at": [*previous.get("resumed_at", []), done] if previous else [],
+                **({"bursts": tracer.bursts} if tracer is not None else {})}
 
+    tracer = BurstTracer(agent, args.burst_dump, args.burst_factor, previous) if args.burst_dump else None
     while updates - done < args.updates and time.perf_counter() - start < args.train_seconds:
-        metrics = {k: float(v) for k, v in agent.update(buffer.sample(**kwargs)).items()}
+        batch = buffer.sample(**kwargs)
+        if tracer is not None:
+            tracer.before(batch)
+        metrics = {k: float(v) for k, v in agent.update(batch).items()}
         updates += 1
+        if tracer is not None:
+            tracer.after(updates, metrics)
         if "grad_norm" in metrics:
             window_max = np.fmax(window_max, metrics["grad_norm"])
         if updates % args.log_every == 0 or updates == 1:
@@ -452,8 +522,9 @@ def _scorer_ranking(agent: ActiveInferenceAgent, heldout: ReplayBuffer, args, n:
     terms = policy.score(state, actions, goal_mean, goal_std, draws=draws, current=current)
     out = {"cases": n, "candidates": k, "horizon": h, "risk_form": agent.config.risk}
     # G as computed adds the constant ambiguity (~1.7e4 nats for 64x64x3 pixels), which rounds float32 G
-    # values into ties; "G_nonconstant" = risk - epistemic_weight * epistemic ranks the same way without it.
-    terms["G_nonconstant"] = terms["risk"] - agent.config.epistemic_weight * terms["epistemic"]
+    # values into ties; "G_nonconstant" ranks as the policy's planner does (plan_value: risk - epistemic_weight
+    # * epistemic, screened candidates last), which is G's order without it.
+    terms["G_nonconstant"] = plan_value(terms, agent.config.epistemic_weight)
     if h == 1:  # G under the other risk forms asked for, on the same cases, candidates and draws
         for form in args.rank_risks:
             if form == agent.config.risk:
@@ -462,7 +533,7 @@ def _scorer_ranking(agent: ActiveInferenceAgent, heldout: ReplayBuffer, args, n:
                                           goal_obs=wm.target(goal_frames))
             started = time.perf_counter()
             t = other.score(state, actions, goal_mean, goal_std, draws=draws, current=current)
-            rank = true_action_rank(t["risk"] - agent.config.epistemic_weight * t["epistemic"])
+            rank = true_action_rank(plan_value(t, agent.config.epistemic_weight))
             out[f"{form}_risk_G_fraction_in_best_20pct"] = float((rank < 0.2).float().mean())
             out[f"{form}_risk_G_median_rank"] = float(rank.median())
             out[f"{form}_risk_seconds"] = round(time.perf_counter() - started, 1)

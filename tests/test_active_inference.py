@@ -15,7 +15,7 @@ from tensordict import TensorDict
 from torch.distributions import Normal, kl_divergence
 
 from latentrl.agents import GoalObservation
-from latentrl.agents.active_inference import ActiveInferenceAgent, expected_free_energy, plan, precision
+from latentrl.agents.active_inference import ActiveInferenceAgent, expected_free_energy, plan, plan_value, precision
 from latentrl.world_models.active_inference import (
     ActiveInferenceModel,
     BroadcastDecoder,
@@ -93,6 +93,18 @@ def test_free_energy_terms_match_closed_forms():
     expected = recon + kl_transition + 0.1 * kl_prior
     assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
     assert out["loss"].requires_grad
+
+
+def test_plan_value_is_g_without_its_constant_and_puts_screened_candidates_last():
+    """What the planner and the bench's check 2 both rank by: risk - w * epistemic (G less the ambiguity every
+    candidate shares), inf where the belief-change term screened the candidate out."""
+    terms = TensorDict({"risk": torch.tensor([[1.0, 2.0, 3.0]]), "epistemic": torch.tensor([[0.5, 0.0, 2.0]]),
+                        "ambiguity": torch.full((1, 3), 1.7e4), "screened": torch.tensor([[0.0, 1.0, 0.0]])},
+                       batch_size=[1, 3])
+    assert plan_value(terms, 1.0).tolist() == [[0.5, float("inf"), 1.0]]
+    assert plan_value(terms, 0.5).tolist() == [[0.75, float("inf"), 2.0]]
+    del terms["screened"]  # a scorer without the screen: every candidate ranked
+    assert plan_value(terms, 1.0).tolist() == [[0.5, 2.0, 1.0]]
 
 
 def test_expected_free_energy_of_a_two_state_example():
@@ -333,6 +345,65 @@ def test_update_reports_the_gradient_norm_before_clipping():
     assert norm > 100 * 1e-3  # so the clipped norm (1e-3) would not pass
     assert metrics["grad_norm"] == pytest.approx(float(norm), rel=1e-5)
     assert "grad_norm" not in make_agent("state", max_grad_norm=None).update(batch)
+    # each part's norm, also before clipping (the reference has no reward head: the batch has no reward)
+    wm = reference
+    for part, module in (("encoder", wm.encoder), ("posterior", wm.posterior_head), ("transition", wm.transitions),
+                         ("decoder", wm.decoder)):
+        expected = torch.stack([p.grad.norm() for p in module.parameters() if p.grad is not None]).norm()
+        assert metrics[f"grad_norm_{part}"] == pytest.approx(float(expected), rel=1e-5), part
+    assert metrics["grad_norm_reward"] == 0.0
+
+
+def _reward_batch(b: int = 8, length: int = 2, seed: int = 1) -> TensorDict:
+    g = torch.Generator().manual_seed(seed)
+    states = torch.randn(b, length + 1, STATE_DIM, generator=g)
+    return TensorDict({"state": states[:, :-1], "action": torch.rand(b, length, ACTION_DIM, generator=g) * 2 - 1,
+                       "has_action": torch.ones(b, length, dtype=bool),
+                       "next": {"state": states[:, 1:], "reward": torch.randn(b, length, 1, generator=g)}},
+                      batch_size=[b, length])
+
+
+def test_parameter_groups_hold_every_trained_parameter_once():
+    agent = make_agent("pixels")
+    grouped = [id(p) for ps in agent.parameter_groups().values() for p in ps]
+    trained = [id(p) for group in agent.optimizers()["model"].param_groups for p in group["params"]]
+    assert len(grouped) == len(set(grouped))
+    assert sorted(grouped) == sorted(trained)
+
+
+def test_gradient_norms_by_term_split_the_update_gradient():
+    """Re-computed from the same parameters and RNG state, the terms' gradients sum to the update's (the "total"
+    row against the update's per-part norms), each term reaches only the parts it depends on, and a term's norm
+    is its own backward's; nothing is stepped or left in ``.grad``."""
+    agent = make_agent("state", max_grad_norm=1e-3, free_nats=0.0)
+    batch = _reward_batch()
+    before = {k: v.clone() for k, v in agent.state_dict().items()}
+    torch.manual_seed(7)
+    by_term = agent.gradient_norms_by_term(batch)
+    assert all(torch.equal(v, agent.state_dict()[k]) for k, v in before.items())
+    assert all(p.grad is None for ps in agent.parameter_groups().values() for p in ps)
+    # the terms' own reach: the reconstruction never touches the transition or the reward head, the KL to the
+    # prior only the encoder and the posterior head, the transition KL not the decoder, the reward only its head
+    zero = {"recon": ("transition", "reward"), "kl_prior": ("transition", "decoder", "reward"),
+            "kl_transition": ("decoder", "reward"), "reward": ("encoder", "posterior", "transition", "decoder")}
+    for term, parts in zero.items():
+        assert all(by_term[term][p] == 0.0 for p in parts), (term, by_term[term])
+        assert by_term[term]["all"] > 0, term
+    # one term by hand: the transition KL (free nats 0, weight 1) backpropagated alone
+    torch.manual_seed(7)
+    agent.world_model.loss_terms(batch)["kl_transition"].backward()
+    expected = torch.stack([p.grad.norm() for p in agent.world_model.transitions.parameters()]).norm()
+    assert by_term["kl_transition"]["transition"] == pytest.approx(float(expected), rel=1e-5)
+    agent.world_model.zero_grad(set_to_none=True)
+    # the sum of the terms is the update's gradient (before clipping), part by part
+    torch.manual_seed(7)
+    metrics = agent.update(batch)
+    for part in agent.parameter_groups():
+        assert by_term["total"][part] == pytest.approx(float(metrics[f"grad_norm_{part}"]), rel=1e-4), part
+    assert by_term["total"]["all"] == pytest.approx(float(metrics["grad_norm"]), rel=1e-4)
+    # under the free nats (a KL below them costs nothing) the transition KL has no gradient at all
+    agent = make_agent("state", free_nats=1e6)
+    assert agent.gradient_norms_by_term(batch)["kl_transition"]["all"] == 0.0
 
 
 def _blobs(pos: torch.Tensor, size: int = 16) -> torch.Tensor:

@@ -929,3 +929,59 @@ def test_gpu_prepare_collects_and_packs_the_carry(tmp_path):
     bad = subprocess.run(["bash", str(SCRIPTS / "gpu_prepare.sh")], cwd=SCRIPTS.parent, env={**env, "WHAT": "pmm"},
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unknown part 'pmm'" in bad.stdout
+
+
+def test_bench_active_inference_burst_tracer_traces_a_burst_and_leaves_training_unchanged(tmp_path):
+    """``--burst-dump``: a steady run flags nothing; an update whose gradient jumps (one batch scaled up) is
+    re-run term by term from the parameters and RNG state it started from (the replay's summed gradient equals the
+    update's, part by part) and written out; the training itself ends where it ends without the tracer."""
+    import torch
+    from tensordict import TensorDict
+
+    from latentrl.agents.active_inference import ActiveInferenceAgent
+
+    bench = _load("bench_active_inference")
+
+    def agent():
+        torch.manual_seed(0)
+        return ActiveInferenceAgent(ActiveInferenceAgent.make_config("smoke", obs_type="state", free_nats=0.0),
+                                    (6,), 2)
+
+    g = torch.Generator().manual_seed(1)
+    states = torch.randn(8, 3, 6, generator=g)
+    batch = TensorDict({"state": states[:, :-1], "action": torch.rand(8, 2, 2, generator=g) * 2 - 1,
+                        "has_action": torch.ones(8, 2, dtype=torch.bool),
+                        "next": {"state": states[:, 1:], "reward": torch.randn(8, 2, 1, generator=g)}},
+                       batch_size=[8, 2])
+    burst = batch.clone()
+    burst["state"], burst["next", "state"] = burst["state"] * 1e3, burst["next", "state"] * 1e3
+    schedule = [batch] * 60 + [burst] + [batch] * 5
+
+    def run(traced: bool):
+        a = agent()
+        tracer = bench.BurstTracer(a, str(tmp_path / "dump"), 20.0) if traced else None
+        torch.manual_seed(3)
+        for update, b in enumerate(schedule, start=1):
+            if tracer is not None:
+                tracer.before(b)
+            metrics = {k: float(v) for k, v in a.update(b).items()}
+            if tracer is not None:
+                tracer.after(update, metrics)
+            if update == 61:
+                burst_metrics = metrics
+        return a, tracer, burst_metrics
+
+    plain, _, _ = run(False)
+    traced, tracer, metrics = run(True)
+    assert all(torch.equal(v, traced.state_dict()[k]) for k, v in plain.state_dict().items())
+    assert [b["update"] for b in tracer.bursts] == [61]
+    entry = tracer.bursts[0]
+    for part, norm in entry["grad_norm_by_part"].items():
+        assert entry["by_term"]["total"][part] == pytest.approx(norm, rel=1e-4), part
+    assert entry["by_term"]["total"]["all"] == pytest.approx(metrics["grad_norm"], rel=1e-4)
+    dump = torch.load(entry["file"], weights_only=False)
+    reference = agent()  # the parameters before update 61: the plain run replayed to update 60
+    torch.manual_seed(3)
+    for b in schedule[:60]:
+        reference.update(b)
+    assert all(torch.equal(v, dump["agent_before"][k]) for k, v in reference.state_dict().items())

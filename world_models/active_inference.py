@@ -29,6 +29,7 @@ The belief state is a TensorDict ``[B]`` with ``mean``, ``std`` ``[B, D]`` and `
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -376,6 +377,20 @@ class ActiveInferenceModel(WorldModel):
 
     def loss(self, batch: TensorDict) -> TensorDict:
         """Variational free energy of ``[B, L]`` slices; see the module docstring. Terms per observation."""
+        terms = self.loss_terms(batch)
+        return TensorDict({
+            "loss": sum(terms["objective"].values()),
+            "free_energy": (terms["recon"] + self.kl_transition_weight * terms["kl_transition"]
+                            + self.kl_prior_weight * terms["kl_prior"]).detach(),
+            **{k: terms[k].detach() for k in ("recon", "kl_transition", "kl_prior", "posterior_std", "epistemic")},
+        }, batch_size=[])
+
+    def loss_terms(self, batch: TensorDict) -> dict[str, Any]:
+        """The pieces of :meth:`loss`, with their graphs: ``recon``, ``kl_transition`` (before free nats),
+        ``kl_prior`` and, under ``"objective"``, the weighted terms whose sum is minimised (``recon``,
+        ``kl_transition`` clamped at the free nats and weighted, ``kl_prior`` weighted). What the training step
+        backpropagates is ``sum(objective.values())``; one term's gradient at a time is what
+        ``ActiveInferenceAgent.gradient_norms_by_term`` reports."""
         device = self.posterior_head.linear.weight.device
         obs, action, mask = (t.to(device) for t in self.sequence(batch))
         b, t1 = obs.shape[:2]
@@ -395,14 +410,9 @@ class ActiveInferenceModel(WorldModel):
         # Free nats (Dreamer): the batch-mean transition KL below ``free_nats`` costs nothing and gives no
         # gradient, so the posterior can carry that much information before the prior pulls on it.
         kl_term = kl_transition.clamp_min(self.free_nats) if self.free_nats > 0 else kl_transition
-        free_energy = recon + self.kl_transition_weight * kl_transition + self.kl_prior_weight * kl_prior
-        objective = recon + self.kl_transition_weight * kl_term + self.kl_prior_weight * kl_prior
-        return TensorDict({
-            "loss": objective,
-            "free_energy": free_energy.detach(),
-            "recon": recon.detach(),
-            "kl_transition": kl_transition.detach(),
-            "kl_prior": kl_prior.detach(),
-            "posterior_std": std.mean().detach(),
-            "epistemic": ensemble_epistemic(p_means, p_stds).mean().detach(),
-        }, batch_size=[])
+        return {
+            "recon": recon, "kl_transition": kl_transition, "kl_prior": kl_prior,
+            "objective": {"recon": recon, "kl_transition": self.kl_transition_weight * kl_term,
+                          "kl_prior": self.kl_prior_weight * kl_prior},
+            "posterior_std": std.mean(), "epistemic": ensemble_epistemic(p_means, p_stds).mean(),
+        }
