@@ -359,6 +359,10 @@ def train(agent: ActiveInferenceAgent, buffer: ReplayBuffer, args, previous: dic
     # the free energy that follows a gradient burst shows here (records from before this was kept lack it)
     norms, norm_steps = list(previous.get("grad_norm_max", [])), list(previous.get("grad_norm_steps", []))
     window_max = float("nan")
+    # the same for each part of the model (encoder, posterior, transition, decoder, reward): where a burst is
+    parts = {k: list(v) for k, v in previous.get("grad_norm_parts_max", {}).items()}
+    part_steps = list(previous.get("grad_norm_parts_steps", []))
+    part_max: dict[str, float] = {}
     done = int(previous.get("updates", 0))
     start = last_save = time.perf_counter()
     updates = done
@@ -371,7 +375,8 @@ def train(agent: ActiveInferenceAgent, buffer: ReplayBuffer, args, previous: dic
         return {"updates": updates, "seconds": seconds, "seconds_per_update": seconds / max(updates, 1),
                 "sample_kwargs": {k: v for k, v in kwargs.items() if v is not None},
                 "free_energy_steps": steps, "free_energy": curve, "grad_norm_steps": norm_steps,
-                "grad_norm_max": norms, "free_energy_first_smoothed": float(sm[0]),
+                "grad_norm_max": norms, "grad_norm_parts_steps": part_steps, "grad_norm_parts_max": parts,
+                "free_energy_first_smoothed": float(sm[0]),
                 "free_energy_last_smoothed": float(sm[-1]), "smoothed_marks": marks.tolist(),
                 "smoothed_monotone": bool(np.all(np.diff(marks) <= 0)),
                 "resumed_at": [*previous.get("resumed_at", []), done] if previous else [],
@@ -388,6 +393,9 @@ def train(agent: ActiveInferenceAgent, buffer: ReplayBuffer, args, previous: dic
             tracer.after(updates, metrics)
         if "grad_norm" in metrics:
             window_max = np.fmax(window_max, metrics["grad_norm"])
+        for key, value in metrics.items():
+            if key.startswith("grad_norm_"):
+                part_max[key[len("grad_norm_"):]] = max(part_max.get(key[len("grad_norm_"):], 0.0), value)
         if updates % args.log_every == 0 or updates == 1:
             curve.append(metrics["free_energy"])
             steps.append(updates)
@@ -395,6 +403,12 @@ def train(agent: ActiveInferenceAgent, buffer: ReplayBuffer, args, previous: dic
                 norms.append(float(window_max))
                 norm_steps.append(updates)
             window_max = float("nan")
+            if part_max:
+                for part, value in part_max.items():
+                    # a part new to a resumed record starts where the record does not reach: NaN before it
+                    parts.setdefault(part, [float("nan")] * len(part_steps)).append(value)
+                part_steps.append(updates)
+                part_max = {}
             if updates % (args.log_every * 20) == 0:
                 grad = f", grad norm max {norms[-1]:.3g}" if norm_steps and norm_steps[-1] == updates else ""
                 print(f"[bench_ai] update {updates}: free energy {metrics['free_energy']:.1f} "
@@ -770,7 +784,12 @@ def plot_free_energy(result: dict, path: Path) -> None:
     grad = result.get("grad_norm_max") or []
     if grad:  # a second panel below: each log window's largest gradient norm before clipping (bursts show there)
         fig, (ax, gax) = plt.subplots(2, 1, figsize=(5, 4.4), dpi=80, sharex=True, height_ratios=(2, 1))
-        gax.semilogy(result["grad_norm_steps"], grad, lw=0.6)
+        gax.semilogy(result["grad_norm_steps"], grad, lw=0.8, color="k", label="all")
+        for part, values in (result.get("grad_norm_parts_max") or {}).items():
+            if np.nanmax(np.asarray(values, dtype=float), initial=0.0) > 0:  # e.g. no reward head trained: none
+                gax.semilogy(result["grad_norm_parts_steps"], values, lw=0.5, alpha=0.7, label=part)
+        if result.get("grad_norm_parts_max"):
+            gax.legend(fontsize=6, ncol=3)
         gax.set_ylabel("gradient norm\n(window max)", fontsize=8)
         gax.set_xlabel("update")
     else:

@@ -151,6 +151,15 @@ def test_bench_active_inference_quick_writes_the_report_figures_and_numbers(tmp_
     results = json.loads((figs / "results.json").read_text())
     assert {"train", "check1", "check2", "check3", "check5", "latency", "strip", "config", "machine"} <= results.keys()
     assert results["train"]["updates"] == 6 and len(results["train"]["free_energy"]) == 6
+    # each part's largest gradient norm per log window beside the global one: the global is the parts' root sum of
+    # squares in every update, so a window's global max is at most that of the parts and at least their largest
+    tr = results["train"]
+    parts = tr["grad_norm_parts_max"]
+    assert set(parts) == {"encoder", "posterior", "transition", "decoder", "reward"}
+    assert all(len(v) == len(tr["grad_norm_parts_steps"]) == 6 for v in parts.values())
+    for i, total in enumerate(tr["grad_norm_max"]):
+        window = [v[i] for v in parts.values()]
+        assert max(window) <= total * (1 + 1e-5) and total <= sum(w * w for w in window) ** 0.5 * (1 + 1e-5)
     c1 = results["check1"]
     assert {"model_mse", "copy_frame_mse", "pass"} <= c1.keys()
     assert 0.0 <= c1["model_mse_static_part"] <= c1["model_mse"] and "on the static scene" in report
