@@ -301,8 +301,9 @@ class BurstTracer:
 
     MAX_DUMPS = 3
 
-    def __init__(self, agent: ActiveInferenceAgent, prefix: str, factor: float, previous: dict | None = None):
-        self.agent, self.prefix, self.factor = agent, prefix, float(factor)
+    def __init__(self, agent: ActiveInferenceAgent, prefix: str, factor: float, previous: dict | None = None,
+                 min_history: int = 50):
+        self.agent, self.prefix, self.factor, self.min_history = agent, prefix, float(factor), int(min_history)
         self.recent: list[float] = []
         self.bursts: list[dict] = list((previous or {}).get("bursts", []))
         self._state = self._rng = self._batch = None
@@ -315,8 +316,9 @@ class BurstTracer:
         norm = metrics.get("grad_norm")
         if norm is None:
             return
-        if len(self.recent) >= 50 and norm > self.factor * float(np.median(self.recent)):
-            self._trace(update, metrics, float(np.median(self.recent)))
+        median = float(np.median(self.recent)) if self.recent else 0.0
+        if len(self.recent) >= self.min_history and norm > self.factor * median:
+            self._trace(update, metrics, median)
         self.recent = [*self.recent[-199:], norm]
 
     def _trace(self, update: int, metrics: dict[str, float], median: float) -> None:
@@ -335,8 +337,9 @@ class BurstTracer:
                  "by_term": by_term,  # its "total" row re-computes the update's gradient: compare with the above
                  "metrics": {k: v for k, v in metrics.items() if not k.startswith("grad_norm")}}
         self.bursts.append(entry)
-        print(f"[bench_ai] gradient burst at update {update}: norm {metrics['grad_norm']:.3g} "
-              f"({metrics['grad_norm'] / median:.0f}x the median of the last {len(self.recent)})", flush=True)
+        ratio = metrics["grad_norm"] / max(median, 1e-30)
+        print(f"[bench_ai] gradient burst at update {update}: norm {metrics['grad_norm']:.3g} ({ratio:.3g}x the "
+              f"median of the last {len(self.recent)})", flush=True)
         parts = list(next(iter(by_term.values())))
         print("    term \\ part  " + "".join(f"{p:>12}" for p in parts), flush=True)
         for term, norms in by_term.items():

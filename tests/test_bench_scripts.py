@@ -994,3 +994,41 @@ def test_bench_active_inference_burst_tracer_traces_a_burst_and_leaves_training_
     for b in schedule[:60]:
         reference.update(b)
     assert all(torch.equal(v, dump["agent_before"][k]) for k, v in reference.state_dict().items())
+
+
+def test_burst_rows_reads_a_burst_dump_and_finds_the_rows_behind_it(tmp_path):
+    """``docs/bench_active_inference/burst_rows.py`` on a dump of the tracer: the rows' transition KLs are the
+    update's (their mean is its ``kl_transition``), listed largest first; the re-computed gradient is the
+    update's; masking the listed slices out of the KL changes the gradient."""
+    import torch
+    from tensordict import TensorDict
+
+    bench = _load("bench_active_inference")
+    spec = importlib.util.spec_from_file_location(
+        "burst_rows", Path(__file__).resolve().parents[1] / "docs" / "bench_active_inference" / "burst_rows.py")
+    burst_rows = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(burst_rows)
+    overrides = ["--set", "free_nats=0", "--set", "batch_size=4"]
+    args = bench.parse_args(["--preset", "smoke", *overrides])
+    torch.manual_seed(0)
+    agent = bench.build_agent(args)
+    g = torch.Generator().manual_seed(2)
+    frames = torch.randint(0, 256, (4, 1, 6, 64, 64), generator=g, dtype=torch.uint8).expand(4, 3, 6, 64, 64)
+    frames = frames.clone()
+    frames[1, 2] = torch.randint(0, 256, (6, 64, 64), generator=g, dtype=torch.uint8)  # slice 1 changes at step 1
+    batch = TensorDict({"pixels": frames[:, :-1], "action": torch.zeros(4, 2, 2),
+                        "has_action": torch.ones(4, 2, dtype=torch.bool), "next": {"pixels": frames[:, 1:]}},
+                       batch_size=[4, 2])
+    tracer = bench.BurstTracer(agent, str(tmp_path / "dump"), 0.0, min_history=0)
+    tracer.before(batch)
+    metrics = {k: float(v) for k, v in agent.update(batch).items()}
+    tracer.after(1, metrics)
+    out = burst_rows.main([tracer.bursts[0]["file"], "--preset", "smoke", *overrides, "--top", "1",
+                           "--json", str(tmp_path / "rows.json")])
+    assert out["kl_transition"]["mean"] == pytest.approx(metrics["kl_transition"], rel=1e-5)
+    assert out["top_rows"][0]["kl_transition"] == out["kl_transition"]["max"]
+    assert out["rows"] == 8 and 0 < out["kl_transition"]["top_share"] <= 1
+    assert out["by_term"]["total"]["all"] == pytest.approx(metrics["grad_norm"], rel=1e-4)
+    assert out["without_top_slices"]["slices"] == [out["top_rows"][0]["slice"]]
+    assert out["without_top_slices"]["by_term"]["transition"] != pytest.approx(out["by_term"]["total"]["transition"])
+    assert set(out["std_floors"]) == {"0.03", "0.1"} and json.loads((tmp_path / "rows.json").read_text())

@@ -397,8 +397,9 @@ class ActiveInferenceModel(WorldModel):
         mean, std = self.posterior(obs.flatten(0, 1))
         s = mean + std * torch.randn_like(std)
         target = self.target(obs.flatten(0, 1)).reshape(b * t1, -1)
-        recon = -gaussian_log_prob(target, self.decoder(s).reshape(b * t1, -1),
-                                   torch.full_like(target, self.obs_std)).mean()
+        recon_rows = -gaussian_log_prob(target, self.decoder(s).reshape(b * t1, -1),
+                                        torch.full_like(target, self.obs_std))
+        recon = recon_rows.mean()
         kl_prior = gaussian_kl(mean, std, torch.zeros_like(mean), torch.ones_like(std)).mean()
         mean, std, s = (v.reshape(b, t1, -1) for v in (mean, std, s))
         p_means, p_stds = self.transition_members(s[:, :-1].flatten(0, 1), action.flatten(0, 1))
@@ -415,4 +416,10 @@ class ActiveInferenceModel(WorldModel):
             "objective": {"recon": recon, "kl_transition": self.kl_transition_weight * kl_term,
                           "kl_prior": self.kl_prior_weight * kl_prior},
             "posterior_std": std.mean(), "epistemic": ensemble_epistemic(p_means, p_stds).mean(),
+            # per slice and step, for finding the rows behind a burst (detached): the transition KL (members'
+            # mean, masked) [B, L], the reconstruction NLL [B, L + 1], the smallest std of the posterior
+            # [B, L + 1] and of any member's prior [B, L]
+            "rows": {"kl_transition": (kl_members.mean(0) * mask.flatten()).reshape(b, -1).detach(),
+                     "recon": recon_rows.reshape(b, t1).detach(), "posterior_std_min": std.amin(-1).detach(),
+                     "prior_std_min": p_stds.amin(dim=(0, 2)).reshape(b, -1).detach()},
         }
