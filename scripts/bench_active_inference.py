@@ -308,9 +308,19 @@ class BurstTracer:
         self.bursts: list[dict] = list((previous or {}).get("bursts", []))
         self._state = self._rng = self._batch = None
 
+    def _get_rng(self) -> tuple[Tensor, Tensor | None]:
+        """torch's CPU RNG state and, for an agent on a GPU (whose draws come from there), the GPU's."""
+        device = self.agent.device
+        return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    def _set_rng(self, state: tuple[Tensor, Tensor | None]) -> None:
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], self.agent.device)
+
     def before(self, batch: TensorDict) -> None:
         self._state = {k: v.detach().clone() for k, v in self.agent.state_dict().items()}
-        self._rng, self._batch = torch.get_rng_state(), batch
+        self._rng, self._batch = self._get_rng(), batch
 
     def after(self, update: int, metrics: dict[str, float]) -> None:
         norm = metrics.get("grad_norm")
@@ -322,15 +332,15 @@ class BurstTracer:
         self.recent = [*self.recent[-199:], norm]
 
     def _trace(self, update: int, metrics: dict[str, float], median: float) -> None:
-        rng_now = torch.get_rng_state()
+        rng_now = self._get_rng()
         state_now = {k: v.detach().clone() for k, v in self.agent.state_dict().items()}
         self.agent.load_state_dict(self._state)
-        torch.set_rng_state(self._rng)
+        self._set_rng(self._rng)
         try:
             by_term = self.agent.gradient_norms_by_term(self._batch)
         finally:  # the training goes on from where it was, its RNG stream untouched
             self.agent.load_state_dict(state_now)
-            torch.set_rng_state(rng_now)
+            self._set_rng(rng_now)
         entry = {"update": update, "grad_norm": metrics["grad_norm"], "median_before": median,
                  "grad_norm_by_part": {k[len("grad_norm_"):]: v for k, v in metrics.items()
                                        if k.startswith("grad_norm_")},
@@ -346,7 +356,8 @@ class BurstTracer:
             print(f"    {term:<13}" + "".join(f"{norms[p]:12.3g}" for p in parts), flush=True)
         if sum(1 for b in self.bursts if "file" in b) < self.MAX_DUMPS:
             path = f"{self.prefix}.{update}.pt"
-            save_atomic({"agent_before": self._state, "rng_state": self._rng, "batch": self._batch.to_dict(),
+            save_atomic({"agent_before": self._state, "rng_state": self._rng[0], "cuda_rng_state": self._rng[1],
+                         "batch": self._batch.to_dict(),
                          "batch_size": list(self._batch.batch_size), "burst": entry}, path)
             entry["file"] = path
 

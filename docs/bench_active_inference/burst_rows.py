@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> dict:
     agent = bench.build_agent(bench_args)
     agent.load_state_dict(dump["agent_before"])
     wm = agent.world_model
+    if dump.get("cuda_rng_state") is not None:  # its draws came from the GPU's generator, not replayable here
+        print("burst_rows: this dump is from a run on a GPU; the CPU replays it with other draws of the latent "
+              "samples (same parameters and batch), so its norms differ from the update's", file=sys.stderr)
 
     def replay(fn):
         torch.set_rng_state(dump["rng_state"])
@@ -66,6 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
             "posterior_std_min": float(rows["posterior_std_min"][int(i) // length, int(i) % length + 1]),
             "prior_std_min": float(rows["prior_std_min"].flatten()[i])} for i in order[: args.top]]
     out = {"dump": args.dump, "update": dump["burst"]["update"], "grad_norm": dump["burst"]["grad_norm"],
+           "same_draws": dump.get("cuda_rng_state") is None,
            "rows": b * length,
            "kl_transition": {"mean": float(kl.mean()), "median": float(kl.median()), "max": float(kl.max()),
                              "top_share": float(kl.flatten()[order[: args.top]].sum() / kl.sum())},
