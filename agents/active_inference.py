@@ -708,7 +708,8 @@ class ActiveInferenceAgent(Agent):
             grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True) \
                 if term.requires_grad else [None] * len(params)
             grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
-            torch._foreach_add_(total, grads)
+            for t, g in zip(total, grads, strict=True):
+                t.add_(g)
             out[name] = norms(grads)
         out["total"] = norms(total)  # the sum of the terms' gradients: the update's own
         return out

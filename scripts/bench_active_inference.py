@@ -215,9 +215,10 @@ def build_agent(args) -> ActiveInferenceAgent:
 
 
 def load_model_file(agent: ActiveInferenceAgent, path, optimizer: bool = False) -> dict:
-    """Load the weights of a ``--save-model`` file into ``agent`` (and its Adam state with ``optimizer``, when the
-    file has one); returns its training record (``{}`` if none). The learning rate stays the one of the agent's
-    config (``--set lr=``): Adam's saved state carries the old one, which would silently win."""
+    """Load the weights of a ``--save-model`` file into ``agent`` (and, with ``optimizer``, its Adam state and
+    torch's RNG state, when the file has them); returns its training record (``{}`` if none). The learning rate
+    stays the one of the agent's config (``--set lr=``): Adam's saved state carries the old one, which would
+    silently win."""
     saved = torch.load(path, weights_only=True, map_location=agent.device)
     agent.load_state_dict(saved["agent"])
     if optimizer and "optimizer" in saved:
@@ -225,6 +226,12 @@ def load_model_file(agent: ActiveInferenceAgent, path, optimizer: bool = False) 
         adam.load_state_dict(optimizer_state_for(agent, saved))
         for group in adam.param_groups:
             group["lr"] = agent.config.lr
+    if optimizer and "rng_state" in saved:
+        # resuming continues the run's random stream (batches drawn, latent samples) where the file left it, so a
+        # run saved and resumed takes the very updates of one that never stopped (files before 2026-12-04 lack it)
+        torch.set_rng_state(saved["rng_state"].cpu())
+        if agent.device.type == "cuda" and "cuda_rng_state" in saved:
+            torch.cuda.set_rng_state(saved["cuda_rng_state"].cpu(), agent.device)
     return saved.get("train", {})
 
 
@@ -249,8 +256,11 @@ def optimizer_state_for(agent: ActiveInferenceAgent, saved: dict) -> dict:
 def save_model_file(agent: ActiveInferenceAgent, record: dict, path) -> None:
     """The agent, its Adam state and its training record, written whole or not at all (a crash or a full disk
     leaves the previous file, which may be the ``--load-model`` being trained on)."""
-    save_atomic({"agent": agent.state_dict(), "optimizer": agent.optimizers()["model"].state_dict(), "train": record},
-                path)
+    rng = {"rng_state": torch.get_rng_state()}
+    if agent.device.type == "cuda":
+        rng["cuda_rng_state"] = torch.cuda.get_rng_state(agent.device)
+    save_atomic({"agent": agent.state_dict(), "optimizer": agent.optimizers()["model"].state_dict(), "train": record,
+                 **rng}, path)
 
 
 def load_saved_agent(args) -> ActiveInferenceAgent:
@@ -297,9 +307,14 @@ class BurstTracer:
     """``--burst-dump``: finds the updates whose gradient norm (before clipping) jumps above ``factor`` x the median
     of the previous 200 and re-runs each from the parameters and RNG state it started from, one objective term at a
     time (:meth:`ActiveInferenceAgent.gradient_norms_by_term`), so a burst is traced to a term and a part. Keeps
-    a copy of the parameters before every update (a few MB); leaves the training's RNG stream as it was."""
+    a copy of the parameters before every update (a few MB); leaves the training's RNG stream as it was.
+
+    It also keeps the last ``HISTORY`` updates' gradient norms and step sizes (``||theta_after - theta_before||``)
+    part by part, and files them with each burst: the parameters may move far (a run-away) before any gradient
+    norm does, as they did before the burst of 2026-12-04 (docs/bench_active_inference.md)."""
 
     MAX_DUMPS = 3
+    HISTORY = 40
 
     def __init__(self, agent: ActiveInferenceAgent, prefix: str, factor: float, previous: dict | None = None,
                  min_history: int = 50):
@@ -307,6 +322,11 @@ class BurstTracer:
         self.recent: list[float] = []
         self.bursts: list[dict] = list((previous or {}).get("bursts", []))
         self._state = self._rng = self._batch = None
+        self.history: list[dict] = []
+        ids = {id(p): part for part, ps in agent.parameter_groups().items() for p in ps}
+        self._part_keys: dict[str, list[str]] = {}
+        for name, param in agent.named_parameters():
+            self._part_keys.setdefault(ids[id(param)], []).append(name)
 
     def _get_rng(self) -> tuple[Tensor, Tensor | None]:
         """torch's CPU RNG state and, for an agent on a GPU (whose draws come from there), the GPU's."""
@@ -323,6 +343,14 @@ class BurstTracer:
         self._rng, self._batch = self._get_rng(), batch
 
     def after(self, update: int, metrics: dict[str, float]) -> None:
+        now = self.agent.state_dict()
+        steps = {part: float(torch.stack([(now[k] - self._state[k]).norm() for k in keys]).norm())
+                 for part, keys in self._part_keys.items()}
+        self.history = [*self.history[-(self.HISTORY - 1):],
+                        {"update": update, "grad_norm": metrics.get("grad_norm"), "step": steps,
+                         "grad": {k[len("grad_norm_"):]: v for k, v in metrics.items() if k.startswith("grad_norm_")},
+                         "kl_transition": metrics.get("kl_transition"), "posterior_std": metrics.get("posterior_std"),
+                         "recon": metrics.get("recon")}]
         norm = metrics.get("grad_norm")
         if norm is None:
             return
@@ -345,7 +373,8 @@ class BurstTracer:
                  "grad_norm_by_part": {k[len("grad_norm_"):]: v for k, v in metrics.items()
                                        if k.startswith("grad_norm_")},
                  "by_term": by_term,  # its "total" row re-computes the update's gradient: compare with the above
-                 "metrics": {k: v for k, v in metrics.items() if not k.startswith("grad_norm")}}
+                 "metrics": {k: v for k, v in metrics.items() if not k.startswith("grad_norm")},
+                 "history": list(self.history)}  # the updates up to and including this one
         self.bursts.append(entry)
         ratio = metrics["grad_norm"] / max(median, 1e-30)
         print(f"[bench_ai] gradient burst at update {update}: norm {metrics['grad_norm']:.3g} ({ratio:.3g}x the "
@@ -354,6 +383,10 @@ class BurstTracer:
         print("    term \\ part  " + "".join(f"{p:>12}" for p in parts), flush=True)
         for term, norms in by_term.items():
             print(f"    {term:<13}" + "".join(f"{norms[p]:12.3g}" for p in parts), flush=True)
+        # the run-up: each recent update's step size per part (a run-away moves the parameters before the norms)
+        print("    step sizes of the last updates (update: " + ", ".join(self._part_keys) + "):", flush=True)
+        for h in self.history[-8:]:
+            print(f"      {h['update']}: " + " ".join(f"{h['step'][p]:.3g}" for p in self._part_keys), flush=True)
         if sum(1 for b in self.bursts if "file" in b) < self.MAX_DUMPS:
             path = f"{self.prefix}.{update}.pt"
             save_atomic({"agent_before": self._state, "rng_state": self._rng[0], "cuda_rng_state": self._rng[1],

@@ -122,9 +122,12 @@ if [[ ",$PARTS," == *",pm,"* ]]; then
   # (`bench_active_inference.py --load-model ai_pm_b.pt --checks 1,2`: check 2 ranks by the three risk forms).
   #   AI_PM_DATA  a `bench_active_inference.py` --data folder of point_mass-easy_visible (train/, heldout/: 200 + 10
   #               uniform-random episodes x 250 steps; collect here, then tar -cJf .gpucarry/ai_pm.tar.xz -C DIR .)
-  #   AI_PM_MODEL (optional) a --save-model file to train on; AI_PM_SECONDS (default 270: ~18k updates on the H200),
-  #   AI_PM_DROP_SECONDS (default 100). Timeouts add up to 520 s. Results in $OUT: ai_pm_a.pt, ai_pm_b.pt, logs.
-  AI_PM_SECONDS=${AI_PM_SECONDS:-270}; AI_PM_DROP_SECONDS=${AI_PM_DROP_SECONDS:-100}
+  #   AI_PM_MODEL (optional) a --save-model file to train on; AI_PM_SECONDS (default 60: ~4k updates on the H200,
+  #   short of the run-away at lr 1e-3 that collapsed the CPU run at 6.8k updates and spiked the GPU one at 7.5k,
+  #   docs/bench_active_inference.md), AI_PM_DROP_SECONDS (default 310: ~20k updates at lr 1e-4, which has not spiked
+  #   in 20k updates on the CPU). Timeouts add up to 520 s. Results in $OUT: ai_pm_a.pt, ai_pm_b.pt, logs;
+  #   a gradient burst is traced term by term in the log and its update written to $OUT/<leg>/burst.<update>.pt.
+  AI_PM_SECONDS=${AI_PM_SECONDS:-60}; AI_PM_DROP_SECONDS=${AI_PM_DROP_SECONDS:-310}
   if [ "$QUICK" = 1 ]; then
     AI_PM_DATA=$OUT/quick_ai_pm_data; AI_PM_SECONDS=20; AI_PM_DROP_SECONDS=20; PM_SIZES=(--quick)
   else
@@ -137,7 +140,8 @@ if [[ ",$PARTS," == *",pm,"* ]]; then
       local name=$1 seconds=$2; shift 2
       run "$name" $(( seconds + 75 )) 4 python scripts/bench_active_inference.py --task point_mass-easy_visible \
         "${PM_SIZES[@]}" --data "$AI_PM_DATA" --train-seconds "$seconds" --checks latency --latency-presets "" \
-        --device "$DEVICE" --threads "$THREADS" --out "$OUT/$name.md" --fig-dir "$OUT/$name" "$@"
+        --device "$DEVICE" --threads "$THREADS" --out "$OUT/$name.md" --fig-dir "$OUT/$name" \
+        --burst-dump "$OUT/$name/burst" "$@"
     }
     step "issue 14: point_mass world model, lr 1e-3 ($AI_PM_DATA${AI_PM_MODEL:+, on from $AI_PM_MODEL})"
     pm ai_pm_a "$AI_PM_SECONDS" ${AI_PM_MODEL:+--load-model "$AI_PM_MODEL" --resume} --save-model "$OUT/ai_pm_a.pt"

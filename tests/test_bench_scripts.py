@@ -994,6 +994,17 @@ def test_bench_active_inference_burst_tracer_traces_a_burst_and_leaves_training_
     for b in schedule[:60]:
         reference.update(b)
     assert all(torch.equal(v, dump["agent_before"][k]) for k, v in reference.state_dict().items())
+    # the history filed with it: the last entry is the burst's own update, whose step per part is how far that
+    # update moved the parameters (the reference's update 61 from the same state and RNG stream)
+    reference.update(schedule[60])
+    after = reference.state_dict()
+    last = entry["history"][-1]
+    assert last["update"] == 61 and len(entry["history"]) == bench.BurstTracer.HISTORY
+    for part, params in reference.parameter_groups().items():
+        names = [n for n, p in reference.named_parameters() if any(p is q for q in params)]
+        moved = torch.stack([(after[n] - dump["agent_before"][n]).norm() for n in names]).norm()
+        assert last["step"][part] == pytest.approx(float(moved), rel=1e-4, abs=1e-12), part
+    assert last["step"]["encoder"] > 0 and last["grad"]["encoder"] == pytest.approx(metrics["grad_norm_encoder"])
 
 
 def test_burst_rows_reads_a_burst_dump_and_finds_the_rows_behind_it(tmp_path):
@@ -1032,3 +1043,40 @@ def test_burst_rows_reads_a_burst_dump_and_finds_the_rows_behind_it(tmp_path):
     assert out["without_top_slices"]["slices"] == [out["top_rows"][0]["slice"]]
     assert out["without_top_slices"]["by_term"]["transition"] != pytest.approx(out["by_term"]["total"]["transition"])
     assert set(out["std_floors"]) == {"0.03", "0.1"} and json.loads((tmp_path / "rows.json").read_text())
+
+
+def test_bench_active_inference_resume_continues_the_very_run(tmp_path):
+    """A model file keeps torch's RNG state with the weights and Adam's: 3 updates, saved, loaded into a fresh
+    agent with ``--resume``'s loader and 3 more give the parameters of 6 updates in one go (batches drawn and
+    latent samples alike)."""
+    import torch
+    from tensordict import TensorDict
+
+    bench = _load("bench_active_inference")
+    args = bench.parse_args(["--preset", "smoke", "--set", "free_nats=0"])
+
+    class Buffer:  # draws its batches from torch's global RNG, as the replay buffer does
+        def sample(self, **kwargs):
+            frames = torch.randint(0, 256, (4, 3, 6, 64, 64), dtype=torch.uint8)
+            return TensorDict({"pixels": frames[:, :-1], "action": torch.rand(4, 2, 2) * 2 - 1,
+                               "has_action": torch.ones(4, 2, dtype=torch.bool), "next": {"pixels": frames[:, 1:]}},
+                              batch_size=[4, 2])
+
+    def fresh():
+        torch.manual_seed(0)
+        return bench.build_agent(args)
+
+    def updates(agent, n):
+        for _ in range(n):
+            agent.update(Buffer().sample())
+
+    straight = fresh()
+    updates(straight, 6)
+    first = fresh()
+    updates(first, 3)
+    bench.save_model_file(first, {"updates": 3}, tmp_path / "m.pt")
+    torch.manual_seed(123)  # a new process: its own seed, as main() sets
+    resumed = fresh()
+    bench.load_model_file(resumed, tmp_path / "m.pt", optimizer=True)
+    updates(resumed, 3)
+    assert all(torch.equal(v, resumed.state_dict()[k]) for k, v in straight.state_dict().items())
