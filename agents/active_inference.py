@@ -667,9 +667,8 @@ class ActiveInferenceAgent(Agent):
         groups = {f"grad_norm_{name}": torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
                   for name, params in self.parameter_groups().items()}
         self._optimizer.step()
-        metrics = {"free_energy": (terms["recon"] + self.world_model.kl_transition_weight * terms["kl_transition"]
-                                   + self.world_model.kl_prior_weight * terms["kl_prior"]),
-                   **{k: terms[k] for k in ("recon", "kl_transition", "kl_prior", "posterior_std", "epistemic")},
+        metrics = {**{k: terms[k] for k in ("free_energy", "recon", "kl_transition", "kl_prior", "posterior_std",
+                                            "epistemic")},
                    "reward_loss": objective["reward"], **groups}
         grad_norm = last_grad_norm(self._optimizer)
         if grad_norm is not None:  # before clipping (max_grad_norm): spikes of the free energy show here first

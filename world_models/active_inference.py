@@ -380,17 +380,16 @@ class ActiveInferenceModel(WorldModel):
         terms = self.loss_terms(batch)
         return TensorDict({
             "loss": sum(terms["objective"].values()),
-            "free_energy": (terms["recon"] + self.kl_transition_weight * terms["kl_transition"]
-                            + self.kl_prior_weight * terms["kl_prior"]).detach(),
-            **{k: terms[k].detach() for k in ("recon", "kl_transition", "kl_prior", "posterior_std", "epistemic")},
+            **{k: terms[k].detach() for k in ("free_energy", "recon", "kl_transition", "kl_prior", "posterior_std",
+                                              "epistemic")},
         }, batch_size=[])
 
     def loss_terms(self, batch: TensorDict) -> dict[str, Any]:
-        """The pieces of :meth:`loss`, with their graphs: ``recon``, ``kl_transition`` (before free nats),
-        ``kl_prior`` and, under ``"objective"``, the weighted terms whose sum is minimised (``recon``,
-        ``kl_transition`` clamped at the free nats and weighted, ``kl_prior`` weighted). What the training step
-        backpropagates is ``sum(objective.values())``; one term's gradient at a time is what
-        ``ActiveInferenceAgent.gradient_norms_by_term`` reports."""
+        """The pieces of :meth:`loss`, with their graphs: ``free_energy`` (the bound itself, without free nats),
+        ``recon``, ``kl_transition`` (before free nats), ``kl_prior`` and, under ``"objective"``, the weighted
+        terms whose sum is minimised (``recon``, ``kl_transition`` clamped at the free nats and weighted,
+        ``kl_prior`` weighted). What the training step backpropagates is ``sum(objective.values())``; one term's
+        gradient at a time is what ``ActiveInferenceAgent.gradient_norms_by_term`` reports."""
         device = self.posterior_head.linear.weight.device
         obs, action, mask = (t.to(device) for t in self.sequence(batch))
         b, t1 = obs.shape[:2]
@@ -412,6 +411,7 @@ class ActiveInferenceModel(WorldModel):
         # gradient, so the posterior can carry that much information before the prior pulls on it.
         kl_term = kl_transition.clamp_min(self.free_nats) if self.free_nats > 0 else kl_transition
         return {
+            "free_energy": recon + self.kl_transition_weight * kl_transition + self.kl_prior_weight * kl_prior,
             "recon": recon, "kl_transition": kl_transition, "kl_prior": kl_prior,
             "objective": {"recon": recon, "kl_transition": self.kl_transition_weight * kl_term,
                           "kl_prior": self.kl_prior_weight * kl_prior},
