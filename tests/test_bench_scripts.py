@@ -623,8 +623,11 @@ def test_bench_active_inference_checks_draw_the_same_cases_whatever_ran_before(t
     for seed in (0, 1):
         torch.manual_seed(seed)
         with torch.no_grad():
-            runs.append((bench.one_step_mse(agent, heldout, args), bench.scorer_ranking(agent, heldout, args),
-                         bench.scorer_ranking(agent, heldout, args, horizon=2)))
+            results = (bench.one_step_mse(agent, heldout, args), bench.scorer_ranking(agent, heldout, args),
+                       bench.scorer_ranking(agent, heldout, args, horizon=2))
+        # every figure but the wall times (the "<risk>_seconds" of each extra risk form; 0.1 vs 0.2 s on a busy
+        # machine failed CI once)
+        runs.append([{k: v for k, v in r.items() if not k.endswith("_seconds")} for r in results])
     assert runs[0] == runs[1]
 
 
