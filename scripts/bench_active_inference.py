@@ -61,7 +61,7 @@ from latentrl.agents.base import GoalObservation, Policy, UniformRandomPolicy
 from latentrl.control.telemetry import step_latencies
 from latentrl.envs import get_task, make_env
 from latentrl.replay import ReplayBuffer
-from latentrl.training.checkpoint import save_atomic
+from latentrl.training.checkpoint import capture_rng, restore_rng, save_atomic
 from latentrl.training.cli import ConfigError, typed_config_overrides
 from latentrl.training.logger import machine_description, processor_name, write_report_page
 from latentrl.world_models.layers import gaussian_kl
@@ -226,12 +226,13 @@ def load_model_file(agent: ActiveInferenceAgent, path, optimizer: bool = False) 
         adam.load_state_dict(optimizer_state_for(agent, saved))
         for group in adam.param_groups:
             group["lr"] = agent.config.lr
-    if optimizer and "rng_state" in saved:
-        # resuming continues the run's random stream (batches drawn, latent samples) where the file left it, so a
-        # run saved and resumed takes the very updates of one that never stopped (files before 2026-12-04 lack it)
-        torch.set_rng_state(saved["rng_state"].cpu())
-        if agent.device.type == "cuda" and "cuda_rng_state" in saved:
-            torch.cuda.set_rng_state(saved["cuda_rng_state"].cpu(), agent.device)
+    if optimizer:
+        # resuming continues the run's random streams (batches drawn, latent samples) where the file left them, so
+        # a run saved and resumed takes the very updates of one that never stopped
+        if "rng" in saved:
+            restore_rng(saved["rng"])
+        elif "rng_state" in saved:  # files of 2026-12-04 kept torch's CPU state alone (older ones none)
+            torch.set_rng_state(saved["rng_state"].cpu())
     return saved.get("train", {})
 
 
@@ -256,11 +257,8 @@ def optimizer_state_for(agent: ActiveInferenceAgent, saved: dict) -> dict:
 def save_model_file(agent: ActiveInferenceAgent, record: dict, path) -> None:
     """The agent, its Adam state and its training record, written whole or not at all (a crash or a full disk
     leaves the previous file, which may be the ``--load-model`` being trained on)."""
-    rng = {"rng_state": torch.get_rng_state()}
-    if agent.device.type == "cuda":
-        rng["cuda_rng_state"] = torch.cuda.get_rng_state(agent.device)
     save_atomic({"agent": agent.state_dict(), "optimizer": agent.optimizers()["model"].state_dict(), "train": record,
-                 **rng}, path)
+                 "rng": capture_rng()}, path)
 
 
 def load_saved_agent(args) -> ActiveInferenceAgent:
@@ -303,6 +301,11 @@ def smooth(values: list[float], window: int) -> np.ndarray:
     return np.convolve(v, np.ones(window) / window, mode="valid")
 
 
+def part_norms(metrics: dict[str, float]) -> dict[str, float]:
+    """Each part's gradient norm of an update's metrics (``grad_norm_encoder`` -> ``encoder``)."""
+    return {k.removeprefix("grad_norm_"): v for k, v in metrics.items() if k.startswith("grad_norm_")}
+
+
 class BurstTracer:
     """``--burst-dump``: finds the updates whose gradient norm (before clipping) jumps above ``factor`` x the median
     of the previous 200 and re-runs each from the parameters and RNG state it started from, one objective term at a
@@ -328,19 +331,9 @@ class BurstTracer:
         for name, param in agent.named_parameters():
             self._part_keys.setdefault(ids[id(param)], []).append(name)
 
-    def _get_rng(self) -> tuple[Tensor, Tensor | None]:
-        """torch's CPU RNG state and, for an agent on a GPU (whose draws come from there), the GPU's."""
-        device = self.agent.device
-        return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-
-    def _set_rng(self, state: tuple[Tensor, Tensor | None]) -> None:
-        torch.set_rng_state(state[0])
-        if state[1] is not None:
-            torch.cuda.set_rng_state(state[1], self.agent.device)
-
     def before(self, batch: TensorDict) -> None:
         self._state = {k: v.detach().clone() for k, v in self.agent.state_dict().items()}
-        self._rng, self._batch = self._get_rng(), batch
+        self._rng, self._batch = capture_rng(), batch
 
     def after(self, update: int, metrics: dict[str, float]) -> None:
         now = self.agent.state_dict()
@@ -348,7 +341,7 @@ class BurstTracer:
                  for part, keys in self._part_keys.items()}
         self.history = [*self.history[-(self.HISTORY - 1):],
                         {"update": update, "grad_norm": metrics.get("grad_norm"), "step": steps,
-                         "grad": {k[len("grad_norm_"):]: v for k, v in metrics.items() if k.startswith("grad_norm_")},
+                         "grad": part_norms(metrics),
                          "kl_transition": metrics.get("kl_transition"), "posterior_std": metrics.get("posterior_std"),
                          "recon": metrics.get("recon")}]
         norm = metrics.get("grad_norm")
@@ -360,18 +353,17 @@ class BurstTracer:
         self.recent = [*self.recent[-199:], norm]
 
     def _trace(self, update: int, metrics: dict[str, float], median: float) -> None:
-        rng_now = self._get_rng()
+        rng_now = capture_rng()
         state_now = {k: v.detach().clone() for k, v in self.agent.state_dict().items()}
         self.agent.load_state_dict(self._state)
-        self._set_rng(self._rng)
+        restore_rng(self._rng)
         try:
             by_term = self.agent.gradient_norms_by_term(self._batch)
         finally:  # the training goes on from where it was, its RNG stream untouched
             self.agent.load_state_dict(state_now)
-            self._set_rng(rng_now)
+            restore_rng(rng_now)
         entry = {"update": update, "grad_norm": metrics["grad_norm"], "median_before": median,
-                 "grad_norm_by_part": {k[len("grad_norm_"):]: v for k, v in metrics.items()
-                                       if k.startswith("grad_norm_")},
+                 "grad_norm_by_part": part_norms(metrics),
                  "by_term": by_term,  # its "total" row re-computes the update's gradient: compare with the above
                  "metrics": {k: v for k, v in metrics.items() if not k.startswith("grad_norm")},
                  "history": list(self.history)}  # the updates up to and including this one
@@ -389,7 +381,7 @@ class BurstTracer:
             print(f"      {h['update']}: " + " ".join(f"{h['step'][p]:.3g}" for p in self._part_keys), flush=True)
         if sum(1 for b in self.bursts if "file" in b) < self.MAX_DUMPS:
             path = f"{self.prefix}.{update}.pt"
-            save_atomic({"agent_before": self._state, "rng_state": self._rng[0], "cuda_rng_state": self._rng[1],
+            save_atomic({"agent_before": self._state, "rng": self._rng, "device": str(self.agent.device),
                          "batch": self._batch.to_dict(),
                          "batch_size": list(self._batch.batch_size), "burst": entry}, path)
             entry["file"] = path
@@ -440,9 +432,8 @@ def train(agent: ActiveInferenceAgent, buffer: ReplayBuffer, args, previous: dic
             tracer.after(updates, metrics)
         if "grad_norm" in metrics:
             window_max = np.fmax(window_max, metrics["grad_norm"])
-        for key, value in metrics.items():
-            if key.startswith("grad_norm_"):
-                part_max[key[len("grad_norm_"):]] = max(part_max.get(key[len("grad_norm_"):], 0.0), value)
+        for part, value in part_norms(metrics).items():
+            part_max[part] = max(part_max.get(part, 0.0), value)
         if updates % args.log_every == 0 or updates == 1:
             curve.append(metrics["free_energy"])
             steps.append(updates)

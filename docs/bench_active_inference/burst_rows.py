@@ -52,12 +52,15 @@ def main(argv: list[str] | None = None) -> dict:
     agent = bench.build_agent(bench_args)
     agent.load_state_dict(dump["agent_before"])
     wm = agent.world_model
-    if dump.get("cuda_rng_state") is not None:  # its draws came from the GPU's generator, not replayable here
+    # dumps of 2026-12-04 kept torch's states as "rng_state" / "cuda_rng_state"; later ones capture_rng()'s "rng"
+    torch_state = dump["rng"]["torch"] if "rng" in dump else dump["rng_state"]
+    on_gpu = dump.get("device", "cpu").startswith("cuda") or dump.get("cuda_rng_state") is not None
+    if on_gpu:  # its draws came from the GPU's generator, not replayable here
         print("burst_rows: this dump is from a run on a GPU; the CPU replays it with other draws of the latent "
               "samples (same parameters and batch), so its norms differ from the update's", file=sys.stderr)
 
     def replay(fn):
-        torch.set_rng_state(dump["rng_state"])
+        torch.set_rng_state(torch_state)
         return fn()
 
     rows = replay(lambda: wm.loss_terms(batch))["rows"]
@@ -69,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
             "posterior_std_min": float(rows["posterior_std_min"][int(i) // length, int(i) % length + 1]),
             "prior_std_min": float(rows["prior_std_min"].flatten()[i])} for i in order[: args.top]]
     out = {"dump": args.dump, "update": dump["burst"]["update"], "grad_norm": dump["burst"]["grad_norm"],
-           "same_draws": dump.get("cuda_rng_state") is None,
+           "same_draws": not on_gpu,
            "rows": b * length,
            "kl_transition": {"mean": float(kl.mean()), "median": float(kl.median()), "max": float(kl.max()),
                              "top_share": float(kl.flatten()[order[: args.top]].sum() / kl.sum())},
