@@ -115,7 +115,11 @@ class ActiveInferenceConfig:
     """Fixed std of the Gaussian decoder (pixels in ``x / 255 - 0.5`` units; the spec names none: with 1.0 the
     latent collapsed on point_mass, docs/bench_active_inference.md)."""
     min_std: float = 0.01
-    """Lower bound of every predicted std."""
+    """Lower bound of every predicted std (the posterior's, and the transition prior's unless ``prior_min_std``)."""
+    prior_min_std: float | None = None
+    """Lower bound of the transition prior's std alone (None: ``min_std``). A broad posterior against a very sharp
+    prior gives the KL bursts behind the lr-1e-3 run-away (docs/bench_active_inference.md, "The free-energy spike
+    traced"); a floor on the prior alone bounds them and leaves the posterior free to be sharp."""
     kl_transition_weight: float = 1.0
     """Weight of KL(q(s_{t+1}|o_{t+1}) || p(s_{t+1}|s_t, a_t)) in the free energy."""
     kl_prior_weight: float = 0.1
@@ -574,7 +578,8 @@ class ActiveInferenceAgent(Agent):
             encoder_depth=cfg.encoder_depth, hidden_dim=cfg.hidden_dim, transition_hidden=cfg.transition_hidden,
             transition_layers=cfg.transition_layers, ensemble_size=cfg.ensemble_size,
             decoder_depth=cfg.decoder_depth, decoder=cfg.decoder, decoder_canvas=cfg.decoder_canvas,
-            obs_std=cfg.obs_std, min_std=cfg.min_std, kl_transition_weight=cfg.kl_transition_weight,
+            obs_std=cfg.obs_std, min_std=cfg.min_std, prior_min_std=cfg.prior_min_std,
+            kl_transition_weight=cfg.kl_transition_weight,
             kl_prior_weight=cfg.kl_prior_weight, free_nats=cfg.free_nats)
         self.reward_head = mlp(cfg.latent_dim, [cfg.transition_hidden], 1)
         self.to(self.device)

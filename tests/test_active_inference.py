@@ -192,6 +192,30 @@ def test_free_nats_clamp_the_minimised_transition_kl_only():
         ActiveInferenceModel("state", (STATE_DIM,), ACTION_DIM, free_nats=-1.0, **kwargs)
 
 
+def test_prior_min_std_floors_the_transition_prior_alone():
+    """``prior_min_std`` bounds the transition prior's std (hence how far a broad posterior's KL can run), while the
+    posterior keeps ``min_std``; unset it is ``min_std`` for both; the agent's config reaches the model."""
+
+    def floors(wm: ActiveInferenceModel) -> tuple[float, float]:
+        for head in [wm.posterior_head, *(member[-1] for member in wm.transitions)]:
+            torch.nn.init.zeros_(head.linear.weight)  # every head's raw std as low as it goes: std = its floor
+            head.linear.bias.data.fill_(-50.0)
+        x, a = torch.randn(4, STATE_DIM), torch.rand(4, ACTION_DIM)
+        _, q_std = wm.posterior(x)
+        _, p_std = wm.transition_members(torch.randn(4, 3), a)
+        return q_std.min().item(), p_std.min().item()
+
+    kwargs = dict(latent_dim=3, hidden_dim=16, transition_hidden=8, ensemble_size=2)
+    q, p = floors(ActiveInferenceModel("state", (STATE_DIM,), ACTION_DIM, min_std=0.01, prior_min_std=0.2, **kwargs))
+    assert q == pytest.approx(0.01) and p == pytest.approx(0.2)
+    q, p = floors(ActiveInferenceModel("state", (STATE_DIM,), ACTION_DIM, min_std=0.03, **kwargs))
+    assert q == pytest.approx(0.03) and p == pytest.approx(0.03)
+    agent = make_agent(prior_min_std=0.2)
+    assert agent.world_model.prior_min_std == 0.2 and agent.world_model.min_std == agent.config.min_std
+    with pytest.raises(ValueError, match="prior_min_std"):
+        ActiveInferenceModel("state", (STATE_DIM,), ACTION_DIM, prior_min_std=0.0, **kwargs)
+
+
 def test_carry_logs_the_executed_plans_efe_terms():
     """The carry holds the executed sequence's EFE term by term: G = risk + ambiguity - w * epistemic,
     risk is the KL to the goal (0 without a goal), and the ambiguity is the decoder's constant per step."""

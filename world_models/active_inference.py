@@ -191,7 +191,8 @@ class ActiveInferenceModel(WorldModel):
                  frame_stack: int = 2, encoder_depth: int = 16, hidden_dim: int = 256, transition_hidden: int = 128,
                  transition_layers: int = 2, ensemble_size: int = 5, decoder_depth: int = 16,
                  decoder: str = "conv", decoder_canvas: str = "none", obs_std: float = 1.0, min_std: float = 0.01,
-                 kl_transition_weight: float = 1.0, kl_prior_weight: float = 0.1, free_nats: float = 0.0):
+                 prior_min_std: float | None = None, kl_transition_weight: float = 1.0, kl_prior_weight: float = 0.1,
+                 free_nats: float = 0.0):
         super().__init__()
         if obs_key not in ("pixels", "state"):
             raise ValueError(f"ActiveInferenceModel reads 'pixels' or 'state', got {obs_key!r}")
@@ -203,6 +204,11 @@ class ActiveInferenceModel(WorldModel):
         self.action_dim, self.latent_dim = int(action_dim), int(latent_dim)
         self.frame_stack = int(frame_stack) if obs_key == "pixels" else 1
         self.obs_std, self.min_std = float(obs_std), float(min_std)
+        # the transition prior's own floor: KL(q || p) grows as sigma_q^2 / sigma_p^2, so a floor on p alone bounds
+        # the KL a broadened posterior can reach without limiting how sharply q locates the state
+        self.prior_min_std = self.min_std if prior_min_std is None else float(prior_min_std)
+        if self.min_std <= 0 or self.prior_min_std <= 0:
+            raise ValueError(f"min_std and prior_min_std must be > 0, got {self.min_std} and {self.prior_min_std}")
         self.kl_transition_weight, self.kl_prior_weight = float(kl_transition_weight), float(kl_prior_weight)
         if free_nats < 0:
             raise ValueError(f"free_nats must be >= 0, got {free_nats}")
@@ -221,7 +227,7 @@ class ActiveInferenceModel(WorldModel):
         hidden = [transition_hidden] * (transition_layers - 1)
         self.transitions = nn.ModuleList(
             nn.Sequential(mlp(latent_dim + action_dim, hidden, transition_hidden), nn.ELU(),
-                          GaussianHead(transition_hidden, latent_dim, min_std))
+                          GaussianHead(transition_hidden, latent_dim, self.prior_min_std))
             for _ in range(ensemble_size))
 
     @property
