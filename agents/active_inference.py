@@ -669,12 +669,19 @@ class ActiveInferenceAgent(Agent):
         self._optimizer.zero_grad(set_to_none=True)
         sum(objective.values()).backward()
         # each part's gradient norm (before clipping): where a burst of the global norm comes from
+        parts = self.parameter_groups()
         groups = {f"grad_norm_{name}": torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-                  for name, params in self.parameter_groups().items()}
+                  for name, params in parts.items()}
+        before = {name: [p.detach().clone() for p in params] for name, params in parts.items()}
         self._optimizer.step()
+        # each part's step (the norm of its parameters' change): with the clip scaling every gradient alike, Adam's
+        # steps show a run-away before the norms do (docs/bench_active_inference.md, "The free-energy spike traced")
+        steps = {f"step_{name}": torch.nn.utils.get_total_norm([p.detach() - b for p, b in zip(params, before[name],
+                                                                                                strict=True)])
+                 for name, params in parts.items()}
         metrics = {**{k: terms[k] for k in ("free_energy", "recon", "kl_transition", "kl_prior", "posterior_std",
                                             "epistemic")},
-                   "reward_loss": objective["reward"], **groups}
+                   "reward_loss": objective["reward"], **groups, **steps}
         grad_norm = last_grad_norm(self._optimizer)
         if grad_norm is not None:  # before clipping (max_grad_norm): spikes of the free energy show here first
             metrics["grad_norm"] = grad_norm

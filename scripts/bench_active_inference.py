@@ -301,9 +301,10 @@ def smooth(values: list[float], window: int) -> np.ndarray:
     return np.convolve(v, np.ones(window) / window, mode="valid")
 
 
-def part_norms(metrics: dict[str, float]) -> dict[str, float]:
-    """Each part's gradient norm of an update's metrics (``grad_norm_encoder`` -> ``encoder``)."""
-    return {k.removeprefix("grad_norm_"): v for k, v in metrics.items() if k.startswith("grad_norm_")}
+def part_norms(metrics: dict[str, float], kind: str = "grad_norm") -> dict[str, float]:
+    """Each part's gradient norm (``kind="step"``: step size) of an update's metrics (``grad_norm_encoder`` ->
+    ``encoder``)."""
+    return {k.removeprefix(f"{kind}_"): v for k, v in metrics.items() if k.startswith(f"{kind}_")}
 
 
 class BurstTracer:
@@ -312,9 +313,10 @@ class BurstTracer:
     time (:meth:`ActiveInferenceAgent.gradient_norms_by_term`), so a burst is traced to a term and a part. Keeps
     a copy of the parameters before every update (a few MB); leaves the training's RNG stream as it was.
 
-    It also keeps the last ``HISTORY`` updates' gradient norms and step sizes (``||theta_after - theta_before||``)
-    part by part, and files them with each burst: the parameters may move far (a run-away) before any gradient
-    norm does, as they did before the burst of 2026-12-04 (docs/bench_active_inference.md)."""
+    It also keeps the last ``HISTORY`` updates' gradient norms and step sizes (``||theta_after - theta_before||``,
+    the update's ``step_*`` metrics) part by part, and files them with each burst: the parameters may move far (a
+    run-away) before any gradient norm does, as they did before the burst of 2026-12-04
+    (docs/bench_active_inference.md)."""
 
     MAX_DUMPS = 3
     HISTORY = 40
@@ -326,21 +328,14 @@ class BurstTracer:
         self.bursts: list[dict] = list((previous or {}).get("bursts", []))
         self._state = self._rng = self._batch = None
         self.history: list[dict] = []
-        ids = {id(p): part for part, ps in agent.parameter_groups().items() for p in ps}
-        self._part_keys: dict[str, list[str]] = {}
-        for name, param in agent.named_parameters():
-            self._part_keys.setdefault(ids[id(param)], []).append(name)
 
     def before(self, batch: TensorDict) -> None:
         self._state = {k: v.detach().clone() for k, v in self.agent.state_dict().items()}
         self._rng, self._batch = capture_rng(), batch
 
     def after(self, update: int, metrics: dict[str, float]) -> None:
-        now = self.agent.state_dict()
-        steps = {part: float(torch.stack([(now[k] - self._state[k]).norm() for k in keys]).norm())
-                 for part, keys in self._part_keys.items()}
         self.history = [*self.history[-(self.HISTORY - 1):],
-                        {"update": update, "grad_norm": metrics.get("grad_norm"), "step": steps,
+                        {"update": update, "grad_norm": metrics.get("grad_norm"), "step": part_norms(metrics, "step"),
                          "grad": part_norms(metrics),
                          "kl_transition": metrics.get("kl_transition"), "posterior_std": metrics.get("posterior_std"),
                          "recon": metrics.get("recon")}]
@@ -376,9 +371,9 @@ class BurstTracer:
         for term, norms in by_term.items():
             print(f"    {term:<13}" + "".join(f"{norms[p]:12.3g}" for p in parts), flush=True)
         # the run-up: each recent update's step size per part (a run-away moves the parameters before the norms)
-        print("    step sizes of the last updates (update: " + ", ".join(self._part_keys) + "):", flush=True)
+        print("    step sizes of the last updates (update: " + ", ".join(parts[:-1]) + "):", flush=True)
         for h in self.history[-8:]:
-            print(f"      {h['update']}: " + " ".join(f"{h['step'][p]:.3g}" for p in self._part_keys), flush=True)
+            print(f"      {h['update']}: " + " ".join(f"{h['step'][p]:.3g}" for p in parts[:-1]), flush=True)
         if sum(1 for b in self.bursts if "file" in b) < self.MAX_DUMPS:
             path = f"{self.prefix}.{update}.pt"
             save_atomic({"agent_before": self._state, "rng": self._rng, "device": str(self.agent.device),
@@ -398,10 +393,13 @@ def train(agent: ActiveInferenceAgent, buffer: ReplayBuffer, args, previous: dic
     # the free energy that follows a gradient burst shows here (records from before this was kept lack it)
     norms, norm_steps = list(previous.get("grad_norm_max", [])), list(previous.get("grad_norm_steps", []))
     window_max = float("nan")
-    # the same for each part of the model (encoder, posterior, transition, decoder, reward): where a burst is
+    # the same for each part of the model (encoder, posterior, transition, decoder, reward): where a burst is; and
+    # each part's largest step (parameter change) per window, where a run-away shows before the norms do
     parts = {k: list(v) for k, v in previous.get("grad_norm_parts_max", {}).items()}
+    part_step_sizes = {k: list(v) for k, v in previous.get("step_parts_max", {}).items()}
     part_steps = list(previous.get("grad_norm_parts_steps", []))
     part_max: dict[str, float] = {}
+    step_max: dict[str, float] = {}
     done = int(previous.get("updates", 0))
     start = last_save = time.perf_counter()
     updates = done
@@ -415,6 +413,7 @@ def train(agent: ActiveInferenceAgent, buffer: ReplayBuffer, args, previous: dic
                 "sample_kwargs": {k: v for k, v in kwargs.items() if v is not None},
                 "free_energy_steps": steps, "free_energy": curve, "grad_norm_steps": norm_steps,
                 "grad_norm_max": norms, "grad_norm_parts_steps": part_steps, "grad_norm_parts_max": parts,
+                "step_parts_max": part_step_sizes,
                 "free_energy_first_smoothed": float(sm[0]),
                 "free_energy_last_smoothed": float(sm[-1]), "smoothed_marks": marks.tolist(),
                 "smoothed_monotone": bool(np.all(np.diff(marks) <= 0)),
@@ -434,6 +433,8 @@ def train(agent: ActiveInferenceAgent, buffer: ReplayBuffer, args, previous: dic
             window_max = np.fmax(window_max, metrics["grad_norm"])
         for part, value in part_norms(metrics).items():
             part_max[part] = max(part_max.get(part, 0.0), value)
+        for part, value in part_norms(metrics, "step").items():
+            step_max[part] = max(step_max.get(part, 0.0), value)
         if updates % args.log_every == 0 or updates == 1:
             curve.append(metrics["free_energy"])
             steps.append(updates)
@@ -442,11 +443,12 @@ def train(agent: ActiveInferenceAgent, buffer: ReplayBuffer, args, previous: dic
                 norm_steps.append(updates)
             window_max = float("nan")
             if part_max:
-                for part, value in part_max.items():
-                    # a part new to a resumed record starts where the record does not reach: NaN before it
-                    parts.setdefault(part, [float("nan")] * len(part_steps)).append(value)
+                for record_of, window in ((parts, part_max), (part_step_sizes, step_max)):
+                    for part, value in window.items():
+                        # a part new to a resumed record starts where the record does not reach: NaN before it
+                        record_of.setdefault(part, [float("nan")] * len(part_steps)).append(value)
                 part_steps.append(updates)
-                part_max = {}
+                part_max, step_max = {}, {}
             if updates % (args.log_every * 20) == 0:
                 grad = f", grad norm max {norms[-1]:.3g}" if norm_steps and norm_steps[-1] == updates else ""
                 print(f"[bench_ai] update {updates}: free energy {metrics['free_energy']:.1f} "
@@ -820,8 +822,12 @@ def plot_free_energy(result: dict, path: Path) -> None:
     steps, curve = np.asarray(result["free_energy_steps"]), np.asarray(result["free_energy"])
     window = max(1, len(curve) // 10)
     grad = result.get("grad_norm_max") or []
+    step_sizes = result.get("step_parts_max") or {}
     if grad:  # a second panel below: each log window's largest gradient norm before clipping (bursts show there)
-        fig, (ax, gax) = plt.subplots(2, 1, figsize=(5, 4.4), dpi=80, sharex=True, height_ratios=(2, 1))
+        # and a third, when the record has them: each part's largest step (a run-away shows there first)
+        rows = 3 if step_sizes else 2
+        fig, (ax, gax, *sax) = plt.subplots(rows, 1, figsize=(5, 2.2 + 1.6 * (rows - 1)), dpi=80, sharex=True,
+                                            height_ratios=(2, *[1] * (rows - 1)))
         gax.semilogy(result["grad_norm_steps"], grad, lw=0.8, color="k", label="all")
         for part, values in (result.get("grad_norm_parts_max") or {}).items():
             if np.nanmax(np.asarray(values, dtype=float), initial=0.0) > 0:  # e.g. no reward head trained: none
@@ -829,7 +835,12 @@ def plot_free_energy(result: dict, path: Path) -> None:
         if result.get("grad_norm_parts_max"):
             gax.legend(fontsize=6, ncol=3)
         gax.set_ylabel("gradient norm\n(window max)", fontsize=8)
-        gax.set_xlabel("update")
+        for part, values in step_sizes.items():
+            if np.nanmax(np.asarray(values, dtype=float), initial=0.0) > 0:
+                sax[0].semilogy(result["grad_norm_parts_steps"], values, lw=0.5, alpha=0.7, label=part)
+        if sax:
+            sax[0].set_ylabel("step size\n(window max)", fontsize=8)
+        (sax or [gax])[0].set_xlabel("update")
     else:
         fig, ax = plt.subplots(figsize=(5, 3), dpi=80)
     ax.plot(steps, curve, lw=0.6, alpha=0.4, label="per update")

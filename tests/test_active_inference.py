@@ -365,8 +365,14 @@ def test_update_reports_the_gradient_norm_before_clipping():
     reference.loss(batch)["loss"].backward()
     norm = torch.stack([p.grad.norm() for p in reference.parameters() if p.grad is not None]).norm()
     torch.manual_seed(5)
+    params_before = {part: [p.detach().clone() for p in ps] for part, ps in agent.parameter_groups().items()}
     metrics = agent.update(batch)
     assert norm > 100 * 1e-3  # so the clipped norm (1e-3) would not pass
+    # each part's step is the norm of its parameters' change in this update
+    for part, ps in agent.parameter_groups().items():
+        change = torch.cat([(p.detach() - b).flatten() for p, b in zip(ps, params_before[part], strict=True)])
+        assert metrics[f"step_{part}"] == pytest.approx(float(change.norm()), rel=1e-5, abs=1e-9), part
+    assert metrics["step_encoder"] > 0
     assert metrics["grad_norm"] == pytest.approx(float(norm), rel=1e-5)
     assert "grad_norm" not in make_agent("state", max_grad_norm=None).update(batch)
     # each part's norm, also before clipping (the reference has no reward head: the batch has no reward)

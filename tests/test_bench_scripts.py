@@ -160,6 +160,13 @@ def test_bench_active_inference_quick_writes_the_report_figures_and_numbers(tmp_
     for i, total in enumerate(tr["grad_norm_max"]):
         window = [v[i] for v in parts.values()]
         assert max(window) <= total * (1 + 1e-5) and total <= sum(w * w for w in window) ** 0.5 * (1 + 1e-5)
+    # and each part's largest step per window, on the same windows (one update each here: Adam's first step moves
+    # every parameter with a gradient by lr, so the encoder's is lr x sqrt(its size) up to the few without one)
+    sizes = tr["step_parts_max"]
+    assert set(sizes) == set(parts) and all(len(v) == 6 for v in sizes.values())
+    n_encoder = sum(p.numel() for p in bench.build_agent(bench.parse_args(["--quick"])).parameter_groups()["encoder"])
+    lr = results["config"]["lr"]
+    assert 0.9 * lr * n_encoder ** 0.5 <= sizes["encoder"][0] <= lr * n_encoder ** 0.5 * (1 + 1e-4)
     c1 = results["check1"]
     assert {"model_mse", "copy_frame_mse", "pass"} <= c1.keys()
     assert 0.0 <= c1["model_mse_static_part"] <= c1["model_mse"] and "on the static scene" in report
