@@ -371,9 +371,10 @@ class BurstTracer:
         for term, norms in by_term.items():
             print(f"    {term:<13}" + "".join(f"{norms[p]:12.3g}" for p in parts), flush=True)
         # the run-up: each recent update's step size per part (a run-away moves the parameters before the norms)
-        print("    step sizes of the last updates (update: " + ", ".join(parts[:-1]) + "):", flush=True)
+        step_parts = list(self.history[-1]["step"])
+        print("    step sizes of the last updates (update: " + ", ".join(step_parts) + "):", flush=True)
         for h in self.history[-8:]:
-            print(f"      {h['update']}: " + " ".join(f"{h['step'][p]:.3g}" for p in parts[:-1]), flush=True)
+            print(f"      {h['update']}: " + " ".join(f"{h['step'][p]:.3g}" for p in step_parts), flush=True)
         if sum(1 for b in self.bursts if "file" in b) < self.MAX_DUMPS:
             path = f"{self.prefix}.{update}.pt"
             save_atomic({"agent_before": self._state, "rng": self._rng, "device": str(self.agent.device),
