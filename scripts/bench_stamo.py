@@ -319,10 +319,32 @@ def encode_all(wm, pixels: torch.Tensor, batch: int = 256) -> torch.Tensor:
 
 
 @torch.no_grad()
-def decode(wm, tokens: torch.Tensor, steps: int, seed: int = 0) -> torch.Tensor:
-    noise = torch.randn((tokens.shape[0], *wm.obs_shape), generator=torch.Generator().manual_seed(seed))
+def decode(wm, tokens: torch.Tensor, steps: int, seed: int = 0, blocks: int = 1) -> torch.Tensor:
+    """Euler-sample frames from ``tokens`` with fixed noise of ``seed``. With ``blocks`` > 1 the tokens are that many
+    blocks of the same cases (the alphas of an interpolation, a frame before and after a transfer): row i of every
+    block starts from case i's noise, so the blocks' frames differ by their tokens alone, not by the sampler's
+    draw."""
+    if tokens.shape[0] % blocks:
+        raise ValueError(f"{tokens.shape[0]} token rows do not split into {blocks} blocks")
+    noise = torch.randn((tokens.shape[0] // blocks, *wm.obs_shape), generator=torch.Generator().manual_seed(seed))
+    noise = noise.repeat(blocks, *([1] * len(wm.obs_shape)))
     return torch.cat([wm.decode(tokens[i:i + 32], steps=steps, noise=noise[i:i + 32])["pixels"]
                       for i in range(0, len(tokens), 32)])
+
+
+def interpolation_frames(wm, z1: torch.Tensor, z2: torch.Tensor, alphas: torch.Tensor, steps: int,
+                         seed: int = 1) -> torch.Tensor:
+    """Check 6's frames D((1 - a) z1 + a z2) for every a, ``[len(alphas) * N, C, H, W]`` in alpha blocks; one noise
+    per pair for every alpha, so that along a row only the tokens change."""
+    interp = torch.cat([(1 - a) * z1 + a * z2 for a in alphas])
+    return decode(wm, interp, steps, seed=seed, blocks=len(alphas))
+
+
+def transfer_frames(wm, base_tokens: torch.Tensor, delta: torch.Tensor, steps: int, seed: int = 2):
+    """Check 7's frames D(E(x)) and D(E(x) + dz) from the same noise per case: the decoded change is the token
+    difference's, not two draws' (with independent draws a move of a few pixels drowns in the sampler's spread)."""
+    both = decode(wm, torch.cat([base_tokens, base_tokens + delta]), steps, seed=seed, blocks=2)
+    return both[:len(base_tokens)], both[len(base_tokens):]
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -596,8 +618,7 @@ def evaluate(args) -> None:
     t_i = torch.randint(n_frames - k_int, (n_pairs,), generator=g)
     alphas = torch.linspace(0, 1, 5)
     z1, z2 = tokens[e_i, t_i], tokens[e_i, t_i + k_int]
-    interp = torch.cat([(1 - a) * z1 + a * z2 for a in alphas])  # [5 * n, 2, D]
-    decoded = decode(wm, interp, args.sample_steps, seed=1)  # the same noise index per alpha block is not needed
+    decoded = interpolation_frames(wm, z1, z2, alphas, args.sample_steps)  # [5 * n, C, H, W]
     re_encoded = encode_all(wm, decoded.round().to(torch.uint8)[None])[0]
     true_move = spec.difference(q[e_i, t_i + k_int], q[e_i, t_i])
     by_readout = {}
@@ -639,8 +660,7 @@ def evaluate(args) -> None:
     t_dst = torch.randint(n_frames, (n_tr,), generator=g)
     delta = tokens[e_src, t_src + k_int] - tokens[e_src, t_src]
     base_tokens = tokens[e_dst, t_dst]
-    both = decode(wm, torch.cat([base_tokens, base_tokens + delta]), args.sample_steps, seed=2)
-    base_img, moved_img = both[:n_tr], both[n_tr:]
+    base_img, moved_img = transfer_frames(wm, base_tokens, delta, args.sample_steps)
     tok_base = encode_all(wm, base_img.round().to(torch.uint8)[None])[0]
     tok_moved = encode_all(wm, moved_img.round().to(torch.uint8)[None])[0]
     src_change = spec.difference(q[e_src, t_src + k_int], q[e_src, t_src])
@@ -903,13 +923,14 @@ def write_report(args, r: dict) -> None:
               "and the training mean of the chunk; MSE on every held-out pair.",
               "- Interpolation: held-out pairs k steps apart, tokens (1 - a) E(x1) + a E(x2) for a in "
               "linspace(0, 1, 5), "
-              "decoded, re-encoded and read out by the state probe (atan2 of sin, cos); Spearman rho between a and the "
+              "decoded (one sampler noise per pair for every a; before 2026-12-05 each a drew its own), re-encoded "
+              "and read out by the state probe (atan2 of sin, cos); Spearman rho between a and the "
               "readout angle (relative to a = 0, wrapped) for each joint that moves 0.1-2.5 rad. Two readouts: the "
               "linear state probe and the latent-action probes' MLP trained on the same rows; checks 6 and 7 are "
               "judged on the one with the higher held-out R^2 (both reported). `--transfer-cases` pairs.",
               "- Motion transfer: dz from a held-out pair of one episode added to E(x) of a frame of another; decoded "
-              "change = readout(D(E(x) + dz)) - readout(D(E(x))) (same noise), cosine with the source's true "
-              "angle change.",
+              "change = readout(D(E(x) + dz)) - readout(D(E(x))) (the same sampler noise for both; before 2026-12-05 "
+              "two draws, as the page's earlier sections read), cosine with the source's true angle change.",
               "- Goal policies' heads: the agent's goal head and its k = 8 probe, trained by this evaluation on every "
               "pair of the training episodes (all with actions; the agent in `train_agent.py` trains both on the "
               "labelled part alone), Adam at the config's rates, batch 256, `--probe-updates` updates.",

@@ -707,6 +707,36 @@ def test_bench_stamo_quick_runs_every_check_and_judges_on_the_better_readout(tmp
     assert "mlp readout" in (tmp_path / "bench_stamo.md").read_text()
 
 
+def test_bench_stamo_interpolation_and_transfer_decode_from_one_noise_per_case():
+    """Checks 6 and 7 compare decoded frames of one case with each other (along the alphas; before and after
+    adding dz): each case's frames start from one sampler noise, so with no change in the tokens the frames are
+    the same, and what differs between them is the tokens' doing. (Independent draws, as before 2026-12-05, give
+    different frames for the same tokens: the decoded 'change' of a transfer was partly the sampler's.)"""
+    import torch
+
+    bench = _load("bench_stamo")
+    from latentrl.agents.stamo import StaMoAgent
+
+    torch.manual_seed(0)
+    wm = StaMoAgent(StaMoAgent.make_config("smoke"), (3, 64, 64), 2).world_model.eval()
+    with torch.no_grad():  # the decoder starts as a constant (zero-initialised AdaLN gates and output layer)
+        for param in wm.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    z = torch.randn(3, wm.num_tokens, wm.token_dim)
+    base, moved = bench.transfer_frames(wm, z, torch.zeros_like(z), steps=3)
+    assert torch.equal(base, moved)
+    assert not torch.equal(base[0], base[1])  # the cases themselves draw different noise
+    moved_by = bench.transfer_frames(wm, z, 0.5 * torch.ones_like(z), steps=3)[1]
+    assert not torch.equal(moved_by, base)
+    alphas = torch.linspace(0, 1, 5)
+    frames = bench.interpolation_frames(wm, z, z, alphas, steps=3).reshape(len(alphas), 3, 3, 64, 64)
+    assert all(torch.equal(frames[a], frames[0]) for a in range(1, len(alphas)))
+    ends = bench.interpolation_frames(wm, z, z + 1.0, alphas, steps=3).reshape(len(alphas), 3, 3, 64, 64)
+    assert torch.equal(ends[0], frames[0]) and not torch.equal(ends[-1], frames[0])
+    with pytest.raises(ValueError, match="do not split into 2 blocks"):
+        bench.decode(wm, z, steps=3, blocks=2)
+
+
 def test_bench_stamo_trains_the_goal_policies_it_runs():
     """``bench_stamo.py eval`` trains the agent's goal head and its goal probe before goal reaching (the
     autoencoder run trains neither; the probe policy once ran with its initial weights): on tokens that move

@@ -1,0 +1,91 @@
+"""Does check 4 (a linear probe from the tokens to the arm's joints, R^2 > 0.8) improve as the autoencoder trains
+on? ``bench_stamo.py eval``'s linear state probe (ridge on the flattened tokens to (sin, cos) of each joint, fit on
+the training episodes, scored on the held-out ones) read from several checkpoints of one run on one dataset.
+
+    python docs/bench_stamo/probe_along_training.py --out-dir /tmp/stamo --checkpoints /tmp/stamo/snap/u*.pt
+
+``--out-dir`` is the dir of ``bench_stamo.py data`` (its ``episodes.pt``); each checkpoint is a copy of the
+``stamo_wm.pt`` that ``bench_stamo.py train`` writes every 500 updates. Writes ``--json`` (default
+``probe_along_training.json`` beside this file) and a plot beside it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import bench_stamo as bs  # noqa: E402
+
+
+def probe(path: Path, ns: argparse.Namespace, data: dict, train_eps, test_eps) -> dict:
+    state = torch.load(path, weights_only=True, map_location="cpu")
+    agent = bs.make_agent(ns, bs.saved_config(state))
+    agent.world_model.load_state_dict(state["world_model"])
+    agent.eval()
+    flat = bs.encode_all(agent.world_model, data["pixels"]).flatten(2)
+    spec = bs.TASKS[ns.task]
+    q = spec.coords(data["physics"])
+    y_train, y_test = spec.features(q[train_eps]).flatten(0, 1), spec.features(q[test_eps]).flatten(0, 1)
+    readout = bs.ridge(flat[train_eps].flatten(0, 1), y_train)
+    r2s = bs.r2(readout(flat[test_eps].flatten(0, 1)), y_test)
+    history = state["history"]
+    recent = [h[1] for h in history[-500:]]
+    return {"checkpoint": str(path), "updates": int(state["updates"]), "r2_mean": float(r2s.mean()),
+            "r2_per_output": [float(v) for v in r2s], "outputs": spec.feature_names(),
+            "flow_mse_last_500": sum(recent) / max(len(recent), 1)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--checkpoints", nargs="+", required=True)
+    p.add_argument("--preset", default="small")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", default=str(HERE / "probe_along_training.json"))
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    ns = argparse.Namespace(out_dir=args.out_dir, task=None, preset=args.preset, sample_steps=20, sigma_shift=None,
+                            compression=None)
+    data, train_mask, test_mask = bs.load_data(ns)
+    train_eps, test_eps = train_mask.nonzero().flatten(), test_mask.nonzero().flatten()
+    rows = []
+    for path in args.checkpoints:
+        t0 = time.time()
+        rows.append(probe(Path(path), ns, data, train_eps, test_eps))
+        bs.log(f"{path}: update {rows[-1]['updates']}, linear probe R^2 {rows[-1]['r2_mean']:.3f} "
+               f"{[round(v, 3) for v in rows[-1]['r2_per_output']]} ({time.time() - t0:.0f} s)")
+    rows.sort(key=lambda r: r["updates"])
+    out = {"out_dir": args.out_dir, "task": ns.task, "episodes": int(data["pixels"].shape[0]),
+           "train_episodes": len(train_eps), "test_episodes": len(test_eps), "rows": rows}
+    Path(args.json).write_text(json.dumps(out, indent=2))
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    x = [r["updates"] for r in rows]
+    ax.plot(x, [r["r2_mean"] for r in rows], "k-o", label="mean (check 4)")
+    for i, name in enumerate(rows[0]["outputs"]):
+        ax.plot(x, [r["r2_per_output"][i] for r in rows], "--", alpha=0.7, label=name)
+    ax.axhline(0.8, color="r", lw=0.8, label="threshold 0.8")
+    ax.set_xlabel("autoencoder updates")
+    ax.set_ylabel("held-out R^2, linear probe")
+    ax.set_title(f"{ns.task}: tokens -> joints ({len(train_eps)} training episodes)", fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(Path(args.json).with_suffix(".png"), dpi=90)
+    bs.log(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
