@@ -6,7 +6,8 @@ the training episodes, scored on the held-out ones) read from several checkpoint
 
 ``--out-dir`` is the dir of ``bench_stamo.py data`` (its ``episodes.pt``); each checkpoint is a copy of the
 ``stamo_wm.pt`` that ``bench_stamo.py train`` writes every 500 updates. Writes ``--json`` (default
-``probe_along_training.json`` beside this file) and a plot beside it."""
+``probe_along_training.json`` beside this file; the rows of other checkpoints already in it, from the same
+``--out-dir``, are kept) and a plot beside it."""
 
 from __future__ import annotations
 
@@ -62,6 +63,12 @@ def main() -> None:
         rows.append(probe(Path(path), ns, data, train_eps, test_eps))
         bs.log(f"{path}: update {rows[-1]['updates']}, linear probe R^2 {rows[-1]['r2_mean']:.3f} "
                f"{[round(v, 3) for v in rows[-1]['r2_per_output']]} ({time.time() - t0:.0f} s)")
+    # rows of earlier invocations with the same --json and data are kept (one checkpoint read at a time as a run
+    # goes on), a checkpoint read again replaces its row
+    previous = json.loads(Path(args.json).read_text()) if Path(args.json).exists() else None
+    if previous is not None and previous.get("out_dir") == args.out_dir:
+        done = {r["updates"] for r in rows}
+        rows += [r for r in previous["rows"] if r["updates"] not in done]
     rows.sort(key=lambda r: r["updates"])
     out = {"out_dir": args.out_dir, "task": ns.task, "episodes": int(data["pixels"].shape[0]),
            "train_episodes": len(train_eps), "test_episodes": len(test_eps), "rows": rows}
