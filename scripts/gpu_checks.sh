@@ -92,7 +92,9 @@ if [[ ",$PARTS," == *",train,"* ]]; then
   # The results come back in $OUT: stamo_wm.pt + stamo_train_timing.json, ai_reacher_gpu.pt + ai_reacher_train/.
   STAMO_SECONDS=${STAMO_SECONDS:-180}; AI_SECONDS=${AI_SECONDS:-150}
   if [ "$QUICK" = 1 ]; then  # tiny data made here: random frames for StaMo, a --quick collection for the world model
-    STAMO_DIR=$OUT/quick_stamo; AI_DATA=$OUT/quick_ai_data; STAMO_SECONDS=30; AI_SECONDS=30
+    # --quick fixes the updates; the seconds are only a cap, wide enough for a loaded 2-core machine (with 30 s,
+    # StaMo's 20 quick updates stopped at 7 beside another job and the dry-run test failed)
+    STAMO_DIR=$OUT/quick_stamo; AI_DATA=$OUT/quick_ai_data; STAMO_SECONDS=120; AI_SECONDS=120
     mkdir -p "$STAMO_DIR"
     python -c "import sys, torch; torch.save({'pixels': torch.randint(0, 256, (5, 4, 3, 64, 64), dtype=torch.uint8)},
                                            sys.argv[1])" "$STAMO_DIR/episodes.pt"
@@ -129,7 +131,7 @@ if [[ ",$PARTS," == *",pm,"* ]]; then
   #   a gradient burst is traced term by term in the log and its update written to $OUT/<leg>/burst.<update>.pt.
   AI_PM_SECONDS=${AI_PM_SECONDS:-60}; AI_PM_DROP_SECONDS=${AI_PM_DROP_SECONDS:-310}
   if [ "$QUICK" = 1 ]; then
-    AI_PM_DATA=$OUT/quick_ai_pm_data; AI_PM_SECONDS=20; AI_PM_DROP_SECONDS=20; PM_SIZES=(--quick)
+    AI_PM_DATA=$OUT/quick_ai_pm_data; AI_PM_SECONDS=120; AI_PM_DROP_SECONDS=120; PM_SIZES=(--quick)
   else
     PM_SIZES=(--episode-length 250 --train-episodes 200 --heldout-episodes 10 --updates 200000)
   fi
