@@ -301,8 +301,10 @@ def _to_cpu(x):
 # ----------------------------------------------------------------------------------------------- eval
 
 
-def load_model(args) -> StaMoAgent:
-    state = torch.load(Path(args.out_dir) / "stamo_wm.pt", weights_only=True, map_location="cpu")
+def load_model(args, checkpoint: str | Path | None = None) -> StaMoAgent:
+    """The trained autoencoder of ``--out-dir`` (or of another ``checkpoint`` of the run: a snapshot), in eval
+    mode, with its update count and loss record."""
+    state = torch.load(checkpoint or Path(args.out_dir) / "stamo_wm.pt", weights_only=True, map_location="cpu")
     agent = make_agent(args, saved_config(state))
     agent.world_model.load_state_dict(state["world_model"])
     agent.eval()
@@ -418,6 +420,41 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
+def state_readouts(flat_tokens: torch.Tensor, q: torch.Tensor, spec: TaskSpec, train_eps: torch.Tensor,
+                   test_eps: torch.Tensor, mlp_updates: int | None, seed: int) -> tuple[dict, dict]:
+    """Readouts tokens -> the task's joint features (``spec.features``), fitted on the training episodes' frames:
+    check 4's linear (ridge) probe and, unless ``mlp_updates`` is None, an MLP probe on the same rows (seed
+    ``seed``). Returns ``{name: readout}`` and ``{name: held-out R^2 per output}``."""
+    x_train, x_test = flat_tokens[train_eps].flatten(0, 1), flat_tokens[test_eps].flatten(0, 1)
+    y_train, y_test = spec.features(q[train_eps]).flatten(0, 1), spec.features(q[test_eps]).flatten(0, 1)
+    readouts = {"linear": ridge(x_train, y_train)}
+    if mlp_updates is not None:
+        readouts["mlp"] = fit_mlp(x_train, y_train, mlp_updates, seed=seed)
+    return readouts, {name: r2(f(x_test), y_test) for name, f in readouts.items()}
+
+
+@torch.no_grad()
+def read_joints(wm, frames: torch.Tensor, readouts: dict, spec: TaskSpec) -> dict:
+    """The joints of decoded ``frames`` ``[N, C, H, W]`` (floats in [0, 255]) as each readout reads them: the frames
+    are rounded to pixels and encoded once, ``{name: [N, joints]}``."""
+    tokens = encode_all(wm, frames.round().to(torch.uint8)[None])[0].flatten(1)
+    return {name: spec.from_features(f(tokens)) for name, f in readouts.items()}
+
+
+def interpolation_scores(reading: torch.Tensor, alphas: torch.Tensor, true_move: torch.Tensor,
+                         spec: TaskSpec) -> dict:
+    """Check 6's score of one readout's joints along the interpolation rows, ``reading`` ``[len(alphas), N,
+    joints]``: for every (pair, joint) whose true move over the k steps lies in (0.1, 2.5) rad, Spearman's rho
+    between alpha and the joint's change from alpha 0 (signed by the true move). Returns the cases, their mean rho
+    and the share above 0.9."""
+    rhos = [spearman(alphas.numpy(), np.sign(float(true_move[i, j]))
+                     * spec.difference(reading[:, i], reading[0, i])[:, j].numpy())
+            for i in range(reading.shape[1]) for j in range(reading.shape[2])
+            if 0.1 < abs(float(true_move[i, j])) < 2.5]
+    return {"cases": len(rhos), "spearman_mean": float(np.mean(rhos)) if rhos else None,
+            "share_rho_above_0.9": float(np.mean(np.array(rhos) > 0.9)) if rhos else None}
+
+
 def fit_goal_heads(agent: StaMoAgent, flat_tokens: torch.Tensor, act: torch.Tensor, train_eps: torch.Tensor,
                    test_eps: torch.Tensor, updates: int, seed: int) -> dict:
     """Train the agent's own goal-policy heads on the training episodes' tokens (``train`` fits the autoencoder
@@ -503,6 +540,9 @@ def evaluate(args) -> None:
     args.fig_dir = args.fig_dir or str(Path(args.report).with_suffix(""))
     fig_dir = Path(args.fig_dir)
     fig_dir.mkdir(parents=True, exist_ok=True)
+    # the agent's goal heads (fitted in eval, below) start from the global generator's draw when the agent is
+    # built: seeded, the same command gives the same goal-reaching figures (before 2026-12-05 they varied by run)
+    torch.manual_seed(args.seed)
     agent = load_model(args)
     spec = TASKS[args.task]
     wm = agent.world_model
@@ -552,29 +592,21 @@ def evaluate(args) -> None:
     plt.close(fig)
 
     # ---- check 4: linear probe tokens -> proprio positions (wrapping joints as sin / cos)
-    q = spec.coords(phys)
-    y_train, y_test = spec.features(q[train_eps]).flatten(0, 1), spec.features(q[test_eps]).flatten(0, 1)
-    state_probe = ridge(flat_tokens[train_eps].flatten(0, 1), y_train)
-    r2s = r2(state_probe(flat_tokens[test_eps].flatten(0, 1)), y_test)
-    results["state_probe"] = {"r2_per_output": [float(v) for v in r2s], "r2_mean": float(r2s.mean()),
-                              "outputs": spec.feature_names(), "pass": bool(r2s.mean() > 0.8)}
-    log(f"state probe {results['state_probe']}")
-
     # The readouts of checks 6 and 7 (the decoded frames' joints): check 4's linear probe and an MLP probe on the
     # same rows. Both are reported; the checks are judged on the one with the higher held-out R^2 (a readout that
     # cannot read a joint - reacher's sin q2 is linear R^2 0.15 - cannot say whether that joint moved).
-    mlp_probe = fit_mlp(flat_tokens[train_eps].flatten(0, 1), y_train, args.probe_updates, seed=args.seed + 31)
-    mlp_r2 = r2(mlp_probe(flat_tokens[test_eps].flatten(0, 1)), y_test)
-    readouts = {"linear": state_probe, "mlp": mlp_probe}
-    readout_r2 = {"linear": float(r2s.mean()), "mlp": float(mlp_r2.mean())}
+    q = spec.coords(phys)
+    readouts, readout_r2s = state_readouts(flat_tokens, q, spec, train_eps, test_eps, args.probe_updates,
+                                           seed=args.seed + 31)
+    r2s = readout_r2s["linear"]
+    results["state_probe"] = {"r2_per_output": [float(v) for v in r2s], "r2_mean": float(r2s.mean()),
+                              "outputs": spec.feature_names(), "pass": bool(r2s.mean() > 0.8)}
+    log(f"state probe {results['state_probe']}")
+    readout_r2 = {name: float(v.mean()) for name, v in readout_r2s.items()}
     judged_readout = max(readout_r2, key=readout_r2.get)
-    results["readouts"] = {"r2_mean": readout_r2, "mlp_r2_per_output": [float(v) for v in mlp_r2],
+    results["readouts"] = {"r2_mean": readout_r2, "mlp_r2_per_output": [float(v) for v in readout_r2s["mlp"]],
                            "judged": judged_readout}
     log(f"readouts {results['readouts']}")
-
-    @torch.no_grad()
-    def readout(tok: torch.Tensor, name: str) -> torch.Tensor:
-        return spec.from_features(readouts[name](tok.flatten(1)))
 
     # ---- check 5: latent-action probes vs pooled pixel differences vs the mean action
     probe_res = {}
@@ -619,19 +651,9 @@ def evaluate(args) -> None:
     alphas = torch.linspace(0, 1, 5)
     z1, z2 = tokens[e_i, t_i], tokens[e_i, t_i + k_int]
     decoded = interpolation_frames(wm, z1, z2, alphas, args.sample_steps)  # [5 * n, C, H, W]
-    re_encoded = encode_all(wm, decoded.round().to(torch.uint8)[None])[0]
     true_move = spec.difference(q[e_i, t_i + k_int], q[e_i, t_i])
-    by_readout = {}
-    for name in readouts:
-        read = readout(re_encoded, name).reshape(len(alphas), n_pairs, len(spec.joints))
-        rhos = []
-        for i in range(n_pairs):
-            for j in range(len(spec.joints)):
-                if 0.1 < abs(float(true_move[i, j])) < 2.5:
-                    rel = spec.difference(read[:, i], read[0, i])[:, j].numpy()
-                    rhos.append(spearman(alphas.numpy(), np.sign(float(true_move[i, j])) * rel))
-        by_readout[name] = {"cases": len(rhos), "spearman_mean": float(np.mean(rhos)) if rhos else None,
-                            "share_rho_above_0.9": float(np.mean(np.array(rhos) > 0.9)) if rhos else None}
+    by_readout = {name: interpolation_scores(joints.reshape(len(alphas), n_pairs, -1), alphas, true_move, spec)
+                  for name, joints in read_joints(wm, decoded, readouts, spec).items()}
     results["interpolation"] = {**by_readout[judged_readout], "readout": judged_readout, "by_readout": by_readout,
                                 "pairs": n_pairs, "k": k_int, "alphas": alphas.tolist()}
     results["interpolation"]["pass"] = bool(results["interpolation"]["cases"]) and \
@@ -661,10 +683,9 @@ def evaluate(args) -> None:
     delta = tokens[e_src, t_src + k_int] - tokens[e_src, t_src]
     base_tokens = tokens[e_dst, t_dst]
     base_img, moved_img = transfer_frames(wm, base_tokens, delta, args.sample_steps)
-    tok_base = encode_all(wm, base_img.round().to(torch.uint8)[None])[0]
-    tok_moved = encode_all(wm, moved_img.round().to(torch.uint8)[None])[0]
     src_change = spec.difference(q[e_src, t_src + k_int], q[e_src, t_src])
-    by_readout = {name: transfer_cosines(spec.difference(readout(tok_moved, name), readout(tok_base, name)), src_change)
+    read_base, read_moved = (read_joints(wm, frames, readouts, spec) for frames in (base_img, moved_img))
+    by_readout = {name: transfer_cosines(spec.difference(read_moved[name], read_base[name]), src_change)
                   for name in readouts}
     results["motion_transfer"] = {"cases": n_tr, **by_readout[judged_readout], "readout": judged_readout,
                                   "by_readout": by_readout, "k": k_int}
@@ -1017,7 +1038,7 @@ def goal_reaching(args, agent: StaMoAgent, goal_pool: torch.Tensor) -> dict:
 # ---------------------------------------------------------------------------------------------- main
 
 
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("phase", choices=["data", "train", "eval", "all"])
     p.add_argument("--out-dir", default="/tmp/stamo_bench")
@@ -1053,6 +1074,31 @@ def main(argv=None) -> None:
     p.add_argument("--report", default=None, help="default docs/bench_stamo.md (reacher), "
                                                      "docs/bench_stamo_<domain>.md (other tasks)")
     p.add_argument("--fig-dir", default=None, help="default: the report's path without .md")
+    return p
+
+
+def open_run(out_dir: str, checkpoint: str | Path | None = None, **flags):
+    """What the studies in docs/bench_stamo/ start from: the bench's arguments for a finished run in ``out_dir``
+    (eval's defaults, with ``flags`` over them, e.g. ``probe_updates=1500``), its episodes with the held-out
+    split, and its trained autoencoder (or the ``checkpoint`` snapshot). Returns ``(args, data, train_eps,
+    test_eps, agent)``; ``args.task`` is the data's, ``args.preset`` the checkpoint's unless given."""
+    args = build_parser().parse_args(["eval", "--out-dir", str(out_dir)])
+    unknown = set(flags) - set(vars(args))
+    if unknown:
+        raise TypeError(f"open_run: bench_stamo.py has no flag {sorted(unknown)}")
+    if "preset" not in flags:
+        path = Path(checkpoint or Path(out_dir) / "stamo_wm.pt")
+        if path.exists():
+            saved = torch.load(path, weights_only=True, map_location="cpu").get("config", {})
+            flags = {**flags, "preset": saved.get("preset", args.preset)}
+    vars(args).update(flags)
+    data, train_mask, test_mask = load_data(args)
+    agent = load_model(args, checkpoint)
+    return args, data, train_mask.nonzero().flatten(), test_mask.nonzero().flatten(), agent
+
+
+def main(argv=None) -> None:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.quick:
         args.episodes, args.episode_length, args.updates = 10, 30, 20

@@ -690,7 +690,8 @@ def test_bench_active_inference_paired_difference():
 
 def test_bench_stamo_quick_runs_every_check_and_judges_on_the_better_readout(tmp_path):
     """``bench_stamo.py all --quick`` collects, trains and evaluates end to end in seconds; checks 6 and 7 are read
-    out by both state probes and judged on the one with the higher held-out R^2."""
+    out by both state probes and judged on the one with the higher held-out R^2; eval run again gives the same
+    figures."""
     import json
 
     bench = _load("bench_stamo")
@@ -705,6 +706,69 @@ def test_bench_stamo_quick_runs_every_check_and_judges_on_the_better_readout(tmp
     for check in ("interpolation", "motion_transfer"):
         assert results[check]["readout"] == best and set(results[check]["by_readout"]) == {"linear", "mlp"}
     assert "mlp readout" in (tmp_path / "bench_stamo.md").read_text()
+    # the same command gives the same figures (the goal heads' starting weights are seeded too)
+    bench.main(["eval", "--quick", "--out-dir", str(tmp_path), "--report", str(tmp_path / "again.md")])
+    again = json.loads((tmp_path / "again" / "results.json").read_text())
+    assert {k: v for k, v in again.items() if k != "eval_seconds"} == {
+        k: v for k, v in results.items() if k != "eval_seconds"}
+
+
+def test_bench_stamo_interpolation_scores_follow_the_true_move_across_the_wrap():
+    """Check 6's score: a joint read along the alphas counts as interpolating when its change from alpha 0 rises
+    with alpha in the direction of the true move, including a wrapping joint that crosses +-pi on the way; pairs
+    whose true move is under 0.1 rad or over 2.5 rad are not cases."""
+    import math
+
+    import torch
+
+    bench = _load("bench_stamo")
+    reacher = bench.TASKS["reacher-easy"]
+    alphas = torch.linspace(0, 1, 5)
+    steps = torch.linspace(0, 0.4, 5)
+    reading = torch.zeros(5, 3, 2)
+    reading[:, 0, 0] = bench.wrap(torch.tensor(3.0) + steps)  # crosses +pi: 3.0, 3.1, -3.08, ...
+    reading[:, 0, 1] = -steps  # moves against the true move
+    reading[:, 1, 0] = -steps  # a true move the wrong way round: a negative move read as one
+    reading[:, 2] = torch.stack([steps, steps], 1)  # its true moves are not cases
+    true_move = torch.tensor([[0.4, 0.4], [-0.4, 0.05], [3.0, 0.01]])
+    out = bench.interpolation_scores(reading, alphas, true_move, reacher)
+    assert out["cases"] == 3
+    assert out["share_rho_above_0.9"] == pytest.approx(2 / 3)
+    assert out["spearman_mean"] == pytest.approx((1 - 1 + 1) / 3)
+    assert math.isclose(float(reading[2, 0, 0]), bench.wrap(torch.tensor(3.2)).item(), abs_tol=1e-6)
+    assert bench.interpolation_scores(reading, alphas, torch.zeros(3, 2), reacher)["cases"] == 0
+
+
+def test_bench_stamo_studies_open_a_finished_run(tmp_path):
+    """``open_run`` (what the studies in docs/bench_stamo/ start from) reads a finished run's data split and
+    model with the bench's own defaults, and refuses a flag the bench does not have; the noise-pairing and
+    probe-along-training studies run on a quick run and write their records."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    bench = _load("bench_stamo")
+    bench.main(["data", "--quick", "--out-dir", str(tmp_path)])
+    bench.main(["train", "--quick", "--out-dir", str(tmp_path)])
+    args, data, train_eps, test_eps, agent = bench.open_run(str(tmp_path), probe_updates=20)
+    assert args.task == bench.DEFAULT_TASK and args.probe_updates == 20 and agent.trained_updates == 20
+    assert args.preset == "smoke"  # the checkpoint's (--quick trains the smoke preset), not eval's default
+    assert len(train_eps) + len(test_eps) == data["pixels"].shape[0] and not set(train_eps.tolist()) & set(
+        test_eps.tolist())
+    with pytest.raises(TypeError, match="no flag"):
+        bench.open_run(str(tmp_path), probe_update=20)
+    env = {**os.environ, "MUJOCO_GL": "egl"}
+    studies = SCRIPTS.parent / "docs" / "bench_stamo"
+    for script, flags in (("noise_pairing.py", ["--cases", "2", "--probe-updates", "20", "--sample-steps", "2"]),
+                          ("probe_along_training.py", ["--checkpoints", str(tmp_path / "stamo_wm.pt")])):
+        out = tmp_path / script.replace(".py", ".json")
+        proc = subprocess.run([sys.executable, str(studies / script), "--out-dir", str(tmp_path), "--json", str(out),
+                               *flags], env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        record = json.loads(out.read_text())
+        assert record["out_dir"] == str(tmp_path)
+    assert set(record["rows"][0]) >= {"updates", "r2_mean"} and record["rows"][0]["updates"] == 20
 
 
 def test_bench_stamo_interpolation_and_transfer_decode_from_one_noise_per_case():

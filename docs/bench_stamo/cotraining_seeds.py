@@ -35,12 +35,8 @@ def main() -> None:
     p.add_argument("--json", default=str(HERE / "cotraining_seeds.json"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    # the bench's argument names that load_model / cotraining read
-    ns = argparse.Namespace(out_dir=args.out_dir, task=None, preset="small", sample_steps=20, sigma_shift=None,
-                            compression=None, probe_updates=args.probe_updates, bc_updates=args.bc_updates)
-    data, train_mask, test_mask = bs.load_data(ns)
-    agent = bs.load_model(ns)
-    train_eps, test_eps = train_mask.nonzero().flatten(), test_mask.nonzero().flatten()
+    ns, data, train_eps, test_eps, agent = bs.open_run(args.out_dir, probe_updates=args.probe_updates,
+                                                        bc_updates=args.bc_updates)
     flat = bs.encode_all(agent.world_model, data["pixels"]).flatten(2)
     runs = {}
     for seed in args.seeds:

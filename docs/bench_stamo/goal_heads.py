@@ -46,12 +46,8 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
-    # the bench's argument names that load_model / goal_reaching read
-    ns = argparse.Namespace(out_dir=args.out_dir, task=None, preset="small", sample_steps=20, sigma_shift=None,
-                            compression=None, lr=None, goals=args.goals, goal_steps=args.goal_steps, seed=args.seed)
-    data, train_mask, test_mask = bs.load_data(ns)
-    agent = bs.load_model(ns)
-    train_eps, test_eps = train_mask.nonzero().flatten(), test_mask.nonzero().flatten()
+    ns, data, train_eps, test_eps, agent = bs.open_run(args.out_dir, goals=args.goals, goal_steps=args.goal_steps,
+                                                        seed=args.seed)
     labelled_eps = train_eps[torch.arange(len(train_eps)) % 5 == 0]  # as bench_stamo's co-training check
     flat = bs.encode_all(agent.world_model, data["pixels"]).flatten(2)
     pool = data["physics"][test_eps].flatten(0, 1)

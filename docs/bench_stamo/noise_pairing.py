@@ -17,7 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
@@ -39,27 +38,15 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    ns = argparse.Namespace(out_dir=args.out_dir, task=None, preset="small", sample_steps=args.sample_steps,
-                            sigma_shift=None, compression=None)
-    data, train_mask, test_mask = bs.load_data(ns)
-    agent = bs.load_model(ns)
+    ns, data, train_eps, test_eps, agent = bs.open_run(args.out_dir, sample_steps=args.sample_steps)
     wm, spec = agent.world_model, bs.TASKS[ns.task]
-    train_eps, test_eps = train_mask.nonzero().flatten(), test_mask.nonzero().flatten()
     px, q = data["pixels"], spec.coords(data["physics"])
     n_frames = px.shape[1]
     tokens = bs.encode_all(wm, px)
-    flat = tokens.flatten(2)
-    y_train = spec.features(q[train_eps]).flatten(0, 1)
-    y_test = spec.features(q[test_eps]).flatten(0, 1)
-    readouts = {"linear": bs.ridge(flat[train_eps].flatten(0, 1), y_train),
-                "mlp": bs.fit_mlp(flat[train_eps].flatten(0, 1), y_train, args.probe_updates, seed=args.seed + 31)}
-    r2 = {name: float(bs.r2(f(flat[test_eps].flatten(0, 1)), y_test).mean()) for name, f in readouts.items()}
+    readouts, r2s = bs.state_readouts(tokens.flatten(2), q, spec, train_eps, test_eps, args.probe_updates,
+                                      seed=args.seed + 31)
+    r2 = {name: float(v.mean()) for name, v in r2s.items()}
     bs.log(f"readouts R^2 {r2}")
-
-    @torch.no_grad()
-    def read(frames: torch.Tensor, name: str) -> torch.Tensor:
-        tok = bs.encode_all(wm, frames.round().clamp(0, 255).to(torch.uint8)[None])[0]
-        return spec.from_features(readouts[name](tok.flatten(1)))
 
     g = torch.Generator().manual_seed(args.seed + 1000)
     n, k = args.cases, 4
@@ -85,19 +72,17 @@ def main() -> None:
     out = {"out_dir": args.out_dir, "task": ns.task, "updates": agent.trained_updates, "cases": n, "k": k,
            "readout_r2": r2, "schemes": {}}
     for scheme, (decoded, both) in frames.items():
+        along = bs.read_joints(wm, decoded, readouts, spec)
+        before, after = bs.read_joints(wm, both[:n], readouts, spec), bs.read_joints(wm, both[n:], readouts, spec)
         res = {}
         for name in readouts:
-            reading = read(decoded, name).reshape(len(alphas), n, len(spec.joints))
-            rhos = [bs.spearman(alphas.numpy(), np.sign(float(true_move[i, j]))
-                                * spec.difference(reading[:, i], reading[0, i])[:, j].numpy())
-                    for i in range(n) for j in range(len(spec.joints)) if 0.1 < abs(float(true_move[i, j])) < 2.5]
-            moved = spec.difference(read(both[n:], name), read(both[:n], name))
-            res[name] = {"interpolation_cases": len(rhos),
-                         "interpolation_share_rho_above_0.9": float(np.mean(np.array(rhos) > 0.9)),
-                         "interpolation_spearman_mean": float(np.mean(rhos)),
-                         "transfer": bs.transfer_cosines(moved, src_change)}
+            score = bs.interpolation_scores(along[name].reshape(len(alphas), n, -1), alphas, true_move, spec)
+            res[name] = {"interpolation_cases": score["cases"],
+                         "interpolation_share_rho_above_0.9": score["share_rho_above_0.9"],
+                         "interpolation_spearman_mean": score["spearman_mean"],
+                         "transfer": bs.transfer_cosines(spec.difference(after[name], before[name]), src_change)}
             bs.log(f"{scheme}, {name} readout: interpolation rho > 0.9 in "
-                   f"{res[name]['interpolation_share_rho_above_0.9']:.2f} of {len(rhos)}; transfer positive in "
+                   f"{score['share_rho_above_0.9']:.2f} of {score['cases']}; transfer positive in "
                    f"{res[name]['transfer']['share_positive_cosine']:.2f} of {n}")
         out["schemes"][scheme] = res
     out["seconds"] = time.time() - t0

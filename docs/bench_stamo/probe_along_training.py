@@ -27,19 +27,13 @@ import bench_stamo as bs  # noqa: E402
 
 
 def probe(path: Path, ns: argparse.Namespace, data: dict, train_eps, test_eps) -> dict:
-    state = torch.load(path, weights_only=True, map_location="cpu")
-    agent = bs.make_agent(ns, bs.saved_config(state))
-    agent.world_model.load_state_dict(state["world_model"])
-    agent.eval()
-    flat = bs.encode_all(agent.world_model, data["pixels"]).flatten(2)
+    agent = bs.load_model(ns, path)
     spec = bs.TASKS[ns.task]
-    q = spec.coords(data["physics"])
-    y_train, y_test = spec.features(q[train_eps]).flatten(0, 1), spec.features(q[test_eps]).flatten(0, 1)
-    readout = bs.ridge(flat[train_eps].flatten(0, 1), y_train)
-    r2s = bs.r2(readout(flat[test_eps].flatten(0, 1)), y_test)
-    history = state["history"]
-    recent = [h[1] for h in history[-500:]]
-    return {"checkpoint": str(path), "updates": int(state["updates"]), "r2_mean": float(r2s.mean()),
+    flat = bs.encode_all(agent.world_model, data["pixels"]).flatten(2)
+    _, r2s = bs.state_readouts(flat, spec.coords(data["physics"]), spec, train_eps, test_eps, None, seed=0)
+    r2s = r2s["linear"]
+    recent = [h[1] for h in agent.history[-500:]]
+    return {"checkpoint": str(path), "updates": agent.trained_updates, "r2_mean": float(r2s.mean()),
             "r2_per_output": [float(v) for v in r2s], "outputs": spec.feature_names(),
             "flow_mse_last_500": sum(recent) / max(len(recent), 1)}
 
@@ -48,15 +42,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out-dir", required=True)
     p.add_argument("--checkpoints", nargs="+", required=True)
-    p.add_argument("--preset", default="small")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=str(HERE / "probe_along_training.json"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    ns = argparse.Namespace(out_dir=args.out_dir, task=None, preset=args.preset, sample_steps=20, sigma_shift=None,
-                            compression=None)
-    data, train_mask, test_mask = bs.load_data(ns)
-    train_eps, test_eps = train_mask.nonzero().flatten(), test_mask.nonzero().flatten()
+    ns, data, train_eps, test_eps, _ = bs.open_run(args.out_dir, args.checkpoints[0])
     rows = []
     for path in args.checkpoints:
         t0 = time.time()
