@@ -31,12 +31,15 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     p.add_argument("--probe-updates", type=int, default=1500)
     p.add_argument("--bc-updates", type=int, default=1500)
+    p.add_argument("--bc-lr", type=float, default=None, help="the BC nets' Adam rate (default: the config's)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=str(HERE / "cotraining_seeds.json"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     ns, data, train_eps, test_eps, agent = bs.open_run(args.out_dir, probe_updates=args.probe_updates,
                                                         bc_updates=args.bc_updates)
+    if args.bc_lr is not None:
+        agent.config.bc_lr = args.bc_lr
     flat = bs.encode_all(agent.world_model, data["pixels"]).flatten(2)
     runs = {}
     for seed in args.seeds:
@@ -45,7 +48,7 @@ def main() -> None:
         bs.log(f"seed {seed}: gap recovered {runs[seed]['gap_recovered']:.3f} ({time.time() - t0:.0f} s)")
     gaps = np.array([r["gap_recovered"] for r in runs.values()])
     out = {"out_dir": args.out_dir, "episodes": int(data["pixels"].shape[0]), "updates_autoencoder":
-           agent.trained_updates, "runs": runs, "gap_recovered_mean": float(gaps.mean()),
+           agent.trained_updates, "bc_lr": agent.config.bc_lr, "runs": runs, "gap_recovered_mean": float(gaps.mean()),
            "gap_recovered_min": float(gaps.min())}
     Path(args.json).write_text(json.dumps(out, indent=2))
     bs.log(f"gap recovered per seed {gaps.round(3).tolist()}; wrote {args.json}")
