@@ -301,10 +301,11 @@ def _to_cpu(x):
 # ----------------------------------------------------------------------------------------------- eval
 
 
-def load_model(args, checkpoint: str | Path | None = None) -> StaMoAgent:
-    """The trained autoencoder of ``--out-dir`` (or of another ``checkpoint`` of the run: a snapshot), in eval
-    mode, with its update count and loss record."""
-    state = torch.load(checkpoint or Path(args.out_dir) / "stamo_wm.pt", weights_only=True, map_location="cpu")
+def load_model(args, checkpoint: str | Path | None = None, state: dict | None = None) -> StaMoAgent:
+    """The trained autoencoder of ``--out-dir`` (or of another ``checkpoint`` of the run: a snapshot; or a
+    checkpoint ``state`` already read), in eval mode, with its update count and loss record."""
+    if state is None:
+        state = torch.load(checkpoint or Path(args.out_dir) / "stamo_wm.pt", weights_only=True, map_location="cpu")
     agent = make_agent(args, saved_config(state))
     agent.world_model.load_state_dict(state["world_model"])
     agent.eval()
@@ -749,6 +750,30 @@ def evaluate(args) -> None:
     log(f"wrote {fig_dir / 'results.json'} and {args.report} ({results['eval_seconds']:.0f}s)")
 
 
+def train_goal_bc(px: torch.Tensor, e: torch.Tensor, t: torch.Tensor, y: torch.Tensor, k: int, channels: int,
+                  lr: float, updates: int, seed: int, on_update=None):
+    """Co-training's BC policy pi(o_t, o_{t+k}) -> a_t (``GoalBCNet`` on pixels): its weights from ``seed``, Adam at
+    ``lr``, ``updates`` batches of 64 of the pairs ``(e, t)`` with targets ``y`` drawn from a generator of ``seed``,
+    MSE. ``on_update(i, net, loss)`` is called after update i (``bc_collapse.py`` watches the net with it). Returns
+    the net in eval mode."""
+    from latentrl.agents.stamo import GoalBCNet
+
+    torch.manual_seed(seed)
+    net = GoalBCNet("pixels", tuple(px.shape[-3:]), y.shape[-1], channels)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    for i in range(1, updates + 1):
+        idx = torch.randint(len(e), (64,), generator=g)
+        loss = (net(px[e[idx], t[idx]], px[e[idx], t[idx] + k]) - y[idx]).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if on_update is not None:
+            on_update(i, net, loss.detach())
+    net.eval()
+    return net
+
+
 def cotraining(agent: StaMoAgent, px: torch.Tensor, act: torch.Tensor, flat_tokens: torch.Tensor,
                train_eps: torch.Tensor, test_eps: torch.Tensor, args, seed: int = 0) -> dict:
     """Check 8 (Table 5 at our scale): a goal-conditioned BC policy pi(o_t, o_{t+k}) -> a_t (its own conv encoder,
@@ -759,7 +784,7 @@ def cotraining(agent: StaMoAgent, px: torch.Tensor, act: torch.Tensor, flat_toke
     parts' true actions (which the bench has) beside the labelled part's mean action. ``seed`` seeds the BC nets and
     their batches (the pseudo-label probe keeps its own). Sets ``args.bc_goal_policy`` (the co-trained net as a goal
     policy) for goal reaching."""
-    from latentrl.agents.stamo import GoalBCNet, StaMoBCPolicy
+    from latentrl.agents.stamo import StaMoBCPolicy
 
     spec = TASKS[args.task]
     n_frames = px.shape[1]
@@ -785,17 +810,7 @@ def cotraining(agent: StaMoAgent, px: torch.Tensor, act: torch.Tensor, flat_toke
                       (e_all, t_all, torch.where(is_lab[:, None], act[e_all, t_all], pseudo)),
                   "5 parts labelled": (e_all, t_all, act[e_all, t_all])}
     for name, (e, t, y) in conditions.items():
-        torch.manual_seed(seed)
-        net = GoalBCNet("pixels", (3, 64, 64), spec.action_dim, agent.config.bc_channels)
-        opt = torch.optim.Adam(net.parameters(), lr=agent.config.bc_lr)
-        gb = torch.Generator().manual_seed(seed)
-        for _ in range(args.bc_updates):
-            idx = torch.randint(len(e), (64,), generator=gb)
-            loss = (net(px[e[idx], t[idx]], px[e[idx], t[idx] + k_bc]) - y[idx]).square().mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        net.eval()
+        net = train_goal_bc(px, e, t, y, k_bc, agent.config.bc_channels, agent.config.bc_lr, args.bc_updates, seed)
         with torch.no_grad():
             preds = torch.cat([net(px[e_te[i:i + 256], t_te[i:i + 256]], px[e_te[i:i + 256], t_te[i:i + 256] + k_bc])
                                for i in range(0, len(e_te), 256)])
@@ -894,7 +909,7 @@ def write_report(args, r: dict) -> None:
     lines += ["", "## Training cost", "",
               f"Decoder + encoder training step (flow loss, AdamW, batch {tm.get('batch_size', '?')}, preset "
               f"`{tm.get('preset', '?')}`): median **{tm.get('median_update_ms') or float('nan'):.0f} ms** "
-              + (f"on `{tm['device']}` (the GPU timing section below has more)." if str(tm.get("device", "cpu"))
+              + (f"on `{tm['device']}`." if str(tm.get("device", "cpu"))
                  .startswith("cuda") else f"on the CPU ({tm.get('threads', '?')} torch thread"
                  f"{'' if tm.get('threads') == 1 else 's'} on a 2-core machine shared with other jobs, so this is an "
                  "upper bound)."), "",
@@ -1092,14 +1107,12 @@ def open_run(out_dir: str, checkpoint: str | Path | None = None, **flags):
     unknown = set(flags) - set(vars(args))
     if unknown:
         raise TypeError(f"open_run: bench_stamo.py has no flag {sorted(unknown)}")
-    if "preset" not in flags:
-        path = Path(checkpoint or Path(out_dir) / "stamo_wm.pt")
-        if path.exists():
-            saved = torch.load(path, weights_only=True, map_location="cpu").get("config", {})
-            flags = {**flags, "preset": saved.get("preset", args.preset)}
     vars(args).update(flags)
     data, train_mask, test_mask = load_data(args)
-    agent = load_model(args, checkpoint)
+    state = torch.load(checkpoint or Path(out_dir) / "stamo_wm.pt", weights_only=True, map_location="cpu")
+    if "preset" not in flags:
+        args.preset = state.get("config", {}).get("preset", args.preset)
+    agent = load_model(args, state=state)
     return args, data, train_mask.nonzero().flatten(), test_mask.nonzero().flatten(), agent
 
 

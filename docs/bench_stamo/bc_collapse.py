@@ -1,5 +1,5 @@
 """Why does the co-training check's 5-part BC of seed 0 stay at the mean action? Trains that BC net
-(``GoalBCNet``, Adam, batch 64, pairs k = 4 steps apart from every training episode, true actions) as
+(``bench_stamo.train_goal_bc``: pairs k = 4 steps apart from every training episode, true actions) as
 ``bench_stamo.cotraining`` does, at the given learning rates, and prints along the way its batch loss, the spread of
 its outputs over 256 held-out pairs, and the share of conv-trunk features and head units that are inactive for
 every one of those pairs (dead ReLUs). Reads only the episodes of ``--out-dir`` (no autoencoder: this condition
@@ -22,8 +22,6 @@ sys.path.insert(0, str(HERE.parents[1] / "scripts"))
 
 import bench_stamo as bs  # noqa: E402
 
-from latentrl.agents.stamo import GoalBCNet  # noqa: E402
-
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -41,28 +39,21 @@ def main() -> None:
     e_te, t_te = bs.offset_pairs(px.shape[1] - 1, k, test_mask.nonzero().flatten())
     held = torch.cat([px[e_te[:256], t_te[:256]], px[e_te[:256], t_te[:256] + k]], 1).float() / 127.5 - 1.0
     marks = {1, 25, 50, 100, 200, 400, args.updates}
+
+    @torch.no_grad()
+    def watch(i: int, net, loss: torch.Tensor) -> None:
+        if i not in marks:
+            return
+        trunk = net.trunk(held)
+        hidden, out = net.head[:2](trunk), net.head(trunk)
+        dead_trunk, dead_head = (float((h.sum(0) == 0).float().mean()) for h in (trunk, hidden))
+        print(f"seed {args.seed} lr {lr:g} update {i}: batch loss {float(loss):.3f}, output spread "
+              f"{float(out.std(0).mean()):.4f}, dead trunk features {dead_trunk:.2f}, dead head units "
+              f"{dead_head:.2f} ({time.time() - t0:.0f} s)", flush=True)
+
     for lr in args.lrs:
-        torch.manual_seed(args.seed)  # as cotraining(): the net's init, then its batches from their own generator
-        net = GoalBCNet("pixels", (3, 64, 64), act.shape[-1], 32)
-        opt = torch.optim.Adam(net.parameters(), lr=lr)
-        g = torch.Generator().manual_seed(args.seed)
-        y = act[e_all, t_all]
         t0 = time.time()
-        for i in range(1, args.updates + 1):
-            idx = torch.randint(len(e_all), (64,), generator=g)
-            loss = (net(px[e_all[idx], t_all[idx]], px[e_all[idx], t_all[idx] + k]) - y[idx]).square().mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            if i in marks:
-                with torch.no_grad():
-                    trunk = net.trunk(held)
-                    hidden = net.head[:2](trunk)
-                    out = net.head(trunk)
-                dead_trunk, dead_head = (float((h.sum(0) == 0).float().mean()) for h in (trunk, hidden))
-                print(f"seed {args.seed} lr {lr:g} update {i}: batch loss {float(loss.detach()):.3f}, output spread "
-                      f"{float(out.std(0).mean()):.4f}, dead trunk features {dead_trunk:.2f}, dead head units "
-                      f"{dead_head:.2f} ({time.time() - t0:.0f} s)", flush=True)
+        bs.train_goal_bc(px, e_all, t_all, act[e_all, t_all], k, 32, lr, args.updates, args.seed, on_update=watch)
 
 
 if __name__ == "__main__":

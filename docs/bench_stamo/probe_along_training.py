@@ -26,8 +26,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import bench_stamo as bs  # noqa: E402
 
 
-def probe(path: Path, ns: argparse.Namespace, data: dict, train_eps, test_eps) -> dict:
-    agent = bs.load_model(ns, path)
+def probe(agent, path: Path, ns: argparse.Namespace, data: dict, train_eps, test_eps) -> dict:
     spec = bs.TASKS[ns.task]
     flat = bs.encode_all(agent.world_model, data["pixels"]).flatten(2)
     _, r2s = bs.state_readouts(flat, spec.coords(data["physics"]), spec, train_eps, test_eps, None, seed=0)
@@ -46,11 +45,12 @@ def main() -> None:
     p.add_argument("--json", default=str(HERE / "probe_along_training.json"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    ns, data, train_eps, test_eps, _ = bs.open_run(args.out_dir, args.checkpoints[0])
+    ns, data, train_eps, test_eps, first = bs.open_run(args.out_dir, args.checkpoints[0])
     rows = []
-    for path in args.checkpoints:
+    for i, path in enumerate(args.checkpoints):
         t0 = time.time()
-        rows.append(probe(Path(path), ns, data, train_eps, test_eps))
+        agent = first if i == 0 else bs.load_model(ns, path)
+        rows.append(probe(agent, Path(path), ns, data, train_eps, test_eps))
         bs.log(f"{path}: update {rows[-1]['updates']}, linear probe R^2 {rows[-1]['r2_mean']:.3f} "
                f"{[round(v, 3) for v in rows[-1]['r2_per_output']]} ({time.time() - t0:.0f} s)")
     # rows of earlier invocations with the same --json and data are kept (one checkpoint read at a time as a run
