@@ -142,6 +142,13 @@ class StaMoConfig:
     """Channels of the BC policy's conv encoder (pixels) / width of its MLP (states: 8x)."""
     bc_lr: float = 1e-3
     """Adam learning rate of the BC policy."""
+    bc_goal_input: Literal["frames", "difference"] = "frames"
+    """What the BC policy's encoder sees besides ``o_t``: the goal frame itself (``frames``) or its difference to
+    ``o_t`` (``difference``). Every preset sets ``difference``: with the two frames, a reacher frame pair is nearly
+    the same image across the batch and Adam at ``bc_lr`` 1e-3 can silence the conv trunk in its first 25 updates
+    (docs/bench_stamo/bc_collapse.py); the difference puts the motion, which is what sets the action, in the input.
+    The dataclass keeps ``frames`` so model files written before this field load with the inputs they were
+    trained on."""
     hold_min: int = 1
     """The collection policy holds each random action at least this many steps."""
     hold_max: int = 4
@@ -155,6 +162,8 @@ class StaMoConfig:
         if self.goal_policy not in ("head", "probe", "cotrained"):
             raise ValueError(f"StaMoConfig.goal_policy must be 'head', 'probe' or 'cotrained', got "
                              f"{self.goal_policy!r}")
+        if self.bc_goal_input not in ("frames", "difference"):
+            raise ValueError(f"StaMoConfig.bc_goal_input must be 'frames' or 'difference', got {self.bc_goal_input!r}")
         if self.goal_head_hidden < 0:
             raise ValueError(f"StaMoConfig.goal_head_hidden must be >= 0, got {self.goal_head_hidden}")
         self.stem_channels = tuple(int(c) for c in self.stem_channels)
@@ -177,14 +186,16 @@ class StaMoConfig:
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The spec's CPU configuration (§6): D = 128, conv stem + 2 blocks -> 64 -> 16 -> 4 -> 2 tokens, DiT 4 x 128.
-    "paper": {},
+    "paper": {"bc_goal_input": "difference"},
     # Half-width decoder and fewer sampler steps for a 2-core CPU.
-    "small": {"decoder_dim": 96, "decoder_blocks": 3, "sample_steps": 20, "batch_size": 32},
+    "small": {"decoder_dim": 96, "decoder_blocks": 3, "sample_steps": 20, "batch_size": 32,
+              "bc_goal_input": "difference"},
     # Tiny networks for tests.
     "smoke": {"token_dim": 16, "stem_channels": (8, 8), "encoder_blocks": 1, "heads": 2, "compress": (4,),
               "pooled_dim": 16, "state_patches": 4, "decoder_dim": 16, "decoder_blocks": 1, "sample_steps": 2,
               "batch_size": 8, "probe_offsets": (1, 2), "probe_hidden": 16, "probe_batch_size": 8, "goal_offset": 2,
-              "cotrain_offset": 2, "bc_channels": 4, "goal_head_hidden": 16},
+              "cotrain_offset": 2, "bc_channels": 4, "goal_head_hidden": 16,
+              "bc_goal_input": "difference"},
 }
 
 
@@ -257,11 +268,15 @@ class GoalHead(nn.Module):
 
 class GoalBCNet(nn.Module):
     """The co-trained goal-conditioned policy ``pi(o_t, o_goal) -> a_t``, with its own encoder: a small
-    conv net on the two frames stacked along channels (pixels) or an MLP on the two states."""
+    conv net on ``o_t`` and the goal stacked along channels (pixels) or an MLP on the two states. ``goal_input``:
+    the goal as it is (``frames``) or as ``o_goal - o_t`` (``difference``, see ``StaMoConfig.bc_goal_input``)."""
 
-    def __init__(self, obs_key: str, obs_shape: Sequence[int], action_dim: int, channels: int = 32):
+    def __init__(self, obs_key: str, obs_shape: Sequence[int], action_dim: int, channels: int = 32,
+                 goal_input: str = "frames"):
         super().__init__()
-        self.obs_key, self.obs_shape = obs_key, tuple(int(s) for s in obs_shape)
+        if goal_input not in ("frames", "difference"):
+            raise ValueError(f"GoalBCNet: goal_input must be 'frames' or 'difference', got {goal_input!r}")
+        self.obs_key, self.obs_shape, self.goal_input = obs_key, tuple(int(s) for s in obs_shape), goal_input
         if obs_key == "pixels":
             c, h, w = self.obs_shape
             self.trunk = nn.Sequential(
@@ -273,12 +288,18 @@ class GoalBCNet(nn.Module):
             feat = 8 * channels
         self.head = mlp(feat, [256], action_dim)
 
-    def forward(self, obs: Tensor, goal: Tensor) -> Tensor:
+    def inputs(self, obs: Tensor, goal: Tensor) -> Tensor:
+        """What the trunk reads: ``o_t`` and the goal (or ``o_goal - o_t``) side by side; frames (uint8) scaled
+        so that ``o_t`` lies in [-1, 1] and the goal or the difference at the same scale."""
+        obs, goal = obs.float(), goal.float()
+        if self.goal_input == "difference":
+            goal = goal - obs
         if self.obs_key == "pixels":
-            x = torch.cat([obs, goal], dim=1).float() / 127.5 - 1.0
-        else:
-            x = torch.cat([obs, goal], dim=-1).float()
-        return self.head(self.trunk(x))
+            return torch.cat([obs / 127.5 - 1.0, goal / 127.5 - float(self.goal_input == "frames")], dim=1)
+        return torch.cat([obs, goal], dim=-1)
+
+    def forward(self, obs: Tensor, goal: Tensor) -> Tensor:
+        return self.head(self.trunk(self.inputs(obs, goal)))
 
 
 # ----------------------------------------------------------------------------------------- policies
@@ -417,7 +438,7 @@ class StaMoAgent(Agent):
         self.latent_dim = cfg.num_tokens * cfg.token_dim
         self.probes = nn.ModuleDict({str(k): LatentActionProbe(self.latent_dim, k, self.action_dim, cfg.probe_hidden)
                                      for k in cfg.probe_offsets})
-        self.bc = GoalBCNet(cfg.obs_type, self.obs_shape, self.action_dim, cfg.bc_channels)
+        self.bc = GoalBCNet(cfg.obs_type, self.obs_shape, self.action_dim, cfg.bc_channels, cfg.bc_goal_input)
         self.goal_head = GoalHead(self.latent_dim, self.action_dim, cfg.goal_head_hidden) \
             if cfg.goal_policy == "head" else None
         self.to(self.device)

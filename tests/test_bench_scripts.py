@@ -741,8 +741,9 @@ def test_bench_stamo_interpolation_scores_follow_the_true_move_across_the_wrap()
 
 def test_bench_stamo_studies_open_a_finished_run(tmp_path):
     """``open_run`` (what the studies in docs/bench_stamo/ start from) reads a finished run's data split and
-    model with the bench's own defaults, and refuses a flag the bench does not have; the noise-pairing and
-    probe-along-training studies run on a quick run and write their records."""
+    model with the bench's own defaults, and refuses a flag the bench does not have; the noise-pairing,
+    transfer-by-distance, co-training-seeds and probe-along-training studies run on a quick run and write their
+    records."""
     import json
     import os
     import subprocess
@@ -761,6 +762,8 @@ def test_bench_stamo_studies_open_a_finished_run(tmp_path):
     env = {**os.environ, "MUJOCO_GL": "egl"}
     studies = SCRIPTS.parent / "docs" / "bench_stamo"
     for script, flags in (("noise_pairing.py", ["--cases", "2", "--probe-updates", "20", "--sample-steps", "2"]),
+                          ("transfer_by_distance.py", ["--cases", "8", "--probe-updates", "20", "--sample-steps", "2"]),
+                          ("cotraining_seeds.py", ["--seeds", "0", "--probe-updates", "5", "--bc-updates", "5"]),
                           ("probe_along_training.py", ["--checkpoints", str(tmp_path / "stamo_wm.pt")])):
         out = tmp_path / script.replace(".py", ".json")
         proc = subprocess.run([sys.executable, str(studies / script), "--out-dir", str(tmp_path), "--json", str(out),
@@ -769,6 +772,37 @@ def test_bench_stamo_studies_open_a_finished_run(tmp_path):
         record = json.loads(out.read_text())
         assert record["out_dir"] == str(tmp_path)
     assert set(record["rows"][0]) >= {"updates", "r2_mean"} and record["rows"][0]["updates"] == 20
+
+
+def test_bench_stamo_latent_action_cotraining_regresses_actions_on_labelled_rows_and_latents_on_video_rows():
+    """Co-training in the paper's form (``latent_action_bc``) against a transcription: the action head's MSE
+    against a_t over the batch's labelled rows, plus the second head's MSE against the standardised latent action
+    E(o_{t+k}) - E(o_t) over its video rows; a batch of one kind gives that term alone."""
+    import torch
+
+    bench = _load("bench_stamo")
+    from latentrl.agents.stamo import StaMoAgent
+
+    cfg = StaMoAgent.make_config("smoke")
+    g = torch.Generator().manual_seed(0)
+    px = torch.randint(0, 256, (3, 10, 3, 64, 64), dtype=torch.uint8, generator=g)
+    tokens = torch.randn(3, 10, 8, generator=g)
+    k = 2
+    e, t = bench.offset_pairs(9, k, torch.arange(3))
+    is_lab, y = e == 0, torch.rand(len(e), 2, generator=g) * 2 - 1
+    make_net, loss_fn = bench.latent_action_bc(px, e, t, is_lab, y, tokens, k, cfg)
+    torch.manual_seed(0)
+    net = make_net()
+    m = tokens[e, t + k] - tokens[e, t]
+    m = (m - m.mean(0)) / m.std(0)
+    for idx in (torch.arange(len(e)), torch.nonzero(is_lab).flatten(), torch.nonzero(~is_lab).flatten()):
+        h = net.trunk(net.inputs(px[e[idx], t[idx]], px[e[idx], t[idx] + k]))
+        lab = is_lab[idx]
+        expected = sum(term for term, rows in (((net.head(h) - y[idx]).square().mean(1), lab),
+                                               ((net.latent_head(h) - m[idx]).square().mean(1), ~lab))
+                       if rows.any() for term in [term[rows].mean()])
+        torch.testing.assert_close(loss_fn(net, idx), expected)
+    assert net.latent_head[-1].out_features == tokens.shape[-1]
 
 
 def test_bench_stamo_interpolation_and_transfer_decode_from_one_noise_per_case():

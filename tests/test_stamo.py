@@ -362,6 +362,48 @@ def test_cotraining_targets_are_actions_or_pseudo_actions():
     assert not torch.allclose(pseudo[~labelled], action[~labelled][:, 0])  # video rows' stored zeros are not used
 
 
+def test_bc_net_reads_the_goal_frame_or_its_difference_to_o_t(tmp_path):
+    """``GoalBCNet`` against a transcription of each input: ``frames`` is the net model files were written with
+    before ``bc_goal_input`` (both frames to [-1, 1]); ``difference`` gives the conv ``o_t`` to [-1, 1] and
+    ``(o_goal - o_t) / 127.5``. Every preset uses ``difference``; a model file whose config lacks the field loads
+    as ``frames``."""
+    from latentrl import load_policy
+    from latentrl.agents.stamo import PRESETS, GoalBCNet, StaMoConfig
+
+    obs, goal = frames(4, 1), frames(4, 2)
+    for goal_input in ("frames", "difference"):
+        torch.manual_seed(0)
+        net = GoalBCNet("pixels", SHAPE, 2, 4, goal_input)
+        o, g = obs.float(), goal.float()
+        x = torch.cat([o, g], 1) / 127.5 - 1.0 if goal_input == "frames" else \
+            torch.cat([o / 127.5 - 1.0, (g - o) / 127.5], 1)
+        torch.testing.assert_close(net(obs, goal), net.head(net.trunk(x)))
+    torch.manual_seed(0)
+    states = GoalBCNet("state", (5,), 2, 4, "difference")
+    s, sg = torch.randn(3, 5), torch.randn(3, 5)
+    torch.testing.assert_close(states(s, sg), states.head(states.trunk(torch.cat([s, sg - s], -1))))
+    with pytest.raises(ValueError, match="goal_input"):
+        GoalBCNet("pixels", SHAPE, 2, 4, "diff")
+    assert StaMoConfig().bc_goal_input == "frames"
+    assert all(StaMoAgent.make_config(name).bc_goal_input == "difference" for name in PRESETS)
+    # a model directory written before the field: its config has no bc_goal_input, and it loads as "frames"
+    import json
+    a = agent(goal_policy="cotrained", bc_goal_input="frames")
+    a.eval()
+    task = a.infer_task(GoalObservation(TensorDict({"pixels": frames(1, 3)}, batch_size=[1])))
+    save_model(tmp_path / "model", a, task=task)
+    config_file = next(p for p in (tmp_path / "model").iterdir() if p.suffix == ".json")
+    config = json.loads(config_file.read_text())
+    del config["config"]["bc_goal_input"]
+    config_file.write_text(json.dumps(config))
+    loaded = load_policy(tmp_path / "model")
+    assert loaded.bc.goal_input == "frames"
+    first = torch.ones(2, dtype=torch.bool)
+    o = TensorDict({"pixels": frames(2, 4)}, batch_size=[2])
+    torch.testing.assert_close(loaded.step(o, loaded.init_carry(2), first)[0],
+                               a.policy(task).step(o, a.policy(task).init_carry(2), first)[0])
+
+
 def test_pseudo_labels_written_into_the_buffer():
     a = agent()
     a.eval()
