@@ -101,9 +101,9 @@ def main() -> None:
         ax.axhline(res["own start (no transfer)"]["share_positive_cosine"], ls="--", color=line.get_color(),
                    label=f"{name}: own start")
     ax.axhline(0.7, color="k", lw=0.8, label="check 7's 70%")
-    ax.set_xlabel("target's joint distance to the source's start (rad, quartile midpoints)")
+    ax.set_xlabel("target's distance to the source's start (rad; quartiles)")
     ax.set_ylabel("share of positive cosines")
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0, 1.05)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(Path(args.json).with_suffix(".png"), dpi=90)
