@@ -14,7 +14,8 @@
   E(o_t)`` (flattened, ``[2D]``) into the buffer's ``latent_action`` extra for every stored transition of
   action-less segments (or all). Since ``m`` telescopes, ``E(o_{t+k}) - E(o_t) = sum_i m_{t+i}``.
 - **Co-training** (§4.5, Table 5 at our scale; ``cotrain=True``): a goal-conditioned behaviour-cloning
-  policy ``pi(o_t, o_{t+k}) -> a_t`` with its own small pixel (or state) encoder, trained on every
+  policy ``pi(o_t, o_{t+k}) -> a_t`` with its own small pixel (or state) encoder (reading ``o_t`` and
+  ``o_{t+k} - o_t``: ``bc_goal_input``), trained on every
   ``(o_t, o_{t+k})`` pair (``k = cotrain_offset``): on rows with recorded actions the target is ``a_t``, on video rows
   the **pseudo-action** ``probe_k(Delta z)[0]`` (the latent action decoded by the probe that was fitted on
   the labelled rows). How much of the data is labelled is a property of the dataset (e.g. 1 part with

@@ -24,7 +24,8 @@ dm_control reacher-easy or cheetah-run (``--task``), 64x64 pixels, action repeat
    transfer (cosine of decoded vs source angle change), both read out by the linear probe and by an MLP probe and
    judged on the one with the higher held-out R^2; goal reaching from goal images vs random and
    zero-action policies (reacher only: the spec's goal check is reacher's); co-training of the goal-conditioned
-   BC policy on 1 part labelled, 1 part + 4 parts pseudo-labelled, and 5 parts labelled data. Writes
+   BC policy on 1 part labelled, 1 part + 4 parts pseudo-labelled, and 5 parts labelled data (and, reported
+   beside it, the paper's form: 1 part + 4 parts with the latent actions as a second head's targets). Writes
    ``docs/bench_stamo.md`` (``--report``; cheetah: ``docs/bench_stamo_cheetah.md``), ``results.json`` and
    figures (``--fig-dir``).
 """
