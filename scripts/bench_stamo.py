@@ -1181,6 +1181,22 @@ def open_run(out_dir: str, checkpoint: str | Path | None = None, **flags):
     return args, data, train_mask.nonzero().flatten(), test_mask.nonzero().flatten(), agent
 
 
+def open_run_with_readouts(out_dir: str, sample_steps: int, probe_updates: int, seed: int):
+    """``open_run`` plus what checks 6 and 7's studies read next: the task spec, every frame's joints ``q`` and
+    tokens, and eval's two state readouts fitted on the training episodes (``state_readouts``, MLP seed ``seed +
+    31`` as in ``noise_pairing.py``). Returns a namespace with ``args, data, train_eps, test_eps, agent, wm, spec,
+    q, tokens, readouts`` and ``r2`` (each readout's mean held-out R^2)."""
+    args, data, train_eps, test_eps, agent = open_run(out_dir, sample_steps=sample_steps)
+    wm, spec = agent.world_model, TASKS[args.task]
+    q = spec.coords(data["physics"])
+    tokens = encode_all(wm, data["pixels"])
+    readouts, r2s = state_readouts(tokens.flatten(2), q, spec, train_eps, test_eps, probe_updates, seed=seed + 31)
+    r2 = {name: float(v.mean()) for name, v in r2s.items()}
+    log(f"readouts R^2 {r2}")
+    return argparse.Namespace(args=args, data=data, train_eps=train_eps, test_eps=test_eps, agent=agent, wm=wm,
+                              spec=spec, q=q, tokens=tokens, readouts=readouts, r2=r2)
+
+
 def main(argv=None) -> None:
     p = build_parser()
     args = p.parse_args(argv)

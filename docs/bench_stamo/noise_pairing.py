@@ -38,15 +38,10 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    ns, data, train_eps, test_eps, agent = bs.open_run(args.out_dir, sample_steps=args.sample_steps)
-    wm, spec = agent.world_model, bs.TASKS[ns.task]
-    px, q = data["pixels"], spec.coords(data["physics"])
-    n_frames = px.shape[1]
-    tokens = bs.encode_all(wm, px)
-    readouts, r2s = bs.state_readouts(tokens.flatten(2), q, spec, train_eps, test_eps, args.probe_updates,
-                                      seed=args.seed + 31)
-    r2 = {name: float(v.mean()) for name, v in r2s.items()}
-    bs.log(f"readouts R^2 {r2}")
+    run = bs.open_run_with_readouts(args.out_dir, args.sample_steps, args.probe_updates, args.seed)
+    ns, test_eps, agent, wm, spec = run.args, run.test_eps, run.agent, run.wm, run.spec
+    q, tokens, readouts, r2 = run.q, run.tokens, run.readouts, run.r2
+    n_frames = run.data["pixels"].shape[1]
 
     g = torch.Generator().manual_seed(args.seed + 1000)
     n, k = args.cases, 4

@@ -48,14 +48,10 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    ns, data, train_eps, test_eps, agent = bs.open_run(args.out_dir, sample_steps=args.sample_steps)
-    wm, spec = agent.world_model, bs.TASKS[ns.task]
-    px, q = data["pixels"], spec.coords(data["physics"])
-    n_frames, n, k = px.shape[1], args.cases, args.k
-    tokens = bs.encode_all(wm, px)
-    readouts, r2s = bs.state_readouts(tokens.flatten(2), q, spec, train_eps, test_eps, args.probe_updates,
-                                      seed=args.seed + 31)
-    bs.log(f"readouts R^2 { {name: round(float(v.mean()), 3) for name, v in r2s.items()} }")
+    run = bs.open_run_with_readouts(args.out_dir, args.sample_steps, args.probe_updates, args.seed)
+    ns, test_eps, agent, wm, spec = run.args, run.test_eps, run.agent, run.wm, run.spec
+    q, tokens, readouts = run.q, run.tokens, run.readouts
+    n_frames, n, k = run.data["pixels"].shape[1], args.cases, args.k
 
     g = torch.Generator().manual_seed(args.seed + 2000)
     e_src = test_eps[torch.randint(len(test_eps), (n,), generator=g)]
@@ -71,7 +67,7 @@ def main() -> None:
     edges = torch.quantile(distance, torch.tensor([0.25, 0.5, 0.75]))
     bins = torch.bucketize(distance, edges)
     out = {"out_dir": args.out_dir, "task": ns.task, "updates": agent.trained_updates, "cases": n, "k": k,
-           "readout_r2": {name: float(v.mean()) for name, v in r2s.items()},
+           "readout_r2": run.r2,
            "distance_quartile_edges_rad": edges.tolist(), "by_readout": {}}
     for name in readouts:
         res = {"own start (no transfer)": bs.transfer_cosines(same[name], src_change),
