@@ -65,6 +65,7 @@ __all__ = ["PRESETS", "GoalBCNet", "GoalHead", "LatentActionProbe", "StaMoAgent"
            "StaMoConfig", "StaMoGoalPolicy", "StaMoHeadPolicy"]
 
 OBS_TYPES = ("pixels", "state")
+BC_GOAL_INPUTS = ("frames", "difference")  # what GoalBCNet reads beside o_t (StaMoConfig.bc_goal_input)
 LATENT_ACTION = "latent_action"
 
 
@@ -163,8 +164,8 @@ class StaMoConfig:
         if self.goal_policy not in ("head", "probe", "cotrained"):
             raise ValueError(f"StaMoConfig.goal_policy must be 'head', 'probe' or 'cotrained', got "
                              f"{self.goal_policy!r}")
-        if self.bc_goal_input not in ("frames", "difference"):
-            raise ValueError(f"StaMoConfig.bc_goal_input must be 'frames' or 'difference', got {self.bc_goal_input!r}")
+        if self.bc_goal_input not in BC_GOAL_INPUTS:
+            raise ValueError(f"StaMoConfig.bc_goal_input must be one of {BC_GOAL_INPUTS}, got {self.bc_goal_input!r}")
         if self.goal_head_hidden < 0:
             raise ValueError(f"StaMoConfig.goal_head_hidden must be >= 0, got {self.goal_head_hidden}")
         self.stem_channels = tuple(int(c) for c in self.stem_channels)
@@ -275,8 +276,8 @@ class GoalBCNet(nn.Module):
     def __init__(self, obs_key: str, obs_shape: Sequence[int], action_dim: int, channels: int = 32,
                  goal_input: str = "frames"):
         super().__init__()
-        if goal_input not in ("frames", "difference"):
-            raise ValueError(f"GoalBCNet: goal_input must be 'frames' or 'difference', got {goal_input!r}")
+        if goal_input not in BC_GOAL_INPUTS:
+            raise ValueError(f"GoalBCNet: goal_input must be one of {BC_GOAL_INPUTS}, got {goal_input!r}")
         self.obs_key, self.obs_shape, self.goal_input = obs_key, tuple(int(s) for s in obs_shape), goal_input
         if obs_key == "pixels":
             c, h, w = self.obs_shape

@@ -786,6 +786,7 @@ def train_goal_bc(px: torch.Tensor, e: torch.Tensor, t: torch.Tensor, y: torch.T
     return net
 
 
+PSEUDO_CONDITION = "1 part + 4 parts StaMo pseudo-labelled"
 LATENT_CONDITION = "1 part + 4 parts StaMo latent actions (second head)"
 
 
@@ -853,23 +854,21 @@ def cotraining(agent: StaMoAgent, px: torch.Tensor, act: torch.Tensor, flat_toke
            "pseudo_label_mean_action_mse": float((act[e_lab, t_lab].mean(0) - act[e_all, t_all][~is_lab])
                                                  .square().mean()),
            "labelled_episodes": len(labelled_eps), "seed": seed}
-    conditions = {"1 part labelled": (e_lab, t_lab, act[e_lab, t_lab]),
-                  "1 part + 4 parts StaMo pseudo-labelled":
-                      (e_all, t_all, torch.where(is_lab[:, None], act[e_all, t_all], pseudo)),
-                  "5 parts labelled": (e_all, t_all, act[e_all, t_all]),
-                  LATENT_CONDITION: (e_all, t_all, act[e_all, t_all])}
-    make_net, loss_fn = latent_action_bc(px, e_all, t_all, is_lab, act[e_all, t_all], flat_tokens, k_bc,
-                                         agent.config)
-    for name, (e, t, y) in conditions.items():
-        latent = name == LATENT_CONDITION
+    y_all = act[e_all, t_all]
+    make_net, loss_fn = latent_action_bc(px, e_all, t_all, is_lab, y_all, flat_tokens, k_bc, agent.config)
+    # each condition: its rows, their targets, and train_goal_bc's hooks (the latent condition's net and loss)
+    conditions = {"1 part labelled": (e_lab, t_lab, act[e_lab, t_lab], {}),
+                  PSEUDO_CONDITION: (e_all, t_all, torch.where(is_lab[:, None], y_all, pseudo), {}),
+                  "5 parts labelled": (e_all, t_all, y_all, {}),
+                  LATENT_CONDITION: (e_all, t_all, y_all, {"make_net": make_net, "loss_fn": loss_fn})}
+    for name, (e, t, y, hooks) in conditions.items():
         net = train_goal_bc(px, e, t, y, k_bc, agent.config.bc_channels, agent.config.bc_lr, args.bc_updates, seed,
-                            goal_input=agent.config.bc_goal_input, make_net=make_net if latent else None,
-                            loss_fn=loss_fn if latent else None)
+                            goal_input=agent.config.bc_goal_input, **hooks)
         with torch.no_grad():
             preds = torch.cat([net(px[e_te[i:i + 256], t_te[i:i + 256]], px[e_te[i:i + 256], t_te[i:i + 256] + k_bc])
                                for i in range(0, len(e_te), 256)])
         cot[name] = {"heldout_action_mse": float((preds - act[e_te, t_te]).square().mean()), "pairs": len(e)}
-        if name == "1 part + 4 parts StaMo pseudo-labelled":
+        if name == PSEUDO_CONDITION:
             args.bc_goal_policy = lambda goal, net=net: StaMoBCPolicy(net, goal.float(), spec.action_dim)
         log(f"co-training {name}: {cot[name]}")
     one, mix, five, lat = (cot[n]["heldout_action_mse"] for n in conditions)

@@ -798,9 +798,9 @@ def test_bench_stamo_latent_action_cotraining_regresses_actions_on_labelled_rows
     for idx in (torch.arange(len(e)), torch.nonzero(is_lab).flatten(), torch.nonzero(~is_lab).flatten()):
         h = net.trunk(net.inputs(px[e[idx], t[idx]], px[e[idx], t[idx] + k]))
         lab = is_lab[idx]
-        expected = sum(term for term, rows in (((net.head(h) - y[idx]).square().mean(1), lab),
-                                               ((net.latent_head(h) - m[idx]).square().mean(1), ~lab))
-                       if rows.any() for term in [term[rows].mean()])
+        per_row = (((net.head(h) - y[idx]).square().mean(1), lab),
+                   ((net.latent_head(h) - m[idx]).square().mean(1), ~lab))
+        expected = sum(err[rows].mean() for err, rows in per_row if rows.any())
         torch.testing.assert_close(loss_fn(net, idx), expected)
     assert net.latent_head[-1].out_features == tokens.shape[-1]
 

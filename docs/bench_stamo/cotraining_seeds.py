@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from latentrl.agents.stamo import BC_GOAL_INPUTS
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -33,7 +35,7 @@ def main() -> None:
     p.add_argument("--probe-updates", type=int, default=1500)
     p.add_argument("--bc-updates", type=int, default=1500)
     p.add_argument("--bc-lr", type=float, default=None, help="the BC nets' Adam rate (default: the config's)")
-    p.add_argument("--bc-goal-input", choices=["frames", "difference"], default=None,
+    p.add_argument("--bc-goal-input", choices=BC_GOAL_INPUTS, default=None,
                    help="what the BC nets see besides o_t (default: the preset's, difference)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=str(HERE / "cotraining_seeds.json"))
