@@ -29,12 +29,14 @@ normalised phi) and ``diayn`` (``log q(z | s')`` reward, Gaussian skills), or me
 (uniform random actions: evaluation and total coverage at the same checkpoints). ``--seeds`` runs
 each algorithm once per seed, one run after the other; each run writes
 ``<out>/<algo>-seed<k>/results_<part>.json`` (and its figures there), and ``--report`` gathers every
-such file under ``--out`` into one figure and the page ``--report-page``:
+such file under ``--out`` into one figure and the page ``--report-page`` (by default
+docs/bench_metra_baselines.md for ``--part state``, docs/bench_metra_baselines_pixels.md for pixels, where
+``--report-extra docs/bench_metra/pixels_metra_scene/results_pixels.json`` brings in the METRA pixel run):
 
     python scripts/bench_metra.py --part state --steps 160000 --eval-every 20000 --updates-per-step 0.25 \
         --algo metra lsd diayn random --seeds 0 1 2 --goals 0 --out /tmp/metra_bl \
         --override env.num_envs=8 env.num_workers=0 agent.lr=3e-4
-    python scripts/bench_metra.py --report --out /tmp/metra_bl --report-page docs/bench_metra_baselines.md
+    python scripts/bench_metra.py --report --out /tmp/metra_bl
 
 Without ``--algo`` / ``--seeds`` a run is METRA with ``--seed``, written to ``<out>/results_<part>.json`` as
 before (docs/bench_metra.md).
@@ -363,13 +365,15 @@ def _gather(out: Path, part: str, extra: list[str], budget: int | None) -> dict[
         seed = r["seed"]
         last = [c for c in r["curve"] if steps is None or c["env_steps"] <= steps][-1]["env_steps"]
         note = f"{path}, its curve up to {last:,} steps (a {r['steps']:,}-step run)"
-        runs.setdefault("metra", {}).setdefault(seed, {**r, "algo": "metra", "source": note, "train_seconds": None})
+        runs.setdefault("metra", {}).setdefault(seed, {**r, "algo": "metra", "source": note, "train_seconds": None,
+                                                       "from_extra": True})
         if "random_eval_coverage" in r and seed not in runs.get("random", {}):
             curve = [{"env_steps": c["env_steps"], "coverage": float(r["random_eval_coverage"]),
                       "total_coverage": float(t)} for c, t in zip(r["curve"], r["random_total_coverage"], strict=True)]
             runs.setdefault("random", {})[seed] = {"algo": "random", "seed": seed, "curve": curve, "steps": r["steps"],
                                                    "random_eval_coverage": r["random_eval_coverage"],
-                                                   "source": f"{path} (the random baselines of that run)"}
+                                                   "source": f"{path} (the random baselines of that run)",
+                                                   "from_extra": True}
     for by_seed in runs.values():  # cut every curve at the common budget; updates and minutes at the cut
         for r in by_seed.values():
             r["beyond"] = [c for c in r["curve"] if steps is not None and c["env_steps"] > steps]
@@ -384,7 +388,7 @@ def _final(r: dict, key: str) -> float:
     return float(r["curve"][-1][key])
 
 
-def plot_baselines(runs: dict[str, dict[int, dict]], path: Path, title: str) -> None:
+def plot_baselines(runs: dict[str, dict[int, dict]], path: Path, title: str, num_skills: int = 48) -> None:
     """Evaluation and total coverage against env steps: one thin line per seed, a thick one for the mean."""
     import matplotlib
 
@@ -392,7 +396,7 @@ def plot_baselines(runs: dict[str, dict[int, dict]], path: Path, title: str) -> 
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, key, name in ((axes[0], "coverage", "evaluation coverage (48 deterministic skills / episodes)"),
+    for ax, key, name in ((axes[0], "coverage", f"evaluation coverage ({num_skills} deterministic skills / episodes)"),
                           (axes[1], "total_coverage", "total coverage (all training episodes)")):
         for algo in ALGOS:
             by_seed = runs.get(algo, {})
@@ -435,7 +439,9 @@ def write_report(out: Path, page: Path, part: str, extra: list[str] | None = Non
     any_run = next(r for by_seed in runs.values() for r in by_seed.values() if r.get("task"))
     task = any_run.get("task", "cheetah-run")
     figure = folder / f"coverage_{part}.png"
-    plot_baselines(runs, figure, f"METRA vs LSD vs DIAYN vs random actions, {task} from states, {steps:,} env steps")
+    text = PAGE_PARTS[part]
+    plot_baselines(runs, figure, f"METRA vs LSD vs DIAYN vs random actions, {task} from {text['observation']}, "
+                   f"{steps:,} env steps", PARTS[part]["num_skills"])
     for algo, by_seed in runs.items():  # the skill plots at the budget beside the page
         for seed, r in by_seed.items():
             src = Path(r.get("skills_png", "-"))  # not a plain METRA run's: its plot is at its own budget
@@ -474,8 +480,11 @@ def write_report(out: Path, page: Path, part: str, extra: list[str] | None = Non
                            f"{travel} | {r['source'].replace(str(out), '<out>')} |")
     cut = [f"{LABELS[a]} seed {s} (a {r['steps']:,}-step run; beyond the budget its evaluation coverage was "
            + ", ".join(f"{c['coverage']:.0f} at {c['env_steps'] / 1000:.0f}k" for c in r["beyond"]) + ")"
-           for a in ALGOS for s, r in sorted(runs.get(a, {}).items()) if r.get("beyond")]
+           for a in ALGOS if a != "random"  # random actions' evaluation is one draw, the same at every step
+           for s, r in sorted(runs.get(a, {}).items()) if r.get("beyond")]
     missing = [f"{LABELS[a]} seed {s}" for a in ALGOS for s in SEEDS_PLANNED if s not in runs.get(a, {})]
+    made = {a: [s for s, r in by_seed.items() if not r.get("from_extra")] for a, by_seed in runs.items()}
+    made = {a: seeds for a, seeds in made.items() if seeds}
 
     def mean(algo: str) -> float | None:
         return float(np.mean(list(finals[algo].values()))) if finals.get(algo) else None
@@ -497,21 +506,26 @@ def write_report(out: Path, page: Path, part: str, extra: list[str] | None = Non
         checks.append(f"- LSD vs DIAYN: mean {lsd:.1f} vs {d:.1f}: LSD is {'ahead' if lsd > d else 'not ahead'}.")
     machine = any_run.get("machine", "")
     overrides = " ".join(any_run.get("overrides", []))
-    text = PAGE.format(
+    fields = dict(
         steps=f"{steps:,}", steps_raw=steps, task=task, cut=", ".join(cut) or "none", machine=machine,
-        overrides=overrides, table="\n".join(lines),
+        overrides=overrides, threads=_threads(runs), algos=" ".join(a for a in ALGOS if a in made),
+        seeds=" ".join(str(s) for s in sorted({s for a in made for s in made[a]})),
+        extra=" ".join(extra or []), not_run=", ".join(missing) or "none", eval_every=_eval_every(runs))
+    page_text = PAGE.format(
+        title=text["title"], setting=text["setting"].format(**fields), commands=text["commands"].format(**fields),
+        shortfall=text["shortfall"].format(**fields), **fields, table="\n".join(lines),
         per_run="\n".join(per_run), checks="\n".join(checks) or "- (not enough runs for the checks)",
-        missing=", ".join(missing) or "none", figure=figure.relative_to(page.parent), part=part,
+        figure=figure.relative_to(page.parent), part=part,
         results=(folder / f"results_{part}.json").relative_to(page.parent),
         skills=", ".join(f"[{p.stem.removeprefix(f'skills_{part}_')}]({p.relative_to(page.parent)})"
                          for p in sorted(folder.glob(f"skills_{part}_*.png"))) or "none",
     )
-    page.write_text(text)
+    page.write_text(page_text)
     print(f"[bench_metra] wrote {page}, {figure}", flush=True)
     return runs
 
 
-PAGE = """# METRA against its baselines LSD and DIAYN: state coverage at equal budget
+PAGE = """# METRA against its baselines LSD and DIAYN: {title} at equal budget
 
 <!-- Generated by `python scripts/bench_metra.py --report ...` (scripts/bench_metra.py `write_report`); edit the
 generator, not this page. -->
@@ -532,26 +546,14 @@ Each update is checked against a transcription of the official update in
 
 ## Setting
 
-Everything but the objective is the same for the three learners, and equal to the METRA run of
-[bench_metra.md](bench_metra.md): dm_control `{task}` from the physics state (root x included, normalised
-after 100 batches), action repeat 2, 200-step episodes, 8 envs in one process, preset `small`
-(2-D continuous skills, 2 x 256 MLPs), 1 update per 4 agent steps after 10,000 steps, minibatch 256,
-**{steps} agent steps per run**, one torch thread, the overrides `{overrides}`. Coverage is the official
-`MjNumUniqueCoords`: unique 1 x 1 m cells of torso x over 48 deterministic skill rollouts (random
-actions: 48 episodes); total coverage counts the cells of all training episodes (random actions: the
-same number of env steps). Machine: {machine}, shared with other jobs (load 2-5 on 2 cores), so the
-wall times are not comparable between runs.
+{setting}
 
 ```
-python scripts/bench_metra.py --part state --steps {steps_raw} --eval-every 40000 --updates-per-step 0.25 \\
-    --goals 0 --algo metra lsd diayn random --seeds 0 1 2 --out /tmp/metra_bl --run-root /tmp/metra_bl/runs \\
-    --override env.num_envs=8 env.num_workers=0 agent.lr=3e-4
-python scripts/bench_metra.py --report --out /tmp/metra_bl --run-root /tmp/metra_bl/runs \\
-    --report-extra docs/bench_metra/results_state.json --report-budget {steps_raw}
+{commands}
 ```
 
 Runs longer than the budget are cut at it: {cut}. A run's curve up to a step does not depend on its
-length (nothing is scheduled on `steps`; evaluations and checkpoints every 40,000 steps in all runs).
+length (nothing is scheduled on `steps`; evaluations and checkpoints every {eval_every} steps in all runs).
 
 ## Results: evaluation coverage at {steps} steps (cells)
 
@@ -563,7 +565,7 @@ Curves: thin lines are single seeds, thick lines the mean. Per run:
 
 {per_run}
 
-Runs not made (out of the planned 3 seeds each): {missing}.
+Runs not made (out of the planned 3 seeds each): {not_run}.
 
 Final skill plots: {skills}. Every per-seed curve: [{results}]({results}).
 
@@ -571,6 +573,29 @@ Final skill plots: {skills}. Every per-seed curve: [{results}]({results}).
 
 {checks}
 
+{shortfall}
+"""
+
+PAGE_PARTS = {
+    "state": {
+        "title": "state coverage", "observation": "states",
+        "setting": """\
+Everything but the objective is the same for the three learners, and equal to the METRA run of
+[bench_metra.md](bench_metra.md): dm_control `{task}` from the physics state (root x included, normalised
+after 100 batches), action repeat 2, 200-step episodes, 8 envs in one process, preset `small`
+(2-D continuous skills, 2 x 256 MLPs), 1 update per 4 agent steps after 10,000 steps, minibatch 256,
+**{steps} agent steps per run**, one torch thread, the overrides `{overrides}`. Coverage is the official
+`MjNumUniqueCoords`: unique 1 x 1 m cells of torso x over 48 deterministic skill rollouts (random
+actions: 48 episodes); total coverage counts the cells of all training episodes (random actions: the
+same number of env steps). Machine: {machine}, shared with other jobs (load 2-5 on 2 cores), so the
+wall times are not comparable between runs.""",
+        "commands": """\
+python scripts/bench_metra.py --part state --steps {steps_raw} --eval-every 40000 --updates-per-step 0.25 \\
+    --goals 0 --algo metra lsd diayn random --seeds 0 1 2 --out /tmp/metra_bl --run-root /tmp/metra_bl/runs \\
+    --override env.num_envs=8 env.num_workers=0 agent.lr=3e-4
+python scripts/bench_metra.py --report --out /tmp/metra_bl --run-root /tmp/metra_bl/runs \\
+    --report-extra docs/bench_metra/results_state.json --report-budget {steps_raw}""",
+        "shortfall": """\
 The paper ([P], `shared/algorithms/metra.md` §7) reports coverage as figures only (Fig. 5), without
 numeric tables, and claims that METRA "achieves the best coverage in most of the environments"; the note
 records no number for LSD or DIAYN, so there is no published value to set beside ours. The paper's runs
@@ -581,8 +606,58 @@ about 1e7 env steps per run (the note's §4), where ours use dm_control cheetah,
 Where ours falls short: the budget is about 1% of the paper's; 3 seeds were planned for each learner
 and the table says which runs were not made; at this budget the baselines' skills barely move (the mean
 travel column), so they tell apart METRA from LSD and DIAYN but not LSD from DIAYN; pixels (METRA's scene)
-and quadruped were not run for the baselines.
-"""
+and quadruped were not run for the baselines.""",
+    },
+    "pixels": {
+        "title": "coverage from pixels", "observation": "pixels",
+        "setting": """\
+Everything but the objective is the same for the learners, and equal to the METRA pixel run of
+[bench_metra.md](bench_metra.md#pixels) on METRA's scene: dm_control `{task}` from 64x64 frames (3-frame stacks;
+the gradient floor, `env.floor=gradient`, so that position shows in the pixels), action repeat 2, 200-step
+episodes, 8 envs in one process, preset `small_pixels` (CNN depths 16 -> 128, 2 x 256 MLPs, 2-D continuous
+skills, minibatch 64), 0.125 updates per agent step after 4,000 steps, buffer 30,000, **{steps} agent steps
+per run**, {threads} torch threads, the overrides `{overrides}`. Coverage is the official `MjNumUniqueCoords`:
+unique 1 x 1 m cells of torso x over 16 deterministic skill rollouts (random actions: 16 episodes, from
+the METRA run's file); total coverage counts the cells of all training episodes (random actions: the same
+number of env steps). The METRA curve is the single pixel run of bench_metra.md (`--report-extra`), cut at
+the budget. Machine: {machine}; wall times depend on what else ran beside a run.""",
+        "commands": """\
+python scripts/bench_metra.py --part pixels --steps {steps_raw} --eval-every 20000 --updates-per-step 0.125 \\
+    --threads {threads} --goals 0 --algo {algos} --seeds {seeds} --out /tmp/metra_px_bl \\
+    --run-root /tmp/metra_px_bl/runs --override env.num_envs=8 env.num_workers=0 agent.lr=3e-4
+python scripts/bench_metra.py --part pixels --report --out /tmp/metra_px_bl --run-root /tmp/metra_px_bl/runs \\
+    --report-extra {extra} --report-budget {steps_raw}""",
+        "shortfall": """\
+The paper ([P], `shared/algorithms/metra.md` §7) shows pixel coverage as figures only (Fig. 5, pixel
+Quadruped and Humanoid; the note records no number for LSD or DIAYN), and its pixel runs are 6e6-1e7 env
+steps with 2 x 1024 networks; ours are {steps} steps of a small preset on cheetah, so only the ordering
+can be compared.
+
+Where ours falls short: runs not made: {not_run}; with one seed per learner there are no error bars, and
+the METRA curve is one run. Pixel quadruped (the paper's headline) was not run for the baselines.""",
+    },
+}
+"""The parts' own paragraphs of the baselines page (``str.format`` templates over ``write_report``'s fields)."""
+
+
+REPORT_PAGES = {"state": "docs/bench_metra_baselines.md", "pixels": "docs/bench_metra_baselines_pixels.md"}
+"""``--report``'s default page per part."""
+
+
+def _eval_every(runs: dict[str, dict[int, dict]]) -> str:
+    """The evaluation spacing of the learned runs' curves, as the page says it: the commonest gap between
+    checkpoints (the first evaluation is after the first env step, so its gap is a few steps short)."""
+    from collections import Counter
+
+    gaps = Counter(b["env_steps"] - a["env_steps"] for algo, by_seed in runs.items() if algo != "random"
+                   for r in by_seed.values() for a, b in zip(r["curve"], r["curve"][1:], strict=False))
+    return f"{gaps.most_common(1)[0][0]:,}" if gaps else "?"
+
+
+def _threads(runs: dict[str, dict[int, dict]]) -> str:
+    """The learners' torch threads as the runs recorded them (one value, or the values seen)."""
+    seen = sorted({r["threads"] for by_seed in runs.values() for r in by_seed.values() if r.get("threads")})
+    return "/".join(map(str, seen)) or "?"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -615,8 +690,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="seeds, one run each (default: --seed)")
     parser.add_argument("--report", action="store_true",
                         help="no training: gather <out>/<algo>-seed<k>/results_<part>.json into a figure and a page")
-    parser.add_argument("--report-page", default="docs/bench_metra_baselines.md",
-                        help="the markdown page --report writes (its figure goes to <page stem>/)")
+    parser.add_argument("--report-page", default=None,
+                        help="the markdown page --report writes (its figure goes to <page stem>/; default "
+                             "docs/bench_metra_baselines.md for --part state, docs/bench_metra_baselines_pixels.md "
+                             "for pixels)")
     parser.add_argument("--report-extra", nargs="*", default=[],
                         help="with --report: results of plain METRA runs (docs/bench_metra/results_state.json) to "
                              "count as METRA and random seeds, their curves cut at the budget")
@@ -626,8 +703,11 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     parts = ["state", "pixels"] if args.part == "all" else [args.part]
     if args.report:
+        if args.report_page is not None and len(parts) > 1:
+            parser.error("--report-page names one page; with --part all each part writes its own default page")
         for part in parts:
-            write_report(Path(args.out), Path(args.report_page), part, args.report_extra, args.report_budget or None,
+            page = Path(args.report_page or REPORT_PAGES[part])
+            write_report(Path(args.out), page, part, args.report_extra, args.report_budget or None,
                          Path(args.run_root))
         return
     for part in parts:
