@@ -718,6 +718,8 @@ def evaluate(args) -> None:
         log(f"goal heads {results['goal_heads']}")
         results["goal_reaching"] = gr = goal_reaching(args, agent, phys[test_eps].flatten(0, 1))
         log(f"goal reaching {gr}")
+        results["cotraining"]["closed_loop"] = closed_loop_cotraining(gr)
+        log(f"co-training in closed loop {results['cotraining']['closed_loop']}")
         fig, ax = plt.subplots(figsize=(6, 3.5))
         for name in (n for n in gr if isinstance(gr[n], dict) and "mean_distance_per_step" in gr[n]):
             curve = [gr[name]["start_distance"], *gr[name]["mean_distance_per_step"]]
@@ -790,6 +792,34 @@ PSEUDO_CONDITION = "1 part + 4 parts StaMo pseudo-labelled"
 LATENT_CONDITION = "1 part + 4 parts StaMo latent actions (second head)"
 
 
+BC_POLICY_NAMES = {"1 part labelled": "BC (1 part labelled)", PSEUDO_CONDITION: "co-trained BC (1 + 4 pseudo)",
+                   "5 parts labelled": "BC (5 parts labelled)", LATENT_CONDITION: "BC (1 + 4 latent-action head)"}
+"""Goal reaching's name for each co-training condition's BC policy (the pseudo-labelled one's as before 2026-12-05)."""
+
+
+def closed_loop_cotraining(gr: dict) -> dict | None:
+    """Table 5's reading of co-training at our scale: the co-training conditions' BC nets acting toward the same
+    goals from the same starts (``goal_reaching``'s results ``gr``), judged by final joint-angle distance; the
+    share of the 1-part -> 5-part improvement that the pseudo-labels recover (and the latent-action head's), with
+    the paired standard error of the pseudo-labelled net against the 1-part net. None without those three."""
+    names = {c: BC_POLICY_NAMES[c] for c in ("1 part labelled", PSEUDO_CONDITION, "5 parts labelled",
+                                             LATENT_CONDITION) if BC_POLICY_NAMES[c] in gr}
+    if any(c not in names for c in ("1 part labelled", PSEUDO_CONDITION, "5 parts labelled")):
+        return None
+    final = {c: torch.tensor(gr[n]["final_distances"]) for c, n in names.items()}
+    one, five = final["1 part labelled"].mean(), final["5 parts labelled"].mean()
+
+    def gap(c: str) -> float | None:
+        return float((one - final[c].mean()) / (one - five)) if c in final and one != five else None
+
+    paired = final[PSEUDO_CONDITION] - final["1 part labelled"]
+    return {"final_distance": {c: float(v.mean()) for c, v in final.items()},
+            "gap_recovered": gap(PSEUDO_CONDITION), "gap_recovered_latent_actions": gap(LATENT_CONDITION),
+            "pseudo_minus_one_part": {"mean_difference": float(paired.mean()),
+                                      "se": float(paired.std() / math.sqrt(len(paired))) if len(paired) > 1 else None},
+            "five_minus_one_part": float(five - one), "goals": len(paired)}
+
+
 def latent_action_bc(px: torch.Tensor, e: torch.Tensor, t: torch.Tensor, is_lab: torch.Tensor, y: torch.Tensor,
                      flat_tokens: torch.Tensor, k: int, cfg) -> tuple:
     """Co-training in the paper's form: the video rows' pseudo-actions are the latent actions themselves, m =
@@ -831,8 +861,9 @@ def cotraining(agent: StaMoAgent, px: torch.Tensor, act: torch.Tensor, flat_toke
     the video rows' targets of a second head (``latent_action_bc``; reported, the check is judged on the agent's
     probe-decoded pseudo-labels). Also how good the pseudo-labels are: their MSE against the video
     parts' true actions (which the bench has) beside the labelled part's mean action. ``seed`` seeds the BC nets and
-    their batches (the pseudo-label probe keeps its own). Sets ``args.bc_goal_policy`` (the co-trained net as a goal
-    policy) for goal reaching."""
+    their batches (the pseudo-label probe keeps its own). Sets ``args.bc_goal_policies`` (each condition's net as a
+    goal policy, by condition) for goal reaching: Table 5 judges the conditions by closed-loop success, which
+    ``closed_loop_cotraining`` reads from it."""
     from latentrl.agents.stamo import StaMoBCPolicy
 
     spec = TASKS[args.task]
@@ -861,6 +892,7 @@ def cotraining(agent: StaMoAgent, px: torch.Tensor, act: torch.Tensor, flat_toke
                   PSEUDO_CONDITION: (e_all, t_all, torch.where(is_lab[:, None], y_all, pseudo), {}),
                   "5 parts labelled": (e_all, t_all, y_all, {}),
                   LATENT_CONDITION: (e_all, t_all, y_all, {"make_net": make_net, "loss_fn": loss_fn})}
+    args.bc_goal_policies = {}
     for name, (e, t, y, hooks) in conditions.items():
         net = train_goal_bc(px, e, t, y, k_bc, agent.config.bc_channels, agent.config.bc_lr, args.bc_updates, seed,
                             goal_input=agent.config.bc_goal_input, **hooks)
@@ -868,8 +900,7 @@ def cotraining(agent: StaMoAgent, px: torch.Tensor, act: torch.Tensor, flat_toke
             preds = torch.cat([net(px[e_te[i:i + 256], t_te[i:i + 256]], px[e_te[i:i + 256], t_te[i:i + 256] + k_bc])
                                for i in range(0, len(e_te), 256)])
         cot[name] = {"heldout_action_mse": float((preds - act[e_te, t_te]).square().mean()), "pairs": len(e)}
-        if name == PSEUDO_CONDITION:
-            args.bc_goal_policy = lambda goal, net=net: StaMoBCPolicy(net, goal.float(), spec.action_dim)
+        args.bc_goal_policies[name] = lambda goal, net=net: StaMoBCPolicy(net, goal.float(), spec.action_dim)
         log(f"co-training {name}: {cot[name]}")
     one, mix, five, lat = (cot[n]["heldout_action_mse"] for n in conditions)
     cot["gap_recovered"] = (one - mix) / (one - five) if one != five else None
@@ -952,7 +983,8 @@ def write_report(args, r: dict) -> None:
                                  for b in ("random", "zero action") if gr.get("paired", {}).get(b, {}).get("se"))
                      + f" | {judged} below random and zero | {yes(gr['pass'])} |")
     ct = r["cotraining"]
-    conds = [n for n in ct if isinstance(ct[n], dict)]
+    conds = [n for n in ct if isinstance(ct[n], dict) and "heldout_action_mse" in ct[n]]
+    cl = ct.get("closed_loop")
     lines.append(f"| co-training (k={ct['k']}) | held-out action MSE "
                  + "; ".join(f"{n} {ct[n]['heldout_action_mse']:.4f}" for n in conds)
                  + "; gap recovered "
@@ -962,7 +994,14 @@ def write_report(args, r: dict) -> None:
                  + (f" ({ct['labelled_episodes']} labelled episodes; pseudo-labels' MSE against the video parts' "
                     f"true actions {ct['pseudo_label_mse']:.4f}, the labelled part's mean action "
                     f"{ct['pseudo_label_mean_action_mse']:.4f})" if "pseudo_label_mse" in ct else "")
-                 + f" | most of the gap (> 0.5) | {yes(ct['pass'])} |")
+                 + (f"; in closed loop (Table 5's reading: final angle distance to {cl['goals']} goals) "
+                    + "; ".join(f"{n} {v:.2f}" for n, v in cl["final_distance"].items())
+                    + f", gap recovered {cl['gap_recovered']:.2f}"
+                    + (f" (latent-action head {cl['gap_recovered_latent_actions']:.2f})"
+                       if cl.get("gap_recovered_latent_actions") is not None else "")
+                    + f"; pseudo minus 1 part {cl['pseudo_minus_one_part']['mean_difference']:+.2f} rad (paired SE "
+                      f"{cl['pseudo_minus_one_part']['se']:.2f})" if cl and cl.get("gap_recovered") is not None else "")
+                 + f" | most of the gap (> 0.5; judged on the held-out MSE) | {yes(ct['pass'])} |")
     lines += ["", "## Training cost", "",
               f"Decoder + encoder training step (flow loss, AdamW, batch {tm.get('batch_size', '?')}, preset "
               f"`{tm.get('preset', '?')}`): median **{tm.get('median_update_ms') or float('nan'):.0f} ms** "
@@ -1055,10 +1094,12 @@ def write_report(args, r: dict) -> None:
 
 
 @torch.no_grad()
-def goal_reaching(args, agent: StaMoAgent, goal_pool: torch.Tensor) -> dict:
+def goal_reaching(args, agent: StaMoAgent, goal_pool: torch.Tensor, agent_policies: bool = True) -> dict:
     """``--goals`` episodes: reset, render the goal pose (a held-out physics state) in the same episode (so the
     reacher's target ball is the episode's), put the arm back, act ``--goal-steps`` steps; final wrapped
-    joint-angle distance ``||wrap(q - q_goal)||``."""
+    joint-angle distance ``||wrap(q - q_goal)||``. The policies: the agent's goal head and probe (unless
+    ``agent_policies`` is false: ``cotraining_seeds.py`` has neither fitted), random and zero actions, and the BC
+    net of every co-training condition in ``args.bc_goal_policies`` (``BC_POLICY_NAMES``)."""
     from latentrl.envs import make_env
 
     n = args.goals
@@ -1071,10 +1112,12 @@ def goal_reaching(args, agent: StaMoAgent, goal_pool: torch.Tensor) -> dict:
     policies = {"stamo goal head (E(o), E(goal) - E(o))": "head",
                 f"stamo probe k={agent.config.goal_offset} on E(goal) - E(o)": "probe",
                 "random": UniformRandomPolicy(2, torch.Generator().manual_seed(1)), "zero action": ZeroPolicy(2)}
-    if agent.goal_head is None:
+    if agent.goal_head is None or not agent_policies:
         del policies["stamo goal head (E(o), E(goal) - E(o))"]
-    if getattr(args, "bc_goal_policy", None) is not None:
-        policies["co-trained BC (1 + 4 pseudo)"] = args.bc_goal_policy
+    if not agent_policies:
+        del policies[f"stamo probe k={agent.config.goal_offset} on E(goal) - E(o)"]
+    for condition, make_policy in (getattr(args, "bc_goal_policies", None) or {}).items():
+        policies[BC_POLICY_NAMES[condition]] = make_policy
     td = env.reset()  # one reset: every policy starts from the same poses, with the same target balls
     start = td["physics"].clone()
     goal_obs = env.set_physics_state(goals)

@@ -745,6 +745,11 @@ def test_bench_stamo_quick_runs_every_check_and_judges_on_the_better_readout(tmp
     for check in ("interpolation", "motion_transfer"):
         assert results[check]["readout"] == best and set(results[check]["by_readout"]) == {"linear", "mlp"}
     assert "mlp readout" in (tmp_path / "bench_stamo.md").read_text()
+    # every co-training condition's BC net acts toward the goals, and co-training is also read in closed loop
+    assert set(bench.BC_POLICY_NAMES.values()) <= set(results["goal_reaching"])
+    closed = results["cotraining"]["closed_loop"]
+    assert set(closed["final_distance"]) == set(bench.BC_POLICY_NAMES)
+    assert "in closed loop" in (tmp_path / "bench_stamo.md").read_text()
     # the same command gives the same figures (the goal heads' starting weights are seeded too)
     bench.main(["eval", "--quick", "--out-dir", str(tmp_path), "--report", str(tmp_path / "again.md")])
     again = json.loads((tmp_path / "again" / "results.json").read_text())
@@ -802,7 +807,8 @@ def test_bench_stamo_studies_open_a_finished_run(tmp_path):
     studies = SCRIPTS.parent / "docs" / "bench_stamo"
     for script, flags in (("noise_pairing.py", ["--cases", "2", "--probe-updates", "20", "--sample-steps", "2"]),
                           ("transfer_by_distance.py", ["--cases", "8", "--probe-updates", "20", "--sample-steps", "2"]),
-                          ("cotraining_seeds.py", ["--seeds", "0", "--probe-updates", "5", "--bc-updates", "5"]),
+                          ("cotraining_seeds.py", ["--seeds", "0", "--probe-updates", "5", "--bc-updates", "5",
+                                                   "--goals", "2"]),
                           ("probe_along_training.py", ["--checkpoints", str(tmp_path / "stamo_wm.pt")])):
         out = tmp_path / script.replace(".py", ".json")
         proc = subprocess.run([sys.executable, str(studies / script), "--out-dir", str(tmp_path), "--json", str(out),
@@ -810,6 +816,12 @@ def test_bench_stamo_studies_open_a_finished_run(tmp_path):
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
         record = json.loads(out.read_text())
         assert record["out_dir"] == str(tmp_path)
+        if script == "cotraining_seeds.py":
+            closed = record["runs"]["0"]["closed_loop"]
+            assert set(closed["final_distance"]) == {"1 part labelled", "1 part + 4 parts StaMo pseudo-labelled",
+                                                     "5 parts labelled",
+                                                     "1 part + 4 parts StaMo latent actions (second head)"}
+            assert "random" in closed and record["goals"] == 2
     assert set(record["rows"][0]) >= {"updates", "r2_mean"} and record["rows"][0]["updates"] == 20
 
 
@@ -842,6 +854,34 @@ def test_bench_stamo_latent_action_cotraining_regresses_actions_on_labelled_rows
         expected = sum(err[rows].mean() for err, rows in per_row if rows.any())
         torch.testing.assert_close(loss_fn(net, idx), expected)
     assert net.latent_head[-1].out_features == tokens.shape[-1]
+
+
+def test_bench_stamo_closed_loop_cotraining_reads_the_final_distances_of_the_bc_conditions():
+    """Table 5 judges co-training by what the policies do: ``closed_loop_cotraining`` takes the co-training
+    conditions' BC nets' final distances to the same goals from ``goal_reaching`` and gives the share of the 1-part
+    -> 5-part improvement that the pseudo-labels (and the latent-action head) recover, with the paired difference
+    pseudo - 1 part and its standard error. Missing a condition it reads nothing."""
+    import math
+
+    bench = _load("bench_stamo")
+    names = bench.BC_POLICY_NAMES
+    finals = {"1 part labelled": [2.0, 2.4, 1.6, 2.0], bench.PSEUDO_CONDITION: [1.0, 1.8, 1.4, 1.8],
+              "5 parts labelled": [1.0, 1.2, 1.0, 0.8], bench.LATENT_CONDITION: [1.8, 2.2, 1.6, 2.0]}
+    gr = {names[c]: {"final_distances": d, "final_distance": sum(d) / 4, "min_distances": [0.0] * 4}
+          for c, d in finals.items()}
+    gr["random"] = {"final_distances": [3.0] * 4, "final_distance": 3.0}
+    cl = bench.closed_loop_cotraining(gr)
+    one, pseudo, five, latent = (sum(d) / 4 for d in finals.values())  # 2.0, 1.5, 1.0, 1.9
+    assert cl["gap_recovered"] == pytest.approx((one - pseudo) / (one - five)) == pytest.approx(0.5)
+    assert cl["gap_recovered_latent_actions"] == pytest.approx((one - latent) / (one - five))
+    diff = [a - b for a, b in zip(finals[bench.PSEUDO_CONDITION], finals["1 part labelled"], strict=True)]
+    mean = sum(diff) / 4
+    se = math.sqrt(sum((d - mean) ** 2 for d in diff) / 3) / 2
+    assert cl["pseudo_minus_one_part"]["mean_difference"] == pytest.approx(mean)
+    assert cl["pseudo_minus_one_part"]["se"] == pytest.approx(se)
+    assert cl["final_distance"]["5 parts labelled"] == pytest.approx(five) and cl["goals"] == 4
+    del gr[names["5 parts labelled"]]
+    assert bench.closed_loop_cotraining(gr) is None
 
 
 def test_bench_stamo_interpolation_and_transfer_decode_from_one_noise_per_case():
