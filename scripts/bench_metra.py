@@ -633,8 +633,9 @@ Quadruped and Humanoid; the note records no number for LSD or DIAYN), and its pi
 steps with 2 x 1024 networks; ours are {steps} steps of a small preset on cheetah, so only the ordering
 can be compared.
 
-Where ours falls short: runs not made: {not_run}; with one seed per learner there are no error bars, and
-the METRA curve is one run. Pixel quadruped (the paper's headline) was not run for the baselines.""",
+Where ours falls short: the runs listed above as not made (a learner with one seed has no error bar; the
+METRA curve is one run); the budget is a few percent of the paper's; pixel quadruped
+(the paper's headline) was not run for the baselines.""",
     },
 }
 """The parts' own paragraphs of the baselines page (``str.format`` templates over ``write_report``'s fields)."""
