@@ -412,6 +412,7 @@ def plot_baselines(runs: dict[str, dict[int, dict]], path: Path, title: str, num
             ax.plot(common, mean, "o-", color=colour, lw=2.2,
                     label=f"{LABELS[algo]} (mean of {len(by_seed)} seed{'s' if len(by_seed) > 1 else ''})")
         ax.set_xlabel("env steps (agent steps, action repeat 2)")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x / 1000:.0f}k"))
         ax.set_ylabel("unique 1 x 1 m cells of torso x")
         ax.set_title(name, fontsize=9)
         ax.legend(fontsize=8)
@@ -605,8 +606,9 @@ about 1e7 env steps per run (the note's §4), where ours use dm_control cheetah,
 
 Where ours falls short: the budget is about 1% of the paper's; 3 seeds were planned for each learner
 and the table says which runs were not made; at this budget the baselines' skills barely move (the mean
-travel column), so they tell apart METRA from LSD and DIAYN but not LSD from DIAYN; pixels (METRA's scene)
-and quadruped were not run for the baselines.""",
+travel column), so they tell apart METRA from LSD and DIAYN but not LSD from DIAYN; from pixels (METRA's
+scene) see [bench_metra_baselines_pixels.md](bench_metra_baselines_pixels.md); quadruped was not run for the
+baselines.""",
     },
     "pixels": {
         "title": "coverage from pixels", "observation": "pixels",
