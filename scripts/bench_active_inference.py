@@ -158,7 +158,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.out = args.out or str(Path(args.fig_dir) / "page.md")
         args.preset = "smoke"
         args.train_episodes, args.heldout_episodes, args.episode_length, args.num_envs = 2, 1, 12, 2
-        args.updates, args.train_seconds, args.log_every = 6, 30.0, 1
+        # 6 updates, whatever the load: a time cap that could bind would make the update counts (which the tests
+        # compare between a run and its resume) depend on how busy the machine is
+        args.updates, args.train_seconds, args.log_every = 6, 600.0, 1
         args.mse_cases, args.rank_cases, args.rank_candidates, args.rank_horizon = 16, 4, 20, 2
         args.goals, args.goal_steps, args.strip_steps = 2, 3, 3
         args.latency_presets, args.latency_steps = "small,realtime", 3
