@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -440,8 +441,8 @@ def write_report(out: Path, page: Path, part: str, extra: list[str] | None = Non
     any_run = next(r for by_seed in runs.values() for r in by_seed.values() if r.get("task"))
     task = any_run.get("task", "cheetah-run")
     figure = folder / f"coverage_{part}.png"
-    text = PAGE_PARTS[part]
-    plot_baselines(runs, figure, f"METRA vs LSD vs DIAYN vs random actions, {task} from {text['observation']}, "
+    templates = PAGE_PARTS[part]
+    plot_baselines(runs, figure, f"METRA vs LSD vs DIAYN vs random actions, {task} from {templates['observation']}, "
                    f"{steps:,} env steps", PARTS[part]["num_skills"])
     for algo, by_seed in runs.items():  # the skill plots at the budget beside the page
         for seed, r in by_seed.items():
@@ -513,8 +514,9 @@ def write_report(out: Path, page: Path, part: str, extra: list[str] | None = Non
         seeds=" ".join(str(s) for s in sorted({s for a in made for s in made[a]})),
         extra=" ".join(extra or []), not_run=", ".join(missing) or "none", eval_every=_eval_every(runs))
     page_text = PAGE.format(
-        title=text["title"], setting=text["setting"].format(**fields), commands=text["commands"].format(**fields),
-        shortfall=text["shortfall"].format(**fields), **fields, table="\n".join(lines),
+        title=templates["title"], setting=templates["setting"].format(**fields),
+        commands=templates["commands"].format(**fields), shortfall=templates["shortfall"].format(**fields), **fields,
+        table="\n".join(lines),
         per_run="\n".join(per_run), checks="\n".join(checks) or "- (not enough runs for the checks)",
         figure=figure.relative_to(page.parent), part=part,
         results=(folder / f"results_{part}.json").relative_to(page.parent),
@@ -652,8 +654,6 @@ REPORT_PAGES = {"state": "docs/bench_metra_baselines.md", "pixels": "docs/bench_
 def _eval_every(runs: dict[str, dict[int, dict]]) -> str:
     """The evaluation spacing of the learned runs' curves, as the page says it: the commonest gap between
     checkpoints (the first evaluation is after the first env step, so its gap is a few steps short)."""
-    from collections import Counter
-
     gaps = Counter(b["env_steps"] - a["env_steps"] for algo, by_seed in runs.items() if algo != "random"
                    for r in by_seed.values() for a, b in zip(r["curve"], r["curve"][1:], strict=False))
     return f"{gaps.most_common(1)[0][0]:,}" if gaps else "?"

@@ -788,12 +788,14 @@ def train_goal_bc(px: torch.Tensor, e: torch.Tensor, t: torch.Tensor, y: torch.T
     return net
 
 
+ONE_PART_CONDITION = "1 part labelled"
 PSEUDO_CONDITION = "1 part + 4 parts StaMo pseudo-labelled"
+FIVE_PARTS_CONDITION = "5 parts labelled"
 LATENT_CONDITION = "1 part + 4 parts StaMo latent actions (second head)"
 
 
-BC_POLICY_NAMES = {"1 part labelled": "BC (1 part labelled)", PSEUDO_CONDITION: "co-trained BC (1 + 4 pseudo)",
-                   "5 parts labelled": "BC (5 parts labelled)", LATENT_CONDITION: "BC (1 + 4 latent-action head)"}
+BC_POLICY_NAMES = {ONE_PART_CONDITION: "BC (1 part labelled)", PSEUDO_CONDITION: "co-trained BC (1 + 4 pseudo)",
+                   FIVE_PARTS_CONDITION: "BC (5 parts labelled)", LATENT_CONDITION: "BC (1 + 4 latent-action head)"}
 """Goal reaching's name for each co-training condition's BC policy (the pseudo-labelled one's as before 2026-12-05)."""
 
 
@@ -802,17 +804,15 @@ def closed_loop_cotraining(gr: dict) -> dict | None:
     goals from the same starts (``goal_reaching``'s results ``gr``), judged by final joint-angle distance; the
     share of the 1-part -> 5-part improvement that the pseudo-labels recover (and the latent-action head's), with
     the paired standard error of the pseudo-labelled net against the 1-part net. None without those three."""
-    names = {c: BC_POLICY_NAMES[c] for c in ("1 part labelled", PSEUDO_CONDITION, "5 parts labelled",
-                                             LATENT_CONDITION) if BC_POLICY_NAMES[c] in gr}
-    if any(c not in names for c in ("1 part labelled", PSEUDO_CONDITION, "5 parts labelled")):
+    final = {c: torch.tensor(gr[n]["final_distances"]) for c, n in BC_POLICY_NAMES.items() if n in gr}
+    if any(c not in final for c in (ONE_PART_CONDITION, PSEUDO_CONDITION, FIVE_PARTS_CONDITION)):
         return None
-    final = {c: torch.tensor(gr[n]["final_distances"]) for c, n in names.items()}
-    one, five = final["1 part labelled"].mean(), final["5 parts labelled"].mean()
+    one, five = final[ONE_PART_CONDITION].mean(), final[FIVE_PARTS_CONDITION].mean()
 
     def gap(c: str) -> float | None:
         return float((one - final[c].mean()) / (one - five)) if c in final and one != five else None
 
-    paired = final[PSEUDO_CONDITION] - final["1 part labelled"]
+    paired = final[PSEUDO_CONDITION] - final[ONE_PART_CONDITION]
     return {"final_distance": {c: float(v.mean()) for c, v in final.items()},
             "gap_recovered": gap(PSEUDO_CONDITION), "gap_recovered_latent_actions": gap(LATENT_CONDITION),
             "pseudo_minus_one_part": {"mean_difference": float(paired.mean()),
@@ -888,9 +888,9 @@ def cotraining(agent: StaMoAgent, px: torch.Tensor, act: torch.Tensor, flat_toke
     y_all = act[e_all, t_all]
     make_net, loss_fn = latent_action_bc(px, e_all, t_all, is_lab, y_all, flat_tokens, k_bc, agent.config)
     # each condition: its rows, their targets, and train_goal_bc's hooks (the latent condition's net and loss)
-    conditions = {"1 part labelled": (e_lab, t_lab, act[e_lab, t_lab], {}),
+    conditions = {ONE_PART_CONDITION: (e_lab, t_lab, act[e_lab, t_lab], {}),
                   PSEUDO_CONDITION: (e_all, t_all, torch.where(is_lab[:, None], y_all, pseudo), {}),
-                  "5 parts labelled": (e_all, t_all, y_all, {}),
+                  FIVE_PARTS_CONDITION: (e_all, t_all, y_all, {}),
                   LATENT_CONDITION: (e_all, t_all, y_all, {"make_net": make_net, "loss_fn": loss_fn})}
     args.bc_goal_policies = {}
     for name, (e, t, y, hooks) in conditions.items():
@@ -1109,13 +1109,13 @@ def goal_reaching(args, agent: StaMoAgent, goal_pool: torch.Tensor, agent_polici
     g = torch.Generator().manual_seed(args.seed + 7)
     goals = goal_pool[torch.randint(len(goal_pool), (n,), generator=g)]
     out = {}
-    policies = {"stamo goal head (E(o), E(goal) - E(o))": "head",
-                f"stamo probe k={agent.config.goal_offset} on E(goal) - E(o)": "probe",
-                "random": UniformRandomPolicy(2, torch.Generator().manual_seed(1)), "zero action": ZeroPolicy(2)}
-    if agent.goal_head is None or not agent_policies:
-        del policies["stamo goal head (E(o), E(goal) - E(o))"]
-    if not agent_policies:
-        del policies[f"stamo probe k={agent.config.goal_offset} on E(goal) - E(o)"]
+    policies = {}
+    if agent_policies and agent.goal_head is not None:
+        policies["stamo goal head (E(o), E(goal) - E(o))"] = "head"
+    if agent_policies:
+        policies[f"stamo probe k={agent.config.goal_offset} on E(goal) - E(o)"] = "probe"
+    policies["random"] = UniformRandomPolicy(2, torch.Generator().manual_seed(1))
+    policies["zero action"] = ZeroPolicy(2)
     for condition, make_policy in (getattr(args, "bc_goal_policies", None) or {}).items():
         policies[BC_POLICY_NAMES[condition]] = make_policy
     td = env.reset()  # one reset: every policy starts from the same poses, with the same target balls
