@@ -501,11 +501,19 @@ def write_report(out: Path, page: Path, part: str, extra: list[str] | None = Non
         above = sum(v > max(finals["diayn"].values()) for v in finals["metra"].values())
         checks.append(f"- METRA > DIAYN at equal budget: mean {m:.1f} vs {d:.1f}: **{'holds' if m > d else 'fails'}** "
                       f"({above} of {len(finals['metra'])} METRA seeds above every DIAYN seed).")
+
+    def seed_counts(*algos: str) -> str:
+        return " and ".join(str(len(finals[a])) for a in algos) + " seeds"
+
     if m is not None and lsd is not None:
-        checks.append(f"- METRA vs LSD (not one of the note's checks): mean {m:.1f} vs "
-                      f"{lsd:.1f}: METRA is {'ahead' if m > lsd else 'not ahead'}.")
+        checks.append(f"- METRA vs LSD (not one of the note's checks): mean {m:.1f} vs {lsd:.1f} "
+                      f"({seed_counts('metra', 'lsd')}): METRA is {'ahead' if m > lsd else 'not ahead'}.")
     if lsd is not None and d is not None:
-        checks.append(f"- LSD vs DIAYN: mean {lsd:.1f} vs {d:.1f}: LSD is {'ahead' if lsd > d else 'not ahead'}.")
+        # two learners that both stay at random actions' coverage are not ordered by a cell's difference
+        at_random = (f"; both at or below random actions' {rnd:.1f}"
+                     if rnd is not None and max(lsd, d) <= rnd else "")
+        checks.append(f"- LSD vs DIAYN: mean {lsd:.1f} vs {d:.1f} ({seed_counts('lsd', 'diayn')}): "
+                      f"LSD is {'ahead' if lsd > d else 'not ahead'}{at_random}.")
     machine = any_run.get("machine", "")
     overrides = " ".join(any_run.get("overrides", []))
     fields = dict(

@@ -94,19 +94,19 @@ def _metra_curve(coverages: list[float], every: int = 20000) -> list[dict]:
             for i, c in enumerate(coverages)]
 
 
-@pytest.mark.parametrize("diayn_final, verdict", [(2.0, "holds"), (9.0, "fails"), (20.0, "fails")])
-def test_metra_pixel_baselines_page_cuts_the_metra_run_at_the_budget_and_judges_diayn(tmp_path, diayn_final, verdict):
-    """``bench_metra.py --part pixels --report``: the DIAYN run made by ``--algo diayn`` beside the plain METRA pixel
-    run (``--report-extra``) cut at the DIAYN run's budget; the check 'METRA > DIAYN' read at that budget, the
-    pixel setting and the commands that made the runs on the page, the runs not made listed."""
+def _pixel_baselines_page(tmp_path, finals: dict[str, list[float]]) -> tuple[str, Path]:
+    """``bench_metra.py --part pixels --report`` on runs made by ``--algo`` (seeds 0, 1, ..., 60k steps, seed k
+    ending at ``finals[algo][k]`` cells) beside a plain METRA pixel run brought in by ``--report-extra`` (100k steps:
+    9 cells at 60k, 17 beyond it; random actions 3). Returns the page's text and the extra file."""
     bench_metra = _load("bench_metra")
     out = tmp_path / "bl"
-    (out / "diayn-seed0").mkdir(parents=True)
-    diayn = {"part": "pixels", "algo": "diayn", "task": "cheetah-run", "steps": 60000, "seed": 0, "threads": 2,
-             "updates": 7000, "train_seconds": 180.0, "overrides": ["env.num_envs=8"], "machine": "test machine",
-             "curve": _metra_curve([2.0, 2.0, 2.0, diayn_final])}
-    (out / "diayn-seed0" / "results_pixels.json").write_text(json.dumps(diayn))
-    # the METRA run is longer than the budget: 9 cells at 60k, 17 beyond it
+    for algo, per_seed in finals.items():
+        for seed, final in enumerate(per_seed):
+            (out / f"{algo}-seed{seed}").mkdir(parents=True)
+            run = {"part": "pixels", "algo": algo, "task": "cheetah-run", "steps": 60000, "seed": seed,
+                   "threads": 2, "updates": 7000, "train_seconds": 180.0, "overrides": ["env.num_envs=8"],
+                   "machine": "test machine", "curve": _metra_curve([2.0, 2.0, 2.0, final])}
+            (out / f"{algo}-seed{seed}" / "results_pixels.json").write_text(json.dumps(run))
     metra = {"part": "pixels", "task": "cheetah-run", "steps": 100000, "seed": 0, "threads": 2,
              "curve": _metra_curve([2.0, 2.0, 4.0, 9.0, 15.0, 17.0]), "random_eval_coverage": 3,
              "random_total_coverage": [1, 3, 3, 3, 3, 3]}
@@ -114,7 +114,15 @@ def test_metra_pixel_baselines_page_cuts_the_metra_run_at_the_budget_and_judges_
     extra.write_text(json.dumps(metra))
     page = tmp_path / "baselines_pixels.md"
     bench_metra.write_report(out, page, "pixels", [str(extra)], None, None)
-    text = page.read_text()
+    return page.read_text(), extra
+
+
+@pytest.mark.parametrize("diayn_final, verdict", [(2.0, "holds"), (9.0, "fails"), (20.0, "fails")])
+def test_metra_pixel_baselines_page_cuts_the_metra_run_at_the_budget_and_judges_diayn(tmp_path, diayn_final, verdict):
+    """``bench_metra.py --part pixels --report``: the DIAYN run made by ``--algo diayn`` beside the plain METRA pixel
+    run (``--report-extra``) cut at the DIAYN run's budget; the check 'METRA > DIAYN' read at that budget, the
+    pixel setting and the commands that made the runs on the page, the runs not made listed."""
+    text, extra = _pixel_baselines_page(tmp_path, {"diayn": [diayn_final]})
     assert "coverage from pixels" in text and "64x64 frames" in text and "16 deterministic skill rollouts" in text
     assert f"METRA > DIAYN at equal budget: mean 9.0 vs {diayn_final:.1f}: **{verdict}**" in text
     assert "METRA ≥ 2 x random (evaluation coverage, mean over seeds): 9.0 vs 3.0" in text
@@ -125,6 +133,21 @@ def test_metra_pixel_baselines_page_cuts_the_metra_run_at_the_budget_and_judges_
     summary = json.loads((tmp_path / "baselines_pixels" / "results_pixels.json").read_text())
     assert summary["metra"]["0"]["curve"][-1]["env_steps"] == 60000
     assert (tmp_path / "baselines_pixels" / "coverage_pixels.png").is_file()
+
+
+@pytest.mark.parametrize("lsd, diayn, reading", [
+    ([3.0], [2.0], "mean 3.0 vs 2.0 (1 and 1 seeds): LSD is ahead; both at or below random actions' 3.0."),
+    ([4.0], [2.0], "mean 4.0 vs 2.0 (1 and 1 seeds): LSD is ahead."),
+    ([2.0], [4.0], "mean 2.0 vs 4.0 (1 and 1 seeds): LSD is not ahead."),  # DIAYN above random
+    ([2.0, 2.0], [2.0], "mean 2.0 vs 2.0 (2 and 1 seeds): LSD is not ahead; both at or below random actions' 3.0."),
+])
+def test_metra_pixel_baselines_page_orders_lsd_and_diayn_with_seeds_and_random(tmp_path, lsd, diayn, reading):
+    """The page's LSD-vs-DIAYN line names the seeds behind each mean and says when both learners stay at random
+    actions' coverage (one seed each from pixels: LSD 3 cells, DIAYN 2, random 3)."""
+    text, _ = _pixel_baselines_page(tmp_path, {"lsd": lsd, "diayn": diayn})
+    assert f"- LSD vs DIAYN: {reading}" in text
+    assert (f"- METRA vs LSD (not one of the note's checks): mean 9.0 vs {sum(lsd) / len(lsd):.1f} "
+            f"(1 and {len(lsd)} seeds)") in text
 
 
 def test_machine_description_names_the_cores_and_versions():
