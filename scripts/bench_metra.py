@@ -634,7 +634,7 @@ the METRA run's file); total coverage counts the cells of all training episodes 
 number of env steps). The METRA curve is the single pixel run of bench_metra.md (`--report-extra`), cut at
 the budget. Machine: {machine}; wall times depend on what else ran beside a run. The runs' own records
 (`<out>/<algo>-seed<k>/`) are kept in [bench_metra_baselines_pixels/runs/](bench_metra_baselines_pixels/runs/):
-copy them into `--out` before adding runs and rewriting this page (a session's `/work` does not last).""",
+copy them into `--out` before adding runs and rewriting this page (a session's `/work` may not survive).""",
         "commands": """\
 python scripts/bench_metra.py --part pixels --steps {steps_raw} --eval-every 20000 --updates-per-step 0.125 \\
     --threads {threads} --goals 0 --algo {algos} --seeds {seeds} --out /tmp/metra_px_bl \\

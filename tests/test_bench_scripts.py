@@ -809,9 +809,10 @@ def test_bench_stamo_interpolation_scores_follow_the_true_move_across_the_wrap()
 def test_bench_stamo_studies_open_a_finished_run(tmp_path):
     """``open_run`` (what the studies in docs/bench_stamo/ start from) reads a finished run's data split and
     model with the bench's own defaults, and refuses a flag the bench does not have; the noise-pairing,
-    transfer-by-distance, co-training-seeds and probe-along-training studies run on a quick run and write their
-    records."""
+    transfer-by-distance, co-training-seeds, labeller and probe-along-training studies run on a quick run and write
+    their records; the labeller study's ``chunk_k`` is co-training's own labeller (the same MSE)."""
     import json
+    import math
     import os
     import subprocess
     import sys
@@ -832,6 +833,7 @@ def test_bench_stamo_studies_open_a_finished_run(tmp_path):
                           ("transfer_by_distance.py", ["--cases", "8", "--probe-updates", "20", "--sample-steps", "2"]),
                           ("cotraining_seeds.py", ["--seeds", "0", "--probe-updates", "5", "--bc-updates", "5",
                                                    "--goals", "2"]),
+                          ("labeller_variants.py", ["--probe-updates", "5"]),
                           ("probe_along_training.py", ["--checkpoints", str(tmp_path / "stamo_wm.pt")])):
         out = tmp_path / script.replace(".py", ".json")
         proc = subprocess.run([sys.executable, str(studies / script), "--out-dir", str(tmp_path), "--json", str(out),
@@ -845,7 +847,34 @@ def test_bench_stamo_studies_open_a_finished_run(tmp_path):
                                                      "5 parts labelled",
                                                      "1 part + 4 parts StaMo latent actions (second head)"}
             assert "random" in closed and record["goals"] == 2
+            cotraining = record["runs"]["0"]
+        if script == "labeller_variants.py":  # its chunk_k labeller is co-training's, fitted alike: same labels
+            assert set(record["labellers"]) == {"chunk_k", "step", "prev+step", "prev+step+next", "prev+step+chunk_k"}
+            assert math.isclose(record["labellers"]["chunk_k"], cotraining["pseudo_label_mse"], rel_tol=1e-6)
+            assert math.isclose(record["mean_action_mse"], cotraining["pseudo_label_mean_action_mse"], rel_tol=1e-6)
     assert set(record["rows"][0]) >= {"updates", "r2_mean"} and record["rows"][0]["updates"] == 20
+
+
+def test_bench_stamo_labeller_study_reads_the_token_differences_around_t():
+    """The labeller study's inputs at rows (e, t): E(o_t) - E(o_{t-1}) (zero at t = 0), E(o_{t+1}) - E(o_t),
+    E(o_{t+2}) - E(o_{t+1}) and E(o_{t+k}) - E(o_t), each of its own episode; no step after with k = 1."""
+    import torch
+
+    _load("bench_stamo")
+    spec = importlib.util.spec_from_file_location("labeller_variants",
+                                                  SCRIPTS.parent / "docs" / "bench_stamo" / "labeller_variants.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    flat = (torch.arange(2 * 8, dtype=torch.float32) ** 2).reshape(2, 8, 1) * torch.tensor([1.0, -2.0])
+    e, t = torch.tensor([0, 1, 1]), torch.tensor([0, 2, 4])
+    got = study.latent_steps(flat, e, t, 3)
+    for i, (ei, ti) in enumerate(zip(e.tolist(), t.tolist(), strict=True)):
+        prev = flat[ei, ti] - flat[ei, ti - 1] if ti > 0 else torch.zeros(2)
+        assert torch.equal(got["prev"][i], prev)
+        assert torch.equal(got["step"][i], flat[ei, ti + 1] - flat[ei, ti])
+        assert torch.equal(got["next"][i], flat[ei, ti + 2] - flat[ei, ti + 1])
+        assert torch.equal(got["chunk"][i], flat[ei, ti + 3] - flat[ei, ti])
+    assert "next" not in study.latent_steps(flat, e, t, 1)
 
 
 def test_bench_stamo_latent_action_cotraining_regresses_actions_on_labelled_rows_and_latents_on_video_rows():
