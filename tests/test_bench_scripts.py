@@ -847,6 +847,13 @@ def test_bench_stamo_studies_open_a_finished_run(tmp_path):
                                                      "5 parts labelled",
                                                      "1 part + 4 parts StaMo latent actions (second head)"}
             assert "random" in closed and record["goals"] == 2
+            # one seed: the seeds' summary is that seed's reading
+            assert record["closed_loop_mean_final_distance"] == closed["final_distance"]
+            assert math.isclose(record["closed_loop_pseudo_minus_one_part_mean"],
+                                closed["pseudo_minus_one_part"]["mean_difference"], rel_tol=1e-9)
+            if closed["gap_recovered"] is not None:
+                assert math.isclose(record["closed_loop_gap_recovered_of_means"], closed["gap_recovered"],
+                                    rel_tol=1e-6)
             cotraining = record["runs"]["0"]
         if script == "labeller_variants.py":  # its chunk_k labeller is co-training's, fitted alike: same labels
             assert set(record["labellers"]) == {"chunk_k", "step", "prev+step", "prev+step+next", "prev+step+chunk_k"}
