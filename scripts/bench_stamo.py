@@ -851,6 +851,15 @@ def latent_action_bc(px: torch.Tensor, e: torch.Tensor, t: torch.Tensor, is_lab:
     return make_net, loss_fn
 
 
+def rescale_to_spread(labels: torch.Tensor, rows: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """``labels`` stretched about the mean of its ``rows`` so that, per column, their spread over those rows is
+    the ``reference``'s (standard deviations), then clipped to the action box [-1, 1]. A probe fitted by MSE
+    predicts a conditional mean, smaller than the actions it decodes; this gives the labels the actions' size."""
+    spread = reference.std(0) / labels[rows].std(0).clamp_min(1e-6)
+    centre = labels[rows].mean(0)
+    return ((labels - centre) * spread + centre).clamp(-1, 1)
+
+
 def cotraining(agent: StaMoAgent, px: torch.Tensor, act: torch.Tensor, flat_tokens: torch.Tensor,
                train_eps: torch.Tensor, test_eps: torch.Tensor, args, seed: int = 0) -> dict:
     """Check 8 (Table 5 at our scale): a goal-conditioned BC policy pi(o_t, o_{t+k}) -> a_t (its own conv encoder,
@@ -880,11 +889,16 @@ def cotraining(agent: StaMoAgent, px: torch.Tensor, act: torch.Tensor, flat_toke
     pseudo = pseudo_probe(flat_tokens[e_all, t_all + k_bc] - flat_tokens[e_all, t_all])
     pseudo = pseudo.reshape(-1, k_bc, spec.action_dim)[:, 0]
     pseudo = pseudo.clamp(-1, 1)
+    if getattr(args, "rescale_pseudo_labels", False):  # undo the MSE fit's shrinkage (a study; off by default)
+        pseudo = rescale_to_spread(pseudo, ~is_lab, act[e_lab, t_lab])
     e_te, t_te = offset_pairs(n_frames - 1, k_bc, test_eps)
     cot = {"pseudo_label_mse": float((pseudo[~is_lab] - act[e_all, t_all][~is_lab]).square().mean()),
            "pseudo_label_mean_action_mse": float((act[e_lab, t_lab].mean(0) - act[e_all, t_all][~is_lab])
                                                  .square().mean()),
-           "labelled_episodes": len(labelled_eps), "seed": seed}
+           "labelled_episodes": len(labelled_eps), "seed": seed,
+           "pseudo_labels_rescaled": bool(getattr(args, "rescale_pseudo_labels", False)),
+           "pseudo_label_mean_abs": float(pseudo[~is_lab].abs().mean()),
+           "video_action_mean_abs": float(act[e_all, t_all][~is_lab].abs().mean())}
     y_all = act[e_all, t_all]
     make_net, loss_fn = latent_action_bc(px, e_all, t_all, is_lab, y_all, flat_tokens, k_bc, agent.config)
     # each condition: its rows, their targets, and train_goal_bc's hooks (the latent condition's net and loss)
@@ -993,7 +1007,11 @@ def write_report(args, r: dict) -> None:
                     if ct.get("gap_recovered_latent_actions") is not None else "")
                  + (f" ({ct['labelled_episodes']} labelled episodes; pseudo-labels' MSE against the video parts' "
                     f"true actions {ct['pseudo_label_mse']:.4f}, the labelled part's mean action "
-                    f"{ct['pseudo_label_mean_action_mse']:.4f})" if "pseudo_label_mse" in ct else "")
+                    f"{ct['pseudo_label_mean_action_mse']:.4f}"
+                    + (f"; mean |pseudo-label| {ct['pseudo_label_mean_abs']:.2f}, mean |action| "
+                       f"{ct['video_action_mean_abs']:.2f}" if "pseudo_label_mean_abs" in ct else "")
+                    + ("; pseudo-labels rescaled to the labelled part's spread" if ct.get("pseudo_labels_rescaled")
+                       else "") + ")" if "pseudo_label_mse" in ct else "")
                  + (f"; in closed loop (Table 5's reading: final angle distance to {cl['goals']} goals) "
                     + "; ".join(f"{n} {v:.2f}" for n, v in cl["final_distance"].items())
                     + f", gap recovered {cl['gap_recovered']:.2f}"
@@ -1194,6 +1212,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--goal-steps", type=int, default=50)
     p.add_argument("--probe-updates", type=int, default=1500)
     p.add_argument("--bc-updates", type=int, default=1500)
+    p.add_argument("--rescale-pseudo-labels", action="store_true",
+                   help="co-training: stretch the pseudo-labels about their mean to the labelled part's action "
+                        "spread, per action dimension (the probe's MSE fit shrinks them; a study, off by default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu",

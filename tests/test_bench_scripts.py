@@ -862,6 +862,26 @@ def test_bench_stamo_studies_open_a_finished_run(tmp_path):
     assert set(record["rows"][0]) >= {"updates", "r2_mean"} and record["rows"][0]["updates"] == 20
 
 
+def test_bench_stamo_rescaled_pseudo_labels_take_the_labelled_actions_spread_about_their_own_mean():
+    """``rescale_to_spread`` (co-training's ``--rescale-pseudo-labels``): over the chosen rows, each column's
+    standard deviation becomes the reference's and its mean stays; every row is moved by the same map; the result
+    is clipped to [-1, 1]."""
+    import torch
+
+    bench = _load("bench_stamo")
+    g = torch.Generator().manual_seed(0)
+    labels = 0.1 * torch.randn(200, 2, generator=g) + torch.tensor([0.05, -0.02])
+    rows = torch.arange(200) >= 50
+    reference = torch.rand(300, 2, generator=g) * torch.tensor([0.6, 0.3]) - torch.tensor([0.3, 0.15])
+    out = bench.rescale_to_spread(labels, rows, reference)
+    assert torch.allclose(out[rows].std(0), reference.std(0), atol=1e-5)
+    assert torch.allclose(out[rows].mean(0), labels[rows].mean(0), atol=1e-6)
+    centre, spread = labels[rows].mean(0), reference.std(0) / labels[rows].std(0)
+    assert torch.allclose(out[~rows], (labels[~rows] - centre) * spread + centre, atol=1e-6)
+    wide = bench.rescale_to_spread(labels, rows, 20 * reference)
+    assert wide.abs().max() <= 1 and (wide.abs() == 1).any()
+
+
 def test_bench_stamo_labeller_study_reads_the_token_differences_around_t():
     """The labeller study's inputs at rows (e, t): E(o_t) - E(o_{t-1}) (zero at t = 0), E(o_{t+1}) - E(o_t),
     E(o_{t+2}) - E(o_{t+1}) and E(o_{t+k}) - E(o_t), each of its own episode; no step after with k = 1."""
