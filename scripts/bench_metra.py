@@ -78,7 +78,7 @@ class CoverageRecordingBuffer(ReplayBuffer):
         super().extend(td, flat=flat)
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "cells": sorted(self.cells)}
+        return {**super().state_dict(), "cells": [[int(c) for c in cell] for cell in sorted(self.cells)]}
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)

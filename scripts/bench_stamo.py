@@ -410,6 +410,18 @@ def offset_pairs(n_steps: int, k: int, episodes: torch.Tensor):
     return episodes.repeat_interleave(len(t)), t.repeat(len(episodes))
 
 
+def action_chunks(act: torch.Tensor, e: torch.Tensor, t: torch.Tensor, k: int) -> torch.Tensor:
+    """The k actions a_t .. a_{t+k-1} of each row (e, t): [rows, k, action_dim]."""
+    return torch.stack([act[e, t + i] for i in range(k)], 1)
+
+
+def labelled_part(train_eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Co-training's split of the training episodes (Table 5's 1 part in 5): every fifth keeps its actions, the
+    other four parts are video. Returns (labelled, video)."""
+    local = torch.arange(len(train_eps))
+    return train_eps[local % 5 == 0], train_eps[local % 5 != 0]
+
+
 def pooled_pixel_diff(pixels: torch.Tensor, e, t, k) -> torch.Tensor:
     d = pixels[e, t + k].float() - pixels[e, t].float()
     return torch.nn.functional.adaptive_avg_pool2d(d, 8).flatten(1) / 255.0
@@ -484,7 +496,7 @@ def fit_goal_heads(agent: StaMoAgent, flat_tokens: torch.Tensor, act: torch.Tens
     k = cfg.goal_offset
     probe = agent.probes[str(k)]
     (e_tr, t_tr), (e_te, t_te) = offset_pairs(n_steps, k, train_eps), offset_pairs(n_steps, k, test_eps)
-    chunk = lambda e, t: torch.stack([act[e, t + i] for i in range(k)], 1)  # noqa: E731
+    chunk = lambda e, t: action_chunks(act, e, t, k)  # noqa: E731
     dz_tr = flat_tokens[e_tr, t_tr + k] - flat_tokens[e_tr, t_tr]
     probe.observe(dz_tr)
     train(probe, cfg.probe_lr, (dz_tr,), chunk(e_tr, t_tr), probe)
@@ -616,7 +628,7 @@ def evaluate(args) -> None:
         e_tr, t_tr = offset_pairs(n_frames - 1, k, train_eps)
         e_te, t_te = offset_pairs(n_frames - 1, k, test_eps)
         def chunk(e, t, k=k):
-            return torch.stack([act[e, t + i] for i in range(k)], 1).flatten(1)
+            return action_chunks(act, e, t, k).flatten(1)
 
         y_tr, y_te = chunk(e_tr, t_tr), chunk(e_te, t_te)
         dz_tr = flat_tokens[e_tr, t_tr + k] - flat_tokens[e_tr, t_tr]
@@ -878,25 +890,25 @@ def cotraining(agent: StaMoAgent, px: torch.Tensor, act: torch.Tensor, flat_toke
     spec = TASKS[args.task]
     n_frames = px.shape[1]
     k_bc = agent.config.cotrain_offset
-    local = torch.arange(len(train_eps))
-    labelled_eps = train_eps[local % 5 == 0]
+    labelled_eps, _ = labelled_part(train_eps)
     e_all, t_all = offset_pairs(n_frames - 1, k_bc, train_eps)
     e_lab, t_lab = offset_pairs(n_frames - 1, k_bc, labelled_eps)
-    y_lab = torch.stack([act[e_lab, t_lab + i] for i in range(k_bc)], 1).flatten(1)
+    y_lab = action_chunks(act, e_lab, t_lab, k_bc).flatten(1)
     dz_lab = flat_tokens[e_lab, t_lab + k_bc] - flat_tokens[e_lab, t_lab]
     pseudo_probe = fit_mlp(dz_lab, y_lab, args.probe_updates, seed=11)  # fitted on the labelled part only
     is_lab = torch.isin(e_all, labelled_eps)
     pseudo = pseudo_probe(flat_tokens[e_all, t_all + k_bc] - flat_tokens[e_all, t_all])
     pseudo = pseudo.reshape(-1, k_bc, spec.action_dim)[:, 0]
     pseudo = pseudo.clamp(-1, 1)
-    if getattr(args, "rescale_pseudo_labels", False):  # undo the MSE fit's shrinkage (a study; off by default)
+    rescaled = bool(getattr(args, "rescale_pseudo_labels", False))
+    if rescaled:  # undo the MSE fit's shrinkage (a study; off by default)
         pseudo = rescale_to_spread(pseudo, ~is_lab, act[e_lab, t_lab])
     e_te, t_te = offset_pairs(n_frames - 1, k_bc, test_eps)
     cot = {"pseudo_label_mse": float((pseudo[~is_lab] - act[e_all, t_all][~is_lab]).square().mean()),
            "pseudo_label_mean_action_mse": float((act[e_lab, t_lab].mean(0) - act[e_all, t_all][~is_lab])
                                                  .square().mean()),
            "labelled_episodes": len(labelled_eps), "seed": seed,
-           "pseudo_labels_rescaled": bool(getattr(args, "rescale_pseudo_labels", False)),
+           "pseudo_labels_rescaled": rescaled,
            "pseudo_label_mean_abs": float(pseudo[~is_lab].abs().mean()),
            "video_action_mean_abs": float(act[e_all, t_all][~is_lab].abs().mean())}
     y_all = act[e_all, t_all]

@@ -88,6 +88,27 @@ def test_metra_random_baseline_counts_the_same_env_steps_with_parallel_envs():
     assert 1 < serial[0] <= serial[1] and 1 < parallel[0] <= parallel[1]
 
 
+def test_metra_coverage_buffer_checkpoint_resumes_with_its_cells(tmp_path):
+    """The pixel bench's buffer keeps the cells its episodes visited through a checkpoint, which must load with
+    ``weights_only=True``: the cells were np.int64 tuples, and a 160k-step LSD run (2026-12-05) saved fine and was
+    refused at its resume."""
+    import numpy as np
+
+    from latentrl.agents import agent_class
+    from latentrl.training.checkpoint import load_checkpoint, save_checkpoint
+
+    bench_metra = _load("bench_metra")
+    buffer = bench_metra.CoverageRecordingBuffer(16, "cheetah-run", 1.0)
+    buffer.cells.update(map(tuple, np.floor(np.array([[-1.5], [0.2], [2.7]])).astype(np.int64)))  # as extend()
+    cls = agent_class("metra")
+    agent = cls(cls.make_config("smoke", obs_type="state"), (17,), 6, device="cpu")
+    path = save_checkpoint(tmp_path / "latest.pt", agent, counters={"env_steps": 0, "updates": 0, "episodes": 0},
+                           config={}, buffer_state=buffer.state_dict())
+    resumed = bench_metra.CoverageRecordingBuffer(16, "cheetah-run", 1.0)
+    resumed.load_state_dict(load_checkpoint(path)["buffer"])
+    assert resumed.cells == {(-2,), (0,), (2,)}
+
+
 def _metra_curve(coverages: list[float], every: int = 20000) -> list[dict]:
     return [{"env_steps": i * every, "updates": i * every // 8, "wall_s": 60.0 * i, "coverage": c,
              "total_coverage": c + 1, "skill_direction_cos": 0.5, "mean_travel": 0.1 * c}

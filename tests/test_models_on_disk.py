@@ -99,6 +99,30 @@ def test_checkpoint_round_trips_with_weights_only_and_rng(tmp_path):
         assert torch.equal(rebuilt.state_dict()[key], value), key
 
 
+def test_numpy_values_in_a_checkpoint_load_back_with_weights_only(tmp_path):
+    """A trainer's extra state may hold NumPy values (bench_metra's visited cells were ``np.int64`` tuples):
+    torch.load(weights_only=True) refuses those, so a pixel run saved fine and was refused at its resume. They
+    are stored as Python numbers and tensors; an old file holding them is mended by ``upgrade``."""
+    agent = small_agent()
+    cells = [(np.int64(-2),), (np.int64(0),)]
+    buffer = {"cells": cells, "mean": np.float32(0.5), "counts": np.arange(3), "obs": torch.ones(2)}
+    path = save_checkpoint(tmp_path / "latest.pt", agent, counters={"env_steps": np.int64(40), "updates": 5,
+                           "episodes": 1}, config={}, buffer_state=buffer)
+    payload = load_checkpoint(path)
+    assert payload["buffer"]["cells"] == [(-2,), (0,)] and type(payload["buffer"]["cells"][0][0]) is int
+    assert payload["counters"]["env_steps"] == 40 and payload["buffer"]["mean"] == 0.5
+    assert torch.equal(payload["buffer"]["counts"], torch.arange(3))
+    # the state dict saved untouched keeps its class (and the version metadata load_state_dict reads)
+    assert hasattr(payload["agent"], "_metadata")
+    # a file written before: refused with the upgrade hint, then mended by it
+    old = tmp_path / "old.pt"
+    torch.save({**torch.load(path, weights_only=True), "buffer": buffer}, old)
+    with pytest.raises(CheckpointError, match="upgrade"):
+        read_checkpoint(old)
+    upgrade_checkpoint(old)
+    assert read_checkpoint(old)["buffer"]["cells"] == [(-2,), (0,)]
+
+
 def test_upgrade_rewrites_an_old_checkpoint(tmp_path):
     """Format 1 pickled NumPy's RNG state and used the pre-v2 parameter names (refused now); ``upgrade``
     rewrites a trusted one in place, and the agent loads from it."""

@@ -27,8 +27,8 @@ import torch
 
 from latentrl.agents.base import Agent
 
-__all__ = ["CHECKPOINT_FORMAT", "CheckpointError", "capture_rng", "load_agent", "load_checkpoint", "restore_rng",
-           "restore_agent", "save_atomic", "save_checkpoint", "upgrade_checkpoint"]
+__all__ = ["CHECKPOINT_FORMAT", "CheckpointError", "capture_rng", "load_agent", "load_checkpoint", "plain",
+           "restore_rng", "restore_agent", "save_atomic", "save_checkpoint", "upgrade_checkpoint"]
 
 CHECKPOINT_FORMAT = 2  # 2: weights_only-loadable (RNG states as tensors); 1: pickled numpy RNG state
 
@@ -63,12 +63,34 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
+def plain(obj: Any) -> Any:
+    """``obj`` with NumPy scalars made Python numbers and NumPy arrays made tensors, through dicts, lists and
+    tuples: ``torch.load(weights_only=True)`` refuses NumPy objects, so a checkpoint holding one (say a set of
+    visited cells as ``np.int64`` tuples) would be written fine and refused at resume."""
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(obj))
+    if isinstance(obj, dict):
+        items = {k: plain(v) for k, v in obj.items()}
+        if all(items[k] is v for k, v in obj.items()):
+            return obj  # untouched, so a state dict keeps its class and ``_metadata``
+        return {**items} if type(obj) is dict else type(obj)(items)
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):  # a named tuple is left as it is
+        values = [plain(v) for v in obj]
+        if all(a is b for a, b in zip(values, obj, strict=True)):
+            return obj
+        return values if type(obj) is list else tuple(values)
+    return obj
+
+
 def save_atomic(obj: Any, path: str | Path) -> Path:
     """``torch.save(obj)`` to a temporary file beside ``path``, then moved over it: a crash or a full disk leaves the
-    previous file (or none), never half of one."""
+    previous file (or none), never half of one. NumPy values in ``obj`` are stored as Python numbers and tensors
+    (``plain``), so that the file loads with ``weights_only=True``."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
+    torch.save(plain(obj), tmp)
     os.replace(tmp, path)
     return path
 
@@ -290,6 +312,7 @@ def upgrade_checkpoint(path: str | Path) -> Path:
     if "agent_spec" not in payload:
         payload["agent_spec"] = _spec_from_run_config(payload)
     payload["format"] = CHECKPOINT_FORMAT
+    payload = plain(payload)  # NumPy scalars a trainer extra put in (before save_atomic converted them)
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(payload, tmp)
     torch.load(tmp, map_location="cpu", weights_only=True)  # the rewritten file must load safely

@@ -48,7 +48,7 @@ def main() -> None:
 
     ns, data, train_eps, test_eps, agent = bs.open_run(args.out_dir, goals=args.goals, goal_steps=args.goal_steps,
                                                         seed=args.seed)
-    labelled_eps = train_eps[torch.arange(len(train_eps)) % 5 == 0]  # as bench_stamo's co-training check
+    labelled_eps, _ = bs.labelled_part(train_eps)  # as bench_stamo's co-training check
     flat = bs.encode_all(agent.world_model, data["pixels"]).flatten(2)
     pool = data["physics"][test_eps].flatten(0, 1)
     variants = {"mlp, all episodes": (256, train_eps), "linear, all episodes": (0, train_eps),

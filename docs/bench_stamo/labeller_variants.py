@@ -61,8 +61,7 @@ def main() -> None:
     bs.log(f"encoded {tuple(flat.shape)} in {time.time() - t0:.0f} s")
     act, k = data["action"], agent.config.cotrain_offset
     n_steps = data["pixels"].shape[1] - 1
-    local = torch.arange(len(train_eps))
-    labelled, video = train_eps[local % 5 == 0], train_eps[local % 5 != 0]
+    labelled, video = bs.labelled_part(train_eps)
     (e_lab, t_lab), (e_vid, t_vid) = bs.offset_pairs(n_steps, k, labelled), bs.offset_pairs(n_steps, k, video)
     feats_lab, feats_vid = latent_steps(flat, e_lab, t_lab, k), latent_steps(flat, e_vid, t_vid, k)
     truth = act[e_vid, t_vid]
@@ -77,7 +76,7 @@ def main() -> None:
         x_lab = torch.cat([feats_lab[p_] for p_ in parts], 1)
         x_vid = torch.cat([feats_vid[p_] for p_ in parts], 1)
         if name == "chunk_k":  # the bench's: the k-step chunk, first action kept
-            y = torch.stack([act[e_lab, t_lab + i] for i in range(k)], 1).flatten(1)
+            y = bs.action_chunks(act, e_lab, t_lab, k).flatten(1)
         else:
             y = act[e_lab, t_lab]
         probe = bs.fit_mlp(x_lab, y, args.probe_updates, seed=11)
