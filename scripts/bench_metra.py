@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -89,11 +90,20 @@ class CoverageRecordingBuffer(ReplayBuffer):
 
 
 class CoverageTrainer(Trainer):
-    """The trainer (whose evaluations run METRA's coverage) with total-coverage bookkeeping."""
+    """The trainer (whose evaluations run METRA's coverage) with total-coverage bookkeeping.
+
+    Each evaluation's row is also written to ``run_dir/coverage_curve.json``, so that a run stopped before it
+    finished resumes with its curve and wall time up to the checkpoint (``curve``, from a finished run's results
+    file, takes precedence)."""
+
+    CURVE_FILE = "coverage_curve.json"
 
     def __init__(self, cfg, run_dir, *, agent_overrides, bin_size: float = 1.0, curve: list[dict] | None = None):
         self.bin_size = bin_size
         super().__init__(cfg, run_dir, agent_overrides=agent_overrides)
+        self.curve_path = Path(self.run_dir) / self.CURVE_FILE
+        if curve is None and cfg.get("resume") and self.curve_path.exists():
+            curve = [r for r in json.loads(self.curve_path.read_text()) if r["env_steps"] <= self.env_steps]
         self.curve: list[dict[str, float]] = list(curve or [])  # a resumed run continues its curve
         self.started = time.time() - (self.curve[-1]["wall_s"] if self.curve else 0.0)
 
@@ -106,6 +116,9 @@ class CoverageTrainer(Trainer):
         row = {"env_steps": self.env_steps, "updates": self.updates, "wall_s": time.time() - self.started,
                **{k.removeprefix("eval/"): v for k, v in metrics.items()}}
         self.curve.append(row)
+        tmp = self.curve_path.with_name(f".{self.CURVE_FILE}.tmp")
+        tmp.write_text(json.dumps(self.curve))
+        os.replace(tmp, self.curve_path)
         print("[bench_metra] " + ", ".join(f"{k}={v:.4g}" for k, v in row.items()), flush=True)
         return metrics
 
@@ -243,9 +256,8 @@ def run_part(part: str, args: argparse.Namespace, algo: str = "metra", seed: int
     label = LABELS[algo]
     print(f"[bench_metra] {part}: training {label} on {args.task} for {steps} env steps (seed {seed}); "
           f"run dir {run_dir}", flush=True)
-    started = time.time()
     trainer.train()
-    train_s = time.time() - started + previous.get("train_seconds", 0.0)
+    train_s = time.time() - trainer.started  # every piece of a resumed run (less any time past its last checkpoint)
     agent, env = trainer.agent, trainer.eval_env
     agent.eval()
 

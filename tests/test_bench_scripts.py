@@ -109,6 +109,37 @@ def test_metra_coverage_buffer_checkpoint_resumes_with_its_cells(tmp_path):
     assert resumed.cells == {(-2,), (0,), (2,)}
 
 
+def test_metra_coverage_trainer_resumes_its_curve_and_wall_time(tmp_path):
+    """A pixel run stopped between evaluations (the 2026-12-05 LSD run) resumes with its coverage curve and wall
+    time up to its checkpoint, not only the evaluations made after the resume: each evaluation's row is kept in
+    the run folder, and rows past the checkpoint (the stop lost those steps) are dropped."""
+    from latentrl.training.cli import load_config
+
+    bench_metra = _load("bench_metra")
+
+    def trainer(steps, *extra):
+        cfg = load_config(["preset=smoke", "log.progress=false", "log.tensorboard=false", "agent=metra",
+                           "env=cheetah-run", "env.obs=[state,physics]", "env.episode_length=10", f"steps={steps}",
+                           "eval.every=20", "checkpoint_every=20", "eval.episodes=1", "eval.video=false",
+                           "eval.at_end=false", f"run_dir={tmp_path}", *extra])
+        return bench_metra.CoverageTrainer(cfg, tmp_path, agent_overrides={"obs_type": "state", "eval_num_skills": 2})
+
+    first = trainer(40)
+    first.train()
+    curve_file = tmp_path / bench_metra.CoverageTrainer.CURVE_FILE
+    rows = json.loads(curve_file.read_text())
+    assert [r["env_steps"] for r in rows] == [1, 20, 40]
+    # an evaluation after the last checkpoint, lost with the stop
+    curve_file.write_text(json.dumps([*rows, {**rows[-1], "env_steps": 50, "wall_s": 99.0}]))
+    resumed = trainer(60, "resume=true")
+    assert resumed.curve == rows
+    resumed.train()
+    assert [r["env_steps"] for r in resumed.curve] == [1, 20, 40, 60]
+    walls = [r["wall_s"] for r in resumed.curve]
+    assert walls == sorted(walls) and walls[-1] < 99.0  # the wall clock goes on from the checkpoint's evaluation
+    assert json.loads(curve_file.read_text()) == resumed.curve
+
+
 def _metra_curve(coverages: list[float], every: int = 20000) -> list[dict]:
     return [{"env_steps": i * every, "updates": i * every // 8, "wall_s": 60.0 * i, "coverage": c,
              "total_coverage": c + 1, "skill_direction_cos": 0.5, "mean_travel": 0.1 * c}
