@@ -464,8 +464,10 @@ def write_report(out: Path, page: Path, part: str, extra: list[str] | None = Non
                        / f"skills_{r['curve'][-1]['env_steps']:09d}.png")
             if algo != "random" and src.is_file():
                 (folder / f"skills_{part}_{algo}_seed{seed}.png").write_bytes(src.read_bytes())
-    summary = {algo: {str(seed): {k: r.get(k) for k in ("seed", "steps", "updates", "train_seconds", "objective",
-                                                         "switches", "overrides", "machine", "source", "curve")}
+    kept = ("seed", "steps", "updates", "train_seconds", "objective", "switches", "overrides", "machine", "source",
+            "curve")
+    summary = {algo: {str(seed): {**{k: r.get(k) for k in kept}, **({"curve_note": r["curve_note"]}
+                                                                   if r.get("curve_note") else {})}
                       for seed, r in sorted(by_seed.items())} for algo, by_seed in runs.items()}
     (folder / f"results_{part}.json").write_text(json.dumps(summary, indent=2))
 
@@ -497,6 +499,8 @@ def write_report(out: Path, page: Path, part: str, extra: list[str] | None = Non
            for a in ALGOS if a != "random"  # random actions' evaluation is one draw, the same at every step
            for s, r in sorted(runs.get(a, {}).items()) if r.get("beyond")]
     missing = [f"{LABELS[a]} seed {s}" for a in ALGOS for s in SEEDS_PLANNED if s not in runs.get(a, {})]
+    repaired = "".join(f" {LABELS[a]} seed {s}'s record: {r['curve_note']}." for a in ALGOS
+                       for s, r in sorted(runs.get(a, {}).items()) if r.get("curve_note"))
     made = {a: [s for s, r in by_seed.items() if not r.get("from_extra")] for a, by_seed in runs.items()}
     made = {a: seeds for a, seeds in made.items() if seeds}
 
@@ -532,7 +536,8 @@ def write_report(out: Path, page: Path, part: str, extra: list[str] | None = Non
         steps=f"{steps:,}", steps_raw=steps, task=task, cut=", ".join(cut) or "none", machine=machine,
         overrides=overrides, threads=_threads(runs), algos=" ".join(a for a in ALGOS if a in made),
         seeds=" ".join(str(s) for s in sorted({s for a in made for s in made[a]})),
-        extra=" ".join(extra or []), not_run=", ".join(missing) or "none", eval_every=_eval_every(runs))
+        extra=" ".join(extra or []), not_run=", ".join(missing) or "none", repaired=repaired,
+        eval_every=_eval_every(runs))
     page_text = PAGE.format(
         title=templates["title"], setting=templates["setting"].format(**fields),
         commands=templates["commands"].format(**fields), shortfall=templates["shortfall"].format(**fields), **fields,
@@ -588,7 +593,7 @@ Curves: thin lines are single seeds, thick lines the mean. Per run:
 
 {per_run}
 
-Runs not made (out of the planned 3 seeds each): {not_run}.
+Runs not made (out of the planned 3 seeds each): {not_run}.{repaired}
 
 Final skill plots: {skills}. Every per-seed curve: [{results}]({results}).
 

@@ -146,10 +146,12 @@ def _metra_curve(coverages: list[float], every: int = 20000) -> list[dict]:
             for i, c in enumerate(coverages)]
 
 
-def _pixel_baselines_page(tmp_path, finals: dict[str, list[float]]) -> tuple[str, Path]:
+def _pixel_baselines_page(tmp_path, finals: dict[str, list[float]], curve_notes: dict | None = None
+                          ) -> tuple[str, Path]:
     """``bench_metra.py --part pixels --report`` on runs made by ``--algo`` (seeds 0, 1, ..., 60k steps, seed k
     ending at ``finals[algo][k]`` cells) beside a plain METRA pixel run brought in by ``--report-extra`` (100k steps:
-    9 cells at 60k, 17 beyond it; random actions 3). Returns the page's text and the extra file."""
+    9 cells at 60k, 17 beyond it; random actions 3); ``curve_notes[(algo, seed)]``: a repaired record's note.
+    Returns the page's text and the extra file."""
     bench_metra = _load("bench_metra")
     out = tmp_path / "bl"
     for algo, per_seed in finals.items():
@@ -158,6 +160,8 @@ def _pixel_baselines_page(tmp_path, finals: dict[str, list[float]]) -> tuple[str
             run = {"part": "pixels", "algo": algo, "task": "cheetah-run", "steps": 60000, "seed": seed,
                    "threads": 2, "updates": 7000, "train_seconds": 180.0, "overrides": ["env.num_envs=8"],
                    "machine": "test machine", "curve": _metra_curve([2.0, 2.0, 2.0, final])}
+            if (algo, seed) in (curve_notes or {}):
+                run["curve_note"] = curve_notes[(algo, seed)]
             (out / f"{algo}-seed{seed}" / "results_pixels.json").write_text(json.dumps(run))
     metra = {"part": "pixels", "task": "cheetah-run", "steps": 100000, "seed": 0, "threads": 2,
              "curve": _metra_curve([2.0, 2.0, 4.0, 9.0, 15.0, 17.0]), "random_eval_coverage": 3,
@@ -185,6 +189,18 @@ def test_metra_pixel_baselines_page_cuts_the_metra_run_at_the_budget_and_judges_
     summary = json.loads((tmp_path / "baselines_pixels" / "results_pixels.json").read_text())
     assert summary["metra"]["0"]["curve"][-1]["env_steps"] == 60000
     assert (tmp_path / "baselines_pixels" / "coverage_pixels.png").is_file()
+
+
+def test_metra_pixel_baselines_page_names_a_repaired_record(tmp_path):
+    """A run record mended by hand (LSD seed 1's curve before its resume, rebuilt from its metrics.csv) says so on
+    the page and in the gathered results; the other runs carry no note."""
+    text, _ = _pixel_baselines_page(tmp_path, {"lsd": [3.0, 2.0], "diayn": [2.0]},
+                                    {("lsd", 1): "rows 0-40k rebuilt from metrics.csv"})
+    assert "LSD seed 1's record: rows 0-40k rebuilt from metrics.csv." in text
+    assert text.count("'s record:") == 1
+    summary = json.loads((tmp_path / "baselines_pixels" / "results_pixels.json").read_text())
+    assert summary["lsd"]["1"]["curve_note"] == "rows 0-40k rebuilt from metrics.csv"
+    assert "curve_note" not in summary["lsd"]["0"]
 
 
 @pytest.mark.parametrize("lsd, diayn, reading", [
