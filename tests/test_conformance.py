@@ -13,6 +13,7 @@ and this file passes for it:
   that never imports ``latentrl.envs``;
 - ``sample_spec`` -> a replay buffer filled by the agent's own exploring policy -> ``update`` changes
   the parameters and returns finite metrics;
+- a training checkpoint (``weights_only``) loaded into a fresh agent makes exactly the saved agent's next update;
 - the world model's declared capabilities are callable (on a slice batch ``[B, L]``: with its first
   step; ``decode`` gives one observation per latent), and its ``loss`` returns ``loss`` (a scalar
   with gradients into the model) and named terms.
