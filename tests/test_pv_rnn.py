@@ -394,6 +394,49 @@ def test_setting_b_records_the_fsm_through_make_env_into_the_buffer():
     torch.testing.assert_close(first["action"][0], pd_control(s[0, :2], targets[0], s[0, 4:], bench.KP, bench.KD))
 
 
+def test_bench_model_dir_reloads_a_trained_model_and_never_unpickles(tmp_path, monkeypatch):
+    """``bench_pv_rnn.py --model-dir``: a Setting A model trained once is written there atomically and loaded the
+    next time instead of retrained; a file there that needs pickle (which can run code) is refused, not opened."""
+    import importlib.util
+    import os
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_pv_rnn", Path(__file__).resolve().parents[1] / "scripts" / "bench_pv_rnn.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    trained = []
+
+    def fake_training(agent, batch, epochs, label):  # a stand-in for the full-batch epochs
+        trained.append(label)
+        with torch.no_grad():
+            for param in agent.parameters():
+                param.add_(0.25)
+        return [{"epoch": 0, "recon": 1.5}]
+
+    monkeypatch.setattr(bench, "train_full_batch", fake_training)
+    args = SimpleNamespace(recon_weight=10.0, lr_a=5e-3, epochs_a=2, glean_data=None, model_dir=tmp_path,
+                           er_window=10, er_iters=5, plan_iters=5)
+    first, _, history = bench.trained_agent_a(args, None, "weak", bench.META_PRIORS["weak"], 0)
+    again, _, history_again = bench.trained_agent_a(args, None, "weak", bench.META_PRIORS["weak"], 0)
+    assert len(trained) == 1 and history_again == history == [{"epoch": 0, "recon": 1.5}]
+    for key, value in first.state_dict().items():
+        assert torch.equal(again.state_dict()[key], value), key
+    (path,) = tmp_path.glob("A_weak_*.pt")
+
+    marker = tmp_path / "ran"
+
+    class RunsCode:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"agent": first.state_dict(), "train_seconds": 1.0, "history": RunsCode()}, path)
+    with pytest.raises(SystemExit, match="refusing to open .*needs pickle"):
+        bench.trained_agent_a(args, None, "weak", bench.META_PRIORS["weak"], 0)
+    assert not marker.exists()
+
+
 # ------------------------------------------------------------------------ pixels through train_agent.py
 
 
