@@ -200,7 +200,7 @@ def collect(args) -> None:
     data = {k: torch.stack(v) for k, v in arrays.items()}
     data["labelled"] = torch.tensor([e % 5 == 0 for e in range(args.episodes)])
     data["task"] = args.task
-    torch.save(data, out / "episodes.pt")
+    save_atomic(data, out / "episodes.pt")
     buffer.save(out / "dataset", overwrite=True)
     log(f"collected {args.episodes} episodes x {args.episode_length} steps in {time.time() - t0:.0f}s -> {out}")
 
@@ -214,7 +214,7 @@ def load_data(args):
     path = Path(args.out_dir) / "episodes.pt"
     if not path.exists():
         raise SystemExit(f"bench_stamo: no {path}; run `bench_stamo.py data --out-dir {args.out_dir}` first")
-    data = torch.load(path)
+    data = torch.load(path, weights_only=True)
     task = data.get("task", DEFAULT_TASK)
     if args.task is not None and args.task != task:
         raise SystemExit(f"bench_stamo: {path} holds {task} episodes, not --task {args.task}; collect them into "
