@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -121,6 +123,30 @@ def test_numpy_values_in_a_checkpoint_load_back_with_weights_only(tmp_path):
         read_checkpoint(old)
     upgrade_checkpoint(old)
     assert read_checkpoint(old)["buffer"]["cells"] == [(-2,), (0,)]
+
+
+@pytest.mark.parametrize("bad, where", [
+    (Path("/tmp/x"), "['buffer']['root'] (pathlib.PosixPath)"),
+    (RunsCode("m"), "['buffer']['root'] (test_models_on_disk.RunsCode)"),
+    ({"deep": [1, (2, {3: slice(0, 1)})]}, "['buffer']['root']['deep'][1][1][3] (builtins.slice)"),
+])
+def test_a_value_that_would_not_load_back_is_refused_when_saving(tmp_path, bad, where):
+    """A value ``weights_only`` loading refuses (a Path, any object that pickles as its class) stops the save with
+    the key that holds it, and the previous checkpoint stays, instead of a resume refusing the file hours later."""
+    agent = small_agent()
+    counters = {"env_steps": 0, "updates": 0, "episodes": 0}
+    path = save_checkpoint(tmp_path / "latest.pt", agent, counters=counters, config={})
+    before = path.read_bytes()
+    with pytest.raises(CheckpointError, match=re.escape(f"cannot write {path}: the payload{where}")):
+        save_checkpoint(path, agent, counters=counters, config={}, buffer_state={"root": bad, "ok": torch.ones(2)})
+    assert path.read_bytes() == before and not list(tmp_path.glob(".*.tmp"))
+    # what does load back passes: sets, complex numbers, dtypes, devices, sizes, ordered dicts
+    from collections import OrderedDict
+
+    fine = {"root": OrderedDict(a={1, 2}), "c": 1j, "dtype": torch.float16, "device": torch.device("cpu"),
+            "size": torch.Size([2, 3])}
+    save_checkpoint(path, agent, counters=counters, config={}, buffer_state=fine)
+    assert read_checkpoint(path)["buffer"] == fine
 
 
 def test_upgrade_rewrites_an_old_checkpoint(tmp_path):

@@ -84,13 +84,39 @@ def plain(obj: Any) -> Any:
     return obj
 
 
+# What torch.load(weights_only=True) rebuilds (torch._weights_only_unpickler's allowed globals), leaves and containers
+_LOADABLE_LEAVES = (torch.Tensor, bool, int, float, complex, str, bytes, bytearray, type(None), torch.dtype,
+                    torch.device)
+_LOADABLE_CONTAINERS = (dict, list, tuple, set)  # OrderedDict, Counter and torch.Size are subclasses of these
+
+
+def unloadable(obj: Any, where: str = "it") -> str | None:
+    """Where in ``obj`` a value sits that ``torch.load(weights_only=True)`` would refuse (with its type), or None."""
+    if isinstance(obj, _LOADABLE_LEAVES):
+        return None
+    if isinstance(obj, _LOADABLE_CONTAINERS) and (type(obj).__module__ in ("builtins", "collections")
+                                                  or isinstance(obj, torch.Size)):
+        if isinstance(obj, dict):
+            items = [(f"{where}[{k!r}]", v) for k, v in obj.items()] + [(f"a key of {where}", k) for k in obj]
+        else:
+            items = [(f"{where}[{i}]", v) for i, v in enumerate(obj)]
+        return next((found for w, v in items if (found := unloadable(v, w)) is not None), None)
+    return f"{where} ({type(obj).__module__}.{type(obj).__qualname__})"
+
+
 def save_atomic(obj: Any, path: str | Path) -> Path:
     """``torch.save(obj)`` to a temporary file beside ``path``, then moved over it: a crash or a full disk leaves the
     previous file (or none), never half of one. NumPy values in ``obj`` are stored as Python numbers and tensors
-    (``plain``), so that the file loads with ``weights_only=True``."""
+    (``plain``); any other value that ``torch.load(weights_only=True)`` would refuse raises ``CheckpointError``
+    here, before anything is written, instead of at the resume hours later."""
     path = Path(path)
+    obj = plain(obj)
+    bad = unloadable(obj, "the payload")
+    if bad is not None:
+        raise CheckpointError(f"cannot write {path}: {bad} would not load back with weights_only=True (no code runs "
+                              "when a checkpoint is opened); store tensors, numbers, strings and containers of them")
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(plain(obj), tmp)
+    torch.save(obj, tmp)
     os.replace(tmp, path)
     return path
 
