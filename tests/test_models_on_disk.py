@@ -129,6 +129,7 @@ def test_numpy_values_in_a_checkpoint_load_back_with_weights_only(tmp_path):
     (Path("/tmp/x"), "['buffer']['root'] (pathlib.PosixPath)"),
     (RunsCode("m"), "['buffer']['root'] (test_models_on_disk.RunsCode)"),
     ({"deep": [1, (2, {3: slice(0, 1)})]}, "['buffer']['root']['deep'][1][1][3] (builtins.slice)"),
+    (__import__("collections").defaultdict(int, a=1), "['buffer']['root'] (collections.defaultdict)"),
 ])
 def test_a_value_that_would_not_load_back_is_refused_when_saving(tmp_path, bad, where):
     """A value ``weights_only`` loading refuses (a Path, any object that pickles as its class) stops the save with

@@ -6,7 +6,8 @@ never half of one.
 
 Checkpoints hold tensors, numbers, strings and containers of them only, and are read with
 ``torch.load(weights_only=True)``: opening one never runs code. A file that needs pickle (a
-checkpoint of latentrl before format 2, or a crafted one) is refused with an error that says why;
+checkpoint of latentrl before format 2, or a crafted one) is refused with an error that says why, and a
+value that would make a file unreadable so is refused when saving (``save_atomic``);
 ``python -m latentrl.training.checkpoint upgrade <path>`` rewrites an old checkpoint you trust.
 What a trained agent needs to act lives in a model directory (``latentrl.agents.model_files``),
 written next to the checkpoint by the trainer.
@@ -14,6 +15,7 @@ written next to the checkpoint by the trainer.
 
 from __future__ import annotations
 
+import collections
 import os
 import pickle
 import random
@@ -87,15 +89,14 @@ def plain(obj: Any) -> Any:
 # What torch.load(weights_only=True) rebuilds (torch._weights_only_unpickler's allowed globals), leaves and containers
 _LOADABLE_LEAVES = (torch.Tensor, bool, int, float, complex, str, bytes, bytearray, type(None), torch.dtype,
                     torch.device)
-_LOADABLE_CONTAINERS = (dict, list, tuple, set)  # OrderedDict, Counter and torch.Size are subclasses of these
+_LOADABLE_CONTAINERS = (dict, list, tuple, set, collections.OrderedDict, collections.Counter, torch.Size)
 
 
 def unloadable(obj: Any, where: str = "it") -> str | None:
     """Where in ``obj`` a value sits that ``torch.load(weights_only=True)`` would refuse (with its type), or None."""
     if isinstance(obj, _LOADABLE_LEAVES):
         return None
-    if isinstance(obj, _LOADABLE_CONTAINERS) and (type(obj).__module__ in ("builtins", "collections")
-                                                  or isinstance(obj, torch.Size)):
+    if type(obj) in _LOADABLE_CONTAINERS:  # exactly these: a defaultdict or a named tuple pickles as its class
         if isinstance(obj, dict):
             items = [(f"{where}[{k!r}]", v) for k, v in obj.items()] + [(f"a key of {where}", k) for k in obj]
         else:
