@@ -6,8 +6,8 @@ never half of one.
 
 Checkpoints hold tensors, numbers, strings and containers of them only, and are read with
 ``torch.load(weights_only=True)``: opening one never runs code. A file that needs pickle (a
-checkpoint of latentrl before format 2, or a crafted one) is refused with an error that says why, and a
-value that would make a file unreadable so is refused when saving (``save_atomic``);
+checkpoint of latentrl before format 2, or a crafted one) is refused with an error that says why; a value
+that would make a new file need pickle is refused when it is saved (``save_atomic``);
 ``python -m latentrl.training.checkpoint upgrade <path>`` rewrites an old checkpoint you trust.
 What a trained agent needs to act lives in a model directory (``latentrl.agents.model_files``),
 written next to the checkpoint by the trainer.
