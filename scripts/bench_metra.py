@@ -503,6 +503,8 @@ def write_report(out: Path, page: Path, part: str, extra: list[str] | None = Non
                        for s, r in sorted(runs.get(a, {}).items()) if r.get("curve_note"))
     made = {a: [s for s, r in by_seed.items() if not r.get("from_extra")] for a, by_seed in runs.items()}
     made = {a: seeds for a, seeds in made.items() if seeds}
+    made_here = "; ".join(f"{LABELS[a]} seed{'s' if len(made[a]) > 1 else ''} {', '.join(map(str, sorted(made[a])))}"
+                          for a in ALGOS if a in made) or "none"
 
     def mean(algo: str) -> float | None:
         return float(np.mean(list(finals[algo].values()))) if finals.get(algo) else None
@@ -537,6 +539,7 @@ def write_report(out: Path, page: Path, part: str, extra: list[str] | None = Non
         overrides=overrides, threads=_threads(runs), algos=" ".join(a for a in ALGOS if a in made),
         seeds=" ".join(str(s) for s in sorted({s for a in made for s in made[a]})),
         extra=" ".join(extra or []), not_run=", ".join(missing) or "none", repaired=repaired,
+        made_here=made_here,
         eval_every=_eval_every(runs))
     page_text = PAGE.format(
         title=templates["title"], setting=templates["setting"].format(**fields),
@@ -593,7 +596,8 @@ Curves: thin lines are single seeds, thick lines the mean. Per run:
 
 {per_run}
 
-Runs not made (out of the planned 3 seeds each): {not_run}.{repaired}
+Runs made with the commands above (each learner with its own seeds): {made_here}. Runs not made (out of the
+planned 3 seeds each): {not_run}.{repaired}
 
 Final skill plots: {skills}. Every per-seed curve: [{results}]({results}).
 

@@ -197,6 +197,8 @@ def test_metra_pixel_baselines_page_names_a_repaired_record(tmp_path):
     text, _ = _pixel_baselines_page(tmp_path, {"lsd": [3.0, 2.0], "diayn": [2.0]},
                                     {("lsd", 1): "rows 0-40k rebuilt from metrics.csv"})
     assert "LSD seed 1's record: rows 0-40k rebuilt from metrics.csv." in text
+    # the one command line lists every seed made; each learner's own seeds are named (METRA's run came from extra)
+    assert "(each learner with its own seeds): LSD seeds 0, 1; DIAYN seed 0." in text
     assert text.count("'s record:") == 1
     summary = json.loads((tmp_path / "baselines_pixels" / "results_pixels.json").read_text())
     assert summary["lsd"]["1"]["curve_note"] == "rows 0-40k rebuilt from metrics.csv"
