@@ -79,7 +79,7 @@ class CoverageRecordingBuffer(ReplayBuffer):
         super().extend(td, flat=flat)
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "cells": [[int(c) for c in cell] for cell in sorted(self.cells)]}
+        return {**super().state_dict(), "cells": sorted(self.cells)}  # np.int64s: save_atomic stores them as ints
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
