@@ -61,7 +61,7 @@ from latentrl.agents.base import GoalObservation, Policy, UniformRandomPolicy
 from latentrl.control.telemetry import step_latencies
 from latentrl.envs import get_task, make_env
 from latentrl.replay import ReplayBuffer
-from latentrl.training.checkpoint import capture_rng, restore_rng, save_atomic
+from latentrl.training.checkpoint import capture_rng, load_plain, restore_rng, save_atomic
 from latentrl.training.cli import ConfigError, typed_config_overrides
 from latentrl.training.logger import machine_description, processor_name, write_report_page
 from latentrl.world_models.layers import gaussian_kl
@@ -221,7 +221,7 @@ def load_model_file(agent: ActiveInferenceAgent, path, optimizer: bool = False) 
     torch's RNG state, when the file has them); returns its training record (``{}`` if none). The learning rate
     stays the one of the agent's config (``--set lr=``): Adam's saved state carries the old one, which would
     silently win."""
-    saved = torch.load(path, weights_only=True, map_location=agent.device)
+    saved = load_plain(path, map_location=agent.device)
     agent.load_state_dict(saved["agent"])
     if optimizer and "optimizer" in saved:
         adam = agent.optimizers()["model"]

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import pickle
 import sys
 import time
 from pathlib import Path
@@ -47,7 +46,7 @@ from tensordict import TensorDict
 from latentrl.agents import GoalObservation, Task
 from latentrl.agents.pv_rnn import PVRNNAgent, PVRNNPolicy, branch_side, branching_paths, pd_control
 from latentrl.replay import ReplayBuffer
-from latentrl.training.checkpoint import save_atomic
+from latentrl.training.checkpoint import CheckpointError, load_plain, save_atomic
 
 PUBLISHED_T3 = {"weak": (38.3, 61.7), "intermediate": (46.7, 53.3), "strong": (55.0, 45.0)}
 PUBLISHED_T4 = {"weak": (56.7, 43.3), "intermediate": (70.0, 30.0), "strong": (100.0, 0.0)}
@@ -164,11 +163,9 @@ def trained_agent_a(args, batch: TensorDict, level: str, w: list[float], seed: i
     path = None if args.model_dir is None else args.model_dir / name
     if path is not None and path.exists():
         try:  # tensors, numbers and lists only: opening a file in --model-dir never runs code
-            saved = torch.load(path, weights_only=True)
-        except pickle.UnpicklingError:
-            raise SystemExit(f"refusing to open {path}: it needs pickle, which can run code (a model file of "
-                             "this bench holds tensors and numbers only); delete it to train that model "
-                             "again") from None
+            saved = load_plain(path, pickled_advice="Delete it to train that model again.")
+        except CheckpointError as err:
+            raise SystemExit(str(err)) from None
         agent.load_state_dict(saved["agent"])
         train_s, history = saved["train_seconds"], saved["history"]
         log(f"A/{level} seed {seed}: loaded {path}")

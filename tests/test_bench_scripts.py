@@ -926,7 +926,8 @@ def test_bench_stamo_studies_open_a_finished_run(tmp_path):
                                     rel_tol=1e-6)
             cotraining = record["runs"]["0"]
         if script == "labeller_variants.py":  # its chunk_k labeller is co-training's, fitted alike: same labels
-            assert set(record["labellers"]) == {"chunk_k", "step", "prev+step", "prev+step+next", "prev+step+chunk_k"}
+            assert set(record["labellers"]) == {"chunk_k", "step", "prev+step", "prev+step+next", "prev+step+chunk_k",
+                                                "state+chunk_k", "windows", "chunk_k ridge"}
             assert math.isclose(record["labellers"]["chunk_k"], cotraining["pseudo_label_mse"], rel_tol=1e-6)
             assert math.isclose(record["mean_action_mse"], cotraining["pseudo_label_mean_action_mse"], rel_tol=1e-6)
     assert set(record["rows"][0]) >= {"updates", "r2_mean"} and record["rows"][0]["updates"] == 20
@@ -952,9 +953,53 @@ def test_bench_stamo_rescaled_pseudo_labels_take_the_labelled_actions_spread_abo
     assert wide.abs().max() <= 1 and (wide.abs() == 1).any()
 
 
+def test_bench_stamo_windows_labeller_averages_each_steps_k_windows(monkeypatch):
+    """``pseudo_labels``: ``windows`` fits its probe on the labelled rows' [E(o_t), E(o_{t+k}) - E(o_t)] against
+    their action chunks, and a row's label is the mean, over the windows starting at t - j (j < k, t - j >= 0), of
+    element j of that window's predicted chunk; ``chunk`` reads element 0 of the window at t from E(o_{t+k}) -
+    E(o_t) alone. The probe is faked: it reads the window's start off the tokens (E(o_t) = (t^2, e)) and predicts
+    element j as 0.01 * start + 0.001 * j, so each label says which windows and elements it was averaged from."""
+    import torch
+
+    bench = _load("bench_stamo")
+    n_eps, n_frames, k = 3, 10, 3
+    t_grid = torch.arange(n_frames, dtype=torch.float32)
+    flat = torch.stack([t_grid.square().expand(n_eps, -1),
+                        torch.arange(n_eps, dtype=torch.float32)[:, None].expand(-1, n_frames)], -1)
+    act = torch.rand(n_eps, n_frames - 1, 2, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    sign = torch.tensor([1.0, -1.0])
+    fitted = {}
+
+    def fake_fit(x, y, updates, seed, hidden=256):
+        fitted.update(x=x, y=y)
+
+        def probe(z):  # windows: z = [E(o_s), E(o_{s+k}) - E(o_s)]; chunk: z = E(o_{s+k}) - E(o_s) = (2sk + k^2, 0)
+            start = z[:, 0].sqrt() if z.shape[1] == 4 else (z[:, 0] - k * k) / (2 * k)
+            chunk = 0.01 * start[:, None] + 0.001 * torch.arange(k)
+            return (chunk[:, :, None] * sign).flatten(1)
+        return probe
+
+    monkeypatch.setattr(bench, "fit_mlp", fake_fit)
+    labelled = bench.offset_pairs(n_frames - 1, k, torch.tensor([0]))
+    e, t = bench.offset_pairs(n_frames - 1, k, torch.tensor([1, 2]))
+    got = bench.pseudo_labels(flat, act, labelled, (e, t), k, "windows", probe_updates=7)
+    e_lab, t_lab = labelled
+    assert torch.equal(fitted["x"], torch.cat([flat[e_lab, t_lab], flat[e_lab, t_lab + k] - flat[e_lab, t_lab]], 1))
+    assert torch.equal(fitted["y"], bench.action_chunks(act, e_lab, t_lab, k).flatten(1))
+    for i, ti in enumerate(t.tolist()):
+        js = [j for j in range(k) if ti - j >= 0]
+        want = sum(0.01 * (ti - j) + 0.001 * j for j in js) / len(js)
+        assert torch.allclose(got[i], want * sign, atol=1e-6), (ti, got[i], want)
+    chunk = bench.pseudo_labels(flat, act, labelled, (e, t), k, "chunk")
+    assert torch.equal(fitted["x"], flat[e_lab, t_lab + k] - flat[e_lab, t_lab])
+    assert torch.allclose(chunk, 0.01 * t[:, None].float() * sign, atol=1e-6)
+    with pytest.raises(ValueError, match="labeller"):
+        bench.pseudo_labels(flat, act, labelled, (e, t), k, "window")
+
+
 def test_bench_stamo_labeller_study_reads_the_token_differences_around_t():
     """The labeller study's inputs at rows (e, t): E(o_t) - E(o_{t-1}) (zero at t = 0), E(o_{t+1}) - E(o_t),
-    E(o_{t+2}) - E(o_{t+1}) and E(o_{t+k}) - E(o_t), each of its own episode; no step after with k = 1."""
+    E(o_{t+2}) - E(o_{t+1}), E(o_{t+k}) - E(o_t) and E(o_t), each of its own episode; no step after with k = 1."""
     import torch
 
     _load("bench_stamo")
@@ -971,6 +1016,7 @@ def test_bench_stamo_labeller_study_reads_the_token_differences_around_t():
         assert torch.equal(got["step"][i], flat[ei, ti + 1] - flat[ei, ti])
         assert torch.equal(got["next"][i], flat[ei, ti + 2] - flat[ei, ti + 1])
         assert torch.equal(got["chunk"][i], flat[ei, ti + 3] - flat[ei, ti])
+        assert torch.equal(got["state"][i], flat[ei, ti])
     assert "next" not in study.latent_steps(flat, e, t, 1)
 
 

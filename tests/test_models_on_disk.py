@@ -19,6 +19,7 @@ from latentrl.training.checkpoint import (
     capture_rng,
     load_agent,
     load_checkpoint,
+    load_plain,
     read_checkpoint,
     restore_rng,
     save_checkpoint,
@@ -49,9 +50,13 @@ def test_crafted_checkpoint_cannot_run_code(tmp_path):
     agent = small_agent()
     payload = {"format": 2, "agent_name": "td_jepa", "agent": agent.state_dict(), "evil": RunsCode(marker)}
     torch.save(payload, path)
-    for opener in (read_checkpoint, load_checkpoint, lambda p: load_agent(p)):
+    for opener in (read_checkpoint, load_checkpoint, lambda p: load_agent(p), load_plain):
         with pytest.raises(CheckpointError, match="refusing to open .*latest.pt.*pickle"):
             opener(path)
+    with pytest.raises(CheckpointError, match=r"upgrade .*latest.pt"):  # a checkpoint's own advice
+        read_checkpoint(path)
+    with pytest.raises(CheckpointError, match=r"pickle.*Delete it\.$"):  # a bench's cached file: the bench's advice
+        load_plain(path, pickled_advice="Delete it.")
     assert not marker.exists(), "opening the checkpoint ran code"
     with pytest.raises(SystemExit) as exit_info:  # the evaluation script refuses it too, with exit code 2
         eval_main([f"model={path}", "tasks=walker-walk"])
@@ -80,6 +85,16 @@ def test_damaged_checkpoints_give_a_clear_error_naming_the_file(tmp_path, damage
         torch.save({"weights": torch.zeros(3)}, path)
     with pytest.raises(CheckpointError, match=str(path.name)):
         read_checkpoint(path)
+    if damage == "not_a_checkpoint":  # a torch file of plain data: what the benches' own files are
+        assert torch.equal(load_plain(path)["weights"], torch.zeros(3))
+    else:  # the benches' files (load_plain) get the same clear error for the same damage
+        with pytest.raises(CheckpointError, match=str(path.name)):
+            load_plain(path)
+
+
+def test_load_plain_says_which_file_is_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "none.pt")):
+        load_plain(tmp_path / "none.pt")
 
 
 def test_checkpoint_round_trips_with_weights_only_and_rng(tmp_path):

@@ -167,27 +167,42 @@ def _first_line(err: Exception) -> str:
     return lines[0][:200] if lines else type(err).__name__
 
 
+def load_plain(path: str | Path, *, map_location: str | torch.device | None = "cpu", pickled_advice: str = "") -> Any:
+    """What a torch file of tensors and plain data holds (a checkpoint, a bench's cached model or episodes), read
+    with ``weights_only=True``: opening it never runs code. Raises ``FileNotFoundError`` for a missing file and
+    ``CheckpointError`` for a folder, a file that needs pickle (``pickled_advice`` is added to that message: what
+    to do about it) and a truncated or foreign one. Every torch file latentrl and its benches read goes through
+    here, and every one it writes through ``save_atomic``."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no file at {path}")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a torch file")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"refusing to open {path}: it needs pickle to rebuild Python objects, and unpickling can run arbitrary "
+            f"code ({_first_line(err)}); latentrl's files hold tensors and plain data only. {pickled_advice}".rstrip()
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is not a readable torch file (truncated or not a torch file: "
+                              f"{_first_line(err)})") from None
+
+
 def read_checkpoint(path: str | Path) -> dict:
-    """The payload of a checkpoint, read with ``weights_only=True``; clear errors for every bad file."""
+    """The payload of a checkpoint, read with ``weights_only=True`` (``load_plain``); clear errors for every bad
+    file."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}")
     if path.is_dir():
         raise CheckpointError(f"{path} is a folder, not a checkpoint file (checkpoints/latest.pt); for a model "
                               "directory use latentrl.load_policy or model=<dir>")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise CheckpointError(
-            f"refusing to open {path}: it holds Python objects that only pickle can rebuild, and unpickling "
-            "can run arbitrary code ({}). latentrl checkpoints hold tensors and plain data only. If this is a "
-            "checkpoint of an older latentrl that you made yourself, rewrite it once with "
-            f"`python -m latentrl.training.checkpoint upgrade {path}` (that reads it with pickle: only for "
-            "files you trust).".format(_first_line(err))
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or not a torch file: "
-                              f"{_first_line(err)})") from None
+    payload = load_plain(path, pickled_advice=(
+        "If this is a checkpoint of an older latentrl that you made yourself, rewrite it once with "
+        f"`python -m latentrl.training.checkpoint upgrade {path}` (that reads it with pickle: only for files you "
+        "trust)."))
     if not isinstance(payload, dict) or "agent" not in payload or "agent_name" not in payload:
         raise CheckpointError(f"{path} is a torch file but not a latentrl training checkpoint")
     return payload

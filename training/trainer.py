@@ -32,6 +32,7 @@ from latentrl.training import distributed
 from latentrl.training.checkpoint import (
     capture_rng,
     load_checkpoint,
+    load_plain,
     restore_agent,
     restore_rng,
     save_atomic,
@@ -517,7 +518,7 @@ class Trainer:
             raise FileNotFoundError(f"cannot resume rank {self.rank}: {path} (its RNG streams and replay buffer at "
                                     f"step {self.current}) is missing. With several nodes, run_dir must be on storage "
                                     "every node sees")
-        state = torch.load(path, weights_only=True)
+        state = load_plain(path, map_location=None)  # where it was saved, as before
         restore_rng(state["rng"])
         if state.get("buffer") is not None and not self.offline:
             self.buffer.load_state_dict(state["buffer"])

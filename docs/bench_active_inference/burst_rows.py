@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from tensordict import TensorDict
 
+from latentrl.training.checkpoint import load_plain
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -47,7 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     bench = load_bench()
     bench_args = bench.parse_args(["--preset", args.preset, *sum((["--set", o] for o in args.overrides), [])])
-    dump = torch.load(args.dump, weights_only=True)  # tensors, numbers and strings: opening it runs no code
+    dump = load_plain(args.dump)  # tensors, numbers and strings: opening it runs no code
     batch = TensorDict(dump["batch"], batch_size=dump["batch_size"])
     agent = bench.build_agent(bench_args)
     agent.load_state_dict(dump["agent_before"])

@@ -62,13 +62,16 @@ def main() -> None:
                    help="also run the BC nets toward this many goal images (reacher; 0: held-out MSE only)")
     p.add_argument("--rescale-pseudo-labels", action="store_true",
                    help="stretch the pseudo-labels to the labelled part's action spread (bench_stamo's flag)")
+    p.add_argument("--pseudo-labeller", choices=bs.PSEUDO_LABELLERS, default="chunk",
+                   help="how the video rows get their pseudo-actions (bench_stamo's flag; default the agent's)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=str(HERE / "cotraining_seeds.json"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     ns, data, train_eps, test_eps, agent = bs.open_run(args.out_dir, probe_updates=args.probe_updates,
                                                         bc_updates=args.bc_updates,
-                                                        rescale_pseudo_labels=args.rescale_pseudo_labels)
+                                                        rescale_pseudo_labels=args.rescale_pseudo_labels,
+                                                        pseudo_labeller=args.pseudo_labeller)
     if args.bc_lr is not None:
         agent.config.bc_lr = args.bc_lr
     if args.bc_goal_input is not None:
@@ -94,6 +97,7 @@ def main() -> None:
     out = {"out_dir": args.out_dir, "episodes": int(data["pixels"].shape[0]), "updates_autoencoder":
            agent.trained_updates, "bc_lr": agent.config.bc_lr,
            "bc_goal_input": agent.config.bc_goal_input, "rescale_pseudo_labels": args.rescale_pseudo_labels,
+           "pseudo_labeller": args.pseudo_labeller,
            "runs": runs, "gap_recovered_mean": float(gaps.mean()),
            "gap_recovered_min": float(gaps.min()), "gap_recovered_latent_actions_mean": float(latent.mean()),
            "gap_recovered_latent_actions_min": float(latent.min())}

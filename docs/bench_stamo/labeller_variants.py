@@ -9,7 +9,11 @@ and scores them the same way; each reads token differences of the video alone (n
 - ``prev+step``: ``[E(o_t) - E(o_{t-1}), E(o_{t+1}) - E(o_t)] -> a_t`` (the step before shows the velocity the
   action changed; zero at t = 0);
 - ``prev+step+next``: the step after as well;
-- ``prev+step+chunk_k``: the step before, the step, and the BC's k-step latent action.
+- ``prev+step+chunk_k``: the step before, the step, and the BC's k-step latent action;
+- ``state+chunk_k``: the chunk probe reading E(o_t) beside the k-step latent action (first action kept);
+- ``windows``: ``bench_stamo.pseudo_labels``'s ``windows`` labeller (co-training's ``--pseudo-labeller
+  windows``): ``state+chunk_k``'s probe, each step's label the mean of its k windows' predictions for it;
+- ``chunk_k ridge``: ``chunk_k`` with a linear probe (``bench_stamo.ridge``, lambda 1e-3) in place of the MLP.
 
     python docs/bench_stamo/labeller_variants.py --out-dir /work/stamo_r250
 
@@ -34,17 +38,20 @@ import bench_stamo as bs  # noqa: E402
 
 
 def latent_steps(flat: torch.Tensor, e: torch.Tensor, t: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
-    """The token differences each labeller reads at rows (e, t) of pairs k apart: the step before (zero at t = 0),
-    the step, the step after (k >= 2 only: t + 2 must lie in the pair) and the k-step one."""
+    """What each labeller reads at rows (e, t) of pairs k apart: the token differences of the step before (zero at
+    t = 0), the step, the step after (k >= 2 only: t + 2 must lie in the pair) and the k-step one, and the tokens
+    E(o_t) themselves ("state")."""
     before = torch.where((t > 0)[:, None], flat[e, t] - flat[e, (t - 1).clamp_min(0)], torch.zeros_like(flat[e, t]))
-    out = {"prev": before, "step": flat[e, t + 1] - flat[e, t], "chunk": flat[e, t + k] - flat[e, t]}
+    out = {"prev": before, "step": flat[e, t + 1] - flat[e, t], "chunk": flat[e, t + k] - flat[e, t],
+           "state": flat[e, t]}
     if k >= 2:
         out["next"] = flat[e, t + 2] - flat[e, t + 1]
     return out
 
 
 LABELLERS = {"chunk_k": ("chunk",), "step": ("step",), "prev+step": ("prev", "step"),
-             "prev+step+next": ("prev", "step", "next"), "prev+step+chunk_k": ("prev", "step", "chunk")}
+             "prev+step+next": ("prev", "step", "next"), "prev+step+chunk_k": ("prev", "step", "chunk"),
+             "state+chunk_k": ("state", "chunk"), "windows": (), "chunk_k ridge": ("chunk",)}
 
 
 def main() -> None:
@@ -73,14 +80,18 @@ def main() -> None:
         if not set(parts) <= set(feats_lab):
             bs.log(f"{name}: skipped (k = {k} has no step after t + 1 inside the pair)")
             continue
-        x_lab = torch.cat([feats_lab[p_] for p_ in parts], 1)
-        x_vid = torch.cat([feats_vid[p_] for p_ in parts], 1)
-        if name == "chunk_k":  # the bench's: the k-step chunk, first action kept
-            y = bs.action_chunks(act, e_lab, t_lab, k).flatten(1)
+        if name == "windows":  # co-training's other labeller, as the bench runs it
+            label = bs.pseudo_labels(flat, act, (e_lab, t_lab), (e_vid, t_vid), k, "windows", args.probe_updates)
         else:
-            y = act[e_lab, t_lab]
-        probe = bs.fit_mlp(x_lab, y, args.probe_updates, seed=11)
-        label = probe(x_vid)[:, :act.shape[-1]].clamp(-1, 1)
+            x_lab = torch.cat([feats_lab[p_] for p_ in parts], 1)
+            x_vid = torch.cat([feats_vid[p_] for p_ in parts], 1)
+            if "chunk_k" in name:  # the k-step chunk, its first action kept (chunk_k is the bench's labeller)
+                y = bs.action_chunks(act, e_lab, t_lab, k).flatten(1)
+            else:
+                y = act[e_lab, t_lab]
+            probe = bs.ridge(x_lab, y) if name.endswith("ridge") else bs.fit_mlp(x_lab, y, args.probe_updates,
+                                                                                 seed=11)
+            label = probe(x_vid)[:, :act.shape[-1]].clamp(-1, 1)
         out["labellers"][name] = mse = float((label - truth).square().mean())
         # how large the labels are beside the true actions (a probe fitted by MSE shrinks toward the mean)
         out["label_mean_abs"][name] = size = float(label.abs().mean())
