@@ -52,6 +52,8 @@ def latent_steps(flat: torch.Tensor, e: torch.Tensor, t: torch.Tensor, k: int) -
 LABELLERS = {"chunk_k": ("chunk",), "step": ("step",), "prev+step": ("prev", "step"),
              "prev+step+next": ("prev", "step", "next"), "prev+step+chunk_k": ("prev", "step", "chunk"),
              "state+chunk_k": ("state", "chunk"), "windows": (), "chunk_k ridge": ("chunk",)}
+CHUNK_TARGETS = ("chunk_k", "state+chunk_k", "chunk_k ridge")
+"""The labellers fitted to the action chunk a_{t:t+k} (their first action is the label); the others to a_t."""
 
 
 def main() -> None:
@@ -85,7 +87,7 @@ def main() -> None:
         else:
             x_lab = torch.cat([feats_lab[p_] for p_ in parts], 1)
             x_vid = torch.cat([feats_vid[p_] for p_ in parts], 1)
-            if "chunk_k" in name:  # the k-step chunk, its first action kept (chunk_k is the bench's labeller)
+            if name in CHUNK_TARGETS:  # the k-step chunk, its first action kept (chunk_k is the bench's labeller)
                 y = bs.action_chunks(act, e_lab, t_lab, k).flatten(1)
             else:
                 y = act[e_lab, t_lab]
