@@ -52,8 +52,11 @@ def latent_steps(flat: torch.Tensor, e: torch.Tensor, t: torch.Tensor, k: int) -
 LABELLERS = {"chunk_k": ("chunk",), "step": ("step",), "prev+step": ("prev", "step"),
              "prev+step+next": ("prev", "step", "next"), "prev+step+chunk_k": ("prev", "step", "chunk"),
              "state+chunk_k": ("state", "chunk"), "windows": (), "chunk_k ridge": ("chunk",)}
-CHUNK_TARGETS = ("chunk_k", "state+chunk_k", "chunk_k ridge")
-"""The labellers fitted to the action chunk a_{t:t+k} (their first action is the label); the others to a_t."""
+BENCH_LABELLERS = {"chunk_k": "chunk", "windows": "windows"}
+"""The rows that are co-training's labellers, run by the bench's own ``pseudo_labels``."""
+CHUNK_TARGETS = ("state+chunk_k", "chunk_k ridge")
+"""The study's other labellers fitted to the action chunk a_{t:t+k} (their first action is the label); the rest to
+a_t."""
 
 
 def main() -> None:
@@ -82,12 +85,13 @@ def main() -> None:
         if not set(parts) <= set(feats_lab):
             bs.log(f"{name}: skipped (k = {k} has no step after t + 1 inside the pair)")
             continue
-        if name == "windows":  # co-training's other labeller, as the bench runs it
-            label = bs.pseudo_labels(flat, act, (e_lab, t_lab), (e_vid, t_vid), k, "windows", args.probe_updates)
+        if name in BENCH_LABELLERS:  # co-training's labellers, as the bench runs them
+            label = bs.pseudo_labels(flat, act, (e_lab, t_lab), (e_vid, t_vid), k, BENCH_LABELLERS[name],
+                                     args.probe_updates)
         else:
             x_lab = torch.cat([feats_lab[p_] for p_ in parts], 1)
             x_vid = torch.cat([feats_vid[p_] for p_ in parts], 1)
-            if name in CHUNK_TARGETS:  # the k-step chunk, its first action kept (chunk_k is the bench's labeller)
+            if name in CHUNK_TARGETS:  # the k-step chunk, its first action kept
                 y = bs.action_chunks(act, e_lab, t_lab, k).flatten(1)
             else:
                 y = act[e_lab, t_lab]
