@@ -872,12 +872,84 @@ def rescale_to_spread(labels: torch.Tensor, rows: torch.Tensor, reference: torch
     return ((labels - centre) * spread + centre).clamp(-1, 1)
 
 
-PSEUDO_LABELLERS = ("chunk", "windows")
-"""Co-training's labellers of the video rows (``pseudo_labels``); ``chunk`` is the agent's own (its probe)."""
+PSEUDO_LABELLERS = ("chunk", "windows", "pca_cv")
+"""``--pseudo-labeller`` choices (``pseudo_labels``); ``chunk`` is the agent's own."""
+PCA_CV_DIMS = (8, 16, 32)
+"""``pca_cv``: the numbers of the tokens' principal components its cross-validation chooses from."""
+PCA_CV_OFFSETS = (1, 2, 4)
+"""``pca_cv``: the latent actions' offsets k' it averages over (every non-empty subset is a candidate)."""
+
+
+def token_pca(flat_tokens: torch.Tensor, episodes: torch.Tensor, dims: int) -> torch.Tensor:
+    """Every frame's top ``dims`` principal components of the flattened tokens, standardised and decomposed over the
+    frames of ``episodes`` (an unsupervised fit: video frames count like labelled ones): [E, T, dims]. The exact
+    eigendecomposition of the covariance (deterministic, unlike ``torch.pca_lowrank``)."""
+    frames = flat_tokens[episodes].flatten(0, 1).double()
+    mean, std = frames.mean(0), frames.std(0).clamp_min(1e-6)
+    z = (frames - mean) / std
+    _, vectors = torch.linalg.eigh(z.T @ z / len(z))  # ascending eigenvalues
+    top = vectors.flip(1)[:, :dims]
+    return (((flat_tokens.double() - mean) / std) @ top).float()
+
+
+def window_labels(features: torch.Tensor, act: torch.Tensor, fit_rows: tuple, rows: tuple, k: int,
+                  probe_updates: int) -> torch.Tensor:
+    """a_t for ``rows`` (e, t) from a probe on [f(o_s), f(o_{s+k}) - f(o_s)] fitted on ``fit_rows``' action chunks
+    a_{s:s+k} (``fit_mlp``, seed 11): the mean, over the windows s = t - j (j < k) inside the episode, of element j
+    of the window's predicted chunk. Unclipped."""
+    (e_fit, t_fit), (e, t) = fit_rows, rows
+    n_steps, action_dim = features.shape[1] - 1, act.shape[-1]
+
+    def inputs(e, t):
+        return torch.cat([features[e, t], features[e, t + k] - features[e, t]], 1)
+
+    probe = fit_mlp(inputs(e_fit, t_fit), action_chunks(act, e_fit, t_fit, k).flatten(1), probe_updates, seed=11)
+    total, count = torch.zeros(len(e), action_dim), torch.zeros(len(e), 1)
+    for j in range(k):
+        inside = (t - j >= 0) & (t - j + k <= n_steps)
+        total[inside] += probe(inputs(e[inside], t[inside] - j)).reshape(-1, k, action_dim)[:, j]
+        count[inside] += 1
+    return total / count.clamp_min(1)
+
+
+def pca_cv_labels(flat_tokens: torch.Tensor, act: torch.Tensor, labelled: tuple, rows: tuple, k: int,
+                  probe_updates: int, report: dict | None = None) -> torch.Tensor:
+    """``pca_cv`` (see ``pseudo_labels``): the mean over the offsets k' of ``window_labels`` on the tokens' top m
+    principal components, m and the offsets chosen by 2-fold cross-validation on the labelled episodes (fit on one
+    half's k'-pairs, score the other half's rows' a_t, MSE after clipping). Fills ``report`` with every candidate's
+    cross-validated MSE and the choice."""
+    import itertools
+
+    (e_lab, _), (e, t) = labelled, rows
+    n_steps = flat_tokens.shape[1] - 1
+    labelled_eps = torch.unique_consecutive(e_lab)
+    if len(labelled_eps) < 2:
+        raise ValueError("pseudo_labels: pca_cv cross-validates over the labelled episodes and needs 2 or more")
+    components = token_pca(flat_tokens, torch.unique(torch.cat([labelled_eps, e])), max(PCA_CV_DIMS))
+    subsets = [s for n in range(1, len(PCA_CV_OFFSETS) + 1) for s in itertools.combinations(PCA_CV_OFFSETS, n)]
+    half = len(labelled_eps) // 2
+    folds = ((labelled_eps[:half], labelled_eps[half:]), (labelled_eps[half:], labelled_eps[:half]))
+    scores = {(m, s): 0.0 for m in PCA_CV_DIMS for s in subsets}
+    for m in PCA_CV_DIMS:
+        for fit_eps, val_eps in folds:
+            val_rows = offset_pairs(n_steps, k, val_eps)
+            by_offset = {k2: window_labels(components[..., :m], act, offset_pairs(n_steps, k2, fit_eps), val_rows,
+                                           k2, probe_updates) for k2 in PCA_CV_OFFSETS}
+            truth = act[val_rows]
+            for s in subsets:
+                label = (sum(by_offset[k2] for k2 in s) / len(s)).clamp(-1, 1)
+                scores[(m, s)] += float((label - truth).square().mean()) / len(folds)
+    dims, offsets = min(scores, key=scores.get)
+    if report is not None:
+        report.update(chosen={"components": dims, "offsets": list(offsets)},
+                      cv_mse={f"{m} components, k' {' '.join(map(str, s))}": v for (m, s), v in scores.items()})
+    labels = [window_labels(components[..., :dims], act, offset_pairs(n_steps, k2, labelled_eps), (e, t), k2,
+                            probe_updates) for k2 in offsets]
+    return (sum(labels) / len(labels)).clamp(-1, 1)
 
 
 def pseudo_labels(flat_tokens: torch.Tensor, act: torch.Tensor, labelled: tuple, rows: tuple, k: int,
-                  labeller: str = "chunk", probe_updates: int = 1500) -> torch.Tensor:
+                  labeller: str = "chunk", probe_updates: int = 1500, report: dict | None = None) -> torch.Tensor:
     """Pseudo-actions a_t for ``rows`` (e, t) from the tokens alone, by a probe fitted on the ``labelled`` rows'
     action chunks a_{t:t+k} (``fit_mlp``, seed 11); clipped to the action box. ``labeller``:
 
@@ -886,25 +958,21 @@ def pseudo_labels(flat_tokens: torch.Tensor, act: torch.Tensor, labelled: tuple,
       windows that hold it (windows starting at t - j, j < k, inside the episode) of that window's prediction for
       the step (element j). Every window is video only: no action or state of the unlabelled rows is read.
       On the retrained 20k reacher model it labels the video at MSE 0.260 against the chunk labeller's 0.280
-      (``labeller_variants.py``)."""
+      (``labeller_variants.py``);
+    - ``pca_cv``: ``windows`` on the tokens' top principal components (fitted on every training frame, video
+      included: the video's one use besides its own frames), averaged over latent actions of several offsets k';
+      how many components and which offsets, chosen by cross-validation on the labelled episodes alone
+      (``pca_cv_labels``; ``report`` gets the choice and every candidate's score)."""
     if labeller not in PSEUDO_LABELLERS:
         raise ValueError(f"pseudo_labels: labeller {labeller!r} is not one of {PSEUDO_LABELLERS}")
+    if labeller == "pca_cv":
+        return pca_cv_labels(flat_tokens, act, labelled, rows, k, probe_updates, report)
     (e_lab, t_lab), (e, t) = labelled, rows
-    action_dim = act.shape[-1]
-
-    def inputs(e, t):
-        dz = flat_tokens[e, t + k] - flat_tokens[e, t]
-        return dz if labeller == "chunk" else torch.cat([flat_tokens[e, t], dz], 1)
-
-    probe = fit_mlp(inputs(e_lab, t_lab), action_chunks(act, e_lab, t_lab, k).flatten(1), probe_updates, seed=11)
-    if labeller == "chunk":
-        return probe(inputs(e, t)).reshape(-1, k, action_dim)[:, 0].clamp(-1, 1)
-    total, count = torch.zeros(len(e), action_dim), torch.zeros(len(e), 1)
-    for j in range(k):
-        inside = t - j >= 0  # t - j + k <= t + k: the window's last frame is one the row's pair has
-        total[inside] += probe(inputs(e[inside], t[inside] - j)).reshape(-1, k, action_dim)[:, j]
-        count[inside] += 1
-    return (total / count).clamp(-1, 1)
+    if labeller == "windows":
+        return window_labels(flat_tokens, act, labelled, rows, k, probe_updates).clamp(-1, 1)
+    probe = fit_mlp(flat_tokens[e_lab, t_lab + k] - flat_tokens[e_lab, t_lab],
+                    action_chunks(act, e_lab, t_lab, k).flatten(1), probe_updates, seed=11)
+    return probe(flat_tokens[e, t + k] - flat_tokens[e, t]).reshape(-1, k, act.shape[-1])[:, 0].clamp(-1, 1)
 
 
 def cotraining(agent: StaMoAgent, px: torch.Tensor, act: torch.Tensor, flat_tokens: torch.Tensor,
@@ -929,8 +997,9 @@ def cotraining(agent: StaMoAgent, px: torch.Tensor, act: torch.Tensor, flat_toke
     e_all, t_all = offset_pairs(n_frames - 1, k_bc, train_eps)
     e_lab, t_lab = offset_pairs(n_frames - 1, k_bc, labelled_eps)
     is_lab = torch.isin(e_all, labelled_eps)
-    labeller = getattr(args, "pseudo_labeller", "chunk")
-    pseudo = pseudo_labels(flat_tokens, act, (e_lab, t_lab), (e_all, t_all), k_bc, labeller, args.probe_updates)
+    labeller, choice = getattr(args, "pseudo_labeller", "chunk"), {}
+    pseudo = pseudo_labels(flat_tokens, act, (e_lab, t_lab), (e_all, t_all), k_bc, labeller, args.probe_updates,
+                           report=choice)
     rescaled = bool(getattr(args, "rescale_pseudo_labels", False))
     if rescaled:  # undo the MSE fit's shrinkage (a study; off by default)
         pseudo = rescale_to_spread(pseudo, ~is_lab, act[e_lab, t_lab])
@@ -939,7 +1008,8 @@ def cotraining(agent: StaMoAgent, px: torch.Tensor, act: torch.Tensor, flat_toke
            "pseudo_label_mean_action_mse": float((act[e_lab, t_lab].mean(0) - act[e_all, t_all][~is_lab])
                                                  .square().mean()),
            "labelled_episodes": len(labelled_eps), "seed": seed,
-           "pseudo_labels_rescaled": rescaled, "pseudo_labeller": labeller,
+           "pseudo_labels_rescaled": rescaled, "pseudo_labeller": labeller, **({"pseudo_labeller_choice": choice}
+                                                                             if choice else {}),
            "pseudo_label_mean_abs": float(pseudo[~is_lab].abs().mean()),
            "video_action_mean_abs": float(act[e_all, t_all][~is_lab].abs().mean())}
     y_all = act[e_all, t_all]

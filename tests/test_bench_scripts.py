@@ -997,6 +997,88 @@ def test_bench_stamo_windows_labeller_averages_each_steps_k_windows(monkeypatch)
         bench.pseudo_labels(flat, act, labelled, (e, t), k, "window")
 
 
+def test_bench_stamo_window_labels_keep_each_window_inside_the_episode(monkeypatch):
+    """``window_labels`` with an offset longer than the rows' own: a row's windows start at t - j (j < k') and must
+    end by the episode's last frame, so late rows average fewer windows. The probe is faked as in the windows test
+    (element j of the window starting at s predicts 0.01 s + 0.001 j)."""
+    import torch
+
+    bench = _load("bench_stamo")
+    n_frames, k2 = 10, 5
+    t_grid = torch.arange(n_frames, dtype=torch.float32)
+    features = torch.stack([t_grid.square(), torch.zeros(n_frames)], -1)[None]
+    act = torch.zeros(1, n_frames - 1, 1)
+    monkeypatch.setattr(bench, "fit_mlp", lambda x, y, updates, seed, hidden=256: (
+        lambda z: (0.01 * z[:, 0].sqrt()[:, None] + 0.001 * torch.arange(k2))))
+    e, t = bench.offset_pairs(n_frames - 1, 2, torch.tensor([0]))
+    got = bench.window_labels(features, act, bench.offset_pairs(n_frames - 1, k2, torch.tensor([0])), (e, t), k2, 3)
+    for i, ti in enumerate(t.tolist()):
+        js = [j for j in range(k2) if ti - j >= 0 and ti - j + k2 <= n_frames - 1]
+        want = sum(0.01 * (ti - j) + 0.001 * j for j in js) / len(js)
+        assert abs(float(got[i, 0]) - want) < 1e-6, (ti, float(got[i, 0]), want)
+
+
+def test_bench_stamo_token_pca_is_fitted_on_the_given_episodes_only():
+    """``token_pca``: each frame's coordinates on the top principal axes of the standardised tokens of the given
+    episodes' frames (the training frames, video included); another episode's tokens change nothing."""
+    import torch
+
+    bench = _load("bench_stamo")
+    g = torch.Generator().manual_seed(0)
+    flat = torch.randn(3, 20, 6, generator=g) @ torch.randn(6, 6, generator=g) + torch.arange(6.0)
+    got = bench.token_pca(flat, torch.tensor([0, 2]), 3)
+    frames = flat[[0, 2]].flatten(0, 1).double()
+    z = (frames - frames.mean(0)) / frames.std(0)
+    axes = torch.linalg.svd(z, full_matrices=False).Vh[:3].T
+    want = ((flat.double() - frames.mean(0)) / frames.std(0)) @ axes
+    sign = (got.double() * want).sum((0, 1)).sign()  # an axis' sign is arbitrary
+    assert torch.allclose(got.double(), want * sign, atol=1e-4)
+    other = flat.clone()
+    other[1] *= 100.0
+    assert torch.allclose(bench.token_pca(other, torch.tensor([0, 2]), 3)[[0, 2]], got[[0, 2]], atol=1e-5)
+
+
+def test_bench_stamo_pca_cv_labeller_chooses_by_the_labelled_episodes_alone(monkeypatch):
+    """``pca_cv``: 2-fold cross-validation over the labelled episodes (fit on one half's k'-pairs, score the other
+    half's rows), the candidate of lowest MSE chosen, then every chosen offset refitted on all labelled episodes and
+    the labels averaged. ``window_labels`` is faked: its label is the true action plus a bias set by the number of
+    components and the offset, so that only 16 components with offsets (1, 2) cancel; the fake records each fit."""
+    import torch
+
+    bench = _load("bench_stamo")
+    n_eps, n_frames, k = 6, 12, 4
+    flat = torch.randn(n_eps, n_frames, 40, generator=torch.Generator().manual_seed(1))
+    act = torch.rand(n_eps, n_frames - 1, 2, generator=torch.Generator().manual_seed(2)) - 0.5
+    bias = {1: 0.2, 2: -0.2, 4: 0.3}
+    calls = []
+
+    def fake_window_labels(features, act_, fit_rows, rows, k2, probe_updates):
+        m = features.shape[-1]
+        calls.append((m, k2, set(fit_rows[0].tolist()), set(rows[0].tolist())))
+        return act_[rows] + bias[k2] * (1.0 if m == 16 else 2.0)
+
+    monkeypatch.setattr(bench, "window_labels", fake_window_labels)
+    labelled_eps, video_eps = torch.tensor([3, 0, 4, 1]), torch.tensor([2, 5])
+    labelled = bench.offset_pairs(n_frames - 1, k, labelled_eps)
+    rows = bench.offset_pairs(n_frames - 1, k, torch.cat([labelled_eps, video_eps]))
+    report = {}
+    got = bench.pseudo_labels(flat, act, labelled, rows, k, "pca_cv", probe_updates=5, report=report)
+    assert report["chosen"] == {"components": 16, "offsets": [1, 2]}
+    assert min(report["cv_mse"].values()) == report["cv_mse"]["16 components, k' 1 2"] < 1e-12
+    assert len(report["cv_mse"]) == len(bench.PCA_CV_DIMS) * 7
+    assert torch.allclose(got, act[rows].clamp(-1, 1), atol=1e-6)
+    cv_calls, final_calls = calls[:-2], calls[-2:]
+    halves = [{3, 0}, {4, 1}]
+    for m, k2, fit_eps, val_eps in cv_calls:
+        assert fit_eps in halves and val_eps in halves and fit_eps != val_eps, (m, k2, fit_eps, val_eps)
+    assert len(cv_calls) == len(bench.PCA_CV_DIMS) * 2 * len(bench.PCA_CV_OFFSETS)
+    assert [(m, k2) for m, k2, _, _ in final_calls] == [(16, 1), (16, 2)]
+    for _, _, fit_eps, label_eps in final_calls:
+        assert fit_eps == {3, 0, 4, 1} and label_eps == {3, 0, 4, 1, 2, 5}
+    with pytest.raises(ValueError, match="2 or more"):
+        bench.pseudo_labels(flat, act, bench.offset_pairs(n_frames - 1, k, torch.tensor([0])), rows, k, "pca_cv")
+
+
 def test_bench_stamo_labeller_study_reads_the_token_differences_around_t():
     """The labeller study's inputs at rows (e, t): E(o_t) - E(o_{t-1}) (zero at t = 0), E(o_{t+1}) - E(o_t),
     E(o_{t+2}) - E(o_{t+1}), E(o_{t+k}) - E(o_t) and E(o_t), each of its own episode; no step after with k = 1."""
