@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import itertools
 import json
 import math
 import sys
@@ -918,8 +919,6 @@ def pca_cv_labels(flat_tokens: torch.Tensor, act: torch.Tensor, labelled: tuple,
     principal components, m and the offsets chosen by 2-fold cross-validation on the labelled episodes (fit on one
     half's k'-pairs, score the other half's rows' a_t, MSE after clipping). Fills ``report`` with every candidate's
     cross-validated MSE and the choice."""
-    import itertools
-
     (e_lab, _), (e, t) = labelled, rows
     n_steps = flat_tokens.shape[1] - 1
     labelled_eps = torch.unique_consecutive(e_lab)
