@@ -974,8 +974,24 @@ def pseudo_labels(flat_tokens: torch.Tensor, act: torch.Tensor, labelled: tuple,
     return probe(flat_tokens[e, t + k] - flat_tokens[e, t]).reshape(-1, k, act.shape[-1])[:, 0].clamp(-1, 1)
 
 
+def cotraining_labels(flat_tokens: torch.Tensor, act: torch.Tensor, train_eps: torch.Tensor, k: int, args
+                      ) -> tuple[torch.Tensor, dict]:
+    """Co-training's pseudo-actions for every ``offset_pairs`` row (e, t) of the training episodes at offset ``k``
+    (``args.pseudo_labeller``'s labeller, fitted on the labelled part's rows only; labelled rows get labels too, and
+    ``cotraining`` uses the recorded actions there), and the labeller's report (``pca_cv``'s choice, else empty).
+    They depend on the autoencoder and the data, not on the BC seed: studies over seeds compute them once."""
+    labelled_eps, _ = labelled_part(train_eps)
+    n_frames = flat_tokens.shape[1]
+    choice = {}
+    pseudo = pseudo_labels(flat_tokens, act, offset_pairs(n_frames - 1, k, labelled_eps),
+                           offset_pairs(n_frames - 1, k, train_eps), k, getattr(args, "pseudo_labeller", "chunk"),
+                           args.probe_updates, report=choice)
+    return pseudo, choice
+
+
 def cotraining(agent: StaMoAgent, px: torch.Tensor, act: torch.Tensor, flat_tokens: torch.Tensor,
-               train_eps: torch.Tensor, test_eps: torch.Tensor, args, seed: int = 0) -> dict:
+               train_eps: torch.Tensor, test_eps: torch.Tensor, args, seed: int = 0,
+               labels: tuple[torch.Tensor, dict] | None = None) -> dict:
     """Check 8 (Table 5 at our scale): a goal-conditioned BC policy pi(o_t, o_{t+k}) -> a_t (its own conv encoder,
     ``k = cotrain_offset``) trained on 1 part of the training episodes with actions, on that part + the other 4
     parts labelled with pseudo-actions ``probe_k(E(o_{t+k}) - E(o_t))[0]`` (the probe fitted on the labelled part
@@ -986,7 +1002,7 @@ def cotraining(agent: StaMoAgent, px: torch.Tensor, act: torch.Tensor, flat_toke
     parts' true actions (which the bench has) beside the labelled part's mean action. ``seed`` seeds the BC nets and
     their batches (the pseudo-label probe keeps its own). Sets ``args.bc_goal_policies`` (each condition's net as a
     goal policy, by condition) for goal reaching: Table 5 judges the conditions by closed-loop success, which
-    ``closed_loop_cotraining`` reads from it."""
+    ``closed_loop_cotraining`` reads from it. ``labels``: ``cotraining_labels``' output, when already computed."""
     from latentrl.agents.stamo import StaMoBCPolicy
 
     spec = TASKS[args.task]
@@ -996,9 +1012,10 @@ def cotraining(agent: StaMoAgent, px: torch.Tensor, act: torch.Tensor, flat_toke
     e_all, t_all = offset_pairs(n_frames - 1, k_bc, train_eps)
     e_lab, t_lab = offset_pairs(n_frames - 1, k_bc, labelled_eps)
     is_lab = torch.isin(e_all, labelled_eps)
-    labeller, choice = getattr(args, "pseudo_labeller", "chunk"), {}
-    pseudo = pseudo_labels(flat_tokens, act, (e_lab, t_lab), (e_all, t_all), k_bc, labeller, args.probe_updates,
-                           report=choice)
+    labeller = getattr(args, "pseudo_labeller", "chunk")
+    pseudo, choice = labels if labels is not None else cotraining_labels(flat_tokens, act, train_eps, k_bc, args)
+    if len(pseudo) != len(e_all):
+        raise ValueError(f"cotraining: {len(pseudo)} labels given for {len(e_all)} training pairs")
     rescaled = bool(getattr(args, "rescale_pseudo_labels", False))
     if rescaled:  # undo the MSE fit's shrinkage (a study; off by default)
         pseudo = rescale_to_spread(pseudo, ~is_lab, act[e_lab, t_lab])

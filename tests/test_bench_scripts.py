@@ -933,6 +933,53 @@ def test_bench_stamo_studies_open_a_finished_run(tmp_path):
     assert set(record["rows"][0]) >= {"updates", "r2_mean"} and record["rows"][0]["updates"] == 20
 
 
+def test_bench_stamo_cotraining_seeds_label_the_video_once_for_every_seed(tmp_path, monkeypatch):
+    """``cotraining_seeds.py`` computes the pseudo-labels once (they do not depend on the BC seed; pca_cv's take
+    minutes) and hands the same labels to every seed's ``cotraining``; ``cotraining`` refuses labels that are not one
+    per training pair."""
+    import argparse
+    import json
+
+    import torch
+
+    bench = _load("bench_stamo")
+    spec = importlib.util.spec_from_file_location("cotraining_seeds",
+                                                  SCRIPTS.parent / "docs" / "bench_stamo" / "cotraining_seeds.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    assert study.bs is bench
+    real_cotraining = bench.cotraining
+    agent = argparse.Namespace(config=argparse.Namespace(cotrain_offset=2, bc_lr=1e-3, bc_goal_input="difference"),
+                               world_model=None, trained_updates=7)
+    data = {"pixels": torch.zeros(3, 5, 1), "action": torch.zeros(3, 5, 1)}
+    ns = argparse.Namespace(task=bench.DEFAULT_TASK)
+    labellings, given = [], []
+
+    def labels(flat, act, train_eps, k, args):
+        labellings.append(k)
+        return torch.full((4, 1), float(len(labellings))), {"chosen": len(labellings)}
+
+    def cotraining(*args, seed, labels):
+        given.append(labels)
+        return {"gap_recovered": 0.1 * seed, "gap_recovered_latent_actions": 0.0}
+
+    monkeypatch.setattr(bench, "open_run", lambda out_dir, **flags: (ns, data, torch.tensor([0, 1]),
+                                                                       torch.tensor([2]), agent))
+    monkeypatch.setattr(bench, "encode_all", lambda wm, px: torch.zeros(3, 5, 2, 1))
+    monkeypatch.setattr(bench, "cotraining_labels", labels)
+    monkeypatch.setattr(bench, "cotraining", cotraining)
+    monkeypatch.setattr(sys, "argv", ["cotraining_seeds.py", "--out-dir", str(tmp_path), "--seeds", "0", "1", "2",
+                                      "--json", str(tmp_path / "seeds.json")])
+    study.main()
+    assert labellings == [2] and len(given) == 3 and all(g is given[0] for g in given)
+    assert json.loads((tmp_path / "seeds.json").read_text())["gap_recovered_mean"] == pytest.approx(0.1)
+    run_args = argparse.Namespace(task=bench.DEFAULT_TASK)
+    agent.config.bc_channels = 4
+    with pytest.raises(ValueError, match="3 labels given for"):
+        real_cotraining(agent, torch.zeros(3, 9, 3, 8, 8), torch.zeros(3, 9, 2), torch.zeros(3, 9, 4),
+                         torch.tensor([0, 1]), torch.tensor([2]), run_args, labels=(torch.zeros(3, 2), {}))
+
+
 def test_bench_stamo_rescaled_pseudo_labels_take_the_labelled_actions_spread_about_their_own_mean():
     """``rescale_to_spread`` (co-training's ``--rescale-pseudo-labels``): over the chosen rows, each column's
     standard deviation becomes the reference's and its mean stays; every row is moved by the same map; the result
