@@ -927,7 +927,8 @@ def test_bench_stamo_studies_open_a_finished_run(tmp_path):
             cotraining = record["runs"]["0"]
         if script == "labeller_variants.py":  # its chunk_k labeller is co-training's, fitted alike: same labels
             assert set(record["labellers"]) == {"chunk_k", "step", "prev+step", "prev+step+next", "prev+step+chunk_k",
-                                                "state+chunk_k", "windows", "chunk_k ridge"}
+                                                "state+chunk_k", "windows", "chunk_k ridge", "pca_cv"}
+            assert set(record["choice"]["pca_cv"]) == {"components", "offsets"}
             assert math.isclose(record["labellers"]["chunk_k"], cotraining["pseudo_label_mse"], rel_tol=1e-6)
             assert math.isclose(record["mean_action_mse"], cotraining["pseudo_label_mean_action_mse"], rel_tol=1e-6)
     assert set(record["rows"][0]) >= {"updates", "r2_mean"} and record["rows"][0]["updates"] == 20

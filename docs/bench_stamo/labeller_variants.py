@@ -13,7 +13,9 @@ and scores them the same way; each reads token differences of the video alone (n
 - ``state+chunk_k``: the chunk probe reading E(o_t) beside the k-step latent action (first action kept);
 - ``windows``: ``bench_stamo.pseudo_labels``'s ``windows`` labeller (co-training's ``--pseudo-labeller
   windows``): ``state+chunk_k``'s probe, each step's label the mean of its k windows' predictions for it;
-- ``chunk_k ridge``: ``chunk_k`` with a linear probe (``bench_stamo.ridge``, lambda 1e-3) in place of the MLP.
+- ``chunk_k ridge``: ``chunk_k`` with a linear probe (``bench_stamo.ridge``, lambda 1e-3) in place of the MLP;
+- ``pca_cv``: co-training's ``--pseudo-labeller pca_cv`` (``windows`` on the tokens' top principal components,
+  averaged over several offsets, both chosen by cross-validation on the labelled episodes).
 
     python docs/bench_stamo/labeller_variants.py --out-dir /work/stamo_r250
 
@@ -51,8 +53,8 @@ def latent_steps(flat: torch.Tensor, e: torch.Tensor, t: torch.Tensor, k: int) -
 
 LABELLERS = {"chunk_k": ("chunk",), "step": ("step",), "prev+step": ("prev", "step"),
              "prev+step+next": ("prev", "step", "next"), "prev+step+chunk_k": ("prev", "step", "chunk"),
-             "state+chunk_k": ("state", "chunk"), "windows": (), "chunk_k ridge": ("chunk",)}
-BENCH_LABELLERS = {"chunk_k": "chunk", "windows": "windows"}
+             "state+chunk_k": ("state", "chunk"), "windows": (), "chunk_k ridge": ("chunk",), "pca_cv": ()}
+BENCH_LABELLERS = {"chunk_k": "chunk", "windows": "windows", "pca_cv": "pca_cv"}
 """The rows that are co-training's labellers, run by the bench's own ``pseudo_labels``."""
 CHUNK_TARGETS = ("state+chunk_k", "chunk_k ridge")
 """The study's other labellers fitted to the action chunk a_{t:t+k} (their first action is the label); the rest to
@@ -86,8 +88,11 @@ def main() -> None:
             bs.log(f"{name}: skipped (k = {k} has no step after t + 1 inside the pair)")
             continue
         if name in BENCH_LABELLERS:  # co-training's labellers, as the bench runs them
+            report = {}
             label = bs.pseudo_labels(flat, act, (e_lab, t_lab), (e_vid, t_vid), k, BENCH_LABELLERS[name],
-                                     args.probe_updates)
+                                     args.probe_updates, report=report)
+            if report:
+                out.setdefault("choice", {})[name] = report["chosen"]
         else:
             x_lab = torch.cat([feats_lab[p_] for p_ in parts], 1)
             x_vid = torch.cat([feats_vid[p_] for p_ in parts], 1)
