@@ -904,7 +904,9 @@ def test_bench_stamo_studies_open_a_finished_run(tmp_path):
                           ("cotraining_seeds.py", ["--seeds", "0", "--probe-updates", "5", "--bc-updates", "5",
                                                    "--goals", "2"]),
                           ("labeller_variants.py", ["--probe-updates", "5"]),
-                          ("probe_along_training.py", ["--checkpoints", str(tmp_path / "stamo_wm.pt")])):
+                          ("probe_along_training.py", ["--checkpoints", str(tmp_path / "stamo_wm.pt")]),
+                          ("interpolation_vs_real.py", ["--cases", "4", "--draws", "2", "--probe-updates", "20",
+                                                       "--sample-steps", "2"])):
         out = tmp_path / script.replace(".py", ".json")
         proc = subprocess.run([sys.executable, str(studies / script), "--out-dir", str(tmp_path), "--json", str(out),
                                *flags], env=env, capture_output=True, text=True, timeout=300)
@@ -931,7 +933,56 @@ def test_bench_stamo_studies_open_a_finished_run(tmp_path):
             assert set(record["choice"]["pca_cv"]) == {"components", "offsets"}
             assert math.isclose(record["labellers"]["chunk_k"], cotraining["pseudo_label_mse"], rel_tol=1e-6)
             assert math.isclose(record["mean_action_mse"], cotraining["pseudo_label_mean_action_mse"], rel_tol=1e-6)
-    assert set(record["rows"][0]) >= {"updates", "r2_mean"} and record["rows"][0]["updates"] == 20
+        if script == "interpolation_vs_real.py":
+            vs_real = record
+        if script == "probe_along_training.py":
+            assert set(record["rows"][0]) >= {"updates", "r2_mean"} and record["rows"][0]["updates"] == 20
+    for reading in vs_real["readouts"].values():  # every reading counts the same moving (case, joint)s
+        assert reading["decoded_one_draw"]["cases"] == reading["decoded_mean_of_2_draws"]["cases"] \
+            == vs_real["joint_cases"]
+        assert reading["real_frames_on_monotone"]["cases"] \
+            == reading["decoded_one_draw_on_monotone"]["cases"]
+
+
+def test_interpolation_vs_real_scores_a_path_as_check_6_does():
+    """``interpolation_vs_real.case_rhos`` reads a 5-row path as check 6 reads an interpolation: rho between the
+    step and each moving joint's change from row 0, wrapped where the joint wraps and signed by the true move;
+    joints that move 0.1 rad or less are not counted; one swapped pair of steps gives rho 0.9, which fails > 0.9,
+    and its step back is the swap's size. ``shares`` counts the kept (case, joint)s per move bin and tolerance."""
+    import numpy as np
+    import torch
+
+    spec = importlib.util.spec_from_file_location(
+        "interpolation_vs_real", SCRIPTS.parent / "docs" / "bench_stamo" / "interpolation_vs_real.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    task = study.bs.TASKS["reacher-easy"]  # both joints wrap
+    path = torch.tensor([
+        # case 0: q1 rises 0.4 in order; q2 crosses pi (3.0 -> -2.9 is +0.38 rad, in order once wrapped)
+        [[0.0, 3.0], [0.1, 3.1], [0.2, -3.1], [0.3, -3.0], [0.4, -2.9]],
+        # case 1: q1 falls 0.4 in order (a negative move); q2 moves 0.05: not a moving joint
+        [[1.0, 0.0], [0.9, 0.01], [0.8, 0.02], [0.7, 0.03], [0.6, 0.05]],
+        # case 2: q1 rises 0.8 with steps 1 and 2 swapped; q2 rises 1.2 in order
+        [[0.0, 0.0], [0.4, 0.3], [0.2, 0.6], [0.6, 0.9], [0.8, 1.2]],
+    ]).transpose(0, 1)  # [5, 3 cases, 2 joints]
+    true_move = task.difference(path[-1], path[0])
+    rhos, moves, back = study.case_rhos(path, true_move, task)
+    np.testing.assert_allclose(rhos, [1.0, 1.0, 1.0, 0.9, 1.0], atol=1e-9)
+    np.testing.assert_allclose(moves, [0.4, 2 * np.pi - 5.9, 0.4, 0.8, 1.2], atol=1e-5)
+    np.testing.assert_allclose(back, [0.0, 0.0, 0.0, 0.2, 0.0], atol=1e-6)
+    out = study.shares(rhos, moves, back)
+    assert out["cases"] == 5 and out["share_rho_above_0.9"] == 0.8
+    assert out["share_in_order_within_0.02_rad"] == 0.8 and out["share_in_order_within_0.05_rad"] == 0.8
+    assert out["failing_median_step_back_rad"] == pytest.approx(0.2, abs=1e-6)
+    back[3] = 0.03  # a step back of 0.03 rad is in order within 0.05 rad, not within 0.02
+    out = study.shares(rhos, moves, back)
+    assert out["share_in_order_within_0.02_rad"] == 0.8 and out["share_in_order_within_0.05_rad"] == 1.0
+    assert {b: v["cases"] for b, v in out["by_move"].items()} == {"0.1-0.25": 0, "0.25-0.5": 3, "0.5-1.0": 1,
+                                                                   "1.0-2.5": 1}
+    assert out["by_move"]["0.5-1.0"]["share"] == 0.0 and out["by_move"]["0.1-0.25"]["share"] is None
+    kept = study.shares(rhos, moves, back, rhos > 0.95)
+    assert kept["cases"] == 4 and kept["share_rho_above_0.9"] == 1.0
+    assert kept["share_in_order_within_0.02_rad"] == 1.0 and kept["failing_median_step_back_rad"] is None
 
 
 def test_bench_stamo_cotraining_seeds_label_the_video_once_for_every_seed(tmp_path, monkeypatch):
