@@ -935,6 +935,7 @@ def test_bench_stamo_studies_open_a_finished_run(tmp_path):
             assert math.isclose(record["mean_action_mse"], cotraining["pseudo_label_mean_action_mse"], rel_tol=1e-6)
         if script == "interpolation_vs_real.py":
             vs_real = record
+            assert record["figure"] is None or Path(record["figure"]).exists()  # None: no ordered case failed
         if script == "probe_along_training.py":
             assert set(record["rows"][0]) >= {"updates", "r2_mean"} and record["rows"][0]["updates"] == 20
     for reading in vs_real["readouts"].values():  # every reading counts the same moving (case, joint)s
@@ -983,6 +984,11 @@ def test_interpolation_vs_real_scores_a_path_as_check_6_does():
     kept = study.shares(rhos, moves, back, rhos > 0.95)
     assert kept["cases"] == 4 and kept["share_rho_above_0.9"] == 1.0
     assert kept["share_in_order_within_0.02_rad"] == 1.0 and kept["failing_median_step_back_rad"] is None
+    # the largest forward step's share: 0.25 for even steps, 1 for one jump, 0.4 for the swapped row; nan if still
+    shares_ = study.largest_step_share(np.array([[0, 1, 2, 3, 4], [0, 0, 0, 0.5, 0.5], [0, 0.4, 0.2, 0.6, 0.8],
+                                                 [0, -0.1, -0.2, -0.3, -0.4]], dtype=float))
+    np.testing.assert_allclose(shares_[:3], [0.25, 1.0, 0.4])
+    assert np.isnan(shares_[3])
 
 
 def test_bench_stamo_cotraining_seeds_label_the_video_once_for_every_seed(tmp_path, monkeypatch):

@@ -34,11 +34,12 @@ MOVE_BINS = (0.1, 0.25, 0.5, 1.0, 2.5)  # rad; check 6's moving joints lie in (0
 TOLERANCES = (0.02, 0.05)  # rad: a step back this small counts as no step back in the "within" shares
 
 
-def case_rhos(path: torch.Tensor, true_move: torch.Tensor, spec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def case_rhos(path: torch.Tensor, true_move: torch.Tensor, spec,
+              signed_paths: list | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Spearman rho between the step index and each moving (case, joint)'s change from the first row of ``path``
     ``[5, N, joints]``, signed by the true move (as ``bs.interpolation_scores``). Returns the rhos, the moves
     ``|true_move|`` and the largest step back along the path (rad, 0 for a path in order) of the same
-    (case, joint)s, in case-major order."""
+    (case, joint)s, in case-major order; appends each signed change path to ``signed_paths`` if given."""
     steps = np.arange(path.shape[0], dtype=float)
     rhos, moves, back = [], [], []
     for i in range(path.shape[1]):
@@ -50,6 +51,8 @@ def case_rhos(path: torch.Tensor, true_move: torch.Tensor, spec) -> tuple[np.nda
                 rhos.append(bs.spearman(steps, signed))
                 moves.append(abs(m))
                 back.append(float(np.clip(-np.diff(signed), 0, None).max()))
+                if signed_paths is not None:
+                    signed_paths.append(signed)
     return np.array(rhos), np.array(moves), np.array(back)
 
 
@@ -70,6 +73,45 @@ def shares(rhos: np.ndarray, moves: np.ndarray, back: np.ndarray, keep: np.ndarr
     return out
 
 
+def largest_step_share(paths: np.ndarray) -> np.ndarray:
+    """Per signed change path ``[cases, 5]``: the largest forward step's share of all forward steps (0.25 for four
+    even steps, 1 when the whole move happens in one step; nan for a path that never moves forward)."""
+    forward = np.clip(np.diff(paths, axis=1), 0, None)
+    total = forward.sum(1)
+    return np.where(total > 0, forward.max(1) / np.where(total > 0, total, 1), np.nan)
+
+
+def plot_cases(paths: dict, moves: np.ndarray, fail: np.ndarray, title: str, path: Path, n_show: int = 12) -> bool:
+    """Up to ``n_show`` (case, joint)s whose decoded row fails rho > 0.9: the true path, the readout of the real
+    frames and of the decoded interpolation, each as the signed change from step 0 (rad). Returns whether there
+    was a case to draw."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = np.flatnonzero(fail)[:n_show]
+    if not len(shown):
+        return False
+    cols = 4
+    rows = -(-len(shown) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 1.9 * rows), squeeze=False)
+    for ax, c in zip(axes.flat, shown, strict=False):
+        for name, style in (("truth", "k-"), ("real frames", "C0.-"), ("decoded", "C1o-")):
+            ax.plot(paths[name][c], style, label=name, lw=1.2, ms=3)
+        ax.set_title(f"move {moves[c]:.2f} rad", fontsize=8)
+        ax.tick_params(labelsize=6)
+    for ax in axes.flat[len(shown):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=6)
+    fig.suptitle(title, fontsize=9)
+    fig.supxlabel("step (real frames) / alpha x 4 (decoded)", fontsize=8)
+    fig.supylabel("signed change from step 0 (rad)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out-dir", required=True)
@@ -80,6 +122,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=str(HERE / "interpolation_vs_real.json"))
+    p.add_argument("--fig", default=None, help="figure of failing cases (default: the json's path with .png)")
     args = p.parse_args()
     if args.cases < 2 or args.draws < 1:
         p.error("--cases must be >= 2 and --draws >= 1")
@@ -110,18 +153,22 @@ def main() -> None:
             decoded_read[name].append(joints.reshape(len(alphas), n, -1))
         bs.log(f"draw {d + 1}/{args.draws} decoded ({time.time() - t0:.0f} s)")
 
-    truth_rhos, moves, _ = case_rhos(true_path, true_move, spec)
+    truth_paths: list = []
+    truth_rhos, moves, _ = case_rhos(true_path, true_move, spec, truth_paths)
     monotone = truth_rhos > 0.999
     out = {"out_dir": args.out_dir, "task": run.args.task, "updates": run.agent.trained_updates, "pairs": n, "k": k,
            "draws": args.draws, "sample_steps": args.sample_steps, "readout_r2": run.r2, "judged_readout": judged,
            "joint_cases": len(moves), "true_path_monotone_share": float(monotone.mean()), "readouts": {}}
     for name in readouts:
         reads = decoded_read[name]
-        one, _, one_back = case_rhos(reads[0], true_move, spec)
+        one_paths: list = []
+        one, _, one_back = case_rhos(reads[0], true_move, spec, one_paths)
         # average the draws' readings as angles' changes from alpha 0 (wrapping joints: differences, not values)
         mean_change = torch.stack([spec.difference(r, r[0:1].expand_as(r)) for r in reads]).mean(0)
         averaged, _, averaged_back = case_rhos(mean_change, true_move, spec)
-        real, _, real_back = case_rhos(real_read[name].reshape(k + 1, n, -1), true_move, spec)
+        real_paths: list = []
+        real, _, real_back = case_rhos(real_read[name].reshape(k + 1, n, -1), true_move, spec, real_paths)
+        one_paths, real_paths = np.array(one_paths), np.array(real_paths)
         err = spec.difference(real_read[name].reshape(k + 1, n, -1), true_path).abs()  # [5, N, joints]
         out["readouts"][name] = {
             "decoded_one_draw": shares(one, moves, one_back),
@@ -132,7 +179,19 @@ def main() -> None:
             "readout_abs_error_on_real_frames_median_rad": float(err.median()),
             # how far two noise draws' readings of the same decoded interpolation lie apart (0 with one draw)
             "readout_spread_between_draws_median_rad": float(spec.difference(reads[-1], reads[0]).abs().median()),
+            # 0.25: four even steps; 1: the whole move in one step (ordered true paths only)
+            "largest_step_share_median": {"decoded": float(np.nanmedian(largest_step_share(one_paths[monotone]))),
+                                          "real_frames": float(np.nanmedian(largest_step_share(
+                                              real_paths[monotone]))),
+                                          "truth": float(np.nanmedian(largest_step_share(
+                                              np.array(truth_paths)[monotone])))},
         }
+        if name == judged:
+            fig = Path(args.fig) if args.fig else Path(args.json).with_suffix(".png")
+            drawn = plot_cases({"truth": np.array(truth_paths), "real frames": real_paths, "decoded": one_paths}, moves,
+                       monotone & (one <= 0.9), f"{run.args.task}: ordered true paths whose decoded interpolation "
+                       f"fails rho > 0.9 ({name} readout)", fig)
+            out["figure"] = str(fig) if drawn else None
         r = out["readouts"][name]
         averaged_share = r[f"decoded_mean_of_{args.draws}_draws_on_monotone"]["share_rho_above_0.9"]
         bs.log(f"{name}: decoded {r['decoded_one_draw']['share_rho_above_0.9']:.2f} of {len(moves)} "
