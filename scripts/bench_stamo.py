@@ -456,16 +456,28 @@ def read_joints(wm, frames: torch.Tensor, readouts: dict, spec: TaskSpec) -> dic
     return {name: spec.from_features(f(tokens)) for name, f in readouts.items()}
 
 
+def signed_changes(reading: torch.Tensor, true_move: torch.Tensor, spec: TaskSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Check 6's moving (pair, joint)s of one readout's joints along the rows ``reading`` ``[len(alphas), N,
+    joints]``: those whose true move over the k steps lies in (0.1, 2.5) rad. Returns each one's change from row
+    0 (wrapped where the joint wraps), signed by the true move, ``[cases, len(alphas)]``, and ``|true move|``
+    ``[cases]``, in pair-major order."""
+    paths, moves = [], []
+    for i in range(reading.shape[1]):
+        change = spec.difference(reading[:, i], reading[0, i])
+        for j in range(reading.shape[2]):
+            m = float(true_move[i, j])
+            if 0.1 < abs(m) < 2.5:
+                paths.append(np.sign(m) * change[:, j].numpy())
+                moves.append(abs(m))
+    return np.array(paths).reshape(len(paths), reading.shape[0]), np.array(moves)
+
+
 def interpolation_scores(reading: torch.Tensor, alphas: torch.Tensor, true_move: torch.Tensor,
                          spec: TaskSpec) -> dict:
     """Check 6's score of one readout's joints along the interpolation rows, ``reading`` ``[len(alphas), N,
-    joints]``: for every (pair, joint) whose true move over the k steps lies in (0.1, 2.5) rad, Spearman's rho
-    between alpha and the joint's change from alpha 0 (signed by the true move). Returns the cases, their mean rho
-    and the share above 0.9."""
-    rhos = [spearman(alphas.numpy(), np.sign(float(true_move[i, j]))
-                     * spec.difference(reading[:, i], reading[0, i])[:, j].numpy())
-            for i in range(reading.shape[1]) for j in range(reading.shape[2])
-            if 0.1 < abs(float(true_move[i, j])) < 2.5]
+    joints]``: for every moving (pair, joint) (:func:`signed_changes`), Spearman's rho between alpha and the
+    joint's signed change from alpha 0. Returns the cases, their mean rho and the share above 0.9."""
+    rhos = [spearman(alphas.numpy(), path) for path in signed_changes(reading, true_move, spec)[0]]
     return {"cases": len(rhos), "spearman_mean": float(np.mean(rhos)) if rhos else None,
             "share_rho_above_0.9": float(np.mean(np.array(rhos) > 0.9)) if rhos else None}
 

@@ -967,7 +967,7 @@ def test_interpolation_vs_real_scores_a_path_as_check_6_does():
         [[0.0, 0.0], [0.4, 0.3], [0.2, 0.6], [0.6, 0.9], [0.8, 1.2]],
     ]).transpose(0, 1)  # [5, 3 cases, 2 joints]
     true_move = task.difference(path[-1], path[0])
-    rhos, moves, back = study.case_rhos(path, true_move, task)
+    rhos, moves, back, _ = study.case_rhos(path, true_move, task)
     np.testing.assert_allclose(rhos, [1.0, 1.0, 1.0, 0.9, 1.0], atol=1e-9)
     np.testing.assert_allclose(moves, [0.4, 2 * np.pi - 5.9, 0.4, 0.8, 1.2], atol=1e-5)
     np.testing.assert_allclose(back, [0.0, 0.0, 0.0, 0.2, 0.0], atol=1e-6)

@@ -34,26 +34,16 @@ MOVE_BINS = (0.1, 0.25, 0.5, 1.0, 2.5)  # rad; check 6's moving joints lie in (0
 TOLERANCES = (0.02, 0.05)  # rad: a step back this small counts as no step back in the "within" shares
 
 
-def case_rhos(path: torch.Tensor, true_move: torch.Tensor, spec,
-              signed_paths: list | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Spearman rho between the step index and each moving (case, joint)'s change from the first row of ``path``
-    ``[5, N, joints]``, signed by the true move (as ``bs.interpolation_scores``). Returns the rhos, the moves
-    ``|true_move|`` and the largest step back along the path (rad, 0 for a path in order) of the same
-    (case, joint)s, in case-major order; appends each signed change path to ``signed_paths`` if given."""
+def case_rhos(path: torch.Tensor, true_move: torch.Tensor, spec) -> tuple[np.ndarray, ...]:
+    """Check 6's reading of the rows ``path`` ``[5, N, joints]`` per moving (case, joint) (``bs.signed_changes``):
+    Spearman rho between the step index and the signed change from row 0. Returns the rhos, the moves
+    ``|true_move|``, the largest step back along each path (rad, 0 for a path in order) and the signed change
+    paths ``[cases, 5]``, in case-major order."""
+    paths, moves = bs.signed_changes(path, true_move, spec)
     steps = np.arange(path.shape[0], dtype=float)
-    rhos, moves, back = [], [], []
-    for i in range(path.shape[1]):
-        change = spec.difference(path[:, i], path[0, i])
-        for j in range(path.shape[2]):
-            m = float(true_move[i, j])
-            if 0.1 < abs(m) < 2.5:
-                signed = np.sign(m) * change[:, j].numpy()
-                rhos.append(bs.spearman(steps, signed))
-                moves.append(abs(m))
-                back.append(float(np.clip(-np.diff(signed), 0, None).max()))
-                if signed_paths is not None:
-                    signed_paths.append(signed)
-    return np.array(rhos), np.array(moves), np.array(back)
+    rhos = np.array([bs.spearman(steps, p) for p in paths])
+    back = np.clip(-np.diff(paths, axis=1), 0, None).max(1) if len(paths) else np.zeros(0)
+    return rhos, moves, back, paths
 
 
 def shares(rhos: np.ndarray, moves: np.ndarray, back: np.ndarray, keep: np.ndarray | None = None) -> dict:
@@ -153,22 +143,18 @@ def main() -> None:
             decoded_read[name].append(joints.reshape(len(alphas), n, -1))
         bs.log(f"draw {d + 1}/{args.draws} decoded ({time.time() - t0:.0f} s)")
 
-    truth_paths: list = []
-    truth_rhos, moves, _ = case_rhos(true_path, true_move, spec, truth_paths)
+    truth_rhos, moves, _, truth_paths = case_rhos(true_path, true_move, spec)
     monotone = truth_rhos > 0.999
     out = {"out_dir": args.out_dir, "task": run.args.task, "updates": run.agent.trained_updates, "pairs": n, "k": k,
            "draws": args.draws, "sample_steps": args.sample_steps, "readout_r2": run.r2, "judged_readout": judged,
            "joint_cases": len(moves), "true_path_monotone_share": float(monotone.mean()), "readouts": {}}
     for name in readouts:
         reads = decoded_read[name]
-        one_paths: list = []
-        one, _, one_back = case_rhos(reads[0], true_move, spec, one_paths)
+        one, _, one_back, one_paths = case_rhos(reads[0], true_move, spec)
         # average the draws' readings as angles' changes from alpha 0 (wrapping joints: differences, not values)
         mean_change = torch.stack([spec.difference(r, r[0:1].expand_as(r)) for r in reads]).mean(0)
-        averaged, _, averaged_back = case_rhos(mean_change, true_move, spec)
-        real_paths: list = []
-        real, _, real_back = case_rhos(real_read[name].reshape(k + 1, n, -1), true_move, spec, real_paths)
-        one_paths, real_paths = np.array(one_paths), np.array(real_paths)
+        averaged, _, averaged_back, _ = case_rhos(mean_change, true_move, spec)
+        real, _, real_back, real_paths = case_rhos(real_read[name].reshape(k + 1, n, -1), true_move, spec)
         err = spec.difference(real_read[name].reshape(k + 1, n, -1), true_path).abs()  # [5, N, joints]
         out["readouts"][name] = {
             "decoded_one_draw": shares(one, moves, one_back),
@@ -184,11 +170,11 @@ def main() -> None:
                                           "real_frames": float(np.nanmedian(largest_step_share(
                                               real_paths[monotone]))),
                                           "truth": float(np.nanmedian(largest_step_share(
-                                              np.array(truth_paths)[monotone])))},
+                                              truth_paths[monotone])))},
         }
         if name == judged:
             fig = Path(args.fig) if args.fig else Path(args.json).with_suffix(".png")
-            drawn = plot_cases({"truth": np.array(truth_paths), "real frames": real_paths, "decoded": one_paths}, moves,
+            drawn = plot_cases({"truth": truth_paths, "real frames": real_paths, "decoded": one_paths}, moves,
                        monotone & (one <= 0.9), f"{run.args.task}: ordered true paths whose decoded interpolation "
                        f"fails rho > 0.9 ({name} readout)", fig)
             out["figure"] = str(fig) if drawn else None
