@@ -12,10 +12,12 @@ import pytest
 import yaml
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+STUDIES = SCRIPTS.parent / "docs"  # the one-off studies beside the benchmark pages, docs/<page>/<study>.py
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+def _load(name: str, folder: Path = SCRIPTS):
+    """Import ``folder/name.py`` (a bench script, or with ``folder`` a study under docs/) as module ``name``."""
+    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # as `import` would: dataclasses look their module up there
     spec.loader.exec_module(module)
@@ -898,7 +900,7 @@ def test_bench_stamo_studies_open_a_finished_run(tmp_path):
     with pytest.raises(TypeError, match="no flag"):
         bench.open_run(str(tmp_path), probe_update=20)
     env = {**os.environ, "MUJOCO_GL": "egl"}
-    studies = SCRIPTS.parent / "docs" / "bench_stamo"
+    studies = STUDIES / "bench_stamo"
     for script, flags in (("noise_pairing.py", ["--cases", "2", "--probe-updates", "20", "--sample-steps", "2"]),
                           ("transfer_by_distance.py", ["--cases", "8", "--probe-updates", "20", "--sample-steps", "2"]),
                           ("cotraining_seeds.py", ["--seeds", "0", "--probe-updates", "5", "--bc-updates", "5",
@@ -953,10 +955,7 @@ def test_interpolation_vs_real_scores_a_path_as_check_6_does():
     import numpy as np
     import torch
 
-    spec = importlib.util.spec_from_file_location(
-        "interpolation_vs_real", SCRIPTS.parent / "docs" / "bench_stamo" / "interpolation_vs_real.py")
-    study = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(study)
+    study = _load("interpolation_vs_real", STUDIES / "bench_stamo")
     task = study.bs.TASKS["reacher-easy"]  # both joints wrap
     path = torch.tensor([
         # case 0: q1 rises 0.4 in order; q2 crosses pi (3.0 -> -2.9 is +0.38 rad, in order once wrapped)
@@ -1001,10 +1000,7 @@ def test_bench_stamo_cotraining_seeds_label_the_video_once_for_every_seed(tmp_pa
     import torch
 
     bench = _load("bench_stamo")
-    spec = importlib.util.spec_from_file_location("cotraining_seeds",
-                                                  SCRIPTS.parent / "docs" / "bench_stamo" / "cotraining_seeds.py")
-    study = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(study)
+    study = _load("cotraining_seeds", STUDIES / "bench_stamo")
     assert study.bs is bench
     real_cotraining = bench.cotraining
     agent = argparse.Namespace(config=argparse.Namespace(cotrain_offset=2, bc_lr=1e-3, bc_goal_input="difference"),
@@ -1190,10 +1186,7 @@ def test_bench_stamo_labeller_study_reads_the_token_differences_around_t():
     import torch
 
     _load("bench_stamo")
-    spec = importlib.util.spec_from_file_location("labeller_variants",
-                                                  SCRIPTS.parent / "docs" / "bench_stamo" / "labeller_variants.py")
-    study = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(study)
+    study = _load("labeller_variants", STUDIES / "bench_stamo")
     flat = (torch.arange(2 * 8, dtype=torch.float32) ** 2).reshape(2, 8, 1) * torch.tensor([1.0, -2.0])
     e, t = torch.tensor([0, 1, 1]), torch.tensor([0, 2, 4])
     got = study.latent_steps(flat, e, t, 3)
@@ -1618,10 +1611,7 @@ def test_burst_rows_reads_a_burst_dump_and_finds_the_rows_behind_it(tmp_path):
     from tensordict import TensorDict
 
     bench = _load("bench_active_inference")
-    spec = importlib.util.spec_from_file_location(
-        "burst_rows", Path(__file__).resolve().parents[1] / "docs" / "bench_active_inference" / "burst_rows.py")
-    burst_rows = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(burst_rows)
+    burst_rows = _load("burst_rows", STUDIES / "bench_active_inference")
     overrides = ["--set", "free_nats=0", "--set", "batch_size=4"]
     args = bench.parse_args(["--preset", "smoke", *overrides])
     torch.manual_seed(0)
