@@ -152,10 +152,11 @@ def main() -> None:
         reads = decoded_read[name]
         one, _, one_back, one_paths = case_rhos(reads[0], true_move, spec)
         # average the draws' readings as angles' changes from alpha 0 (wrapping joints: differences, not values)
-        mean_change = torch.stack([spec.difference(r, r[0:1].expand_as(r)) for r in reads]).mean(0)
+        mean_change = torch.stack([spec.difference(r, r[0:1]) for r in reads]).mean(0)
         averaged, _, averaged_back, _ = case_rhos(mean_change, true_move, spec)
-        real, _, real_back, real_paths = case_rhos(real_read[name].reshape(k + 1, n, -1), true_move, spec)
-        err = spec.difference(real_read[name].reshape(k + 1, n, -1), true_path).abs()  # [5, N, joints]
+        real_rows = real_read[name].reshape(k + 1, n, -1)  # [5, N, joints]
+        real, _, real_back, real_paths = case_rhos(real_rows, true_move, spec)
+        err = spec.difference(real_rows, true_path).abs()
         out["readouts"][name] = {
             "decoded_one_draw": shares(one, moves, one_back),
             "decoded_one_draw_on_monotone": shares(one, moves, one_back, monotone),
