@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -362,15 +363,23 @@ COLOURS = {"metra": "tab:blue", "lsd": "tab:orange", "diayn": "tab:green", "rand
 SEEDS_PLANNED = (0, 1, 2)
 
 
-def _gather(out: Path, part: str, extra: list[str], budget: int | None) -> dict[str, dict[int, dict]]:
-    """``{algo: {seed: result}}`` from ``<out>/<algo>-seed<k>/results_<part>.json`` and ``extra`` legacy
-    METRA results (``--report-extra``: a plain METRA run and its random baselines), curves cut at ``budget``."""
+def _gather(out: Path, part: str, extra: list[str], budget: int | None,
+            page_results: Path | None = None) -> dict[str, dict[int, dict]]:
+    """``{algo: {seed: result}}`` from ``<out>/<algo>-seed<k>/results_<part>.json``, ``extra`` legacy METRA results
+    (``--report-extra``: a plain METRA run and its random baselines) and, for the (algo, seed)s neither has, the
+    page's own ``results_<part>.json`` from the last report (``page_results``: a run made in an earlier session
+    whose folder is gone stays on the page); curves cut at ``budget``."""
     runs: dict[str, dict[int, dict]] = {}
     for path in sorted(out.glob(f"*-seed*/results_{part}.json")):
         r = json.loads(path.read_text())
-        r["source"], r["skills_png"] = str(path), str(path.parent / f"skills_{part}.png")
+        r["source"], r["skills_png"] = f"<out>/{path.parent.name}/{path.name}", str(path.parent / f"skills_{part}.png")
         runs.setdefault(r["algo"], {})[r["seed"]] = r
-    steps = budget or max((r["steps"] for by_seed in runs.values() for r in by_seed.values()), default=None)
+    kept = {algo: {int(seed): {**r, "algo": algo, "seed": int(seed), "kept_on_page": True,  # pages before 12-06
+                               "source": re.sub(r"^/\S*/(\w+-seed\d+/results_\w+\.json)$", r"<out>/\1", r["source"])}
+                   for seed, r in by_seed.items()}
+            for algo, by_seed in json.loads(page_results.read_text()).items()} if page_results else {}
+    made = [r for by_seed in [*runs.values(), *kept.values()] for r in by_seed.values() if not r.get("from_extra")]
+    steps = budget or max((r["steps"] for r in made), default=None)
     for path in extra:
         r = json.loads(Path(path).read_text())
         if r.get("part", part) != part:
@@ -387,6 +396,9 @@ def _gather(out: Path, part: str, extra: list[str], budget: int | None) -> dict[
                                                    "random_eval_coverage": r["random_eval_coverage"],
                                                    "source": f"{path} (the random baselines of that run)",
                                                    "from_extra": True}
+    for algo, by_seed in kept.items():  # the page's last report fills what is missing
+        for seed, r in by_seed.items():
+            runs.setdefault(algo, {}).setdefault(seed, r)
     for by_seed in runs.values():  # cut every curve at the common budget; updates and minutes at the cut
         for r in by_seed.values():
             r["beyond"] = [c for c in r["curve"] if steps is not None and c["env_steps"] > steps]
@@ -445,13 +457,15 @@ def write_report(out: Path, page: Path, part: str, extra: list[str] | None = Non
     """Gather the runs under ``out`` into ``<page stem>/coverage_<part>.png``, ``<page stem>/results_<part>.json``
     (every per-seed curve), the skill plots at the budget (from ``run_root``'s evaluations for runs longer
     than the budget) and the markdown ``page``."""
-    runs = _gather(out, part, list(extra or []), budget)
+    folder = page.with_suffix("")
+    results = folder / f"results_{part}.json"
+    runs = _gather(out, part, list(extra or []), budget, results if results.is_file() else None)
     if not runs:
         raise SystemExit(f"no results_{part}.json under {out}/<algo>-seed<k>/: run the benchmark first")
-    folder = page.with_suffix("")
     steps = max(r["curve"][-1]["env_steps"] for by_seed in runs.values() for r in by_seed.values())
-    any_run = next(r for by_seed in runs.values() for r in by_seed.values() if r.get("task"))
-    task = any_run.get("task", "cheetah-run")
+    every = [r for by_seed in runs.values() for r in by_seed.values()]
+    any_run = next((r for r in every if not r.get("from_extra")), every[0])  # a made run's machine and overrides
+    task = next((r["task"] for r in every if r.get("task")), "cheetah-run")
     figure = folder / f"coverage_{part}.png"
     templates = PAGE_PARTS[part]
     plot_baselines(runs, figure, f"METRA vs LSD vs DIAYN vs random actions, {task} from {templates['observation']}, "
@@ -465,10 +479,10 @@ def write_report(out: Path, page: Path, part: str, extra: list[str] | None = Non
             if algo != "random" and src.is_file():
                 (folder / f"skills_{part}_{algo}_seed{seed}.png").write_bytes(src.read_bytes())
     kept = ("seed", "steps", "updates", "train_seconds", "objective", "switches", "overrides", "machine", "source",
-            "curve")
+            "from_extra", "task", "threads", "curve")
     summary = {algo: {str(seed): {**{k: r.get(k) for k in kept}, **({"curve_note": r["curve_note"]}
                                                                    if r.get("curve_note") else {})}
-                      for seed, r in sorted(by_seed.items())} for algo, by_seed in runs.items()}
+                      for seed, r in sorted(runs[algo].items())} for algo in ALGOS if algo in runs}
     (folder / f"results_{part}.json").write_text(json.dumps(summary, indent=2))
 
     finals = {algo: {seed: _final(r, "coverage") for seed, r in by_seed.items()} for algo, by_seed in runs.items()}
@@ -493,7 +507,7 @@ def write_report(out: Path, page: Path, part: str, extra: list[str] | None = Non
             cos = f"{last['skill_direction_cos']:.2f}" if "skill_direction_cos" in last else "-"
             travel = f"{last['mean_travel']:.2f}" if "mean_travel" in last else "-"
             per_run.append(f"| {LABELS[algo]} | {seed} | {r.get('updates', '-') or '-'} | {minutes} | {cov} | {cos} | "
-                           f"{travel} | {r['source'].replace(str(out), '<out>')} |")
+                           f"{travel} | {r['source']} |")
     cut = [f"{LABELS[a]} seed {s} (a {r['steps']:,}-step run; beyond the budget its evaluation coverage was "
            + ", ".join(f"{c['coverage']:.0f} at {c['env_steps'] / 1000:.0f}k" for c in r["beyond"]) + ")"
            for a in ALGOS if a != "random"  # random actions' evaluation is one draw, the same at every step
@@ -539,7 +553,7 @@ def write_report(out: Path, page: Path, part: str, extra: list[str] | None = Non
         overrides=overrides, threads=_threads(runs), algos=" ".join(a for a in ALGOS if a in made),
         seeds=" ".join(str(s) for s in sorted({s for a in made for s in made[a]})),
         extra=" ".join(extra or []), not_run=", ".join(missing) or "none", repaired=repaired,
-        made_here=made_here,
+        made_here=made_here, results=(folder / f"results_{part}.json").relative_to(page.parent),
         eval_every=_eval_every(runs))
     page_text = PAGE.format(
         title=templates["title"], setting=templates["setting"].format(**fields),
@@ -547,7 +561,6 @@ def write_report(out: Path, page: Path, part: str, extra: list[str] | None = Non
         table="\n".join(lines),
         per_run="\n".join(per_run), checks="\n".join(checks) or "- (not enough runs for the checks)",
         figure=figure.relative_to(page.parent), part=part,
-        results=(folder / f"results_{part}.json").relative_to(page.parent),
         skills=", ".join(f"[{p.stem.removeprefix(f'skills_{part}_')}]({p.relative_to(page.parent)})"
                          for p in sorted(folder.glob(f"skills_{part}_*.png"))) or "none",
     )
@@ -653,9 +666,11 @@ per run**, {threads} torch threads, the overrides `{overrides}`. Coverage is the
 unique 1 x 1 m cells of torso x over 16 deterministic skill rollouts (random actions: 16 episodes, from
 the METRA run's file); total coverage counts the cells of all training episodes (random actions: the same
 number of env steps). The METRA curve is the single pixel run of bench_metra.md (`--report-extra`), cut at
-the budget. Machine: {machine}; wall times depend on what else ran beside a run. The runs' own records
-(`<out>/<algo>-seed<k>/`) are kept in [bench_metra_baselines_pixels/runs/](bench_metra_baselines_pixels/runs/):
-copy them into `--out` before adding runs and rewriting this page (a session's `/work` may not survive).""",
+the budget. Machine: {machine}; wall times depend on what else ran beside a run. Every run's curve is kept in
+[{results}]({results}), and a later `--report` takes from there the runs whose `<out>/<algo>-seed<k>/` folder is
+gone (a session's `/work` may not survive), so runs can be added one at a time; the runs' own records made since
+2026-12-06 are in [bench_metra_baselines_pixels/runs/](bench_metra_baselines_pixels/runs/) (the earlier ones
+were ignored by git's `runs/` rule and are lost; their curves are in the results file).""",
         "commands": """\
 python scripts/bench_metra.py --part pixels --steps {steps_raw} --eval-every 20000 --updates-per-step 0.125 \\
     --threads {threads} --goals 0 --algo {algos} --seeds {seeds} --out /tmp/metra_px_bl \\

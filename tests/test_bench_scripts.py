@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -205,6 +206,36 @@ def test_metra_pixel_baselines_page_names_a_repaired_record(tmp_path):
     summary = json.loads((tmp_path / "baselines_pixels" / "results_pixels.json").read_text())
     assert summary["lsd"]["1"]["curve_note"] == "rows 0-40k rebuilt from metrics.csv"
     assert "curve_note" not in summary["lsd"]["0"]
+
+
+def test_metra_pixel_baselines_report_keeps_the_runs_whose_folder_is_gone(tmp_path):
+    """Runs are added one per session and a session's folders may not survive: a later ``--report`` takes the
+    runs missing under ``--out`` from the page's own results file, a run still under ``--out`` (or re-run) wins
+    over the page's copy, and a report read back from its own file alone writes the same file again."""
+    bench_metra = _load("bench_metra")
+    text, extra = _pixel_baselines_page(tmp_path, {"diayn": [2.0, 3.0]})
+    out, page = tmp_path / "bl", tmp_path / "baselines_pixels.md"
+    results = tmp_path / "baselines_pixels" / "results_pixels.json"
+    first = json.loads(results.read_text())
+    shutil.rmtree(out / "diayn-seed0")  # lost with its session
+    rerun = json.loads((out / "diayn-seed1" / "results_pixels.json").read_text())
+    rerun["curve"][-1]["coverage"] = 5.0
+    (out / "diayn-seed1" / "results_pixels.json").write_text(json.dumps(rerun))
+    (out / "lsd-seed0").mkdir()
+    (out / "lsd-seed0" / "results_pixels.json").write_text(json.dumps({**rerun, "algo": "lsd", "seed": 0}))
+    bench_metra.write_report(out, page, "pixels", [str(extra)], None, None)
+    text = page.read_text()
+    second = json.loads(results.read_text())
+    assert second["diayn"]["0"] == first["diayn"]["0"]  # kept from the page
+    assert second["diayn"]["1"]["curve"][-1]["coverage"] == 5.0  # the folder's record, not the page's 3.0
+    assert second["lsd"]["0"]["curve"][-1]["coverage"] == 5.0
+    assert second["metra"]["0"]["from_extra"] and second["metra"]["0"]["curve"][-1]["env_steps"] == 60000
+    assert "| 2 | 5 | not run | 3.5 ± " in text
+    assert "LSD seed 0; DIAYN seeds 0, 1." in text and "17 at 100k" in text
+    shutil.rmtree(out)  # every run gone: the page's file alone, the METRA run still from --report-extra
+    out.mkdir()
+    bench_metra.write_report(out, page, "pixels", [str(extra)], None, None)
+    assert json.loads(results.read_text()) == second and page.read_text() == text
 
 
 @pytest.mark.parametrize("lsd, diayn, reading", [
