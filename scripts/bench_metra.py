@@ -372,7 +372,8 @@ def _gather(out: Path, part: str, extra: list[str], budget: int | None,
     runs: dict[str, dict[int, dict]] = {}
     for path in sorted(out.glob(f"*-seed*/results_{part}.json")):
         r = json.loads(path.read_text())
-        r["source"], r["skills_png"] = f"<out>/{path.parent.name}/{path.name}", str(path.parent / f"skills_{part}.png")
+        r["source"], r["record"] = f"<out>/{path.parent.name}/{path.name}", path.parent
+        r["skills_png"] = str(path.parent / f"skills_{part}.png")
         runs.setdefault(r["algo"], {})[r["seed"]] = r
     kept = {algo: {int(seed): {**r, "algo": algo, "seed": int(seed), "kept_on_page": True,  # pages before 12-06
                                "source": re.sub(r"^/\S*/(\w+-seed\d+/results_\w+\.json)$", r"<out>/\1", r["source"])}
@@ -478,6 +479,19 @@ def write_report(out: Path, page: Path, part: str, extra: list[str] | None = Non
                        / f"skills_{r['curve'][-1]['env_steps']:09d}.png")
             if algo != "random" and src.is_file():
                 (folder / f"skills_{part}_{algo}_seed{seed}.png").write_bytes(src.read_bytes())
+    for r in (r for by_seed in runs.values() for r in by_seed.values() if "record" in r):
+        record = folder / "runs" / r["record"].name  # each record made under --out, beside the page (--out may
+        record.mkdir(parents=True, exist_ok=True)  # not survive the session)
+        for src in (r["record"] / f"results_{part}.json", r["record"] / f"skills_{part}.png"):
+            if src.is_file():
+                (record / src.name).write_bytes(src.read_bytes())
+    records = folder / "runs"
+    link = f"{records.relative_to(page.parent)}/"
+    records_text = (f" The runs' own records (`results_{part}.json` and the skills plot), copied by each `--report`,"
+                    f" are in [{link}]({link})"
+                    + (" (those of the runs made before 2026-12-06 were ignored by git's `runs/` rule and are lost;"
+                       " their curves are in the results file)." if part == "pixels" else ".")
+                    if records.is_dir() else "")
     kept = ("seed", "steps", "updates", "train_seconds", "objective", "switches", "overrides", "machine", "source",
             "from_extra", "task", "threads", "curve")
     summary = {algo: {str(seed): {**{k: r.get(k) for k in kept}, **({"curve_note": r["curve_note"]}
@@ -553,7 +567,7 @@ def write_report(out: Path, page: Path, part: str, extra: list[str] | None = Non
         overrides=overrides, threads=_threads(runs), algos=" ".join(a for a in ALGOS if a in made),
         seeds=" ".join(str(s) for s in sorted({s for a in made for s in made[a]})),
         extra=" ".join(extra or []), not_run=", ".join(missing) or "none", repaired=repaired,
-        made_here=made_here, results=(folder / f"results_{part}.json").relative_to(page.parent),
+        made_here=made_here, records=records_text, results=(folder / f"results_{part}.json").relative_to(page.parent),
         eval_every=_eval_every(runs))
     page_text = PAGE.format(
         title=templates["title"], setting=templates["setting"].format(**fields),
@@ -652,7 +666,7 @@ Where ours falls short: the budget is about 1% of the paper's; 3 seeds were plan
 and the table says which runs were not made; at this budget the baselines' skills barely move (the mean
 travel column), so they tell apart METRA from LSD and DIAYN but not LSD from DIAYN; from pixels (METRA's
 scene) see [bench_metra_baselines_pixels.md](bench_metra_baselines_pixels.md); quadruped was not run for the
-baselines.""",
+baselines.{records}""",
     },
     "pixels": {
         "title": "coverage from pixels", "observation": "pixels",
@@ -668,9 +682,7 @@ the METRA run's file); total coverage counts the cells of all training episodes 
 number of env steps). The METRA curve is the single pixel run of bench_metra.md (`--report-extra`), cut at
 the budget. Machine: {machine}; wall times depend on what else ran beside a run. Every run's curve is kept in
 [{results}]({results}), and a later `--report` takes from there the runs whose `<out>/<algo>-seed<k>/` folder is
-gone (a session's `/work` may not survive), so runs can be added one at a time; the runs' own records made since
-2026-12-06 are in [bench_metra_baselines_pixels/runs/](bench_metra_baselines_pixels/runs/) (the earlier ones
-were ignored by git's `runs/` rule and are lost; their curves are in the results file).""",
+gone (a session's `/work` may not survive), so runs can be added one at a time.{records}""",
         "commands": """\
 python scripts/bench_metra.py --part pixels --steps {steps_raw} --eval-every 20000 --updates-per-step 0.125 \\
     --threads {threads} --goals 0 --algo {algos} --seeds {seeds} --out /tmp/metra_px_bl \\

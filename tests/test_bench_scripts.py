@@ -217,6 +217,9 @@ def test_metra_pixel_baselines_report_keeps_the_runs_whose_folder_is_gone(tmp_pa
     out, page = tmp_path / "bl", tmp_path / "baselines_pixels.md"
     results = tmp_path / "baselines_pixels" / "results_pixels.json"
     first = json.loads(results.read_text())
+    kept = tmp_path / "baselines_pixels" / "runs" / "diayn-seed0" / "results_pixels.json"  # the record by the page
+    assert kept.read_bytes() == (out / "diayn-seed0" / "results_pixels.json").read_bytes()
+    assert "are in [baselines_pixels/runs/](baselines_pixels/runs/)" in text
     shutil.rmtree(out / "diayn-seed0")  # lost with its session
     rerun = json.loads((out / "diayn-seed1" / "results_pixels.json").read_text())
     rerun["curve"][-1]["coverage"] = 5.0
@@ -228,6 +231,9 @@ def test_metra_pixel_baselines_report_keeps_the_runs_whose_folder_is_gone(tmp_pa
     second = json.loads(results.read_text())
     assert second["diayn"]["0"] == first["diayn"]["0"]  # kept from the page
     assert second["diayn"]["1"]["curve"][-1]["coverage"] == 5.0  # the folder's record, not the page's 3.0
+    assert json.loads(kept.read_text())["curve"][-1]["coverage"] == 2.0  # kept, not removed with the folder
+    assert json.loads(kept.with_name("results_pixels.json").parent.with_name("diayn-seed1").joinpath(
+        "results_pixels.json").read_text())["curve"][-1]["coverage"] == 5.0  # the new record replaces the old
     assert second["lsd"]["0"]["curve"][-1]["coverage"] == 5.0
     assert second["metra"]["0"]["from_extra"] and second["metra"]["0"]["curve"][-1]["env_steps"] == 60000
     assert "| 2 | 5 | not run | 3.5 ± " in text

@@ -69,3 +69,54 @@ def test_editable_install_maps_folders_into_the_namespace(tmp_path):
     out = _check(python, None, tmp_path)
     assert out["envs_file"] == str(ROOT / "envs" / "__init__.py"), out
     assert out["top_level"] == [] and out["agent"] == "rnd"
+
+
+def _repository_files(root: Path) -> set[str] | None:
+    """The files git tracks under ``root`` (``None`` outside a git checkout)."""
+    proc = subprocess.run(["git", "ls-files"], capture_output=True, text=True, cwd=root)
+    return set(proc.stdout.split()) if proc.returncode == 0 else None
+
+
+def broken_doc_links(root: Path) -> list[str]:
+    """``page: link`` for each relative markdown link in ``root``'s pages that names no file or folder the
+    repository holds: in a git checkout the tracked ones, so a record kept beside a page but ignored by git
+    (2026-12-06: a ``runs/`` rule swallowed docs/bench_metra_baselines_pixels/runs/) counts as missing."""
+    import os
+    import re
+
+    tracked = _repository_files(root)
+    if tracked is None:
+        pages = [str(p.relative_to(root)) for p in root.rglob("*.md") if ".git" not in p.parts]
+        exists = lambda rel: (root / rel).exists()  # noqa: E731
+    else:
+        folders = {str(parent) for f in tracked for parent in Path(f).parents}
+        pages = sorted(f for f in tracked if f.endswith(".md"))
+        exists = lambda rel: rel in tracked or rel in folders  # noqa: E731
+    broken = []
+    for page in pages:
+        for link in re.findall(r"\]\(([^)\s]+)\)", (root / page).read_text()):
+            target = link.split("#")[0]
+            if not target or "://" in target or target.startswith("mailto:"):
+                continue
+            rel = os.path.normpath(Path(page).parent / target)
+            if rel.startswith(".."):  # outside the repository (../shared/...): not ours to check
+                continue
+            if not exists(rel):
+                broken.append(f"{page}: {link}")
+    return broken
+
+
+def test_every_relative_link_in_the_pages_names_a_file_the_repository_holds(tmp_path):
+    """The benchmark pages link their figures, records and scripts; a link to a file that is not in the
+    repository is a result a reader cannot check. Checked on this checkout and on a planted page."""
+    assert broken_doc_links(ROOT) == []
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    (tmp_path / ".gitignore").write_text("runs/\n")
+    (tmp_path / "docs" / "page" / "runs").mkdir(parents=True)
+    (tmp_path / "docs" / "page" / "fig.png").write_bytes(b"png")
+    (tmp_path / "docs" / "page" / "runs" / "record.json").write_text("{}")  # on disk, ignored by git
+    (tmp_path / "docs" / "page.md").write_text(
+        "[fig](page/fig.png) [record](page/runs/record.json) [gone](page/missing.png) [web](https://x.org/a) "
+        "[section](#top) [spec](../../shared/spec.md) [folder](page/)")
+    subprocess.run(["git", "add", "."], cwd=tmp_path, check=True)
+    assert broken_doc_links(tmp_path) == ["docs/page.md: page/runs/record.json", "docs/page.md: page/missing.png"]
