@@ -560,7 +560,8 @@ def write_report(out: Path, page: Path, part: str, extra: list[str] | None = Non
                      if rnd is not None and max(lsd, d) <= rnd else "")
         checks.append(f"- LSD vs DIAYN: mean {lsd:.1f} vs {d:.1f} ({seed_counts('lsd', 'diayn')}): "
                       f"LSD is {'ahead' if lsd > d else 'not ahead'}{at_random}.")
-    machine = any_run.get("machine", "")
+    machine = " / ".join(dict.fromkeys(r["machine"] for r in every if r.get("machine") and not r.get("from_extra"))
+                         ) or any_run.get("machine", "")  # each machine the runs were made on, in order
     overrides = " ".join(any_run.get("overrides", []))
     fields = dict(
         steps=f"{steps:,}", steps_raw=steps, task=task, cut=", ".join(cut) or "none", machine=machine,
