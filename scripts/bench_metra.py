@@ -497,7 +497,7 @@ def write_report(out: Path, page: Path, part: str, extra: list[str] | None = Non
     summary = {algo: {str(seed): {**{k: r.get(k) for k in kept}, **({"curve_note": r["curve_note"]}
                                                                    if r.get("curve_note") else {})}
                       for seed, r in sorted(runs[algo].items())} for algo in ALGOS if algo in runs}
-    (folder / f"results_{part}.json").write_text(json.dumps(summary, indent=2))
+    results.write_text(json.dumps(summary, indent=2))
 
     finals = {algo: {seed: _final(r, "coverage") for seed, r in by_seed.items()} for algo, by_seed in runs.items()}
     totals = {algo: {seed: _final(r, "total_coverage") for seed, r in by_seed.items()}
@@ -568,7 +568,7 @@ def write_report(out: Path, page: Path, part: str, extra: list[str] | None = Non
         overrides=overrides, threads=_threads(runs), algos=" ".join(a for a in ALGOS if a in made),
         seeds=" ".join(str(s) for s in sorted({s for a in made for s in made[a]})),
         extra=" ".join(extra or []), not_run=", ".join(missing) or "none", repaired=repaired,
-        made_here=made_here, records=records_text, results=(folder / f"results_{part}.json").relative_to(page.parent),
+        made_here=made_here, records=records_text, results=results.relative_to(page.parent),
         eval_every=_eval_every(runs))
     page_text = PAGE.format(
         title=templates["title"], setting=templates["setting"].format(**fields),
@@ -680,8 +680,8 @@ skills, minibatch 64), 0.125 updates per agent step after 4,000 steps, buffer 30
 per run**, {threads} torch threads, the overrides `{overrides}`. Coverage is the official `MjNumUniqueCoords`:
 unique 1 x 1 m cells of torso x over 16 deterministic skill rollouts (random actions: 16 episodes, from
 the METRA run's file); total coverage counts the cells of all training episodes (random actions: the same
-number of env steps). The METRA curve is the single pixel run of bench_metra.md (`--report-extra`), cut at
-the budget. Machine: {machine}; wall times depend on what else ran beside a run. Every run's curve is kept in
+number of env steps). METRA seed 0 is the pixel run of bench_metra.md (`--report-extra`), cut at the
+budget. Machine: {machine}; wall times depend on what else ran beside a run. Every run's curve is kept in
 [{results}]({results}), and a later `--report` takes from there the runs whose `<out>/<algo>-seed<k>/` folder is
 gone (a session's `/work` may not survive), so runs can be added one at a time.{records}""",
         "commands": """\
