@@ -5,7 +5,7 @@ the ``smoke``-preset agent without an env, runs three updates on one fixed repla
 the deterministic policy for two steps. ``tests/golden/<agent>_<obs>.safetensors`` holds what the
 code of d7dbecc produced for exactly this; this test reruns it with the current code and wants every
 parameter / buffer, every metric of every update, both actions and the inferred task vector within
-``atol=1e-6`` (``rtol=0``, compared in float64; pixel cases within ``PIXEL_ATOL``, see there). The few
+``atol=ATOL`` (1e-4, ``rtol=0``, compared in float64; pixel cases within ``PIXEL_ATOL``, see there). The few
 tensors of several MB are compared through a sample and column sums (see ``BIG``).
 
 A refactor that only renames things maps the old names in :data:`RENAMED` (and lists names that
@@ -36,7 +36,12 @@ OBS_SHAPE = {"pixels": (3, IMAGE, IMAGE), "state": (STATE_DIM,)}
 NUM_UPDATES = 3
 INPUT_SEED = 20240601  # the generator of the batch, rewards, policy observations and skills
 INIT_SEED, UPDATE_SEED = 0, 1  # torch.manual_seed before construction / before the updates
-ATOL = 1e-6
+# State cases: 1e-6 held on the AMD EPYC VMs that ran every check until 2026-12-05; on an Intel Xeon with AVX-512
+# (2026-12-06), where MKL takes other sgemm kernels, the unchanged code (2842d86 and 60756c7) differs by up to 1.5e-5
+# in a total loss (float32's ~7 digits on a loss of order 10-100) and 2.4e-6 in a parameter. 1e-4 is 6x that; a
+# changed loss, target or discount still moves the state cases' losses by 1e-3 or more (tried: RND's discount
+# dropped, its critic target's min made a max, FB's and TD-JEPA's discounts set to 0.9; each fails).
+ATOL = 1e-4
 # Pixel cases on another CPU: oneDNN picks its convolution kernels by instruction set, so the conv trunks round
 # differently on a machine without AVX-512 than on the one that wrote the files, and Adam lifts those differences
 # in near-zero gradients to a whole step (lr 1e-4) of a few parameters. Measured 2026-12-04 on an AVX2-only EPYC
