@@ -373,9 +373,8 @@ def _gather(out: Path, part: str, extra: list[str], budget: int | None,
     for path in sorted(out.glob(f"*-seed*/results_{part}.json")):
         r = json.loads(path.read_text())
         r["source"], r["record"] = f"<out>/{path.parent.name}/{path.name}", path.parent
-        r["skills_png"] = str(path.parent / f"skills_{part}.png")
         runs.setdefault(r["algo"], {})[r["seed"]] = r
-    kept = {algo: {int(seed): {**r, "algo": algo, "seed": int(seed), "kept_on_page": True,  # pages before 12-06
+    kept = {algo: {int(seed): {**r, "algo": algo, "seed": int(seed),  # sources: absolute in pages before 12-06
                                "source": re.sub(r"^/\S*/(\w+-seed\d+/results_\w+\.json)$", r"<out>/\1", r["source"])}
                    for seed, r in by_seed.items()}
             for algo, by_seed in json.loads(page_results.read_text()).items()} if page_results else {}
@@ -473,19 +472,18 @@ def write_report(out: Path, page: Path, part: str, extra: list[str] | None = Non
                    f"{steps:,} env steps", PARTS[part]["num_skills"])
     for algo, by_seed in runs.items():  # the skill plots at the budget beside the page
         for seed, r in by_seed.items():
-            src = Path(r.get("skills_png", "-"))  # not a plain METRA run's: its plot is at its own budget
+            src = r["record"] / f"skills_{part}.png" if "record" in r else None  # --report-extra's: at its budget
             if r.get("beyond") and run_root is not None:  # a longer run: its plot at the budget's evaluation
                 src = (run_root / f"{part}-{task}-{algo}-seed{seed}" / "eval"
                        / f"skills_{r['curve'][-1]['env_steps']:09d}.png")
-            if algo != "random" and src.is_file():
+            if algo != "random" and src is not None and src.is_file():
                 (folder / f"skills_{part}_{algo}_seed{seed}.png").write_bytes(src.read_bytes())
-    for r in (r for by_seed in runs.values() for r in by_seed.values() if "record" in r):
-        record = folder / "runs" / r["record"].name  # each record made under --out, beside the page (--out may
-        record.mkdir(parents=True, exist_ok=True)  # not survive the session)
+    records = folder / "runs"  # each record made under --out, beside the page (--out may not survive the session)
+    for r in (r for r in every if "record" in r):
+        (records / r["record"].name).mkdir(parents=True, exist_ok=True)
         for src in (r["record"] / f"results_{part}.json", r["record"] / f"skills_{part}.png"):
             if src.is_file():
-                (record / src.name).write_bytes(src.read_bytes())
-    records = folder / "runs"
+                (records / r["record"].name / src.name).write_bytes(src.read_bytes())
     link = f"{records.relative_to(page.parent)}/"
     records_text = (f" The runs' own records (`results_{part}.json` and the skills plot), copied by each `--report`,"
                     f" are in [{link}]({link})"

@@ -217,13 +217,15 @@ def test_metra_pixel_baselines_report_keeps_the_runs_whose_folder_is_gone(tmp_pa
     out, page = tmp_path / "bl", tmp_path / "baselines_pixels.md"
     results = tmp_path / "baselines_pixels" / "results_pixels.json"
     first = json.loads(results.read_text())
-    kept = tmp_path / "baselines_pixels" / "runs" / "diayn-seed0" / "results_pixels.json"  # the record by the page
+    records = tmp_path / "baselines_pixels" / "runs"  # the records copied beside the page
+    kept = records / "diayn-seed0" / "results_pixels.json"
     assert kept.read_bytes() == (out / "diayn-seed0" / "results_pixels.json").read_bytes()
     assert "are in [baselines_pixels/runs/](baselines_pixels/runs/)" in text
     shutil.rmtree(out / "diayn-seed0")  # lost with its session
     rerun = json.loads((out / "diayn-seed1" / "results_pixels.json").read_text())
     rerun["curve"][-1]["coverage"] = 5.0
     (out / "diayn-seed1" / "results_pixels.json").write_text(json.dumps(rerun))
+    (out / "diayn-seed1" / "skills_pixels.png").write_bytes(b"the rerun's skills")
     (out / "lsd-seed0").mkdir()
     (out / "lsd-seed0" / "results_pixels.json").write_text(json.dumps({**rerun, "algo": "lsd", "seed": 0}))
     bench_metra.write_report(out, page, "pixels", [str(extra)], None, None)
@@ -232,8 +234,10 @@ def test_metra_pixel_baselines_report_keeps_the_runs_whose_folder_is_gone(tmp_pa
     assert second["diayn"]["0"] == first["diayn"]["0"]  # kept from the page
     assert second["diayn"]["1"]["curve"][-1]["coverage"] == 5.0  # the folder's record, not the page's 3.0
     assert json.loads(kept.read_text())["curve"][-1]["coverage"] == 2.0  # kept, not removed with the folder
-    assert json.loads(kept.with_name("results_pixels.json").parent.with_name("diayn-seed1").joinpath(
-        "results_pixels.json").read_text())["curve"][-1]["coverage"] == 5.0  # the new record replaces the old
+    new_record = json.loads((records / "diayn-seed1" / "results_pixels.json").read_text())
+    assert new_record["curve"][-1]["coverage"] == 5.0  # the new record replaces the old
+    for plot in (records / "diayn-seed1" / "skills_pixels.png", records.parent / "skills_pixels_diayn_seed1.png"):
+        assert plot.read_bytes() == b"the rerun's skills"  # with its skills plot, in the record and on the page
     assert second["lsd"]["0"]["curve"][-1]["coverage"] == 5.0
     assert second["metra"]["0"]["from_extra"] and second["metra"]["0"]["curve"][-1]["env_steps"] == 60000
     assert "| 2 | 5 | not run | 3.5 ± " in text

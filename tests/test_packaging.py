@@ -71,10 +71,12 @@ def test_editable_install_maps_folders_into_the_namespace(tmp_path):
     assert out["top_level"] == [] and out["agent"] == "rnd"
 
 
-def _repository_files(root: Path) -> set[str] | None:
-    """The files git tracks under ``root`` (``None`` outside a git checkout)."""
+def _repository_files(root: Path) -> set[str]:
+    """The files git tracks under ``root``; outside a git checkout, every file below it."""
     proc = subprocess.run(["git", "ls-files"], capture_output=True, text=True, cwd=root)
-    return set(proc.stdout.split()) if proc.returncode == 0 else None
+    if proc.returncode == 0:
+        return set(proc.stdout.splitlines())
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and ".git" not in p.parts}
 
 
 def broken_doc_links(root: Path) -> list[str]:
@@ -84,16 +86,10 @@ def broken_doc_links(root: Path) -> list[str]:
     import os
     import re
 
-    tracked = _repository_files(root)
-    if tracked is None:
-        pages = [str(p.relative_to(root)) for p in root.rglob("*.md") if ".git" not in p.parts]
-        exists = lambda rel: (root / rel).exists()  # noqa: E731
-    else:
-        folders = {str(parent) for f in tracked for parent in Path(f).parents}
-        pages = sorted(f for f in tracked if f.endswith(".md"))
-        exists = lambda rel: rel in tracked or rel in folders  # noqa: E731
+    files = _repository_files(root)
+    held = files | {str(parent) for f in files for parent in Path(f).parents}  # the files and their folders
     broken = []
-    for page in pages:
+    for page in sorted(f for f in files if f.endswith(".md")):
         for link in re.findall(r"\]\(([^)\s]+)\)", (root / page).read_text()):
             target = link.split("#")[0]
             if not target or "://" in target or target.startswith("mailto:"):
@@ -101,7 +97,7 @@ def broken_doc_links(root: Path) -> list[str]:
             rel = os.path.normpath(Path(page).parent / target)
             if rel.startswith(".."):  # outside the repository (../shared/...): not ours to check
                 continue
-            if not exists(rel):
+            if rel not in held:
                 broken.append(f"{page}: {link}")
     return broken
 
