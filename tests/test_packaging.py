@@ -79,10 +79,30 @@ def _repository_files(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and ".git" not in p.parts}
 
 
+def heading_anchors(text: str) -> set[str]:
+    """The anchors GitHub gives a page's headings: lower case, punctuation dropped, spaces made hyphens, a
+    repeated heading suffixed -1, -2, ...; lines inside fenced code blocks (shell comments) are not headings."""
+    import re
+
+    anchors, seen, fenced = set(), {}, False
+    for line in text.splitlines():
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+            continue
+        heading = None if fenced else re.match(r"#{1,6}\s+(.*?)\s*#*\s*$", line)
+        if heading:
+            slug = re.sub(r"[^\w\- ]", "", heading.group(1).lower()).replace(" ", "-")
+            anchors.add(f"{slug}-{seen[slug]}" if slug in seen else slug)
+            seen[slug] = seen.get(slug, 0) + 1
+    return anchors
+
+
 def broken_doc_links(root: Path) -> list[str]:
     """``page: link`` for each relative markdown link in ``root``'s pages that names no file or folder the
-    repository holds: in a git checkout the tracked ones, so a record kept beside a page but ignored by git
-    (2026-12-06: a ``runs/`` rule swallowed docs/bench_metra_baselines_pixels/runs/) counts as missing."""
+    repository holds (in a git checkout the tracked ones, so a record kept beside a page but ignored by git
+    (2026-12-06: a ``runs/`` rule swallowed docs/bench_metra_baselines_pixels/runs/) counts as missing), or a
+    ``#section`` that its page has no heading for (a heading renamed under a link: benchmarks.md's link to
+    bench_metra.md's GPU section, 2026-12-06)."""
     import os
     import re
 
@@ -91,20 +111,22 @@ def broken_doc_links(root: Path) -> list[str]:
     broken = []
     for page in sorted(f for f in files if f.endswith(".md")):
         for link in re.findall(r"\]\(([^)\s]+)\)", (root / page).read_text()):
-            target = link.split("#")[0]
-            if not target or "://" in target or target.startswith("mailto:"):
+            target, _, anchor = link.partition("#")
+            if "://" in target or target.startswith("mailto:"):
                 continue
-            rel = os.path.normpath(Path(page).parent / target)
+            rel = os.path.normpath(Path(page).parent / target) if target else page
             if rel.startswith(".."):  # outside the repository (../shared/...): not ours to check
                 continue
-            if rel not in held:
+            if rel not in held or (anchor and rel.endswith(".md")
+                                   and anchor not in heading_anchors((root / rel).read_text())):
                 broken.append(f"{page}: {link}")
     return broken
 
 
 def test_every_relative_link_in_the_pages_names_a_file_the_repository_holds(tmp_path):
-    """The benchmark pages link their figures, records and scripts; a link to a file that is not in the
-    repository is a result a reader cannot check. Checked on this checkout and on a planted page."""
+    """The benchmark pages link their figures, records, scripts and each other's sections; a link to a file that
+    is not in the repository is a result a reader cannot check, one to a section that is gone lands at the top of
+    a long page. Checked on this checkout and on a planted page."""
     assert broken_doc_links(ROOT) == []
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     (tmp_path / ".gitignore").write_text("runs/\n")
@@ -112,7 +134,13 @@ def test_every_relative_link_in_the_pages_names_a_file_the_repository_holds(tmp_
     (tmp_path / "docs" / "page" / "fig.png").write_bytes(b"png")
     (tmp_path / "docs" / "page" / "runs" / "record.json").write_text("{}")  # on disk, ignored by git
     (tmp_path / "docs" / "page.md").write_text(
-        "[fig](page/fig.png) [record](page/runs/record.json) [gone](page/missing.png) [web](https://x.org/a) "
-        "[section](#top) [spec](../../shared/spec.md) [folder](page/)")
+        "# Top\n## Runs (seed 0, 2026-12-06)\n## Runs (seed 0, 2026-12-06)\n```\n# a shell comment\n```\n"
+        "[fig](page/fig.png) [record](page/runs/record.json) [gone](page/missing.png) [web](https://x.org/a#b) "
+        "[section](#top) [spec](../../shared/spec.md#x) [folder](page/) [again](#runs-seed-0-2026-12-06-1) "
+        "[renamed](#runs-seed-0) [comment](#a-shell-comment) [other page](other.md#notes) "
+        "[other, gone](other.md#results) [figure part](page/fig.png#x)\n")
+    (tmp_path / "docs" / "other.md").write_text("# Other\n### Notes ###\n")
     subprocess.run(["git", "add", "."], cwd=tmp_path, check=True)
-    assert broken_doc_links(tmp_path) == ["docs/page.md: page/runs/record.json", "docs/page.md: page/missing.png"]
+    assert broken_doc_links(tmp_path) == [
+        "docs/page.md: page/runs/record.json", "docs/page.md: page/missing.png", "docs/page.md: #runs-seed-0",
+        "docs/page.md: #a-shell-comment", "docs/page.md: other.md#results"]
