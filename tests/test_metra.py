@@ -386,17 +386,20 @@ def test_coverage_and_goal_evaluation_on_cheetah(tmp_path):
 
 
 @pytest.mark.parametrize("obs_type", ["pixels", "state"])
-def test_train_agent_smoke(tmp_path, obs_type):
+def test_train_agent_smoke(tmp_path, obs_type, capsys):
     from latentrl.training.checkpoint import load_agent
     from latentrl.training.cli import train_main
 
     run_dir = tmp_path / obs_type
     args = ["agent=metra", "preset=smoke", "env=cheetah-run", "log.progress=false", "log.tensorboard=false",
             "eval.video=false", f"run_dir={run_dir}", f"agent.obs_type={obs_type}", "steps=200",
-            "env.episode_length=50"]
+            "env.episode_length=50", "eval.every=100"]
     result = train_main(args)
     assert result["eval/coverage"] >= 1  # the trainer ran METRA's registered evaluation (training/skills.py)
-    assert list((run_dir / "eval").glob("skills_*.png"))
+    plots = sorted((run_dir / "eval").glob("skills_*.png"))
+    assert len(plots) >= 2  # eval.every=100: one plot per evaluation
+    # the run's last lines name the last skills plot, what a user opens first
+    assert f"[latentrl] figure:     {plots[-1]}\n" in capsys.readouterr().out
     with open(run_dir / "metrics.csv") as f:
         rows = [row for row in csv.DictReader(f) if row.get("lambda")]
     assert rows, "no update was logged"

@@ -737,6 +737,9 @@ def train_main(argv: list[str] | None = None) -> dict:
     print(f"[latentrl] checkpoint: {trainer.checkpoint_path}")
     if getattr(trainer, "last_video", None):
         print(f"[latentrl] video:      {trainer.last_video}")
+    figures = list((run_dir / "eval").glob("*.png"))  # an agent's own evaluation plots (METRA's skills)
+    if figures:
+        print(f"[latentrl] figure:     {max(figures, key=lambda f: f.stat().st_mtime_ns)}")
     if result:
         print("[latentrl] evaluation: " + ", ".join(f"{k}={v:.3g}" for k, v in result.items()))
     return result
