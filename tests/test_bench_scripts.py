@@ -1418,6 +1418,24 @@ def test_bench_zero_shot_refuses_a_workdir_made_with_other_settings(tmp_path, mo
     assert "needs ['physics', 'pixels']" in bench.reuse_problems(work, [job], args)[0]
 
 
+def test_bench_zero_shot_first_look_is_the_readmes_few_minute_setting_and_flags_beside_it_win():
+    """``--first-look`` (the README's first command): point_mass_maze, 10k RND steps, 2k updates, one checkpoint,
+    one episode, seed 0, written under runs/first_look (never over the docs page); a flag beside it wins; without
+    it the defaults are the benchmark's (walker, docs/bench_zero_shot.md)."""
+    bench = _load("bench_zero_shot")
+    args = bench.parse_args(["--first-look"])
+    assert (args.domain, args.dataset_steps, args.updates, args.eval_points, args.episodes, args.seeds) == (
+        "point_mass_maze", 10000, 2000, 1, 1, [0])
+    assert (args.workdir, args.out) == ("runs/first_look", "runs/first_look/zero_shot.md")
+    assert args.heldout_steps == 2000 and args.jobs == 2 and args.obs == "state"
+    args = bench.parse_args(["--first-look", "--seeds", "3", "4", "--updates", "4000"])
+    assert (args.seeds, args.updates, args.domain) == ([3, 4], 4000, "point_mass_maze")
+    args = bench.parse_args([])
+    assert (args.domain, args.updates, args.out) == ("walker", 20000, "docs/bench_zero_shot.md")
+    readme = (SCRIPTS.parent / "README.md").read_text()
+    assert "python scripts/bench_zero_shot.py --first-look" in readme.split("**Run the tests**")[0]
+
+
 def test_bench_zero_shot_report_averages_tasks_per_seed_and_lists_each_seed(tmp_path):
     """The page's tables from a results.json: the domain average is the mean over tasks, per seed, then mean +- s.e.
     over seeds; the per-seed table lists every run's average at every checkpoint, under its own seed."""
