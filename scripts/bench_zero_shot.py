@@ -207,7 +207,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--first-look", action="store_true",
                         help="a few minutes' version for a first look (the README's first command): "
-                             + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in FIRST_LOOK.items())
+                             + ", ".join(f"--{k.replace('_', '-')} {v[0] if isinstance(v, list) else v}"
+                                         for k, v in FIRST_LOOK.items())
                              + "; flags given beside it win")
     parser.add_argument("--domain", default="walker", choices=["walker", "point_mass_maze", "cheetah", "quadruped"])
     parser.add_argument("--dataset-steps", type=int, default=100000)
@@ -232,7 +233,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="replay batches (the agent's batch size) per loss measurement")
     parser.add_argument("--workdir", default=None, help="default runs/bench_zero_shot[_pixels]")
     parser.add_argument("--out", default=None, help="default docs/bench_zero_shot[_pixels].md")
-    if "--first-look" in argv:
+    first_look = argparse.ArgumentParser(add_help=False)  # read first, as argparse reads it (--first too)
+    first_look.add_argument("--first-look", action="store_true")
+    if first_look.parse_known_args(argv)[0].first_look:
         parser.set_defaults(**FIRST_LOOK)
     args = parser.parse_args(argv)
     suffix = "_pixels" if args.obs == "pixels" else ""

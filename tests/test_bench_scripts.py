@@ -1430,6 +1430,8 @@ def test_bench_zero_shot_first_look_is_the_readmes_few_minute_setting_and_flags_
     assert args.heldout_steps == 2000 and args.jobs == 2 and args.obs == "state"
     args = bench.parse_args(["--first-look", "--seeds", "3", "4", "--updates", "4000"])
     assert (args.seeds, args.updates, args.domain) == ([3, 4], 4000, "point_mass_maze")
+    # argparse takes an abbreviation: it must not run the full walker benchmark over the docs page
+    assert bench.parse_args(["--first"]).out == "runs/first_look/zero_shot.md"
     args = bench.parse_args([])
     assert (args.domain, args.updates, args.out) == ("walker", 20000, "docs/bench_zero_shot.md")
     readme = (SCRIPTS.parent / "README.md").read_text()
