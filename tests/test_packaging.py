@@ -103,11 +103,13 @@ def broken_doc_links(root: Path) -> list[str]:
     (2026-12-06: a ``runs/`` rule swallowed docs/bench_metra_baselines_pixels/runs/) counts as missing), or a
     ``#section`` that its page has no heading for (a heading renamed under a link: benchmarks.md's link to
     bench_metra.md's GPU section, 2026-12-06)."""
+    import functools
     import os
     import re
 
     files = _repository_files(root)
     held = files | {str(parent) for f in files for parent in Path(f).parents}  # the files and their folders
+    anchors = functools.cache(lambda rel: heading_anchors((root / rel).read_text()))  # each linked page read once
     broken = []
     for page in sorted(f for f in files if f.endswith(".md")):
         for link in re.findall(r"\]\(([^)\s]+)\)", (root / page).read_text()):
@@ -117,8 +119,7 @@ def broken_doc_links(root: Path) -> list[str]:
             rel = os.path.normpath(Path(page).parent / target) if target else page
             if rel.startswith(".."):  # outside the repository (../shared/...): not ours to check
                 continue
-            if rel not in held or (anchor and rel.endswith(".md")
-                                   and anchor not in heading_anchors((root / rel).read_text())):
+            if rel not in held or (anchor and rel.endswith(".md") and anchor not in anchors(rel)):
                 broken.append(f"{page}: {link}")
     return broken
 
