@@ -553,26 +553,38 @@ def scorer_ranking(agent: ActiveInferenceAgent, heldout: ReplayBuffer, args, hor
     (H = 1: the spec's check). Ranked by G (the executed-plan score: risk summed over the imagined
     path minus the weighted epistemic value) and, for H > 1, by the risk of the last imagined step alone."""
     n, k, h = args.rank_cases, args.rank_candidates, int(horizon)
-    with fixed_draws(args.seed + 11 + h):  # the cases and the scorer's state samples
+    with fixed_draws(ranking_seed(args, h)):  # the cases and the scorer's state samples
         return _scorer_ranking(agent, heldout, args, n, k, h)
 
 
-def _scorer_ranking(agent: ActiveInferenceAgent, heldout: ReplayBuffer, args, n: int, k: int, h: int) -> dict:
+def ranking_seed(args, horizon: int) -> int:
+    """The seed of :func:`scorer_ranking`'s draws (cases, then the scorer's state samples) at ``horizon``."""
+    return args.seed + 11 + int(horizon)
+
+
+def ranking_cases(heldout: ReplayBuffer, frame_stack: int, n: int, k: int, h: int, action_dim: int,
+                  seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Check 2's cases: ``n`` held-out slices of ``h`` steps from torch's global generator (inside the caller's
+    :func:`fixed_draws`), and ``k`` uniform random candidate sequences per case from their own generator
+    (``seed``). Returns the first observation ``[n, ...]``, the goal o_{t+h} ``[n, ...]`` and the actions
+    ``[n, 1 + k, h, A]`` with the true sequence first. Diagnostics (docs/bench_active_inference/) rank on these."""
     if h == 1:
-        batch = heldout.sample(n, frame_stack=agent.frame_stack, keys=["pixels"])
+        batch = heldout.sample(n, frame_stack=frame_stack, keys=["pixels"])
         first, goal_frames = batch["pixels"], batch["next", "pixels"]
-        true_actions = batch["action"].float().reshape(n, 1, 1, -1)
     else:
-        batch = heldout.sample(n, horizon=h, frame_stack=agent.frame_stack, keys=["pixels"])
+        batch = heldout.sample(n, horizon=h, frame_stack=frame_stack, keys=["pixels"])
         first, goal_frames = batch["pixels"][:, 0], batch["next", "pixels"][:, -1]
-        true_actions = batch["action"].float().reshape(n, 1, h, -1)
+    true_actions = batch["action"].float().reshape(n, 1, h, -1)
+    candidates = torch.rand(n, k, h, action_dim, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    return first, goal_frames, torch.cat([true_actions, candidates], dim=1)
+
+
+def _scorer_ranking(agent: ActiveInferenceAgent, heldout: ReplayBuffer, args, n: int, k: int, h: int) -> dict:
+    wm = agent.world_model
+    first, goal_frames, actions = ranking_cases(heldout, agent.frame_stack, n, k, h, wm.action_dim, args.seed + 1)
     task = agent.infer_task(GoalObservation(obs=TensorDict({"pixels": goal_frames}, batch_size=[n])))
     policy = agent.policy(task)
-    wm = agent.world_model
     state = wm.observe(wm.initial_state(n), first, None, None)
-    gen = torch.Generator().manual_seed(args.seed + 1)
-    candidates = torch.rand(n, k, h, wm.action_dim, generator=gen) * 2 - 1
-    actions = torch.cat([true_actions, candidates], dim=1)  # the true sequence first
     goal_mean, goal_std = policy._goal(n)
     draws = policy.draw_noise(n, h)  # the state samples and transition draws, the same for every risk form
     current = wm.target(first)  # o_t in the decoder's scale (risk="observation_corrected")

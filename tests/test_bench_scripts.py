@@ -431,6 +431,103 @@ def test_bench_active_inference_check2_ranks_the_true_action_first_in_a_known_wo
     assert out["observation_risk_G_fraction_in_best_20pct"] < 0.5
 
 
+def test_latent_ranking_scores_rank_the_true_action_first_only_when_the_model_moves_toward_the_goal(monkeypatch):
+    """``docs/bench_active_inference/latent_ranking.py``'s noise-free scorers on check 2's own cases
+    (``bench.ranking_cases``): a model that knows the world ranks the true action first in every case by each of
+    them; one whose transition ignores the action ranks it by chance, and its candidates do not move the
+    prediction."""
+    import torch
+
+    from latentrl.agents.active_inference import ActiveInferenceAgent
+
+    bench = _load("bench_active_inference")
+    ranking = _load("latent_ranking", STUDIES / "bench_active_inference")
+    cfg = ActiveInferenceAgent.make_config("smoke")
+    wm = ActiveInferenceAgent(cfg, (3, 64, 64), 2).eval().world_model
+    _shift_world(wm, monkeypatch)
+    world = _ShiftWorld(cfg.latent_dim, 2)
+    with bench.fixed_draws(3):
+        first, goal, actions = bench.ranking_cases(world, 1, 40, 300, 1, 2, seed=4)
+    assert torch.equal(actions[:, 0, 0], _ShiftWorld(cfg.latent_dim, 2).sample(40)["action"])  # the true one first
+    assert actions.shape == (40, 301, 1, 2) and actions[:, 1:].abs().max() <= 1
+    now, _ = wm.posterior(first)
+    goal_mean, goal_std = wm.posterior(goal)
+    scores = ranking.mean_path_scores(wm, now, goal_mean, goal_std, actions[:, :, 0])
+    for name in ("risk_mean_path", "risk_expected", "latent_distance"):
+        assert ranking.fraction(scores[name]) == {"fraction_in_best_20pct": 1.0, "median_rank": 0.0}, name
+    assert float(scores["action_spread_in_goal_stds_median"]) > 10 > 1e-3 > float(
+        scores["true_action_miss_in_goal_stds_median"])
+
+    def blind(s, action):  # the same model, but the action changes nothing
+        return s.expand(len(wm.transitions), -1, -1), torch.full((len(wm.transitions), *s.shape), 1e-3)
+
+    monkeypatch.setattr(wm, "transition_members", blind)
+    scores = ranking.mean_path_scores(wm, now, goal_mean, goal_std, actions[:, :, 0])
+    assert float(scores["action_spread_in_goal_stds_median"]) == 0.0
+    assert ranking.fraction(scores["risk_mean_path"])["median_rank"] == 0.5  # every candidate ties the true one
+
+
+def test_latent_ranking_runs_on_a_saved_model_and_ranks_check2s_own_cases(tmp_path):
+    """``latent_ranking.py`` end to end on a saved smoke model and collected point_mass data: its benchmark row is
+    check 2 on the same model and cases, the noise-free scorers and both probes are read on those cases, and the
+    record is written."""
+    import torch
+
+    bench = _load("bench_active_inference")
+    ranking = _load("latent_ranking", STUDIES / "bench_active_inference")
+    flags = ["--quick", "--data", str(tmp_path / "data"), "--fig-dir", str(tmp_path / "figs"), "--seed", "2"]
+    args = bench.parse_args(flags)
+    train, heldout = bench.load_or_collect(args)
+    torch.manual_seed(0)
+    bench.save_model_file(bench.build_agent(args), {}, tmp_path / "model.pt")
+    out = ranking.main([*flags, "--load-model", str(tmp_path / "model.pt")], probe_transitions=1000, probe_updates=20)
+    args = bench.parse_args([*flags, "--load-model", str(tmp_path / "model.pt"), "--rank-risks", "latent"])
+    assert out["G_benchmark"] == bench.scorer_ranking(bench.load_saved_agent(args), heldout, args)
+    for name in ("risk_mean_path", "risk_expected", "latent_distance", "latent_inverse_probe",
+                 "encoder_features_inverse_probe"):
+        assert 0.0 <= out[name]["fraction_in_best_20pct"] <= 1.0, name
+    assert out["latent_inverse_probe"]["action_mse"] != out["encoder_features_inverse_probe"]["action_mse"]
+    assert json.loads((tmp_path / "figs" / "latent_ranking.json").read_text())["cases"] == args.rank_cases
+
+
+def test_inverse_ceiling_reads_frames_in_order_and_the_physics_fit_recovers_the_action(tmp_path):
+    """``docs/bench_active_inference/inverse_ceiling.py``: the network's input is frames t-1, t, t+1 (o_t's stack
+    and o_{t+1}'s newest frame) with a_t; the candidates' ranking puts an exact prediction first; on real
+    point_mass transitions the least-squares fit from the physics state at t and t+1 recovers a_t (the motion
+    carries the action), and a run writes its curve."""
+    import torch
+    from tensordict import TensorDict
+
+    bench = _load("bench_active_inference")
+    ceiling = _load("inverse_ceiling", STUDIES / "bench_active_inference")
+
+    class Stacks:  # frame k is filled with the value k; o_t = (k - 1, k), o_{t+1} = (k, k + 1), a_t = k
+        def sample(self, n, frame_stack=1, keys=None):
+            k = torch.arange(1, n + 1, dtype=torch.uint8)[:, None, None, None].expand(n, 3, 4, 4)
+            return TensorDict({"pixels": torch.cat([k - 1, k], 1), "action": k[:, 0, 0, :2].float(),
+                               "physics": torch.zeros(n, 4), "next": {"pixels": torch.cat([k, k + 1], 1),
+                                                                     "physics": torch.zeros(n, 4)}}, batch_size=[n])
+
+    frames, actions, physics = ceiling.frames_and_actions(Stacks(), 5)
+    k = torch.arange(1, 6)
+    for i, offset in enumerate((-1, 0, 1)):
+        assert torch.equal(frames[:, 3 * i : 3 * i + 3].amax((1, 2, 3)).long(), k + offset)
+    assert torch.equal(actions[:, 0].long(), k) and physics.shape == (5, 8)
+    truth = torch.rand(50, 2) * 2 - 1
+    assert ceiling.summary(ceiling.ranks(truth, truth, 100, seed=0))["fraction_in_best_20pct"] == 1.0
+    assert ceiling.summary(ceiling.ranks(-truth.sign(), truth.sign() * 0.9, 100, seed=0))["median_rank"] > 0.9
+
+    args = bench.parse_args(["--quick", "--data", str(tmp_path / "data"), "--fig-dir", str(tmp_path / "figs")])
+    for folder, episodes, seed in (("train", 4, 0), ("heldout", 2, 1)):
+        bench.collect(args, episodes, seed).save(tmp_path / "data" / folder)
+    record = ceiling.main(["--data", str(tmp_path / "data"), "--updates", "4", "--eval-every", "2", "--cases", "16",
+                           "--candidates", "50", "--out", str(tmp_path / "ceiling.json")])
+    assert record["physics_least_squares"]["fraction_in_best_20pct"] == 1.0
+    assert record["physics_least_squares"]["action_mse"] < 0.01 < record["mean_action"]["action_mse"]
+    assert [row["update"] for row in record["curve"]] == [0, 2, 4]
+    assert json.loads((tmp_path / "ceiling.json").read_text())["curve"][-1]["update"] == 4
+
+
 def test_bench_active_inference_quick_never_defaults_to_the_docs_page(tmp_path, monkeypatch):
     """A ``--quick`` run without ``--out`` / ``--fig-dir`` writes under the temp dir, not over the docs' page,
     figures and results.json; given paths and a full run's defaults are unchanged."""

@@ -1,0 +1,160 @@
+"""Where does a trained world model lose the action that check 2 asks it to find? (issue 14)
+
+    python docs/bench_active_inference/latent_ranking.py --load-model <model.pt> --data <buffers> [bench options]
+
+Takes the options of scripts/bench_active_inference.py (the model settings and the buffers of the page's run). On
+check 2's own held-out cases and candidates (the same draws as ``bench_active_inference.scorer_ranking``), it ranks
+the true a_t among 1000 random candidates with the goal set to o_{t+1} by:
+
+1. ``G``: the benchmark's check 2 as it stands (J sampled beliefs and transition draws, common to the candidates).
+2. ``risk_mean_path``: the FER risk at the means, no sampling: each ensemble member's predicted mean from the
+   belief's mean, sum_d (mu'_d - mu_g,d)^2 / (2 sigma_g,d^2), averaged over the members.
+3. ``risk_expected``: the same risk's expectation under each member's Gaussian prediction, in closed form
+   (adds sum_d sigma'_d^2 / (2 sigma_g,d^2), which depends on the action through sigma'), averaged over members.
+4. ``latent_distance``: ||mu' - mu_g||^2 at the means, averaged over members (no goal precision).
+5. ``latent_inverse_probe``: not a scorer of the model but a test of its latent: an MLP fitted on training
+   transitions from the posterior means (mu_t, mu_{t+1} - mu_t) to a_t, candidates ranked by distance to its
+   prediction. If this ranks the true action well while 1-4 do not, the latent carries the action and the
+   transition or the risk loses it; if it does not, the belief has already lost it.
+6. ``encoder_features_inverse_probe``: the same probe on the encoder's features before the posterior head (the
+   256 values the belief's mean and std are read from): whether the encoder saw the action and the head dropped it.
+
+Writes ``latent_ranking.json`` to ``--fig-dir``. ``inverse_ceiling.py`` beside it is the same question for a network
+trained on the pixels themselves.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import bench_active_inference as bench  # noqa: E402
+
+
+def fraction(scores: torch.Tensor) -> dict:
+    """Check 2's reading of ``scores`` ``[N, 1 + K]`` (true action first, lower is better)."""
+    rank = bench.true_action_rank(scores)
+    return {"fraction_in_best_20pct": float((rank < 0.2).float().mean()), "median_rank": float(rank.median())}
+
+
+@torch.no_grad()
+def member_predictions(wm, start: torch.Tensor, actions: torch.Tensor, chunk: int = 20000):
+    """Every member's p(s'|s, a) for ``actions`` ``[N, K, A]`` from ``start`` ``[N, D]``: means, stds
+    ``[E, N, K, D]``."""
+    n, k, a = actions.shape
+    s = start[:, None].expand(n, k, -1).reshape(n * k, -1)
+    flat = actions.reshape(n * k, a)
+    parts = [wm.transition_members(s[i : i + chunk], flat[i : i + chunk]) for i in range(0, n * k, chunk)]
+    means = torch.cat([m for m, _ in parts], dim=1)
+    stds = torch.cat([s_ for _, s_ in parts], dim=1)
+    return means.reshape(-1, n, k, means.shape[-1]), stds.reshape(-1, n, k, stds.shape[-1])
+
+
+@torch.no_grad()
+def mean_path_scores(wm, now_mean: torch.Tensor, goal_mean: torch.Tensor, goal_std: torch.Tensor,
+                     actions: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Scores ``[N, 1 + K]`` of ``actions`` ``[N, 1 + K, A]`` (lower is better) by scorers 2-4 of the module
+    docstring, from the belief means ``now_mean`` ``[N, D]`` toward the goal beliefs ``N(goal_mean, goal_std)``;
+    and, as scalars (medians over cases and members): how far the candidates spread the predicted mean (the norm
+    over dimensions of its std over candidates, each dimension in units of the goal belief's std), the goal std,
+    and how far the true action's prediction lands from the goal mean in the same units. A miss much larger than
+    the spread means the prediction is off by more than any action can move it."""
+    means, stds = member_predictions(wm, now_mean, actions)  # [E, N, 1+K, D]
+    precision = 1 / (2 * goal_std.square())[None, :, None]  # [1, N, 1, D]
+    gap = (means - goal_mean[None, :, None]).square()
+    return {
+        "risk_mean_path": (gap * precision).sum(-1).mean(0),
+        "risk_expected": ((gap + stds.square()) * precision).sum(-1).mean(0),
+        "latent_distance": gap.sum(-1).mean(0),
+        "action_spread_in_goal_stds_median": (means[:, :, 1:].std(dim=2) / goal_std[None]).norm(dim=-1).median(),
+        "goal_std_median": goal_std.median(),
+        "true_action_miss_in_goal_stds_median": ((means[:, :, 0] - goal_mean[None]) / goal_std[None])
+        .norm(dim=-1).median(),
+    }
+
+
+def inverse_probe(embed, train, frame_stack: int, transitions: int = 20000, updates: int = 3000, seed: int = 0):
+    """An MLP from (e_t, e_{t+1} - e_t) to a_t on ``transitions`` training transitions, where ``e = embed(o)``
+    (the posterior mean, or the encoder's features before the posterior head), keeping the weights of the update
+    (every 100th) with the lowest error on the last seventh of the transitions; returns its prediction as a
+    function of (e_t, e_{t+1})."""
+    with bench.fixed_draws(seed + 500):
+        batch = train.sample(transitions, frame_stack=frame_stack, keys=["pixels"])
+    with torch.no_grad():
+        now = torch.cat([embed(batch["pixels"][i : i + 1000]) for i in range(0, transitions, 1000)])
+        nxt = torch.cat([embed(batch["next", "pixels"][i : i + 1000]) for i in range(0, transitions, 1000)])
+    x, y = torch.cat([now, nxt - now], 1), batch["action"].float()
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    gen = torch.Generator().manual_seed(seed)
+    with bench.fixed_draws(seed + 501):  # the initial weights
+        net = nn.Sequential(nn.Linear(x.shape[1], 256), nn.ELU(), nn.Linear(256, 256), nn.ELU(),
+                            nn.Linear(256, y.shape[1]))
+    opt = torch.optim.Adam(net.parameters(), 1e-3)
+    fit = len(x) - len(x) // 7  # the last seventh of the transitions picks the update to keep (no overfitting)
+    best, kept = float("inf"), copy.deepcopy(net.state_dict())
+    for update in range(1, updates + 1):
+        idx = torch.randint(0, fit, (256,), generator=gen)
+        loss = (net((x[idx] - mu) / sd) - y[idx]).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if update % 100 == 0 or update == updates:
+            with torch.no_grad():
+                held = float((net((x[fit:] - mu) / sd) - y[fit:]).square().mean())
+            if held < best:
+                best, kept = held, copy.deepcopy(net.state_dict())
+    net.load_state_dict(kept)
+    return lambda now_, nxt_: net((torch.cat([now_, nxt_ - now_], 1) - mu) / sd)
+
+
+def main(argv=None, probe_transitions: int = 20000, probe_updates: int = 3000) -> dict:
+    """``probe_*``: the probes' training transitions and updates (smaller in the tests)."""
+    args = bench.parse_args(argv)
+    args.rank_risks = ["latent"]  # the benchmark's other risk forms are not asked for here
+    torch.set_num_threads(args.threads)
+    train, heldout = bench.load_or_collect(args)
+    agent = bench.load_saved_agent(args)
+    wm = agent.world_model
+    started = time.time()
+    out = {"model": args.load_model, "cases": args.rank_cases, "candidates": args.rank_candidates}
+    out["G_benchmark"] = bench.scorer_ranking(agent, heldout, args, horizon=1)
+    print("[latent_ranking] benchmark:", json.dumps(out["G_benchmark"]), flush=True)
+
+    n, k = args.rank_cases, args.rank_candidates
+    with bench.fixed_draws(bench.ranking_seed(args, 1)):  # check 2's own cases and candidates
+        first, goal_frames, actions = bench.ranking_cases(heldout, agent.frame_stack, n, k, 1, wm.action_dim,
+                                                          args.seed + 1)
+    actions = actions[:, :, 0]  # [N, 1 + K, A]
+    with torch.no_grad():
+        now_mean, _ = wm.posterior(first)
+        goal_mean, goal_std = wm.posterior(goal_frames)
+    scores = mean_path_scores(wm, now_mean, goal_mean, goal_std, actions)
+    out.update({name: fraction(value) for name, value in scores.items() if value.dim() == 2})
+    out.update({name: float(value) for name, value in scores.items() if value.dim() == 0})
+    embeddings = {"latent_inverse_probe": lambda x: wm.posterior(x)[0],  # the belief's mean
+                  "encoder_features_inverse_probe": wm.encoder}  # what the posterior head reads
+    for name, embed in embeddings.items():
+        probe = inverse_probe(embed, train, agent.frame_stack, probe_transitions, probe_updates, args.seed)
+        with torch.no_grad():
+            predicted = probe(embed(first), embed(goal_frames))
+        out[name] = fraction((actions - predicted[:, None]).square().sum(-1))
+        out[name]["action_mse"] = float((predicted - actions[:, 0]).square().mean())
+    out["seconds"] = round(time.time() - started, 1)
+    print(json.dumps(out, indent=1))
+    fig_dir = Path(args.fig_dir or ".")
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    (fig_dir / "latent_ranking.json").write_text(json.dumps(out, indent=1))
+    return out
+
+
+if __name__ == "__main__":
+    main()
