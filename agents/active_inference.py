@@ -103,6 +103,11 @@ class ActiveInferenceConfig:
     ``"mask"`` adds it and gates the network's image with a predicted per-pixel factor in (0, 1). ``"none"``
     (default): the spec's conv decoder, which has none. The broadcast decoder always adds one. On reacher neither
     reached check 1 (docs/bench_active_inference.md, "A canvas for the conv decoder")."""
+    decode_frames: int = 1
+    """Frames of the stack the pixel decoder draws in the free energy, newest last: 1, the spec's (the newest frame
+    only), or up to ``frame_stack``; planning and ``decode`` use the newest. Not the spec's when > 1: with the newest
+    frame alone the velocity is paid for only through the transition's KL, and on point_mass the belief did not
+    carry the action (docs/bench_active_inference.md, "Check 2 against what the data lets a learned model read")."""
     hidden_dim: int = 256
     """Width of the encoder's last layer (and of the state MLPs)."""
     transition_hidden: int = 128
@@ -187,7 +192,8 @@ class ActiveInferenceConfig:
         if self.planner not in ("shooting", "cem"):
             raise ValueError(f"ActiveInferenceConfig.planner must be 'shooting' or 'cem', got {self.planner!r}")
         for name in ("frame_stack", "latent_dim", "ensemble_size", "batch_size", "seq_len", "num_candidates",
-                     "plan_horizon", "num_samples", "cem_iterations", "num_elites", "transition_layers"):
+                     "plan_horizon", "num_samples", "cem_iterations", "num_elites", "transition_layers",
+                     "decode_frames"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ActiveInferenceConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.risk not in RISKS:
@@ -580,7 +586,7 @@ class ActiveInferenceAgent(Agent):
             decoder_depth=cfg.decoder_depth, decoder=cfg.decoder, decoder_canvas=cfg.decoder_canvas,
             obs_std=cfg.obs_std, min_std=cfg.min_std, prior_min_std=cfg.prior_min_std,
             kl_transition_weight=cfg.kl_transition_weight,
-            kl_prior_weight=cfg.kl_prior_weight, free_nats=cfg.free_nats)
+            kl_prior_weight=cfg.kl_prior_weight, free_nats=cfg.free_nats, decode_frames=cfg.decode_frames)
         self.reward_head = mlp(cfg.latent_dim, [cfg.transition_hidden], 1)
         self.to(self.device)
         self._optimizer = make_adam([*self.world_model.parameters(), *self.reward_head.parameters()],

@@ -813,3 +813,35 @@ def test_observation_risk_survives_a_model_directory_and_needs_the_goal(tmp_path
         agent.policy(Task(z=task.z, info={"kind": "goal"}))
     with pytest.raises(ValueError, match="risk must be one of"):
         make_agent("pixels", risk="pixels")
+
+
+@pytest.mark.parametrize("decoder", ["broadcast", "conv"])
+def test_decode_frames_reconstructs_the_stack_and_plans_on_the_newest_frame(decoder):
+    """``decode_frames=2``: the decoder draws both stacked frames, and the free energy's reconstruction is the
+    Gaussian NLL of both (recomputed here by hand); ``decode_mean`` / ``decode`` / ``target`` (what planning and the
+    observation risk compare) stay the newest frame. More frames than the stack holds is refused."""
+    agent = make_agent("pixels", decoder=decoder, decode_frames=2, obs_std=0.3)
+    wm = agent.world_model
+    b = 3
+    g = torch.Generator().manual_seed(2)
+    frames = torch.randint(0, 256, (b, 2, 6, 64, 64), generator=g, dtype=torch.uint8)
+    batch = TensorDict({"pixels": frames[:, :1], "action": torch.rand(b, 1, ACTION_DIM, generator=g) * 2 - 1,
+                        "has_action": torch.ones(b, 1, dtype=torch.bool), "next": {"pixels": frames[:, 1:]}},
+                       batch_size=[b, 1])
+    torch.manual_seed(5)
+    recon = wm.loss_terms(batch)["recon"]
+    torch.manual_seed(5)
+    with torch.no_grad():
+        obs = frames.flatten(0, 1)  # [2B, 6, H, W]: o_t and o_{t+1} of each slice
+        mean, std = wm.posterior(obs)
+        drawn = wm.decoder(mean + std * torch.randn_like(std))
+        assert drawn.shape == (2 * b, 6, 64, 64)
+        both = obs.float() / 255 - 0.5  # the older frame and the newest, in the decoder's scale
+        by_hand = -Normal(drawn, 0.3).log_prob(both).sum((1, 2, 3)).mean()
+        torch.testing.assert_close(recon.detach(), by_hand, rtol=1e-4, atol=1e-2)
+        s = torch.randn(4, wm.latent_dim)
+        torch.testing.assert_close(wm.decode_mean(s), wm.decoder(s)[:, 3:])  # the newest frame
+        assert wm.decode(s)["pixels"].shape == (4, 3, 64, 64)
+        torch.testing.assert_close(wm.target(obs), both[:, 3:])
+    with pytest.raises(ValueError, match="decode_frames must be in"):
+        make_agent("pixels", decode_frames=3)

@@ -72,7 +72,8 @@ class PixelDecoder(nn.Module):
     CANVAS_CHOICES = ("none", "add", "mask")
     MASK_BIAS = 4.0  # sigmoid(4) = 0.982
 
-    def __init__(self, latent_dim: int, depth: int, image_size: tuple[int, int], canvas: str = "none"):
+    def __init__(self, latent_dim: int, depth: int, image_size: tuple[int, int], canvas: str = "none",
+                 channels: int = 3):
         super().__init__()
         if canvas not in self.CANVAS_CHOICES:
             raise ValueError(f"canvas must be one of {self.CANVAS_CHOICES}, got {canvas!r}")
@@ -82,9 +83,9 @@ class PixelDecoder(nn.Module):
             nn.ConvTranspose2d(32 * depth, 4 * depth, 5, stride=2), nn.ELU(),   # 1 -> 5
             nn.ConvTranspose2d(4 * depth, 2 * depth, 5, stride=2), nn.ELU(),    # 5 -> 13
             nn.ConvTranspose2d(2 * depth, depth, 6, stride=2), nn.ELU(),        # 13 -> 30
-            nn.ConvTranspose2d(depth, 3, 6, stride=2),                          # 30 -> 64
+            nn.ConvTranspose2d(depth, channels, 6, stride=2),                   # 30 -> 64
         )
-        self.canvas = nn.Parameter(torch.zeros(1, 3, *self.image_size)) if canvas != "none" else None
+        self.canvas = nn.Parameter(torch.zeros(1, channels, *self.image_size)) if canvas != "none" else None
         self.mask = nn.ConvTranspose2d(depth, 1, 6, stride=2) if canvas == "mask" else None
         if self.mask is not None:
             nn.init.zeros_(self.mask.weight)
@@ -127,7 +128,7 @@ class BroadcastDecoder(nn.Module):
     Not the spec's symmetric decoder: ``ActiveInferenceConfig.decoder = "broadcast"`` selects it.
     """
 
-    def __init__(self, latent_dim: int, depth: int, image_size: tuple[int, int], grid: int = 16):
+    def __init__(self, latent_dim: int, depth: int, image_size: tuple[int, int], grid: int = 16, channels: int = 3):
         super().__init__()
         self.image_size, self.grid = tuple(int(s) for s in image_size), int(grid)
         axis = torch.linspace(-1.0, 1.0, self.grid)
@@ -137,12 +138,12 @@ class BroadcastDecoder(nn.Module):
             nn.Conv2d(latent_dim + 2, 4 * depth, 3, padding=1), nn.ELU(),
             nn.Conv2d(4 * depth, 4 * depth, 3, padding=1), nn.ELU(),
             nn.ConvTranspose2d(4 * depth, 2 * depth, 4, stride=2, padding=1), nn.ELU(),   # g -> 2g
-            nn.ConvTranspose2d(2 * depth, 3, 4, stride=2, padding=1),                     # 2g -> 4g
+            nn.ConvTranspose2d(2 * depth, channels, 4, stride=2, padding=1),              # 2g -> 4g
         )
         # A learned image added to every output: the static scene (arena, grid lines) is drawn once here, and the
         # latent and the network draw what moves. Without it the broadcast decoder redrew the scene from the
         # coordinates, and 73% of its held-out reconstruction error was on pixels that never change.
-        self.canvas = nn.Parameter(torch.zeros(1, 3, *self.image_size))
+        self.canvas = nn.Parameter(torch.zeros(1, channels, *self.image_size))
 
     def forward(self, s: Tensor) -> Tensor:
         n, g = s.shape[0], self.grid
@@ -181,8 +182,8 @@ class ActiveInferenceModel(WorldModel):
     """Encoder q(s|o), ensemble transition p(s'|s,a), decoder p(o|s); trained by variational free energy.
 
     ``obs_key`` is ``"pixels"`` (``obs_shape`` one frame ``[3, H, W]``; the encoder reads
-    ``frame_stack`` frames stacked along channels, the decoder predicts the newest) or ``"state"``
-    (``[P]``).
+    ``frame_stack`` frames stacked along channels, the decoder predicts the newest, or the newest
+    ``decode_frames`` of them) or ``"state"`` (``[P]``).
     """
 
     capabilities = frozenset({"encode", "sequence", "decode"})
@@ -192,7 +193,7 @@ class ActiveInferenceModel(WorldModel):
                  transition_layers: int = 2, ensemble_size: int = 5, decoder_depth: int = 16,
                  decoder: str = "conv", decoder_canvas: str = "none", obs_std: float = 1.0, min_std: float = 0.01,
                  prior_min_std: float | None = None, kl_transition_weight: float = 1.0, kl_prior_weight: float = 0.1,
-                 free_nats: float = 0.0):
+                 free_nats: float = 0.0, decode_frames: int = 1):
         super().__init__()
         if obs_key not in ("pixels", "state"):
             raise ValueError(f"ActiveInferenceModel reads 'pixels' or 'state', got {obs_key!r}")
@@ -203,6 +204,12 @@ class ActiveInferenceModel(WorldModel):
         self.obs_key, self.obs_shape = obs_key, tuple(int(s) for s in obs_shape)
         self.action_dim, self.latent_dim = int(action_dim), int(latent_dim)
         self.frame_stack = int(frame_stack) if obs_key == "pixels" else 1
+        # frames the decoder draws, newest last (pixels): 1 is the spec's; with 2 or more the belief must place the
+        # object in the older frames too, so the velocity is paid for in the reconstruction and not only through
+        # the transition's KL (docs/bench_active_inference.md, "Check 2 against what the data lets ...")
+        self.decode_frames = int(decode_frames) if obs_key == "pixels" else 1
+        if not 1 <= self.decode_frames <= self.frame_stack:
+            raise ValueError(f"decode_frames must be in [1, frame_stack = {self.frame_stack}], got {decode_frames}")
         self.obs_std, self.min_std = float(obs_std), float(min_std)
         # the transition prior's own floor: KL(q || p) grows as sigma_q^2 / sigma_p^2, so a floor on p alone bounds
         # the KL a broadened posterior can reach without limiting how sharply q locates the state
@@ -219,7 +226,8 @@ class ActiveInferenceModel(WorldModel):
             self.encoder = nn.Sequential(trunk, nn.Linear(trunk.repr_dim, hidden_dim), nn.ELU())
             # the broadcast decoder always has a canvas; the conv decoder when asked (``decoder_canvas``)
             canvas = {"canvas": decoder_canvas} if decoder == "conv" else {}
-            self.decoder = PIXEL_DECODERS[decoder](latent_dim, decoder_depth, (h, w), **canvas)
+            self.decoder = PIXEL_DECODERS[decoder](latent_dim, decoder_depth, (h, w), channels=c * self.decode_frames,
+                                                   **canvas)
         else:
             self.encoder = nn.Sequential(make_encoder("state", self.obs_shape, hidden_dims=(hidden_dim, hidden_dim)))
             self.decoder = mlp(latent_dim, [hidden_dim, hidden_dim], self.obs_shape[0])
@@ -247,13 +255,23 @@ class ActiveInferenceModel(WorldModel):
         return torch.stack([m for m, _ in outs]), torch.stack([s_ for _, s_ in outs])
 
     def decode_mean(self, s: Tensor) -> Tensor:
-        """The mean of p(o|s) ``[N, *obs_shape]`` in the model's scale (pixels: ``x / 255 - 0.5``)."""
-        return self.decoder(s).reshape(-1, *self.obs_shape)
+        """The mean of p(o|s) ``[N, *obs_shape]`` in the model's scale (pixels: ``x / 255 - 0.5``): the newest frame
+        (of the ``decode_frames`` the decoder draws)."""
+        x = self.decoder(s)
+        return x[:, -self.obs_shape[0]:] if self.decode_frames > 1 else x.reshape(-1, *self.obs_shape)
 
     def target(self, x: Tensor) -> Tensor:
-        """What the decoder reconstructs from an encoder input: the newest frame scaled, or the state."""
+        """An encoder input as :meth:`decode_mean` draws it: the newest frame scaled, or the state. (The free energy
+        reconstructs the newest ``decode_frames``: :meth:`reconstruction_target`.)"""
         if self.obs_key == "pixels":
             return x[..., -3:, :, :].float() / 255.0 - 0.5
+        return x.float()
+
+    def reconstruction_target(self, x: Tensor) -> Tensor:
+        """What the decoder reconstructs in the free energy: the newest ``decode_frames`` frames scaled, or the
+        state."""
+        if self.obs_key == "pixels":
+            return x[..., -3 * self.decode_frames:, :, :].float() / 255.0 - 0.5
         return x.float()
 
     def ambiguity(self) -> float:
@@ -401,7 +419,7 @@ class ActiveInferenceModel(WorldModel):
         b, t1 = obs.shape[:2]
         mean, std = self.posterior(obs.flatten(0, 1))
         s = mean + std * torch.randn_like(std)
-        target = self.target(obs.flatten(0, 1)).reshape(b * t1, -1)
+        target = self.reconstruction_target(obs.flatten(0, 1)).reshape(b * t1, -1)
         recon_rows = -gaussian_log_prob(target, self.decoder(s).reshape(b * t1, -1),
                                         torch.full_like(target, self.obs_std))
         recon = recon_rows.mean()
