@@ -526,6 +526,15 @@ def test_inverse_ceiling_reads_frames_in_order_and_the_physics_fit_recovers_the_
     assert record["physics_least_squares"]["action_mse"] < 0.01 < record["mean_action"]["action_mse"]
     assert [row["update"] for row in record["curve"]] == [0, 2, 4]
     assert json.loads((tmp_path / "ceiling.json").read_text())["curve"][-1]["update"] == 4
+    ranked = {"G_benchmark": {"G_nonconstant_fraction_in_best_20pct": 0.3}, "latent_inverse_probe": {
+        "fraction_in_best_20pct": 0.25}}
+    (tmp_path / "ranked.json").write_text(json.dumps(ranked))
+    drawn = ceiling.main(["--figure", str(tmp_path / "c.png"), "--records", f"cnn={tmp_path / 'ceiling.json'}",
+                          "--world-models", f"900={tmp_path / 'ranked.json'}",
+                          f"two frames@500={tmp_path / 'ranked.json'}"])
+    assert (tmp_path / "c.png").stat().st_size > 0
+    assert [u for u, _ in drawn["curves"]["cnn"]] == [0, 2, 4]
+    assert drawn["world_models"] == {"world model": [(900, 0.3, 0.25)], "two frames": [(500, 0.3, 0.25)]}
 
 
 def test_bench_active_inference_quick_never_defaults_to_the_docs_page(tmp_path, monkeypatch):

@@ -98,7 +98,8 @@ def physics_ceiling(train: tuple, test: tuple, candidates: int, seed: int) -> di
 
 def plot(records: list[str], world_models: list[str], path: str) -> dict:
     """Check 2's fraction over training: each ``LABEL=JSON`` record's held-out curve, and, as points at their
-    update counts, ``UPDATES=JSON`` records of latent_ranking.py (the benchmark's G and the latent probe)."""
+    update counts, ``[LABEL@]UPDATES=JSON`` records of latent_ranking.py (the benchmark's G and the probe on the
+    belief means), one series per label."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -111,18 +112,19 @@ def plot(records: list[str], world_models: list[str], path: str) -> dict:
         curve = json.loads(Path(file).read_text())["curve"]
         drawn[label] = [(row["update"], row["heldout"]["fraction_in_best_20pct"]) for row in curve]
         ax.plot(*zip(*drawn[label], strict=True), marker="o", ms=3, label=f"inverse CNN, {label}")
-    points = []
-    for item in world_models:
-        updates, file = item.split("=", 1)
+    series: dict[str, list[tuple[int, float, float]]] = {}
+    for item in world_models:  # [LABEL@]UPDATES=JSON
+        key, file = item.split("=", 1)
+        label, _, updates = key.rpartition("@")
         rec = json.loads(Path(file).read_text())
-        points.append((int(updates), rec["G_benchmark"]["G_nonconstant_fraction_in_best_20pct"],
-                       rec["latent_inverse_probe"]["fraction_in_best_20pct"]))
-    if points:
+        series.setdefault(label or "world model", []).append(
+            (int(updates), rec["G_benchmark"]["G_nonconstant_fraction_in_best_20pct"],
+             rec["latent_inverse_probe"]["fraction_in_best_20pct"]))
+    for (label, points), color in zip(series.items(), ("black", "purple", "green"), strict=False):
         points.sort()
-        ax.plot([u for u, _, _ in points], [g for _, g, _ in points], "s-", color="black",
-                label="world model: check 2 by G")
-        ax.plot([u for u, _, _ in points], [q for _, _, q in points], "^--", color="grey",
-                label="world model: probe on its belief means")
+        ax.plot([u for u, _, _ in points], [g for _, g, _ in points], "s-", color=color, label=f"{label}: check 2 by G")
+        ax.plot([u for u, _, _ in points], [q for _, _, q in points], "^--", color=color, alpha=0.5,
+                label=f"{label}: probe on its belief means")
     ax.axhline(0.8, color="red", lw=1, ls=":", label="check 2's threshold (0.8)")
     ax.axhline(0.2, color="grey", lw=1, ls=":", label="chance (0.2)")
     ax.set_xlabel("updates")
@@ -133,7 +135,7 @@ def plot(records: list[str], world_models: list[str], path: str) -> dict:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return {"curves": drawn, "world_models": points}
+    return {"curves": drawn, "world_models": series}
 
 
 def main(argv=None) -> dict:
@@ -152,7 +154,8 @@ def main(argv=None) -> dict:
     p.add_argument("--figure", default=None, metavar="PNG",
                    help="draw the records of --records (and latent_ranking.py's --world-models) instead of training")
     p.add_argument("--records", nargs="*", default=[], metavar="LABEL=JSON")
-    p.add_argument("--world-models", nargs="*", default=[], metavar="UPDATES=JSON")
+    p.add_argument("--world-models", nargs="*", default=[], metavar="[LABEL@]UPDATES=JSON",
+                   help="latent_ranking.py records of world models, one series per LABEL")
     args = p.parse_args(argv)
     if args.figure:
         return plot(args.records, args.world_models, args.figure)
