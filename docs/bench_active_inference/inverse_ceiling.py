@@ -105,7 +105,7 @@ def plot(records: list[str], world_models: list[str], path: str) -> dict:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(10, 4))
     drawn = {}
     for item in records:
         label, file = item.split("=", 1)
@@ -130,7 +130,7 @@ def plot(records: list[str], world_models: list[str], path: str) -> dict:
     ax.set_xlabel("updates")
     ax.set_ylabel("true a_t in the best 20% of 1000")
     ax.set_ylim(0, 1)
-    ax.legend(fontsize=7, loc="center right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes: nothing hidden
     ax.set_title("point_mass 64x64: reading a_t off (o_t, o_{t+1})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
