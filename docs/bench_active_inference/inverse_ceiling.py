@@ -15,9 +15,10 @@ square [-1, 1]^2 or less lies nearer to a_hat than it does (|a_t - a_hat| of abo
 The same ranking from the simulator's state (a least-squares fit from the physics state at t and t+1 to a_t) shows
 what the motion itself allows, without pixels.
 
-Prints and writes (``--out``) the rank fraction and median rank on held-out cases (the spec's 100 cases and 1000 more),
-the held-out action MSE against the mean action's, and the curve over training (``--eval-every`` updates), so a
-plateau below 0.8 can be told from a run cut short.
+Prints and writes (``--out``) the rank fraction and median rank on held-out cases (``--cases``; and ``spec_100``,
+100 other held-out cases, the spec's count, not check 2's very draws), the held-out action MSE against the mean
+action's, and the curve over training (``--eval-every`` updates), so a plateau below 0.8 can be told from a run cut
+short.
 """
 
 from __future__ import annotations
@@ -146,7 +147,8 @@ def main(argv=None) -> dict:
     p.add_argument("--eval-every", type=int, default=1000)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--cases", type=int, default=1000, help="held-out cases for the curve (the spec's 100 beside)")
+    p.add_argument("--cases", type=int, default=1000,
+                   help="held-out cases for the curve (100 more beside: the spec's count)")
     p.add_argument("--candidates", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
