@@ -434,8 +434,8 @@ def test_bench_active_inference_check2_ranks_the_true_action_first_in_a_known_wo
 def test_latent_ranking_scores_rank_the_true_action_first_only_when_the_model_moves_toward_the_goal(monkeypatch):
     """``docs/bench_active_inference/latent_ranking.py``'s noise-free scorers on check 2's own cases
     (``bench.ranking_cases``): a model that knows the world ranks the true action first in every case by each of
-    them; one whose transition ignores the action ranks it by chance, and its candidates do not move the
-    prediction."""
+    them; under one whose transition ignores the action every candidate ties with the true one (mid-rank 0.5) and
+    none moves the prediction."""
     import torch
 
     from latentrl.agents.active_inference import ActiveInferenceAgent
