@@ -541,6 +541,12 @@ def static_pixels(current: Tensor, target: Tensor, threshold: float = 0.1) -> Te
     return (~moving).expand_as(target)
 
 
+def rank_summary(rank: Tensor) -> dict:
+    """Check 2's reading of per-case ranks ``[N]`` (:func:`true_action_rank`): the fraction of cases in the best
+    20% and the median rank."""
+    return {"fraction_in_best_20pct": float((rank < 0.2).float().mean()), "median_rank": float(rank.median())}
+
+
 def true_action_rank(g: Tensor) -> Tensor:
     """``[N]``: per case, the fraction of the random candidates ``g[:, 1:]`` scored better than the true action
     ``g[:, 0]`` (lower is better), ties counted half (mid-rank)."""
@@ -603,8 +609,7 @@ def _scorer_ranking(agent: ActiveInferenceAgent, heldout: ReplayBuffer, args, n:
             started = time.perf_counter()
             t = other.score(state, actions, goal_mean, goal_std, draws=draws, current=current)
             rank = true_action_rank(plan_value(t, agent.config.epistemic_weight))
-            out[f"{form}_risk_G_fraction_in_best_20pct"] = float((rank < 0.2).float().mean())
-            out[f"{form}_risk_G_median_rank"] = float(rank.median())
+            out.update({f"{form}_risk_G_{k}": v for k, v in rank_summary(rank).items()})
             out[f"{form}_risk_seconds"] = round(time.perf_counter() - started, 1)
     if h > 1 and agent.config.risk == "latent":  # the last imagined step's KL to the goal belief (J samples)
         j = agent.config.num_samples
@@ -618,9 +623,7 @@ def _scorer_ranking(agent: ActiveInferenceAgent, heldout: ReplayBuffer, args, n:
     for name in ("G_nonconstant", "G", "risk", "final_risk"):
         if name not in terms.keys():
             continue
-        rank = true_action_rank(terms[name])
-        out[f"{name}_fraction_in_best_20pct"] = float((rank < 0.2).float().mean())
-        out[f"{name}_median_rank"] = float(rank.median())
+        out.update({f"{name}_{k}": v for k, v in rank_summary(true_action_rank(terms[name])).items()})
     out["pass"] = out["G_nonconstant_fraction_in_best_20pct"] >= 0.8
     return out
 

@@ -257,21 +257,23 @@ class ActiveInferenceModel(WorldModel):
     def decode_mean(self, s: Tensor) -> Tensor:
         """The mean of p(o|s) ``[N, *obs_shape]`` in the model's scale (pixels: ``x / 255 - 0.5``): the newest frame
         (of the ``decode_frames`` the decoder draws)."""
-        x = self.decoder(s)
-        return x[:, -self.obs_shape[0]:] if self.decode_frames > 1 else x.reshape(-1, *self.obs_shape)
+        return self.decoder(s)[:, -self.obs_shape[0]:].reshape(-1, *self.obs_shape)
 
     def target(self, x: Tensor) -> Tensor:
         """An encoder input as :meth:`decode_mean` draws it: the newest frame scaled, or the state. (The free energy
         reconstructs the newest ``decode_frames``: :meth:`reconstruction_target`.)"""
-        if self.obs_key == "pixels":
-            return x[..., -3:, :, :].float() / 255.0 - 0.5
-        return x.float()
+        return self._newest(x, 1)
 
     def reconstruction_target(self, x: Tensor) -> Tensor:
         """What the decoder reconstructs in the free energy: the newest ``decode_frames`` frames scaled, or the
         state."""
+        return self._newest(x, self.decode_frames)
+
+    def _newest(self, x: Tensor, frames: int) -> Tensor:
+        """The newest ``frames`` frames of a stacked pixel input in the decoder's scale (``x / 255 - 0.5``), or
+        the state."""
         if self.obs_key == "pixels":
-            return x[..., -3 * self.decode_frames:, :, :].float() / 255.0 - 0.5
+            return x[..., -self.obs_shape[0] * frames:, :, :].float() / 255.0 - 0.5
         return x.float()
 
     def ambiguity(self) -> float:

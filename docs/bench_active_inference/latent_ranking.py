@@ -42,8 +42,7 @@ import bench_active_inference as bench  # noqa: E402
 
 def fraction(scores: torch.Tensor) -> dict:
     """Check 2's reading of ``scores`` ``[N, 1 + K]`` (true action first, lower is better)."""
-    rank = bench.true_action_rank(scores)
-    return {"fraction_in_best_20pct": float((rank < 0.2).float().mean()), "median_rank": float(rank.median())}
+    return bench.rank_summary(bench.true_action_rank(scores))
 
 
 @torch.no_grad()
