@@ -141,6 +141,10 @@ class ActiveInferenceConfig:
     """Slices per update."""
     seq_len: int = 1
     """Transitions per slice L (the buffer's ``horizon``); 1: one-step transitions."""
+    overshooting: int = 1
+    """Latent overshooting distance D (PlaNet's, the spec's optional "3-step latent overshooting"): the transition
+    term averages KLs of each member's prior rolled 1..D steps against the posteriors there; 1 (default): one-step
+    transitions only. Needs ``seq_len >= overshooting``."""
     planner: Literal["shooting", "cem"] = "shooting"
     """``"shooting"``: K uniform random sequences, argmin; ``"cem"``: cross-entropy method."""
     num_candidates: int = 1000
@@ -193,7 +197,7 @@ class ActiveInferenceConfig:
             raise ValueError(f"ActiveInferenceConfig.planner must be 'shooting' or 'cem', got {self.planner!r}")
         for name in ("frame_stack", "latent_dim", "ensemble_size", "batch_size", "seq_len", "num_candidates",
                      "plan_horizon", "num_samples", "cem_iterations", "num_elites", "transition_layers",
-                     "decode_frames"):
+                     "decode_frames", "overshooting"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ActiveInferenceConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.risk not in RISKS:
@@ -204,6 +208,9 @@ class ActiveInferenceConfig:
         if self.epistemic_candidates < 1:
             raise ValueError("ActiveInferenceConfig.epistemic_candidates must be >= 1, got "
                              f"{self.epistemic_candidates}")
+        if self.overshooting > self.seq_len:
+            raise ValueError(f"ActiveInferenceConfig.overshooting ({self.overshooting}) needs slices at least as long: "
+                             f"seq_len >= overshooting, got seq_len {self.seq_len}")
         if self.num_elites > self.num_candidates:
             raise ValueError(f"num_elites ({self.num_elites}) must be <= num_candidates ({self.num_candidates})")
 
@@ -586,7 +593,8 @@ class ActiveInferenceAgent(Agent):
             decoder_depth=cfg.decoder_depth, decoder=cfg.decoder, decoder_canvas=cfg.decoder_canvas,
             obs_std=cfg.obs_std, min_std=cfg.min_std, prior_min_std=cfg.prior_min_std,
             kl_transition_weight=cfg.kl_transition_weight,
-            kl_prior_weight=cfg.kl_prior_weight, free_nats=cfg.free_nats, decode_frames=cfg.decode_frames)
+            kl_prior_weight=cfg.kl_prior_weight, free_nats=cfg.free_nats, decode_frames=cfg.decode_frames,
+            overshooting=cfg.overshooting)
         self.reward_head = mlp(cfg.latent_dim, [cfg.transition_hidden], 1)
         self.to(self.device)
         self._optimizer = make_adam([*self.world_model.parameters(), *self.reward_head.parameters()],
@@ -685,8 +693,8 @@ class ActiveInferenceAgent(Agent):
         steps = {f"step_{name}": torch.nn.utils.get_total_norm([p.detach() - b for p, b in zip(params, before[name],
                                                                                                 strict=True)])
                  for name, params in parts.items()}
-        metrics = {**{k: terms[k] for k in ("free_energy", "recon", "kl_transition", "kl_prior", "posterior_std",
-                                            "epistemic")},
+        metrics = {**{k: terms[k] for k in ("free_energy", "recon", "kl_transition", "kl_prior", "kl_overshooting",
+                                            "posterior_std", "epistemic")},
                    "reward_loss": objective["reward"], **groups, **steps}
         grad_norm = last_grad_norm(self._optimizer)
         if grad_norm is not None:  # before clipping (max_grad_norm): spikes of the free energy show here first

@@ -845,3 +845,85 @@ def test_decode_frames_reconstructs_the_stack_and_plans_on_the_newest_frame(deco
         torch.testing.assert_close(wm.target(obs), both[:, 3:])
     with pytest.raises(ValueError, match="decode_frames must be in"):
         make_agent("pixels", decode_frames=3)
+
+
+def _overshooting_batch(b: int = 5, length: int = 3, seed: int = 2) -> TensorDict:
+    g = torch.Generator().manual_seed(seed)
+    states = torch.randn(b, length + 1, STATE_DIM, generator=g)
+    return TensorDict({"state": states[:, :-1], "action": torch.rand(b, length, ACTION_DIM, generator=g) * 2 - 1,
+                       "has_action": torch.ones(b, length, dtype=torch.bool), "next": {"state": states[:, 1:]}},
+                      batch_size=[b, length])
+
+
+def test_latent_overshooting_matches_planets_multi_step_kls(monkeypatch):
+    """``overshooting=3`` on 3-transition slices: each member's prior rolled d = 1, 2, 3 steps from the belief with
+    the recorded actions, against the posterior d steps on (PlaNet eq. 7), recomputed here start by start and member
+    by member; the minimised transition term is the mean of the three KLs, each clamped at the free nats; a start
+    whose d actions are not all recorded does not count; the posterior it is compared with is held fixed."""
+    monkeypatch.setattr(torch, "randn_like", torch.zeros_like)  # beliefs and chains at their means
+    torch.manual_seed(0)
+    kwargs = dict(latent_dim=3, hidden_dim=16, transition_hidden=8, ensemble_size=2, obs_std=0.7)
+    wm = ActiveInferenceModel("state", (STATE_DIM,), ACTION_DIM, overshooting=3, **kwargs)
+    batch = _overshooting_batch()
+    batch["has_action"][1, 1] = False  # slice 1: d = 1 counts from t = 0 and 2, no start of d >= 2 counts
+    b, length = batch.batch_size
+    out = wm.loss(batch)
+    with torch.no_grad():
+        obs = torch.cat([batch["state"], batch["next", "state"][:, -1:]], dim=1)  # [B, L + 1, P]
+        mean, std = (v.reshape(b, length + 1, -1) for v in wm.posterior(obs.flatten(0, 1)))
+        mask = batch["has_action"].float()
+        kl_by_distance = []
+        for d in (1, 2, 3):
+            total = count = 0.0
+            for t in range(length - d + 1):
+                kls = []
+                for member in wm.transitions:
+                    s = mean[:, t]
+                    for k in range(d):
+                        pm, ps = member(torch.cat([s, batch["action"][:, t + k]], -1))
+                        s = pm
+                    qm, qs = mean[:, t + d], std[:, t + d]
+                    kls.append((torch.log(ps / qs) + (qs**2 + (qm - pm) ** 2) / (2 * ps**2) - 0.5).sum(-1))
+                valid = mask[:, t : t + d].prod(-1)
+                total, count = total + (torch.stack(kls).mean(0) * valid).sum(), count + valid.sum()
+            kl_by_distance.append(total / count)
+    kl1, kl2, kl3 = (kl.item() for kl in kl_by_distance)
+    assert out["kl_transition"].item() == pytest.approx(kl1, rel=1e-5)
+    assert out["kl_overshooting"].item() == pytest.approx((kl2 + kl3) / 2, rel=1e-5)
+    assert out["free_energy"].item() == pytest.approx((out["recon"] + kl1 + 0.1 * out["kl_prior"]).item(), rel=1e-5)
+    assert out["loss"].item() == pytest.approx((out["recon"] + (kl1 + kl2 + kl3) / 3 + 0.1 * out["kl_prior"]).item(),
+                                               rel=1e-5)
+    # free nats clamp every distance's KL
+    wm.free_nats = 1e3
+    clamped = wm.loss(batch)
+    assert clamped["loss"].item() == pytest.approx((clamped["recon"] + 1e3 + 0.1 * clamped["kl_prior"]).item(),
+                                                  rel=1e-5)
+    wm.free_nats = 0.0
+    # the posterior overshooting aims at is held fixed: the last observation's belief (a target only) gets no gradient
+    # from it, the starts do
+    posterior, held = wm.posterior, {}
+
+    def keep(x):
+        held["mean"], held["std"] = posterior(x)
+        held["mean"].retain_grad()
+        return held["mean"], held["std"]
+
+    monkeypatch.setattr(wm, "posterior", keep)
+    wm.loss_terms(_overshooting_batch())["kl_overshooting"].backward()
+    grad = held["mean"].grad.reshape(b, length + 1, -1)
+    assert not grad[:, -1].any() and grad[:, 0].abs().sum() > 0
+    # overshooting 1 is the one-step model: no overshooting term, the transition term is the one-step KL
+    wm.overshooting = 1
+    one = wm.loss(batch)
+    assert one["kl_overshooting"].item() == 0.0
+    assert one["loss"].item() == pytest.approx((one["recon"] + kl1 + 0.1 * one["kl_prior"]).item(), rel=1e-5)
+
+
+def test_agent_trains_with_latent_overshooting_and_checks_its_slices():
+    agent = make_agent(seq_len=3, overshooting=3)
+    assert agent.world_model.overshooting == 3
+    assert agent.update(_reward_batch(length=3))["kl_overshooting"] > 0
+    with pytest.raises(ValueError, match="seq_len >= overshooting"):
+        make_agent(seq_len=2, overshooting=3)
+    with pytest.raises(ValueError, match="overshooting must be >= 1"):
+        make_agent(overshooting=0)

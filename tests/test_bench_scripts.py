@@ -467,6 +467,46 @@ def test_latent_ranking_scores_rank_the_true_action_first_only_when_the_model_mo
     assert ranking.fraction(scores["risk_mean_path"])["median_rank"] == 0.5  # every candidate ties the true one
 
 
+def test_latent_ranking_state_probe_reads_what_the_belief_knows_against_what_the_action_moves():
+    """``latent_ranking.state_probe`` / ``action_effect`` on a linear world with a known action matrix: the action's
+    effect on the next state is ``sqrt(sum_a B_ap^2 / 3)`` per component; a belief holding the whole state reads
+    position and velocity (R^2 near 1, errors far below the action's effect), one holding only the position reads no
+    velocity (R^2 near 0, an error of the velocity's spread)."""
+    import torch
+    from tensordict import TensorDict
+
+    ranking = _load("latent_ranking", STUDIES / "bench_active_inference")
+    b_matrix = torch.tensor([[0.0, 0.0, 0.3, 0.0], [0.0, 0.0, 0.0, 0.6]])  # a moves the velocity only
+
+    class Linear:  # "pixels" are the state itself, so an embedding chooses what of it the belief holds
+        def __init__(self, seed, keep=0.9, noise=0.0):  # next = keep * state + a B + noise
+            self.gen, self.keep, self.noise = torch.Generator().manual_seed(seed), keep, noise
+
+        def __len__(self):
+            return 10**6
+
+        def sample(self, n, frame_stack=1, keys=None):
+            state = torch.randn(n, 4, generator=self.gen)
+            action = torch.rand(n, 2, generator=self.gen) * 2 - 1
+            nxt = self.keep * state + action @ b_matrix + self.noise * torch.randn(n, 4, generator=self.gen)
+            return TensorDict({"pixels": state, "physics": state, "action": action,
+                               "next": {"pixels": nxt, "physics": nxt}}, batch_size=[n])
+
+    effect = ranking.action_effect(Linear(0), transitions=2000)
+    torch.testing.assert_close(effect, (b_matrix.square().sum(0) / 3).sqrt(), atol=1e-4, rtol=1e-4)
+    # the next state mostly noise: a probe read against the wrong step would fail
+    whole = ranking.state_probe(lambda x: x, Linear(1, 0.2, 1.0), Linear(2, 0.2, 1.0), 1, transitions=3000,
+                                updates=600, cases=500)
+    position_only = ranking.state_probe(lambda x: x[:, :2], Linear(1, 0.2, 1.0), Linear(2, 0.2, 1.0), 1,
+                                        transitions=3000, updates=600, cases=500)
+    assert whole["position_r2"] > 0.95 and whole["velocity_r2"] > 0.95, whole
+    assert whole["action_effect_on_next_velocity"] == pytest.approx(float((0.3**2 / 3 + 0.6**2 / 3) / 2) ** 0.5,
+                                                                    rel=0.15)  # fitted through the noise
+    assert whole["action_effect_on_next_position"] < 0.05
+    assert position_only["position_r2"] > 0.95 and abs(position_only["velocity_r2"]) < 0.1, position_only
+    assert position_only["velocity_rmse_over_action_effect"] > 2 > 0.5 > whole["velocity_rmse_over_action_effect"]
+
+
 def test_latent_ranking_runs_on_a_saved_model_and_ranks_check2s_own_cases(tmp_path):
     """``latent_ranking.py`` end to end on a saved smoke model and collected point_mass data: its benchmark row is
     check 2 on the same model and cases, the noise-free scorers and both probes are read on those cases, and the
@@ -487,6 +527,7 @@ def test_latent_ranking_runs_on_a_saved_model_and_ranks_check2s_own_cases(tmp_pa
                  "encoder_features_inverse_probe"):
         assert 0.0 <= out[name]["fraction_in_best_20pct"] <= 1.0, name
     assert out["latent_inverse_probe"]["action_mse"] != out["encoder_features_inverse_probe"]["action_mse"]
+    assert out["state_probe"]["action_effect_on_next_velocity"] > 0 and "velocity_r2" in out["state_probe"]
     assert json.loads((tmp_path / "figs" / "latent_ranking.json").read_text())["cases"] == args.rank_cases
 
 
@@ -535,6 +576,17 @@ def test_inverse_ceiling_reads_frames_in_order_and_the_physics_fit_recovers_the_
     assert (tmp_path / "c.png").stat().st_size > 0
     assert [u for u, _ in drawn["curves"]["cnn"]] == [0, 2, 4]
     assert drawn["world_models"] == {"world model": [(900, 0.3, 0.25)], "two frames": [(500, 0.3, 0.25)]}
+    # the state figure takes each series' latest record that has a state probe
+    probe = {f"{part}_{what}": value for part in ("position", "velocity")
+             for what, value in (("r2", 0.5), ("rmse_over_action_effect", 2.0))}
+    (tmp_path / "probed.json").write_text(json.dumps({**ranked, "state_probe": probe}))
+    (tmp_path / "later.json").write_text(json.dumps({**ranked, "state_probe": {**probe, "velocity_r2": -0.1}}))
+    drawn = ceiling.main(["--figure", str(tmp_path / "c.png"), "--state-figure", str(tmp_path / "s.png"),
+                          "--world-models", f"1200={tmp_path / 'later.json'}", f"900={tmp_path / 'probed.json'}",
+                          f"1500={tmp_path / 'ranked.json'}", f"two frames@500={tmp_path / 'probed.json'}"])
+    assert (tmp_path / "s.png").stat().st_size > 0
+    assert drawn["state"]["world model"]["updates"] == 1200 and drawn["state"]["world model"]["velocity_r2"] == -0.1
+    assert drawn["state"]["two frames"]["updates"] == 500
 
 
 def test_bench_active_inference_quick_never_defaults_to_the_docs_page(tmp_path, monkeypatch):

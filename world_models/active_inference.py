@@ -21,6 +21,13 @@
   KL averaged over ensemble members and counted on recorded actions only. With ``free_nats > 0`` the
   minimised objective clamps the batch-mean transition KL from below at ``free_nats`` (Dreamer's free
   nats, against posterior collapse); the reported ``free_energy`` is always the unclamped bound.
+- **Latent overshooting** (``overshooting = D > 1``; the spec's optional "3-step latent overshooting", PlaNet's
+  form, Hafner et al. 2019 eq. 7): each member's prior is also rolled ``d = 2..D`` steps from ``s_t`` with the
+  recorded actions (sampled, reparameterised) and compared with the posterior there,
+  ``KL(sg q(s_{t+d}|o_{t+d}) || p^d(s_{t+d}|s_t, a_{t:t+d}))`` (the posterior held fixed, as PlaNet's default);
+  the minimised transition term is the mean over ``d = 1..D`` of the per-distance KLs, each clamped at the free
+  nats, weighted by ``kl_transition_weight`` (``D = 1``: the one-step term above). Positions in d steps depend on
+  the velocity, so the belief is asked to carry it more sharply than the one-step KL asks.
 
 The belief state is a TensorDict ``[B]`` with ``mean``, ``std`` ``[B, D]`` and ``epistemic`` ``[B]``
 (0 for a posterior).
@@ -193,7 +200,7 @@ class ActiveInferenceModel(WorldModel):
                  transition_layers: int = 2, ensemble_size: int = 5, decoder_depth: int = 16,
                  decoder: str = "conv", decoder_canvas: str = "none", obs_std: float = 1.0, min_std: float = 0.01,
                  prior_min_std: float | None = None, kl_transition_weight: float = 1.0, kl_prior_weight: float = 0.1,
-                 free_nats: float = 0.0, decode_frames: int = 1):
+                 free_nats: float = 0.0, decode_frames: int = 1, overshooting: int = 1):
         super().__init__()
         if obs_key not in ("pixels", "state"):
             raise ValueError(f"ActiveInferenceModel reads 'pixels' or 'state', got {obs_key!r}")
@@ -220,6 +227,9 @@ class ActiveInferenceModel(WorldModel):
         if free_nats < 0:
             raise ValueError(f"free_nats must be >= 0, got {free_nats}")
         self.free_nats = float(free_nats)
+        if overshooting < 1:
+            raise ValueError(f"overshooting must be >= 1 (1: one-step transitions only), got {overshooting}")
+        self.overshooting = int(overshooting)
         if obs_key == "pixels":
             c, h, w = self.obs_shape
             trunk = make_encoder("dreamer", (c * self.frame_stack, h, w), depth=encoder_depth)
@@ -406,8 +416,8 @@ class ActiveInferenceModel(WorldModel):
         terms = self.loss_terms(batch)
         return TensorDict({
             "loss": sum(terms["objective"].values()),
-            **{k: terms[k].detach() for k in ("free_energy", "recon", "kl_transition", "kl_prior", "posterior_std",
-                                              "epistemic")},
+            **{k: terms[k].detach() for k in ("free_energy", "recon", "kl_transition", "kl_prior", "kl_overshooting",
+                                              "posterior_std", "epistemic")},
         }, batch_size=[])
 
     def loss_terms(self, batch: TensorDict) -> dict[str, Any]:
@@ -435,10 +445,16 @@ class ActiveInferenceModel(WorldModel):
         kl_transition = kl_rows.sum() / gather_batch(mask).sum().clamp_min(1.0)
         # Free nats (Dreamer): the batch-mean transition KL below ``free_nats`` costs nothing and gives no
         # gradient, so the posterior can carry that much information before the prior pulls on it.
-        kl_term = kl_transition.clamp_min(self.free_nats) if self.free_nats > 0 else kl_transition
+        kl_term = self._free(kl_transition)
+        # latent overshooting: distances 2..D, the transition term is the mean over distances 1..D (PlaNet eq. 7)
+        kl_far = self._overshooting_kls(p_means, p_stds, mean, std, action, mask)
+        if kl_far:
+            kl_term = (kl_term + sum(self._free(kl) for kl in kl_far)) / (1 + len(kl_far))
+        kl_overshooting = torch.stack(kl_far).mean() if kl_far else torch.zeros_like(kl_transition)
         return {
             "free_energy": recon + self.kl_transition_weight * kl_transition + self.kl_prior_weight * kl_prior,
             "recon": recon, "kl_transition": kl_transition, "kl_prior": kl_prior,
+            "kl_overshooting": kl_overshooting,
             "objective": {"recon": recon, "kl_transition": self.kl_transition_weight * kl_term,
                           "kl_prior": self.kl_prior_weight * kl_prior},
             "posterior_std": std.mean(), "epistemic": ensemble_epistemic(p_means, p_stds).mean(),
@@ -449,3 +465,32 @@ class ActiveInferenceModel(WorldModel):
                      "recon": recon_rows.reshape(b, t1).detach(), "posterior_std_min": std.amin(-1).detach(),
                      "prior_std_min": p_stds.amin(dim=(0, 2)).reshape(b, -1).detach()},
         }
+
+    def _free(self, kl: Tensor) -> Tensor:
+        """A batch-mean KL as minimised: clamped from below at the free nats (none when ``free_nats`` is 0)."""
+        return kl.clamp_min(self.free_nats) if self.free_nats > 0 else kl
+
+    def _overshooting_kls(self, p_means: Tensor, p_stds: Tensor, mean: Tensor, std: Tensor, action: Tensor,
+                          mask: Tensor) -> list[Tensor]:
+        """Latent overshooting's batch-mean KLs for distances ``d = 2 .. overshooting`` (fewer when the slices are
+        shorter): ``KL(sg q(s_{t+d}|o_{t+d}) || p_e^d(s_{t+d}|s_t, a_{t:t+d}))``, each member ``e`` rolled on its
+        own chain from the one-step predictions ``p_means``, ``p_stds`` ``[E, B * L, D]`` (sampled,
+        reparameterised), averaged over members and over the starts whose d actions are all recorded.
+        ``mean``, ``std`` ``[B, L + 1, D]`` are the posteriors, ``action`` ``[B, L, A]``, ``mask`` ``[B, L]``."""
+        b, t1, d_lat = mean.shape
+        steps = t1 - 1
+        members = len(self.transitions)
+        m, sd = p_means.reshape(members, b, steps, d_lat), p_stds.reshape(members, b, steps, d_lat)
+        target_mean, target_std = mean.detach(), std.detach()
+        valid = mask  # [B, starts]: the actions from each start so far are all recorded
+        kls = []
+        for d in range(2, min(self.overshooting, steps) + 1):
+            starts = steps - d + 1
+            chain = (m + sd * torch.randn_like(sd))[:, :, :starts]  # s_{t+d-1}, drawn from each member's chain
+            a = action[:, d - 1 : d - 1 + starts].to(chain.dtype)
+            outs = [member(torch.cat([chain[e], a], dim=-1)) for e, member in enumerate(self.transitions)]
+            m, sd = torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs])  # [E, B, starts, D]
+            kl = gaussian_kl(target_mean[:, d:], target_std[:, d:], m, sd).mean(0)  # [B, starts]
+            valid = valid[:, :starts] * mask[:, d - 1 : d - 1 + starts]
+            kls.append(gather_batch(kl * valid, grad=True).sum() / gather_batch(valid).sum().clamp_min(1.0))
+        return kls

@@ -128,7 +128,8 @@ def plot(records: list[str], world_models: list[str], path: str) -> dict:
         series.setdefault(label or "world model", []).append(
             (int(updates), rec["G_benchmark"]["G_nonconstant_fraction_in_best_20pct"],
              rec["latent_inverse_probe"]["fraction_in_best_20pct"]))
-    for (label, points), color in zip(series.items(), ("black", "purple", "green"), strict=False):
+    for (label, points), color in zip(series.items(), ("black", "purple", "green", "tab:brown", "tab:cyan"),
+                                      strict=False):
         points.sort()
         ax.plot([u for u, _, _ in points], [g for _, g, _ in points], "s-", color=color, label=f"{label}: check 2 by G")
         ax.plot([u for u, _, _ in points], [q for _, _, q in points], "^--", color=color, alpha=0.5,
@@ -144,6 +145,49 @@ def plot(records: list[str], world_models: list[str], path: str) -> dict:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return {"curves": drawn, "world_models": series}
+
+
+def plot_state(world_models: list[str], path: str) -> dict:
+    """What each world model's belief knows of the state (``latent_ranking.py``'s ``state_probe``), at the latest
+    of its ``[LABEL@]UPDATES=JSON`` records that has one: R^2 of the position and the velocity read off the belief
+    mean, and their errors in units of how far one random action moves them at the next step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    latest: dict[str, tuple[int, dict]] = {}
+    for item in world_models:
+        key, file = item.split("=", 1)
+        label, _, updates = key.rpartition("@")
+        rec = json.loads(Path(file).read_text())
+        label = label or "world model"
+        if "state_probe" in rec and int(updates) >= latest.get(label, (-1, None))[0]:
+            latest[label] = (int(updates), rec["state_probe"])
+    if not latest:
+        raise SystemExit("none of the --world-models records has a state_probe (latent_ranking.py writes one)")
+    names = [f"{label}\n{updates:,} updates" for label, (updates, _) in latest.items()]
+    probes = [probe for _, probe in latest.values()]
+    x = list(range(len(names)))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for offset, part, color in ((-0.2, "position", "tab:blue"), (0.2, "velocity", "tab:orange")):
+        at = [i + offset for i in x]
+        left.bar(at, [p[f"{part}_r2"] for p in probes], 0.4, color=color, label=part)
+        right.bar(at, [p[f"{part}_rmse_over_action_effect"] for p in probes], 0.4, color=color, label=part)
+    left.set_ylabel("R^2 of a probe on the belief mean (held out)")
+    left.set_ylim(min(-0.2, *(p["velocity_r2"] for p in probes)), 1.05)
+    left.axhline(0, color="grey", lw=0.8)
+    right.set_yscale("log")
+    right.axhline(1, color="red", lw=1, ls=":", label="what one random action changes")
+    right.set_ylabel("probe RMSE / the action's effect on the next step")
+    for ax in (left, right):
+        ax.set_xticks(x, names, fontsize=7)
+        ax.legend(fontsize=7)
+    fig.suptitle("point_mass 64x64: what the world model's belief knows of the state", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return {label: {"updates": u, **probe} for label, (u, probe) in latest.items()}
 
 
 def main(argv=None) -> dict:
@@ -165,9 +209,14 @@ def main(argv=None) -> dict:
     p.add_argument("--records", nargs="*", default=[], metavar="LABEL=JSON")
     p.add_argument("--world-models", nargs="*", default=[], metavar="[LABEL@]UPDATES=JSON",
                    help="latent_ranking.py records of world models, one series per LABEL")
+    p.add_argument("--state-figure", default=None, metavar="PNG",
+                   help="with --figure: also draw what each --world-models series' belief knows of the state")
     args = p.parse_args(argv)
     if args.figure:
-        return plot(args.records, args.world_models, args.figure)
+        drawn = plot(args.records, args.world_models, args.figure)
+        if args.state_figure:
+            drawn["state"] = plot_state(args.world_models, args.state_figure)
+        return drawn
     if args.data is None:
         p.error("--data is needed to train (or give --figure with --records to draw)")
     torch.set_num_threads(args.threads)

@@ -19,6 +19,13 @@ the true a_t among 1000 random candidates with the goal set to o_{t+1} by:
 6. ``encoder_features_inverse_probe``: the same probe on the encoder's features before the posterior head (the
    256 values the belief's mean and std are read from): whether the encoder saw the action and the head dropped it.
 
+7. ``state_probe``: what the belief knows of the simulator's state, against what the action changes. An MLP from
+   the belief mean mu_t to the physics state at t (point_mass: position and velocity), fitted on training
+   transitions and read on held-out ones: RMSE and R^2 of the position and of the velocity. Beside it, from a
+   least-squares fit of the state at t+1 on the state at t and a_t (the motion is linear without contacts), how much
+   a uniform random action moves the state at t+1 (the std over actions of the action's part of that fit): a belief
+   whose velocity error exceeds what the action changes in the velocity cannot rank the action by it.
+
 Writes ``latent_ranking.json`` to ``--fig-dir``. ``inverse_ceiling.py`` beside it is the same question for a network
 trained on the pixels themselves.
 """
@@ -81,17 +88,15 @@ def mean_path_scores(wm, now_mean: torch.Tensor, goal_mean: torch.Tensor, goal_s
     }
 
 
-def inverse_probe(embed, train, frame_stack: int, transitions: int = 20000, updates: int = 3000, seed: int = 0):
-    """An MLP from (e_t, e_{t+1} - e_t) to a_t on ``transitions`` training transitions, where ``e = embed(o)``
-    (the posterior mean, or the encoder's features before the posterior head), keeping the weights of the update
-    (every 100th) with the lowest error on the last seventh of the transitions; returns its prediction as a
-    function of (e_t, e_{t+1})."""
-    with bench.fixed_draws(seed + 500):
-        batch = train.sample(transitions, frame_stack=frame_stack, keys=["pixels"])
+def embed_all(embed, frames: torch.Tensor, chunk: int = 1000) -> torch.Tensor:
+    """``embed`` over ``frames`` in chunks, without gradients."""
     with torch.no_grad():
-        now = torch.cat([embed(batch["pixels"][i : i + 1000]) for i in range(0, transitions, 1000)])
-        nxt = torch.cat([embed(batch["next", "pixels"][i : i + 1000]) for i in range(0, transitions, 1000)])
-    x, y = torch.cat([now, nxt - now], 1), batch["action"].float()
+        return torch.cat([embed(frames[i : i + chunk]) for i in range(0, len(frames), chunk)])
+
+
+def fit_probe(x: torch.Tensor, y: torch.Tensor, updates: int, seed: int):
+    """An MLP from ``x`` to ``y`` (inputs standardised), keeping the weights of the update (every 100th) with the
+    lowest error on the last seventh of the rows; returns it as a function of unstandardised inputs."""
     mu, sd = x.mean(0), x.std(0) + 1e-6
     gen = torch.Generator().manual_seed(seed)
     with bench.fixed_draws(seed + 501):  # the initial weights
@@ -112,7 +117,56 @@ def inverse_probe(embed, train, frame_stack: int, transitions: int = 20000, upda
             if held < best:
                 best, kept = held, copy.deepcopy(net.state_dict())
     net.load_state_dict(kept)
-    return lambda now_, nxt_: net((torch.cat([now_, nxt_ - now_], 1) - mu) / sd)
+    return lambda inputs: net((inputs - mu) / sd)
+
+
+def inverse_probe(embed, train, frame_stack: int, transitions: int = 20000, updates: int = 3000, seed: int = 0):
+    """An MLP from (e_t, e_{t+1} - e_t) to a_t on ``transitions`` training transitions, where ``e = embed(o)``
+    (the posterior mean, or the encoder's features before the posterior head); returns its prediction as a
+    function of (e_t, e_{t+1})."""
+    with bench.fixed_draws(seed + 500):
+        batch = train.sample(transitions, frame_stack=frame_stack, keys=["pixels"])
+    now, nxt = embed_all(embed, batch["pixels"]), embed_all(embed, batch["next", "pixels"])
+    net = fit_probe(torch.cat([now, nxt - now], 1), batch["action"].float(), updates, seed)
+    return lambda now_, nxt_: net(torch.cat([now_, nxt_ - now_], 1))
+
+
+def action_effect(train, transitions: int = 20000, seed: int = 0) -> torch.Tensor:
+    """Per physics component ``[P]``: the std, over uniform random actions in [-1, 1], of the action's part of the
+    least-squares fit physics_{t+1} ~ [physics_t, a_t, 1] (as ``inverse_ceiling``'s physics fit, small singular
+    values cut): how far one action moves the next state."""
+    with bench.fixed_draws(seed + 502):
+        batch = train.sample(transitions, keys=["physics"])
+    now, nxt, a = batch["physics"].double(), batch["next", "physics"].double(), batch["action"].double()
+    design = torch.cat([now, a, torch.ones(len(a), 1, dtype=now.dtype)], 1)
+    coef = torch.linalg.lstsq(design, nxt, rcond=1e-5, driver="gelsd").solution  # [P + A + 1, P]
+    action_part = coef[now.shape[1] : now.shape[1] + a.shape[1]]  # [A, P]
+    # a uniform on [-1, 1] has variance 1/3 per independent component
+    return (action_part.square().sum(0) / 3).sqrt().float()
+
+
+def state_probe(embed, train, heldout, frame_stack: int, transitions: int = 20000, updates: int = 3000,
+                cases: int = 2000, seed: int = 0) -> dict:
+    """An MLP from ``embed(o_t)`` to the physics state at t, fitted on ``transitions`` training observations and
+    read on ``cases`` held-out ones; with :func:`action_effect`, per half of the state (point_mass: position, then
+    velocity): RMSE, R^2 and the action's effect on the next state (as RMS over the half's components)."""
+    with bench.fixed_draws(seed + 503):
+        batch = train.sample(transitions, frame_stack=frame_stack, keys=["pixels", "physics"])
+        test = heldout.sample(min(cases, len(heldout)), frame_stack=frame_stack, keys=["pixels", "physics"])
+    net = fit_probe(embed_all(embed, batch["pixels"]), batch["physics"].float(), updates, seed)
+    with torch.no_grad():
+        predicted = net(embed_all(embed, test["pixels"]))
+    truth = test["physics"].float()
+    effect = action_effect(train, transitions, seed)
+    half = truth.shape[1] // 2
+    out = {}
+    for name, part in (("position", slice(0, half)), ("velocity", slice(half, None))):
+        err = (predicted[:, part] - truth[:, part]).square().mean(0)  # per component
+        out[f"{name}_rmse"] = float(err.mean().sqrt())
+        out[f"{name}_r2"] = float((1 - err / truth[:, part].var(0)).mean())
+        out[f"action_effect_on_next_{name}"] = float(effect[part].square().mean().sqrt())
+        out[f"{name}_rmse_over_action_effect"] = out[f"{name}_rmse"] / out[f"action_effect_on_next_{name}"]
+    return out
 
 
 def main(argv=None, probe_transitions: int = 20000, probe_updates: int = 3000) -> dict:
@@ -147,6 +201,9 @@ def main(argv=None, probe_transitions: int = 20000, probe_updates: int = 3000) -
             predicted = probe(embed(first), embed(goal_frames))
         out[name] = fraction((actions - predicted[:, None]).square().sum(-1))
         out[name]["action_mse"] = float((predicted - actions[:, 0]).square().mean())
+    out["state_probe"] = state_probe(embeddings["latent_inverse_probe"], train, heldout, agent.frame_stack,
+                                     probe_transitions, probe_updates, seed=args.seed)
+    print("[latent_ranking] state probe:", json.dumps(out["state_probe"]), flush=True)
     out["seconds"] = round(time.time() - started, 1)
     print(json.dumps(out, indent=1))
     fig_dir = Path(args.fig_dir or ".")
