@@ -476,7 +476,7 @@ def test_latent_ranking_state_probe_reads_what_the_belief_knows_against_what_the
     from tensordict import TensorDict
 
     ranking = _load("latent_ranking", STUDIES / "bench_active_inference")
-    b_matrix = torch.tensor([[0.0, 0.0, 0.3, 0.0], [0.0, 0.0, 0.0, 0.6]])  # a moves the velocity only
+    b_matrix = torch.tensor([[0.0, 0.0, 0.003, 0.0], [0.0, 0.0, 0.0, 0.006]])  # a moves the velocity only
 
     class Linear:  # "pixels" are the state itself, so an embedding chooses what of it the belief holds
         def __init__(self, seed, keep=0.9, noise=0.0):  # next = keep * state + a B + noise
@@ -486,9 +486,10 @@ def test_latent_ranking_state_probe_reads_what_the_belief_knows_against_what_the
             return 10**6
 
         def sample(self, n, frame_stack=1, keys=None):
-            state = torch.randn(n, 4, generator=self.gen)
+            state = torch.randn(n, 4, generator=self.gen) * torch.tensor([1.0, 1.0, 0.01, 0.01])  # slow, as there
             action = torch.rand(n, 2, generator=self.gen) * 2 - 1
-            nxt = self.keep * state + action @ b_matrix + self.noise * torch.randn(n, 4, generator=self.gen)
+            noise = self.noise * torch.randn(n, 4, generator=self.gen) * torch.tensor([1.0, 1.0, 0.01, 0.01])
+            nxt = self.keep * state + action @ b_matrix + noise
             return TensorDict({"pixels": state, "physics": state, "action": action,
                                "next": {"pixels": nxt, "physics": nxt}}, batch_size=[n])
 
@@ -500,7 +501,7 @@ def test_latent_ranking_state_probe_reads_what_the_belief_knows_against_what_the
     position_only = ranking.state_probe(lambda x: x[:, :2], Linear(1, 0.2, 1.0), Linear(2, 0.2, 1.0), 1,
                                         transitions=3000, updates=600, cases=500)
     assert whole["position_r2"] > 0.95 and whole["velocity_r2"] > 0.95, whole
-    assert whole["action_effect_on_next_velocity"] == pytest.approx(float((0.3**2 / 3 + 0.6**2 / 3) / 2) ** 0.5,
+    assert whole["action_effect_on_next_velocity"] == pytest.approx(float((0.003**2 / 3 + 0.006**2 / 3) / 2) ** 0.5,
                                                                     rel=0.15)  # fitted through the noise
     assert whole["action_effect_on_next_position"] < 0.05
     assert position_only["position_r2"] > 0.95 and abs(position_only["velocity_r2"]) < 0.1, position_only

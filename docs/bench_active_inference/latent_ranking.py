@@ -153,9 +153,12 @@ def state_probe(embed, train, heldout, frame_stack: int, transitions: int = 2000
     with bench.fixed_draws(seed + 503):
         batch = train.sample(transitions, frame_stack=frame_stack, keys=["pixels", "physics"])
         test = heldout.sample(min(cases, len(heldout)), frame_stack=frame_stack, keys=["pixels", "physics"])
-    net = fit_probe(embed_all(embed, batch["pixels"]), batch["physics"].float(), updates, seed)
+    # targets standardised: point_mass's velocities spread ~8x less than its positions and would hardly count
+    target = batch["physics"].float()
+    centre, scale = target.mean(0), target.std(0) + 1e-8
+    net = fit_probe(embed_all(embed, batch["pixels"]), (target - centre) / scale, updates, seed)
     with torch.no_grad():
-        predicted = net(embed_all(embed, test["pixels"]))
+        predicted = net(embed_all(embed, test["pixels"])) * scale + centre
     truth = test["physics"].float()
     effect = action_effect(train, transitions, seed)
     half = truth.shape[1] // 2
