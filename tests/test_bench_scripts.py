@@ -588,6 +588,9 @@ def test_inverse_ceiling_reads_frames_in_order_and_the_physics_fit_recovers_the_
     assert (tmp_path / "s.png").stat().st_size > 0
     assert drawn["state"]["world model"]["updates"] == 1200 and drawn["state"]["world model"]["velocity_r2"] == -0.1
     assert drawn["state"]["two frames"]["updates"] == 500
+    alone = ceiling.main(["--state-figure", str(tmp_path / "s2.png"),
+                          "--world-models", f"900={tmp_path / 'probed.json'}"])
+    assert set(alone) == {"state"} and (tmp_path / "s2.png").stat().st_size > 0
 
 
 def test_bench_active_inference_quick_never_defaults_to_the_docs_page(tmp_path, monkeypatch):

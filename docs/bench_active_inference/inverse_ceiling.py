@@ -169,7 +169,7 @@ def plot_state(world_models: list[str], path: str) -> dict:
     names = [f"{label}\n{updates:,} updates" for label, (updates, _) in latest.items()]
     probes = [probe for _, probe in latest.values()]
     x = list(range(len(names)))
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
     for offset, part, color in ((-0.2, "position", "tab:blue"), (0.2, "velocity", "tab:orange")):
         at = [i + offset for i in x]
         left.bar(at, [p[f"{part}_r2"] for p in probes], 0.4, color=color, label=part)
@@ -178,10 +178,12 @@ def plot_state(world_models: list[str], path: str) -> dict:
     left.set_ylim(min(-0.2, *(p["velocity_r2"] for p in probes)), 1.05)
     left.axhline(0, color="grey", lw=0.8)
     right.set_yscale("log")
+    right.set_ylim(0.5, 2 * max(max(p["position_rmse_over_action_effect"], p["velocity_rmse_over_action_effect"])
+                                for p in probes))
     right.axhline(1, color="red", lw=1, ls=":", label="what one random action changes")
     right.set_ylabel("probe RMSE / the action's effect on the next step")
     for ax in (left, right):
-        ax.set_xticks(x, names, fontsize=7)
+        ax.set_xticks(x, names, fontsize=7, rotation=25, ha="right")
         ax.legend(fontsize=7)
     fig.suptitle("point_mass 64x64: what the world model's belief knows of the state", fontsize=9)
     fig.tight_layout()
@@ -210,10 +212,10 @@ def main(argv=None) -> dict:
     p.add_argument("--world-models", nargs="*", default=[], metavar="[LABEL@]UPDATES=JSON",
                    help="latent_ranking.py records of world models, one series per LABEL")
     p.add_argument("--state-figure", default=None, metavar="PNG",
-                   help="with --figure: also draw what each --world-models series' belief knows of the state")
+                   help="draw what each --world-models series' belief knows of the state (with or without --figure)")
     args = p.parse_args(argv)
-    if args.figure:
-        drawn = plot(args.records, args.world_models, args.figure)
+    if args.figure or args.state_figure:
+        drawn = plot(args.records, args.world_models, args.figure) if args.figure else {}
         if args.state_figure:
             drawn["state"] = plot_state(args.world_models, args.state_figure)
         return drawn
