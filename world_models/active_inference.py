@@ -439,10 +439,8 @@ class ActiveInferenceModel(WorldModel):
         mean, std, s = (v.reshape(b, t1, -1) for v in (mean, std, s))
         p_means, p_stds = self.transition_members(s[:, :-1].flatten(0, 1), action.flatten(0, 1))
         kl_members = gaussian_kl(mean[:, 1:].flatten(0, 1), std[:, 1:].flatten(0, 1), p_means, p_stds)  # [E, B*L]
-        # The masked mean over the global batch under data-parallel training (every rank's rows gathered, the
-        # gradient flowing back to its own; the identity in one process): the free-nats clamp below acts on it.
-        kl_rows = gather_batch((kl_members.mean(0) * mask.flatten()).reshape(b, -1), grad=True)  # [B, L]
-        kl_transition = kl_rows.sum() / gather_batch(mask).sum().clamp_min(1.0)
+        kl_steps = (kl_members.mean(0) * mask.flatten()).reshape(b, -1)  # [B, L], masked
+        kl_transition = self._batch_mean(kl_steps, mask)
         # Free nats (Dreamer): the batch-mean transition KL below ``free_nats`` costs nothing and gives no
         # gradient, so the posterior can carry that much information before the prior pulls on it.
         kl_term = self._free(kl_transition)
@@ -461,10 +459,17 @@ class ActiveInferenceModel(WorldModel):
             # per slice and step, for finding the rows behind a burst (detached): the transition KL (members'
             # mean, masked) [B, L], the reconstruction NLL [B, L + 1], the smallest std of the posterior
             # [B, L + 1] and of any member's prior [B, L]
-            "rows": {"kl_transition": (kl_members.mean(0) * mask.flatten()).reshape(b, -1).detach(),
+            "rows": {"kl_transition": kl_steps.detach(),
                      "recon": recon_rows.reshape(b, t1).detach(), "posterior_std_min": std.amin(-1).detach(),
                      "prior_std_min": p_stds.amin(dim=(0, 2)).reshape(b, -1).detach()},
         }
+
+    @staticmethod
+    def _batch_mean(masked: Tensor, valid: Tensor) -> Tensor:
+        """The mean of ``masked`` (values already multiplied by ``valid``) over the valid entries of the global
+        batch: under data-parallel training every rank's rows gathered, the gradient flowing back to its own (the
+        identity in one process), so the free-nats clamp acts on the global mean."""
+        return gather_batch(masked, grad=True).sum() / gather_batch(valid).sum().clamp_min(1.0)
 
     def _free(self, kl: Tensor) -> Tensor:
         """A batch-mean KL as minimised: clamped from below at the free nats (none when ``free_nats`` is 0)."""
@@ -492,5 +497,5 @@ class ActiveInferenceModel(WorldModel):
             m, sd = torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs])  # [E, B, starts, D]
             kl = gaussian_kl(target_mean[:, d:], target_std[:, d:], m, sd).mean(0)  # [B, starts]
             valid = valid[:, :starts] * mask[:, d - 1 : d - 1 + starts]
-            kls.append(gather_batch(kl * valid, grad=True).sum() / gather_batch(valid).sum().clamp_min(1.0))
+            kls.append(self._batch_mean(kl * valid, valid))
         return kls

@@ -91,17 +91,34 @@ def predict(net: nn.Module, frames: torch.Tensor, chunk: int = 500) -> torch.Ten
     return out
 
 
+def least_squares(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The coefficients ``[X + 1, Y]`` of the least-squares fit y ~ [x, 1] (the bias last).
+
+    Without contacts the state at t+1 is linear in the state at t and the action, so a design holding both is
+    linearly dependent up to the float32 rounding of the stored states; a solver that keeps that direction puts
+    huge weights on rounding noise (a CI run of the test's tiny data: action MSE 12). The SVD-based driver drops
+    singular values below 1e-5 of the largest (the minimum-norm solution of the rest)."""
+    design = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+    return torch.linalg.lstsq(design, y, rcond=1e-5, driver="gelsd").solution
+
+
 def physics_ceiling(train: tuple, test: tuple, candidates: int, seed: int) -> dict:
     """Least squares from [physics_t, physics_{t+1}, 1] to a_t: what the motion allows without pixels."""
     (_, a_train, p_train), (_, a_test, p_test) = train, test
-    # Without contacts the state at t+1 is linear in the state at t and the action, so the design's columns are
-    # linearly dependent up to the float32 rounding of the stored states; a solver that keeps that direction puts
-    # huge weights on rounding noise (a CI run of the test's tiny data: action MSE 12). The SVD-based driver drops
-    # singular values below 1e-5 of the largest (the minimum-norm solution of the rest).
-    design = torch.cat([p_train, torch.ones(len(p_train), 1, dtype=p_train.dtype)], 1)
-    fit = torch.linalg.lstsq(design, a_train.double(), rcond=1e-5, driver="gelsd").solution
+    fit = least_squares(p_train, a_train.double())
     pred = (torch.cat([p_test, torch.ones(len(p_test), 1, dtype=p_test.dtype)], 1) @ fit).float()
     return reading(pred, a_test, candidates, seed)
+
+
+def read_world_models(items: list[str]) -> list[tuple[str, int, dict]]:
+    """``[LABEL@]UPDATES=JSON`` items (latent_ranking.py records) as (label, updates, record); no label: "world
+    model"."""
+    out = []
+    for item in items:
+        key, file = item.split("=", 1)
+        label, _, updates = key.rpartition("@")
+        out.append((label or "world model", int(updates), json.loads(Path(file).read_text())))
+    return out
 
 
 def plot(records: list[str], world_models: list[str], path: str) -> dict:
@@ -121,12 +138,9 @@ def plot(records: list[str], world_models: list[str], path: str) -> dict:
         drawn[label] = [(row["update"], row["heldout"]["fraction_in_best_20pct"]) for row in curve]
         ax.plot(*zip(*drawn[label], strict=True), marker="o", ms=3, label=f"inverse CNN, {label}")
     series: dict[str, list[tuple[int, float, float]]] = {}
-    for item in world_models:  # [LABEL@]UPDATES=JSON
-        key, file = item.split("=", 1)
-        label, _, updates = key.rpartition("@")
-        rec = json.loads(Path(file).read_text())
-        series.setdefault(label or "world model", []).append(
-            (int(updates), rec["G_benchmark"]["G_nonconstant_fraction_in_best_20pct"],
+    for label, updates, rec in read_world_models(world_models):
+        series.setdefault(label, []).append(
+            (updates, rec["G_benchmark"]["G_nonconstant_fraction_in_best_20pct"],
              rec["latent_inverse_probe"]["fraction_in_best_20pct"]))
     for (label, points), color in zip(series.items(), ("black", "purple", "green", "tab:brown", "tab:cyan"),
                                       strict=False):
@@ -157,13 +171,9 @@ def plot_state(world_models: list[str], path: str) -> dict:
     import matplotlib.pyplot as plt
 
     latest: dict[str, tuple[int, dict]] = {}
-    for item in world_models:
-        key, file = item.split("=", 1)
-        label, _, updates = key.rpartition("@")
-        rec = json.loads(Path(file).read_text())
-        label = label or "world model"
-        if "state_probe" in rec and int(updates) >= latest.get(label, (-1, None))[0]:
-            latest[label] = (int(updates), rec["state_probe"])
+    for label, updates, rec in read_world_models(world_models):
+        if "state_probe" in rec and updates >= latest.get(label, (-1, None))[0]:
+            latest[label] = (updates, rec["state_probe"])
     if not latest:
         raise SystemExit("none of the --world-models records has a state_probe (latent_ranking.py writes one)")
     names = [f"{label}\n{updates:,} updates" for label, (updates, _) in latest.items()]

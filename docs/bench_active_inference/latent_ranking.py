@@ -46,6 +46,9 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import bench_active_inference as bench  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from inverse_ceiling import least_squares  # noqa: E402
+
 
 def fraction(scores: torch.Tensor) -> dict:
     """Check 2's reading of ``scores`` ``[N, 1 + K]`` (true action first, lower is better)."""
@@ -133,13 +136,12 @@ def inverse_probe(embed, train, frame_stack: int, transitions: int = 20000, upda
 
 def action_effect(train, transitions: int = 20000, seed: int = 0) -> torch.Tensor:
     """Per physics component ``[P]``: the std, over uniform random actions in [-1, 1], of the action's part of the
-    least-squares fit physics_{t+1} ~ [physics_t, a_t, 1] (as ``inverse_ceiling``'s physics fit, small singular
-    values cut): how far one action moves the next state."""
+    least-squares fit physics_{t+1} ~ [physics_t, a_t, 1] (``inverse_ceiling.least_squares``): how far one action
+    moves the next state."""
     with bench.fixed_draws(seed + 502):
         batch = train.sample(transitions, keys=["physics"])
     now, nxt, a = batch["physics"].double(), batch["next", "physics"].double(), batch["action"].double()
-    design = torch.cat([now, a, torch.ones(len(a), 1, dtype=now.dtype)], 1)
-    coef = torch.linalg.lstsq(design, nxt, rcond=1e-5, driver="gelsd").solution  # [P + A + 1, P]
+    coef = least_squares(torch.cat([now, a], 1), nxt)  # [P + A + 1, P]
     action_part = coef[now.shape[1] : now.shape[1] + a.shape[1]]  # [A, P]
     # a uniform on [-1, 1] has variance 1/3 per independent component
     return (action_part.square().sum(0) / 3).sqrt().float()
