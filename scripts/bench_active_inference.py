@@ -139,6 +139,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu",
                    help="where the agent runs (cpu, cuda); observations come from the CPU, as on a robot")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-seed", type=int, default=None,
+                   help="seed the model's initialisation and training alone (default: --seed's stream): replicate a "
+                        "model on the same data, held-out cases, goals and start states")
     p.add_argument("--out", default=None,
                    help="the report page (default docs/bench_active_inference.md; with --quick <fig-dir>/page.md)")
     p.add_argument("--fig-dir", default=None,
@@ -1138,6 +1141,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench_ai] data: {len(train_buf)} + {len(heldout)} steps in {time.perf_counter() - t0:.0f} s",
               flush=True)
     collect_seconds = time.perf_counter() - t0
+    if args.train_seed is not None:
+        torch.manual_seed(args.train_seed)
     agent = build_agent(args)
     config = agent.config
     results = {}

@@ -607,6 +607,27 @@ def test_bench_active_inference_quick_never_defaults_to_the_docs_page(tmp_path, 
     assert (Path(args.out), Path(args.fig_dir)) == (docs / "bench_active_inference.md", docs / "bench_active_inference")
 
 
+def test_bench_active_inference_train_seed_replicates_the_model_alone(tmp_path):
+    """``--train-seed`` reseeds the model's initialisation and training only: the same data, held-out cases and
+    copy baseline under every train seed, another model under another seed, the same model under the same one."""
+    import json
+
+    bench = _load("bench_active_inference")
+
+    def run(name, *extra):
+        figs = tmp_path / name
+        common = ["--quick", "--checks", "1", "--out", str(tmp_path / f"{name}.md"), "--fig-dir", str(figs)]
+        assert bench.main([*common, *extra]) == 0
+        return json.loads((figs / "results.json").read_text())
+
+    a, b, again = run("a", "--train-seed", "1"), run("b", "--train-seed", "2"), run("again", "--train-seed", "1")
+    assert a["check1"]["copy_frame_mse"] == b["check1"]["copy_frame_mse"] == again["check1"]["copy_frame_mse"]
+    assert a["train"]["free_energy"] == again["train"]["free_energy"]
+    assert a["check1"]["model_mse"] == again["check1"]["model_mse"]
+    assert a["train"]["free_energy"] != b["train"]["free_energy"]
+    assert a["check1"]["model_mse"] != b["check1"]["model_mse"]
+
+
 def test_bench_active_inference_resume_trains_a_saved_model_on(tmp_path):
     """``--load-model m --resume --save-model m`` continues the model, its Adam state and its training record:
     6 + 6 quick updates give a 12-update record with one curve and Adam at step 12; --resume alone is refused."""
