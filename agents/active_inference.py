@@ -218,7 +218,8 @@ class ActiveInferenceConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     # The spec's CPU point_mass configuration (§8): K = 1000 random sequences, H = 5, J = 4, argmin.
     "paper": {},
-    # Cheaper planning for a 2-core CPU (latency not yet measured): CEM with fewer candidates.
+    # Cheaper planning for a 2-core CPU: CEM with fewer candidates (48 ms p50 at batch 1 on one thread,
+    # docs/bench_active_inference.md, latency); the planner of the benchmark's goal-reaching runs.
     "small": {"planner": "cem", "num_candidates": 128, "num_elites": 16, "cem_iterations": 3, "num_samples": 2},
     # Fits a 50 Hz control period at batch 1 on one CPU thread (docs/bench_active_inference.md, latency):
     # the spec's random shooting with 64 sequences and one state sample each.

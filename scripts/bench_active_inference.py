@@ -670,6 +670,9 @@ def goal_reaching(agent: ActiveInferenceAgent, heldout: ReplayBuffer, args) -> d
             # the goal frames are rendered in the episodes' own scene (reacher: the target ball the episode drew
             # at reset, which is not part of the physics state), then the start state is put back
             start_physics = env.reset()["physics"].clone()
+            if "start_distance" not in out:  # the same start poses for every policy (the env's seed)
+                out["start_distance"] = np.linalg.norm(task.body_position(start_physics.cpu().numpy()) - goal_pos,
+                                                       axis=-1).tolist()
             goal_obs = env.set_physics_state(goal_physics)
             td = env.set_physics_state(start_physics)
             if name in ("agent", "risk_only"):
@@ -693,8 +696,9 @@ def goal_reaching(agent: ActiveInferenceAgent, heldout: ReplayBuffer, args) -> d
                         "success": (dist < args.success_radius).mean(1).tolist()}
         if run["terms"]:
             terms[name] = {t: v.mean(1).tolist() for t, v in run["terms"].items()}
+        # per-goal final distances too: models and planners run on the same goals and starts compare goal by goal
         out[name] = {"success": float(np.mean(dist[-1] < args.success_radius)), "mean_distance": float(dist[-1].mean()),
-                     "seconds": time.perf_counter() - start}
+                     "final_distance": dist[-1].tolist(), "seconds": time.perf_counter() - start}
         print(f"[bench_ai] goals, {name}: success {out[name]['success']:.2f}, "
               f"mean final distance {out[name]['mean_distance']:.3f}", flush=True)
     a, r, z = out["agent"], out["random"], out["zero"]

@@ -352,6 +352,12 @@ def test_bench_active_inference_quick_writes_the_report_figures_and_numbers(tmp_
     for name in ("agent", "risk_only", "random", "zero"):
         assert {"success", "mean_distance"} <= c3[name].keys()
         assert len(c3["curves"][name]["mean_distance"]) == c3["steps"]
+        # per goal: the final distances behind the success rate and the mean, and the curve's last step
+        final = c3[name]["final_distance"]
+        assert len(final) == c3["goals"] and abs(sum(final) / len(final) - c3[name]["mean_distance"]) < 1e-9
+        assert sum(d < c3["success_radius"] for d in final) / len(final) == c3[name]["success"]
+        assert abs(c3["curves"][name]["mean_distance"][-1] - c3[name]["mean_distance"]) < 1e-9
+    assert len(c3["start_distance"]) == c3["goals"] and min(c3["start_distance"]) > 0
     # the planning policies log the executed plan's EFE terms at every step; the baselines have none
     assert set(c3["efe_terms"]) == {"agent", "risk_only"} and len(c3["efe_terms"]["agent"]["risk"]) == c3["steps"]
     assert results["latency"]["presets"]["realtime"]["K"] == 64
