@@ -473,6 +473,48 @@ def test_latent_ranking_scores_rank_the_true_action_first_only_when_the_model_mo
     assert ranking.fraction(scores["risk_mean_path"])["median_rank"] == 0.5  # every candidate ties the true one
 
 
+def test_risk_along_paths_takes_the_shoulders_shorter_arc_and_reads_the_risks_order():
+    """``docs/bench_active_inference/risk_along_paths.py``: the shoulder (unlimited) goes the shorter way round, the
+    wrist directly, the poses at rest; the reading finds a risk that orders the path as the distance does, one that
+    rises out of the start, and splits goals at the median start distance."""
+    import math
+
+    import numpy as np
+    import torch
+
+    paths = _load("risk_along_paths", STUDIES / "bench_active_inference")
+    start = torch.tensor([[3.0, -1.0, 0.5, 0.7, 9.0], [0.2, 0.0, 0.1, 0.1, 9.0]])
+    goal = torch.tensor([[-3.0, 1.0, 0.0, 0.0, 4.0], [0.6, -2.0, 0.0, 0.0, 4.0]])
+    states = paths.path_states(start, goal, torch.linspace(0, 1, 5), joints=2, wrapped=(0,))
+    assert states.shape == (5, 2, 5)
+    # 3.0 -> -3.0 the short way crosses pi (2pi - 6 = 0.283 rad), not 0; the wrist 1 -> -1 directly through 0
+    assert torch.allclose(states[2, 0, 0], torch.tensor(3.0 + (2 * math.pi - 6.0) / 2))
+    assert torch.allclose(states[-1, 0, 0], torch.tensor(2 * math.pi - 3.0))  # the goal's angle, 2 pi on
+    assert torch.allclose(states[2, 0, 1], torch.tensor(0.0))
+    assert torch.allclose(states[:, 1, 0], torch.linspace(0.2, 0.6, 5))
+    assert (states[:, :, 2:4] == 0).all() and (states[:, :, 4] == 9.0).all()  # at rest; the rest from the start
+
+    line = np.linspace(1.0, 0.0, 6)
+    # goals 0, 1 near, 2, 3 far; goal 1's arm first moves away from the goal, then toward it
+    distance = np.stack([line, [1.0, 0.9, 1.1, 0.5, 0.2, 0.0], 3 * line, 3 * line], axis=1)
+    risk = np.stack([line, [3.0, 4.0, 1.5, 1.2, 0.6, 0.0], [3.0, 4.0, 1.8, 1.2, 0.6, 0.0], line[::-1]], axis=1)
+    reading = paths.path_reading(risk, distance, distance[0])
+    # ranks of goal 1: risk (4, 5, 3, 2, 1, 0), distance (4, 3, 5, 2, 1, 0): sum of squared differences 8;
+    # goal 2: two ranks swapped (2); goal 3: the risk rises all the way to the goal
+    assert np.allclose(reading["rho"], [1.0, 1 - 6 * 8 / (6 * 35), 1 - 6 * 2 / (6 * 35), -1.0])
+    assert reading["monotone"] == [True, False, False, False]
+    assert reading["first_step_falls"] == [True, False, False, False]
+    assert reading["near"]["goals"] == reading["far"]["goals"] == 2
+    assert reading["near"]["monotone"] == reading["near"]["first_step_falls"] == 0.5
+    assert reading["far"]["monotone"] == reading["far"]["first_step_falls"] == 0.0
+    # read again on the paths whose distance falls at every step (not goal 1's); the rise above the start's risk
+    assert reading["distance_monotone"] == [True, False, True, True]
+    assert reading["near"]["distance_monotone"] == 1 and reading["near"]["monotone_where_distance_monotone"] == 1.0
+    assert reading["far"]["first_step_falls_where_distance_monotone"] == 0.0
+    assert np.allclose(reading["rise"][:3], [0.0, 1 / 3, 1 / 3])  # 3 -> 4 on goals 1 and 2
+    assert 1e9 < reading["rise"][3] < float("inf")  # from a zero start risk to 1: no division by zero
+
+
 def test_latent_ranking_state_probe_reads_what_the_belief_knows_against_what_the_action_moves():
     """``latent_ranking.state_probe`` / ``action_effect`` on a linear world with a known action matrix: the action's
     effect on the next state is ``sqrt(sum_a B_ap^2 / 3)`` per component; a belief holding the whole state reads

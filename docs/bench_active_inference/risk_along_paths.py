@@ -1,0 +1,144 @@
+"""Does the latent risk lead reacher's arm to far goals? The risk read along real paths (issue 14)
+
+    python docs/bench_active_inference/risk_along_paths.py --task reacher-easy --episode-length 250 \
+        --train-episodes 100 --set decoder=conv --data <buffers> --load-model <model.pt> --goals 50 \
+        --fig-dir <dir> [--points 21]
+
+Takes the options of scripts/bench_active_inference.py (the model's settings and buffers). Check 3's own 50 goals
+and start poses (the same draws as ``bench_active_inference.goal_reaching``) are joined by straight paths in joint
+space (the shoulder along its shorter arc, it is unlimited; the wrist, limited, directly), at ``--points`` poses
+from start to goal, at rest. Each pose is rendered, encoded as a still stack (the frame tiled, as a goal image is),
+and scored by the planner's latent risk toward the goal, ``KL(q(s|o_pose) || q(s|o_goal))`` summed over the
+latent (``expected_free_energy``'s risk, at the posterior instead of a prediction). Per goal it reads whether
+the risk orders the path's poses as the fingertip's distance to the goal does (Spearman rho), whether it falls
+at every step of the path, and whether it falls over the first step out of the start (what a short-horizon
+planner sees); split at the median start distance, as the benchmark page splits check 3's successes.
+
+A risk that falls steadily along the path to far goals leaves the planner's search to blame; one that is flat
+or rises near the start of far paths means the planner has nothing to descend there. Writes
+``risk_along_paths.json`` to ``--fig-dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import bench_active_inference as bench  # noqa: E402
+
+
+def path_states(start: torch.Tensor, goal: torch.Tensor, alphas: torch.Tensor, joints: int,
+                wrapped: tuple[int, ...]) -> torch.Tensor:
+    """Physics states ``[P, N, S]`` on straight joint-space paths from ``start`` to ``goal`` ``[N, S]`` (qpos
+    first, ``joints`` of them, then qvel): joints in ``wrapped`` take the shorter arc (their difference wrapped to
+    [-pi, pi)), the others the direct line; velocities zero (the poses at rest); the rest of the state from
+    ``start``."""
+    diff = goal[:, :joints] - start[:, :joints]
+    for j in wrapped:
+        diff[:, j] = torch.remainder(diff[:, j] + math.pi, 2 * math.pi) - math.pi
+    states = start[None].repeat(len(alphas), 1, 1)
+    states[:, :, :joints] = start[None, :, :joints] + alphas[:, None, None] * diff[None]
+    states[:, :, joints : 2 * joints] = 0.0
+    return states
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Spearman rho along the first axis of ``x``, ``y`` ``[P, N]`` (no ties expected) -> ``[N]``."""
+    rx, ry = x.argsort(0).argsort(0).astype(float), y.argsort(0).argsort(0).astype(float)
+    rx -= rx.mean(0)
+    ry -= ry.mean(0)
+    return (rx * ry).sum(0) / np.sqrt((rx**2).sum(0) * (ry**2).sum(0))
+
+
+def path_reading(risk: np.ndarray, distance: np.ndarray, start_distance: np.ndarray) -> dict:
+    """Per goal and by half (split at the median start distance): rho between the risk and the fingertip's
+    distance along the path, whether the risk falls at every step, whether it falls over the first step;
+    ``risk``, ``distance`` ``[P, N]``."""
+    rho = spearman(risk, distance)
+    steps = np.diff(risk, axis=0)
+    monotone = (steps < 0).all(0)
+    first_falls = steps[0] < 0
+    # a straight joint path need not bring the fingertip steadily nearer (far goals often swing it round first):
+    # the risk is also read on the paths where the distance itself falls at every step
+    fair = (np.diff(distance, axis=0) < 0).all(0)
+    near = start_distance < np.median(start_distance)
+    scale = np.maximum(np.abs(risk[0]), 1e-12)
+    relative = steps[0] / scale  # the first step's change in the start's risk
+    rise = (risk.max(0) - risk[0]) / scale  # the highest the risk climbs above the start's on the way
+    out = {"rho": rho.tolist(), "monotone": monotone.tolist(), "first_step_falls": first_falls.tolist(),
+           "first_step_relative": relative.tolist(), "distance_monotone": fair.tolist(), "rise": rise.tolist()}
+    for name, rows in (("near", near), ("far", ~near)):
+        both = rows & fair
+        out[name] = {"goals": int(rows.sum()), "median_rho": float(np.median(rho[rows])),
+                     "monotone": float(monotone[rows].mean()), "first_step_falls": float(first_falls[rows].mean()),
+                     "median_first_step_relative": float(np.median(relative[rows])),
+                     "median_rise": float(np.median(rise[rows])), "distance_monotone": int(both.sum()),
+                     "monotone_where_distance_monotone": float(monotone[both].mean()) if both.any() else None,
+                     "first_step_falls_where_distance_monotone":
+                         float(first_falls[both].mean()) if both.any() else None}
+    return out
+
+
+@torch.no_grad()
+def main(argv=None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    points = 21
+    if "--points" in argv:
+        i = argv.index("--points")
+        points = int(argv[i + 1])
+        del argv[i : i + 2]
+    if points < 3:
+        raise SystemExit("--points: at least 3 poses per path (start, one between, goal)")
+    args = bench.parse_args(argv)
+    task = bench.get_task(args.task)
+    if args.task.split("-")[0] != "reacher":
+        raise SystemExit("risk_along_paths.py reads reacher's two hinge joints (shoulder unlimited): --task reacher-*")
+    torch.set_num_threads(args.threads)
+    _, heldout = bench.load_or_collect(args)
+    agent = bench.load_saved_agent(args)
+    wm = agent.world_model
+    started = time.time()
+    # check 3's goals and start poses, drawn as bench_active_inference.goal_reaching draws them
+    torch.manual_seed(args.seed + 2)
+    goal_physics = heldout.sample(args.goals, keys=["physics"])["physics"]
+    goal_pos = task.body_position(goal_physics.cpu().numpy())
+    env = bench.make_env(args.task, obs=("pixels", "physics"), action_repeat=args.action_repeat,
+                         episode_length=args.goal_steps + 1, num_envs=args.goals, num_workers=0, seed=args.seed + 3)
+    try:
+        start_physics = env.reset()["physics"].clone()
+        goal_frames = env.set_physics_state(goal_physics)["pixels"]
+        goal_mean, goal_std = wm.posterior(goal_frames.repeat(1, agent.frame_stack, 1, 1))
+        alphas = torch.linspace(0.0, 1.0, points, dtype=start_physics.dtype)
+        states = path_states(start_physics, goal_physics.to(start_physics.dtype), alphas, joints=2, wrapped=(0,))
+        risk, distance = [], []
+        for state in states:
+            td = env.set_physics_state(state)
+            mean, std = wm.posterior(td["pixels"].repeat(1, agent.frame_stack, 1, 1))
+            risk.append(bench.gaussian_kl(mean, std, goal_mean, goal_std).cpu().numpy())  # summed over D
+            distance.append(np.linalg.norm(task.body_position(td["physics"].cpu().numpy()) - goal_pos, axis=-1))
+    finally:
+        env.close()
+    risk, distance = np.stack(risk), np.stack(distance)
+    out = {"model": args.load_model, "goals": args.goals, "points": points,
+           "start_distance": distance[0].tolist(), "risk": risk.T.tolist(), "distance": distance.T.tolist()}
+    out.update(path_reading(risk, distance, distance[0]))
+    out["seconds"] = time.time() - started
+    for half in ("near", "far"):
+        print(f"[risk_along_paths] {half}: {json.dumps(out[half])}", flush=True)
+    fig_dir = Path(args.fig_dir)
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    (fig_dir / "risk_along_paths.json").write_text(json.dumps(out, indent=1))
+    return out
+
+
+if __name__ == "__main__":
+    main()
