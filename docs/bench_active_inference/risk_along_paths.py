@@ -12,7 +12,9 @@ and scored by the planner's latent risk toward the goal, ``KL(q(s|o_pose) || q(s
 latent (``expected_free_energy``'s risk, at the posterior instead of a prediction). Per goal it reads whether
 the risk orders the path's poses as the fingertip's distance to the goal does (Spearman rho), whether it falls
 at every step of the path, and whether it falls over the first step out of the start (what a short-horizon
-planner sees); split at the median start distance, as the benchmark page splits check 3's successes.
+planner sees); split at the median start distance, as the benchmark page splits check 3's successes. The same
+reading for the squared distance between the posterior means (``latent_distance``), a risk without the goal's
+precision.
 
 A risk that falls steadily along the path to far goals leaves the planner's search to blame; one that is flat
 or rises near the start of far paths means the planner has nothing to descend there. Writes
@@ -119,21 +121,26 @@ def main(argv=None) -> dict:
         goal_mean, goal_std = wm.posterior(goal_frames.repeat(1, agent.frame_stack, 1, 1))
         alphas = torch.linspace(0.0, 1.0, points, dtype=start_physics.dtype)
         states = path_states(start_physics, goal_physics.to(start_physics.dtype), alphas, joints=2, wrapped=(0,))
-        risk, distance = [], []
+        risk, means_only, distance = [], [], []
         for state in states:
             td = env.set_physics_state(state)
             mean, std = wm.posterior(td["pixels"].repeat(1, agent.frame_stack, 1, 1))
             risk.append(bench.gaussian_kl(mean, std, goal_mean, goal_std).cpu().numpy())  # summed over D
+            means_only.append((mean - goal_mean).square().sum(-1).cpu().numpy())
             distance.append(np.linalg.norm(task.body_position(td["physics"].cpu().numpy()) - goal_pos, axis=-1))
     finally:
         env.close()
-    risk, distance = np.stack(risk), np.stack(distance)
+    risk, means_only, distance = np.stack(risk), np.stack(means_only), np.stack(distance)
     out = {"model": args.load_model, "goals": args.goals, "points": points,
            "start_distance": distance[0].tolist(), "risk": risk.T.tolist(), "distance": distance.T.tolist()}
     out.update(path_reading(risk, distance, distance[0]))
+    # the same reading for the squared distance between the posterior means (no goal precision): a candidate
+    # risk that weighs every latent dimension alike
+    out["latent_distance"] = path_reading(means_only, distance, distance[0])
     out["seconds"] = time.time() - started
     for half in ("near", "far"):
         print(f"[risk_along_paths] {half}: {json.dumps(out[half])}", flush=True)
+        print(f"[risk_along_paths] {half}, latent distance: {json.dumps(out['latent_distance'][half])}", flush=True)
     fig_dir = Path(args.fig_dir)
     fig_dir.mkdir(parents=True, exist_ok=True)
     (fig_dir / "risk_along_paths.json").write_text(json.dumps(out, indent=1))
