@@ -653,18 +653,29 @@ def goal_episodes(env, td: TensorDict, policy: Policy, steps: int, task, goal_po
     return {"distance": np.stack(dists), "terms": {t: np.stack(v) for t, v in terms.items() if v}}
 
 
+def goal_cases(args, heldout: ReplayBuffer):
+    """Check 3's goals: ``--goals`` physics states drawn from the held-out episodes (``[N, S]``) and their body
+    positions; with :func:`goal_env`, whose reset gives the start states, the cases every check-3 reading shares."""
+    torch.manual_seed(args.seed + 2)
+    goal_physics = heldout.sample(args.goals, keys=["physics"])["physics"]
+    return goal_physics, get_task(args.task).body_position(goal_physics.cpu().numpy())
+
+
+def goal_env(args):
+    """The ``--goals`` envs of check 3, seeded so that every reset gives the same start states."""
+    return make_env(args.task, obs=("pixels", "physics"), action_repeat=args.action_repeat,
+                    episode_length=args.goal_steps + 1, num_envs=args.goals, num_workers=0, seed=args.seed + 3)
+
+
 def goal_reaching(agent: ActiveInferenceAgent, heldout: ReplayBuffer, args) -> dict:
     """Check 3: success and final distance from ``--goals`` goal images for the agent, its risk-only
     ablation (``epistemic_weight=0``), uniform-random and zero actions, from the same start states."""
     task = get_task(args.task)
-    torch.manual_seed(args.seed + 2)
-    goal_physics = heldout.sample(args.goals, keys=["physics"])["physics"]
-    goal_pos = task.body_position(goal_physics.cpu().numpy())
+    goal_physics, goal_pos = goal_cases(args, heldout)
     out = {"goals": args.goals, "steps": args.goal_steps, "success_radius": args.success_radius}
     curves, terms = {}, {}
     for name in ("agent", "risk_only", "random", "zero"):
-        env = make_env(args.task, obs=("pixels", "physics"), action_repeat=args.action_repeat,
-                       episode_length=args.goal_steps + 1, num_envs=args.goals, num_workers=0, seed=args.seed + 3)
+        env = goal_env(args)
         start = time.perf_counter()
         try:
             # the goal frames are rendered in the episodes' own scene (reacher: the target ball the episode drew

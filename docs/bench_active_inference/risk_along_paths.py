@@ -5,13 +5,13 @@
         --fig-dir <dir> [--points 21]
 
 Takes the options of scripts/bench_active_inference.py (the model's settings and buffers). Check 3's own 50 goals
-and start poses (the same draws as ``bench_active_inference.goal_reaching``) are joined by straight paths in joint
-space (the shoulder along its shorter arc, it is unlimited; the wrist, limited, directly), at ``--points`` poses
-from start to goal, at rest. Each pose is rendered, encoded as a still stack (the frame tiled, as a goal image is),
-and scored by the planner's latent risk toward the goal, ``KL(q(s|o_pose) || q(s|o_goal))`` summed over the
-latent (``expected_free_energy``'s risk, at the posterior instead of a prediction). Per goal it reads whether
-the risk orders the path's poses as the fingertip's distance to the goal does (Spearman rho), whether it falls
-at every step of the path, and whether it falls over the first step out of the start (what a short-horizon
+and start poses (``bench_active_inference.goal_cases`` and ``goal_env``, as check 3 draws them) are joined by
+straight paths in joint space (the shoulder along its shorter arc, it is unlimited; the wrist, limited, directly),
+at ``--points`` poses from start to goal, at rest. Each pose is rendered, encoded as a still stack (the frame tiled,
+as a goal image is), and scored by the planner's latent risk toward the goal, ``KL(q(s|o_pose) || q(s|o_goal))``
+summed over the latent (``expected_free_energy``'s risk, at the posterior instead of a prediction). Per goal it
+reads whether the risk orders the path's poses as the fingertip's distance to the goal does (Spearman rho), whether
+it falls at every step of the path, and whether it falls over the first step out of the start (what a short-horizon
 planner sees); split at the median start distance, as the benchmark page splits check 3's successes. The same
 reading for the squared distance between the posterior means (``latent_distance``), a risk without the goal's
 precision.
@@ -23,6 +23,7 @@ or rises near the start of far paths means the planner has nothing to descend th
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import sys
@@ -92,15 +93,13 @@ def path_reading(risk: np.ndarray, distance: np.ndarray, start_distance: np.ndar
 
 @torch.no_grad()
 def main(argv=None) -> dict:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    points = 21
-    if "--points" in argv:
-        i = argv.index("--points")
-        points = int(argv[i + 1])
-        del argv[i : i + 2]
+    own = argparse.ArgumentParser(add_help=False)  # the rest are the benchmark's options
+    own.add_argument("--points", type=int, default=21, help="poses per path, start and goal included")
+    mine, rest = own.parse_known_args(sys.argv[1:] if argv is None else argv)
+    points = mine.points
     if points < 3:
         raise SystemExit("--points: at least 3 poses per path (start, one between, goal)")
-    args = bench.parse_args(argv)
+    args = bench.parse_args(rest)
     task = bench.get_task(args.task)
     if args.task.split("-")[0] != "reacher":
         raise SystemExit("risk_along_paths.py reads reacher's two hinge joints (shoulder unlimited): --task reacher-*")
@@ -109,12 +108,8 @@ def main(argv=None) -> dict:
     agent = bench.load_saved_agent(args)
     wm = agent.world_model
     started = time.time()
-    # check 3's goals and start poses, drawn as bench_active_inference.goal_reaching draws them
-    torch.manual_seed(args.seed + 2)
-    goal_physics = heldout.sample(args.goals, keys=["physics"])["physics"]
-    goal_pos = task.body_position(goal_physics.cpu().numpy())
-    env = bench.make_env(args.task, obs=("pixels", "physics"), action_repeat=args.action_repeat,
-                         episode_length=args.goal_steps + 1, num_envs=args.goals, num_workers=0, seed=args.seed + 3)
+    goal_physics, goal_pos = bench.goal_cases(args, heldout)  # check 3's goals and (reset) start poses
+    env = bench.goal_env(args)
     try:
         start_physics = env.reset()["physics"].clone()
         goal_frames = env.set_physics_state(goal_physics)["pixels"]
