@@ -515,6 +515,25 @@ def test_risk_along_paths_takes_the_shoulders_shorter_arc_and_reads_the_risks_or
     assert 1e9 < reading["rise"][3] < float("inf")  # from a zero start risk to 1: no division by zero
 
 
+def test_risk_along_paths_figure_reads_each_path_relative_to_its_start(tmp_path):
+    """``relative_curves``: every reading divided by its own path's start value, percentiles over the chosen paths
+    only; ``plot_paths`` draws the near and far halves."""
+    import numpy as np
+
+    paths = _load("risk_along_paths", STUDIES / "bench_active_inference")
+    # three paths of three poses; the third (excluded) would pull every percentile up
+    values = [[2.0, 1.0, 0.0], [4.0, 6.0, 0.0], [1.0, 9.0, 9.0]]
+    out = {"risk": values, "distance": values, "points": 3, "start_distance": [0.1, 0.5, 0.3],
+           "distance_monotone": [True, True, False],
+           **{name: {"values": values} for name in ("latent_distance", "observation_risk", "pixel_distance")}}
+    curves = paths.relative_curves(out, np.array([True, True, False]))
+    assert set(curves) == set(paths.READINGS)
+    np.testing.assert_allclose(curves["risk"][:, 1], [1.0, 1.0, 0.0])  # medians of (1, 0.5, 0) and (1, 1.5, 0)
+    np.testing.assert_allclose(curves["pixel_distance"][1], [0.75, 1.0, 1.25])  # 25th, 50th, 75th at pose 1
+    paths.plot_paths(out, tmp_path / "paths.png")
+    assert (tmp_path / "paths.png").stat().st_size > 10_000
+
+
 def test_latent_ranking_state_probe_reads_what_the_belief_knows_against_what_the_action_moves():
     """``latent_ranking.state_probe`` / ``action_effect`` on a linear world with a known action matrix: the action's
     effect on the next state is ``sqrt(sum_a B_ap^2 / 3)`` per component; a belief holding the whole state reads
@@ -556,6 +575,47 @@ def test_latent_ranking_state_probe_reads_what_the_belief_knows_against_what_the
     assert position_only["velocity_rmse_over_action_effect"] > 2 > 0.5 > whole["velocity_rmse_over_action_effect"]
 
 
+def test_latent_ranking_state_probe_reads_an_unlimited_joint_as_a_wrapped_angle():
+    """Reacher's shoulder winds past +-pi (the recorded angle reaches +-13 rad): ``state_probe(angles=(0,))``
+    predicts its sine and cosine and scores the wrapped difference, so a belief that knows the arm's pose but not
+    how often it has wound reads as knowing it; read as a plain number the same belief reads as not."""
+    import math
+
+    import torch
+    from tensordict import TensorDict
+
+    ranking = _load("latent_ranking", STUDIES / "bench_active_inference")
+    truth = torch.tensor([[0.5 + 4 * math.pi, 1.0], [3.0, -2.0]])  # the first recorded two laps on
+    wound = torch.tensor([[math.sin(0.5), math.cos(0.5), 1.0],
+                          [math.sin(3.0 - 2 * math.pi), math.cos(3.0 - 2 * math.pi), -1.0]])
+    err, spread = ranking.component_errors(wound, truth, (0,))
+    torch.testing.assert_close(err, torch.tensor([0.0, 0.5]), atol=1e-6, rtol=0)  # laps dropped; (0 + 1) / 2
+    assert spread[0] == pytest.approx(float(torch.tensor([0.5, 3.0]).var()), rel=1e-5)  # the wrapped spread
+    assert ranking.probe_targets(truth, (0,)).shape == (2, 3)
+
+    class Winding:  # an angle that winds, a position, their velocities; the "pixels" hold the angle's sin, cos
+        def __init__(self, seed):
+            self.gen = torch.Generator().manual_seed(seed)
+
+        def __len__(self):
+            return 10**6
+
+        def sample(self, n, frame_stack=1, keys=None):
+            state = torch.rand(n, 4, generator=self.gen) * torch.tensor([8 * math.pi, 2, 2, 2]) \
+                - torch.tensor([4 * math.pi, 1, 1, 1])
+            action = torch.rand(n, 2, generator=self.gen) * 2 - 1
+            nxt = state + torch.cat([0.1 * state[:, 2:], action], 1)
+            seen = torch.cat([state[:, :1].sin(), state[:, :1].cos(), state[:, 1:]], 1)
+            return TensorDict({"pixels": seen, "physics": state, "action": action,
+                               "next": {"pixels": seen, "physics": nxt}}, batch_size=[n])
+
+    wrapped = ranking.state_probe(lambda x: x, Winding(1), Winding(2), 1, transitions=3000, updates=800,
+                                  cases=500, angles=(0,))
+    plain = ranking.state_probe(lambda x: x, Winding(1), Winding(2), 1, transitions=3000, updates=800, cases=500)
+    assert wrapped["position_r2"] > 0.9 and wrapped["velocity_r2"] > 0.9, wrapped
+    assert plain["position_r2"] < 0.6, plain  # the lap count cannot be read: half the position's R^2 is lost
+
+
 def test_latent_ranking_runs_on_a_saved_model_and_ranks_check2s_own_cases(tmp_path):
     """``latent_ranking.py`` end to end on a saved smoke model and collected point_mass data: its benchmark row is
     check 2 on the same model and cases, the noise-free scorers and both probes are read on those cases, and the
@@ -576,7 +636,9 @@ def test_latent_ranking_runs_on_a_saved_model_and_ranks_check2s_own_cases(tmp_pa
                  "encoder_features_inverse_probe"):
         assert 0.0 <= out[name]["fraction_in_best_20pct"] <= 1.0, name
     assert out["latent_inverse_probe"]["action_mse"] != out["encoder_features_inverse_probe"]["action_mse"]
-    assert out["state_probe"]["action_effect_on_next_velocity"] > 0 and "velocity_r2" in out["state_probe"]
+    for probe in ("state_probe", "state_probe_pixels"):  # the belief's, and the pooled frames' for reference
+        assert out[probe]["action_effect_on_next_velocity"] > 0 and "velocity_r2" in out[probe]
+    assert out["state_probe"]["velocity_r2"] != out["state_probe_pixels"]["velocity_r2"]
     assert json.loads((tmp_path / "figs" / "latent_ranking.json").read_text())["cases"] == args.rank_cases
 
 

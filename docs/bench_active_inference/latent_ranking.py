@@ -24,7 +24,10 @@ the true a_t among 1000 random candidates with the goal set to o_{t+1} by:
    transitions and read on held-out ones: RMSE and R^2 of the position and of the velocity. Beside it, from a
    least-squares fit of the state at t+1 on the state at t and a_t (the motion is linear without contacts), how much
    a uniform random action moves the state at t+1 (the std over actions of the action's part of that fit): a belief
-   whose velocity error exceeds what the action changes in the velocity cannot rank the action by it.
+   whose velocity error exceeds what the action changes in the velocity cannot rank the action by it. (Reacher's
+   shoulder, an unlimited joint, is read as its sine and cosine, its error wrapped.)
+8. ``state_probe_pixels``: the same probe on the stacked frames themselves, average-pooled 4x4: a reference for
+   what the frames hold (a lower bound: the pooling blurs sub-pixel motion, so it reads little on point_mass).
 
 Writes ``latent_ranking.json`` to ``--fig-dir``. ``inverse_ceiling.py`` beside it is the same question for a network
 trained on the pixels themselves.
@@ -148,30 +151,78 @@ def action_effect(train, transitions: int = 20000, seed: int = 0) -> torch.Tenso
 
 
 def state_probe(embed, train, heldout, frame_stack: int, transitions: int = 20000, updates: int = 3000,
-                cases: int = 2000, seed: int = 0) -> dict:
+                cases: int = 2000, seed: int = 0, angles: tuple[int, ...] = ()) -> dict:
     """An MLP from ``embed(o_t)`` to the physics state at t, fitted on ``transitions`` training observations and
-    read on ``cases`` held-out ones; with :func:`action_effect`, per half of the state (point_mass: position, then
-    velocity): RMSE, R^2 and the action's effect on the next state (as RMS over the half's components)."""
+    read on ``cases`` held-out ones; with :func:`action_effect`, per half of the state (position, then velocity):
+    RMSE, R^2 and the action's effect on the next state (as RMS over the half's components).
+
+    ``angles``: the position components that are angles of unlimited joints (reacher's shoulder, whose recorded
+    angle winds to +-13 rad): the probe predicts their sine and cosine, the error is the wrapped difference of the
+    angle read back (atan2), and R^2 is against the spread of the wrapped angle."""
     with bench.fixed_draws(seed + 503):
         batch = train.sample(transitions, frame_stack=frame_stack, keys=["pixels", "physics"])
         test = heldout.sample(min(cases, len(heldout)), frame_stack=frame_stack, keys=["pixels", "physics"])
+    target = probe_targets(batch["physics"].float(), angles)
     # targets standardised: point_mass's velocities spread ~8x less than its positions and would hardly count
-    target = batch["physics"].float()
     centre, scale = target.mean(0), target.std(0) + 1e-8
     net = fit_probe(embed_all(embed, batch["pixels"]), (target - centre) / scale, updates, seed)
     with torch.no_grad():
         predicted = net(embed_all(embed, test["pixels"])) * scale + centre
     truth = test["physics"].float()
+    err, spread = component_errors(predicted, truth, angles)
     effect = action_effect(train, transitions, seed)
     half = truth.shape[1] // 2
     out = {}
     for name, part in (("position", slice(0, half)), ("velocity", slice(half, None))):
-        err = (predicted[:, part] - truth[:, part]).square().mean(0)  # per component
-        out[f"{name}_rmse"] = float(err.mean().sqrt())
-        out[f"{name}_r2"] = float((1 - err / truth[:, part].var(0)).mean())
+        out[f"{name}_rmse"] = float(err[part].mean().sqrt())
+        out[f"{name}_r2"] = float((1 - err[part] / spread[part]).mean())
+        out[f"{name}_r2_each"] = (1 - err[part] / spread[part]).tolist()  # per component
         out[f"action_effect_on_next_{name}"] = float(effect[part].square().mean().sqrt())
         out[f"{name}_rmse_over_action_effect"] = out[f"{name}_rmse"] / out[f"action_effect_on_next_{name}"]
     return out
+
+
+def wrap(angle: torch.Tensor) -> torch.Tensor:
+    """An angle wrapped to [-pi, pi)."""
+    return torch.remainder(angle + torch.pi, 2 * torch.pi) - torch.pi
+
+
+def probe_targets(physics: torch.Tensor, angles: tuple[int, ...]) -> torch.Tensor:
+    """The state probe's targets ``[N, P + len(angles)]``: the components in order, each of ``angles`` as its sine
+    and cosine."""
+    cols = []
+    for i in range(physics.shape[1]):
+        cols += [physics[:, i].sin(), physics[:, i].cos()] if i in angles else [physics[:, i]]
+    return torch.stack(cols, 1)
+
+
+def component_errors(predicted: torch.Tensor, truth: torch.Tensor,
+                     angles: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per physics component ``[P]``: the mean squared error of ``predicted`` (laid out as :func:`probe_targets`)
+    against ``truth`` ``[N, P]``, and the variance it is an R^2 against; for ``angles`` both wrapped (the angle read
+    back by atan2 of the predicted sine and cosine)."""
+    err, spread, col = [], [], 0
+    for i in range(truth.shape[1]):
+        if i in angles:
+            read = torch.atan2(predicted[:, col], predicted[:, col + 1])
+            err.append(wrap(read - truth[:, i]).square().mean())
+            spread.append(wrap(truth[:, i]).var())
+            col += 2
+        else:
+            err.append((predicted[:, col] - truth[:, i]).square().mean())
+            spread.append(truth[:, i].var())
+            col += 1
+    return torch.stack(err), torch.stack(spread)
+
+
+def pooled_pixels(frames: torch.Tensor, pool: int = 4) -> torch.Tensor:
+    """The stacked frames average-pooled ``pool`` x ``pool`` and flattened, in [0, 1]: the state probe's reference
+    input, what the frames themselves hold (at a quarter of the resolution: 1,536 inputs for two 64x64 frames)."""
+    return torch.nn.functional.avg_pool2d(frames.float() / 255.0, pool).flatten(1)
+
+
+# the joints whose recorded angle winds without limit, per domain (the state probe reads them as sine and cosine)
+UNLIMITED_ANGLES = {"reacher": (0,)}
 
 
 def main(argv=None, probe_transitions: int = 20000, probe_updates: int = 3000) -> dict:
@@ -206,9 +257,11 @@ def main(argv=None, probe_transitions: int = 20000, probe_updates: int = 3000) -
             predicted = probe(embed(first), embed(goal_frames))
         out[name] = fraction((actions - predicted[:, None]).square().sum(-1))
         out[name]["action_mse"] = float((predicted - actions[:, 0]).square().mean())
-    out["state_probe"] = state_probe(embeddings["latent_inverse_probe"], train, heldout, agent.frame_stack,
-                                     probe_transitions, probe_updates, seed=args.seed)
-    print("[latent_ranking] state probe:", json.dumps(out["state_probe"]), flush=True)
+    angles = UNLIMITED_ANGLES.get(args.task.split("-")[0], ())
+    for name, embed in (("state_probe", embeddings["latent_inverse_probe"]), ("state_probe_pixels", pooled_pixels)):
+        out[name] = state_probe(embed, train, heldout, agent.frame_stack, probe_transitions, probe_updates,
+                                seed=args.seed, angles=angles)
+        print(f"[latent_ranking] {name}:", json.dumps(out[name]), flush=True)
     out["seconds"] = round(time.time() - started, 1)
     print(json.dumps(out, indent=1))
     fig_dir = Path(args.fig_dir or ".")

@@ -14,11 +14,14 @@ reads whether the risk orders the path's poses as the fingertip's distance to th
 it falls at every step of the path, and whether it falls over the first step out of the start (what a short-horizon
 planner sees); split at the median start distance, as the benchmark page splits check 3's successes. The same
 reading for the squared distance between the posterior means (``latent_distance``), a risk without the goal's
-precision.
+precision; for the observation-space risk (``risk="observation"``, AV's ``||dec(s) - o_goal||^2 / (2 obs_std^2)``) at
+the pose's belief mean; and for the squared pixel distance of the pose's frame to the goal frame (what any
+observation risk would read, were the model perfect).
 
 A risk that falls steadily along the path to far goals leaves the planner's search to blame; one that is flat
 or rises near the start of far paths means the planner has nothing to descend there. Writes
-``risk_along_paths.json`` to ``--fig-dir``.
+``risk_along_paths.json`` and ``risk_along_paths.png`` (every reading relative to its start value along the near
+and far paths) to ``--fig-dir``.
 """
 
 from __future__ import annotations
@@ -116,30 +119,89 @@ def main(argv=None) -> dict:
         goal_mean, goal_std = wm.posterior(goal_frames.repeat(1, agent.frame_stack, 1, 1))
         alphas = torch.linspace(0.0, 1.0, points, dtype=start_physics.dtype)
         states = path_states(start_physics, goal_physics.to(start_physics.dtype), alphas, joints=2, wrapped=(0,))
-        risk, means_only, distance = [], [], []
+        goal_target = wm.target(goal_frames)  # the goal frame in the decoder's scale
+        rows = torch.arange(goal_target.shape[0])
+        risk, means_only, observed, decoded, distance = [], [], [], [], []
         for state in states:
             td = env.set_physics_state(state)
             mean, std = wm.posterior(td["pixels"].repeat(1, agent.frame_stack, 1, 1))
             risk.append(bench.gaussian_kl(mean, std, goal_mean, goal_std).cpu().numpy())  # summed over D
             means_only.append((mean - goal_mean).square().sum(-1).cpu().numpy())
+            # the observation risk (AV's instrumental term) at the pose's own belief, and at the pose's real frame
+            decoded.append(wm.observation_risk(mean[:, None], goal_target, rows)[:, 0].cpu().numpy())
+            observed.append((wm.target(td["pixels"]) - goal_target).square().flatten(1).sum(-1).cpu().numpy())
             distance.append(np.linalg.norm(task.body_position(td["physics"].cpu().numpy()) - goal_pos, axis=-1))
     finally:
         env.close()
     risk, means_only, distance = np.stack(risk), np.stack(means_only), np.stack(distance)
+    decoded, observed = np.stack(decoded), np.stack(observed)
     out = {"model": args.load_model, "goals": args.goals, "points": points,
            "start_distance": distance[0].tolist(), "risk": risk.T.tolist(), "distance": distance.T.tolist()}
     out.update(path_reading(risk, distance, distance[0]))
     # the same reading for the squared distance between the posterior means (no goal precision): a candidate
     # risk that weighs every latent dimension alike
     out["latent_distance"] = path_reading(means_only, distance, distance[0])
+    # the observation-space risk (``risk="observation"``): the decoded belief against the goal frame, and the
+    # pixels themselves (the landscape any observation risk would have, were the model perfect)
+    out["observation_risk"] = path_reading(decoded, distance, distance[0])
+    out["pixel_distance"] = path_reading(observed, distance, distance[0])
+    for name, values in (("latent_distance", means_only), ("observation_risk", decoded),
+                         ("pixel_distance", observed)):
+        out[name]["values"] = values.T.tolist()  # [goal][pose], as "risk"
     out["seconds"] = time.time() - started
     for half in ("near", "far"):
         print(f"[risk_along_paths] {half}: {json.dumps(out[half])}", flush=True)
-        print(f"[risk_along_paths] {half}, latent distance: {json.dumps(out['latent_distance'][half])}", flush=True)
+        for reading in ("latent_distance", "observation_risk", "pixel_distance"):
+            print(f"[risk_along_paths] {half}, {reading}: {json.dumps(out[reading][half])}", flush=True)
     fig_dir = Path(args.fig_dir)
     fig_dir.mkdir(parents=True, exist_ok=True)
     (fig_dir / "risk_along_paths.json").write_text(json.dumps(out, indent=1))
+    plot_paths(out, fig_dir / "risk_along_paths.png")
     return out
+
+
+READINGS = {"risk": "latent risk KL(q(s|o) || q(s|o_goal))", "latent_distance": "||mu - mu_goal||^2",
+            "observation_risk": "observation risk (decoded belief)",
+            "pixel_distance": "pixel distance to the goal frame", "distance": "fingertip distance"}
+
+
+def relative_curves(out: dict, rows: np.ndarray) -> dict[str, np.ndarray]:
+    """Each reading along the paths in ``rows`` (bool ``[N]``) relative to its value at the start pose:
+    ``[P, 3]`` per reading, the 25th, 50th and 75th percentiles over the paths at each pose."""
+    curves = {}
+    for name in READINGS:
+        values = np.asarray(out[name] if name in ("risk", "distance") else out[name]["values"])[rows]  # [n, P]
+        relative = values / np.maximum(np.abs(values[:, :1]), 1e-12)
+        curves[name] = np.percentile(relative, [25, 50, 75], axis=0).T
+    return curves
+
+
+def plot_paths(out: dict, path: Path) -> None:
+    """Two panels, near and far half (split at the median start distance), on the paths whose fingertip distance
+    falls at every step: the median of each reading relative to its start value against the fraction of the path,
+    its interquartile band shaded."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    start = np.asarray(out["start_distance"])
+    fair = np.asarray(out["distance_monotone"])
+    near = start < np.median(start)
+    alphas = np.linspace(0.0, 1.0, out["points"])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, (half, rows) in zip(axes, (("near", near & fair), ("far", ~near & fair)), strict=True):
+        for name, curve in relative_curves(out, rows).items():
+            style = {"color": "black", "linestyle": "--"} if name == "distance" else {}
+            line, = ax.plot(alphas, curve[:, 1], label=READINGS[name], **style)
+            ax.fill_between(alphas, curve[:, 0], curve[:, 2], color=line.get_color(), alpha=0.12)
+        ax.axhline(1.0, color="grey", linewidth=0.6)
+        ax.set_title(f"{half} half: {int(rows.sum())} paths (fingertip nearing at every step)")
+        ax.set_xlabel("fraction of the straight joint path, start -> goal")
+    axes[0].set_ylabel("reading / its value at the start (median, IQR)")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
