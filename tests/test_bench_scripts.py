@@ -513,6 +513,10 @@ def test_risk_along_paths_takes_the_shoulders_shorter_arc_and_reads_the_risks_or
     assert reading["far"]["first_step_falls_where_distance_monotone"] == 0.0
     assert np.allclose(reading["rise"][:3], [0.0, 1 / 3, 1 / 3])  # 3 -> 4 on goals 1 and 2
     assert 1e9 < reading["rise"][3] < float("inf")  # from a zero start risk to 1: no division by zero
+    # the share of the path before the risk is first 10% below the start's (goal 3's never is: the whole path)
+    assert np.allclose(reading["plateau"], [0.2, 0.4, 0.4, 1.0])
+    assert reading["far"]["median_plateau_where_distance_monotone"] == pytest.approx(0.7)
+    assert reading["near"]["median_plateau_where_distance_monotone"] == pytest.approx(0.2)  # goal 1 left out
 
 
 def test_risk_along_paths_figure_reads_each_path_relative_to_its_start(tmp_path):

@@ -80,14 +80,21 @@ def path_reading(risk: np.ndarray, distance: np.ndarray, start_distance: np.ndar
     scale = np.maximum(np.abs(risk[0]), 1e-12)
     relative = steps[0] / scale  # the first step's change in the start's risk
     rise = (risk.max(0) - risk[0]) / scale  # the highest the risk climbs above the start's on the way
+    # the share of the path walked before the risk is first 10% below the start's: how long a plateau (or a
+    # climb) a planner must cross before the risk says it is getting nearer (1.0: never, before the goal)
+    below = risk <= risk[0] - 0.1 * scale
+    plateau = np.where(below.any(0), below.argmax(0), len(risk) - 1) / (len(risk) - 1)
     out = {"rho": rho.tolist(), "monotone": monotone.tolist(), "first_step_falls": first_falls.tolist(),
-           "first_step_relative": relative.tolist(), "distance_monotone": fair.tolist(), "rise": rise.tolist()}
+           "first_step_relative": relative.tolist(), "distance_monotone": fair.tolist(), "rise": rise.tolist(),
+           "plateau": plateau.tolist()}
     for name, rows in (("near", near), ("far", ~near)):
         both = rows & fair
         out[name] = {"goals": int(rows.sum()), "median_rho": float(np.median(rho[rows])),
                      "monotone": float(monotone[rows].mean()), "first_step_falls": float(first_falls[rows].mean()),
                      "median_first_step_relative": float(np.median(relative[rows])),
                      "median_rise": float(np.median(rise[rows])), "distance_monotone": int(both.sum()),
+                     "median_plateau_where_distance_monotone":
+                         float(np.median(plateau[both])) if both.any() else None,
                      "monotone_where_distance_monotone": float(monotone[both].mean()) if both.any() else None,
                      "first_step_falls_where_distance_monotone":
                          float(first_falls[both].mean()) if both.any() else None}
