@@ -690,9 +690,9 @@ def goal_reaching(agent: ActiveInferenceAgent, heldout: ReplayBuffer, args) -> d
                 with torch.no_grad():
                     inferred = agent.infer_task(GoalObservation(obs=goal_obs.select("pixels")))
                 policy = agent.policy(inferred)
-                if name == "risk_only":
+                if name == "risk_only":  # the same risk (an observation risk: toward the same goal frame)
                     policy = ActiveInferencePolicy(agent.world_model, replace(agent.config, epistemic_weight=0.0),
-                                                   goal=inferred.z)
+                                                   goal=inferred.z, goal_obs=policy.goal_obs)
                 policy.eval()
             elif name == "random":
                 policy = UniformRandomPolicy(agent.action_dim, torch.Generator().manual_seed(args.seed + 4))
@@ -710,6 +710,8 @@ def goal_reaching(agent: ActiveInferenceAgent, heldout: ReplayBuffer, args) -> d
         # per-goal final distances too: models and planners run on the same goals and starts compare goal by goal
         out[name] = {"success": float(np.mean(dist[-1] < args.success_radius)), "mean_distance": float(dist[-1].mean()),
                      "final_distance": dist[-1].tolist(), "seconds": time.perf_counter() - start}
+        if name in ("agent", "risk_only"):  # what the planner scored
+            out[name].update(risk=policy.config.risk, epistemic_weight=policy.config.epistemic_weight)
         print(f"[bench_ai] goals, {name}: success {out[name]['success']:.2f}, "
               f"mean final distance {out[name]['mean_distance']:.3f}", flush=True)
     a, r, z = out["agent"], out["random"], out["zero"]

@@ -742,6 +742,23 @@ def test_bench_active_inference_train_seed_replicates_the_model_alone(tmp_path):
     assert a["check1"]["model_mse"] != b["check1"]["model_mse"]
 
 
+def test_bench_active_inference_goal_reaching_plans_the_ablation_with_the_agents_risk(tmp_path):
+    """Check 3 under ``--set risk=observation``: the risk-only ablation plans toward the same goal frame with the
+    same observation-space risk (it once failed to build: the goal frame was not passed on), without the epistemic
+    term; under the default latent risk both rows say so."""
+    import json
+
+    bench = _load("bench_active_inference")
+    for risk in ("observation", "latent"):
+        figs = tmp_path / risk
+        flags = ["--quick", "--checks", "3", "--set", f"risk={risk}", "--out", str(tmp_path / f"{risk}.md"),
+                 "--fig-dir", str(figs)]
+        assert bench.main(flags) == 0
+        check3 = json.loads((figs / "results.json").read_text())["check3"]
+        assert check3["agent"]["risk"] == check3["risk_only"]["risk"] == risk
+        assert check3["risk_only"]["epistemic_weight"] == 0.0 < check3["agent"]["epistemic_weight"]
+
+
 def test_bench_active_inference_resume_trains_a_saved_model_on(tmp_path):
     """``--load-model m --resume --save-model m`` continues the model, its Adam state and its training record:
     6 + 6 quick updates give a 12-update record with one curve and Adam at step 12; --resume alone is refused."""
