@@ -27,7 +27,7 @@ the true a_t among 1000 random candidates with the goal set to o_{t+1} by:
    whose velocity error exceeds what the action changes in the velocity cannot rank the action by it. (Reacher's
    shoulder, an unlimited joint, is read as its sine and cosine, its error wrapped.)
 8. ``state_probe_pixels``: the same probe on the stacked frames themselves, average-pooled 4x4: a reference for
-   what the frames hold (a lower bound: the pooling blurs sub-pixel motion, so it reads little on point_mass).
+   what the frames hold (a lower bound: the pooling blurs motion finer than 4 pixels, as point_mass's is).
 
 Writes ``latent_ranking.json`` to ``--fig-dir``. ``inverse_ceiling.py`` beside it is the same question for a network
 trained on the pixels themselves.
