@@ -155,6 +155,17 @@ def main(argv=None) -> dict:
     for name, values in (("latent_distance", means_only), ("observation_risk", decoded),
                          ("pixel_distance", observed)):
         out[name]["values"] = values.T.tolist()  # [goal][pose], as "risk"
+    # which joint's move goes with the climb: per goal the wrapped change of each joint from start to goal, and
+    # Spearman's rho between its size and the risk's climb, over all goals and over the far half
+    change = (states[-1, :, :2] - states[0, :, :2]).abs().cpu().numpy()  # [N, joints], the path's own (wrapped)
+    out["joint_change"] = change.tolist()
+    far = distance[0] >= np.median(distance[0])
+    rise = np.asarray(out["rise"])
+    out["rise_vs_joint_change"] = {
+        joint: {"all": float(spearman(rise[:, None], change[:, j : j + 1])[0]),
+                "far": float(spearman(rise[far][:, None], change[far, j : j + 1])[0])}
+        for j, joint in enumerate(("shoulder", "wrist"))}
+    print(f"[risk_along_paths] rho(climb, |joint change|): {json.dumps(out['rise_vs_joint_change'])}", flush=True)
     out["seconds"] = time.time() - started
     for half in ("near", "far"):
         print(f"[risk_along_paths] {half}: {json.dumps(out[half])}", flush=True)
