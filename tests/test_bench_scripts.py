@@ -502,6 +502,9 @@ def test_risk_along_paths_takes_the_shoulders_shorter_arc_and_reads_the_risks_or
     # ranks of goal 1: risk (4, 5, 3, 2, 1, 0), distance (4, 3, 5, 2, 1, 0): sum of squared differences 8;
     # goal 2: two ranks swapped (2); goal 3: the risk rises all the way to the goal
     assert np.allclose(reading["rho"], [1.0, 1 - 6 * 8 / (6 * 35), 1 - 6 * 2 / (6 * 35), -1.0])
+    # ties share their mean rank (many paths never climb: their climbs are all 0)
+    tied = paths.spearman(np.array([[0.0], [0.0], [1.0], [2.0]]), np.array([[1.0], [2.0], [3.0], [4.0]]))
+    assert tied[0] == pytest.approx(np.corrcoef([0.5, 0.5, 2.0, 3.0], [0.0, 1.0, 2.0, 3.0])[0, 1])
     assert reading["monotone"] == [True, False, False, False]
     assert reading["first_step_falls"] == [True, False, False, False]
     assert reading["near"]["goals"] == reading["far"]["goals"] == 2

@@ -57,9 +57,18 @@ def path_states(start: torch.Tensor, goal: torch.Tensor, alphas: torch.Tensor, j
     return states
 
 
+def average_ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks along the first axis of ``x`` ``[P, N]`` from 0, tied values sharing the mean of their ranks."""
+    def column(v):
+        s = np.sort(v)
+        return (np.searchsorted(s, v, "left") + np.searchsorted(s, v, "right") - 1) / 2.0
+    return np.apply_along_axis(column, 0, x)
+
+
 def spearman(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Spearman rho along the first axis of ``x``, ``y`` ``[P, N]`` (no ties expected) -> ``[N]``."""
-    rx, ry = x.argsort(0).argsort(0).astype(float), y.argsort(0).argsort(0).astype(float)
+    """Spearman rho along the first axis of ``x``, ``y`` ``[P, N]`` -> ``[N]`` (ties at their mean rank: the
+    climbs of paths whose risk never rises are all 0)."""
+    rx, ry = average_ranks(x), average_ranks(y)
     rx -= rx.mean(0)
     ry -= ry.mean(0)
     return (rx * ry).sum(0) / np.sqrt((rx**2).sum(0) * (ry**2).sum(0))
