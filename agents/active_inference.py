@@ -145,6 +145,11 @@ class ActiveInferenceConfig:
     """Latent overshooting distance D (PlaNet's, the spec's optional "3-step latent overshooting"): the transition
     term averages KLs of each member's prior rolled 1..D steps against the posteriors there; 1 (default): one-step
     transitions only. Needs ``seq_len >= overshooting``."""
+    inverse_weight: float = 0.0
+    """Weight of an inverse-dynamics term added to the minimised objective (not the spec's, not part of the free
+    energy; 0, the default: none): an MLP reads a_t from the belief means (mu_t, mu_{t+1}), its squared error
+    weighted by this. It asks the encoder for the motion, which the free energy left out of point_mass's belief
+    (docs/bench_active_inference.md, "Check 2: the belief carries no velocity")."""
     planner: Literal["shooting", "cem"] = "shooting"
     """``"shooting"``: K uniform random sequences, argmin; ``"cem"``: cross-entropy method."""
     num_candidates: int = 1000
@@ -208,6 +213,8 @@ class ActiveInferenceConfig:
         if self.epistemic_candidates < 1:
             raise ValueError("ActiveInferenceConfig.epistemic_candidates must be >= 1, got "
                              f"{self.epistemic_candidates}")
+        if not self.inverse_weight >= 0:
+            raise ValueError(f"ActiveInferenceConfig.inverse_weight must be >= 0, got {self.inverse_weight}")
         if self.overshooting > self.seq_len:
             raise ValueError(f"ActiveInferenceConfig.overshooting ({self.overshooting}) needs slices at least as long: "
                              f"seq_len >= overshooting, got seq_len {self.seq_len}")
@@ -595,7 +602,7 @@ class ActiveInferenceAgent(Agent):
             obs_std=cfg.obs_std, min_std=cfg.min_std, prior_min_std=cfg.prior_min_std,
             kl_transition_weight=cfg.kl_transition_weight,
             kl_prior_weight=cfg.kl_prior_weight, free_nats=cfg.free_nats, decode_frames=cfg.decode_frames,
-            overshooting=cfg.overshooting)
+            overshooting=cfg.overshooting, inverse_weight=cfg.inverse_weight)
         self.reward_head = mlp(cfg.latent_dim, [cfg.transition_hidden], 1)
         self.to(self.device)
         self._optimizer = make_adam([*self.world_model.parameters(), *self.reward_head.parameters()],
@@ -695,7 +702,7 @@ class ActiveInferenceAgent(Agent):
                                                                                                 strict=True)])
                  for name, params in parts.items()}
         metrics = {**{k: terms[k] for k in ("free_energy", "recon", "kl_transition", "kl_prior", "kl_overshooting",
-                                            "posterior_std", "epistemic")},
+                                            "inverse", "posterior_std", "epistemic")},
                    "reward_loss": objective["reward"], **groups, **steps}
         grad_norm = last_grad_norm(self._optimizer)
         if grad_norm is not None:  # before clipping (max_grad_norm): spikes of the free energy show here first
@@ -705,11 +712,14 @@ class ActiveInferenceAgent(Agent):
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """The trained parameters by part (every parameter of the optimizer in exactly one): ``encoder`` (the
         pixel or state trunk), ``posterior`` (q(s|o)'s head), ``transition`` (the ensemble), ``decoder`` and
-        ``reward`` (the reward head)."""
+        ``reward`` (the reward head), and ``inverse`` (the inverse-dynamics head) when ``inverse_weight > 0``."""
         wm = self.world_model
-        return {"encoder": list(wm.encoder.parameters()), "posterior": list(wm.posterior_head.parameters()),
-                "transition": list(wm.transitions.parameters()), "decoder": list(wm.decoder.parameters()),
-                "reward": list(self.reward_head.parameters())}
+        groups = {"encoder": list(wm.encoder.parameters()), "posterior": list(wm.posterior_head.parameters()),
+                  "transition": list(wm.transitions.parameters()), "decoder": list(wm.decoder.parameters()),
+                  "reward": list(self.reward_head.parameters())}
+        if wm.inverse_head is not None:
+            groups["inverse"] = list(wm.inverse_head.parameters())
+        return groups
 
     def gradient_norms_by_term(self, batch: TensorDict) -> dict[str, dict[str, float]]:
         """Each objective term's gradient norm on each part (:meth:`parameter_groups`, and ``"all"``) for the

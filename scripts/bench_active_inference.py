@@ -406,6 +406,9 @@ def train(agent: ActiveInferenceAgent, buffer: ReplayBuffer, args, previous: dic
     part_steps = list(previous.get("grad_norm_parts_steps", []))
     part_max: dict[str, float] = {}
     step_max: dict[str, float] = {}
+    # the inverse-dynamics term's error at each logged update (``--set inverse_weight=...``), beside the free energy
+    with_inverse = agent.config.inverse_weight > 0
+    inverse = list(previous.get("inverse", []))
     done = int(previous.get("updates", 0))
     start = last_save = time.perf_counter()
     updates = done
@@ -419,7 +422,7 @@ def train(agent: ActiveInferenceAgent, buffer: ReplayBuffer, args, previous: dic
                 "sample_kwargs": {k: v for k, v in kwargs.items() if v is not None},
                 "free_energy_steps": steps, "free_energy": curve, "grad_norm_steps": norm_steps,
                 "grad_norm_max": norms, "grad_norm_parts_steps": part_steps, "grad_norm_parts_max": parts,
-                "step_parts_max": part_step_sizes,
+                "step_parts_max": part_step_sizes, **({"inverse": inverse} if with_inverse else {}),
                 "free_energy_first_smoothed": float(sm[0]),
                 "free_energy_last_smoothed": float(sm[-1]), "smoothed_marks": marks.tolist(),
                 "smoothed_monotone": bool(np.all(np.diff(marks) <= 0)),
@@ -444,6 +447,8 @@ def train(agent: ActiveInferenceAgent, buffer: ReplayBuffer, args, previous: dic
         if updates % args.log_every == 0 or updates == 1:
             curve.append(metrics["free_energy"])
             steps.append(updates)
+            if with_inverse:
+                inverse.append(metrics["inverse"])
             if not np.isnan(window_max):
                 norms.append(float(window_max))
                 norm_steps.append(updates)
@@ -459,6 +464,7 @@ def train(agent: ActiveInferenceAgent, buffer: ReplayBuffer, args, previous: dic
                 grad = f", grad norm max {norms[-1]:.3g}" if norm_steps and norm_steps[-1] == updates else ""
                 overshooting = (f", kl_overshooting {metrics['kl_overshooting']:.2f}"
                                 if agent.config.overshooting > 1 else "")
+                overshooting += f", inverse {metrics['inverse']:.3f}" if with_inverse else ""
                 print(f"[bench_ai] update {updates}: free energy {metrics['free_energy']:.1f} "
                       f"(recon {metrics['recon']:.1f}, kl_transition {metrics['kl_transition']:.2f}{overshooting}, "
                       f"epistemic {metrics['epistemic']:.3f}{grad}), {time.perf_counter() - start:.0f} s", flush=True)

@@ -927,3 +927,42 @@ def test_agent_trains_with_latent_overshooting_and_checks_its_slices():
         make_agent(seq_len=2, overshooting=3)
     with pytest.raises(ValueError, match="overshooting must be >= 1"):
         make_agent(overshooting=0)
+
+
+def test_inverse_dynamics_term_reads_the_action_from_consecutive_beliefs(monkeypatch):
+    """``inverse_weight > 0`` (not the spec's): an MLP reads a_t from the belief means (mu_t, mu_{t+1}); its squared
+    error, summed over action dims and averaged over recorded actions, is added to the minimised objective times the
+    weight, outside the free energy; its gradient reaches the encoder; with weight 0 there is no head and no term."""
+    monkeypatch.setattr(torch, "randn_like", torch.zeros_like)
+    agent = make_agent(seq_len=3, inverse_weight=7.0)
+    wm = agent.world_model
+    batch = _overshooting_batch()
+    batch["has_action"][1, 1] = False
+    batch["has_action"][3, 0] = False
+    b, length = batch.batch_size
+    terms = wm.loss_terms(batch)
+    with torch.no_grad():
+        obs = torch.cat([batch["state"], batch["next", "state"][:, -1:]], dim=1)
+        mean = wm.posterior(obs.flatten(0, 1))[0].reshape(b, length + 1, -1)
+        total = count = 0.0
+        for i in range(b):
+            for t in range(length):
+                if batch["has_action"][i, t]:
+                    guess = wm.inverse_head(torch.cat([mean[i, t], mean[i, t + 1]]))
+                    total, count = total + ((guess - batch["action"][i, t]) ** 2).sum(), count + 1
+        by_hand = total / count
+    assert terms["inverse"].item() == pytest.approx(by_hand.item(), rel=1e-5)
+    assert terms["objective"]["inverse"].item() == pytest.approx(7.0 * by_hand.item(), rel=1e-5)
+    without = terms["recon"] + terms["kl_transition"] + 0.1 * terms["kl_prior"]
+    assert terms["free_energy"].item() == pytest.approx(without.item(), rel=1e-5)  # not part of the bound
+    assert wm.loss(batch)["loss"].item() == pytest.approx(
+        sum(v.item() for v in terms["objective"].values()), rel=1e-5)
+    # the encoder learns from it
+    terms["objective"]["inverse"].backward()
+    assert sum(p.grad.abs().sum() for p in wm.encoder.parameters() if p.grad is not None) > 0
+    assert "inverse" in agent.parameter_groups() and agent.update(batch)["inverse"] > 0
+    off = make_agent(seq_len=3)
+    assert off.world_model.inverse_head is None and "inverse" not in off.parameter_groups()
+    assert "inverse" not in off.world_model.loss_terms(batch)["objective"]
+    with pytest.raises(ValueError, match="inverse_weight must be >= 0"):
+        make_agent(inverse_weight=-1.0)

@@ -798,6 +798,25 @@ def test_bench_active_inference_resume_trains_a_saved_model_on(tmp_path):
     assert {g["lr"] for g in torch.load(model, weights_only=True)["optimizer"]["param_groups"]} == {0.0002}
 
 
+def test_bench_active_inference_records_the_inverse_term_across_a_resume(tmp_path):
+    """``--set inverse_weight=W``: the training record keeps the inverse-dynamics error at every logged update beside
+    the free energy, continued by ``--resume``; a run without the term records none."""
+    import torch
+
+    bench = _load("bench_active_inference")
+    model = tmp_path / "model.pt"
+    common = ["--quick", "--checks", "1", "--out", str(tmp_path / "r.md"), "--fig-dir", str(tmp_path / "figs"),
+              "--set", "inverse_weight=1000"]
+    assert bench.main([*common, "--save-model", str(model)]) == 0
+    first = torch.load(model, weights_only=True)["train"]
+    assert len(first["inverse"]) == len(first["free_energy"]) == 6 and all(v > 0 for v in first["inverse"])
+    assert bench.main([*common, "--load-model", str(model), "--resume", "--save-model", str(model)]) == 0
+    record = torch.load(model, weights_only=True)["train"]
+    assert len(record["inverse"]) == 12 and record["inverse"][:6] == first["inverse"]
+    assert bench.main([*common[:-2], "--save-model", str(tmp_path / "plain.pt")]) == 0
+    assert "inverse" not in torch.load(tmp_path / "plain.pt", weights_only=True)["train"]
+
+
 def test_bench_active_inference_saves_the_model_while_training(tmp_path, monkeypatch):
     """``--save-every S`` writes the ``--save-model`` file (with the record so far) every S seconds of training, so a
     stopped run keeps its updates; 0 writes it only at the end."""

@@ -28,6 +28,12 @@
   the minimised transition term is the mean over ``d = 1..D`` of the per-distance KLs, each clamped at the free
   nats, weighted by ``kl_transition_weight`` (``D = 1``: the one-step term above). Positions in d steps depend on
   the velocity, so the belief is asked to carry it more sharply than the one-step KL asks.
+- **Inverse-dynamics term** (``inverse_weight > 0``; not in the spec, not part of the free energy, off by
+  default): an MLP reads a_t from the belief means ``(mu_t, mu_{t+1})`` and ``inverse_weight * ||a_hat - a_t||^2``
+  (summed over action dims, averaged over recorded actions) is added to the minimised objective, its gradient
+  reaching the encoder. On point_mass the free energy alone left the belief without velocity, and with it check 2
+  without the action (docs/bench_active_inference.md, "Check 2: the belief carries no velocity"); this term asks
+  the encoder for the motion directly, as a test of that diagnosis.
 
 The belief state is a TensorDict ``[B]`` with ``mean``, ``std`` ``[B, D]`` and ``epistemic`` ``[B]``
 (0 for a posterior).
@@ -200,7 +206,8 @@ class ActiveInferenceModel(WorldModel):
                  transition_layers: int = 2, ensemble_size: int = 5, decoder_depth: int = 16,
                  decoder: str = "conv", decoder_canvas: str = "none", obs_std: float = 1.0, min_std: float = 0.01,
                  prior_min_std: float | None = None, kl_transition_weight: float = 1.0, kl_prior_weight: float = 0.1,
-                 free_nats: float = 0.0, decode_frames: int = 1, overshooting: int = 1):
+                 free_nats: float = 0.0, decode_frames: int = 1, overshooting: int = 1,
+                 inverse_weight: float = 0.0):
         super().__init__()
         if obs_key not in ("pixels", "state"):
             raise ValueError(f"ActiveInferenceModel reads 'pixels' or 'state', got {obs_key!r}")
@@ -230,6 +237,9 @@ class ActiveInferenceModel(WorldModel):
         if overshooting < 1:
             raise ValueError(f"overshooting must be >= 1 (1: one-step transitions only), got {overshooting}")
         self.overshooting = int(overshooting)
+        if not inverse_weight >= 0:
+            raise ValueError(f"inverse_weight must be >= 0 (0: no inverse-dynamics term), got {inverse_weight}")
+        self.inverse_weight = float(inverse_weight)
         if obs_key == "pixels":
             c, h, w = self.obs_shape
             trunk = make_encoder("dreamer", (c * self.frame_stack, h, w), depth=encoder_depth)
@@ -247,6 +257,9 @@ class ActiveInferenceModel(WorldModel):
             nn.Sequential(mlp(latent_dim + action_dim, hidden, transition_hidden), nn.ELU(),
                           GaussianHead(transition_hidden, latent_dim, self.prior_min_std))
             for _ in range(ensemble_size))
+        # a_t from (mu_t, mu_{t+1}); built only when used, so models saved without it load unchanged
+        self.inverse_head = (mlp(2 * latent_dim, [transition_hidden, transition_hidden], action_dim)
+                             if self.inverse_weight > 0 else None)
 
     @property
     def obs_dim(self) -> int:
@@ -417,15 +430,17 @@ class ActiveInferenceModel(WorldModel):
         return TensorDict({
             "loss": sum(terms["objective"].values()),
             **{k: terms[k].detach() for k in ("free_energy", "recon", "kl_transition", "kl_prior", "kl_overshooting",
-                                              "posterior_std", "epistemic")},
+                                              "inverse", "posterior_std", "epistemic")},
         }, batch_size=[])
 
     def loss_terms(self, batch: TensorDict) -> dict[str, Any]:
         """The pieces of :meth:`loss`, with their graphs: ``free_energy`` (the bound itself, without free nats),
         ``recon``, ``kl_transition`` (before free nats), ``kl_prior`` and, under ``"objective"``, the weighted
         terms whose sum is minimised (``recon``, ``kl_transition`` clamped at the free nats and weighted,
-        ``kl_prior`` weighted). What the training step backpropagates is ``sum(objective.values())``; one term's
-        gradient at a time is what ``ActiveInferenceAgent.gradient_norms_by_term`` reports."""
+        ``kl_prior`` weighted, and ``inverse`` weighted when ``inverse_weight > 0``). ``inverse`` is the
+        inverse-dynamics error ``||a_hat - a_t||^2`` (0 without the head). What the training step backpropagates
+        is ``sum(objective.values())``; one term's gradient at a time is what
+        ``ActiveInferenceAgent.gradient_norms_by_term`` reports."""
         device = self.posterior_head.linear.weight.device
         obs, action, mask = (t.to(device) for t in self.sequence(batch))
         b, t1 = obs.shape[:2]
@@ -449,12 +464,17 @@ class ActiveInferenceModel(WorldModel):
         if kl_far:
             kl_term = (kl_term + sum(self._free(kl) for kl in kl_far)) / (1 + len(kl_far))
         kl_overshooting = torch.stack(kl_far).mean() if kl_far else torch.zeros_like(kl_transition)
+        objective = {"recon": recon, "kl_transition": self.kl_transition_weight * kl_term,
+                     "kl_prior": self.kl_prior_weight * kl_prior}
+        inverse = torch.zeros_like(kl_transition)
+        if self.inverse_head is not None:
+            guess = self.inverse_head(torch.cat([mean[:, :-1], mean[:, 1:]], dim=-1))  # [B, L, A]
+            inverse = self._batch_mean((guess - action).pow(2).sum(-1) * mask, mask)
+            objective["inverse"] = self.inverse_weight * inverse
         return {
             "free_energy": recon + self.kl_transition_weight * kl_transition + self.kl_prior_weight * kl_prior,
             "recon": recon, "kl_transition": kl_transition, "kl_prior": kl_prior,
-            "kl_overshooting": kl_overshooting,
-            "objective": {"recon": recon, "kl_transition": self.kl_transition_weight * kl_term,
-                          "kl_prior": self.kl_prior_weight * kl_prior},
+            "kl_overshooting": kl_overshooting, "inverse": inverse, "objective": objective,
             "posterior_std": std.mean(), "epistemic": ensemble_epistemic(p_means, p_stds).mean(),
             # per slice and step, for finding the rows behind a burst (detached): the transition KL (members'
             # mean, masked) [B, L], the reconstruction NLL [B, L + 1], the smallest std of the posterior
