@@ -56,7 +56,12 @@ from latentrl.agents.base import (
     resolve_device,
     scalar_metrics,
 )
-from latentrl.world_models.active_inference import ActiveInferenceModel, PixelDecoder, decoder_choice_error
+from latentrl.world_models.active_inference import (
+    LOSS_METRICS,
+    ActiveInferenceModel,
+    PixelDecoder,
+    decoder_choice_error,
+)
 from latentrl.world_models.layers import gather_batch, gaussian_kl, last_grad_norm, make_adam, mlp
 
 __all__ = [
@@ -701,8 +706,7 @@ class ActiveInferenceAgent(Agent):
         steps = {f"step_{name}": torch.nn.utils.get_total_norm([p.detach() - b for p, b in zip(params, before[name],
                                                                                                 strict=True)])
                  for name, params in parts.items()}
-        metrics = {**{k: terms[k] for k in ("free_energy", "recon", "kl_transition", "kl_prior", "kl_overshooting",
-                                            "inverse", "posterior_std", "epistemic")},
+        metrics = {**{k: terms[k] for k in LOSS_METRICS},
                    "reward_loss": objective["reward"], **groups, **steps}
         grad_norm = last_grad_norm(self._optimizer)
         if grad_norm is not None:  # before clipping (max_grad_norm): spikes of the free energy show here first

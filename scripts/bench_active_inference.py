@@ -462,11 +462,10 @@ def train(agent: ActiveInferenceAgent, buffer: ReplayBuffer, args, previous: dic
                 part_max, step_max = {}, {}
             if updates % (args.log_every * 20) == 0:
                 grad = f", grad norm max {norms[-1]:.3g}" if norm_steps and norm_steps[-1] == updates else ""
-                overshooting = (f", kl_overshooting {metrics['kl_overshooting']:.2f}"
-                                if agent.config.overshooting > 1 else "")
-                overshooting += f", inverse {metrics['inverse']:.3f}" if with_inverse else ""
+                extra = f", kl_overshooting {metrics['kl_overshooting']:.2f}" if agent.config.overshooting > 1 else ""
+                extra += f", inverse {metrics['inverse']:.3f}" if with_inverse else ""
                 print(f"[bench_ai] update {updates}: free energy {metrics['free_energy']:.1f} "
-                      f"(recon {metrics['recon']:.1f}, kl_transition {metrics['kl_transition']:.2f}{overshooting}, "
+                      f"(recon {metrics['recon']:.1f}, kl_transition {metrics['kl_transition']:.2f}{extra}, "
                       f"epistemic {metrics['epistemic']:.3f}{grad}), {time.perf_counter() - start:.0f} s", flush=True)
             if args.save_model and args.save_every > 0 and time.perf_counter() - last_save >= args.save_every:
                 save_model_file(agent, record(), args.save_model)

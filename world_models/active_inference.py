@@ -53,8 +53,12 @@ from latentrl.world_models.base import WorldModel
 from latentrl.world_models.encoders import make_encoder, read_key
 from latentrl.world_models.layers import LOG_2PI, gather_batch, gaussian_fuse, gaussian_kl, gaussian_log_prob, mlp
 
-__all__ = ["ActiveInferenceModel", "BroadcastDecoder", "GaussianHead", "PIXEL_DECODERS", "PixelDecoder",
-           "ensemble_epistemic"]
+__all__ = ["ActiveInferenceModel", "BroadcastDecoder", "GaussianHead", "LOSS_METRICS", "PIXEL_DECODERS",
+           "PixelDecoder", "ensemble_epistemic"]
+
+# the scalar terms of ``ActiveInferenceModel.loss_terms`` that the loss and the agent's update report
+LOSS_METRICS = ("free_energy", "recon", "kl_transition", "kl_prior", "kl_overshooting", "inverse", "posterior_std",
+                "epistemic")
 
 
 class GaussianHead(nn.Module):
@@ -429,8 +433,7 @@ class ActiveInferenceModel(WorldModel):
         terms = self.loss_terms(batch)
         return TensorDict({
             "loss": sum(terms["objective"].values()),
-            **{k: terms[k].detach() for k in ("free_energy", "recon", "kl_transition", "kl_prior", "kl_overshooting",
-                                              "inverse", "posterior_std", "epistemic")},
+            **{k: terms[k].detach() for k in LOSS_METRICS},
         }, batch_size=[])
 
     def loss_terms(self, batch: TensorDict) -> dict[str, Any]:

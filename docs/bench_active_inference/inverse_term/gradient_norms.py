@@ -9,7 +9,7 @@ the posterior head, the inverse head and all parameters (gradient_norms.md besid
 """
 
 import argparse
-import importlib.util
+import sys
 from pathlib import Path
 
 import torch
@@ -17,6 +17,9 @@ import torch
 from latentrl.replay.buffer import ReplayBuffer
 
 ROOT = Path(__file__).resolve().parents[3]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import bench_active_inference as bench  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -26,9 +29,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--inverse-weight", type=float, default=0.0, help="the model's inverse_weight (default 0)")
     p.add_argument("--batches", type=int, default=2, help="training batches to read (default 2)")
     args = p.parse_args(argv)
-    spec = importlib.util.spec_from_file_location("bench", ROOT / "scripts" / "bench_active_inference.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     torch.set_num_threads(1)
     agent = bench.build_agent(bench.parse_args(["--set", f"inverse_weight={args.inverse_weight}"]))
     bench.load_model_file(agent, args.load_model)
