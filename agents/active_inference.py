@@ -155,6 +155,11 @@ class ActiveInferenceConfig:
     energy; 0, the default: none): an MLP reads a_t from the belief means (mu_t, mu_{t+1}), its squared error
     weighted by this. It asks the encoder for the motion, which the free energy left out of point_mass's belief
     (docs/bench_active_inference.md, "Check 2: the belief carries no velocity")."""
+    frame_difference: float = 0.0
+    """Pixels: the encoder also reads the differences of consecutive stacked frames, times this (not the spec's;
+    0, the default: the stacked frames alone). On point_mass the mass moves a sixth of a pixel per step; the
+    inverse CNN that read a_t off the frames had such channels (x8), and without them the belief learnt no motion
+    (docs/bench_active_inference.md, "The encoder trained on the inverse task first")."""
     planner: Literal["shooting", "cem"] = "shooting"
     """``"shooting"``: K uniform random sequences, argmin; ``"cem"``: cross-entropy method."""
     num_candidates: int = 1000
@@ -607,7 +612,7 @@ class ActiveInferenceAgent(Agent):
             obs_std=cfg.obs_std, min_std=cfg.min_std, prior_min_std=cfg.prior_min_std,
             kl_transition_weight=cfg.kl_transition_weight,
             kl_prior_weight=cfg.kl_prior_weight, free_nats=cfg.free_nats, decode_frames=cfg.decode_frames,
-            overshooting=cfg.overshooting, inverse_weight=cfg.inverse_weight)
+            overshooting=cfg.overshooting, inverse_weight=cfg.inverse_weight, frame_difference=cfg.frame_difference)
         self.reward_head = mlp(cfg.latent_dim, [cfg.transition_hidden], 1)
         self.to(self.device)
         self._optimizer = make_adam([*self.world_model.parameters(), *self.reward_head.parameters()],

@@ -19,6 +19,7 @@ from latentrl.agents.active_inference import ActiveInferenceAgent, expected_free
 from latentrl.world_models.active_inference import (
     ActiveInferenceModel,
     BroadcastDecoder,
+    FrameDifferences,
     PixelDecoder,
     ensemble_epistemic,
 )
@@ -960,9 +961,45 @@ def test_inverse_dynamics_term_reads_the_action_from_consecutive_beliefs(monkeyp
     # the encoder learns from it
     terms["objective"]["inverse"].backward()
     assert sum(p.grad.abs().sum() for p in wm.encoder.parameters() if p.grad is not None) > 0
+    # the term alone (for training the encoder on it first): the same value, a graph through encoder, posterior
+    # and head only
+    wm.zero_grad(set_to_none=True)
+    alone = wm.inverse_error(batch)
+    assert alone.item() == pytest.approx(by_hand.item(), rel=1e-5)
+    alone.backward()
+    reached = {name for name, params in agent.parameter_groups().items()
+               if any(p.grad is not None and p.grad.abs().sum() > 0 for p in params)}
+    assert reached == {"encoder", "posterior", "inverse"}
     assert "inverse" in agent.parameter_groups() and agent.update(batch)["inverse"] > 0
     off = make_agent(seq_len=3)
     assert off.world_model.inverse_head is None and "inverse" not in off.parameter_groups()
+    with pytest.raises(ValueError, match="needs the inverse-dynamics head"):
+        off.world_model.inverse_error(batch)
     assert "inverse" not in off.world_model.loss_terms(batch)["objective"]
     with pytest.raises(ValueError, match="inverse_weight must be >= 0"):
         make_agent(inverse_weight=-1.0)
+
+
+def test_frame_differences_put_each_consecutive_pair_beside_the_frames(monkeypatch):
+    """``frame_difference > 0`` (not the spec's): the encoder reads the stacked frames followed by the scaled
+    differences of consecutive frames (newer minus older), in 0-255 units; without it the model (and its file) is
+    as before."""
+    stack = torch.stack([torch.full((3, 2, 2), v, dtype=torch.uint8) for v in (10, 13, 20)]).reshape(1, 9, 2, 2)
+    out = FrameDifferences(3, 8.0)(stack)
+    assert out.shape == (1, 15, 2, 2) and torch.equal(out[:, :9], stack.float())
+    assert out[0, 9:12].unique().tolist() == [24.0] and out[0, 12:15].unique().tolist() == [56.0]
+    agent = make_agent("pixels", frame_difference=8.0)
+    encoder = agent.world_model.encoder
+    assert isinstance(encoder[0], FrameDifferences) and encoder[1].obs_shape[0] == 9  # frame stack 2: 6 + 3
+    seen = []
+    monkeypatch.setattr(type(encoder[1]), "forward", lambda self, x: (seen.append(x), torch.zeros(len(x),
+                                                                                               self.repr_dim))[1])
+    agent.world_model.posterior(stack[:, :6].expand(4, -1, -1, -1))
+    assert seen[0].shape == (4, 9, 2, 2) and seen[0][0, 6:].unique().tolist() == [24.0]
+    plain = make_agent("pixels")
+    assert not any(isinstance(m, FrameDifferences) for m in plain.world_model.encoder)
+    assert plain.world_model.encoder[0].obs_shape[0] == 6
+    with pytest.raises(ValueError, match="frame_difference must be >= 0"):
+        make_agent("pixels", frame_difference=-1.0)
+    with pytest.raises(ValueError, match="stacked 2 or more"):
+        make_agent("pixels", frame_difference=8.0, frame_stack=1)

@@ -817,6 +817,47 @@ def test_bench_active_inference_records_the_inverse_term_across_a_resume(tmp_pat
     assert "inverse" not in torch.load(tmp_path / "plain.pt", weights_only=True)["train"]
 
 
+def test_pretrain_inverse_trains_the_encoder_alone_and_the_bench_resumes_from_update_0(tmp_path):
+    """``docs/bench_active_inference/inverse_term/pretrain_inverse.py``: the inverse-dynamics error alone trains the
+    encoder, the posterior head and the inverse head, and nothing else (the transition, decoder and reward head stay
+    as built); its file is one ``bench_active_inference.py --resume`` trains on from update 0; it writes over no
+    file."""
+    import torch
+
+    bench = _load("bench_active_inference")
+    pretrain = _load("pretrain_inverse", STUDIES / "bench_active_inference" / "inverse_term")
+    args = bench.parse_args(["--quick", "--data", str(tmp_path / "data"), "--fig-dir", str(tmp_path / "figs")])
+    for folder, episodes, seed in (("train", 4, 0), ("heldout", 2, 1)):
+        bench.collect(args, episodes, seed).save(tmp_path / "data" / folder)
+    model, record = tmp_path / "pre.pt", tmp_path / "pre.json"
+    common = ["--data", str(tmp_path / "data"), "--inverse-weight", "1000", "--preset", "smoke", "--heldout", "32",
+              "--seed", "3"]
+    pretrain.main([*common, "--updates", "4", "--log-every", "2", "--save-model", str(model), "--record", str(record)])
+    curves = json.loads(record.read_text())
+    assert curves["updates"] == [2, 4] and len(curves["train"]) == len(curves["heldout"]) == 2
+    assert curves["mean_action_heldout"] > 0
+    torch.manual_seed(3)
+    fresh = bench.build_agent(bench.parse_args(["--preset", "smoke", "--set", "inverse_weight=1000"]))
+    saved = torch.load(model, weights_only=True)
+    assert saved["train"] == {}
+    changed = {name.split(".")[1] for name, value in fresh.state_dict().items()
+               if value.is_floating_point() and not torch.equal(value, saved["agent"][name])}
+    assert changed == {"encoder", "posterior_head", "inverse_head"}
+    with pytest.raises(SystemExit):  # an existing file is never written over
+        pretrain.main([*common, "--updates", "1", "--save-model", str(model), "--record", str(tmp_path / "x.json")])
+    assert not (tmp_path / "x.json").exists()
+    run = ["--quick", "--checks", "1", "--out", str(tmp_path / "r.md"), "--fig-dir", str(tmp_path / "figs"),
+           "--set", "inverse_weight=1000"]
+    assert bench.main([*run, "--load-model", str(model), "--resume", "--save-model", str(tmp_path / "m.pt")]) == 0
+    assert torch.load(tmp_path / "m.pt", weights_only=True)["train"]["updates"] == 6
+    drawn = pretrain.main(["--figure", str(tmp_path / "f.png"), "--pretrained", f"a={record}",
+                           "--joint", f"b={tmp_path / 'm.pt'}"])
+    assert (tmp_path / "f.png").stat().st_size > 0
+    held = [h / curves["mean_action_heldout"] for h in curves["heldout"]]
+    assert drawn["pretrained"]["a"] == list(zip([2, 4], held, strict=True))
+    assert [u for u, _ in drawn["joint"]["b"]] == [1, 2, 3, 4, 5, 6]
+
+
 def test_bench_active_inference_saves_the_model_while_training(tmp_path, monkeypatch):
     """``--save-every S`` writes the ``--save-model`` file (with the record so far) every S seconds of training, so a
     stopped run keeps its updates; 0 writes it only at the end."""

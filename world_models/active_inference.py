@@ -34,6 +34,10 @@
   reaching the encoder. On point_mass the free energy alone left the belief without velocity, and with it check 2
   without the action (docs/bench_active_inference.md, "Check 2: the belief carries no velocity"); this term asks
   the encoder for the motion directly, as a test of that diagnosis.
+- **Frame differences** (``frame_difference > 0``; not in the spec, off by default): the encoder reads the stacked
+  frames and, scaled, each consecutive pair's difference (:class:`FrameDifferences`). A sixth of a pixel's motion
+  is a few grey levels on the mass's edge; the inverse term above learnt nothing from the frames alone, and with
+  these channels it did.
 
 The belief state is a TensorDict ``[B]`` with ``mean``, ``std`` ``[B, D]`` and ``epistemic`` ``[B]``
 (0 for a posterior).
@@ -195,6 +199,21 @@ def ensemble_epistemic(means: Tensor, stds: Tensor) -> Tensor:
     return 0.5 * torch.log1p(spread / noise).sum(-1)
 
 
+class FrameDifferences(nn.Module):
+    """Stacked frames ``[N, k*c, H, W]`` (0-255) -> the frames followed by ``scale`` times each consecutive pair's
+    difference ``[N, (2k-1)*c, H, W]``, in the same 0-255 units (the encoder divides by 255 after it). A motion of
+    a fraction of a pixel changes edge pixels by a few levels; scaled, it reaches the first convolution at the
+    size of the frames themselves (as in ``docs/bench_active_inference/inverse_ceiling.py``)."""
+
+    def __init__(self, frame_channels: int, scale: float):
+        super().__init__()
+        self.frame_channels, self.scale = int(frame_channels), float(scale)
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        x, c = pixels.float(), self.frame_channels
+        return torch.cat([x, self.scale * (x[:, c:] - x[:, :-c])], dim=1)
+
+
 class ActiveInferenceModel(WorldModel):
     """Encoder q(s|o), ensemble transition p(s'|s,a), decoder p(o|s); trained by variational free energy.
 
@@ -211,7 +230,7 @@ class ActiveInferenceModel(WorldModel):
                  decoder: str = "conv", decoder_canvas: str = "none", obs_std: float = 1.0, min_std: float = 0.01,
                  prior_min_std: float | None = None, kl_transition_weight: float = 1.0, kl_prior_weight: float = 0.1,
                  free_nats: float = 0.0, decode_frames: int = 1, overshooting: int = 1,
-                 inverse_weight: float = 0.0):
+                 inverse_weight: float = 0.0, frame_difference: float = 0.0):
         super().__init__()
         if obs_key not in ("pixels", "state"):
             raise ValueError(f"ActiveInferenceModel reads 'pixels' or 'state', got {obs_key!r}")
@@ -244,10 +263,18 @@ class ActiveInferenceModel(WorldModel):
         if not inverse_weight >= 0:
             raise ValueError(f"inverse_weight must be >= 0 (0: no inverse-dynamics term), got {inverse_weight}")
         self.inverse_weight = float(inverse_weight)
+        if not frame_difference >= 0:
+            raise ValueError(f"frame_difference must be >= 0 (0: the stacked frames alone), got {frame_difference}")
+        if frame_difference > 0 and self.frame_stack < 2:
+            raise ValueError("frame_difference needs pixels stacked 2 or more frames deep")
+        self.frame_difference = float(frame_difference)
         if obs_key == "pixels":
             c, h, w = self.obs_shape
-            trunk = make_encoder("dreamer", (c * self.frame_stack, h, w), depth=encoder_depth)
-            self.encoder = nn.Sequential(trunk, nn.Linear(trunk.repr_dim, hidden_dim), nn.ELU())
+            stacked = c * self.frame_stack + (c * (self.frame_stack - 1) if self.frame_difference > 0 else 0)
+            trunk = make_encoder("dreamer", (stacked, h, w), depth=encoder_depth)
+            # the difference channels are put in front only when asked, so models saved without them load unchanged
+            differences = [FrameDifferences(c, self.frame_difference)] if self.frame_difference > 0 else []
+            self.encoder = nn.Sequential(*differences, trunk, nn.Linear(trunk.repr_dim, hidden_dim), nn.ELU())
             # the broadcast decoder always has a canvas; the conv decoder when asked (``decoder_canvas``)
             canvas = {"canvas": decoder_canvas} if decoder == "conv" else {}
             self.decoder = PIXEL_DECODERS[decoder](latent_dim, decoder_depth, (h, w), channels=c * self.decode_frames,
@@ -471,8 +498,7 @@ class ActiveInferenceModel(WorldModel):
                      "kl_prior": self.kl_prior_weight * kl_prior}
         inverse = torch.zeros_like(kl_transition)
         if self.inverse_head is not None:
-            guess = self.inverse_head(torch.cat([mean[:, :-1], mean[:, 1:]], dim=-1))  # [B, L, A]
-            inverse = self._batch_mean((guess - action).pow(2).sum(-1) * mask, mask)
+            inverse = self._inverse_error(mean, action, mask)
             objective["inverse"] = self.inverse_weight * inverse
         return {
             "free_energy": recon + self.kl_transition_weight * kl_transition + self.kl_prior_weight * kl_prior,
@@ -486,6 +512,23 @@ class ActiveInferenceModel(WorldModel):
                      "recon": recon_rows.reshape(b, t1).detach(), "posterior_std_min": std.amin(-1).detach(),
                      "prior_std_min": p_stds.amin(dim=(0, 2)).reshape(b, -1).detach()},
         }
+
+    def inverse_error(self, batch: TensorDict) -> Tensor:
+        """The inverse-dynamics head's error ``||a_hat - a_t||^2`` on a batch (summed over action dims, averaged over
+        recorded actions), with its graph through the head, the posterior head and the encoder, and nothing else
+        computed: the term alone, for training the encoder on it before the free energy (``inverse_weight > 0``)."""
+        if self.inverse_head is None:
+            raise ValueError("inverse_error needs the inverse-dynamics head: build the model with inverse_weight > 0")
+        device = self.posterior_head.linear.weight.device
+        obs, action, mask = (t.to(device) for t in self.sequence(batch))
+        b, t1 = obs.shape[:2]
+        mean = self.posterior(obs.flatten(0, 1))[0].reshape(b, t1, -1)
+        return self._inverse_error(mean, action, mask)
+
+    def _inverse_error(self, mean: Tensor, action: Tensor, mask: Tensor) -> Tensor:
+        """The inverse head's batch-mean squared error from belief means ``[B, L+1, D]`` to actions ``[B, L, A]``."""
+        guess = self.inverse_head(torch.cat([mean[:, :-1], mean[:, 1:]], dim=-1))  # [B, L, A]
+        return self._batch_mean((guess - action).pow(2).sum(-1) * mask, mask)
 
     @staticmethod
     def _batch_mean(masked: Tensor, valid: Tensor) -> Tensor:
