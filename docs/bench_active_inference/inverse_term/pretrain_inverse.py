@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from latentrl.replay.buffer import ReplayBuffer
@@ -56,8 +57,11 @@ def plot(pretrained: list[str], joint: list[str], path: str) -> dict:
         steps = rec["free_energy_steps"][-len(rec["inverse"]):]
         ratio = [v / MEAN_ACTION_ERROR for v in rec["inverse"]]
         drawn["joint"][label] = list(zip(steps, ratio, strict=True))
-        right.plot(steps, ratio, label=label, lw=0.8)
-    for ax, title in ((left, "inverse task alone (held out)"), (right, "with the free energy (training batches)")):
+        # each log is one batch's error: drawn as the running mean of SMOOTH logs
+        n = min(SMOOTH, len(ratio))
+        right.plot(steps[n - 1:], np.convolve(ratio, np.ones(n) / n, mode="valid"), label=label)
+    for ax, title in ((left, "inverse task alone (held out)"),
+                      (right, f"with the free energy (training batches, mean of {SMOOTH} logs)")):
         ax.axhline(1.0, color="k", ls="--", lw=0.8, label="mean action")
         ax.set_title(title)
         ax.set_xlabel("update")
@@ -69,6 +73,7 @@ def plot(pretrained: list[str], joint: list[str], path: str) -> dict:
     return drawn
 
 
+SMOOTH = 20
 MEAN_ACTION_ERROR = 2 / 3  # the mean action's error for uniform random actions in [-1, 1]^2 (2 x 1/3)
 
 
