@@ -160,6 +160,14 @@ class ActiveInferenceConfig:
     0, the default: the stacked frames alone). On point_mass the mass moves a sixth of a pixel per step; the
     inverse CNN that read a_t off the frames had such channels (x8), and without them the belief learnt no motion
     (docs/bench_active_inference.md, "The encoder trained on the inverse task first")."""
+    goal_motion: Literal["still", "any"] = "still"
+    """Pixels: what a goal image (one frame, tiled over the stack) asks for. ``"still"`` (the spec's, default):
+    q(s|o_goal), the body there at rest. ``"any"`` (not the spec's): the place whatever the motion, q(s|o_goal)
+    shifted and widened by what motion does to the belief in the training data
+    (``world_models.active_inference.MotionStatistics``, tracked by each update on up to 16 of the batch's
+    observations). Once the belief reads the velocity, the still goal asks the planner to be still as well as
+    there (docs/bench_active_inference.md, "A goal image asks for rest"). A stacked goal observation is used
+    as given either way."""
     planner: Literal["shooting", "cem"] = "shooting"
     """``"shooting"``: K uniform random sequences, argmin; ``"cem"``: cross-entropy method."""
     num_candidates: int = 1000
@@ -217,6 +225,11 @@ class ActiveInferenceConfig:
                 raise ValueError(f"ActiveInferenceConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.risk not in RISKS:
             raise ValueError(f"ActiveInferenceConfig.risk must be one of {RISKS}, got {self.risk!r}")
+        if self.goal_motion not in ("still", "any"):
+            raise ValueError(f"ActiveInferenceConfig.goal_motion must be 'still' or 'any', got {self.goal_motion!r}")
+        if self.goal_motion == "any" and (self.obs_type != "pixels" or self.frame_stack < 2):
+            raise ValueError("ActiveInferenceConfig.goal_motion='any' is for stacked pixels (obs_type='pixels', "
+                             f"frame_stack >= 2), got obs_type={self.obs_type!r}, frame_stack={self.frame_stack}")
         if self.epistemic not in ("ensemble", "belief_change"):
             raise ValueError(f"ActiveInferenceConfig.epistemic must be 'ensemble' or 'belief_change', got "
                              f"{self.epistemic!r}")
@@ -246,6 +259,10 @@ PRESETS: dict[str, dict[str, Any]] = {
               "ensemble_size": 2, "batch_size": 8, "seq_len": 2, "planner": "cem", "num_candidates": 8,
               "num_elites": 2, "cem_iterations": 2, "plan_horizon": 2, "num_samples": 2},
 }
+
+# observations per update whose belief change feeds the motion statistics (goal_motion="any"): two encoder passes
+# without gradient each, a small share of the update's own
+MOTION_ROWS = 16
 
 # the fields that set planning (what a latency preset changes; the rest shape the networks)
 PLANNER_FIELDS = ("planner", "num_candidates", "plan_horizon", "num_samples", "cem_iterations", "num_elites")
@@ -612,7 +629,8 @@ class ActiveInferenceAgent(Agent):
             obs_std=cfg.obs_std, min_std=cfg.min_std, prior_min_std=cfg.prior_min_std,
             kl_transition_weight=cfg.kl_transition_weight,
             kl_prior_weight=cfg.kl_prior_weight, free_nats=cfg.free_nats, decode_frames=cfg.decode_frames,
-            overshooting=cfg.overshooting, inverse_weight=cfg.inverse_weight, frame_difference=cfg.frame_difference)
+            overshooting=cfg.overshooting, inverse_weight=cfg.inverse_weight, frame_difference=cfg.frame_difference,
+            motion_statistics=cfg.goal_motion == "any")
         self.reward_head = mlp(cfg.latent_dim, [cfg.transition_hidden], 1)
         self.to(self.device)
         self._optimizer = make_adam([*self.world_model.parameters(), *self.reward_head.parameters()],
@@ -676,6 +694,8 @@ class ActiveInferenceAgent(Agent):
         else:
             x = x.reshape(-1, x.shape[-1])
         mean, std = self.world_model.posterior(x.to(self.device))
+        if key == "pixels" and channels == 3 and self.config.goal_motion == "any":  # a single frame: the place alone
+            mean, std = self.world_model.motion.widen(mean, std)
         return Task(z=torch.cat([mean, std], dim=-1), goal=spec.obs.select(key).clone(), info={"kind": "goal"})
 
     def _infer_reward(self, spec: RewardSamples) -> Task:
@@ -716,6 +736,9 @@ class ActiveInferenceAgent(Agent):
         grad_norm = last_grad_norm(self._optimizer)
         if grad_norm is not None:  # before clipping (max_grad_norm): spikes of the free energy show here first
             metrics["grad_norm"] = grad_norm
+        if self.world_model.motion is not None:  # goal_motion="any": what motion does to the belief, as trained now
+            x = batch[self.obs_key]
+            self.world_model.track_motion(x.reshape(-1, *x.shape[batch.batch_dims:])[:MOTION_ROWS].to(self.device))
         return scalar_metrics({k: v.detach() for k, v in metrics.items()}, self.device)  # no host sync per update
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:

@@ -1003,3 +1003,58 @@ def test_frame_differences_put_each_consecutive_pair_beside_the_frames(monkeypat
         make_agent("pixels", frame_difference=-1.0)
     with pytest.raises(ValueError, match="stacked 2 or more"):
         make_agent("pixels", frame_difference=8.0, frame_stack=1)
+
+
+def test_goal_motion_any_widens_a_single_goal_frame_by_what_motion_does_to_the_belief():
+    """``goal_motion="any"`` (not the spec's): each update folds ``mu(o) - mu(o's newest frame tiled)`` of up to 16
+    of the batch's observations into running statistics (the first batch sets them, later ones move them by the
+    momentum); a single goal frame's belief is then shifted by their mean and widened by their variance; a stacked
+    goal is used as given; a model file saved without them loads, and refuses the widening until trained."""
+    agent = make_agent("pixels", goal_motion="any")
+    wm = agent.world_model
+    g = torch.Generator().manual_seed(4)
+
+    def batch(b: int) -> TensorDict:
+        frames = torch.randint(0, 256, (b, 2, 6, 64, 64), generator=g, dtype=torch.uint8)
+        return TensorDict({"pixels": frames[:, :1], "action": torch.rand(b, 1, ACTION_DIM, generator=g) * 2 - 1,
+                           "has_action": torch.ones(b, 1, dtype=torch.bool), "next": {"pixels": frames[:, 1:]}},
+                          batch_size=[b, 1])
+
+    def change(x: torch.Tensor) -> torch.Tensor:  # by hand: the stack's belief minus its newest frame's, tiled
+        with torch.no_grad():
+            return wm.posterior(x)[0] - wm.posterior(torch.cat([x[:, 3:], x[:, 3:]], 1))[0]
+
+    frame = torch.randint(0, 256, (2, 3, 64, 64), generator=g, dtype=torch.uint8)
+    goal = GoalObservation(TensorDict({"pixels": frame}, batch_size=[2]))
+    with pytest.raises(RuntimeError, match="no training batch"):
+        agent.infer_task(goal)
+    first = batch(20)
+    agent.update(first)
+    seen = change(first["pixels"][:16, 0])  # the first 16 observations, with the weights after the step
+    torch.testing.assert_close(wm.motion.mean, seen.mean(0))
+    torch.testing.assert_close(wm.motion.var, seen.var(0, unbiased=False))
+    second = batch(8)
+    agent.update(second)
+    later = change(second["pixels"][:, 0])
+    torch.testing.assert_close(wm.motion.mean, 0.99 * seen.mean(0) + 0.01 * later.mean(0))
+    z = agent.infer_task(goal).z
+    with torch.no_grad():
+        mean, std = wm.posterior(frame.repeat(1, 2, 1, 1))
+    d = wm.latent_dim
+    torch.testing.assert_close(z[:, :d], mean + wm.motion.mean)
+    torch.testing.assert_close(z[:, d:], (std.square() + wm.motion.var).sqrt())
+    stacked = torch.cat([frame, frame], 1)  # a stacked goal says its motion itself
+    z_stacked = agent.infer_task(GoalObservation(TensorDict({"pixels": stacked}, batch_size=[2]))).z
+    torch.testing.assert_close(z_stacked, torch.cat([mean, std], -1))
+    still = make_agent("pixels")  # the spec's default: the tiled frame's belief, and no statistics at all
+    assert still.world_model.motion is None and "motion.mean" not in still.world_model.state_dict()
+    still.load_state_dict(agent.state_dict())  # strict: a file with statistics loads into a model without them
+    torch.testing.assert_close(still.world_model.posterior_head.linear.weight, wm.posterior_head.linear.weight)
+    older = {k: v for k, v in agent.state_dict().items() if ".motion." not in k}  # a file from before them
+    fresh = make_agent("pixels", goal_motion="any")
+    fresh.load_state_dict(older)  # strict
+    assert fresh.world_model.motion.batches == 0
+    with pytest.raises(ValueError, match="stacked pixels"):
+        make_agent("pixels", goal_motion="any", frame_stack=1)
+    with pytest.raises(ValueError, match="goal_motion must be"):
+        make_agent("pixels", goal_motion="moving")

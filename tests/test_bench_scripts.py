@@ -473,6 +473,88 @@ def test_latent_ranking_scores_rank_the_true_action_first_only_when_the_model_mo
     assert ranking.fraction(scores["risk_mean_path"])["median_rank"] == 0.5  # every candidate ties the true one
 
 
+def test_goal_motion_renders_the_goal_frame_newest_and_its_still_preference_is_check3s(tmp_path):
+    """``docs/bench_active_inference/goal_motion.py``: a moving stack puts the previous frame first and the goal's
+    last; the place-only preference is the moment-matched mixture of the moving beliefs; end to end on a saved
+    smoke model, its ``still`` run is check 3's agent row (the same goals, starts, goal belief and seeds) and its
+    baselines are check 3's."""
+    import torch
+
+    bench = _load("bench_active_inference")
+    motion = _load("goal_motion", STUDIES / "bench_active_inference")
+
+    class Frames:  # each env's frame is filled with its body's x
+        def set_physics_state(self, states):
+            return {"pixels": states[:, :1, None, None].expand(-1, 3, 2, 2).clone()}
+
+    newest = torch.tensor([[3.0, 0.0, 0.0, 0.0]])
+    stack = motion.render_stack(Frames(), newest - torch.tensor([[1.0, 0, 0, 0]]), newest, frame_stack=3)
+    assert stack[0, :, 0, 0].tolist() == [2.0] * 6 + [3.0] * 3
+    means = torch.tensor([[[0.0, 1.0]], [[2.0, 1.0]]])  # [M = 2, N = 1, D = 2]
+    mean, std = motion.mixture(means, torch.ones_like(means))
+    assert torch.allclose(mean, torch.tensor([[1.0, 1.0]])) and torch.allclose(std.square(), torch.tensor([[2.0, 1.0]]))
+
+    class Stacks:  # previous frame 0, newest frame 1 or 3
+        def sample(self, n, frame_stack=1, keys=None):
+            newest = torch.tensor([1.0, 3.0]).repeat(n // 2)[:, None, None, None].expand(n, 3, 2, 2)
+            return {"pixels": torch.cat([torch.zeros_like(newest), newest], 1)}
+
+    class Model:  # the belief's mean: each channel's value
+        def posterior(self, x):
+            return x[:, :, 0, 0], torch.ones(len(x), x.shape[1])
+
+    shift, spread = motion.data_motion(Model(), Stacks(), 2, 8, seed=0)  # moving - still: (-v, -v, -v, 0, 0, 0)
+    assert torch.allclose(shift, torch.tensor([-2.0] * 3 + [0.0] * 3))
+    assert torch.allclose(spread, torch.tensor([1.0] * 3 + [0.0] * 3))
+
+    flags = ["--quick", "--data", str(tmp_path / "data"), "--seed", "2"]
+    args = bench.parse_args([*flags, "--fig-dir", str(tmp_path / "figs")])
+    bench.load_or_collect(args)
+    torch.manual_seed(0)
+    bench.save_model_file(bench.build_agent(args), {}, tmp_path / "model.pt")
+    flags += ["--load-model", str(tmp_path / "model.pt")]
+    out = motion.main([*flags, "--fig-dir", str(tmp_path / "motion"), "--motions", "3"])
+    check3 = bench.goal_reaching(bench.load_saved_agent(bench.parse_args([*flags, "--fig-dir", str(tmp_path / "c")])),
+                                 bench.load_or_collect(args)[1], args)
+    runs = out["goal_reaching"]
+    assert runs["still"]["final_distance"] == check3["agent"]["final_distance"]
+    assert runs["random"]["final_distance"] == check3["random"]["final_distance"]
+    assert runs["zero"]["final_distance"] == check3["zero"]["final_distance"]
+    assert out["still"]["0.0"]["risk"] == [0.0, 0.0, 0.0]  # the goal's own still stack is the goal belief
+    assert out["arriving"]["risk"][1] > 0
+    with pytest.raises(SystemExit, match="exists"):  # nothing is written over
+        motion.main([*flags, "--fig-dir", str(tmp_path / "motion"), "--motions", "3"])
+
+
+def test_plan_ranking_executes_every_candidate_and_reads_the_scores_order_against_the_outcomes(tmp_path):
+    """``docs/bench_active_inference/plan_ranking.py``: a score that orders the candidates as their true outcomes
+    has rho 1 and picks the truly best plan (percentile 0), the reverse rho -1 and the worst; end to end on a saved
+    smoke model, each candidate is executed from check 3's start: doing nothing leaves the body at its start
+    distance, the others move it."""
+    import numpy as np
+    import torch
+
+    bench = _load("bench_active_inference")
+    ranking = _load("plan_ranking", STUDIES / "bench_active_inference")
+    truth = np.array([[0.3, 0.1, 0.2, 0.4], [0.5, 0.6, 0.2, 0.1]])
+    right, wrong = ranking.ranking(truth * 2, truth), ranking.ranking(-truth, truth)
+    assert right["median_rho"] == pytest.approx(1.0) and right["best_percentile"] == [0.0, 0.0]
+    assert wrong["median_rho"] == pytest.approx(-1.0) and wrong["best_percentile"] == [1.0, 1.0]
+
+    flags = ["--quick", "--data", str(tmp_path / "data"), "--seed", "2"]
+    args = bench.parse_args([*flags, "--fig-dir", str(tmp_path / "figs")])
+    bench.load_or_collect(args)
+    torch.manual_seed(0)
+    bench.save_model_file(bench.build_agent(args), {}, tmp_path / "model.pt")
+    out = ranking.main([*flags, "--load-model", str(tmp_path / "model.pt"), "--fig-dir", str(tmp_path / "pr"),
+                        "--candidates", "4"])
+    moved = np.asarray(out["true_distance"])
+    np.testing.assert_allclose(moved[:, 0], out["start_distance"], atol=1e-6)  # zero actions from rest
+    assert (np.abs(moved[:, 1:] - moved[:, :1]) > 1e-5).all()
+    assert set(out) >= {"still", "unit_precision"} and -1.0 <= out["still"]["median_rho"] <= 1.0
+    assert json.loads((tmp_path / "pr" / "plan_ranking.json").read_text())["candidates"] == 4
+
+
 def test_risk_along_paths_takes_the_shoulders_shorter_arc_and_reads_the_risks_order():
     """``docs/bench_active_inference/risk_along_paths.py``: the shoulder (unlimited) goes the shorter way round, the
     wrist directly, the poses at rest; the reading finds a risk that orders the path as the distance does, one that
@@ -846,6 +928,10 @@ def test_pretrain_inverse_trains_the_encoder_alone_and_the_bench_resumes_from_up
     with pytest.raises(SystemExit):  # an existing file is never written over
         pretrain.main([*common, "--updates", "1", "--save-model", str(model), "--record", str(tmp_path / "x.json")])
     assert not (tmp_path / "x.json").exists()
+    # stopped by --seconds, the partial window it stopped in is logged (here the first update alone)
+    pretrain.main([*common, "--updates", "10", "--log-every", "5", "--seconds", "0",
+                   "--save-model", str(tmp_path / "short.pt"), "--record", str(tmp_path / "short.json")])
+    assert json.loads((tmp_path / "short.json").read_text())["updates"] == [1]
     run = ["--quick", "--checks", "1", "--out", str(tmp_path / "r.md"), "--fig-dir", str(tmp_path / "figs"),
            "--set", "inverse_weight=1000"]
     assert bench.main([*run, "--load-model", str(model), "--resume", "--save-model", str(tmp_path / "m.pt")]) == 0

@@ -214,6 +214,46 @@ class FrameDifferences(nn.Module):
         return torch.cat([x, self.scale * (x[:, c:] - x[:, :-c])], dim=1)
 
 
+class MotionStatistics(nn.Module):
+    """What motion does to the belief, tracked over training observations: running means ``mean`` and ``var``
+    ``[D]`` of ``mu(o) - mu(o's newest frame tiled)``, the belief of a stack against that of the same place at rest.
+
+    A goal image is one frame, tiled over the stack: a body at rest. Once the belief reads the velocity,
+    q(s|o_goal) asks for rest as well as for the place. :meth:`widen` turns it into a preference for the place
+    whatever the motion, ``N(mu_g + mean, sqrt(sigma_g^2 + var))``, the moment-matched belief of the goal frame
+    reached with the data's motions (``ActiveInferenceConfig.goal_motion = "any"``; not the spec's). Exponential
+    moving averages over batches (``momentum``; the first batch sets them), as batch norm keeps its statistics,
+    since the encoder moves during training. Files saved without them load with none seen."""
+
+    def __init__(self, latent_dim: int, momentum: float = 0.01):
+        super().__init__()
+        self.momentum = float(momentum)
+        self.register_buffer("mean", torch.zeros(latent_dim))
+        self.register_buffer("var", torch.zeros(latent_dim))
+        self.register_buffer("batches", torch.zeros(()))
+
+    @torch.no_grad()
+    def update(self, change: Tensor) -> None:
+        """Fold in one batch of belief changes ``[N, D]`` (without a host read: no sync per training step)."""
+        weight = torch.where(self.batches > 0, self.momentum, 1.0)
+        self.mean.lerp_(change.mean(0), weight)
+        self.var.lerp_(change.var(0, unbiased=False), weight)
+        self.batches += 1
+
+    def widen(self, mean: Tensor, std: Tensor) -> tuple[Tensor, Tensor]:
+        """A still goal's belief ``(mean, std)`` ``[N, D]`` -> the preference for its place at any motion."""
+        if not self.batches > 0:
+            raise RuntimeError("goal_motion='any' needs the model's motion statistics, and this model has seen no "
+                               "training batch since they were added: train it (each update tracks them)")
+        return mean + self.mean, (std.square() + self.var).sqrt()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a model file saved without them loads with none seen (widen refuses until training has tracked some)
+        for name in ("mean", "var", "batches"):
+            state_dict.setdefault(prefix + name, torch.zeros_like(getattr(self, name)))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
 class ActiveInferenceModel(WorldModel):
     """Encoder q(s|o), ensemble transition p(s'|s,a), decoder p(o|s); trained by variational free energy.
 
@@ -230,7 +270,7 @@ class ActiveInferenceModel(WorldModel):
                  decoder: str = "conv", decoder_canvas: str = "none", obs_std: float = 1.0, min_std: float = 0.01,
                  prior_min_std: float | None = None, kl_transition_weight: float = 1.0, kl_prior_weight: float = 0.1,
                  free_nats: float = 0.0, decode_frames: int = 1, overshooting: int = 1,
-                 inverse_weight: float = 0.0, frame_difference: float = 0.0):
+                 inverse_weight: float = 0.0, frame_difference: float = 0.0, motion_statistics: bool = False):
         super().__init__()
         if obs_key not in ("pixels", "state"):
             raise ValueError(f"ActiveInferenceModel reads 'pixels' or 'state', got {obs_key!r}")
@@ -291,6 +331,17 @@ class ActiveInferenceModel(WorldModel):
         # a_t from (mu_t, mu_{t+1}); built only when used, so models saved without it load unchanged
         self.inverse_head = (mlp(2 * latent_dim, [transition_hidden, transition_hidden], action_dim)
                              if self.inverse_weight > 0 else None)
+        # what motion does to the belief (goal_motion="any"); built only when asked, so other models are unchanged
+        if motion_statistics and self.frame_stack < 2:
+            raise ValueError("motion_statistics needs pixels stacked 2 or more frames deep")
+        self.motion = MotionStatistics(latent_dim) if motion_statistics else None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a file's motion statistics (goal_motion="any") load into a model that does not use them: left out
+        if self.motion is None:
+            for key in [k for k in state_dict if k.startswith(prefix + "motion.")]:
+                del state_dict[key]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def obs_dim(self) -> int:
@@ -301,6 +352,18 @@ class ActiveInferenceModel(WorldModel):
     def posterior(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """q(s|o): ``x`` ``[N, ...]`` (stacked pixels uint8, or states) -> ``(mean, std)`` ``[N, D]``."""
         return self.posterior_head(self.encoder(x))
+
+    def still(self, x: Tensor) -> Tensor:
+        """Stacked pixels ``[N, k*c, H, W]`` -> the newest frame tiled ``k`` times: the same place at rest (how a
+        single goal frame is stacked)."""
+        c = self.obs_shape[0]
+        return x[:, -c:].repeat(1, self.frame_stack, 1, 1)
+
+    @torch.no_grad()
+    def track_motion(self, x: Tensor) -> None:
+        """Fold the belief changes ``mu(x) - mu(still(x))`` of stacked observations ``x`` ``[N, k*c, H, W]`` into
+        :class:`MotionStatistics` (``motion_statistics=True``)."""
+        self.motion.update(self.posterior(x)[0] - self.posterior(self.still(x))[0])
 
     def transition_members(self, s: Tensor, action: Tensor) -> tuple[Tensor, Tensor]:
         """Every member's ``p_e(s'|s,a)``: ``(means, stds)`` ``[E, N, D]``."""
@@ -471,10 +534,8 @@ class ActiveInferenceModel(WorldModel):
         inverse-dynamics error ``||a_hat - a_t||^2`` (0 without the head). What the training step backpropagates
         is ``sum(objective.values())``; one term's gradient at a time is what
         ``ActiveInferenceAgent.gradient_norms_by_term`` reports."""
-        device = self.posterior_head.linear.weight.device
-        obs, action, mask = (t.to(device) for t in self.sequence(batch))
+        obs, action, mask, mean, std = self._beliefs(batch)
         b, t1 = obs.shape[:2]
-        mean, std = self.posterior(obs.flatten(0, 1))
         s = mean + std * torch.randn_like(std)
         target = self.reconstruction_target(obs.flatten(0, 1)).reshape(b * t1, -1)
         recon_rows = -gaussian_log_prob(target, self.decoder(s).reshape(b * t1, -1),
@@ -519,11 +580,16 @@ class ActiveInferenceModel(WorldModel):
         computed: the term alone, for training the encoder on it before the free energy (``inverse_weight > 0``)."""
         if self.inverse_head is None:
             raise ValueError("inverse_error needs the inverse-dynamics head: build the model with inverse_weight > 0")
+        obs, action, mask, mean, _ = self._beliefs(batch)
+        return self._inverse_error(mean.reshape(*obs.shape[:2], -1), action, mask)
+
+    def _beliefs(self, batch: TensorDict) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """A batch's :meth:`sequence` on the model's device (observations ``[B, L+1, ...]``, actions, mask) and the
+        posterior over every observation: means and stds ``[B * (L+1), D]``, with their graphs."""
         device = self.posterior_head.linear.weight.device
         obs, action, mask = (t.to(device) for t in self.sequence(batch))
-        b, t1 = obs.shape[:2]
-        mean = self.posterior(obs.flatten(0, 1))[0].reshape(b, t1, -1)
-        return self._inverse_error(mean, action, mask)
+        mean, std = self.posterior(obs.flatten(0, 1))
+        return obs, action, mask, mean, std
 
     def _inverse_error(self, mean: Tensor, action: Tensor, mask: Tensor) -> Tensor:
         """The inverse head's batch-mean squared error from belief means ``[B, L+1, D]`` to actions ``[B, L, A]``."""

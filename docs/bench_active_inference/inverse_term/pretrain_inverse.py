@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         error.backward()
         adam.step()  # clipped at the config's max_grad_norm, as in agent.update
         window.append(float(error.detach()))
-        if update % args.log_every == 0 or update == args.updates:
+        out_of_time = time.perf_counter() - start > args.seconds  # the last (partial) window is logged too
+        if update % args.log_every == 0 or update == args.updates or out_of_time:
             with torch.no_grad():
                 held = float(model.inverse_error(heldout))
             curve["updates"].append(update)
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict | None:
             window = []
             print(f"[pretrain_inverse] update {update}: train {curve['train'][-1]:.3f}, held out {held:.3f} "
                   f"(mean action {mean_action_error:.3f}), {time.perf_counter() - start:.0f} s", flush=True)
-        if time.perf_counter() - start > args.seconds:
+        if out_of_time:
             break
     curve["seconds"] = time.perf_counter() - start
     bench.save_model_file(agent, {}, args.save_model)
