@@ -192,6 +192,12 @@ class ActiveInferenceConfig:
     every candidate: a policy step of the ``realtime`` preset took ~0.74 s on one CPU thread against 22 ms
     with the latent risk (64 x 5 decodes; the ``small`` preset's 3 x 128 x 2 x 5 took ~10 s), so on a CPU
     they are for evaluation (check 2), not for control; batched on a GPU the decodes are one call."""
+    risk_steps: Literal["all", "last"] = "all"
+    """The latent risk of goal tasks over the plan: ``"all"`` (default), summed over the H imagined steps, as
+    the EFE of a policy sums its future steps; ``"last"``, the last imagined step's alone (the spec's scorer
+    sketch, which iterates the transition H times and scores s'_H, reads either way). A goal image is a body at rest:
+    with a belief that reads the velocity, every step's risk asks the plan to be still on the way, and on
+    point_mass the planner crept (docs/bench_active_inference.md, "A goal image asks for rest")."""
     epistemic_weight: float = 1.0
     """Weight of the epistemic term in G (0: the risk-only ablation)."""
     epistemic: Literal["ensemble", "belief_change"] = "ensemble"
@@ -225,6 +231,10 @@ class ActiveInferenceConfig:
                 raise ValueError(f"ActiveInferenceConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.risk not in RISKS:
             raise ValueError(f"ActiveInferenceConfig.risk must be one of {RISKS}, got {self.risk!r}")
+        if self.risk_steps not in ("all", "last"):
+            raise ValueError(f"ActiveInferenceConfig.risk_steps must be 'all' or 'last', got {self.risk_steps!r}")
+        if self.risk_steps == "last" and self.risk != "latent":
+            raise ValueError(f"ActiveInferenceConfig.risk_steps='last' is for the latent risk, got risk={self.risk!r}")
         if self.goal_motion not in ("still", "any"):
             raise ValueError(f"ActiveInferenceConfig.goal_motion must be 'still' or 'any', got {self.goal_motion!r}")
         if self.goal_motion == "any" and (self.obs_type != "pixels" or self.frame_stack < 2):
@@ -285,7 +295,7 @@ def precision(kl: Tensor | float, a: float = 1.0, b: float = 25.0, c: float = 5.
 
 
 def expected_free_energy(rollout: TensorDict, goal_mean: Tensor | None, goal_std: Tensor | None, *,
-                         ambiguity: float = 0.0, epistemic_weight: float = 1.0) -> TensorDict:
+                         ambiguity: float = 0.0, epistemic_weight: float = 1.0, risk_steps: str = "all") -> TensorDict:
     """The expected free energy of imagined rollouts, term by term.
 
     ``rollout``: a TensorDict ``[M, H]`` of predicted Gaussians (``mean``, ``std`` ``[M, H, D]``) and
@@ -296,7 +306,9 @@ def expected_free_energy(rollout: TensorDict, goal_mean: Tensor | None, goal_std
 
     Returns a TensorDict ``[M]`` of the terms summed over the horizon: ``risk`` =
     ``sum_t KL(N(mean_t, std_t) || p~)``, ``ambiguity`` = ``H * ambiguity``, ``epistemic`` =
-    ``sum_t epistemic_t``, and ``G = risk + ambiguity - epistemic_weight * epistemic``.
+    ``sum_t epistemic_t``, and ``G = risk + ambiguity - epistemic_weight * epistemic``. With
+    ``risk_steps="last"`` the risk is the last step's alone, ``KL(N(mean_H, std_H) || p~)``
+    (``ActiveInferenceConfig.risk_steps``).
     """
     mean, std, epistemic = rollout["mean"], rollout["std"], rollout["epistemic"]
     m, h = mean.shape[:2]
@@ -305,7 +317,8 @@ def expected_free_energy(rollout: TensorDict, goal_mean: Tensor | None, goal_std
     else:
         goal_mean = goal_mean.expand(m, -1).unsqueeze(1) if goal_mean.dim() <= 2 else goal_mean
         goal_std = goal_std.expand(m, -1).unsqueeze(1) if goal_std.dim() <= 2 else goal_std
-        risk = gaussian_kl(mean, std, goal_mean, goal_std).sum(-1)
+        risk = gaussian_kl(mean, std, goal_mean, goal_std)  # [M, H]
+        risk = risk[:, -1] if risk_steps == "last" else risk.sum(-1)
     amb = torch.full((m,), float(ambiguity) * h, device=mean.device)
     epi = epistemic.sum(-1)
     return TensorDict({"risk": risk, "ambiguity": amb, "epistemic": epi,
@@ -480,7 +493,8 @@ class ActiveInferencePolicy(Policy):
             goal_mean = goal_mean.repeat_interleave(k * j, dim=0)
             goal_std = goal_std.repeat_interleave(k * j, dim=0)
         terms = expected_free_energy(rollout, None if observation_risk else goal_mean, goal_std,
-                                     ambiguity=wm.ambiguity(), epistemic_weight=cfg.epistemic_weight)
+                                     ambiguity=wm.ambiguity(), epistemic_weight=cfg.epistemic_weight,
+                                     risk_steps=cfg.risk_steps)
         if observation_risk:  # AV's instrumental term: the decoded predictions against the goal observation
             rows = torch.arange(n, device=actions.device) if self.goal_obs.shape[0] > 1 \
                 else torch.zeros(n, dtype=torch.int64, device=actions.device)

@@ -1058,3 +1058,34 @@ def test_goal_motion_any_widens_a_single_goal_frame_by_what_motion_does_to_the_b
         make_agent("pixels", goal_motion="any", frame_stack=1)
     with pytest.raises(ValueError, match="goal_motion must be"):
         make_agent("pixels", goal_motion="moving")
+
+
+def test_risk_steps_last_scores_the_plans_last_imagined_step_alone(monkeypatch):
+    """``risk_steps="last"``: the latent risk is the KL of the last imagined step alone, so a plan that passes the
+    goal early and leaves it loses to one that ends there; ``"all"`` (default) sums the steps and prefers the
+    first. The policy's scorer passes the setting on; other risk forms refuse it."""
+    # two 2-step candidates in a 1-D latent against N(2, 1): A is at 2 then 1, B at 0.5 then 2 (unit stds)
+    rollout = TensorDict({"mean": torch.tensor([[[2.0], [1.0]], [[0.5], [2.0]]]), "std": torch.ones(2, 2, 1),
+                          "epistemic": torch.zeros(2, 2)}, batch_size=[2, 2])
+    goal = (torch.tensor([2.0]), torch.tensor([1.0]))
+    summed = expected_free_energy(rollout, *goal)["risk"]
+    last = expected_free_energy(rollout, *goal, risk_steps="last")["risk"]
+    torch.testing.assert_close(summed, torch.tensor([0.0 + 0.5, 1.125 + 0.0]))
+    torch.testing.assert_close(last, torch.tensor([0.5, 0.0]))
+    assert summed.argmin().item() == 0 and last.argmin().item() == 1
+    import latentrl.agents.active_inference as module
+
+    seen = []
+    original = module.expected_free_energy
+    monkeypatch.setattr(module, "expected_free_energy",
+                        lambda *a, **kw: (seen.append(kw["risk_steps"]), original(*a, **kw))[1])
+    agent = make_agent("state", risk_steps="last")
+    obs = TensorDict({"state": torch.randn(1, STATE_DIM)}, batch_size=[1])
+    task = agent.infer_task(GoalObservation(TensorDict({"state": torch.randn(1, STATE_DIM)}, batch_size=[1])))
+    policy = agent.policy(task)
+    policy.step(obs, policy.init_carry(1), torch.ones(1, dtype=torch.bool))
+    assert seen and set(seen) == {"last"}
+    with pytest.raises(ValueError, match="risk_steps='last' is for the latent risk"):
+        make_agent("state", risk_steps="last", risk="observation")
+    with pytest.raises(ValueError, match="risk_steps must be"):
+        make_agent("state", risk_steps="final")

@@ -522,6 +522,7 @@ def test_goal_motion_renders_the_goal_frame_newest_and_its_still_preference_is_c
     assert runs["zero"]["final_distance"] == check3["zero"]["final_distance"]
     assert out["still"]["0.0"]["risk"] == [0.0, 0.0, 0.0]  # the goal's own still stack is the goal belief
     assert out["arriving"]["risk"][1] > 0
+    assert (tmp_path / "motion" / "goal_motion.png").stat().st_size > 0  # the distance curves
     with pytest.raises(SystemExit, match="exists"):  # nothing is written over
         motion.main([*flags, "--fig-dir", str(tmp_path / "motion"), "--motions", "3"])
 
@@ -541,6 +542,24 @@ def test_plan_ranking_executes_every_candidate_and_reads_the_scores_order_agains
     assert right["median_rho"] == pytest.approx(1.0) and right["best_percentile"] == [0.0, 0.0]
     assert wrong["median_rho"] == pytest.approx(-1.0) and wrong["best_percentile"] == [1.0, 1.0]
 
+    class Moves:  # a belief that is the body's position, a transition that adds the action
+        def posterior(self, x):
+            return x[:, :2, 0, 0].float(), torch.ones(len(x), 2)
+
+        def transition_members(self, s, a):
+            return (s + a)[None], torch.ones(1, *s.shape)
+
+    class Transitions:
+        def sample(self, n, frame_stack=1, keys=None):
+            g = torch.Generator().manual_seed(n)
+            now, a = torch.rand(n, 2, generator=g), torch.rand(n, 2, generator=g) - 0.5
+            image = lambda p: p[:, :, None, None].expand(n, 2, 2, 2)  # noqa: E731
+            return {"pixels": image(now), "action": a, "next": {"pixels": image(now + a)}}
+
+    effect = ranking.action_effect(Moves(), Transitions(), 2, 64, seed=0)
+    assert effect["true"] == pytest.approx(0.0, abs=1e-12) and effect["zero"] == pytest.approx(effect["copy"])
+    assert effect["zero"] < effect["negated"] == pytest.approx(4 * effect["zero"]) and effect["other"] > effect["true"]
+
     flags = ["--quick", "--data", str(tmp_path / "data"), "--seed", "2"]
     args = bench.parse_args([*flags, "--fig-dir", str(tmp_path / "figs")])
     bench.load_or_collect(args)
@@ -551,7 +570,7 @@ def test_plan_ranking_executes_every_candidate_and_reads_the_scores_order_agains
     moved = np.asarray(out["true_distance"])
     np.testing.assert_allclose(moved[:, 0], out["start_distance"], atol=1e-6)  # zero actions from rest
     assert (np.abs(moved[:, 1:] - moved[:, :1]) > 1e-5).all()
-    assert set(out) >= {"still", "unit_precision"} and -1.0 <= out["still"]["median_rho"] <= 1.0
+    assert set(out) >= {"still", "unit_precision", "latent_distance"} and -1.0 <= out["still"]["median_rho"] <= 1.0
     assert json.loads((tmp_path / "pr" / "plan_ranking.json").read_text())["candidates"] == 4
 
 

@@ -28,7 +28,7 @@ weighs "be there" against "be still". On check 3's own goals and start states (`
    (check 3's baselines). If ``any_motion`` reaches the goals that ``still`` stops short of, the still goal's rest
    is what held the planner back.
 
-Writes ``goal_motion.json`` to ``--fig-dir``.
+Writes ``goal_motion.json`` and (with part 2) ``goal_motion.png``, the mean distance curves, to ``--fig-dir``.
 """
 
 from __future__ import annotations
@@ -220,8 +220,34 @@ def main(argv=None) -> dict:
     out["seconds"] = time.time() - started
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(out, indent=1))
+    if "goal_reaching" in out:
+        plot_runs(out["goal_reaching"], out_path.with_suffix(".png"),
+                  f"{args.load_model}, H = {agent.config.plan_horizon}")
     print(f"[goal_motion] wrote {out_path} ({out['seconds']:.0f} s)", flush=True)
     return out
+
+
+def plot_runs(runs: dict, path: Path, title: str = "") -> None:
+    """The mean distance to the goals after every step of each goal-reaching run, with the success radius."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for name, run in runs.items():
+        style = {"linestyle": "--", "color": "grey" if name == "random" else "black"} if name in ("random", "zero") \
+            else {}
+        curve = run["mean_distance_curve"]
+        ax.plot(range(1, len(curve) + 1), curve, label=f"{name} (success {run['success']:.2f})", **style)
+    ax.axhline(0.05, color="green", linewidth=0.8, label="success radius")
+    ax.set_xlabel("agent step")
+    ax.set_ylabel("mean distance to the goal (50 goals)")
+    ax.set_ylim(bottom=0)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

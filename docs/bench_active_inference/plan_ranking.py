@@ -15,13 +15,15 @@ planner's horizon are
 - scored as the planner scores them at its first step (``ActiveInferencePolicy.score`` from the belief of the
   start's tiled frame, with one set of draws shared by the candidates, and ``plan_value``), under three
   preferences: ``still`` (q(s|o_goal) of the tiled goal frame, check 3's), ``any_motion`` (the model's motion
-  statistics, ``goal_motion="any"``, when it has them) and ``unit_precision`` (the goal mean with a unit std: every
-  latent dimension weighed alike).
+  statistics, ``goal_motion="any"``, when it has them) and ``unit_precision`` (the goal mean with a unit std);
+- and by ``latent_distance``: the ensemble's mean prediction rolled from the belief's mean, its squared distance
+  to the goal belief's mean summed over the horizon (no precision, no sampling: every latent dimension alike).
 
 Per goal: Spearman's rho between the score and the true final distance over the candidates, and where the
 score's best candidate lies among the true distances (its percentile: 0 is the truly best plan, 0.5 the median of
-random ones). The same for the true distance of the plan that does nothing (zero actions) for reference. Writes
-``plan_ranking.json`` to ``--fig-dir``.
+random ones); and where the plan that does nothing lies, for reference. Before that, whether the transition knows
+the action at all (:func:`action_effect`: its one-step prediction of held-out beliefs under the true action against
+zero, another and the negated action). Writes ``plan_ranking.json`` to ``--fig-dir``.
 """
 
 from __future__ import annotations
@@ -63,6 +65,23 @@ def true_distances(args, start_physics: torch.Tensor, actions: torch.Tensor, goa
             out[:, j] = np.linalg.norm(task.body_position(td["physics"].cpu().numpy()) - goal_pos, axis=-1)
     finally:
         env.close()
+    return out
+
+
+@torch.no_grad()
+def action_effect(wm, heldout, frame_stack: int, cases: int, seed: int) -> dict:
+    """Does the transition know what the action does to the belief? On ``cases`` held-out transitions: the
+    squared distance ``||E_members mu'(mu_t, a) - mu_{t+1}||^2`` (summed over the latent, averaged over cases) of
+    the ensemble's mean prediction from the belief's mean to the next belief's mean, under the true ``a_t``, zero,
+    another case's action and the negated one; and the distance of the current belief itself (``copy``)."""
+    with bench.fixed_draws(seed + 802):
+        batch = heldout.sample(cases, frame_stack=frame_stack, keys=["pixels"])
+    now, nxt = wm.posterior(batch["pixels"])[0], wm.posterior(batch["next"]["pixels"])[0]
+    action = batch["action"].float()
+    other = action[torch.randperm(len(action), generator=torch.Generator().manual_seed(seed + 803))]
+    out = {"copy": float((now - nxt).square().sum(-1).mean())}
+    for name, a in (("true", action), ("zero", torch.zeros_like(action)), ("other", other), ("negated", -action)):
+        out[name] = float((wm.transition_members(now, a)[0].mean(0) - nxt).square().sum(-1).mean())
     return out
 
 
@@ -129,7 +148,9 @@ def main(argv=None) -> dict:
         preferences["any_motion"] = wm.motion.widen(goal_mean, goal_std)
     start_distance = np.linalg.norm(bench.get_task(args.task).body_position(start_physics.cpu().numpy()) - goal_pos,
                                     axis=-1)
-    out = {"model": args.load_model, "goals": n, "candidates": mine.candidates, "horizon": h,
+    effect = action_effect(wm, heldout, k, 2000, args.seed)
+    print(f"[plan_ranking] one-step latent prediction error by action: {json.dumps(effect)}", flush=True)
+    out = {"model": args.load_model, "goals": n, "candidates": mine.candidates, "horizon": h, "action_effect": effect,
            "start_distance": start_distance.tolist(), "true_distance": truth.tolist(),
            "true_distance_quartiles": [float(v) for v in np.percentile(truth - start_distance[:, None], [25, 50, 75])],
            # where doing nothing lies among the true outcomes (median over goals)
@@ -145,6 +166,15 @@ def main(argv=None) -> dict:
         print(f"[plan_ranking] {name}: median rho {out[name]['median_rho']:.2f}, the best-scored plan's true "
               f"percentile (median) {out[name]['median_best_percentile']:.2f}, in the best 20% for "
               f"{out[name]['best_in_best_20pct']:.2f} of the goals", flush=True)
+    # a scorer without the goal's precision or sampling: the ensemble's mean prediction rolled from the belief's
+    # mean, its squared distance to the goal's mean summed over the horizon
+    s, cost = state["mean"].repeat_interleave(mine.candidates, 0), 0.0
+    for t in range(h):
+        s = wm.transition_members(s, actions[:, :, t].flatten(0, 1))[0].mean(0)
+        cost = cost + (s - goal_mean.repeat_interleave(mine.candidates, 0)).square().sum(-1)
+    out["latent_distance"] = ranking(cost.reshape(n, -1).cpu().numpy(), truth)
+    print(f"[plan_ranking] latent_distance: median rho {out['latent_distance']['median_rho']:.2f}, best-scored "
+          f"plan's true percentile (median) {out['latent_distance']['median_best_percentile']:.2f}", flush=True)
     out["seconds"] = time.time() - started
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(out, indent=1))
