@@ -115,6 +115,19 @@ def data_motion(wm, train, frame_stack: int, observations: int, seed: int) -> tu
     return change.mean(0), change.var(0, unbiased=False)
 
 
+def point_mass_record(args, study: str) -> Path:
+    """Where a point_mass study writes its record, ``--fig-dir/<study>.json``; refuses another task (the studies
+    move point_mass's body, physics ``[x, y, vx, vy]``), a missing ``--fig-dir`` and a record already there."""
+    if args.task.split("-")[0] != "point_mass":
+        raise SystemExit(f"{study}.py moves point_mass's body ([x, y, vx, vy]): --task point_mass-*")
+    if args.fig_dir is None:
+        raise SystemExit(f"{study}.py writes {study}.json into --fig-dir: give one")
+    out_path = Path(args.fig_dir) / f"{study}.json"
+    if out_path.exists():
+        raise SystemExit(f"{out_path} exists: give another --fig-dir (nothing was overwritten)")
+    return out_path
+
+
 def quartiles(values: np.ndarray) -> list[float]:
     """The 25th, 50th and 75th percentiles of ``values`` (over goals, or over goals and motions)."""
     return [float(v) for v in np.percentile(values, [25, 50, 75])]
@@ -131,13 +144,7 @@ def main(argv=None) -> dict:
     if mine.motions < 2:
         raise SystemExit("--motions: at least 2 (the any_motion preference's variance needs a spread)")
     args = bench.parse_args(rest)
-    if args.task.split("-")[0] != "point_mass":
-        raise SystemExit("goal_motion.py moves point_mass's body ([x, y, vx, vy]): --task point_mass-*")
-    if args.fig_dir is None:
-        raise SystemExit("goal_motion.py writes goal_motion.json into --fig-dir: give one")
-    out_path = Path(args.fig_dir) / "goal_motion.json"
-    if out_path.exists():
-        raise SystemExit(f"{out_path} exists: give another --fig-dir (nothing was overwritten)")
+    out_path = point_mass_record(args, "goal_motion")
     torch.set_num_threads(args.threads)
     task = bench.get_task(args.task)
     train, heldout = bench.load_or_collect(args)

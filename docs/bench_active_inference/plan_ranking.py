@@ -42,6 +42,9 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import bench_active_inference as bench  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from goal_motion import point_mass_record  # noqa: E402
+
 from latentrl.agents.active_inference import plan_value  # noqa: E402
 from latentrl.agents.base import Task  # noqa: E402
 from latentrl.envs import make_env  # noqa: E402
@@ -115,13 +118,7 @@ def main(argv=None) -> dict:
     if mine.candidates < 2:
         raise SystemExit("--candidates: at least 2")
     args = bench.parse_args(rest)
-    if args.task.split("-")[0] != "point_mass":
-        raise SystemExit("plan_ranking.py reads point_mass's body position: --task point_mass-*")
-    if args.fig_dir is None:
-        raise SystemExit("plan_ranking.py writes plan_ranking.json into --fig-dir: give one")
-    out_path = Path(args.fig_dir) / "plan_ranking.json"
-    if out_path.exists():
-        raise SystemExit(f"{out_path} exists: give another --fig-dir (nothing was overwritten)")
+    out_path = point_mass_record(args, "plan_ranking")
     torch.set_num_threads(args.threads)
     _, heldout = bench.load_or_collect(args)
     agent = bench.load_saved_agent(args)
