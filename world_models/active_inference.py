@@ -214,6 +214,12 @@ class FrameDifferences(nn.Module):
         return torch.cat([x, self.scale * (x[:, c:] - x[:, :-c])], dim=1)
 
 
+def still_stack(x: Tensor, frame_channels: int, frame_stack: int) -> Tensor:
+    """Stacked pixels ``[N, k*c, H, W]`` -> the newest frame tiled ``frame_stack`` times: the same place at rest
+    (how a single goal frame is stacked)."""
+    return x[:, -frame_channels:].repeat(1, frame_stack, 1, 1)
+
+
 class MotionStatistics(nn.Module):
     """What motion does to the belief, tracked over training observations: running means ``mean`` and ``var``
     ``[D]`` of ``mu(o) - mu(o's newest frame tiled)``, the belief of a stack against that of the same place at rest.
@@ -353,17 +359,12 @@ class ActiveInferenceModel(WorldModel):
         """q(s|o): ``x`` ``[N, ...]`` (stacked pixels uint8, or states) -> ``(mean, std)`` ``[N, D]``."""
         return self.posterior_head(self.encoder(x))
 
-    def still(self, x: Tensor) -> Tensor:
-        """Stacked pixels ``[N, k*c, H, W]`` -> the newest frame tiled ``k`` times: the same place at rest (how a
-        single goal frame is stacked)."""
-        c = self.obs_shape[0]
-        return x[:, -c:].repeat(1, self.frame_stack, 1, 1)
-
     @torch.no_grad()
     def track_motion(self, x: Tensor) -> None:
-        """Fold the belief changes ``mu(x) - mu(still(x))`` of stacked observations ``x`` ``[N, k*c, H, W]`` into
-        :class:`MotionStatistics` (``motion_statistics=True``)."""
-        self.motion.update(self.posterior(x)[0] - self.posterior(self.still(x))[0])
+        """Fold the belief changes ``mu(x) - mu(still_stack(x))`` of stacked observations ``x`` ``[N, k*c, H, W]``
+        into :class:`MotionStatistics` (``motion_statistics=True``)."""
+        still = still_stack(x, self.obs_shape[0], self.frame_stack)
+        self.motion.update(self.posterior(x)[0] - self.posterior(still)[0])
 
     def transition_members(self, s: Tensor, action: Tensor) -> tuple[Tensor, Tensor]:
         """Every member's ``p_e(s'|s,a)``: ``(means, stds)`` ``[E, N, D]``."""

@@ -48,6 +48,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import bench_active_inference as bench  # noqa: E402
 
 from latentrl.agents.base import Task, UniformRandomPolicy  # noqa: E402
+from latentrl.world_models.active_inference import still_stack  # noqa: E402
 
 DISTANCES = (0.0, 0.025, 0.05, 0.1, 0.2)  # still stacks this far from the goal, toward the start
 
@@ -110,7 +111,7 @@ def data_motion(wm, train, frame_stack: int, observations: int, seed: int) -> tu
     with bench.fixed_draws(seed + 701):
         stacks = train.sample(observations, frame_stack=frame_stack, keys=["pixels"])["pixels"]
     moving = wm.posterior(stacks)[0]
-    still = wm.posterior(stacks[:, -3:].repeat(1, frame_stack, 1, 1))[0]
+    still = wm.posterior(still_stack(stacks, 3, frame_stack))[0]  # as the model's own track_motion
     change = moving - still
     return change.mean(0), change.var(0, unbiased=False)
 

@@ -44,6 +44,7 @@ import bench_active_inference as bench  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from goal_motion import point_mass_record  # noqa: E402
+from risk_along_paths import average_ranks  # noqa: E402
 
 from latentrl.agents.active_inference import plan_value  # noqa: E402
 from latentrl.agents.base import Task  # noqa: E402
@@ -88,23 +89,22 @@ def action_effect(wm, heldout, frame_stack: int, cases: int, seed: int) -> dict:
     return out
 
 
-def average_ranks(x: np.ndarray) -> np.ndarray:
-    """Ranks along the last axis from 0, ties sharing the mean of their ranks."""
-    def row(v):
-        s = np.sort(v)
-        return (np.searchsorted(s, v, "left") + np.searchsorted(s, v, "right") - 1) / 2.0
-    return np.apply_along_axis(row, -1, x)
+def candidate_ranks(x: np.ndarray) -> np.ndarray:
+    """Each goal's ranks of its candidates ``[N, K]`` from 0, ties sharing the mean of their ranks
+    (``risk_along_paths.average_ranks``, which ranks along the first axis)."""
+    return average_ranks(x.T).T
 
 
 def ranking(score: np.ndarray, truth: np.ndarray) -> dict:
     """Per goal (rows of ``score``, ``truth`` ``[N, K]``, lower is better for both): Spearman's rho, and the
     percentile among the true distances of the score's best candidate (0: the truly best; ties mid-ranked)."""
-    rs, rt = average_ranks(score), average_ranks(truth)
+    truth_ranks = candidate_ranks(truth)
+    rs, rt = candidate_ranks(score), truth_ranks
     rs, rt = rs - rs.mean(-1, keepdims=True), rt - rt.mean(-1, keepdims=True)
     rho = (rs * rt).sum(-1) / np.sqrt((rs**2).sum(-1) * (rt**2).sum(-1) + 1e-12)
     best = score.argmin(-1)
     k = truth.shape[1]
-    percentile = average_ranks(truth)[np.arange(len(truth)), best] / (k - 1)
+    percentile = truth_ranks[np.arange(len(truth)), best] / (k - 1)
     return {"rho": rho.tolist(), "median_rho": float(np.median(rho)), "best_percentile": percentile.tolist(),
             "median_best_percentile": float(np.median(percentile)),
             "best_in_best_20pct": float(np.mean(percentile <= 0.2))}
@@ -151,7 +151,7 @@ def main(argv=None) -> dict:
            "start_distance": start_distance.tolist(), "true_distance": truth.tolist(),
            "true_distance_quartiles": [float(v) for v in np.percentile(truth - start_distance[:, None], [25, 50, 75])],
            # where doing nothing lies among the true outcomes (median over goals)
-           "zero_plan_percentile": float(np.median(average_ranks(truth)[:, 0] / (mine.candidates - 1)))}
+           "zero_plan_percentile": float(np.median(candidate_ranks(truth)[:, 0] / (mine.candidates - 1)))}
     for name, (mean, std) in preferences.items():
         policy = agent.policy(Task(z=torch.cat([mean, std], -1), info={"kind": "goal"}))
         policy.eval()
