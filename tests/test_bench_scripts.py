@@ -500,6 +500,8 @@ def test_goal_motion_renders_the_goal_frame_newest_and_its_still_preference_is_c
             return {"pixels": torch.cat([torch.zeros_like(newest), newest], 1)}
 
     class Model:  # the belief's mean: each channel's value
+        obs_shape = (3, 1, 1)
+
         def posterior(self, x):
             return x[:, :, 0, 0], torch.ones(len(x), x.shape[1])
 
@@ -541,6 +543,7 @@ def test_plan_ranking_executes_every_candidate_and_reads_the_scores_order_agains
     right, wrong = ranking.ranking(truth * 2, truth), ranking.ranking(-truth, truth)
     assert right["median_rho"] == pytest.approx(1.0) and right["best_percentile"] == [0.0, 0.0]
     assert wrong["median_rho"] == pytest.approx(-1.0) and wrong["best_percentile"] == [1.0, 1.0]
+    assert ranking.ranking(np.ones_like(truth), truth)["rho"] == [0.0, 0.0]  # a score tying all ranks nothing
 
     class Moves:  # a belief that is the body's position, a transition that adds the action
         def posterior(self, x):
@@ -572,6 +575,30 @@ def test_plan_ranking_executes_every_candidate_and_reads_the_scores_order_agains
     assert (np.abs(moved[:, 1:] - moved[:, :1]) > 1e-5).all()
     assert set(out) >= {"still", "unit_precision", "latent_distance"} and -1.0 <= out["still"]["median_rho"] <= 1.0
     assert json.loads((tmp_path / "pr" / "plan_ranking.json").read_text())["candidates"] == 4
+
+
+def test_check3_over_training_reads_the_agent_row_of_both_records_and_orders_a_run_by_updates(tmp_path):
+    """``docs/bench_active_inference/check3_over_training.py``: from a benchmark record the agent row of check 3
+    (not the risk-only ablation), from a goal_motion.py record its still goal (check 3's agent; not the widened
+    ones); a label's points in update order; a malformed point or an unknown record refuses."""
+    curve = _load("check3_over_training", STUDIES / "bench_active_inference")
+    row = lambda success: {"success": success, "mean_distance": 1.0 - success}  # noqa: E731
+    base = {"random": row(0.04), "zero": row(0.02)}
+    bench_record = tmp_path / "results.json"
+    bench_record.write_text(json.dumps({"check3": {"agent": row(0.28), "risk_only": row(0.5), **base}}))
+    motion_record = tmp_path / "goal_motion.json"
+    motion_record.write_text(json.dumps({"goal_reaching": {"still": row(0.08), "any_motion": row(0.6),
+                                                           "data_motion": row(0.7), **base}}))
+    runs = curve.main(["--figure", str(tmp_path / "c3.png"), "--point", f"seed 1:13510={bench_record}",
+                       "--point", f"seed 1:8260={motion_record}", "--point", f"seed 2:900={bench_record}"])
+    assert [(u, r["agent"]["success"]) for u, r in runs["seed 1"]] == [(8260, 0.08), (13510, 0.28)]
+    assert [u for u, _ in runs["seed 2"]] == [900] and runs["seed 2"][0][1]["zero"]["success"] == 0.02
+    assert (tmp_path / "c3.png").stat().st_size > 0
+    with pytest.raises(SystemExit, match="LABEL:UPDATES=FILE"):
+        curve.main(["--figure", str(tmp_path / "x.png"), "--point", f"seed 1={bench_record}"])
+    (tmp_path / "other.json").write_text("{}")
+    with pytest.raises(SystemExit, match="neither"):
+        curve.main(["--figure", str(tmp_path / "x.png"), "--point", f"a:1={tmp_path / 'other.json'}"])
 
 
 def test_risk_along_paths_takes_the_shoulders_shorter_arc_and_reads_the_risks_order():

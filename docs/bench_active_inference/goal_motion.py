@@ -111,7 +111,7 @@ def data_motion(wm, train, frame_stack: int, observations: int, seed: int) -> tu
     with bench.fixed_draws(seed + 701):
         stacks = train.sample(observations, frame_stack=frame_stack, keys=["pixels"])["pixels"]
     moving = wm.posterior(stacks)[0]
-    still = wm.posterior(still_stack(stacks, 3, frame_stack))[0]  # as the model's own track_motion
+    still = wm.posterior(still_stack(stacks, wm.obs_shape[0], frame_stack))[0]  # as the model's own track_motion
     change = moving - still
     return change.mean(0), change.var(0, unbiased=False)
 

@@ -44,7 +44,7 @@ import bench_active_inference as bench  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from goal_motion import point_mass_record  # noqa: E402
-from risk_along_paths import average_ranks  # noqa: E402
+from risk_along_paths import average_ranks, spearman  # noqa: E402
 
 from latentrl.agents.active_inference import plan_value  # noqa: E402
 from latentrl.agents.base import Task  # noqa: E402
@@ -98,10 +98,9 @@ def candidate_ranks(x: np.ndarray) -> np.ndarray:
 def ranking(score: np.ndarray, truth: np.ndarray) -> dict:
     """Per goal (rows of ``score``, ``truth`` ``[N, K]``, lower is better for both): Spearman's rho, and the
     percentile among the true distances of the score's best candidate (0: the truly best; ties mid-ranked)."""
+    with np.errstate(invalid="ignore"):  # a score tying all its candidates ranks nothing: rho 0
+        rho = np.nan_to_num(spearman(score.T, truth.T))
     truth_ranks = candidate_ranks(truth)
-    rs, rt = candidate_ranks(score), truth_ranks
-    rs, rt = rs - rs.mean(-1, keepdims=True), rt - rt.mean(-1, keepdims=True)
-    rho = (rs * rt).sum(-1) / np.sqrt((rs**2).sum(-1) * (rt**2).sum(-1) + 1e-12)
     best = score.argmin(-1)
     k = truth.shape[1]
     percentile = truth_ranks[np.arange(len(truth)), best] / (k - 1)
