@@ -16,7 +16,8 @@ import json
 import sys
 from pathlib import Path
 
-BAR = 0.20  # check 3: success at least this far above both baselines
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+from bench_active_inference import CHECK3_MARGIN  # noqa: E402
 
 
 def parse_point(text: str) -> tuple[str, int, Path]:
@@ -65,7 +66,8 @@ def draw(runs: dict[str, list[tuple[int, dict]]], out: Path, xlabel: str) -> Non
         low, high = min(b[key] for b in baselines), max(b[key] for b in baselines)
         ax.axhspan(low, high, color="0.85", label="random / zero actions")
         if key == "success":
-            ax.axhline(high + BAR, color="0.4", ls="--", lw=1, label=f"bar: best baseline + {BAR:.2f}")
+            ax.axhline(high + CHECK3_MARGIN, color="0.4", ls="--", lw=1,
+                       label=f"bar: best baseline + {CHECK3_MARGIN:.2f}")
         for label, points in runs.items():
             ax.plot([u for u, _ in points], [r["agent"][key] for _, r in points], "o-", label=label)
         ax.set_xlabel(xlabel)
