@@ -4,6 +4,7 @@ batch; and a smoke run through ``train_agent.py``."""
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -546,6 +547,32 @@ def test_train_agent_smoke_and_model_directory(tmp_path):
     obs = TensorDict({"pixels": torch.zeros(1, 3, 64, 64, dtype=torch.uint8)}, batch_size=[1])
     action, _ = policy.step(obs, policy.init_carry(1), torch.ones(1, dtype=torch.bool))
     assert action.shape == (1, 2)
+
+
+def test_offline_training_and_eval_zero_shot_in_goal_and_reward_modes(walker_dataset, tmp_path, monkeypatch):
+    """``train_agent.py agent=active_inference data=...`` trains offline on pixels, and ``eval_zero_shot.py
+    mode=both`` scores its model directory in both modes: reward examples (``RewardSamples`` -> a reward head's
+    log-preferences) and goal images (``GoalObservation`` -> q(s|o_goal)), each reaching the agent."""
+    from latentrl.agents import RewardSamples
+    from latentrl.training.cli import eval_main, train_main
+
+    run = tmp_path / "run"
+    train_main(["agent=active_inference", f"data={walker_dataset}", "preset=smoke", "steps=4", f"run_dir={run}",
+                "log.progress=false", "log.tensorboard=false", "eval.video=false"])
+    seen = []
+    infer_task = ActiveInferenceAgent.infer_task
+
+    def recording(self, spec):
+        seen.append(type(spec))
+        return infer_task(self, spec)
+
+    monkeypatch.setattr(ActiveInferenceAgent, "infer_task", recording)
+    eval_main([f"model={run / 'model'}", "mode=both", "tasks=walker-walk", "samples=16", "episodes=1", "goals=2",
+               "episode_length=5", f"out={tmp_path / 'zs'}"])
+    results = {r["kind"]: r for r in json.loads((tmp_path / "zs" / "results.json").read_text())["tasks"]}
+    assert set(results) == {"reward", "goal"} and set(seen) == {RewardSamples, GoalObservation}
+    assert len(results["reward"]["values"]) == 1 and math.isfinite(results["reward"]["mean"])
+    assert len(results["goal"]["values"]) == 2 and results["goal"]["final_distance"] >= 0
 
 
 def test_precision_formula_matches_fountas_eq_10():
