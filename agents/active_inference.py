@@ -14,8 +14,10 @@
   reward_temperature``.
 - **Scoring** (:func:`expected_free_energy`): per candidate, summed over the horizon and averaged
   over state samples, ``G = risk + ambiguity - epistemic_weight * epistemic`` with
-  ``risk = KL(p(s_t|pi) || p~(s))`` ("state control", spec §1; with ``risk="observation"`` for goal tasks
-  AV's instrumental term ``||dec(s_t) - o_goal||^2 / (2 obs_std^2)`` instead, and ``"observation_corrected"``
+  ``risk = KL(p(s_t|pi) || p~(s))`` ("state control", spec §1; with ``risk="latent_overlap"``
+  ``-log N(mu_g; mean_t, std_t^2 + std_g^2)`` instead, each dimension weighed by what the model predicts; with
+  ``risk="observation"`` for goal tasks AV's instrumental term ``||dec(s_t) - o_goal||^2 / (2 obs_std^2)``
+  instead, and ``"observation_corrected"``
   the same on predictions corrected by the decoder's error now), ``ambiguity = E[H p(o|s)]`` (a
   constant under the fixed-variance decoder, reported for completeness) and ``epistemic`` the
   transition ensemble's information gain (:func:`~latentrl.world_models.active_inference.ensemble_epistemic`),
@@ -62,7 +64,7 @@ from latentrl.world_models.active_inference import (
     PixelDecoder,
     decoder_choice_error,
 )
-from latentrl.world_models.layers import gather_batch, gaussian_kl, last_grad_norm, make_adam, mlp
+from latentrl.world_models.layers import gather_batch, gaussian_kl, gaussian_log_prob, last_grad_norm, make_adam, mlp
 
 __all__ = [
     "PRESETS",
@@ -71,6 +73,7 @@ __all__ = [
     "ActiveInferencePolicy",
     "EFE_TERMS",
     "PLANNER_FIELDS",
+    "LATENT_RISKS",
     "RISKS",
     "expected_free_energy",
     "plan",
@@ -79,7 +82,8 @@ __all__ = [
 ]
 
 OBS_TYPES = ("pixels", "state")
-RISKS = ("latent", "observation", "observation_corrected")
+RISKS = ("latent", "latent_overlap", "observation", "observation_corrected")
+LATENT_RISKS = ("latent", "latent_overlap")  # compared with the goal belief, not the goal observation
 
 
 @dataclass
@@ -180,10 +184,18 @@ class ActiveInferenceConfig:
     """CEM rounds (``planner="cem"``)."""
     num_elites: int = 64
     """CEM elites refitted each round."""
-    risk: Literal["latent", "observation", "observation_corrected"] = "latent"
+    risk: Literal["latent", "latent_overlap", "observation", "observation_corrected"] = "latent"
     """The risk of goal tasks: ``"latent"``, FER's ``KL(p(s_t|pi) || q(s|o_goal))`` in latent space (the spec's
-    reference form); ``"observation"``, AV's instrumental term ``||dec(s_t) - o_goal||^2 / (2 obs_std^2)``
-    in observation space (spec §7, ``instrum_k``; a decode per imagined step, so slower); or
+    reference form); ``"latent_overlap"`` (ours, not in the spec), ``-log N(mu_g; mu_t, s_t^2 + s_g^2)``, minus the
+    log-probability that the predicted state and the goal belief coincide (``-log int p(s_t|pi) q(s|o_goal) ds``):
+    each latent dimension weighed by the precision the model can predict it to, ``1 / (s_t^2 + s_g^2)``, not the goal
+    belief's alone, ``1 / s_g^2``. Where q(s|o_goal) is far sharper than the transition (point_mass's position
+    dimensions: s_g ~0.01, s_t ~0.1-0.3, the latter matching the prediction's error), the KL measures the
+    prediction's error in goal stds there and ranks actions by it (docs/bench_active_inference.md, "The risk
+    weighed by what the model can predict": check 2 0.61 -> 0.80 on one model; its goal reaching needs
+    ``risk_steps="last"`` and ``goal_motion="any"`` with it); ``"observation"``, AV's instrumental term
+    ``||dec(s_t) - o_goal||^2 / (2 obs_std^2)`` in observation space (spec §7, ``instrum_k``; a decode per
+    imagined step, so slower); or
     ``"observation_corrected"`` (ours, not in the spec), the same with every decoded prediction corrected by
     the decoder's error on the current observation, ``dec(s_t) + (o_now - dec(E q(s|o_now)))``, as offset-free
     MPC corrects its predictions by the measured output disturbance: what the decoder draws wrong now (a
@@ -193,7 +205,7 @@ class ActiveInferenceConfig:
     with the latent risk (64 x 5 decodes; the ``small`` preset's 3 x 128 x 2 x 5 took ~10 s), so on a CPU
     they are for evaluation (check 2), not for control; batched on a GPU the decodes are one call."""
     risk_steps: Literal["all", "last"] = "all"
-    """The latent risk of goal tasks over the plan: ``"all"`` (default), summed over the H imagined steps, as
+    """The latent risks of goal tasks over the plan: ``"all"`` (default), summed over the H imagined steps, as
     the EFE of a policy sums its future steps; ``"last"``, the last imagined step's alone (the spec's scorer
     sketch, which iterates the transition H times and scores s'_H, reads either way). A goal image is a body at rest:
     with a belief that reads the velocity, every step's risk asks the plan to be still on the way, and on
@@ -233,8 +245,8 @@ class ActiveInferenceConfig:
             raise ValueError(f"ActiveInferenceConfig.risk must be one of {RISKS}, got {self.risk!r}")
         if self.risk_steps not in ("all", "last"):
             raise ValueError(f"ActiveInferenceConfig.risk_steps must be 'all' or 'last', got {self.risk_steps!r}")
-        if self.risk_steps == "last" and self.risk != "latent":
-            raise ValueError(f"ActiveInferenceConfig.risk_steps='last' is for the latent risk, got risk={self.risk!r}")
+        if self.risk_steps == "last" and self.risk not in LATENT_RISKS:
+            raise ValueError(f"ActiveInferenceConfig.risk_steps='last' is for the latent risks, got risk={self.risk!r}")
         if self.goal_motion not in ("still", "any"):
             raise ValueError(f"ActiveInferenceConfig.goal_motion must be 'still' or 'any', got {self.goal_motion!r}")
         if self.goal_motion == "any" and (self.obs_type != "pixels" or self.frame_stack < 2):
@@ -295,7 +307,8 @@ def precision(kl: Tensor | float, a: float = 1.0, b: float = 25.0, c: float = 5.
 
 
 def expected_free_energy(rollout: TensorDict, goal_mean: Tensor | None, goal_std: Tensor | None, *,
-                         ambiguity: float = 0.0, epistemic_weight: float = 1.0, risk_steps: str = "all") -> TensorDict:
+                         ambiguity: float = 0.0, epistemic_weight: float = 1.0, risk_steps: str = "all",
+                         risk_form: str = "latent") -> TensorDict:
     """The expected free energy of imagined rollouts, term by term.
 
     ``rollout``: a TensorDict ``[M, H]`` of predicted Gaussians (``mean``, ``std`` ``[M, H, D]``) and
@@ -308,7 +321,8 @@ def expected_free_energy(rollout: TensorDict, goal_mean: Tensor | None, goal_std
     ``sum_t KL(N(mean_t, std_t) || p~)``, ``ambiguity`` = ``H * ambiguity``, ``epistemic`` =
     ``sum_t epistemic_t``, and ``G = risk + ambiguity - epistemic_weight * epistemic``. With
     ``risk_steps="last"`` the risk is the last step's alone, ``KL(N(mean_H, std_H) || p~)``
-    (``ActiveInferenceConfig.risk_steps``).
+    (``ActiveInferenceConfig.risk_steps``). With ``risk_form="latent_overlap"`` each step's risk is
+    ``-log N(goal_mean; mean_t, std_t^2 + goal_std^2)`` instead of the KL (``ActiveInferenceConfig.risk``).
     """
     mean, std, epistemic = rollout["mean"], rollout["std"], rollout["epistemic"]
     m, h = mean.shape[:2]
@@ -317,7 +331,12 @@ def expected_free_energy(rollout: TensorDict, goal_mean: Tensor | None, goal_std
     else:
         goal_mean = goal_mean.expand(m, -1).unsqueeze(1) if goal_mean.dim() <= 2 else goal_mean
         goal_std = goal_std.expand(m, -1).unsqueeze(1) if goal_std.dim() <= 2 else goal_std
-        risk = gaussian_kl(mean, std, goal_mean, goal_std)  # [M, H]
+        if risk_form == "latent_overlap":  # -log of the overlap int N(s; mean, std) N(s; goal) ds
+            risk = -gaussian_log_prob(goal_mean, mean, (std.square() + goal_std.square()).sqrt())  # [M, H]
+        elif risk_form == "latent":
+            risk = gaussian_kl(mean, std, goal_mean, goal_std)  # [M, H]
+        else:
+            raise ValueError(f"risk_form must be one of {LATENT_RISKS}, got {risk_form!r}")
         risk = risk[:, -1] if risk_steps == "last" else risk.sum(-1)
     amb = torch.full((m,), float(ambiguity) * h, device=mean.device)
     epi = epistemic.sum(-1)
@@ -432,7 +451,7 @@ class ActiveInferencePolicy(Policy):
                 raise ValueError(f"a goal preference is [mean ‖ std] with {2 * world_model.latent_dim} values, "
                                  f"got shape {list(goal.shape)}")
         self.register_buffer("goal", goal)
-        if config.risk != "latent" and goal is not None:
+        if config.risk not in LATENT_RISKS and goal is not None:
             if goal_obs is None:
                 raise ValueError(f"risk={config.risk!r} compares predictions with the goal observation: pass "
                                  "goal_obs (agent.policy(task) reads it from task.goal)")
@@ -494,7 +513,8 @@ class ActiveInferencePolicy(Policy):
             goal_std = goal_std.repeat_interleave(k * j, dim=0)
         terms = expected_free_energy(rollout, None if observation_risk else goal_mean, goal_std,
                                      ambiguity=wm.ambiguity(), epistemic_weight=cfg.epistemic_weight,
-                                     risk_steps=cfg.risk_steps)
+                                     risk_steps=cfg.risk_steps,
+                                     risk_form=cfg.risk if cfg.risk in LATENT_RISKS else "latent")
         if observation_risk:  # AV's instrumental term: the decoded predictions against the goal observation
             rows = torch.arange(n, device=actions.device) if self.goal_obs.shape[0] > 1 \
                 else torch.zeros(n, dtype=torch.int64, device=actions.device)
@@ -671,7 +691,7 @@ class ActiveInferenceAgent(Agent):
                                            "(agent.infer_task(GoalObservation | RewardSamples)) or none (exploration)")
             goal, reward = (task.z, None) if kind == "goal" else (None, task.z)
         goal_obs = None
-        if goal is not None and self.config.risk != "latent":
+        if goal is not None and self.config.risk not in LATENT_RISKS:
             if task.goal is None or self.obs_key not in task.goal.keys():
                 raise ValueError(f"risk={self.config.risk!r} needs the goal observation: a Task from infer_task("
                                  f"GoalObservation) with task.goal[{self.obs_key!r}] (this task has none)")

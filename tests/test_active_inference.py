@@ -1116,3 +1116,36 @@ def test_risk_steps_last_scores_the_plans_last_imagined_step_alone(monkeypatch):
         make_agent("state", risk_steps="last", risk="observation")
     with pytest.raises(ValueError, match="risk_steps must be"):
         make_agent("state", risk_steps="final")
+
+
+def test_latent_overlap_risk_weighs_each_dimension_by_what_the_model_can_predict(monkeypatch):
+    """``risk="latent_overlap"``: each step's risk is ``-log N(mu_g; mu, s^2 + s_g^2)``. Where the goal belief is
+    far sharper than the prediction (dimension 0), the KL counts a miss the model cannot resolve in goal stds and
+    prefers the candidate that misses the loose dimension by 1.5 stds; the overlap weighs dimension 0 by the
+    prediction's std and prefers the candidate within it. The policy's scorer passes the form on."""
+    # two 1-step candidates in a 2-D latent, prediction stds 0.3, against N([0, 0], [0.01, 1]^2)
+    rollout = TensorDict({"mean": torch.tensor([[[0.1, 0.0]], [[0.0, 1.5]]]), "std": torch.full((2, 1, 2), 0.3),
+                          "epistemic": torch.zeros(2, 1)}, batch_size=[2, 1])
+    goal = (torch.tensor([0.0, 0.0]), torch.tensor([0.01, 1.0]))
+    kl = expected_free_energy(rollout, *goal)["risk"]
+    overlap = expected_free_energy(rollout, *goal, risk_form="latent_overlap")["risk"]
+    var = torch.tensor([0.09 + 1e-4, 0.09 + 1.0])
+    by_hand = [0.5 * (torch.tensor([0.01, 0.0]) / var + torch.log(2 * math.pi * var)).sum(),
+               0.5 * (torch.tensor([0.0, 2.25]) / var + torch.log(2 * math.pi * var)).sum()]
+    torch.testing.assert_close(overlap, torch.stack(by_hand))
+    assert kl.argmin().item() == 1 and overlap.argmin().item() == 0
+    with pytest.raises(ValueError, match="risk_form must be one of"):
+        expected_free_energy(rollout, *goal, risk_form="observation")
+    import latentrl.agents.active_inference as module
+
+    seen = []
+    original = module.expected_free_energy
+    monkeypatch.setattr(module, "expected_free_energy",
+                        lambda *a, **kw: (seen.append(kw["risk_form"]), original(*a, **kw))[1])
+    agent = make_agent("state", risk="latent_overlap", risk_steps="last")  # a latent risk: no goal observation
+    obs = TensorDict({"state": torch.randn(1, STATE_DIM)}, batch_size=[1])
+    task = agent.infer_task(GoalObservation(TensorDict({"state": torch.randn(1, STATE_DIM)}, batch_size=[1])))
+    policy = agent.policy(task)
+    assert policy.goal_obs is None
+    policy.step(obs, policy.init_carry(1), torch.ones(1, dtype=torch.bool))
+    assert seen and set(seen) == {"latent_overlap"}

@@ -459,10 +459,12 @@ def test_latent_ranking_scores_rank_the_true_action_first_only_when_the_model_mo
     now, _ = wm.posterior(first)
     goal_mean, goal_std = wm.posterior(goal)
     scores = ranking.mean_path_scores(wm, now, goal_mean, goal_std, actions[:, :, 0])
-    for name in ("risk_mean_path", "risk_expected", "latent_distance"):
+    for name in ("risk_mean_path", "risk_expected", "latent_distance", "overlap_expected"):
         assert ranking.fraction(scores[name]) == {"fraction_in_best_20pct": 1.0, "median_rank": 0.0}, name
     assert float(scores["action_spread_in_goal_stds_median"]) > 10 > 1e-3 > float(
         scores["true_action_miss_in_goal_stds_median"])
+    per_dim = scores["per_dim"]  # the true action lands on the goal in every dimension; the candidates spread it
+    assert per_dim["true_action_miss_rms"].max() < 1e-3 < per_dim["candidate_spread"][:2].min()
 
     def blind(s, action):  # the same model, but the action changes nothing
         return s.expand(len(wm.transitions), -1, -1), torch.full((len(wm.transitions), *s.shape), 1e-3)
@@ -2243,3 +2245,38 @@ def test_bench_active_inference_resume_continues_the_very_run(tmp_path):
     bench.load_model_file(resumed, tmp_path / "m.pt", optimizer=True)
     updates(resumed, 3)
     assert all(torch.equal(v, resumed.state_dict()[k]) for k, v in straight.state_dict().items())
+
+
+def test_transition_refit_fits_the_transition_alone_to_frozen_beliefs(monkeypatch):
+    """``docs/bench_active_inference/transition_refit.py`` on a world whose beliefs are exact (the shift world):
+    the refit members predict q(s_{t+1}|o_{t+1}) from (s_t, a_t), so the held-out transition KL falls several-fold,
+    and nothing but the transition changes. Refit to the wrong target (the belief now) the KL stays high."""
+    import torch
+
+    from latentrl.agents.active_inference import ActiveInferenceAgent
+
+    refit = _load("transition_refit", STUDIES / "bench_active_inference")
+    cfg = ActiveInferenceAgent.make_config("smoke")
+
+    def model():
+        torch.manual_seed(0)
+        wm = ActiveInferenceAgent(cfg, (3, 64, 64), 2).eval().world_model
+        d = wm.latent_dim
+        monkeypatch.setattr(wm, "posterior", lambda x: (x[:, -3, 0, :d].float() / 255.0,
+                                                         torch.full((x.shape[0], d), 0.02)))
+        return wm
+
+    wm = model()
+    others = {n: p.clone() for n, p in wm.named_parameters() if not n.startswith("transitions.")}
+    data = refit.encode_pairs(wm, _ShiftWorld(cfg.latent_dim, 2), 3000, frame_stack=1, chunk=1000)
+    assert data["mean1"].shape == (3000, cfg.latent_dim) and data["action"].shape == (3000, 2)
+    record = refit.refit(wm, data, steps=1000, lr=3e-3, log_every=500)
+    assert record["held_out"] == 600 and record["best_step"] > 0
+    assert record["held_kl_best"] < record["held_kl_before"] / 3, record
+    assert all(torch.equal(p, others[n]) for n, p in wm.named_parameters() if n in others)
+    assert all(p.requires_grad for p in wm.parameters())  # left trainable, as found
+    wrong = model()
+    wrong_data = {**data, "mean1": data["mean0"], "std1": data["std0"]}  # the target swapped for the belief now
+    refit.refit(wrong, wrong_data, steps=1000, lr=3e-3, log_every=500)
+    with torch.no_grad(), _load("bench_active_inference").fixed_draws(1):
+        assert float(refit.transition_kl(wrong, data, torch.arange(600))) > 2 * record["held_kl_best"]

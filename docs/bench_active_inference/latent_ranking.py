@@ -12,6 +12,11 @@ the true a_t among 1000 random candidates with the goal set to o_{t+1} by:
 3. ``risk_expected``: the same risk's expectation under each member's Gaussian prediction, in closed form
    (adds sum_d sigma'_d^2 / (2 sigma_g,d^2), which depends on the action through sigma'), averaged over members.
 4. ``latent_distance``: ||mu' - mu_g||^2 at the means, averaged over members (no goal precision).
+4b. ``overlap_expected``: the ``latent_overlap`` risk at the means, sum_d (mu'_d - mu_g,d)^2 / (2 (sigma'_d^2 +
+   sigma_g,d^2)) + log(sigma'_d^2 + sigma_g,d^2) / 2, averaged over the members: each dimension weighed by what the
+   model predicts it to, not by the goal belief alone. Beside the scorers, per latent dimension (``per_dim``; medians
+   over cases and members): the goal belief's std, the true action's predicted std, the true action's miss (RMS of
+   mu' - mu_g over cases) and the spread the candidates give the predicted mean (std over candidates).
 5. ``latent_inverse_probe``: not a scorer of the model but a test of its latent: an MLP fitted on training
    transitions from the posterior means (mu_t, mu_{t+1} - mu_t) to a_t, candidates ranked by distance to its
    prediction. If this ranks the true action well while 1-4 do not, the latent carries the action and the
@@ -87,10 +92,16 @@ def mean_path_scores(wm, now_mean: torch.Tensor, goal_mean: torch.Tensor, goal_s
         "risk_mean_path": (gap * precision).sum(-1).mean(0),
         "risk_expected": ((gap + stds.square()) * precision).sum(-1).mean(0),
         "latent_distance": gap.sum(-1).mean(0),
+        "overlap_expected": (gap / (2 * (stds.square() + goal_std.square()[None, :, None]))
+                             + 0.5 * (stds.square() + goal_std.square()[None, :, None]).log()).sum(-1).mean(0),
         "action_spread_in_goal_stds_median": (means[:, :, 1:].std(dim=2) / goal_std[None]).norm(dim=-1).median(),
         "goal_std_median": goal_std.median(),
         "true_action_miss_in_goal_stds_median": ((means[:, :, 0] - goal_mean[None]) / goal_std[None])
         .norm(dim=-1).median(),
+        "per_dim": {"goal_std": goal_std.median(0).values,
+                    "true_action_predicted_std": stds[:, :, 0].flatten(0, 1).median(0).values,
+                    "true_action_miss_rms": (means[:, :, 0] - goal_mean[None]).square().mean((0, 1)).sqrt(),
+                    "candidate_spread": means[:, :, 1:].std(dim=2).flatten(0, 1).median(0).values},
     }
 
 
@@ -247,8 +258,10 @@ def main(argv=None, probe_transitions: int = 20000, probe_updates: int = 3000) -
         now_mean, _ = wm.posterior(first)
         goal_mean, goal_std = wm.posterior(goal_frames)
     scores = mean_path_scores(wm, now_mean, goal_mean, goal_std, actions)
+    per_dim = scores.pop("per_dim")
     out.update({name: fraction(value) for name, value in scores.items() if value.dim() == 2})
     out.update({name: float(value) for name, value in scores.items() if value.dim() == 0})
+    out["per_dim"] = {name: [round(float(v), 4) for v in value] for name, value in per_dim.items()}
     embeddings = {"latent_inverse_probe": lambda x: wm.posterior(x)[0],  # the belief's mean
                   "encoder_features_inverse_probe": wm.encoder}  # what the posterior head reads
     for name, embed in embeddings.items():
