@@ -76,6 +76,7 @@ __all__ = [
     "LATENT_RISKS",
     "RISKS",
     "expected_free_energy",
+    "overlap_risk",
     "plan",
     "plan_value",
     "precision",
@@ -306,6 +307,12 @@ def precision(kl: Tensor | float, a: float = 1.0, b: float = 25.0, c: float = 5.
 
 
 
+def overlap_risk(mean: Tensor, std: Tensor, goal_mean: Tensor, goal_std: Tensor) -> Tensor:
+    """``risk="latent_overlap"``: ``-log N(goal_mean; mean, std^2 + goal_std^2)`` summed over the last dim, minus the
+    log of the overlap ``int N(s; mean, std^2) N(s; goal_mean, goal_std^2) ds`` of predicted and preferred state."""
+    return -gaussian_log_prob(goal_mean, mean, (std.square() + goal_std.square()).sqrt())
+
+
 def expected_free_energy(rollout: TensorDict, goal_mean: Tensor | None, goal_std: Tensor | None, *,
                          ambiguity: float = 0.0, epistemic_weight: float = 1.0, risk_steps: str = "all",
                          risk_form: str = "latent") -> TensorDict:
@@ -331,8 +338,8 @@ def expected_free_energy(rollout: TensorDict, goal_mean: Tensor | None, goal_std
     else:
         goal_mean = goal_mean.expand(m, -1).unsqueeze(1) if goal_mean.dim() <= 2 else goal_mean
         goal_std = goal_std.expand(m, -1).unsqueeze(1) if goal_std.dim() <= 2 else goal_std
-        if risk_form == "latent_overlap":  # -log of the overlap int N(s; mean, std) N(s; goal) ds
-            risk = -gaussian_log_prob(goal_mean, mean, (std.square() + goal_std.square()).sqrt())  # [M, H]
+        if risk_form == "latent_overlap":
+            risk = overlap_risk(mean, std, goal_mean, goal_std)  # [M, H]
         elif risk_form == "latent":
             risk = gaussian_kl(mean, std, goal_mean, goal_std)  # [M, H]
         else:

@@ -12,11 +12,12 @@ the true a_t among 1000 random candidates with the goal set to o_{t+1} by:
 3. ``risk_expected``: the same risk's expectation under each member's Gaussian prediction, in closed form
    (adds sum_d sigma'_d^2 / (2 sigma_g,d^2), which depends on the action through sigma'), averaged over members.
 4. ``latent_distance``: ||mu' - mu_g||^2 at the means, averaged over members (no goal precision).
-4b. ``overlap_expected``: the ``latent_overlap`` risk at the means, sum_d (mu'_d - mu_g,d)^2 / (2 (sigma'_d^2 +
-   sigma_g,d^2)) + log(sigma'_d^2 + sigma_g,d^2) / 2, averaged over the members: each dimension weighed by what the
-   model predicts it to, not by the goal belief alone. Beside the scorers, per latent dimension (``per_dim``; medians
-   over cases and members): the goal belief's std, the true action's predicted std, the true action's miss (RMS of
-   mu' - mu_g over cases) and the spread the candidates give the predicted mean (std over candidates).
+4b. ``overlap_expected``: the ``latent_overlap`` risk at the means (``overlap_risk``), sum_d (mu'_d - mu_g,d)^2 /
+   (2 (sigma'_d^2 + sigma_g,d^2)) + log(sigma'_d^2 + sigma_g,d^2) / 2 + const, averaged over the members: each
+   dimension weighed by what the model predicts it to, not by the goal belief alone. Beside the scorers, per latent
+   dimension (``per_dim``; medians over cases and members): the goal belief's std, the true action's predicted std,
+   the true action's miss (RMS of mu' - mu_g over cases) and the spread the candidates give the predicted mean
+   (std over candidates).
 5. ``latent_inverse_probe``: not a scorer of the model but a test of its latent: an MLP fitted on training
    transitions from the posterior means (mu_t, mu_{t+1} - mu_t) to a_t, candidates ranked by distance to its
    prediction. If this ranks the true action well while 1-4 do not, the latent carries the action and the
@@ -53,6 +54,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import bench_active_inference as bench  # noqa: E402
+
+from latentrl.agents.active_inference import overlap_risk  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from inverse_ceiling import least_squares  # noqa: E402
@@ -92,8 +95,7 @@ def mean_path_scores(wm, now_mean: torch.Tensor, goal_mean: torch.Tensor, goal_s
         "risk_mean_path": (gap * precision).sum(-1).mean(0),
         "risk_expected": ((gap + stds.square()) * precision).sum(-1).mean(0),
         "latent_distance": gap.sum(-1).mean(0),
-        "overlap_expected": (gap / (2 * (stds.square() + goal_std.square()[None, :, None]))
-                             + 0.5 * (stds.square() + goal_std.square()[None, :, None]).log()).sum(-1).mean(0),
+        "overlap_expected": overlap_risk(means, stds, goal_mean[None, :, None], goal_std[None, :, None]).mean(0),
         "action_spread_in_goal_stds_median": (means[:, :, 1:].std(dim=2) / goal_std[None]).norm(dim=-1).median(),
         "goal_std_median": goal_std.median(),
         "true_action_miss_in_goal_stds_median": ((means[:, :, 0] - goal_mean[None]) / goal_std[None])
