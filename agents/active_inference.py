@@ -14,7 +14,8 @@
   reward_temperature``.
 - **Scoring** (:func:`expected_free_energy`): per candidate, summed over the horizon and averaged
   over state samples, ``G = risk + ambiguity - epistemic_weight * epistemic`` with
-  ``risk = KL(p(s_t|pi) || p~(s))`` ("state control", spec §1; with ``risk="latent_overlap"``
+  ``risk = KL(p(s_t|pi) || p~(s))`` ("state control", spec §1; with ``risk="latent_nll"`` the spec §7 scorer's
+  FER form, ``E[-log p~(s_t)]`` under the prediction; with ``risk="latent_overlap"``
   ``-log N(mu_g; mean_t, std_t^2 + std_g^2)`` instead, each dimension weighed by what the model predicts; with
   ``risk="observation"`` for goal tasks AV's instrumental term ``||dec(s_t) - o_goal||^2 / (2 obs_std^2)``
   instead, and ``"observation_corrected"``
@@ -76,6 +77,7 @@ __all__ = [
     "LATENT_RISKS",
     "RISKS",
     "expected_free_energy",
+    "nll_risk",
     "overlap_risk",
     "plan",
     "plan_value",
@@ -83,8 +85,8 @@ __all__ = [
 ]
 
 OBS_TYPES = ("pixels", "state")
-RISKS = ("latent", "latent_overlap", "observation", "observation_corrected")
-LATENT_RISKS = ("latent", "latent_overlap")  # compared with the goal belief, not the goal observation
+RISKS = ("latent", "latent_nll", "latent_overlap", "observation", "observation_corrected")
+LATENT_RISKS = ("latent", "latent_nll", "latent_overlap")  # compared with the goal belief, not the goal observation
 
 
 @dataclass
@@ -185,14 +187,18 @@ class ActiveInferenceConfig:
     """CEM rounds (``planner="cem"``)."""
     num_elites: int = 64
     """CEM elites refitted each round."""
-    risk: Literal["latent", "latent_overlap", "observation", "observation_corrected"] = "latent"
-    """The risk of goal tasks: ``"latent"``, FER's ``KL(p(s_t|pi) || q(s|o_goal))`` in latent space (the spec's
-    reference form); ``"latent_overlap"`` (ours, not in the spec), ``-log N(mu_g; mu_t, s_t^2 + s_g^2)``, minus the
-    log-probability that the predicted state and the goal belief coincide (``-log int p(s_t|pi) q(s|o_goal) ds``):
-    each latent dimension weighed by the precision the model can predict it to, ``1 / (s_t^2 + s_g^2)``, not the goal
-    belief's alone, ``1 / s_g^2``. Where q(s|o_goal) is far sharper than the transition (point_mass's position
-    dimensions: s_g ~0.01, s_t ~0.1-0.3, the latter matching the prediction's error), the KL measures the
-    prediction's error in goal stds there and ranks actions by it (docs/bench_active_inference.md, "The risk
+    risk: Literal["latent", "latent_nll", "latent_overlap", "observation", "observation_corrected"] = "latent"
+    """The risk of goal tasks: ``"latent"``, ``KL(p(s_t|pi) || q(s|o_goal))`` in latent space (spec §1's "state
+    control" term; this package's default since issue 14 landed); ``"latent_nll"``, the spec §7 scorer's FER form
+    ``risk_k = mean_j -log N(s'_j; mu_g, s_g)`` over predicted states ``s'_j ~ p(s_t|pi)``, here in closed form over
+    each step's predicted Gaussian (:func:`nll_risk`: the KL plus the prediction's entropy, so a prediction is not
+    rewarded for being vague; on point_mass it ranks and reaches as the KL does); ``"latent_overlap"`` (ours, not in
+    the spec), ``-log N(mu_g; mu_t, s_t^2 + s_g^2)``, minus the log-probability that the predicted state and the goal
+    belief coincide (``-log int p(s_t|pi) q(s|o_goal) ds``): each latent dimension weighed by the precision the
+    model can predict it to, ``1 / (s_t^2 + s_g^2)``, not the goal belief's alone, ``1 / s_g^2``. Where q(s|o_goal)
+    is far sharper than the transition (point_mass's position dimensions: s_g ~0.01, s_t ~0.1-0.3, the latter
+    matching the prediction's error), the KL measures the prediction's error in goal stds there and ranks actions
+    by it (docs/bench_active_inference.md, "The risk
     weighed by what the model can predict": check 2 0.61 -> 0.80 on one model; its goal reaching needs
     ``risk_steps="last"`` and ``goal_motion="any"`` with it); ``"observation"``, AV's instrumental term
     ``||dec(s_t) - o_goal||^2 / (2 obs_std^2)`` in observation space (spec §7, ``instrum_k``; a decode per
@@ -207,8 +213,9 @@ class ActiveInferenceConfig:
     they are for evaluation (check 2), not for control; batched on a GPU the decodes are one call."""
     risk_steps: Literal["all", "last"] = "all"
     """The latent risks of goal tasks over the plan: ``"all"`` (default), summed over the H imagined steps, as
-    the EFE of a policy sums its future steps; ``"last"``, the last imagined step's alone (the spec's scorer
-    sketch, which iterates the transition H times and scores s'_H, reads either way). A goal image is a body at rest:
+    the EFE of a policy sums its future steps; ``"last"``, the last imagined step's alone (the spec §7 scorer
+    sketch iterates the transition H times and scores ``s'_j`` then, ``risk_k = mean_j -log N(s'_j; mu_g, s_g)``:
+    with ``risk="latent_nll"`` this is that sketch read literally). A goal image is a body at rest:
     with a belief that reads the velocity, every step's risk asks the plan to be still on the way, and on
     point_mass the planner crept (docs/bench_active_inference.md, "A goal image asks for rest")."""
     epistemic_weight: float = 1.0
@@ -307,6 +314,16 @@ def precision(kl: Tensor | float, a: float = 1.0, b: float = 25.0, c: float = 5.
 
 
 
+def nll_risk(mean: Tensor, std: Tensor, goal_mean: Tensor, goal_std: Tensor) -> Tensor:
+    """``risk="latent_nll"``, the spec §7 scorer's FER form: the expected negative log-probability of the predicted
+    state under the preferred-state belief, ``E_{s ~ N(mean, std^2)}[-log N(s; goal_mean, goal_std^2)]``, summed over
+    the last dim. In closed form, ``sum_d ((mean_d - mu_g,d)^2 + std_d^2) / (2 s_g,d^2) + log s_g,d + log(2 pi) / 2``:
+    what ``mean_j -log N(s'_j; mu_g, s_g)`` over samples ``s'_j`` of the step's Gaussian averages to (the rollout
+    samples the states between steps), without the samples' noise. It is ``KL(N(mean, std) || N(mu_g, s_g))`` plus
+    the prediction's entropy."""
+    return -gaussian_log_prob(mean, goal_mean, goal_std) + 0.5 * (std / goal_std).square().sum(-1)
+
+
 def overlap_risk(mean: Tensor, std: Tensor, goal_mean: Tensor, goal_std: Tensor) -> Tensor:
     """``risk="latent_overlap"``: ``-log N(goal_mean; mean, std^2 + goal_std^2)`` summed over the last dim, minus the
     log of the overlap ``int N(s; mean, std^2) N(s; goal_mean, goal_std^2) ds`` of predicted and preferred state."""
@@ -328,8 +345,10 @@ def expected_free_energy(rollout: TensorDict, goal_mean: Tensor | None, goal_std
     ``sum_t KL(N(mean_t, std_t) || p~)``, ``ambiguity`` = ``H * ambiguity``, ``epistemic`` =
     ``sum_t epistemic_t``, and ``G = risk + ambiguity - epistemic_weight * epistemic``. With
     ``risk_steps="last"`` the risk is the last step's alone, ``KL(N(mean_H, std_H) || p~)``
-    (``ActiveInferenceConfig.risk_steps``). With ``risk_form="latent_overlap"`` each step's risk is
-    ``-log N(goal_mean; mean_t, std_t^2 + goal_std^2)`` instead of the KL (``ActiveInferenceConfig.risk``).
+    (``ActiveInferenceConfig.risk_steps``). With ``risk_form="latent_nll"`` each step's risk is the expected
+    ``-log N(s_t; goal_mean, goal_std)`` under ``N(mean_t, std_t)`` (:func:`nll_risk`), with
+    ``risk_form="latent_overlap"`` ``-log N(goal_mean; mean_t, std_t^2 + goal_std^2)``, instead of the KL
+    (``ActiveInferenceConfig.risk``).
     """
     mean, std, epistemic = rollout["mean"], rollout["std"], rollout["epistemic"]
     m, h = mean.shape[:2]
@@ -340,6 +359,8 @@ def expected_free_energy(rollout: TensorDict, goal_mean: Tensor | None, goal_std
         goal_std = goal_std.expand(m, -1).unsqueeze(1) if goal_std.dim() <= 2 else goal_std
         if risk_form == "latent_overlap":
             risk = overlap_risk(mean, std, goal_mean, goal_std)  # [M, H]
+        elif risk_form == "latent_nll":
+            risk = nll_risk(mean, std, goal_mean, goal_std)  # [M, H]
         elif risk_form == "latent":
             risk = gaussian_kl(mean, std, goal_mean, goal_std)  # [M, H]
         else:

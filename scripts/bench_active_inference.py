@@ -107,9 +107,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mse-cases", type=int, default=1000, help="held-out transitions for check 1")
     p.add_argument("--rank-cases", type=int, default=100)
     p.add_argument("--rank-candidates", type=int, default=1000)
-    p.add_argument("--rank-risks", default="latent,latent_overlap,observation,observation_corrected",
-                   help="check 2 (H = 1) also by G under these risk forms (comma list of latent, latent_overlap, "
-                        "observation, observation_corrected; the agent's own --set risk=... is always ranked): the "
+    p.add_argument("--rank-risks", default="latent,latent_nll,latent_overlap,observation,observation_corrected",
+                   help="check 2 (H = 1) also by G under these risk forms (comma list of latent, latent_nll, "
+                        "latent_overlap, observation, observation_corrected; the agent's own --set risk=... is always "
+                        "ranked): the "
                         "observation forms decode every candidate (100 x 1000 x J frames: minutes each on a CPU)")
     p.add_argument("--rank-horizon", type=int, default=5,
                    help="check 2 again with H-step sequences toward o_{t+H} (1: skip; see the report)")

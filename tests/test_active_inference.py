@@ -1118,6 +1118,51 @@ def test_risk_steps_last_scores_the_plans_last_imagined_step_alone(monkeypatch):
         make_agent("state", risk_steps="final")
 
 
+def risk_forms_the_policy_scores_with(monkeypatch, **config) -> set[str]:
+    """The ``risk_form`` values a goal policy of an agent with ``config`` passes to ``expected_free_energy`` in one step
+    (a latent risk: the policy holds no goal observation)."""
+    import latentrl.agents.active_inference as module
+
+    seen = []
+    original = module.expected_free_energy
+    monkeypatch.setattr(module, "expected_free_energy",
+                        lambda *a, **kw: (seen.append(kw["risk_form"]), original(*a, **kw))[1])
+    agent = make_agent("state", **config)
+    obs = TensorDict({"state": torch.randn(1, STATE_DIM)}, batch_size=[1])
+    task = agent.infer_task(GoalObservation(TensorDict({"state": torch.randn(1, STATE_DIM)}, batch_size=[1])))
+    policy = agent.policy(task)
+    assert policy.goal_obs is None
+    policy.step(obs, policy.init_carry(1), torch.ones(1, dtype=torch.bool))
+    assert seen
+    return set(seen)
+
+
+def test_latent_nll_risk_is_the_spec_scorers_monte_carlo_form_in_closed_form(monkeypatch):
+    """``risk="latent_nll"`` is spec §7's FER form, ``risk_k = mean_j -log N(s'_j; mu_g, s_g)`` over predicted states
+    ``s'_j``: computed in closed form, it equals the Monte-Carlo mean over many draws of each step's Gaussian, and it
+    is the KL plus the prediction's entropy, so it does not reward a vague prediction: of two candidates that predict
+    the goal's mean, the KL prefers the wider, the FER form the sharper. The policy's scorer passes the form on."""
+    torch.manual_seed(0)
+    mean, std = torch.randn(3, 2, 4), torch.rand(3, 2, 4) * 0.5 + 0.1  # [M = 3, H = 2, D = 4]
+    rollout = TensorDict({"mean": mean, "std": std, "epistemic": torch.zeros(3, 2)}, batch_size=[3, 2])
+    goal_mean, goal_std = torch.randn(4), torch.rand(4) + 0.2
+    closed = expected_free_energy(rollout, goal_mean, goal_std, risk_form="latent_nll")["risk"]
+    draws = mean + std * torch.randn(100_000, 3, 2, 4)  # s'_j ~ N(mean_t, std_t), j = 1..100k
+    log_p = (-0.5 * ((draws - goal_mean) / goal_std).square() - goal_std.log() - 0.5 * math.log(2 * math.pi)).sum(-1)
+    torch.testing.assert_close(closed, (-log_p).mean(0).sum(-1), atol=0.05, rtol=0.0)  # MC s.e. ~0.01
+    last = expected_free_energy(rollout, goal_mean, goal_std, risk_form="latent_nll", risk_steps="last")["risk"]
+    torch.testing.assert_close(last, (-log_p).mean(0)[:, -1], atol=0.05, rtol=0.0)
+
+    rollout = TensorDict({"mean": torch.zeros(2, 1, 1), "std": torch.tensor([[[0.1]], [[0.9]]]),
+                          "epistemic": torch.zeros(2, 1)}, batch_size=[2, 1])
+    goal = (torch.zeros(1), torch.ones(1))
+    kl = expected_free_energy(rollout, *goal)["risk"]
+    nll = expected_free_energy(rollout, *goal, risk_form="latent_nll")["risk"]
+    torch.testing.assert_close(nll, torch.tensor([0.005, 0.405]) + 0.5 * math.log(2 * math.pi))
+    assert kl.argmin().item() == 1 and nll.argmin().item() == 0
+    assert risk_forms_the_policy_scores_with(monkeypatch, risk="latent_nll") == {"latent_nll"}
+
+
 def test_latent_overlap_risk_weighs_each_dimension_by_what_the_model_can_predict(monkeypatch):
     """``risk="latent_overlap"``: each step's risk is ``-log N(mu_g; mu, s^2 + s_g^2)``. Where the goal belief is
     far sharper than the prediction (dimension 0), the KL counts a miss the model cannot resolve in goal stds and
@@ -1136,16 +1181,5 @@ def test_latent_overlap_risk_weighs_each_dimension_by_what_the_model_can_predict
     assert kl.argmin().item() == 1 and overlap.argmin().item() == 0
     with pytest.raises(ValueError, match="risk_form must be one of"):
         expected_free_energy(rollout, *goal, risk_form="observation")
-    import latentrl.agents.active_inference as module
-
-    seen = []
-    original = module.expected_free_energy
-    monkeypatch.setattr(module, "expected_free_energy",
-                        lambda *a, **kw: (seen.append(kw["risk_form"]), original(*a, **kw))[1])
-    agent = make_agent("state", risk="latent_overlap", risk_steps="last")  # a latent risk: no goal observation
-    obs = TensorDict({"state": torch.randn(1, STATE_DIM)}, batch_size=[1])
-    task = agent.infer_task(GoalObservation(TensorDict({"state": torch.randn(1, STATE_DIM)}, batch_size=[1])))
-    policy = agent.policy(task)
-    assert policy.goal_obs is None
-    policy.step(obs, policy.init_carry(1), torch.ones(1, dtype=torch.bool))
-    assert seen and set(seen) == {"latent_overlap"}
+    forms = risk_forms_the_policy_scores_with(monkeypatch, risk="latent_overlap", risk_steps="last")
+    assert forms == {"latent_overlap"}

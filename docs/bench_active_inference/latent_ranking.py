@@ -10,7 +10,8 @@ the true a_t among 1000 random candidates with the goal set to o_{t+1} by:
 2. ``risk_mean_path``: the FER risk at the means, no sampling: each ensemble member's predicted mean from the
    belief's mean, sum_d (mu'_d - mu_g,d)^2 / (2 sigma_g,d^2), averaged over the members.
 3. ``risk_expected``: the same risk's expectation under each member's Gaussian prediction, in closed form
-   (adds sum_d sigma'_d^2 / (2 sigma_g,d^2), which depends on the action through sigma'), averaged over members.
+   (adds sum_d sigma'_d^2 / (2 sigma_g,d^2), which depends on the action through sigma'), averaged over members:
+   the ``latent_nll`` risk (``nll_risk``, the spec §7 scorer's FER form) from the belief's mean.
 4. ``latent_distance``: ||mu' - mu_g||^2 at the means, averaged over members (no goal precision).
 4b. ``overlap_expected``: the ``latent_overlap`` risk at the means (``overlap_risk``), sum_d (mu'_d - mu_g,d)^2 /
    (2 (sigma'_d^2 + sigma_g,d^2)) + log(sigma'_d^2 + sigma_g,d^2) / 2 + const, averaged over the members: each

@@ -134,7 +134,9 @@ def main(argv=None) -> dict:
         raise SystemExit("--residual changes the model's form, which a model file cannot hold: drop --save-model")
     torch.set_num_threads(args.threads)
     train, _ = bench.load_or_collect(args)
-    agent = bench.load_saved_agent(args)
+    agent = bench.build_agent(args)
+    trained = bench.load_model_file(agent, args.load_model)  # the file's training record, kept in the refit's file
+    agent.eval()
     wm = agent.world_model
     started = time.time()
     with bench.fixed_draws(args.seed):
@@ -145,9 +147,8 @@ def main(argv=None) -> dict:
     record = refit(wm, data, extra["--refit-steps"], extra["--refit-lr"], seed=args.seed)
     out = {"model": args.load_model, "residual": residual, **record, "seconds": round(time.time() - started, 1)}
     if args.save_model:
-        saved = torch.load(args.load_model, map_location="cpu", weights_only=False)
         Path(args.save_model).parent.mkdir(parents=True, exist_ok=True)
-        bench.save_model_file(agent.eval(), {**saved.get("train", {}), "transition_refit": out}, args.save_model)
+        bench.save_model_file(agent.eval(), {**trained, "transition_refit": out}, args.save_model)
     print(json.dumps(out))
     fig_dir = Path(args.fig_dir or ".")
     fig_dir.mkdir(parents=True, exist_ok=True)
