@@ -110,8 +110,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rank-risks", default="latent,latent_nll,latent_overlap,observation,observation_corrected",
                    help="check 2 (H = 1) also by G under these risk forms (comma list of latent, latent_nll, "
                         "latent_overlap, observation, observation_corrected; the agent's own --set risk=... is always "
-                        "ranked): the "
-                        "observation forms decode every candidate (100 x 1000 x J frames: minutes each on a CPU)")
+                        "ranked): the observation forms decode every candidate (100 x 1000 x J frames: minutes each "
+                        "on a CPU)")
     p.add_argument("--rank-horizon", type=int, default=5,
                    help="check 2 again with H-step sequences toward o_{t+H} (1: skip; see the report)")
     p.add_argument("--goals", type=int, default=20)

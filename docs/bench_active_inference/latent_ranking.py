@@ -11,7 +11,7 @@ the true a_t among 1000 random candidates with the goal set to o_{t+1} by:
    belief's mean, sum_d (mu'_d - mu_g,d)^2 / (2 sigma_g,d^2), averaged over the members.
 3. ``risk_expected``: the same risk's expectation under each member's Gaussian prediction, in closed form
    (adds sum_d sigma'_d^2 / (2 sigma_g,d^2), which depends on the action through sigma'), averaged over members:
-   the ``latent_nll`` risk (``nll_risk``, the spec §7 scorer's FER form) from the belief's mean.
+   the ``latent_nll`` risk (``nll_risk``, the spec §7 scorer's FER form; with its constant) from the belief's mean.
 4. ``latent_distance``: ||mu' - mu_g||^2 at the means, averaged over members (no goal precision).
 4b. ``overlap_expected``: the ``latent_overlap`` risk at the means (``overlap_risk``), sum_d (mu'_d - mu_g,d)^2 /
    (2 (sigma'_d^2 + sigma_g,d^2)) + log(sigma'_d^2 + sigma_g,d^2) / 2 + const, averaged over the members: each
@@ -56,7 +56,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import bench_active_inference as bench  # noqa: E402
 
-from latentrl.agents.active_inference import overlap_risk  # noqa: E402
+from latentrl.agents.active_inference import nll_risk, overlap_risk  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from inverse_ceiling import least_squares  # noqa: E402
@@ -94,7 +94,7 @@ def mean_path_scores(wm, now_mean: torch.Tensor, goal_mean: torch.Tensor, goal_s
     gap = (means - goal_mean[None, :, None]).square()
     return {
         "risk_mean_path": (gap * precision).sum(-1).mean(0),
-        "risk_expected": ((gap + stds.square()) * precision).sum(-1).mean(0),
+        "risk_expected": nll_risk(means, stds, goal_mean[None, :, None], goal_std[None, :, None]).mean(0),
         "latent_distance": gap.sum(-1).mean(0),
         "overlap_expected": overlap_risk(means, stds, goal_mean[None, :, None], goal_std[None, :, None]).mean(0),
         "action_spread_in_goal_stds_median": (means[:, :, 1:].std(dim=2) / goal_std[None]).norm(dim=-1).median(),
